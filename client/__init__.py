@@ -1,0 +1,1 @@
+"""The tmdht client library for migration receivers and template publishers."""

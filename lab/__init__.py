@@ -1,0 +1,1 @@
+"""Guest laboratory: builds busybox guests, boots them under QEMU/TCG, captures their memory."""

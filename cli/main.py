@@ -1,15 +1,91 @@
-"""Entry point of the ``tmdht`` command."""
+"""Entry point of the ``tmdht`` command: option parsing, error reporting, output helpers.
+
+Every option can also come from the environment: ``TMDHT_<COMMAND>_<OPTION>`` (click's
+``auto_envvar_prefix``), e.g. ``TMDHT_TEMPLATES_MINE_THRESHOLD=3``.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from typing import Any
+
 import click
+from rich.console import Console
+
+from tmdht.errors import TmdhtError, UsageError
+
+stdout = Console(highlight=False)
+stderr = Console(stderr=True, highlight=False)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class InputError(click.ClickException):
+    """The user named something unusable (a missing file, a wrong kind of file): exit code 2."""
+
+    exit_code = 2
+
+
+class TmdhtGroup(click.Group):
+    """A group that turns tmdht's own errors into one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            raise InputError(str(exc)) from None
+        except TmdhtError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+
+
+def emit_json(doc: dict[str, Any]) -> None:
+    """Print a machine-readable summary on stdout."""
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_size(text: str) -> int:
+    """'256MiB', '1G', '4096' -> bytes."""
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    raw = text.strip().lower().removesuffix("b").removesuffix("i")
+    number, unit = (raw[:-1], raw[-1]) if raw and raw[-1] in units else (raw, "")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 256MiB)") from None
+    if value <= 0:
+        raise click.BadParameter(f"{text!r}: a size must be positive")
+    return int(value)
+
+
+@click.group(cls=TmdhtGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tmdht")
 def cli() -> None:
     """tmdht: template-page deduplication for live VM migration."""
 
 
+def _register() -> None:
+    from tmdht.cli import codec, image, templates  # noqa: PLC0415 - subcommands register here
+
+    cli.add_command(templates.templates)
+    cli.add_command(image.image)
+    cli.add_command(codec.encode)
+    cli.add_command(codec.rebuild)
+
+
+_register()
+
+
 def main() -> None:
+    """Console script entry point."""
     cli(auto_envvar_prefix="TMDHT")

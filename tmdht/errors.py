@@ -12,6 +12,7 @@ __all__ = [
     "CatalogMismatchError",
     "ConfigError",
     "DecodeError",
+    "DigestMismatchError",
     "IntegrityError",
     "LimitExceededError",
     "TmdhtError",
@@ -46,6 +47,10 @@ class UnsupportedStreamError(DecodeError):
 
 class IntegrityError(TmdhtError):
     """Content does not match the digest that names it (a page, a rebuilt image, a file)."""
+
+
+class DigestMismatchError(DecodeError, IntegrityError):
+    """Received bytes decode, but their content does not match the digest sent with them."""
 
 
 class CatalogMismatchError(TmdhtError):

@@ -18,9 +18,9 @@ __all__ = [
     "DIGEST_SIZE",
     "KEY_SIZE",
     "PAGE_SIZE",
-    "ByteView",
     "ZERO_DIGEST",
     "ZERO_PAGE",
+    "ByteView",
     "PageDigest",
     "check_page",
     "dht_key",
@@ -73,7 +73,9 @@ def check_page(digest: bytes, page: ByteView) -> None:
     """Raise IntegrityError unless ``page`` is 4096 bytes whose digest is ``digest``."""
     view = memoryview(page)
     if view.nbytes != PAGE_SIZE:
-        raise IntegrityError(f"page for {digest.hex()[:16]} is {view.nbytes} bytes, not {PAGE_SIZE}")
+        raise IntegrityError(
+            f"page for {digest.hex()[:16]} is {view.nbytes} bytes, not {PAGE_SIZE}"
+        )
     if blake3(view).digest() != digest:
         raise IntegrityError(f"page content does not match digest {digest.hex()[:16]}")
 

@@ -1,0 +1,224 @@
+"""``tmdht encode`` and ``tmdht rebuild``: images to dedup streams and back."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+from tmdht.cli.main import emit_json, human_bytes, stdout
+from tmdht.cli.progress import page_progress
+
+from tmdht.catalog import TemplateCatalog
+from tmdht.dedup_stream import (
+    DedupDecoder,
+    DedupEncoder,
+    FullPage,
+    StreamEnd,
+    StreamEvent,
+    TemplatePage,
+)
+from tmdht.errors import UsageError
+from tmdht.images import ImageWriter, MemoryImage, open_image
+from tmdht.pages import PAGE_SIZE, ZERO_PAGE, check_page, digest_page
+
+BATCH_PAGES = 1024
+READ_CHUNK = 1 << 20
+
+
+@click.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option(
+    "-c",
+    "--catalog",
+    "catalog_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Template catalog.",
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Dedup stream to write."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def encode(image: Path, catalog_path: Path, output: Path, as_json: bool) -> None:
+    """Encode IMAGE as a dedup stream: template pages become their digests."""
+    catalog = TemplateCatalog.load(catalog_path)
+    started = time.perf_counter()
+    with open_image(image) as img:
+        encoder = DedupEncoder(catalog.catalog_id, img.blocks, catalog.contains)
+        tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+        try:
+            with tmp.open("wb") as out, page_progress() as progress:
+                task = progress.add_task(f"encoding {img.name}", total=img.page_count * PAGE_SIZE)
+                out.write(encoder.start())
+                pages = img.iter_pages()
+                while batch := list(itertools.islice(pages, BATCH_PAGES)):
+                    out.write(encoder.encode_pages(batch))
+                    progress.advance(task, len(batch) * PAGE_SIZE)
+                del batch
+                out.write(encoder.finish())
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.replace(output)
+        finally:
+            tmp.unlink(missing_ok=True)
+        image_bytes = img.size
+    elapsed = time.perf_counter() - started
+    s = encoder.stats
+    doc = {
+        "image": str(image),
+        "stream": str(output),
+        "catalog_id": catalog.catalog_id.hex(),
+        "pages": s.pages,
+        "full_pages": s.full,
+        "zero_pages": s.zero,
+        "template_pages": s.template,
+        "image_bytes": image_bytes,
+        "stream_bytes": s.stream_bytes,
+        "ratio": s.stream_bytes / image_bytes,
+        "template_share": s.template / (s.pages - s.zero) if s.pages > s.zero else 0.0,
+        "seconds": elapsed,
+    }
+    if as_json:
+        emit_json(doc)
+        return
+    stdout.print(
+        f"{s.pages:,} pages: {s.full:,} full, {s.zero:,} zero, [bold]{s.template:,} template[/] "
+        f"({doc['template_share']:.1%} of non-zero pages)"
+    )
+    stdout.print(
+        f"image {human_bytes(image_bytes)} -> stream {human_bytes(s.stream_bytes)} "
+        f"([bold]{1 - doc['ratio']:.1%} smaller[/]) in {elapsed:.2f} s; wrote {output}"
+    )
+
+
+def _stream_events(
+    path: Path, *, verify: bool, expected_catalog_id: bytes | None
+) -> Iterator[StreamEvent]:
+    """Decode a dedup stream file, read in chunks."""
+    decoder = DedupDecoder(expected_catalog_id=expected_catalog_id, verify=verify)
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    with f:
+        while chunk := f.read(READ_CHUNK):
+            decoder.feed(chunk)
+            yield from decoder.events()
+    decoder.close()
+
+
+def _locate_templates(
+    needed: set[bytes], images: list[MemoryImage]
+) -> dict[bytes, tuple[MemoryImage, int]]:
+    """Find a page for each needed digest in the images (hashing them until all are found)."""
+    found: dict[bytes, tuple[MemoryImage, int]] = {}
+    for image in images:
+        for index, page in enumerate(image.iter_pages()):
+            if page == ZERO_PAGE:
+                continue
+            digest = digest_page(page)
+            if digest in needed and digest not in found:
+                found[digest] = (image, index)
+                if len(found) == len(needed):
+                    return found
+    return found
+
+
+@click.command()
+@click.argument("stream", type=click.Path(path_type=Path))
+@click.option(
+    "--pages-from",
+    "pages_from",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Memory image holding template pages (repeatable).",
+)
+@click.option(
+    "-c",
+    "--catalog",
+    "catalog_path",
+    type=click.Path(path_type=Path),
+    help="Refuse a stream encoded against another catalog.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Raw memory image to write.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def rebuild(
+    stream: Path,
+    pages_from: tuple[Path, ...],
+    catalog_path: Path | None,
+    output: Path,
+    as_json: bool,
+) -> None:
+    """Rebuild the raw memory of a dedup STREAM, resolving template pages from local images."""
+    if not pages_from:
+        raise UsageError("say where template pages come from: --pages-from IMAGE")
+    expected = TemplateCatalog.load(catalog_path).catalog_id if catalog_path else None
+    started = time.perf_counter()
+    # Pass 1: which templates does the stream need? (its memory digest is checked in pass 2)
+    needed: set[bytes] = set()
+    for event in _stream_events(stream, verify=False, expected_catalog_id=expected):
+        if isinstance(event, TemplatePage):
+            needed.add(event.digest)
+    with contextlib.ExitStack() as stack:
+        images = [stack.enter_context(open_image(p)) for p in pages_from]
+        located = _locate_templates(needed, images)
+        if len(located) < len(needed):
+            missing = sorted(needed - located.keys())
+            raise UsageError(
+                f"{len(missing)} template pages are in none of the --pages-from images "
+                f"(first: {missing[0].hex()})"
+            )
+        end: StreamEnd | None = None
+        writer: ImageWriter | None = None
+        try:
+            for event in _stream_events(stream, verify=True, expected_catalog_id=expected):
+                if isinstance(event, FullPage):
+                    assert writer is not None
+                    writer.write_page(event.index, event.data)
+                elif isinstance(event, TemplatePage):
+                    assert writer is not None
+                    image, index = located[event.digest]
+                    page = image.page(index)
+                    check_page(event.digest, page)  # the source image may have changed
+                    writer.write_page(event.index, page)
+                elif isinstance(event, StreamEnd):
+                    end = event
+                elif writer is None:  # StreamStart; zero runs need no writes (sparse file)
+                    writer = stack.enter_context(ImageWriter(output, event.blocks))
+            assert writer is not None and end is not None
+            writer.commit()
+        finally:
+            if writer is not None:
+                writer.abort()
+    elapsed = time.perf_counter() - started
+    doc = {
+        "stream": str(stream),
+        "output": str(output),
+        "pages": end.pages,
+        "full_pages": end.full,
+        "zero_pages": end.zero,
+        "template_pages": end.template,
+        "distinct_templates": len(needed),
+        "bytes": writer.size,
+        "memory_digest": end.memory_digest.hex(),
+        "seconds": elapsed,
+    }
+    if as_json:
+        emit_json(doc)
+        return
+    stdout.print(
+        f"rebuilt {human_bytes(writer.size)} ({end.pages:,} pages: {end.full:,} full, "
+        f"{end.zero:,} zero, {end.template:,} template) in {elapsed:.2f} s; memory digest "
+        f"verified; wrote {output}"
+    )

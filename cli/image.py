@@ -1,0 +1,62 @@
+"""``tmdht image``: inspect memory images and export them as raw memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+from tmdht.cli.main import emit_json, human_bytes, stdout
+
+from tmdht.images import ImageWriter, open_image
+from tmdht.pages import ZERO_PAGE
+
+
+@click.group()
+def image() -> None:
+    """Memory images (raw dumps, ELF cores, QEMU migration streams)."""
+
+
+@image.command("info")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def image_info(path: Path, as_json: bool) -> None:
+    """Show the format, RAM blocks and page counts of an image."""
+    with open_image(path) as img:
+        zeros = sum(1 for page in img.iter_pages() if page == ZERO_PAGE)
+        doc = {
+            "image": str(path),
+            "format": img.format.value,
+            "bytes": img.size,
+            "pages": img.page_count,
+            "zero_pages": zeros,
+            "blocks": [
+                {"name": b.name, "bytes": b.length, "pages": b.page_count} for b in img.blocks
+            ],
+        }
+    if as_json:
+        emit_json(doc)
+        return
+    table = Table(title=f"{path.name}: {doc['format']}, {human_bytes(doc['bytes'])}")
+    table.add_column("block")
+    table.add_column("bytes", justify="right")
+    table.add_column("pages", justify="right")
+    for b in doc["blocks"]:
+        table.add_row(b["name"], f"{b['bytes']:,}", f"{b['pages']:,}")
+    stdout.print(table)
+    stdout.print(f"{doc['pages']:,} pages, {zeros:,} of them zero")
+
+
+@image.command("dump")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Raw file to write."
+)
+def image_dump(path: Path, output: Path) -> None:
+    """Write the memory of an image as raw bytes (its blocks one after another)."""
+    with open_image(path) as img, ImageWriter(output, img.blocks) as writer:
+        for index, page in enumerate(img.iter_pages()):
+            if page != ZERO_PAGE:  # the file is sparse: zero pages need no write
+                writer.write_page(index, page)
+        writer.commit()
+    stdout.print(f"wrote {output} ({human_bytes(writer.size)})")

@@ -1,0 +1,162 @@
+"""``tmdht templates``: mine a catalog from memory images, show a catalog."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import click
+from rich.table import Table
+from tmdht.cli.main import emit_json, human_bytes, parse_size, stdout
+from tmdht.cli.progress import page_progress
+
+from tmdht import __version__
+from tmdht.catalog import TemplateCatalog
+from tmdht.images import open_image
+from tmdht.mining import ImageCoverage, MiningConfig, TemplateMiner
+from tmdht.pages import PAGE_SIZE
+
+
+@click.group()
+def templates() -> None:
+    """Template catalogs: mine, inspect."""
+
+
+@templates.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-t", "--threshold", default=2, show_default=True, help="Occurrences that make a template."
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Catalog file to write."
+)
+@click.option(
+    "--memory-budget",
+    default="256MiB",
+    show_default=True,
+    help="Memory for counting; beyond it, spill to disk.",
+)
+@click.option(
+    "--spill-dir", type=click.Path(path_type=Path, file_okay=False), help="Where spill files go."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def mine(
+    images: tuple[Path, ...],
+    threshold: int,
+    output: Path,
+    memory_budget: str,
+    spill_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Count page contents across IMAGES and write the templates to a catalog."""
+    config = MiningConfig(threshold, parse_size(memory_budget), spill_dir)
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(open_image(p)) for p in images]  # all checked before work
+        total_pages = sum(i.page_count for i in opened)
+        miner = stack.enter_context(TemplateMiner(config, expected_pages=total_pages))
+        started = time.perf_counter()
+        with page_progress() as progress:
+            task = progress.add_task("mining", total=total_pages * PAGE_SIZE)
+            for image in opened:
+                progress.update(task, description=f"mining {image.name}")
+                miner.add_image(
+                    image.name,
+                    image.iter_pages(),
+                    lambda n: progress.advance(task, n * PAGE_SIZE),
+                )
+        result = miner.finish()
+        elapsed = time.perf_counter() - started
+    catalog = TemplateCatalog.from_mining(result, {"tool": f"tmdht {__version__}"})
+    catalog.save(output)
+    scanned = total_pages * PAGE_SIZE
+    summary = {
+        "catalog": str(output),
+        "catalog_id": catalog.catalog_id.hex(),
+        "threshold": threshold,
+        "pages_scanned": total_pages,
+        "zero_pages": result.totals.zero_pages,
+        "distinct_contents": result.distinct_contents,
+        "templates": result.template_count,
+        "template_pages": result.totals.template_pages,
+        "coverage": result.totals.coverage,
+        "images": [_coverage_doc(i) for i in result.images],
+        "seconds": elapsed,
+        "gb_per_s": scanned / elapsed / 1e9 if elapsed else None,
+        "partitions": result.partitions,
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    stdout.print(_coverage_table(result.images, result.totals, "Template coverage"))
+    stdout.print(
+        f"scanned {total_pages:,} pages ({human_bytes(scanned)}) in {elapsed:.2f} s "
+        f"= {scanned / elapsed / 1e9:.2f} GB/s; {result.distinct_contents:,} distinct non-zero "
+        f"contents; [bold]{result.template_count:,} templates[/] at threshold {threshold}"
+    )
+    stdout.print(
+        f"wrote {output} (catalog {catalog.catalog_id.hex()[:16]}, "
+        f"{human_bytes(output.stat().st_size)})"
+    )
+
+
+@templates.command()
+@click.argument("catalog", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def info(catalog: Path, as_json: bool) -> None:
+    """Show what a catalog holds and what it was mined from."""
+    cat = TemplateCatalog.load(catalog)
+    doc = {
+        "catalog": str(catalog),
+        "catalog_id": cat.catalog_id.hex(),
+        "templates": len(cat),
+        "threshold": cat.threshold,
+        "template_bytes": len(cat) * PAGE_SIZE,
+        "file_bytes": catalog.stat().st_size,
+        "distinct_contents": cat.stats.distinct_contents,
+        "images": [_coverage_doc(i) for i in cat.stats.images],
+        "extra": cat.stats.extra,
+    }
+    if as_json:
+        emit_json(doc)
+        return
+    stdout.print(f"catalog {cat.catalog_id.hex()}")
+    stdout.print(
+        f"{len(cat):,} templates ({human_bytes(len(cat) * PAGE_SIZE)} of pages) at threshold "
+        f"{cat.threshold}; file {human_bytes(doc['file_bytes'])}"
+    )
+    if cat.stats.images:
+        totals = ImageCoverage(
+            "total",
+            sum(i.pages for i in cat.stats.images),
+            sum(i.zero_pages for i in cat.stats.images),
+            sum(i.template_pages for i in cat.stats.images),
+        )
+        stdout.print(_coverage_table(cat.stats.images, totals, "Mined from"))
+
+
+def _coverage_doc(c: ImageCoverage) -> dict[str, object]:
+    return {
+        "name": c.name,
+        "pages": c.pages,
+        "zero_pages": c.zero_pages,
+        "nonzero_pages": c.nonzero_pages,
+        "template_pages": c.template_pages,
+        "coverage": c.coverage,
+    }
+
+
+def _coverage_table(rows: tuple[ImageCoverage, ...], totals: ImageCoverage, title: str) -> Table:
+    table = Table(title=title)
+    for name in ("image", "pages", "zero", "non-zero", "template pages", "coverage"):
+        table.add_column(name, justify="left" if name == "image" else "right")
+    for c in (*rows, totals):
+        table.add_row(
+            f"[bold]{c.name}[/]" if c is totals else c.name,
+            f"{c.pages:,}",
+            f"{c.zero_pages:,}",
+            f"{c.nonzero_pages:,}",
+            f"{c.template_pages:,}",
+            f"{c.coverage:.1%}",
+        )
+    return table

@@ -213,6 +213,7 @@ def open_image(path: Path | str) -> MemoryImage:
         raise UsageError(f"{path}: is a directory, not a memory image") from None
     except PermissionError:
         raise UsageError(f"{path}: permission denied") from None
+    failure: DecodeError | None = None
     try:
         fmt = detect_format(mapping[:16])
         if fmt is ImageFormat.QEMU_STREAM:
@@ -222,42 +223,51 @@ def open_image(path: Path | str) -> MemoryImage:
         else:
             blocks = [_Block(RamBlock("ram", size), start=0, data_end=size)]
     except DecodeError as exc:
+        # A fresh error: the original's traceback would pin views of the mapping.
+        failure = type(exc)(f"{path}: {exc}")
+    if failure is not None:
         mapping.close()
-        raise type(exc)(f"{path}: {exc}") from None
-    except BaseException:
-        mapping.close()
-        raise
+        raise failure
     return MemoryImage(path, fmt, mapping, blocks)
 
 
 def _stream_blocks(mapping: mmap.mmap) -> list[_Block]:
     """Replay the RAM records of a saved stream; remember where each page's last copy is."""
-    parser = QemuStreamParser()
     view = memoryview(mapping)
+    failure: DecodeError | None = None
+    try:
+        order, tables = _replay_ram(view)
+    except DecodeError as exc:
+        failure = type(exc)(str(exc))  # a fresh error: the traceback would pin views of the file
+    view.release()
+    if failure is not None:
+        raise failure
+    return [_Block(info, offsets=tables[info.name]) for info in order]
+
+
+def _replay_ram(view: memoryview) -> tuple[list[RamBlock], dict[str, npt.NDArray[np.int64]]]:
+    parser = QemuStreamParser()
     tables: dict[str, npt.NDArray[np.int64]] = {}
     order: list[RamBlock] = []
-    try:
-        parser.feed(view)
-        for event in parser.events():
-            if isinstance(event, RamPage):
-                tables[event.block][event.offset // PAGE_SIZE] = event.stream_offset
-            elif isinstance(event, RamZero):
-                if event.fill:
-                    raise DecodeError(  # QEMU only sends fill 0; anything else is not QEMU's
-                        f"ZERO record with fill byte {event.fill:#x} in block {event.block!r}"
-                    )
-                tables[event.block][event.offset // PAGE_SIZE] = -1
-            elif isinstance(event, RamMemSize):
-                for b in event.blocks:
-                    info = RamBlock(b.name, b.length)
-                    order.append(info)
-                    tables[b.name] = np.full(info.page_count, -1, dtype=np.int64)
-            if parser.in_passthrough:
-                break  # device state follows; it holds no guest RAM pages
-        parser.close()
-    finally:
-        view.release()
-    return [_Block(info, offsets=tables[info.name]) for info in order]
+    parser.feed(view)
+    for event in parser.events():
+        if isinstance(event, RamPage):
+            tables[event.block][event.offset // PAGE_SIZE] = event.stream_offset
+        elif isinstance(event, RamZero):
+            if event.fill:
+                raise DecodeError(  # QEMU only sends fill 0; anything else is not QEMU's
+                    f"ZERO record with fill byte {event.fill:#x} in block {event.block!r}"
+                )
+            tables[event.block][event.offset // PAGE_SIZE] = -1
+        elif isinstance(event, RamMemSize):
+            for b in event.blocks:
+                info = RamBlock(b.name, b.length)
+                order.append(info)
+                tables[b.name] = np.full(info.page_count, -1, dtype=np.int64)
+        if parser.in_passthrough:
+            break  # device state follows; it holds no guest RAM pages
+    parser.close()
+    return order, tables
 
 
 _ELF_IDENT = struct.Struct("<4sBBB9x")

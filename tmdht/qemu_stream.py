@@ -42,6 +42,7 @@ __all__ = [
     "Event",
     "Passthrough",
     "QemuStreamParser",
+    "QemuStreamWriter",
     "RamBlockInfo",
     "RamEos",
     "RamFlag",
@@ -480,3 +481,79 @@ class QemuStreamParser:
             remaining -= length
         self._blocks = {b.name: b.length for b in blocks}
         return RamMemSize(total, tuple(blocks))
+
+
+class QemuStreamWriter:
+    """Emits the byte form of stream items: the inverse of :class:`QemuStreamParser`.
+
+    Stateless but for the CONTINUE rule, which it applies itself: a RAM record names its block
+    only when the block differs from the previous record's.
+    """
+
+    def __init__(self) -> None:
+        self._block: str | None = None
+
+    @staticmethod
+    def header() -> bytes:
+        """QEVM magic and version."""
+        return _HEADER.pack(QEMU_MAGIC, QEMU_VERSION)
+
+    @staticmethod
+    def configuration(machine: str) -> bytes:
+        """A CONFIGURATION section."""
+        name = machine.encode("ascii")
+        return bytes((SectionType.CONFIGURATION,)) + _BE32.pack(len(name)) + name
+
+    @staticmethod
+    def section_start(section_id: int, idstr: str, instance_id: int, version_id: int) -> bytes:
+        """A START section header."""
+        name = idstr.encode("ascii")
+        return (
+            bytes((SectionType.START,))
+            + _BE32.pack(section_id)
+            + bytes((len(name),))
+            + name
+            + _BE32.pack(instance_id)
+            + _BE32.pack(version_id)
+        )
+
+    @staticmethod
+    def section_part(section_id: int, *, end: bool = False) -> bytes:
+        """A PART (or END) section header."""
+        kind = SectionType.END if end else SectionType.PART
+        return bytes((kind,)) + _BE32.pack(section_id)
+
+    @staticmethod
+    def footer(section_id: int) -> bytes:
+        """A section footer."""
+        return bytes((SectionType.FOOTER,)) + _BE32.pack(section_id)
+
+    @staticmethod
+    def mem_size(blocks: tuple[RamBlockInfo, ...] | list[RamBlockInfo]) -> bytes:
+        """The MEM_SIZE record announcing the RAM blocks."""
+        total = sum(b.length for b in blocks)
+        parts = [_BE64.pack(total | RamFlag.MEM_SIZE)]
+        for b in blocks:
+            name = b.name.encode("ascii")
+            parts += [bytes((len(name),)), name, _BE64.pack(b.length)]
+        return b"".join(parts)
+
+    def _record(self, block: str, offset: int, flag: int) -> bytes:
+        if block == self._block:
+            return _BE64.pack(offset | flag | RamFlag.CONTINUE)
+        self._block = block
+        name = block.encode("ascii")
+        return _BE64.pack(offset | flag) + bytes((len(name),)) + name
+
+    def page(self, block: str, offset: int, data: ByteView) -> bytes:
+        """A PAGE record."""
+        return self._record(block, offset, RamFlag.PAGE) + bytes(data)
+
+    def zero(self, block: str, offset: int, fill: int = 0) -> bytes:
+        """A ZERO record."""
+        return self._record(block, offset, RamFlag.ZERO) + bytes((fill,))
+
+    @staticmethod
+    def eos() -> bytes:
+        """The EOS record ending a RAM section payload."""
+        return _BE64.pack(RamFlag.EOS)

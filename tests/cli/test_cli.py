@@ -1,0 +1,176 @@
+"""The ``tmdht`` command as a user runs it: real processes on synthetic images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support.synthetic import mixed_pages, page_pool, write_raw
+
+POOL = page_pool(200, seed=6)
+
+
+def tmdht(*args: object, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tmdht.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == expect, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(4):
+        write_raw(root / f"g{i}.raw", mixed_pages(2000, POOL, seed=i))
+    return root
+
+
+def test_mine_info_encode_rebuild(corpus: Path, tmp_path: Path) -> None:
+    images = [corpus / f"g{i}.raw" for i in range(3)]
+    mined = json.loads(
+        tmdht("templates", "mine", *images, "-o", tmp_path / "c.tmc", "--json").stdout
+    )
+    assert mined["templates"] > 0 and len(mined["images"]) == 3
+    assert 0.3 < mined["coverage"] < 1.0
+    info = json.loads(tmdht("templates", "info", tmp_path / "c.tmc", "--json").stdout)
+    assert info["catalog_id"] == mined["catalog_id"] and info["templates"] == mined["templates"]
+    assert [i["name"] for i in info["images"]] == ["g0.raw", "g1.raw", "g2.raw"]
+
+    enc = json.loads(
+        tmdht(
+            "encode",
+            corpus / "g3.raw",
+            "-c",
+            tmp_path / "c.tmc",
+            "-o",
+            tmp_path / "g3.tmds",
+            "--json",
+        ).stdout
+    )
+    assert enc["template_pages"] > 0
+    assert enc["stream_bytes"] == (tmp_path / "g3.tmds").stat().st_size
+    # The stream is smaller by about the template share (plus the zero pages).
+    assert enc["stream_bytes"] < enc["image_bytes"] * (1 - 0.9 * enc["template_share"] * 0.7)
+
+    froms = [a for img in images for a in ("--pages-from", img)]
+    out = tmp_path / "g3.out"
+    tmdht("rebuild", tmp_path / "g3.tmds", *froms, "-c", tmp_path / "c.tmc", "-o", out)
+    assert out.read_bytes() == (corpus / "g3.raw").read_bytes()
+
+
+def test_human_output_has_a_summary(corpus: Path, tmp_path: Path) -> None:
+    proc = tmdht(
+        "templates", "mine", corpus / "g0.raw", corpus / "g1.raw", "-o", tmp_path / "c.tmc"
+    )
+    assert (
+        "Template coverage" in proc.stdout and "GB/s" in proc.stdout and "templates" in proc.stdout
+    )
+
+
+def test_errors_are_one_line_with_exit_codes(corpus: Path, tmp_path: Path) -> None:
+    tmdht("templates", "mine", corpus / "g0.raw", corpus / "g1.raw", "-o", tmp_path / "c.tmc")
+    tmdht("encode", corpus / "g3.raw", "-c", tmp_path / "c.tmc", "-o", tmp_path / "s.tmds")
+    cases = [
+        (
+            ("encode", tmp_path / "missing", "-c", tmp_path / "c.tmc", "-o", tmp_path / "x"),
+            2,
+            "no such file",
+        ),
+        (("templates", "info", corpus / "g0.raw"), 1, "not a tmdht template catalog"),
+        (
+            ("encode", tmp_path / "c.tmc", "-c", tmp_path / "c.tmc", "-o", tmp_path / "x"),
+            1,
+            "not a memory image",
+        ),
+        (("rebuild", tmp_path / "s.tmds", "-o", tmp_path / "x"), 2, "--pages-from"),
+        (
+            (
+                "rebuild",
+                tmp_path / "s.tmds",
+                "--pages-from",
+                corpus / "g2.raw",
+                "-o",
+                tmp_path / "x",
+            ),
+            2,
+            "in none of",
+        ),
+    ]
+    (tmp_path / "cut.tmds").write_bytes((tmp_path / "s.tmds").read_bytes()[:5000])
+    cases.append(
+        (
+            (
+                "rebuild",
+                tmp_path / "cut.tmds",
+                "--pages-from",
+                corpus / "g0.raw",
+                "-o",
+                tmp_path / "x",
+            ),
+            1,
+            "truncated",
+        )
+    )
+    # Another catalog: same corpus pool, but a threshold that leaves out rarer pages.
+    tmdht("templates", "mine", corpus / "g2.raw", "-t", "16", "-o", tmp_path / "other.tmc")
+    cases.append(
+        (
+            (
+                "rebuild",
+                tmp_path / "s.tmds",
+                "--pages-from",
+                corpus / "g0.raw",
+                "-c",
+                tmp_path / "other.tmc",
+                "-o",
+                tmp_path / "x",
+            ),
+            1,
+            "encoded against catalog",
+        )
+    )
+    for args, code, message in cases:
+        proc = tmdht(*args, expect=code)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "x").exists()  # failed commands leave no output behind
+
+
+def test_options_come_from_the_environment(corpus: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "TMDHT_TEMPLATES_MINE_THRESHOLD": "1000"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tmdht.cli",
+            "templates",
+            "mine",
+            corpus / "g0.raw",
+            "-o",
+            tmp_path / "c.tmc",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(proc.stdout)["threshold"] == 1000
+
+
+def test_image_info_and_dump(corpus: Path, tmp_path: Path) -> None:
+    info = json.loads(tmdht("image", "info", corpus / "g0.raw", "--json").stdout)
+    assert info["format"] == "raw" and info["pages"] == 2000
+    tmdht("image", "dump", corpus / "g0.raw", "-o", tmp_path / "d.raw")
+    assert (tmp_path / "d.raw").read_bytes() == (corpus / "g0.raw").read_bytes()

@@ -1,0 +1,66 @@
+"""Packaging: the wheel carries all import packages; the core stays sans-IO."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE_MODULES = [
+    "tmdht",
+    "tmdht.errors",
+    "tmdht.pages",
+    "tmdht.qemu_stream",
+    "tmdht.images",
+    "tmdht.mining",
+    "tmdht.catalog",
+    "tmdht.dedup_stream",
+]
+
+
+def test_core_imports_no_asyncio_and_no_sockets() -> None:
+    extra = [
+        m
+        for m in ("tmdht.wire", "tmdht.auth", "tmdht.placement", "tmdht.config")
+        if (ROOT / "tmdht" / f"{m.split('.')[1]}.py").exists()
+    ]
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in CORE_MODULES + extra)
+        + "bad = [m for m in ('asyncio', 'socket', 'selectors', 'tmdht.node', 'tmdht.client') if m in sys.modules]\n"
+        + "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_imports_every_package(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("tmdht-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=600)
+    code = (
+        "import tmdht, tmdht.node, tmdht.client, tmdht.cli, tmdht.lab, pathlib, sys\n"
+        "for m in (tmdht, tmdht.node, tmdht.client, tmdht.cli):\n"
+        "    assert pathlib.Path(m.__file__).is_relative_to(sys.prefix), m.__file__\n"
+    )
+    subprocess.run([python, "-c", code], check=True, timeout=60, cwd=tmp_path)
+    version = subprocess.run(
+        [env_dir / "bin" / "tmdht", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert "0.1.0" in version.stdout

@@ -1,1 +1,68 @@
-"""Guest laboratory: builds busybox guests, boots them under QEMU/TCG, captures their memory."""
+"""Guest laboratory: builds busybox guests, boots them under QEMU/TCG, captures their memory.
+
+The lab is test and benchmark tooling, not part of the sans-IO core: it runs
+``qemu-system-x86_64`` (TCG, q35) with the Debian cloud kernel and an initramfs holding a static
+busybox and the lab's ``/init``, talks QMP to it and reads its serial console.
+
+- :mod:`tmdht.lab.initramfs` builds the deterministic initramfs (workloads in ``init.sh``);
+- :mod:`tmdht.lab.qmp` is a small synchronous QMP client;
+- :mod:`tmdht.lab.guest` owns one QEMU process (:class:`Guest`), source or migration destination;
+- :mod:`tmdht.lab.capture` captures and caches streams and memory dumps of guests.
+
+Host requirements: the Debian packages in :data:`APT_PACKAGES`.
+"""
+
+from tmdht.lab.capture import GuestCapture, capture_guests, default_specs, load_capture
+from tmdht.lab.console import SerialConsole
+from tmdht.lab.errors import (
+    CaptureError,
+    GuestError,
+    GuestTimeoutError,
+    LabError,
+    LabSetupError,
+    MigrationError,
+    QmpCommandError,
+    QmpError,
+    QmpTimeoutError,
+)
+from tmdht.lab.guest import (
+    DEFAULT_FILE_BANDWIDTH,
+    Guest,
+    GuestSpec,
+    MigrationStats,
+    qemu_command,
+)
+from tmdht.lab.host import APT_PACKAGES, HostTools, find_kernel
+from tmdht.lab.initramfs import WORKLOADS, build_initramfs, ensure_initramfs, init_script
+from tmdht.lab.qmp import QmpClient, QmpEvent
+
+__all__ = [
+    "APT_PACKAGES",
+    "DEFAULT_FILE_BANDWIDTH",
+    "WORKLOADS",
+    "CaptureError",
+    "Guest",
+    "GuestCapture",
+    "GuestError",
+    "GuestSpec",
+    "GuestTimeoutError",
+    "HostTools",
+    "LabError",
+    "LabSetupError",
+    "MigrationError",
+    "MigrationStats",
+    "QmpClient",
+    "QmpCommandError",
+    "QmpError",
+    "QmpEvent",
+    "QmpTimeoutError",
+    "SerialConsole",
+    "build_initramfs",
+    "capture_guests",
+    "default_specs",
+    "ensure_initramfs",
+    "find_kernel",
+    "init_script",
+    "load_capture",
+    "qemu_command",
+]

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install everything tmdht's tests and demo need on a fresh Debian 12 machine (run as root):
+# Debian packages (QEMU, the cloud kernel, busybox) and a virtualenv with tmdht and its tools.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static cpio python3 python3-venv)
+VENV=${TMDHT_VENV:-build/venv}
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+# python3/python3-venv only matter when no usable python3 with venv is on PATH already.
+if command -v python3 >/dev/null && python3 -c "import venv, ensurepip" 2>/dev/null; then
+    filtered=()
+    for pkg in "${missing[@]}"; do [[ $pkg == python3* ]] || filtered+=("$pkg"); done
+    missing=("${filtered[@]+"${filtered[@]}"}")
+fi
+if ((${#missing[@]})); then
+    echo "setup: installing Debian packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x $VENV/bin/python ]]; then
+    echo "setup: creating virtualenv $VENV" >&2
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+"$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v -e '^WARNING: Location' -e 'Running pip as the' >&2 || true
+"$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" # fail loudly if the install did not work

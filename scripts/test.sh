@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The full test command: set up, lint (ruff), type-check (mypy, strict on tmdht/), run pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+VENV=${TMDHT_VENV:-build/venv}
+export PATH="$PWD/$VENV/bin:$PATH"
+echo "== ruff" && ruff check .
+echo "== mypy" && mypy tmdht node client cli lab
+echo "== pytest" && python -m pytest -q "$@"

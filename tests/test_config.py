@@ -1,0 +1,62 @@
+"""Node configuration: file, environment and flags merge into one validated object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tmdht.config import NodeConfig, parse_address
+from tmdht.errors import ConfigError
+
+TOML = """
+[node]
+data_dir = "/var/lib/tmdht/a"
+seeds = ["10.0.0.1:7400", "[::1]:7500"]
+capacity = "2GiB"
+replicas = 2
+"""
+
+
+def test_sources_merge_later_wins() -> None:
+    env = {"TMDHT_NODE_REPLICAS": "4", "TMDHT_NODE_LOG_FORMAT": "text", "OTHER": "x"}
+    cfg = NodeConfig.from_sources(toml_text=TOML, env=env, flags={"data_port": 0, "host": None})
+    assert cfg.data_dir == Path("/var/lib/tmdht/a")
+    assert cfg.seeds == (("10.0.0.1", 7400), ("::1", 7500))
+    assert cfg.capacity == 2 << 30
+    assert cfg.replicas == 4  # env beats file
+    assert cfg.data_port == 0  # flag
+    assert cfg.host == "127.0.0.1"  # a None flag does not override
+    assert cfg.log_format == "text"
+    assert cfg.to_dict()["seeds"] == ["10.0.0.1:7400", "::1:7500"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "message"),
+    [
+        ("data_dir = 1\nreplicas = 0", {}, "replicas"),
+        ('data_dir = "x"\nbogus = 1', {}, "unknown setting"),
+        ('data_dir = "x"', {"TMDHT_NODE_CAPACITY": "lots"}, "capacity"),
+        ('data_dir = "x"', {"TMDHT_NODE_SEEDS": "nohost"}, "host:port"),
+        ('data_dir = "x"\nmax_datagram = 100', {}, "max_datagram"),
+        ('data_dir = "x"\nlog_format = "xml"', {}, "log_format"),
+        ("data_dir = ", {}, "config"),
+        ("replicas = 3", {}, "data_dir is required"),
+        ('data_dir = "x"\nkademlia_port = 70000', {}, "out of range"),
+    ],
+)
+def test_bad_config_is_a_clear_error(toml: str, env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        NodeConfig.from_sources(toml_text=toml, env=env)
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=60))
+def test_any_address_text_parses_or_raises_config_error(text: str) -> None:
+    try:
+        host, port = parse_address(text)
+    except ConfigError:
+        return
+    assert host and 0 < port < 65536

@@ -1,0 +1,266 @@
+"""Configuration of a store node: one frozen object built once from a file, the environment
+and command-line flags (later sources win). Pure: the caller reads the file and passes its text.
+
+TOML keys are the field names, under a ``[node]`` table (or at the top level); environment
+variables are ``TMDHT_NODE_<FIELD>`` in upper case. Seeds are ``host:port`` strings (a list in
+TOML, comma-separated in the environment). Sizes accept ``KiB``/``MiB``/``GiB`` suffixes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from tmdht.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "NodeConfig",
+    "parse_address",
+    "parse_size",
+]
+
+ENV_PREFIX: Final = "TMDHT_NODE_"
+MIN_DATAGRAM: Final = 4096 + 512
+MAX_DATAGRAM: Final = 65507
+
+
+def parse_size(text: str | int) -> int:
+    """'256MiB', '1G', 4096 -> bytes."""
+    if isinstance(text, int):
+        value = text
+    else:
+        units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+        raw = text.strip().lower().removesuffix("b").removesuffix("i")
+        number, unit = (raw[:-1], raw[-1]) if raw and raw[-1] in units else (raw, "")
+        try:
+            value = int(float(number) * units[unit])
+        except ValueError:
+            raise ConfigError(f"{text!r} is not a size (e.g. 256MiB)") from None
+    if value <= 0:
+        raise ConfigError(f"{text!r}: a size must be positive")
+    return value
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'host:port' -> (host, port); IPv6 as '[::1]:port'."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host:
+        raise ConfigError(f"{text!r} is not host:port")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{text!r}: port is not a number") from None
+    if not 0 < number < 65536:
+        raise ConfigError(f"{text!r}: port out of range")
+    return host, number
+
+
+def _port(value: Any) -> int:
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{value!r} is not a port number") from None
+    if not 0 <= port < 65536:
+        raise ConfigError(f"port {port} out of range")
+    return port
+
+
+def _positive_float(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise ConfigError(f"{value!r} must be positive")
+    return number
+
+
+def _positive_int(value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise ConfigError(f"{value!r} must be at least 1")
+    return number
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{value!r} is not true or false")
+
+
+def _seeds(value: Any) -> tuple[tuple[str, int], ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError("seeds must be a list of host:port")
+    return tuple(parse_address(str(s)) for s in items if str(s).strip())
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).lower()
+        if text not in options:
+            raise ConfigError(f"{value!r} is not one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def _path(value: Any) -> Path:
+    return Path(str(value)).expanduser()
+
+
+def _optional_path(value: Any) -> Path | None:
+    return None if value in (None, "") else _path(value)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything a store node needs to run."""
+
+    data_dir: Path
+    """Where the node keeps its identity (node.json) and its page store."""
+    host: str = "127.0.0.1"
+    """Address to bind (all three ports)."""
+    advertise_host: str | None = None
+    """Address other nodes and clients should use (default: ``host``)."""
+    kademlia_port: int = 7400
+    """UDP port of the Kademlia overlay (0: any free port)."""
+    data_port: int = 7401
+    """UDP port of the page data plane (0: any free port)."""
+    metrics_port: int = 7402
+    """HTTP port for /metrics and /healthz, /readyz (0: any free port)."""
+    seeds: tuple[tuple[str, int], ...] = ()
+    """Kademlia addresses of existing nodes to join through."""
+    replicas: int = 3
+    """R: how many nodes hold each page."""
+    capacity: int = 10 << 30
+    """Bytes of pages this node may store."""
+    max_datagram: int = 32768
+    """Largest data-plane datagram sent or accepted."""
+    cluster_key_file: Path | None = None
+    """File holding the cluster key (64 hex characters); TMDHT_CLUSTER_KEY works too."""
+    insecure_open: bool = False
+    """Run without a cluster key (local development only)."""
+    rpc_timeout: float = 1.0
+    """Seconds before a Kademlia RPC counts as failed."""
+    refresh_interval: float = 30.0
+    """Seconds between ring crawls."""
+    replication_interval: float = 2.0
+    """Seconds between replication passes."""
+    replication_rate: int = 20000
+    """Pages per second the replication job may move."""
+    surplus_grace: float = 600.0
+    """Seconds a page this node no longer owes is kept before it is dropped."""
+    log_format: str = "json"
+    """``json`` (one object a line) or ``text``."""
+    log_level: str = "info"
+    """debug, info, warning or error."""
+    status_file: Path | None = None
+    """If set, the node writes its bound addresses here as JSON once it is ready."""
+
+    @property
+    def public_host(self) -> str:
+        """The address peers use."""
+        return self.advertise_host or self.host
+
+    @classmethod
+    def from_sources(
+        cls,
+        *,
+        toml_text: str | None = None,
+        env: Mapping[str, str] | None = None,
+        flags: Mapping[str, Any] | None = None,
+        source: str = "config",
+    ) -> NodeConfig:
+        """Merge file, environment and flags (each later source wins) and validate."""
+        values: dict[str, Any] = {}
+        if toml_text is not None:
+            try:
+                doc = tomllib.loads(toml_text)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+            table = doc.get("node", doc)
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: [node] must be a table")
+            values.update(_known(table, f"{source}"))
+        for key, value in (env or {}).items():
+            if key.startswith(ENV_PREFIX) and key != f"{ENV_PREFIX}CONFIG":
+                values.update(_known({key[len(ENV_PREFIX) :].lower(): value}, f"${key}"))
+        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        return cls.build(values)
+
+    @classmethod
+    def build(cls, values: Mapping[str, Any]) -> NodeConfig:
+        """Validate raw values (strings from env, TOML values, flags) into a config."""
+        parsed: dict[str, Any] = {}
+        for name, value in values.items():
+            parser = _PARSERS.get(name)
+            if parser is None:
+                raise ConfigError(f"unknown setting {name!r}")
+            try:
+                parsed[name] = parser(value)
+            except ConfigError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+        if "data_dir" not in parsed:
+            raise ConfigError("data_dir is required")
+        config = cls(**parsed)
+        if not MIN_DATAGRAM <= config.max_datagram <= MAX_DATAGRAM:
+            raise ConfigError(f"max_datagram must be between {MIN_DATAGRAM} and {MAX_DATAGRAM}")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly view (for logs and status)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif f.name == "seeds":
+                value = [f"{h}:{p}" for h, p in value]
+            out[f.name] = value
+        return out
+
+
+def _known(table: Mapping[str, Any], source: str) -> dict[str, Any]:
+    unknown = sorted(set(table) - set(_PARSERS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+    return dict(table)
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "data_dir": _path,
+    "host": str,
+    "advertise_host": lambda v: None if v in (None, "") else str(v),
+    "kademlia_port": _port,
+    "data_port": _port,
+    "metrics_port": _port,
+    "seeds": _seeds,
+    "replicas": _positive_int,
+    "capacity": parse_size,
+    "max_datagram": parse_size,
+    "cluster_key_file": _optional_path,
+    "insecure_open": _bool,
+    "rpc_timeout": _positive_float,
+    "refresh_interval": _positive_float,
+    "replication_interval": _positive_float,
+    "replication_rate": _positive_int,
+    "surplus_grace": _positive_float,
+    "log_format": _choice("json", "text"),
+    "log_level": _choice("debug", "info", "warning", "error"),
+    "status_file": _optional_path,
+}

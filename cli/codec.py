@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 from tmdht.cli.main import emit_json, human_bytes, stdout
@@ -20,6 +21,7 @@ from tmdht.dedup_stream import (
     FullPage,
     StreamEnd,
     StreamEvent,
+    StreamStart,
     TemplatePage,
 )
 from tmdht.errors import UsageError
@@ -46,7 +48,23 @@ READ_CHUNK = 1 << 20
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def encode(image: Path, catalog_path: Path, output: Path, as_json: bool) -> None:
     """Encode IMAGE as a dedup stream: template pages become their digests."""
-    catalog = TemplateCatalog.load(catalog_path)
+    doc = encode_file(image, TemplateCatalog.load(catalog_path), output)
+    if as_json:
+        emit_json(doc)
+        return
+    stdout.print(
+        f"{doc['pages']:,} pages: {doc['full_pages']:,} full, {doc['zero_pages']:,} zero, "
+        f"[bold]{doc['template_pages']:,} template[/] "
+        f"({doc['template_share']:.1%} of non-zero pages)"
+    )
+    stdout.print(
+        f"image {human_bytes(doc['image_bytes'])} -> stream {human_bytes(doc['stream_bytes'])} "
+        f"([bold]{1 - doc['ratio']:.1%} smaller[/]) in {doc['seconds']:.2f} s; wrote {output}"
+    )
+
+
+def encode_file(image: Path, catalog: TemplateCatalog, output: Path) -> dict[str, Any]:
+    """Encode an image file into a dedup stream file (atomically); returns the summary."""
     started = time.perf_counter()
     with open_image(image) as img:
         encoder = DedupEncoder(catalog.catalog_id, img.blocks, catalog.contains)
@@ -67,9 +85,8 @@ def encode(image: Path, catalog_path: Path, output: Path, as_json: bool) -> None
         finally:
             tmp.unlink(missing_ok=True)
         image_bytes = img.size
-    elapsed = time.perf_counter() - started
     s = encoder.stats
-    doc = {
+    return {
         "image": str(image),
         "stream": str(output),
         "catalog_id": catalog.catalog_id.hex(),
@@ -81,19 +98,8 @@ def encode(image: Path, catalog_path: Path, output: Path, as_json: bool) -> None
         "stream_bytes": s.stream_bytes,
         "ratio": s.stream_bytes / image_bytes,
         "template_share": s.template / (s.pages - s.zero) if s.pages > s.zero else 0.0,
-        "seconds": elapsed,
+        "seconds": time.perf_counter() - started,
     }
-    if as_json:
-        emit_json(doc)
-        return
-    stdout.print(
-        f"{s.pages:,} pages: {s.full:,} full, {s.zero:,} zero, [bold]{s.template:,} template[/] "
-        f"({doc['template_share']:.1%} of non-zero pages)"
-    )
-    stdout.print(
-        f"image {human_bytes(image_bytes)} -> stream {human_bytes(s.stream_bytes)} "
-        f"([bold]{1 - doc['ratio']:.1%} smaller[/]) in {elapsed:.2f} s; wrote {output}"
-    )
 
 
 def _stream_events(
@@ -164,6 +170,25 @@ def rebuild(
     if not pages_from:
         raise UsageError("say where template pages come from: --pages-from IMAGE")
     expected = TemplateCatalog.load(catalog_path).catalog_id if catalog_path else None
+    doc = rebuild_from_images(stream, pages_from, output, expected)
+    if as_json:
+        emit_json(doc)
+        return
+    stdout.print(
+        f"rebuilt {human_bytes(doc['bytes'])} ({doc['pages']:,} pages: {doc['full_pages']:,} "
+        f"full, {doc['zero_pages']:,} zero, {doc['template_pages']:,} template) in "
+        f"{doc['seconds']:.2f} s; memory digest verified; wrote {output}"
+    )
+
+
+def rebuild_from_images(
+    stream: Path,
+    pages_from: tuple[Path, ...] | list[Path],
+    output: Path,
+    expected_catalog_id: bytes | None = None,
+) -> dict[str, Any]:
+    """Rebuild a stream's raw memory into ``output``, template pages from local images."""
+    expected = expected_catalog_id
     started = time.perf_counter()
     # Pass 1: which templates does the stream need? (its memory digest is checked in pass 2)
     needed: set[bytes] = set()
@@ -180,27 +205,24 @@ def rebuild(
                 f"(first: {missing[0].hex()})"
             )
         end: StreamEnd | None = None
-        writer: ImageWriter | None = None
-        try:
-            for event in _stream_events(stream, verify=True, expected_catalog_id=expected):
-                if isinstance(event, FullPage):
-                    assert writer is not None
-                    writer.write_page(event.index, event.data)
-                elif isinstance(event, TemplatePage):
-                    assert writer is not None
-                    image, index = located[event.digest]
-                    page = image.page(index)
-                    check_page(event.digest, page)  # the source image may have changed
-                    writer.write_page(event.index, page)
-                elif isinstance(event, StreamEnd):
-                    end = event
-                elif writer is None:  # StreamStart; zero runs need no writes (sparse file)
-                    writer = stack.enter_context(ImageWriter(output, event.blocks))
-            assert writer is not None and end is not None
-            writer.commit()
-        finally:
-            if writer is not None:
-                writer.abort()
+        writer: ImageWriter | None = None  # aborted by the exit stack unless committed
+        for event in _stream_events(stream, verify=True, expected_catalog_id=expected):
+            if isinstance(event, FullPage):
+                assert writer is not None
+                writer.write_page(event.index, event.data)
+            elif isinstance(event, TemplatePage):
+                assert writer is not None
+                image, index = located[event.digest]
+                page = image.page(index)
+                check_page(event.digest, page)  # the source image may have changed
+                writer.write_page(event.index, page)
+            elif isinstance(event, StreamEnd):
+                end = event
+            elif isinstance(event, StreamStart):
+                writer = stack.enter_context(ImageWriter(output, event.blocks))
+            # ZeroRun: nothing to write, the output file is sparse
+        assert writer is not None and end is not None
+        writer.commit()
     elapsed = time.perf_counter() - started
     doc = {
         "stream": str(stream),
@@ -214,11 +236,4 @@ def rebuild(
         "memory_digest": end.memory_digest.hex(),
         "seconds": elapsed,
     }
-    if as_json:
-        emit_json(doc)
-        return
-    stdout.print(
-        f"rebuilt {human_bytes(writer.size)} ({end.pages:,} pages: {end.full:,} full, "
-        f"{end.zero:,} zero, {end.template:,} template) in {elapsed:.2f} s; memory digest "
-        f"verified; wrote {output}"
-    )
+    return doc

@@ -14,7 +14,7 @@ from tmdht.cli.progress import page_progress
 from tmdht import __version__
 from tmdht.catalog import TemplateCatalog
 from tmdht.images import open_image
-from tmdht.mining import ImageCoverage, MiningConfig, TemplateMiner
+from tmdht.mining import ImageCoverage, MiningConfig, MiningResult, TemplateMiner
 from tmdht.pages import PAGE_SIZE
 
 
@@ -51,24 +51,9 @@ def mine(
 ) -> None:
     """Count page contents across IMAGES and write the templates to a catalog."""
     config = MiningConfig(threshold, parse_size(memory_budget), spill_dir)
-    with contextlib.ExitStack() as stack:
-        opened = [stack.enter_context(open_image(p)) for p in images]  # all checked before work
-        total_pages = sum(i.page_count for i in opened)
-        miner = stack.enter_context(TemplateMiner(config, expected_pages=total_pages))
-        started = time.perf_counter()
-        with page_progress() as progress:
-            task = progress.add_task("mining", total=total_pages * PAGE_SIZE)
-            for image in opened:
-                progress.update(task, description=f"mining {image.name}")
-                miner.add_image(
-                    image.name,
-                    image.iter_pages(),
-                    lambda n: progress.advance(task, n * PAGE_SIZE),
-                )
-        result = miner.finish()
-        elapsed = time.perf_counter() - started
-    catalog = TemplateCatalog.from_mining(result, {"tool": f"tmdht {__version__}"})
+    catalog, result, elapsed = mine_files(images, config)
     catalog.save(output)
+    total_pages = result.totals.pages
     scanned = total_pages * PAGE_SIZE
     summary = {
         "catalog": str(output),
@@ -98,6 +83,30 @@ def mine(
         f"wrote {output} (catalog {catalog.catalog_id.hex()[:16]}, "
         f"{human_bytes(output.stat().st_size)})"
     )
+
+
+def mine_files(
+    images: tuple[Path, ...] | list[Path], config: MiningConfig
+) -> tuple[TemplateCatalog, MiningResult, float]:
+    """Mine a catalog from image files, with a progress bar; returns it, the result, seconds."""
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(open_image(p)) for p in images]  # all checked before work
+        total_pages = sum(i.page_count for i in opened)
+        miner = stack.enter_context(TemplateMiner(config, expected_pages=total_pages))
+        started = time.perf_counter()
+        with page_progress() as progress:
+            task = progress.add_task("mining", total=total_pages * PAGE_SIZE)
+            for image in opened:
+                progress.update(task, description=f"mining {image.name}")
+                miner.add_image(
+                    image.name,
+                    image.iter_pages(),
+                    lambda n: progress.advance(task, n * PAGE_SIZE),
+                )
+        result = miner.finish()
+        elapsed = time.perf_counter() - started
+    catalog = TemplateCatalog.from_mining(result, {"tool": f"tmdht {__version__}"})
+    return catalog, result, elapsed
 
 
 @templates.command()

@@ -98,7 +98,7 @@ DEFAULT_REPLAY_CAPACITY: Final = 1 << 17
 _OPEN_KEY_ID: Final = 0
 _ZERO_TAG: Final = bytes(TAG_SIZE)
 _U64_MAX: Final = (1 << 64) - 1
-_TAG_KEY_CONTEXT: Final = "tmdht 2024 data-plane datagram tag v1"
+_TAG_KEY_CONTEXT: Final = "tmdht 2024-06 data-plane datagram tag v1"
 
 
 class AuthenticationError(DecodeError):

@@ -1,0 +1,1001 @@
+"""The data-plane wire format: every datagram between clients and store nodes (sans-IO).
+
+This module owns the format: it turns messages into datagrams and datagrams into messages and
+does no IO. Time (for the auth timestamp) is a parameter. Requests are idempotent; a response that
+does not fit one datagram is split into *parts*, each self-contained, so a client that lost a
+part re-asks for exactly the digests it did not hear about.
+
+Datagram layout (big-endian; ``n`` is the body length)::
+
+    | offset | size | field       | meaning                                                     |
+    |--------|------|-------------|-------------------------------------------------------------|
+    | 0      | 1    | version     | 1                                                           |
+    | 1      | 1    | type        | :class:`MessageType`; decoded through a table               |
+    | 2      | 2    | flags       | reserved: 0 in version 1, anything else is refused          |
+    | 4      | 8    | request id  | u64 chosen by the requester, echoed by every response part  |
+    | 12     | 2    | part        | index of this part, 0..parts-1 (0 for requests)             |
+    | 14     | 2    | parts       | number of parts of the response, >= 1 (1 for requests)      |
+    | 16     | 4    | body length | n; must equal the bytes actually present                    |
+    | 20     | n    | body        | per type, below                                             |
+    | 20+n   | 1    | key id      | auth block, owned by :mod:`tmdht.auth`; 0 in open mode      |
+    | 21+n   | 1    | auth flags  | bit 0: open mode (unauthenticated)                          |
+    | 22+n   | 8    | timestamp   | sender wall clock, ms since the Unix epoch                  |
+    | 30+n   | 8    | nonce       | random per datagram (replay detection)                      |
+    | 38+n   | 16   | tag         | keyed BLAKE3 of bytes 0..38+n (all zero in open mode)       |
+
+Every datagram therefore carries 54 bytes of overhead (:data:`DATAGRAM_OVERHEAD`).
+
+Bodies (``u16`` counts; a digest is 32 bytes, a page 4096 bytes)::
+
+    | type                  | body                                                             |
+    |-----------------------|------------------------------------------------------------------|
+    | 1 GET_PAGES           | count u16 (>= 1), count x digest                                 |
+    | 2 PAGES               | pages u16, missing u16, pages x (digest, page), missing x digest |
+    | 3 PUT_PAGES           | count u16 (>= 1), count x (digest, page)                         |
+    | 4 PUT_RESULT          | count u16, count x (digest, status u8 :class:`PutStatus`)        |
+    | 5 HAS                 | count u16 (>= 1), count x digest                                 |
+    | 6 HAVE                | first u16, count u16, ceil(count/8) bytes bitmap                 |
+    | 7 NODE_INFO_REQUEST   | empty                                                            |
+    | 8 NODE_INFO           | node id 20s, data port u16, kademlia port u16, metrics port u16, |
+    |                       | flags u32, pages u64, bytes u64, capacity u64,                   |
+    |                       | host length u8, host (ASCII), version length u8, version (UTF-8) |
+    | 9 ERROR               | code u16 :class:`ErrorCode`, length u16, message (UTF-8)         |
+
+In a HAVE bitmap, entry ``i`` (the request's digest ``first + i``) is bit ``i % 8`` (least
+significant first) of byte ``i // 8``; unused bits of the last byte must be zero. Every encoding
+is canonical: a datagram that decodes re-encodes to the same payload.
+
+Limits: a datagram is at most ``max_datagram`` bytes, which callers choose between
+:data:`MIN_DATAGRAM` (one page with its digest always fits) and :data:`MAX_DATAGRAM` (65507, UDP
+over IPv4); :func:`max_digests_per_request` and :func:`max_pages_per_datagram` size batches.
+Every count is a u16 and must match the body length exactly; strings are capped
+(:data:`MAX_HOST_BYTES`, :data:`MAX_VERSION_BYTES`, :data:`MAX_ERROR_MESSAGE_BYTES`).
+
+Decoding verifies the auth block first (bad bytes are dropped before any state is created), then
+the header, then dispatches the body through a table. It raises only
+:class:`tmdht.errors.DecodeError` subclasses: :class:`MessageDecodeError` when an authentic
+datagram with a readable header has a bad body, carrying the request id and an
+:class:`ErrorCode` so a node can answer with :class:`Error`; plain DecodeError / LimitExceededError
+/ AuthenticationError / ReplayError otherwise (drop and count). Digests of received pages are not
+checked here: the receiver checks them (:func:`tmdht.pages.check_page`).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from itertools import chain
+from typing import Any, Final, NamedTuple, TypeAlias, TypeVar, cast
+
+from tmdht.auth import AUTH_OVERHEAD, Authenticator
+from tmdht.errors import DecodeError, LimitExceededError, UsageError
+from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ByteView, PageDigest
+
+__all__ = [
+    "DATAGRAM_OVERHEAD",
+    "HEADER_SIZE",
+    "MAX_DATAGRAM",
+    "MAX_ERROR_MESSAGE_BYTES",
+    "MAX_HOST_BYTES",
+    "MAX_VERSION_BYTES",
+    "MIN_DATAGRAM",
+    "NODE_ID_SIZE",
+    "PROTOCOL_VERSION",
+    "EncodeError",
+    "Error",
+    "ErrorCode",
+    "GetPages",
+    "Has",
+    "Have",
+    "InvalidMessageError",
+    "Message",
+    "MessageDecodeError",
+    "MessageTooLargeError",
+    "MessageType",
+    "NodeFlags",
+    "NodeInfo",
+    "NodeInfoRequest",
+    "Pages",
+    "PutPages",
+    "PutResult",
+    "PutStatus",
+    "Request",
+    "Response",
+    "check_max_datagram",
+    "decode",
+    "encode",
+    "encode_have_response",
+    "encode_pages_response",
+    "encode_put_response",
+    "max_digests_per_request",
+    "max_pages_per_datagram",
+]
+
+PROTOCOL_VERSION: Final = 1
+"""The version byte every datagram of this format starts with."""
+
+_HEADER: Final = struct.Struct(">BBHQHHI")
+HEADER_SIZE: Final = _HEADER.size
+"""Bytes of the fixed header (20)."""
+DATAGRAM_OVERHEAD: Final = HEADER_SIZE + AUTH_OVERHEAD
+"""Header plus auth block: bytes of every datagram that are not body (54)."""
+
+_U16: Final = struct.Struct(">H")
+_U16X2: Final = struct.Struct(">HH")
+_NODE_INFO: Final = struct.Struct(">20sHHHIQQQ")
+_ERROR_HEAD: Final = _U16X2
+
+_PAGE_ENTRY: Final = DIGEST_SIZE + PAGE_SIZE  # one (digest, page) pair in a body
+_RESULT_ENTRY: Final = DIGEST_SIZE + 1  # one (digest, status) pair in a body
+_U16_MAX: Final = 0xFFFF
+_U32_MAX: Final = 0xFFFF_FFFF
+_U64_MAX: Final = (1 << 64) - 1
+
+MIN_DATAGRAM: Final = DATAGRAM_OVERHEAD + _U16X2.size + _PAGE_ENTRY
+"""Smallest allowed ``max_datagram`` (4186): a PAGES datagram with one page fits."""
+MAX_DATAGRAM: Final = 65507
+"""Largest allowed ``max_datagram``: the largest UDP payload over IPv4."""
+NODE_ID_SIZE: Final = 20
+"""Bytes in a node id (the kademlia package's 160-bit id space)."""
+MAX_HOST_BYTES: Final = 253
+"""Longest host name (DNS limit) or address literal in NODE_INFO."""
+MAX_VERSION_BYTES: Final = 64
+"""Longest software version string in NODE_INFO, in UTF-8 bytes."""
+MAX_ERROR_MESSAGE_BYTES: Final = 512
+"""Longest ERROR message, in UTF-8 bytes (see :meth:`Error.capped`)."""
+
+
+class MessageType(IntEnum):
+    """The type byte of a datagram. Requests are odd, their responses the next even number."""
+
+    GET_PAGES = 1
+    PAGES = 2
+    PUT_PAGES = 3
+    PUT_RESULT = 4
+    HAS = 5
+    HAVE = 6
+    NODE_INFO_REQUEST = 7
+    NODE_INFO = 8
+    ERROR = 9
+
+
+class PutStatus(IntEnum):
+    """What a node did with one page of a PUT_PAGES request."""
+
+    STORED = 1
+    """Stored now."""
+    PRESENT = 2
+    """Was already stored (puts are idempotent)."""
+    REJECTED_DIGEST = 3
+    """The page's BLAKE3 digest is not the digest sent with it."""
+    REJECTED_FULL = 4
+    """The node is at capacity; nothing was stored."""
+    REJECTED_ZERO = 5
+    """The all-zero page is never stored (it travels as a ZERO record)."""
+
+
+class ErrorCode(IntEnum):
+    """Why a node answered a request with ERROR instead of its response."""
+
+    MALFORMED = 1
+    """The request decoded as far as its header but its body is invalid."""
+    TOO_LARGE = 2
+    """The request asks for more than this node serves in one request."""
+    UNKNOWN_TYPE = 3
+    """The message type is unknown or is not a request."""
+    OVERLOADED = 4
+    """The node sheds load; retry later or ask another replica."""
+    UNAVAILABLE = 5
+    """The node cannot serve now (starting, draining, storage failure); ask another replica."""
+    INTERNAL = 6
+    """A bug in the node; the message says more."""
+
+
+class NodeFlags(IntFlag):
+    """State bits in NODE_INFO. Unknown bits are kept, not refused: newer nodes may add some."""
+
+    DRAINING = 1
+    """The node is leaving: read from it while it lasts, write elsewhere."""
+
+
+_NO_FLAGS: Final = NodeFlags(0)
+
+
+class EncodeError(UsageError):
+    """The caller asked to build or encode something the format cannot carry."""
+
+
+class InvalidMessageError(EncodeError):
+    """A message field is out of range (raised by the message's constructor)."""
+
+
+class MessageTooLargeError(EncodeError):
+    """A message does not fit in one datagram of the configured size."""
+
+
+class MessageDecodeError(DecodeError):
+    """An authentic datagram with a readable header has an invalid type, part or body.
+
+    Unlike other DecodeErrors, the sender is known and authenticated: if ``message_type`` is a
+    request, a node may answer ``Error(request_id=..., code=...)``.
+    """
+
+    def __init__(self, reason: str, *, request_id: int, message_type: int, code: ErrorCode):
+        super().__init__(reason)
+        self.request_id = request_id
+        """The request id from the header."""
+        self.message_type = message_type
+        """The type byte from the header (possibly unknown)."""
+        self.code = code
+        """The code a node should answer a request with."""
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+
+def _check_request_id(request_id: int) -> None:
+    if not 0 <= request_id <= _U64_MAX:
+        raise InvalidMessageError(f"request id {request_id} is not a u64")
+
+
+def _check_part(part: int, parts: int) -> None:
+    if not 1 <= parts <= _U16_MAX or not 0 <= part < parts:
+        raise InvalidMessageError(f"part {part} of {parts} is not 0 <= part < parts <= 65535")
+
+
+def _check_count(count: int, what: str, *, at_least: int = 0) -> None:
+    if not at_least <= count <= _U16_MAX:
+        raise InvalidMessageError(f"{count} {what}: the format carries {at_least}..{_U16_MAX}")
+
+
+def _check_lengths(items: Sequence[bytes], size: int, what: str) -> None:
+    """Every item is ``size`` bytes (a C-speed check: one set over the lengths)."""
+    if items and set(map(len, items)) != {size}:
+        bad = next(len(item) for item in items if len(item) != size)
+        raise InvalidMessageError(f"a {what} is {size} bytes, got one of {bad}")
+
+
+def _check_text(text: str, limit: int, what: str, *, ascii_only: bool = False) -> None:
+    try:
+        raw = text.encode("ascii" if ascii_only else "utf-8")
+    except UnicodeEncodeError:
+        encoding = "ASCII" if ascii_only else "UTF-8"
+        raise InvalidMessageError(f"{what} {text!r} is not {encoding}") from None
+    if len(raw) > limit:
+        raise InvalidMessageError(f"{what} is {len(raw)} bytes, the limit is {limit}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GetPages:
+    """Request: send me these pages (or tell me which you do not have)."""
+
+    request_id: int
+    """u64 chosen by the requester; every part of the response echoes it."""
+    digests: tuple[PageDigest, ...]
+    """The digests wanted, 1..:func:`max_digests_per_request` of them."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        object.__setattr__(self, "digests", tuple(self.digests))
+        _check_count(len(self.digests), "digests", at_least=1)
+        _check_lengths(self.digests, DIGEST_SIZE, "digest")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pages:
+    """Response part to GET_PAGES: some pages found and some digests known missing."""
+
+    request_id: int
+    """The request's id."""
+    pages: tuple[tuple[PageDigest, bytes], ...]
+    """(digest, 4096-byte page) pairs in this part. The receiver verifies each digest."""
+    missing: tuple[PageDigest, ...] = ()
+    """Requested digests this node does not hold (reported in exactly one part)."""
+    part: int = 0
+    """Index of this part, 0..parts-1."""
+    parts: int = 1
+    """Number of parts of the response; a digest absent from every received part was lost."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_part(self.part, self.parts)
+        object.__setattr__(self, "pages", tuple(self.pages))
+        object.__setattr__(self, "missing", tuple(self.missing))
+        _check_count(len(self.pages), "pages")
+        _check_count(len(self.missing), "missing digests")
+        _check_lengths([digest for digest, _ in self.pages], DIGEST_SIZE, "digest")
+        _check_lengths([page for _, page in self.pages], PAGE_SIZE, "page")
+        _check_lengths(self.missing, DIGEST_SIZE, "digest")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutPages:
+    """Request: store these pages (idempotent)."""
+
+    request_id: int
+    """u64 chosen by the requester."""
+    pages: tuple[tuple[PageDigest, bytes], ...]
+    """(digest, 4096-byte page) pairs, 1..:func:`max_pages_per_datagram`. The node verifies."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        object.__setattr__(self, "pages", tuple(self.pages))
+        _check_count(len(self.pages), "pages", at_least=1)
+        _check_lengths([digest for digest, _ in self.pages], DIGEST_SIZE, "digest")
+        _check_lengths([page for _, page in self.pages], PAGE_SIZE, "page")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PutResult:
+    """Response part to PUT_PAGES: what happened to each page."""
+
+    request_id: int
+    """The request's id."""
+    results: tuple[tuple[PageDigest, PutStatus], ...]
+    """(digest, status) for the pages reported in this part."""
+    part: int = 0
+    """Index of this part, 0..parts-1."""
+    parts: int = 1
+    """Number of parts of the response."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_part(self.part, self.parts)
+        object.__setattr__(self, "results", tuple(self.results))
+        _check_count(len(self.results), "results")
+        _check_lengths([digest for digest, _ in self.results], DIGEST_SIZE, "digest")
+        for _, status in self.results:
+            if status not in _PUT_STATUS_BY_VALUE:
+                raise InvalidMessageError(f"unknown put status {status!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Has:
+    """Request: which of these pages do you hold? (no page data moves)"""
+
+    request_id: int
+    """u64 chosen by the requester."""
+    digests: tuple[PageDigest, ...]
+    """The digests asked about, 1..:func:`max_digests_per_request` of them."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        object.__setattr__(self, "digests", tuple(self.digests))
+        _check_count(len(self.digests), "digests", at_least=1)
+        _check_lengths(self.digests, DIGEST_SIZE, "digest")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Have:
+    """Response part to HAS: one flag per requested digest, aligned to the request."""
+
+    request_id: int
+    """The request's id."""
+    held: tuple[bool, ...]
+    """``held[i]`` is True if the node holds the request's digest number ``first + i``."""
+    first: int = 0
+    """Index in the request of the digest ``held[0]`` answers."""
+    part: int = 0
+    """Index of this part, 0..parts-1."""
+    parts: int = 1
+    """Number of parts of the response."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_part(self.part, self.parts)
+        object.__setattr__(self, "held", tuple(self.held))
+        if self.first < 0 or self.first + len(self.held) > _U16_MAX:
+            raise InvalidMessageError(
+                f"entries {self.first}..{self.first + len(self.held)} exceed a request's "
+                f"{_U16_MAX} digests"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeInfoRequest:
+    """Request: describe yourself (addresses, version, load)."""
+
+    request_id: int
+    """u64 chosen by the requester."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeInfo:
+    """Response to NODE_INFO_REQUEST (always one datagram)."""
+
+    request_id: int
+    """The request's id."""
+    node_id: bytes
+    """The node's 20-byte Kademlia id."""
+    data_address: tuple[str, int]
+    """(host, port) of the node's data plane; host is a name or address literal, ASCII."""
+    kademlia_port: int
+    """UDP port of the node's Kademlia (control plane) endpoint, 1..65535, same host."""
+    metrics_port: int
+    """TCP port of the Prometheus endpoint, 0 if not exposed."""
+    version: str
+    """Software version string, at most :data:`MAX_VERSION_BYTES` UTF-8 bytes."""
+    pages_stored: int
+    """Pages the node holds."""
+    bytes_stored: int
+    """Bytes the node's page store occupies."""
+    capacity_bytes: int
+    """Bytes the node may use for pages."""
+    flags: NodeFlags = _NO_FLAGS
+    """State bits (e.g. draining)."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        if len(self.node_id) != NODE_ID_SIZE:
+            raise InvalidMessageError(f"a node id is {NODE_ID_SIZE} bytes, got {len(self.node_id)}")
+        if len(self.data_address) != 2:
+            raise InvalidMessageError(f"a data address is (host, port), got {self.data_address!r}")
+        host, port = self.data_address
+        if not host:
+            raise InvalidMessageError("the data host is empty")
+        _check_text(host, MAX_HOST_BYTES, "data host", ascii_only=True)
+        for name, value, low in (
+            ("data port", port, 1),
+            ("kademlia port", self.kademlia_port, 1),
+            ("metrics port", self.metrics_port, 0),
+        ):
+            if not low <= value <= _U16_MAX:
+                raise InvalidMessageError(f"{name} {value} is not in {low}..{_U16_MAX}")
+        _check_text(self.version, MAX_VERSION_BYTES, "version")
+        for name, value in (
+            ("pages stored", self.pages_stored),
+            ("bytes stored", self.bytes_stored),
+            ("capacity bytes", self.capacity_bytes),
+        ):
+            if not 0 <= value <= _U64_MAX:
+                raise InvalidMessageError(f"{name} {value} is not a u64")
+        if not 0 <= self.flags <= _U32_MAX:
+            raise InvalidMessageError(f"node flags {self.flags} are not a u32")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Error:
+    """Response: the request was not served (always one datagram)."""
+
+    request_id: int
+    """The request's id."""
+    code: ErrorCode
+    """Why, for programs."""
+    message: str = ""
+    """Why, for people; at most :data:`MAX_ERROR_MESSAGE_BYTES` UTF-8 bytes."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        if self.code not in _ERROR_CODE_BY_VALUE:
+            raise InvalidMessageError(f"unknown error code {self.code!r}")
+        _check_text(self.message, MAX_ERROR_MESSAGE_BYTES, "error message")
+
+    @classmethod
+    def capped(cls, *, request_id: int, code: ErrorCode, message: str) -> Error:
+        """An Error whose message is cut (at a character boundary) to fit the limit."""
+        raw = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE_BYTES]
+        return cls(request_id=request_id, code=code, message=raw.decode("utf-8", "ignore"))
+
+
+Request: TypeAlias = GetPages | PutPages | Has | NodeInfoRequest
+"""A message a client sends to a node."""
+Response: TypeAlias = Pages | PutResult | Have | NodeInfo | Error
+"""A message a node sends back."""
+Message: TypeAlias = Request | Response
+"""Any data-plane message."""
+
+_PUT_STATUS_BY_VALUE: Final[dict[int, PutStatus]] = {int(s): s for s in PutStatus}
+_ERROR_CODE_BY_VALUE: Final[dict[int, ErrorCode]] = {int(c): c for c in ErrorCode}
+
+# --- encoding ------------------------------------------------------------------------------------
+
+_Body: TypeAlias = tuple[list[bytes], int]
+"""A body as chunks to join, and its length (computed, not summed: messages are valid)."""
+
+
+def _encode_digest_list(digests: tuple[PageDigest, ...]) -> _Body:
+    return [_U16.pack(len(digests)), *digests], _U16.size + len(digests) * DIGEST_SIZE
+
+
+def _encode_get_pages(msg: GetPages) -> _Body:
+    return _encode_digest_list(msg.digests)
+
+
+def _encode_has(msg: Has) -> _Body:
+    return _encode_digest_list(msg.digests)
+
+
+def _encode_pages(msg: Pages) -> _Body:
+    chunks = [_U16X2.pack(len(msg.pages), len(msg.missing))]
+    chunks += chain.from_iterable(msg.pages)
+    chunks += msg.missing
+    return chunks, _U16X2.size + len(msg.pages) * _PAGE_ENTRY + len(msg.missing) * DIGEST_SIZE
+
+
+def _encode_put_pages(msg: PutPages) -> _Body:
+    chunks = [_U16.pack(len(msg.pages))]
+    chunks += chain.from_iterable(msg.pages)
+    return chunks, _U16.size + len(msg.pages) * _PAGE_ENTRY
+
+
+def _encode_put_result(msg: PutResult) -> _Body:
+    chunks = [_U16.pack(len(msg.results))]
+    chunks += chain.from_iterable((digest, _STATUS_BYTE[status]) for digest, status in msg.results)
+    return chunks, _U16.size + len(msg.results) * _RESULT_ENTRY
+
+
+_BIT_CHARS: Final = bytes.maketrans(b"\x00\x01", b"01")
+
+
+def _encode_have(msg: Have) -> _Body:
+    count = len(msg.held)
+    size = (count + 7) // 8
+    if count:
+        # held[i] becomes bit i of a little-endian integer: bit i % 8 of byte i // 8. The flags
+        # become b"0"/b"1" digits, most significant first, parsed by int() in C.
+        try:
+            digits = bytes(msg.held)[::-1].translate(_BIT_CHARS)
+            bitmap = int(digits, 2).to_bytes(size, "little")
+        except ValueError:
+            raise InvalidMessageError("HAVE flags must be booleans") from None
+    else:
+        bitmap = b""
+    return [_U16X2.pack(msg.first, count), bitmap], _U16X2.size + size
+
+
+def _encode_node_info_request(msg: NodeInfoRequest) -> _Body:
+    return [], 0
+
+
+def _encode_node_info(msg: NodeInfo) -> _Body:
+    host, data_port = msg.data_address
+    raw_host = host.encode("ascii")
+    raw_version = msg.version.encode("utf-8")
+    fixed = _NODE_INFO.pack(
+        msg.node_id,
+        data_port,
+        msg.kademlia_port,
+        msg.metrics_port,
+        msg.flags,
+        msg.pages_stored,
+        msg.bytes_stored,
+        msg.capacity_bytes,
+    )
+    chunks = [fixed, bytes((len(raw_host),)), raw_host, bytes((len(raw_version),)), raw_version]
+    return chunks, _NODE_INFO.size + 2 + len(raw_host) + len(raw_version)
+
+
+def _encode_error(msg: Error) -> _Body:
+    raw = msg.message.encode("utf-8")
+    return [_ERROR_HEAD.pack(msg.code, len(raw)), raw], _ERROR_HEAD.size + len(raw)
+
+
+_STATUS_BYTE: Final[dict[int, bytes]] = {int(s): bytes((s,)) for s in PutStatus}
+
+# Message class -> (type byte, body encoder). Typed loosely: each encoder takes its own class.
+_ENCODERS: Final[dict[type, tuple[MessageType, Callable[[Any], _Body]]]] = {
+    GetPages: (MessageType.GET_PAGES, _encode_get_pages),
+    Pages: (MessageType.PAGES, _encode_pages),
+    PutPages: (MessageType.PUT_PAGES, _encode_put_pages),
+    PutResult: (MessageType.PUT_RESULT, _encode_put_result),
+    Has: (MessageType.HAS, _encode_has),
+    Have: (MessageType.HAVE, _encode_have),
+    NodeInfoRequest: (MessageType.NODE_INFO_REQUEST, _encode_node_info_request),
+    NodeInfo: (MessageType.NODE_INFO, _encode_node_info),
+    Error: (MessageType.ERROR, _encode_error),
+}
+
+
+def check_max_datagram(max_datagram: int) -> None:
+    """Raise UsageError unless ``MIN_DATAGRAM <= max_datagram <= MAX_DATAGRAM``."""
+    if not MIN_DATAGRAM <= max_datagram <= MAX_DATAGRAM:
+        raise UsageError(
+            f"max_datagram must be in {MIN_DATAGRAM}..{MAX_DATAGRAM} (one page must fit), "
+            f"got {max_datagram}"
+        )
+
+
+def encode(msg: Message, *, max_datagram: int, auth: Authenticator, now: float) -> bytes:
+    """Encode one message as one sealed datagram of at most ``max_datagram`` bytes.
+
+    ``now`` is wall-clock seconds (the auth timestamp). Raises MessageTooLargeError if it does
+    not fit (use the ``encode_*_response`` helpers to split responses), UsageError on bad
+    arguments.
+    """
+    check_max_datagram(max_datagram)
+    entry = _ENCODERS.get(type(msg))
+    if entry is None:
+        raise EncodeError(f"not a wire message: {type(msg).__name__}")
+    message_type, encode_body = entry
+    chunks, body_length = encode_body(msg)
+    size = DATAGRAM_OVERHEAD + body_length
+    if size > max_datagram:
+        raise MessageTooLargeError(
+            f"{message_type.name} of {size} bytes exceeds max_datagram {max_datagram}"
+        )
+    part, parts = (msg.part, msg.parts) if isinstance(msg, Pages | PutResult | Have) else (0, 1)
+    header = _HEADER.pack(
+        PROTOCOL_VERSION, message_type, 0, msg.request_id, part, parts, body_length
+    )
+    return auth.seal(b"".join([header, *chunks]), now)
+
+
+def max_digests_per_request(max_datagram: int) -> int:
+    """Most digests one GET_PAGES or HAS datagram carries (2045 at 65507 bytes)."""
+    check_max_datagram(max_datagram)
+    return min(_U16_MAX, (max_datagram - DATAGRAM_OVERHEAD - _U16.size) // DIGEST_SIZE)
+
+
+def max_pages_per_datagram(max_datagram: int) -> int:
+    """Most pages one PUT_PAGES or PAGES datagram carries (15 at 65507 bytes, 1 at minimum)."""
+    check_max_datagram(max_datagram)
+    return (max_datagram - DATAGRAM_OVERHEAD - _U16X2.size) // _PAGE_ENTRY
+
+
+def _check_response_parts(parts: int, what: str) -> None:
+    if parts > _U16_MAX:
+        raise MessageTooLargeError(f"{what} needs {parts} parts, the format carries {_U16_MAX}")
+
+
+def encode_pages_response(
+    request_id: int,
+    pages: Sequence[tuple[PageDigest, bytes]],
+    missing: Sequence[PageDigest],
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+) -> list[bytes]:
+    """Encode a GET_PAGES answer as few PAGES datagrams as possible, each self-contained.
+
+    Pages fill the parts first; missing digests fill the room left in the last page part, then
+    parts of their own. Order is kept; every page and missing digest appears in exactly one part.
+    An empty answer is one empty part.
+    """
+    check_max_datagram(max_datagram)
+    budget = max_datagram - DATAGRAM_OVERHEAD - _U16X2.size
+    pages_per_part = budget // _PAGE_ENTRY
+    plan: list[tuple[int, int, int, int]] = []
+    page_at = missing_at = 0
+    while True:
+        page_end = min(len(pages), page_at + pages_per_part)
+        room = budget - (page_end - page_at) * _PAGE_ENTRY
+        missing_end = min(len(missing), missing_at + room // DIGEST_SIZE)
+        plan.append((page_at, page_end, missing_at, missing_end))
+        page_at, missing_at = page_end, missing_end
+        if page_at == len(pages) and missing_at == len(missing):
+            break
+    _check_response_parts(len(plan), "PAGES response")
+    return [
+        encode(
+            Pages(
+                request_id=request_id,
+                pages=tuple(pages[p0:p1]),
+                missing=tuple(missing[m0:m1]),
+                part=index,
+                parts=len(plan),
+            ),
+            max_datagram=max_datagram,
+            auth=auth,
+            now=now,
+        )
+        for index, (p0, p1, m0, m1) in enumerate(plan)
+    ]
+
+
+def encode_put_response(
+    request_id: int,
+    results: Sequence[tuple[PageDigest, PutStatus]],
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+) -> list[bytes]:
+    """Encode a PUT_PAGES answer as PUT_RESULT datagrams (one in practice), order kept."""
+    check_max_datagram(max_datagram)
+    per_part = (max_datagram - DATAGRAM_OVERHEAD - _U16.size) // _RESULT_ENTRY
+    starts = range(0, max(len(results), 1), per_part)
+    _check_response_parts(len(starts), "PUT_RESULT response")
+    return [
+        encode(
+            PutResult(
+                request_id=request_id,
+                results=tuple(results[start : start + per_part]),
+                part=index,
+                parts=len(starts),
+            ),
+            max_datagram=max_datagram,
+            auth=auth,
+            now=now,
+        )
+        for index, start in enumerate(starts)
+    ]
+
+
+def encode_have_response(
+    request_id: int,
+    held: Sequence[bool],
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+) -> list[bytes]:
+    """Encode a HAS answer as HAVE datagrams, ``held`` aligned to the request's digests.
+
+    A bitmap is 256 times smaller than the digests it answers, so a request that fitted a
+    datagram is always answered in one; parts exist for symmetry and larger inputs.
+    """
+    check_max_datagram(max_datagram)
+    per_part = (max_datagram - DATAGRAM_OVERHEAD - _U16X2.size) * 8
+    starts = range(0, max(len(held), 1), per_part)
+    _check_response_parts(len(starts), "HAVE response")
+    return [
+        encode(
+            Have(
+                request_id=request_id,
+                held=tuple(held[start : start + per_part]),
+                first=start,
+                part=index,
+                parts=len(starts),
+            ),
+            max_datagram=max_datagram,
+            auth=auth,
+            now=now,
+        )
+        for index, start in enumerate(starts)
+    ]
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+
+class _BodyError(Exception):
+    """Internal: a body is malformed. decode() turns it into MessageDecodeError."""
+
+    def __init__(self, reason: str, code: ErrorCode = ErrorCode.MALFORMED) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class _Head(NamedTuple):
+    """Header fields a body decoder needs."""
+
+    request_id: int
+    part: int
+    parts: int
+
+
+# A body decoder gets (datagram, body start, body end, header fields).
+_BodyDecoder: TypeAlias = Callable[[bytes, int, int, _Head], Message]
+
+
+def _read_counts(data: bytes, start: int, end: int, counts: struct.Struct) -> tuple[Any, ...]:
+    if end - start < counts.size:
+        raise _BodyError(f"body of {end - start} bytes is too short for its counts")
+    return counts.unpack_from(data, start)
+
+
+def _expect_length(actual: int, expected: int) -> None:
+    if actual != expected:
+        raise _BodyError(f"body is {actual} bytes, its counts need {expected}")
+
+
+# Slicing bytes costs ~100 ns per object; one precompiled Struct unpacks a run of digests (or
+# page pairs) in C at a fraction of that. Runs of 64 digests, plus a tail Struct per remainder.
+_DIGEST_RUN_LENGTH: Final = 64
+_DIGEST_RUN: Final = struct.Struct(f"{DIGEST_SIZE}s" * _DIGEST_RUN_LENGTH)
+_DIGEST_TAILS: Final = tuple(
+    struct.Struct(f"{DIGEST_SIZE}s" * count) for count in range(_DIGEST_RUN_LENGTH)
+)
+_PAGE_PAIR: Final = struct.Struct(f"{DIGEST_SIZE}s{PAGE_SIZE}s")
+
+_M = TypeVar("_M", GetPages, Has, Pages, PutPages)
+
+
+def _unchecked(cls: type[_M], **fields: object) -> _M:
+    """Build a hot-path message without ``__post_init__``.
+
+    Only for values the decoder already proved valid (digest and page lengths come from the
+    Struct formats, counts from u16 fields, parts from decode()); the tests check that every
+    decoded message passes its own validation.
+    """
+    msg = object.__new__(cls)
+    for name, value in fields.items():
+        object.__setattr__(msg, name, value)
+    return msg
+
+
+def _split_digests(data: bytes, start: int, count: int) -> tuple[PageDigest, ...]:
+    """``count`` consecutive digests from ``data[start:]`` (length already checked)."""
+    runs, tail = divmod(count, _DIGEST_RUN_LENGTH)
+    tail_at = start + runs * _DIGEST_RUN.size
+    digests = list(chain.from_iterable(_DIGEST_RUN.iter_unpack(memoryview(data)[start:tail_at])))
+    digests += _DIGEST_TAILS[tail].unpack_from(data, tail_at)
+    return tuple(digests)
+
+
+def _split_page_pairs(data: bytes, start: int, end: int) -> tuple[tuple[PageDigest, bytes], ...]:
+    """Consecutive (digest, page) pairs filling ``data[start:end]`` (length already checked)."""
+    return tuple(_PAGE_PAIR.iter_unpack(memoryview(data)[start:end]))
+
+
+def _read_digest_list(data: bytes, start: int, end: int) -> tuple[PageDigest, ...]:
+    (count,) = _read_counts(data, start, end, _U16)
+    start += _U16.size
+    _expect_length(end - start, count * DIGEST_SIZE)
+    if not count:
+        raise _BodyError("a request names at least one digest")
+    return _split_digests(data, start, count)
+
+
+def _decode_get_pages(data: bytes, start: int, end: int, head: _Head) -> Message:
+    digests = _read_digest_list(data, start, end)
+    return _unchecked(GetPages, request_id=head.request_id, digests=digests)
+
+
+def _decode_has(data: bytes, start: int, end: int, head: _Head) -> Message:
+    return _unchecked(Has, request_id=head.request_id, digests=_read_digest_list(data, start, end))
+
+
+def _decode_pages(data: bytes, start: int, end: int, head: _Head) -> Message:
+    n_pages, n_missing = _read_counts(data, start, end, _U16X2)
+    start += _U16X2.size
+    _expect_length(end - start, n_pages * _PAGE_ENTRY + n_missing * DIGEST_SIZE)
+    pages_end = start + n_pages * _PAGE_ENTRY
+    return _unchecked(
+        Pages,
+        request_id=head.request_id,
+        pages=_split_page_pairs(data, start, pages_end),
+        missing=_split_digests(data, pages_end, n_missing),
+        part=head.part,
+        parts=head.parts,
+    )
+
+
+def _decode_put_pages(data: bytes, start: int, end: int, head: _Head) -> Message:
+    (count,) = _read_counts(data, start, end, _U16)
+    start += _U16.size
+    _expect_length(end - start, count * _PAGE_ENTRY)
+    if not count:
+        raise _BodyError("PUT_PAGES carries at least one page")
+    pages = _split_page_pairs(data, start, end)
+    return _unchecked(PutPages, request_id=head.request_id, pages=pages)
+
+
+def _decode_put_result(data: bytes, start: int, end: int, head: _Head) -> Message:
+    (count,) = _read_counts(data, start, end, _U16)
+    start += _U16.size
+    _expect_length(end - start, count * _RESULT_ENTRY)
+    results = []
+    for at in range(start, end, _RESULT_ENTRY):
+        status = _PUT_STATUS_BY_VALUE.get(data[at + DIGEST_SIZE])
+        if status is None:
+            raise _BodyError(f"unknown put status {data[at + DIGEST_SIZE]}")
+        results.append((cast(PageDigest, data[at : at + DIGEST_SIZE]), status))
+    return PutResult(
+        request_id=head.request_id, results=tuple(results), part=head.part, parts=head.parts
+    )
+
+
+# Byte value -> its 8 bits as bools, least significant first.
+_BITS: Final = tuple(tuple(bool(value >> bit & 1) for bit in range(8)) for value in range(256))
+
+
+def _decode_have(data: bytes, start: int, end: int, head: _Head) -> Message:
+    first, count = _read_counts(data, start, end, _U16X2)
+    start += _U16X2.size
+    _expect_length(end - start, (count + 7) // 8)
+    if count % 8 and data[end - 1] >> (count % 8):
+        raise _BodyError("unused bits of a HAVE bitmap are not zero")
+    held = tuple(chain.from_iterable([_BITS[value] for value in data[start:end]]))
+    return Have(
+        request_id=head.request_id, held=held[:count], first=first, part=head.part, parts=head.parts
+    )
+
+
+def _decode_node_info_request(data: bytes, start: int, end: int, head: _Head) -> Message:
+    _expect_length(end - start, 0)
+    return NodeInfoRequest(request_id=head.request_id)
+
+
+def _read_short_string(data: bytes, at: int, end: int) -> tuple[bytes, int]:
+    """A u8 length then that many bytes; returns (bytes, offset after)."""
+    if at >= end:
+        raise _BodyError("body ends before a string length")
+    length = data[at]
+    at += 1
+    if end - at < length:
+        raise _BodyError(f"string of {length} bytes runs past the body")
+    return data[at : at + length], at + length
+
+
+def _decode_node_info(data: bytes, start: int, end: int, head: _Head) -> Message:
+    (node_id, data_port, kademlia_port, metrics_port, flags, pages, size, capacity) = _read_counts(
+        data, start, end, _NODE_INFO
+    )
+    raw_host, at = _read_short_string(data, start + _NODE_INFO.size, end)
+    raw_version, at = _read_short_string(data, at, end)
+    _expect_length(end - start, at - start)
+    return NodeInfo(
+        request_id=head.request_id,
+        node_id=node_id,
+        data_address=(raw_host.decode("ascii"), data_port),
+        kademlia_port=kademlia_port,
+        metrics_port=metrics_port,
+        version=raw_version.decode("utf-8"),
+        pages_stored=pages,
+        bytes_stored=size,
+        capacity_bytes=capacity,
+        flags=NodeFlags(flags),
+    )
+
+
+def _decode_error(data: bytes, start: int, end: int, head: _Head) -> Message:
+    code_value, length = _read_counts(data, start, end, _ERROR_HEAD)
+    start += _ERROR_HEAD.size
+    _expect_length(end - start, length)
+    code = _ERROR_CODE_BY_VALUE.get(code_value)
+    if code is None:
+        raise _BodyError(f"unknown error code {code_value}")
+    return Error(request_id=head.request_id, code=code, message=data[start:end].decode("utf-8"))
+
+
+# Type byte -> (body decoder, single datagram: part must be 0 of 1).
+_DECODERS: Final[dict[int, tuple[_BodyDecoder, bool]]] = {
+    MessageType.GET_PAGES: (_decode_get_pages, True),
+    MessageType.PAGES: (_decode_pages, False),
+    MessageType.PUT_PAGES: (_decode_put_pages, True),
+    MessageType.PUT_RESULT: (_decode_put_result, False),
+    MessageType.HAS: (_decode_has, True),
+    MessageType.HAVE: (_decode_have, False),
+    MessageType.NODE_INFO_REQUEST: (_decode_node_info_request, True),
+    MessageType.NODE_INFO: (_decode_node_info, True),
+    MessageType.ERROR: (_decode_error, True),
+}
+
+
+def decode(data: ByteView, *, max_datagram: int, auth: Authenticator, now: float) -> Message:
+    """Verify and decode one datagram. Raises only DecodeError subclasses on bad bytes.
+
+    ``now`` is wall-clock seconds (checked against the datagram's timestamp when the
+    authenticator has a replay window). Order: size limit, authentication (no state is created
+    for unauthentic bytes), header, body. ``max_datagram`` out of range is a UsageError.
+    """
+    check_max_datagram(max_datagram)
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    size = len(data)
+    if size > max_datagram:
+        raise LimitExceededError(f"datagram of {size} bytes exceeds max_datagram {max_datagram}")
+    if size < DATAGRAM_OVERHEAD:
+        raise DecodeError(
+            f"datagram of {size} bytes is shorter than the {DATAGRAM_OVERHEAD}-byte minimum"
+        )
+    end = len(auth.open(data, now))
+    version, message_type, flags, request_id, part, parts, body_length = _HEADER.unpack_from(
+        data, 0
+    )
+    if version != PROTOCOL_VERSION:
+        raise DecodeError(f"wire version {version}, this node speaks {PROTOCOL_VERSION}")
+    try:
+        if body_length != end - HEADER_SIZE:
+            raise _BodyError(f"body length {body_length} but {end - HEADER_SIZE} bytes present")
+        if flags:
+            raise _BodyError(f"reserved header flags 0x{flags:04x} are set")
+        entry = _DECODERS.get(message_type)
+        if entry is None:
+            raise _BodyError(f"unknown message type {message_type}", ErrorCode.UNKNOWN_TYPE)
+        decode_body, single = entry
+        if part >= parts or (single and parts != 1):
+            raise _BodyError(f"part {part} of {parts} is not valid for this message type")
+        return decode_body(data, HEADER_SIZE, end, _Head(request_id, part, parts))
+    except _BodyError as exc:
+        reason, code = str(exc), exc.code
+    except (InvalidMessageError, ValueError) as exc:  # a field out of range, bad text
+        reason, code = f"invalid message: {exc}", ErrorCode.MALFORMED
+    raise MessageDecodeError(reason, request_id=request_id, message_type=message_type, code=code)

@@ -12,7 +12,8 @@ busybox and the lab's ``/init``, talks QMP to it and reads its serial console.
 Host requirements: the Debian packages in :data:`APT_PACKAGES`.
 """
 
-from tmdht.lab.capture import GuestCapture, capture_guests, default_specs, load_capture
+from typing import TYPE_CHECKING, Any
+
 from tmdht.lab.console import SerialConsole
 from tmdht.lab.errors import (
     CaptureError,
@@ -35,6 +36,21 @@ from tmdht.lab.guest import (
 from tmdht.lab.host import APT_PACKAGES, HostTools, find_kernel
 from tmdht.lab.initramfs import WORKLOADS, build_initramfs, ensure_initramfs, init_script
 from tmdht.lab.qmp import QmpClient, QmpEvent
+
+if TYPE_CHECKING:
+    from tmdht.lab.capture import GuestCapture, capture_guests, default_specs, load_capture
+
+_LAZY_FROM_CAPTURE = frozenset({"GuestCapture", "capture_guests", "default_specs", "load_capture"})
+
+
+def __getattr__(name: str) -> Any:
+    """Import :mod:`tmdht.lab.capture` on first use, so ``python -m tmdht.lab.capture`` runs it
+    without importing it twice."""
+    if name in _LAZY_FROM_CAPTURE:
+        from tmdht.lab import capture  # noqa: PLC0415
+
+        return getattr(capture, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "APT_PACKAGES",

@@ -30,6 +30,7 @@ from tmdht.lab.errors import (
     GuestError,
     GuestTimeoutError,
     MigrationError,
+    QmpError,
     QmpTimeoutError,
     UsageError,
 )
@@ -261,9 +262,12 @@ class Guest:
             tools = self._tools if self._tools is not None else HostTools.discover()
             self._workdir = Path(tempfile.mkdtemp(prefix=f"tmdht-{self.spec.name}-",
                                                   dir=self._tmp_root))
-            initramfs = self._initramfs
-            if initramfs is None:
+            if self._initramfs is not None:
+                initramfs = self._initramfs.resolve()  # QEMU runs in the private directory
+            else:
                 initramfs = ensure_initramfs(self._workdir, tools.busybox, tools.cpio)
+            if not initramfs.is_file():
+                raise UsageError(f"initramfs {initramfs} does not exist")
             serial_path = self._workdir / "serial.sock"
             qmp_path = self._workdir / "qmp.sock"
             self.command = qemu_command(self.spec, tools, initramfs, serial_socket=serial_path,
@@ -280,12 +284,24 @@ class Guest:
                 qmp_sock = self._accept(qmp_listener, deadline, "QMP monitor")
             serial_path.unlink(missing_ok=True)
             qmp_path.unlink(missing_ok=True)
-            self._qmp = QmpClient(qmp_sock, timeout=max(deadline - time.monotonic(), 1.0))
-            self.set_migration_capabilities(events=True)
+            try:
+                self._qmp = QmpClient(qmp_sock, timeout=max(deadline - time.monotonic(), 1.0))
+                self.set_migration_capabilities(events=True)
+            except QmpError as exc:
+                raise self._startup_failure(exc) from exc
         except BaseException:
             self.close()
             raise
         return self
+
+    def _startup_failure(self, exc: QmpError) -> GuestError:
+        """Explain a QMP failure while starting: usually QEMU exited (bad option or file)."""
+        try:
+            self._process().wait(timeout=_ACCEPT_SLICE_S)
+        except subprocess.TimeoutExpired:
+            return GuestError(f"QEMU of guest {self.spec.name} started but QMP failed: {exc}")
+        return GuestError(f"QEMU of guest {self.spec.name} exited while starting ({exc}):\n"
+                          f"{self.describe_failure()}")
 
     def _accept(self, listener: socket.socket, deadline: float, what: str) -> socket.socket:
         """Accept QEMU's connection, failing fast if QEMU exits instead."""
@@ -477,6 +493,19 @@ class Guest:
         """
         self.qmp.take_events("MIGRATION")
         self.qmp.execute("migrate-incoming", uri=uri)
+
+    def incoming_addresses(self) -> list[dict[str, Any]]:
+        """Where a destination listens (``query-migrate`` ``socket-address``), e.g.
+        ``[{"type": "inet", "host": "127.0.0.1", "port": "43643"}]`` after
+        ``migrate_incoming("tcp:127.0.0.1:0")``: the way to learn a port-0 listener's port."""
+        return [dict(address) for address in self.query_migrate().get("socket-address", [])]
+
+    def incoming_tcp_port(self) -> int:
+        """The TCP port a destination listens on (see :meth:`incoming_addresses`)."""
+        for address in self.incoming_addresses():
+            if address.get("type") == "inet":
+                return int(address["port"])
+        raise GuestError(f"guest {self.spec.name} is not listening on TCP for a migration")
 
     def wait_migration(self, timeout: float) -> MigrationStats:
         """Wait until the migration (outgoing, or incoming on a destination) completes.

@@ -17,6 +17,8 @@ from tmdht.errors import TmdhtError, UsageError
 
 stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
+if not stdout.is_terminal:
+    stdout.width = 120  # logs and pipes: don't squeeze tables into 80 columns
 
 
 class InputError(click.ClickException):
@@ -75,8 +77,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from tmdht.cli import codec, image, templates  # noqa: PLC0415 - subcommands register here
+    from tmdht.cli import codec, demo, image, templates  # noqa: PLC0415 - subcommands register here
 
+    cli.add_command(demo.demo)
     cli.add_command(templates.templates)
     cli.add_command(image.image)
     cli.add_command(codec.encode)

@@ -282,13 +282,13 @@ class Guest:
                 self._console = SerialConsole(
                     self._accept(serial_listener, deadline, "serial console"))
                 qmp_sock = self._accept(qmp_listener, deadline, "QMP monitor")
-            serial_path.unlink(missing_ok=True)
-            qmp_path.unlink(missing_ok=True)
             try:
                 self._qmp = QmpClient(qmp_sock, timeout=max(deadline - time.monotonic(), 1.0))
                 self.set_migration_capabilities(events=True)
             except QmpError as exc:
                 raise self._startup_failure(exc) from exc
+            serial_path.unlink(missing_ok=True)
+            qmp_path.unlink(missing_ok=True)
         except BaseException:
             self.close()
             raise
@@ -413,7 +413,8 @@ class Guest:
         """The last ``tmdht-counter`` value printed (reads what has already arrived)."""
         console = self.console
         console.pump(0.0)
-        return console.counter
+        value: int | None = console.counter
+        return value
 
     def wait_counter(self, min_value: int, timeout: float) -> int:
         """Wait until the guest printed a counter >= ``min_value``; return the value seen.
@@ -425,8 +426,9 @@ class Guest:
         deadline = time.monotonic() + timeout
         for _slice in range(_MAX_WAIT_ITERATIONS):
             console.pump(0.0)
-            if console.counter is not None and console.counter >= min_value:
-                return console.counter
+            seen: int | None = console.counter
+            if seen is not None and seen >= min_value:
+                return seen
             if console.error_line is not None:
                 raise GuestError(f"guest {self.spec.name} failed: {console.error_line}\n"
                                  f"{self.describe_failure()}")

@@ -36,10 +36,12 @@ def lab_tools() -> HostTools:
 @pytest.fixture(scope="session")
 def lab_initramfs(build_dir: Path, lab_tools: HostTools) -> Path:
     """The guests' initramfs, cached under ``build/lab/``."""
-    return ensure_initramfs(build_dir / "lab", lab_tools.busybox, lab_tools.cpio)
+    path: Path = ensure_initramfs(build_dir / "lab", lab_tools.busybox, lab_tools.cpio)
+    return path
 
 
 @pytest.fixture(scope="session")
 def guest_captures(build_dir: Path, lab_tools: HostTools) -> list[GuestCapture]:
     """Captures (migration stream + raw dump) of :func:`tmdht.lab.default_specs`, cached."""
-    return capture_guests(build_dir, default_specs(), tools=lab_tools)
+    captures: list[GuestCapture] = capture_guests(build_dir, default_specs(), tools=lab_tools)
+    return captures

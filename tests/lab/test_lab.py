@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pytest
 from tmdht.lab import (
@@ -84,10 +85,10 @@ def test_guest_spec_builds_the_kernel_command_line() -> None:
     {"name": "has space"}, {"name": ""}, {"workload": "bitcoin"}, {"seed": -1},
     {"seed": True}, {"memory_mib": 16}, {"kaslr": "yes"},
 ])
-def test_guest_spec_rejects_bad_values(changes: dict[str, object]) -> None:
-    arguments: dict[str, object] = {"name": "ok", "workload": "idle", "seed": 1, **changes}
+def test_guest_spec_rejects_bad_values(changes: dict[str, Any]) -> None:
+    arguments: dict[str, Any] = {"name": "ok", "workload": "idle", "seed": 1, **changes}
     with pytest.raises(UsageError):
-        GuestSpec(**arguments)  # type: ignore[arg-type]
+        GuestSpec(**arguments)
 
 
 def test_missing_kernel_names_the_apt_packages(tmp_path: Path) -> None:
@@ -374,3 +375,16 @@ def test_stream_and_dump_show_the_same_memory(guest_captures: list[GuestCapture]
                      in enumerate(zip(stream.iter_pages(), dump.iter_pages(), strict=False))
                      if ours != theirs}
     assert differing <= set(vga_window)
+
+
+def test_partial_captures_of_dead_processes_are_removed(tmp_path: Path,
+                                                        lab_tools: HostTools) -> None:
+    guests = tmp_path / "guests"
+    dead = guests / ".partial-idle-1-0123456789abcdef-999999999-x1y2"  # beyond any pid_max
+    ours = guests / f".partial-idle-1-0123456789abcdef-{os.getpid()}-x1y2"
+    for directory in (dead, ours):
+        directory.mkdir(parents=True)
+        (directory / "stream.bin").write_bytes(b"QEVM")
+    assert capture_guests(tmp_path, [], tools=lab_tools) == []
+    assert not dead.exists()
+    assert ours.exists()

@@ -1,0 +1,305 @@
+"""The node's data plane: GET_PAGES, PUT_PAGES, HAS and NODE_INFO over UDP.
+
+An asyncio datagram protocol around :mod:`tmdht.wire`. Every datagram is authenticated and
+decoded before anything else happens; bad ones are dropped and counted by reason. Reads (GET,
+HAS) are served inline: LMDB reads take microseconds. Writes go to one writer thread with *group
+commit*: PUTs that arrive while a commit is running are stored together in the next transaction,
+so many small PUTs share one fsync. A PUT is answered only after its pages are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from tmdht import wire
+from tmdht.auth import AuthenticationError, Authenticator, ReplayError
+from tmdht.client.dataplane import Address, tune_socket_buffers
+from tmdht.errors import DecodeError, LimitExceededError, TmdhtError
+from tmdht.node.metrics import NodeMetrics
+from tmdht.node.storage import PageStore, PutResult
+from tmdht.pages import ZERO_DIGEST, PageDigest
+
+__all__ = ["DataPlaneServer"]
+
+log = logging.getLogger("tmdht.node.dataplane")
+
+_STATUS = {
+    PutResult.STORED: wire.PutStatus.STORED,
+    PutResult.PRESENT: wire.PutStatus.PRESENT,
+    PutResult.REJECTED_DIGEST: wire.PutStatus.REJECTED_DIGEST,
+    PutResult.REJECTED_FULL: wire.PutStatus.REJECTED_FULL,
+}
+_TYPE_LABEL = {
+    wire.GetPages: "get_pages",
+    wire.PutPages: "put_pages",
+    wire.Has: "has",
+    wire.NodeInfoRequest: "node_info",
+}
+MAX_GROUP_PAGES = 4096
+"""Pages one group commit takes at most (bounds a transaction's size and the wait for it)."""
+
+
+@dataclass
+class _PendingPut:
+    request: wire.PutPages
+    address: Address
+    arrived: float
+
+
+def _drop_reason(exc: DecodeError) -> str:
+    if isinstance(exc, ReplayError):
+        return "replay"
+    if isinstance(exc, AuthenticationError):
+        return "auth"
+    if isinstance(exc, LimitExceededError):
+        return "oversize"
+    return "malformed"
+
+
+class DataPlaneServer(asyncio.DatagramProtocol):
+    """Serves one node's page store. Create with :meth:`start`."""
+
+    def __init__(
+        self,
+        *,
+        store: PageStore,
+        auth: Authenticator,
+        max_datagram: int,
+        metrics: NodeMetrics,
+        node_info: Callable[[int], wire.NodeInfo],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.auth = auth
+        self.max_datagram = max_datagram
+        self.metrics = metrics
+        self.node_info = node_info
+        self.clock = clock
+        self.buffers = (0, 0)
+        self._transport: asyncio.DatagramTransport | None = None
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tmdht-writer")
+        self._queue: collections.deque[_PendingPut] = collections.deque()
+        self._commit: asyncio.Future[Any] | None = None
+        self._accepting = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @classmethod
+    async def start(cls, host: str, port: int, **kw: Any) -> DataPlaneServer:
+        """Bind ``host:port`` (0: any free port) and serve."""
+        server = cls(**kw)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((host, port))
+            server.buffers = tune_socket_buffers(sock)
+            sock.setblocking(False)
+            await loop.create_datagram_endpoint(lambda: server, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        server._accepting = True
+        return server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # 3.11's selector datagram transport does not subclass DatagramTransport: cast, not check.
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    @property
+    def address(self) -> Address:
+        """The bound address."""
+        if self._transport is None:
+            raise TmdhtError("data plane is not running")
+        host, port = self._transport.get_extra_info("sockname")[:2]
+        return host, port
+
+    async def drain(self, timeout: float) -> None:
+        """Stop taking requests; wait (bounded) until queued writes are committed and answered."""
+        self._accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.warning("data plane: writes still pending after %.1f s of draining", timeout)
+
+    def close(self) -> None:
+        """Close the socket and the writer thread (after :meth:`drain`)."""
+        self._accepting = False
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        self._writer.shutdown(wait=True, cancel_futures=True)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        address: Address = (addr[0], addr[1])
+        if not self._accepting:
+            return
+        arrived = time.perf_counter()
+        try:
+            message = wire.decode(
+                data, max_datagram=wire.MAX_DATAGRAM, auth=self.auth, now=self.clock()
+            )
+        except wire.MessageDecodeError as exc:
+            self.metrics.bad_datagrams.labels("malformed").inc()
+            self._send_error(address, exc.request_id, exc.code, str(exc))
+            return
+        except DecodeError as exc:
+            self.metrics.bad_datagrams.labels(_drop_reason(exc)).inc()
+            log.debug("dropped datagram from %s: %s", address, exc)
+            return
+        handler = _HANDLERS.get(type(message))
+        if handler is None:
+            self.metrics.bad_datagrams.labels("unexpected").inc()  # a response sent to a server
+            return
+        label = _TYPE_LABEL[type(message)]
+        self.metrics.requests.labels(label).inc()
+        try:
+            handler(self, message, address, arrived)
+        except TmdhtError as exc:  # e.g. the store failed a read: answer, keep serving
+            log.error("request %s from %s failed: %s", label, address, exc)
+            self._send_error(address, message.request_id, wire.ErrorCode.INTERNAL, str(exc))
+
+    def _send(self, address: Address, datagrams: list[bytes]) -> None:
+        if self._transport is not None:
+            for datagram in datagrams:
+                self._transport.sendto(datagram, address)
+
+    def _send_error(
+        self, address: Address, request_id: int, code: wire.ErrorCode, text: str
+    ) -> None:
+        self.metrics.errors_sent.labels(code.name.lower()).inc()
+        error = wire.Error.capped(request_id=request_id, code=code, message=text)
+        self._send(
+            address,
+            [wire.encode(error, max_datagram=self.max_datagram, auth=self.auth, now=self.clock())],
+        )
+
+    def _get_pages(self, msg: wire.GetPages, address: Address, arrived: float) -> None:
+        pages = self.store.get_many(msg.digests)
+        found = [(d, p) for d, p in zip(msg.digests, pages, strict=True) if p is not None]
+        missing = [d for d, p in zip(msg.digests, pages, strict=True) if p is None]
+        self.metrics.request_pages.labels("get_pages").inc(len(msg.digests))
+        self.metrics.pages_served.inc(len(found))
+        self.metrics.misses.inc(len(missing))
+        self._send(
+            address,
+            wire.encode_pages_response(
+                msg.request_id,
+                found,
+                missing,
+                max_datagram=self.max_datagram,
+                auth=self.auth,
+                now=self.clock(),
+            ),
+        )
+        self.metrics.latency.labels("get_pages").observe(time.perf_counter() - arrived)
+
+    def _has(self, msg: wire.Has, address: Address, arrived: float) -> None:
+        held = self.store.has_many(msg.digests)
+        self.metrics.request_pages.labels("has").inc(len(msg.digests))
+        self._send(
+            address,
+            wire.encode_have_response(
+                msg.request_id,
+                held,
+                max_datagram=self.max_datagram,
+                auth=self.auth,
+                now=self.clock(),
+            ),
+        )
+        self.metrics.latency.labels("has").observe(time.perf_counter() - arrived)
+
+    def _node_info(self, msg: wire.NodeInfoRequest, address: Address, arrived: float) -> None:
+        info = self.node_info(msg.request_id)
+        self._send(
+            address,
+            [wire.encode(info, max_datagram=self.max_datagram, auth=self.auth, now=self.clock())],
+        )
+        self.metrics.latency.labels("node_info").observe(time.perf_counter() - arrived)
+
+    def _put_pages(self, msg: wire.PutPages, address: Address, arrived: float) -> None:
+        self.metrics.request_pages.labels("put_pages").inc(len(msg.pages))
+        self._queue.append(_PendingPut(msg, address, arrived))
+        self._idle.clear()
+        if self._commit is None:
+            self._start_commit()
+
+    # -- group commit ----------------------------------------------------------------------------
+
+    def _start_commit(self) -> None:
+        group: list[_PendingPut] = []
+        pages = 0
+        while self._queue and (
+            not group or pages + len(self._queue[0].request.pages) <= MAX_GROUP_PAGES
+        ):
+            item = self._queue.popleft()
+            group.append(item)
+            pages += len(item.request.pages)
+        items = [
+            (digest, page)
+            for item in group
+            for digest, page in item.request.pages
+            if digest != ZERO_DIGEST
+        ]
+        loop = asyncio.get_running_loop()
+        self._commit = loop.run_in_executor(self._writer, self.store.put_many, items)
+        self._commit.add_done_callback(lambda fut: self._committed(fut, group))
+
+    def _committed(self, fut: asyncio.Future[Any], group: list[_PendingPut]) -> None:
+        self._commit = None
+        try:
+            results: list[PutResult] = fut.result()
+        except (TmdhtError, OSError) as exc:  # the store failed the whole transaction
+            log.error("group commit of %d requests failed: %s", len(group), exc)
+            for item in group:
+                self._send_error(
+                    item.address, item.request.request_id, wire.ErrorCode.UNAVAILABLE, str(exc)
+                )
+            results = []
+        else:
+            it = iter(results)
+            for item in group:
+                statuses: list[tuple[PageDigest, wire.PutStatus]] = []
+                for digest, _ in item.request.pages:
+                    if digest == ZERO_DIGEST:
+                        status = wire.PutStatus.REJECTED_ZERO
+                    else:
+                        status = _STATUS[next(it)]
+                    statuses.append((digest, status))
+                    self.metrics.puts.labels(status.name.lower()).inc()
+                    if status not in (wire.PutStatus.STORED, wire.PutStatus.PRESENT):
+                        self.metrics.rejected.labels(
+                            status.name.lower().removeprefix("rejected_")
+                        ).inc()
+                self._send(
+                    item.address,
+                    wire.encode_put_response(
+                        item.request.request_id,
+                        statuses,
+                        max_datagram=self.max_datagram,
+                        auth=self.auth,
+                        now=self.clock(),
+                    ),
+                )
+                self.metrics.latency.labels("put_pages").observe(time.perf_counter() - item.arrived)
+        if self._queue:
+            self._start_commit()
+        else:
+            self._idle.set()
+
+
+_HANDLERS: dict[type, Callable[[DataPlaneServer, Any, Address, float], None]] = {
+    wire.GetPages: DataPlaneServer._get_pages,
+    wire.PutPages: DataPlaneServer._put_pages,
+    wire.Has: DataPlaneServer._has,
+    wire.NodeInfoRequest: DataPlaneServer._node_info,
+}

@@ -1,0 +1,238 @@
+"""The data plane over real UDP sockets: a node's server and the client transport."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from tmdht import wire
+from tmdht.auth import Authenticator, ClusterKey, KeyRing
+from tmdht.client.dataplane import DataPlaneClient
+from tmdht.node.dataplane import DataPlaneServer
+from tmdht.node.metrics import NodeMetrics
+from tmdht.node.storage import PageStore
+from tmdht.pages import ZERO_PAGE, digest_page
+
+KEY = ClusterKey(1, os.urandom(32))
+
+
+def keyed() -> Authenticator:
+    return Authenticator.keyed(KeyRing(KEY))
+
+
+def pages(n: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
+    out = []
+    for i in range(n):
+        page = ((seed + 1).to_bytes(4, "big") + i.to_bytes(4, "big")) * 512
+        out.append((digest_page(page), page))
+    return out
+
+
+def run(coro: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro(), 60))
+
+
+@asynccontextmanager
+async def node(
+    tmp: Path, *, max_datagram: int = 32768, capacity: int = 64 << 20
+) -> AsyncIterator[tuple[DataPlaneServer, NodeMetrics]]:
+    metrics = NodeMetrics()
+    store = PageStore.open(tmp / "store", capacity_bytes=capacity)
+
+    def info(rid: int) -> wire.NodeInfo:
+        return wire.NodeInfo(
+            request_id=rid,
+            node_id=b"\x01" * 20,
+            data_address=server.address,
+            kademlia_port=1,
+            metrics_port=2,
+            version="test",
+            pages_stored=store.page_count,
+            bytes_stored=store.bytes_stored,
+            capacity_bytes=store.capacity_bytes,
+        )
+
+    server = await DataPlaneServer.start(
+        "127.0.0.1",
+        0,
+        store=store,
+        auth=keyed(),
+        max_datagram=max_datagram,
+        metrics=metrics,
+        node_info=info,
+    )
+    try:
+        yield server, metrics
+    finally:
+        await server.drain(5)
+        server.close()
+        store.close()
+
+
+def sample(metrics: NodeMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels or None)
+    return value or 0.0
+
+
+def test_put_get_has_info(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            node(tmp_path) as (server, metrics),
+            await DataPlaneClient.open(keyed()) as client,
+        ):
+            data = pages(300)
+            put = await client.put_pages(server.address, data)
+            assert not put.unanswered
+            assert set(put.status.values()) == {wire.PutStatus.STORED}
+            again = await client.put_pages(server.address, data[:10])
+            assert set(again.status.values()) == {wire.PutStatus.PRESENT}
+            absent = [d for d, _ in pages(20, seed=9)]
+            got = await client.get_pages(server.address, [d for d, _ in data] + absent)
+            assert got.pages == dict(data)
+            assert got.missing == set(absent) and not got.unanswered and not got.corrupt
+            has = await client.has(server.address, [data[0][0], absent[0]])
+            assert has.held == {data[0][0]} and has.lacking == {absent[0]}
+            info = await client.node_info(server.address)
+            assert info.pages_stored == 300 and info.data_address == server.address
+            assert sample(metrics, "tmdht_requests_total", type="get_pages") >= 1
+            assert sample(metrics, "tmdht_pages_served_total") == 300
+            assert sample(metrics, "tmdht_misses_total") == 20
+            assert sample(metrics, "tmdht_put_pages_total", result="stored") == 300
+
+    run(main)
+
+
+def test_wrong_digest_and_zero_page_are_rejected(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            node(tmp_path) as (server, metrics),
+            await DataPlaneClient.open(keyed()) as client,
+        ):
+            (d1, p1), (d2, p2) = pages(2)
+            put = await client.put_pages(
+                server.address, [(d1, p2), (digest_page(ZERO_PAGE), ZERO_PAGE), (d2, p2)]
+            )
+            assert put.status[d1] == wire.PutStatus.REJECTED_DIGEST
+            assert put.status[digest_page(ZERO_PAGE)] == wire.PutStatus.REJECTED_ZERO
+            assert put.status[d2] == wire.PutStatus.STORED
+            assert (await client.get_pages(server.address, [d1])).missing == {d1}
+            assert sample(metrics, "tmdht_put_rejected_total", reason="digest") == 1
+
+    run(main)
+
+
+def test_bad_datagrams_are_dropped_and_counted_while_serving(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            node(tmp_path) as (server, metrics),
+            await DataPlaneClient.open(keyed()) as client,
+        ):
+            data = pages(5)
+            await client.put_pages(server.address, data)
+            raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                good = wire.encode(
+                    wire.GetPages(request_id=7, digests=(data[0][0],)),
+                    max_datagram=32768,
+                    auth=keyed(),
+                    now=time.time(),
+                )
+                stranger = wire.encode(
+                    wire.GetPages(request_id=8, digests=(data[0][0],)),
+                    max_datagram=32768,
+                    auth=Authenticator.keyed(KeyRing(ClusterKey(1, os.urandom(32)))),
+                    now=time.time(),
+                )
+                junk = [
+                    b"",
+                    b"\x01",
+                    os.urandom(100),
+                    good[:-1],
+                    stranger,
+                    good[:30] + b"\xff" + good[31:],
+                ]
+                for datagram in junk:
+                    raw.sendto(datagram, server.address)
+                raw.sendto(good, server.address)
+                raw.sendto(good, server.address)  # a replay of a valid datagram
+                # The node still serves after all that.
+                got = await client.get_pages(server.address, [d for d, _ in data])
+                assert got.pages == dict(data)
+            finally:
+                raw.close()
+            dropped = sum(
+                sample(metrics, "tmdht_bad_datagrams_total", reason=r)
+                for r in ("auth", "malformed", "oversize", "replay")
+            )
+            assert dropped >= len(junk)  # the valid one and its replay: at most one served
+            assert sample(metrics, "tmdht_bad_datagrams_total", reason="replay") == 1
+
+    run(main)
+
+
+def test_lost_parts_are_reasked(tmp_path: Path) -> None:
+    """A client that loses answer datagrams re-asks for exactly what it did not hear about."""
+
+    async def main() -> None:
+        async with (
+            node(tmp_path, max_datagram=wire.MIN_DATAGRAM) as (server, _),
+            await DataPlaneClient.open(keyed(), timeout=0.1) as client,
+        ):
+            data = pages(40)
+            await client.put_pages(server.address, data)
+            original = client._on_datagram
+            seen = 0
+
+            def lossy(datagram: bytes, addr: Any) -> None:
+                nonlocal seen
+                seen += 1
+                if seen <= 30 and seen % 3 == 0:
+                    return  # every third of the first 30 answer datagrams is lost
+                original(datagram, addr)
+
+            client._on_datagram = lossy  # type: ignore[method-assign]
+            got = await client.get_pages(server.address, [d for d, _ in data])
+            assert got.pages == dict(data) and not got.unanswered
+            assert client.stats.retries > 0
+
+    run(main)
+
+
+def test_unreachable_node_is_reported_as_unanswered(tmp_path: Path) -> None:
+    async def main() -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))  # bound but never answers
+        try:
+            async with await DataPlaneClient.open(keyed(), timeout=0.05, attempts=2) as client:
+                digests = [d for d, _ in pages(5)]
+                got = await client.get_pages(sock.getsockname(), digests)
+                assert got.unanswered == set(digests) and not got.pages and not got.missing
+        finally:
+            sock.close()
+
+    run(main)
+
+
+def test_group_commit_batches_concurrent_puts(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with (
+            node(tmp_path) as (server, metrics),
+            await DataPlaneClient.open(keyed(), window=64) as client,
+        ):
+            data = pages(2000, seed=3)
+            chunks = [data[i : i + 7] for i in range(0, len(data), 7)]
+            outcomes = await asyncio.gather(*(client.put_pages(server.address, c) for c in chunks))
+            assert all(not o.unanswered for o in outcomes)
+            assert server.store.page_count == 2000
+            count = metrics.registry.get_sample_value(
+                "tmdht_request_duration_seconds_count", {"type": "put_pages"}
+            )
+            assert count == len(chunks)
+
+    run(main)

@@ -114,7 +114,7 @@ def test_wrong_digest_and_zero_page_are_rejected(tmp_path: Path) -> None:
             node(tmp_path) as (server, metrics),
             await DataPlaneClient.open(keyed()) as client,
         ):
-            (d1, p1), (d2, p2) = pages(2)
+            (d1, _), (d2, p2) = pages(2)
             put = await client.put_pages(
                 server.address, [(d1, p2), (digest_page(ZERO_PAGE), ZERO_PAGE), (d2, p2)]
             )

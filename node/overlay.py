@@ -115,7 +115,7 @@ class OverlayConfig:
     data_port: int
     """UDP port of this node's page data plane, advertised to peers (0 only with join=False)."""
     data_dir: Path | None = None
-    """Where ``node.json`` keeps the node id; None draws a fresh id (clients, tests)."""
+    """Where ``node.json`` keeps the node id; None (or client mode) draws a fresh id."""
     host: str = "0.0.0.0"
     """IP literal the kademlia socket binds to."""
     port: int = 0
@@ -314,6 +314,8 @@ class OverlayStats:
     """Members that missed their last RPC."""
     dead: int
     """Dead contacts remembered."""
+    routing_contacts: int
+    """Contacts in the k-bucket routing table (suspects included, replacement caches not)."""
 
 
 def xor_distance(a: bytes, b: bytes) -> int:
@@ -565,9 +567,11 @@ class PeerBook:
                 if now >= peer.retry_at:
                     peer.retry_at = now + self._dead_retry
                     self._wanted.setdefault(node_id, peer.address)
-                self._log.info(
-                    "%s heard from %s:%d, probing its known address first", _short(node_id), *addr
-                )
+                    self._log.info(
+                        "%s heard from %s:%d, probing its known address first",
+                        _short(node_id),
+                        *addr,
+                    )
                 return []
             # Restarted elsewhere: its data port may have changed too, so ask again (keeping the
             # old info meanwhile, so it stays a member and subscribers see UPDATED).
@@ -1048,9 +1052,8 @@ class Overlay:
             last_seen=time.monotonic(),
         )
 
-    @property
     def stats(self) -> OverlayStats:
-        """A snapshot of the counters."""
+        """A snapshot of the counters (for logs and Prometheus)."""
         suspects, dead = self._book.counts()
         socket_stats = replace(self._protocol.stats) if self._protocol else ProtocolStats()
         return OverlayStats(
@@ -1059,6 +1062,7 @@ class Overlay:
             members=len(self.members()),
             suspects=suspects,
             dead=dead,
+            routing_contacts=len(self._book.router.contacts()),
         )
 
     def subscribe(self, *, replay: bool = True) -> MembershipSubscription:
@@ -1333,6 +1337,9 @@ class Overlay:
                     await self.crawl()
             except TmdhtError as exc:
                 self._log.warning("ring refresh failed: %s", exc)
+            except Exception:
+                # A bug in one refresh must not end refreshing for the life of the node.
+                log.exception("[%s] ring refresh failed unexpectedly", _short(self.node_id))
 
     async def _resolve(self, seeds: Iterable[tuple[str, int]]) -> list[Address]:
         """Seeds as IP literals of the socket's family; unresolvable ones are logged, skipped."""

@@ -23,6 +23,8 @@ import umsgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kademlia.node import Node
+
+from tmdht.errors import ConfigError, DecodeError, UsageError
 from tmdht.node._kademlia_compat import (
     Request,
     Response,
@@ -47,8 +49,6 @@ from tmdht.node.overlay import (
     parse_node_info,
     xor_distance,
 )
-
-from tmdht.errors import ConfigError, DecodeError, UsageError
 
 LOCAL = "127.0.0.1"
 DEADLINE = 20.0
@@ -183,7 +183,7 @@ def test_four_overlays_form_a_ring_from_one_seed(tmp_path: Path) -> None:
                     assert member.data_address == (LOCAL, other.config.data_port)
                     assert member.metrics_port == other.config.metrics_port
                     assert not member.suspect
-                assert overlay.stats.socket.dropped_malformed == 0
+                assert overlay.stats().socket.dropped_malformed == 0
 
     run(scenario)
 
@@ -267,7 +267,7 @@ def test_stopped_node_leaves_and_lookups_stop_waiting_on_it(tmp_path: Path) -> N
             await next_event(watch, MembershipEventKind.LEFT, victim.node_id)
             for overlay in overlays[:3]:
                 await until_members(overlay, everyone - {victim.node_id})
-            assert first.stats.dead == 1
+            assert first.stats().dead == 1
             result = await first.closest(victim.node_id, 4)
             assert victim.node_id not in {m.node_id for m in result}
 
@@ -420,7 +420,7 @@ def test_malformed_datagrams_are_dropped_and_counted(tmp_path: Path) -> None:
                 async with asyncio.timeout(DEADLINE):
                     reply = await asyncio.get_running_loop().sock_recv(raw, 2048)
             assert decode_datagram(reply) == Response(b"q" * 20, target.node_id)
-            stats = target.stats.socket
+            stats = target.stats().socket
             assert stats.dropped_malformed == len(BAD_DATAGRAMS)
             assert stats.dropped_unknown_method == 1
             assert stats.unexpected_responses == 1
@@ -503,7 +503,7 @@ def test_bad_answers_from_a_peer_do_not_crash_the_node(tmp_path: Path) -> None:
         ):
             for _ in BAD_NODE_INFO:
                 assert await node.bootstrap([addr]) == []
-            assert node.stats.bad_replies == len(BAD_NODE_INFO)
+            assert node.stats().bad_replies == len(BAD_NODE_INFO)
             assert [m.node_id for m in node.members()] == [node.node_id]
 
         # A peer whose node_info is fine but whose FIND_NODE answers are garbage (or bytes that
@@ -526,7 +526,7 @@ def test_bad_answers_from_a_peer_do_not_crash_the_node(tmp_path: Path) -> None:
             for _ in range(3):
                 await node.crawl()
             assert any(r.method == "find_node" for r in peer.requests)
-            assert node.stats.bad_replies >= 1
+            assert node.stats().bad_replies >= 1
             assert node.running
 
     run(scenario)
@@ -595,8 +595,8 @@ def test_many_concurrent_rpcs_are_all_answered(tmp_path: Path) -> None:
 
             results = await asyncio.gather(*(a.probe(b.node_id) for _ in range(256)))
             assert {m.node_id for m in results} == {b.node_id}
-            assert a.stats.socket.rpc_timeouts == 0
-            assert a.stats.socket.in_flight_peak <= 16
+            assert a.stats().socket.rpc_timeouts == 0
+            assert a.stats().socket.in_flight_peak <= 16
 
             # 2000 requests arrive while the event loop is busy (this very loop sends them):
             # the enlarged buffer holds them all (the 208 KiB default holds about 256).
@@ -617,7 +617,7 @@ def test_many_concurrent_rpcs_are_all_answered(tmp_path: Path) -> None:
                     while len(answered) < burst:
                         reply = decode_datagram(await loop.sock_recv(raw, 2048))
                         answered.add(reply.msg_id)
-            assert a.stats.socket.dropped_malformed == 0
+            assert a.stats().socket.dropped_malformed == 0
 
     run(scenario)
 
@@ -634,7 +634,7 @@ def test_cluster_key_keeps_strangers_out(tmp_path: Path) -> None:
                 async with Overlay(config(tmp_path, 9, seed, cluster_key=stranger_key)) as stranger:
                     assert [m.node_id for m in stranger.members()] == [stranger.node_id]
                     assert stranger.node_id not in {m.node_id for m in overlays[0].members()}
-            assert overlays[0].stats.socket.dropped_unauthenticated >= 2
+            assert overlays[0].stats().socket.dropped_unauthenticated >= 2
 
     run(scenario)
 

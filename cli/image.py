@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
-from tmdht.cli.main import emit_json, human_bytes, stdout
 
+from tmdht.cli.main import emit_json, human_bytes, stdout
 from tmdht.images import ImageWriter, open_image
 from tmdht.pages import ZERO_PAGE
 
@@ -24,7 +25,7 @@ def image_info(path: Path, as_json: bool) -> None:
     """Show the format, RAM blocks and page counts of an image."""
     with open_image(path) as img:
         zeros = sum(1 for page in img.iter_pages() if page == ZERO_PAGE)
-        doc = {
+        doc: dict[str, Any] = {
             "image": str(path),
             "format": img.format.value,
             "bytes": img.size,

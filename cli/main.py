@@ -77,9 +77,11 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from tmdht.cli import codec, demo, image, templates  # noqa: PLC0415 - subcommands register here
+    from tmdht.cli import codec, demo, image, node, templates  # noqa: PLC0415 - subcommands
 
     cli.add_command(demo.demo)
+    cli.add_command(node.node)
+    cli.add_command(node.cluster)
     cli.add_command(templates.templates)
     cli.add_command(image.image)
     cli.add_command(codec.encode)

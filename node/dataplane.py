@@ -15,7 +15,7 @@ import concurrent.futures
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -75,8 +75,11 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         max_datagram: int,
         metrics: NodeMetrics,
         node_info: Callable[[int], wire.NodeInfo],
+        on_stored: Callable[[Sequence[bytes]], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``on_stored(digests)`` hears of every page a PUT stored (replication pushes them on)."""
+        self.on_stored = on_stored
         self.store = store
         self.auth = auth
         self.max_datagram = max_datagram
@@ -244,12 +247,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             item = self._queue.popleft()
             group.append(item)
             pages += len(item.request.pages)
-        items = [
-            (digest, page)
-            for item in group
-            for digest, page in item.request.pages
-            if digest != ZERO_DIGEST
-        ]
+        items = items_of(group)
         loop = asyncio.get_running_loop()
         self._commit = loop.run_in_executor(self._writer, self.store.put_many, items)
         self._commit.add_done_callback(lambda fut: self._committed(fut, group))
@@ -266,6 +264,11 @@ class DataPlaneServer(asyncio.DatagramProtocol):
                 )
             results = []
         else:
+            if self.on_stored is not None:
+                pairs = zip(items_of(group), results, strict=True)
+                stored = [d for (d, _), r in pairs if r is PutResult.STORED]
+                if stored:
+                    self.on_stored(stored)
             it = iter(results)
             for item in group:
                 statuses: list[tuple[PageDigest, wire.PutStatus]] = []
@@ -295,6 +298,11 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             self._start_commit()
         else:
             self._idle.set()
+
+
+def items_of(group: list[_PendingPut]) -> list[tuple[PageDigest, bytes]]:
+    """The pages of a commit group, in order, less zero pages (answered REJECTED_ZERO)."""
+    return [(d, p) for item in group for d, p in item.request.pages if d != ZERO_DIGEST]
 
 
 _HANDLERS: dict[type, Callable[[DataPlaneServer, Any, Address, float], None]] = {

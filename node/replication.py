@@ -1,0 +1,251 @@
+"""Replication maintenance: keep every page on its R closest live nodes.
+
+A *sweep* walks this node's store in digest order, a chunk at a time (short read transactions,
+no full scan held in memory). For each chunk it computes the replica set of every page from the
+current membership (:func:`tmdht.placement.replica_indices`), asks each other replica which of
+those pages it holds (HAS), and sends it the ones it lacks (PUT). So:
+
+- a node that joins receives, from every node holding them, the pages it is now responsible for;
+- when a node disappears, the survivors find the new members of each replica set lacking and
+  restore R copies;
+- a page this node no longer owes (all R replicas confirmed holding it) is kept for a grace
+  period and then dropped; if this node becomes responsible again first, it is kept.
+
+Sweeps run when membership changes (a joined or departed member wakes the job; a change during a
+sweep restarts it) and otherwise every ``interval`` seconds as anti-entropy. Pages moved are
+rate-limited (``rate`` pages per second). The job is one task owned by the node, cancelled on
+shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from tmdht import wire
+from tmdht.client.dataplane import Address, DataPlaneClient
+from tmdht.node.metrics import NodeMetrics
+from tmdht.node.storage import PageStore
+from tmdht.placement import replica_indices
+
+__all__ = ["Replicator", "SweepReport", "Target"]
+
+log = logging.getLogger("tmdht.node.replication")
+
+CHUNK: Final = 1024
+"""Digests examined per step of a sweep."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A member as placement sees it."""
+
+    node_id: bytes
+    data_address: Address
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did."""
+
+    examined: int = 0
+    copied: int = 0
+    under_replicated: int = 0
+    dropped: int = 0
+    unanswered: int = 0
+    complete: bool = False
+    seconds: float = 0.0
+    failed_targets: set[Address] = field(default_factory=set)
+
+
+class Replicator:
+    """The replication job of one node."""
+
+    def __init__(
+        self,
+        *,
+        store: PageStore,
+        client: DataPlaneClient,
+        self_id: bytes,
+        members: Callable[[], Sequence[Target]],
+        replicas: int,
+        rate: int,
+        interval: float,
+        grace: float,
+        metrics: NodeMetrics,
+        on_unanswered: Callable[[bytes], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``on_unanswered(node_id)`` is awaited when a replica did not answer (e.g. to probe it
+        through the overlay, so a dead node is noticed at once rather than after a silence)."""
+        self.store = store
+        self.client = client
+        self.self_id = self_id
+        self.members = members
+        self.replicas = replicas
+        self.rate = rate
+        self.interval = interval
+        self.grace = grace
+        self.metrics = metrics
+        self.clock = clock
+        self.on_unanswered = on_unanswered
+        self.last_report: SweepReport | None = None
+        self._fresh: list[bytes] = []  # pages stored by clients, to push to their replicas
+        self.sweeps = 0
+        self._wake = asyncio.Event()
+        self._changed = False
+        self._surplus: dict[bytes, float] = {}  # digest -> when it was first seen surplus
+        self._idle = asyncio.Event()  # set while no sweep runs (tests and shutdown wait on it)
+        self._idle.set()
+
+    def membership_changed(self) -> None:
+        """Wake the job: replica sets may have moved. A running sweep starts over."""
+        self._changed = True
+        self._wake.set()
+
+    def pages_added(self, digests: Sequence[bytes]) -> None:
+        """Pages a client stored here: copy them to their replicas now, not at the next sweep."""
+        self._fresh.extend(digests)
+        self._wake.set()
+
+    async def _push_fresh(self) -> None:
+        while self._fresh:
+            batch, self._fresh = self._fresh[:CHUNK], self._fresh[CHUNK:]
+            await self._step(sorted(set(batch)), SweepReport())
+
+    async def run(self) -> None:
+        """Push fresh pages as they come; sweep on membership changes and every ``interval``."""
+        next_sweep = self.clock() + self.interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - self.clock()))
+            self._wake.clear()
+            await self._push_fresh()
+            if not self._changed and self.clock() < next_sweep:
+                continue
+            report = await self.sweep()
+            next_sweep = self.clock() + self.interval
+            if report.complete:
+                self.last_report = report
+                log.info(
+                    "replication sweep: %d pages examined, %d copied, %d under-replicated, "
+                    "%d surplus dropped in %.2f s",
+                    report.examined,
+                    report.copied,
+                    report.under_replicated,
+                    report.dropped,
+                    report.seconds,
+                )
+
+    async def sweep(self) -> SweepReport:
+        """One pass over the store; restarts (incomplete) if membership changes meanwhile."""
+        self._idle.clear()
+        self._changed = False
+        report = SweepReport()
+        started = self.clock()
+        total = self.store.page_count
+        self.metrics.backlog.set(total)
+        cursor = b""
+        first = True
+        try:
+            while True:
+                digests = list(self.store.iter_digests(cursor, CHUNK, inclusive=first))
+                if not digests:
+                    break
+                first = False
+                cursor = digests[-1]
+                await self._step(digests, report)
+                self.metrics.backlog.set(max(0, total - report.examined))
+                await self._push_fresh()
+                if self._changed:
+                    return report  # incomplete: the caller's loop sweeps again at once
+            report.complete = True
+            report.seconds = self.clock() - started
+            self.sweeps += 1
+            self.metrics.sweeps.inc()
+            self.metrics.sweep_seconds.set(report.seconds)
+            self.metrics.under_replicated.set(report.under_replicated)
+            self.metrics.backlog.set(0)
+            return report
+        finally:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no sweep is running."""
+        await self._idle.wait()
+
+    async def _step(self, digests: list[bytes], report: SweepReport) -> None:
+        targets = list(self.members())
+        if not any(t.node_id == self.self_id for t in targets):
+            return  # not a member (yet): nothing to decide
+        report.examined += len(digests)
+        ids = [t.node_id for t in targets]
+        self_index = ids.index(self.self_id)
+        placement = replica_indices(digests, ids, self.replicas)
+        wanted = min(self.replicas, len(targets))
+        ask: dict[int, list[bytes]] = {}
+        for digest, row in zip(digests, placement.tolist(), strict=True):
+            for index in row:
+                if index != self_index:
+                    ask.setdefault(index, []).append(digest)
+        confirmed: dict[bytes, int] = dict.fromkeys(digests, 0)
+        for digest, row in zip(digests, placement.tolist(), strict=True):
+            if self_index in row:
+                confirmed[digest] = 1
+        results = await asyncio.gather(
+            *(self._reconcile(targets[i].data_address, ds) for i, ds in ask.items())
+        )
+        for index, (held, copied, unanswered) in zip(ask, results, strict=True):
+            report.copied += copied
+            report.unanswered += len(unanswered)
+            if unanswered:
+                report.failed_targets.add(targets[index].data_address)
+                if self.on_unanswered is not None:
+                    await self.on_unanswered(targets[index].node_id)
+            for digest in held:
+                confirmed[digest] += 1
+        now = self.clock()
+        drop: list[bytes] = []
+        for digest, row in zip(digests, placement.tolist(), strict=True):
+            if confirmed[digest] < wanted:
+                report.under_replicated += 1
+            if self_index in row:
+                self._surplus.pop(digest, None)
+            elif confirmed[digest] >= wanted:
+                since = self._surplus.setdefault(digest, now)
+                if now - since >= self.grace:
+                    drop.append(digest)
+        if drop:
+            report.dropped += self.store.delete_many(drop)
+            self.metrics.surplus_dropped.inc(len(drop))
+            for digest in drop:
+                self._surplus.pop(digest, None)
+
+    async def _reconcile(
+        self, address: Address, digests: list[bytes]
+    ) -> tuple[set[bytes], int, set[bytes]]:
+        """Make one replica hold ``digests``: returns (held now, copied, unanswered)."""
+        has = await self.client.has(address, digests)
+        held = set(has.held)
+        lacking = sorted(has.lacking)
+        copied = 0
+        for start in range(0, len(lacking), 256):
+            batch = lacking[start : start + 256]
+            pages = self.store.get_many(batch)
+            items = [(d, p) for d, p in zip(batch, pages, strict=True) if p is not None]
+            outcome = await self.client.put_pages(address, items)
+            stored = 0
+            for digest, status in outcome.status.items():
+                if status in (wire.PutStatus.STORED, wire.PutStatus.PRESENT):
+                    held.add(digest)
+                    stored += status == wire.PutStatus.STORED
+            has.unanswered |= outcome.unanswered
+            copied += stored
+            self.metrics.replicated.inc(stored)
+            await asyncio.sleep(len(items) / self.rate)  # rate limit, not synchronisation
+        return held, copied, has.unanswered

@@ -20,6 +20,8 @@ from tmdht.cli.main import human_bytes, stderr, stdout
 from tmdht.config import NodeConfig, parse_address
 from tmdht.errors import ConfigError, UsageError
 
+log = logging.getLogger("tmdht.cli")
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message (and the exception, if any)."""
@@ -55,11 +57,14 @@ def setup_logging(fmt: str, level: str) -> None:
         logging.getLogger("rpcudp").setLevel(logging.WARNING)
 
 
-def new_event_loop_policy() -> None:
-    """uvloop when installed: it measured several times more UDP round trips than asyncio's loop."""
+def new_event_loop_policy(name: str = "uvloop") -> None:
+    """uvloop unless told otherwise: bench/node.py measures it against asyncio's own loop."""
+    if name != "uvloop":
+        return
     try:
         import uvloop  # noqa: PLC0415
     except ImportError:
+        log.warning("uvloop is not installed; using asyncio's event loop")
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
@@ -106,8 +111,9 @@ def node() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--status-file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--ready-line", is_flag=True, help="Print 'READY {json}' on stdout once serving.")
+@click.option("--event-loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop", show_default=True)
 def node_run(
-    config_file: Path | None, ready_line: bool, seeds: tuple[str, ...], **flags: Any
+    config_file: Path | None, ready_line: bool, seeds: tuple[str, ...], event_loop: str, **flags: Any
 ) -> None:
     """Run a store node until SIGTERM or SIGINT."""
     from tmdht.node.local import READY_PREFIX  # noqa: PLC0415 - keep `tmdht --help` light
@@ -125,7 +131,7 @@ def node_run(
         toml_text=toml_text, env=os.environ, flags=flags, source=str(config_file or "config")
     )
     setup_logging(config.log_format, config.log_level)
-    new_event_loop_policy()
+    new_event_loop_policy(event_loop)
 
     def announce(status: dict[str, Any]) -> None:
         sys.stdout.write(READY_PREFIX + json.dumps(status) + "\n")

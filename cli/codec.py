@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from tmdht.cli.main import emit_json, human_bytes, stdout
-from tmdht.cli.progress import page_progress
 
 from tmdht.catalog import TemplateCatalog
+from tmdht.cli.main import emit_json, human_bytes, stdout
+from tmdht.cli.progress import page_progress
 from tmdht.dedup_stream import (
     DedupDecoder,
     DedupEncoder,

@@ -15,10 +15,10 @@ from typing import Any
 
 import click
 from rich.table import Table
+
 from tmdht.cli.codec import encode_file, rebuild_from_images
 from tmdht.cli.main import human_bytes, stderr, stdout
 from tmdht.cli.templates import mine_files
-
 from tmdht.errors import IntegrityError
 from tmdht.images import ImageWriter, open_image
 from tmdht.mining import MiningConfig

@@ -111,9 +111,13 @@ def node() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--status-file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--ready-line", is_flag=True, help="Print 'READY {json}' on stdout once serving.")
-@click.option("--event-loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop", show_default=True)
+@click.option("--event-loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop")
 def node_run(
-    config_file: Path | None, ready_line: bool, seeds: tuple[str, ...], event_loop: str, **flags: Any
+    config_file: Path | None,
+    ready_line: bool,
+    seeds: tuple[str, ...],
+    event_loop: str,
+    **flags: Any,
 ) -> None:
     """Run a store node until SIGTERM or SIGINT."""
     from tmdht.node.local import READY_PREFIX  # noqa: PLC0415 - keep `tmdht --help` light

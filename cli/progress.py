@@ -10,6 +10,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
 from tmdht.cli.main import stderr
 
 

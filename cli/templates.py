@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 from rich.table import Table
-from tmdht.cli.main import emit_json, human_bytes, parse_size, stdout
-from tmdht.cli.progress import page_progress
 
 from tmdht import __version__
 from tmdht.catalog import TemplateCatalog
+from tmdht.cli.main import emit_json, human_bytes, parse_size, stdout
+from tmdht.cli.progress import page_progress
 from tmdht.images import open_image
 from tmdht.mining import ImageCoverage, MiningConfig, MiningResult, TemplateMiner
 from tmdht.pages import PAGE_SIZE

@@ -271,7 +271,7 @@ class PageStore:
         slab_pages: int,
         dbs: dict[bytes, lmdb._Database],
     ) -> None:
-        """Use :meth:`open`; this wires an already opened environment."""
+        """Use :meth:`open`; this wires an already opened environment (``path`` resolved)."""
         self._env: lmdb.Environment | None = env
         self._path = path
         self._capacity_bytes = capacity_bytes
@@ -310,9 +310,8 @@ class PageStore:
         or another format version, UsageError if the dir is already open in this process and
         StorageError if LMDB cannot open it.
         """
-        map_size = (
-            recommended_map_size(capacity_bytes, slab_pages) if map_size is None else map_size
-        )
+        recommended = recommended_map_size(capacity_bytes, slab_pages)  # validates both
+        map_size = recommended if map_size is None else map_size
         if isinstance(map_size, bool) or not isinstance(map_size, int) or map_size <= 0:
             raise ConfigError(f"map_size must be a positive int, got {map_size!r}")
         path = Path(path)
@@ -341,7 +340,7 @@ class PageStore:
                 meminit=False,  # fresh pages are fully written before use
             )
             found_slab_pages, dbs = cls._init_layout(env, slab_pages)
-            return cls(env, path, capacity_bytes, found_slab_pages, dbs)
+            return cls(env, key, capacity_bytes, found_slab_pages, dbs)
         except BaseException as exc:
             if env is not None:
                 env.close()
@@ -391,7 +390,7 @@ class PageStore:
             return
         env.close()
         with self._open_paths_lock:
-            self._open_paths.discard(self._path.resolve())
+            self._open_paths.discard(self._path)
 
     def __enter__(self) -> PageStore:
         return self
@@ -440,7 +439,7 @@ class PageStore:
 
     @property
     def path(self) -> Path:
-        """The data dir."""
+        """The data dir (absolute)."""
         return self._path
 
     @property

@@ -235,6 +235,15 @@ def _is_out_of_space(exc: lmdb.Error) -> bool:
     return isinstance(exc, lmdb.MapFullError | lmdb.DiskError) or (exc.code in _OUT_OF_SPACE_ERRNOS)
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _partial_key(used: int, slab_id: int) -> bytes:
     return bytes((used,)) + _SLAB_ID.pack(slab_id)
 
@@ -277,7 +286,6 @@ class PageStore:
         self._capacity_bytes = capacity_bytes
         self._capacity_pages = capacity_bytes // PAGE_SIZE
         self._slab_pages = slab_pages
-        self._full_bitmap = (1 << slab_pages) - 1
         self._slab_size = _slab_value_size(slab_pages)
         self._slab_budget = -(-self._capacity_pages // slab_pages)
         self._reuse_min_free = max(1, -(-slab_pages * _REUSE_MIN_FREE_PERCENT // 100))
@@ -339,7 +347,12 @@ class PageStore:
                 readahead=False,  # random page reads; readahead only evicts the cache
                 meminit=False,  # fresh pages are fully written before use
             )
-            found_slab_pages, dbs = cls._init_layout(env, slab_pages)
+            found_slab_pages, dbs, created = cls._init_layout(env, slab_pages)
+            if created:
+                # LMDB syncs its files, not the directory entries naming them: without this a
+                # power loss right after creation could lose the whole (acknowledged) store.
+                _fsync_dir(key)
+                _fsync_dir(key.parent)
             return cls(env, key, capacity_bytes, found_slab_pages, dbs)
         except BaseException as exc:
             if env is not None:
@@ -348,15 +361,18 @@ class PageStore:
                 cls._open_paths.discard(key)
             if isinstance(exc, lmdb.InvalidError | lmdb.VersionMismatchError):
                 raise StoreFormatError(f"{path} is not a readable LMDB store: {exc}") from exc
-            if isinstance(exc, lmdb.Error):
+            if isinstance(exc, lmdb.Error | OSError):
                 raise StorageError(f"cannot open page store {path}: {exc}") from exc
             raise
 
     @staticmethod
     def _init_layout(
         env: lmdb.Environment, slab_pages: int
-    ) -> tuple[int, dict[bytes, lmdb._Database]]:
-        """Create the databases of a new store or validate those of an existing one."""
+    ) -> tuple[int, dict[bytes, lmdb._Database], bool]:
+        """Create the databases of a new store or validate those of an existing one.
+
+        Returns the store's slab size, its databases and whether it was just created.
+        """
         with env.begin(write=True) as txn:
             names = {bytes(name) for name, _ in txn.cursor()}
             if _DB_META not in names:
@@ -365,7 +381,7 @@ class PageStore:
                 dbs = {name: env.open_db(name, txn=txn) for name in _ALL_DBS}
                 txn.put(_META_FORMAT.encode(), str(FORMAT_VERSION).encode(), db=dbs[_DB_META])
                 txn.put(_META_SLAB_PAGES.encode(), str(slab_pages).encode(), db=dbs[_DB_META])
-                return slab_pages, dbs
+                return slab_pages, dbs, True
             meta = env.open_db(_DB_META, txn=txn, create=False)
             version = txn.get(_META_FORMAT.encode(), db=meta)
             if version != str(FORMAT_VERSION).encode():
@@ -381,7 +397,7 @@ class PageStore:
             if missing:
                 raise StoreFormatError(f"page store lacks databases {missing}")
             dbs = {name: env.open_db(name, txn=txn, create=False) for name in _ALL_DBS}
-            return found, dbs
+            return found, dbs, False
 
     def close(self) -> None:
         """Close the store (idempotent). Committed pages are already durable."""
@@ -831,40 +847,34 @@ class PageStore:
         cannot reuse pages freed by writers and the file may grow.
         """
         env = self._require_env()
-        trailer = self._slab_pages * PAGE_SIZE
-        used: dict[int, int] = {}  # slab id -> bitmap seen through the index
+        used: dict[int, int] = {}  # slab id -> bitmap of the slots the index points at
         count = 0
         with self._lmdb_errors("checking"), env.begin(buffers=True) as txn:
-            occupancy = {
-                _SLAB_ID.unpack(key)[0]: int.from_bytes(value, "little")
-                for key, value in txn.cursor(db=self._occupancy)
-            }
-            for key, location in txn.cursor(db=self._index):
-                digest = bytes(key)
-                slab_id, slot = _LOCATION.unpack(location)
-                if slot >= self._slab_pages or not occupancy.get(slab_id, 0) >> slot & 1:
-                    raise IntegrityError(f"{digest.hex()[:16]}: slot not marked used")
-                if used.get(slab_id, 0) >> slot & 1:
-                    raise IntegrityError(f"{digest.hex()[:16]}: slot shared by two digests")
-                used[slab_id] = used.get(slab_id, 0) | 1 << slot
-                slab = txn.get(_SLAB_ID.pack(slab_id), db=self._slabs)
-                if slab is None or len(slab) != self._slab_size:
-                    raise IntegrityError(f"{digest.hex()[:16]}: slab {slab_id} missing or short")
-                named = slab[trailer + slot * DIGEST_SIZE : trailer + (slot + 1) * DIGEST_SIZE]
-                if named != digest:
-                    raise IntegrityError(f"{digest.hex()[:16]}: slab trailer names another page")
-                page = slab[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE]
-                if verify_pages and digest_page(page) != digest:
-                    raise IntegrityError(f"{digest.hex()[:16]}: page does not match its digest")
-                count += 1
+            with txn.cursor(db=self._occupancy) as cursor:
+                occupancy = {
+                    _SLAB_ID.unpack(key)[0]: int.from_bytes(value, "little")
+                    for key, value in cursor
+                }
+            with txn.cursor(db=self._index) as index, txn.cursor(db=self._slabs) as slabs:
+                for key, location in index:
+                    digest = bytes(key)
+                    slab_id, slot = _LOCATION.unpack(location)
+                    marked = occupancy.get(slab_id, 0) | used.get(slab_id, 0) << self._slab_pages
+                    problem = self._entry_problem(
+                        digest, slabs.get(location[:4]), slot, marked, verify_pages
+                    )
+                    if problem:
+                        raise IntegrityError(f"{self._path}: {digest.hex()[:16]}: {problem}")
+                    used[slab_id] = used.get(slab_id, 0) | 1 << slot
+                    count += 1
             if used != occupancy:
-                raise IntegrityError("slab bitmaps disagree with the index")
+                raise IntegrityError(f"{self._path}: slab bitmaps disagree with the index")
             with txn.cursor(db=self._slabs) as cursor:
                 slab_ids = {
                     _SLAB_ID.unpack(key)[0] for key in cursor.iternext(keys=True, values=False)
                 }
             if slab_ids != set(occupancy):
-                raise IntegrityError("slabs and bitmaps list different slabs")
+                raise IntegrityError(f"{self._path}: slabs and bitmaps list different slabs")
             with txn.cursor(db=self._partial) as cursor:
                 partial = {bytes(key) for key in cursor.iternext(keys=True, values=False)}
             expected = {
@@ -873,5 +883,26 @@ class PageStore:
                 if bitmap.bit_count() < self._slab_pages
             }
             if partial != expected:
-                raise IntegrityError("the partial-slab table disagrees with the bitmaps")
+                raise IntegrityError(f"{self._path}: the partial-slab table disagrees")
         return count
+
+    def _entry_problem(
+        self, digest: bytes, slab: memoryview | None, slot: int, marked: int, verify_page: bool
+    ) -> str | None:
+        """What is wrong with one index entry, if anything.
+
+        ``marked`` holds the slab's occupancy bitmap in its low ``slab_pages`` bits and the
+        slots already claimed by other index entries above them.
+        """
+        if slot >= self._slab_pages or not marked >> slot & 1:
+            return "its slot is not marked used"
+        if marked >> (self._slab_pages + slot) & 1:
+            return "its slot is claimed by another digest too"
+        if slab is None or len(slab) != self._slab_size:
+            return "its slab is missing or short"
+        trailer = self._slab_pages * PAGE_SIZE + slot * DIGEST_SIZE
+        if slab[trailer : trailer + DIGEST_SIZE] != digest:
+            return "the slab's trailer names another page in its slot"
+        if verify_page and digest_page(slab[slot * PAGE_SIZE : (slot + 1) * PAGE_SIZE]) != digest:
+            return "the page does not match its digest"
+        return None

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from tmdht.errors import CapacityError, ConfigError, TmdhtError, UsageError
+from tmdht.errors import CapacityError, ConfigError, IntegrityError, TmdhtError, UsageError
 from tmdht.node.storage import (
     DEFAULT_SLAB_PAGES,
     FORMAT_VERSION,
@@ -403,6 +403,43 @@ def test_an_unknown_format_version_is_refused(tmp_path: Path) -> None:
         txn.put(b"store.format", str(FORMAT_VERSION).encode(), db=env.open_db(b"meta", txn=txn))
     with PageStore.open(tmp_path / "s", capacity_bytes=GIB) as store:
         assert len(store) == 0
+
+
+def corrupt(
+    path: Path, change: Callable[[lmdb.Transaction[bytes], lmdb.Environment], None]
+) -> None:
+    """Change a closed store's LMDB tables behind its back."""
+    with lmdb.open(str(path), max_dbs=8) as env, env.begin(write=True) as txn:
+        change(txn, env)
+
+
+def test_check_finds_damage(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    items = make_items(10, seed=26)
+    with PageStore.open(path, capacity_bytes=GIB) as store:
+        store.put_many(items)
+
+    def flip_a_page_bit(txn: lmdb.Transaction[bytes], env: lmdb.Environment) -> None:
+        slabs = env.open_db(b"slabs", txn=txn, create=False)
+        slab = bytearray(txn.get(b"\0\0\0\0", db=slabs) or b"")
+        slab[3 * PAGE_SIZE + 7] ^= 0x10
+        txn.put(b"\0\0\0\0", slab, db=slabs)
+
+    corrupt(path, flip_a_page_bit)
+    with PageStore.open(path, capacity_bytes=GIB) as store:
+        assert store.check(verify_pages=False) == 10
+        with pytest.raises(IntegrityError, match="does not match"):
+            store.check()
+
+    def drop_an_index_entry(txn: lmdb.Transaction[bytes], env: lmdb.Environment) -> None:
+        txn.delete(items[0][0], db=env.open_db(b"index", txn=txn, create=False))
+
+    corrupt(path, drop_an_index_entry)
+    with (
+        PageStore.open(path, capacity_bytes=GIB) as store,
+        pytest.raises(IntegrityError, match="bitmaps disagree"),
+    ):
+        store.check(verify_pages=False)
 
 
 def test_foreign_lmdb_and_garbage_are_refused(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
@@ -115,7 +116,7 @@ def mine_files(
 def info(catalog: Path, as_json: bool) -> None:
     """Show what a catalog holds and what it was mined from."""
     cat = TemplateCatalog.load(catalog)
-    doc = {
+    doc: dict[str, Any] = {
         "catalog": str(catalog),
         "catalog_id": cat.catalog_id.hex(),
         "templates": len(cat),

@@ -6,5 +6,5 @@ bash scripts/setup.sh
 VENV=${TMDHT_VENV:-build/venv}
 export PATH="$PWD/$VENV/bin:$PATH"
 echo "== ruff" && ruff check .
-echo "== mypy" && mypy tmdht node client cli lab
+echo "== mypy" && bash scripts/typecheck.sh
 echo "== pytest" && python -m pytest -q "$@"

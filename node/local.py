@@ -151,8 +151,11 @@ class LocalCluster:
 
     @property
     def seed(self) -> tuple[str, int]:
-        """Kademlia address of the first node."""
-        return self.nodes[0].address("kademlia")
+        """Kademlia address of the first running node."""
+        for node in self.nodes:
+            if node.running and node.status:
+                return node.address("kademlia")
+        raise ClusterError("no node is running")
 
     def _make(self, index: int) -> NodeProcess:
         data_dir = self.root / f"node-{index}"
@@ -168,14 +171,18 @@ class LocalCluster:
             args.append("--insecure-open")
         else:
             args += ["--cluster-key-file", str(self.key_file)]
-        if index > 0:
-            args += ["--seed", "{seed}"]
+        args += ["--seed", "{seed}"]  # resolved at launch: none for the very first node
         return NodeProcess(index, data_dir, args + self.extra_args, self.root / f"node-{index}.log")
 
     def _launch(self, node: NodeProcess) -> None:
         args = list(node.args)
-        if "{seed}" in args:
-            args[args.index("{seed}")] = "{}:{}".format(*self.seed)
+        # Seed: the first other running node (a restarted first node rejoins through another).
+        others = [n for n in self.nodes if n is not node and n.running and n.status]
+        at = args.index("--seed")
+        if others:
+            args[at + 1] = "{}:{}".format(*others[0].address("kademlia"))
+        else:
+            del args[at : at + 2]
         node.data_dir.mkdir(parents=True, exist_ok=True)
         node._log = node.log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("TMDHT_")}

@@ -532,9 +532,16 @@ class PeerBook:
         dead_ttl: float,
         dead_retry_interval: float,
         max_peers: int,
+        authenticated: bool = False,
     ) -> None:
-        """Create an empty book for the node ``self_id``."""
+        """Create an empty book for the node ``self_id``.
+
+        ``authenticated``: every datagram carries a valid cluster-key tag, so a datagram from a
+        known node at a new address is the node itself (restarted elsewhere) and is believed at
+        once; without a key the known address is probed first (anyone could claim the id).
+        """
         self.self_id = self_id
+        self._authenticated = authenticated
         self._log = _NodeLog(log, {"node": _short(self_id)})
         self.router = RoutingTable(ksize, Node(self_id), self._bucket_full)
         self._max_failures = max_failures
@@ -560,7 +567,7 @@ class PeerBook:
                 return []
             peer = self._peers[node_id] = _Peer(Node(node_id, *addr))
         elif peer.address != addr:
-            if peer.verified and peer.healthy:
+            if peer.verified and peer.healthy and not self._authenticated:
                 # A healthy contact is not moved on one datagram from elsewhere (that would let
                 # anyone hijack it); probe the known address instead. If that fails, the contact
                 # turns suspect and the next datagram from the new address is believed.
@@ -852,6 +859,7 @@ class Overlay:
             dead_ttl=config.dead_ttl,
             dead_retry_interval=config.dead_retry_interval,
             max_peers=config.max_peers,
+            authenticated=config.cluster_key is not None,
         )
         self._protocol: OverlayProtocol | None = None
         self._transport: asyncio.DatagramTransport | None = None

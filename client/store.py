@@ -1,0 +1,607 @@
+"""The client library: resolve and publish template pages through the store cluster.
+
+``async with TemplateStoreClient(seeds=[...], cluster_key=...) as store:`` then
+``await store.get_many(digests)`` returns the pages in request order, each verified against its
+digest, or raises :class:`PagesUnavailable` naming exactly the digests no replica could serve.
+
+How a batch is resolved:
+
+1. The zero page is answered locally (it is never stored) and cached pages are taken from the
+   bounded cache.
+2. The membership view (a client-mode Kademlia overlay: crawled at start, kept current by its
+   membership events) gives every digest its replica list, closest first — one hop, computed
+   locally (:func:`tmdht.placement.replica_indices`).
+3. Digests are grouped per node and sent as pipelined batches (:class:`DataPlaneClient`).
+   A batch whose node is slow is *hedged*: after ``hedge_after`` seconds the same digests go to
+   the next replica too, and the first answer wins. What a node misses, serves corrupt, or
+   never answers goes to the next replica (*failover*); a node that did not answer is avoided
+   for a while and probed through the overlay.
+4. Digests that every replica in the view failed are retried once after re-crawling the ring
+   (the view may have been stale), then reported unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from tmdht import wire
+from tmdht.auth import Authenticator, ClusterKey, KeyRing, load_key
+from tmdht.client.dataplane import DataPlaneClient, GetResult
+from tmdht.errors import TmdhtError, UsageError
+from tmdht.node.overlay import Member, MembershipEventKind, Overlay, OverlayConfig, OverlayError
+from tmdht.pages import ZERO_DIGEST, ZERO_PAGE, digest_page
+from tmdht.placement import replica_indices
+
+__all__ = [
+    "BlockingTemplateStoreClient",
+    "ClientMetrics",
+    "PagesUnavailable",
+    "PublishFailed",
+    "PutSummary",
+    "TemplateStoreClient",
+]
+
+log = logging.getLogger("tmdht.client")
+
+T = TypeVar("T")
+RESOLVE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+    5.0,
+)
+
+
+class PagesUnavailable(TmdhtError):
+    """No replica could serve these digests (every replica down, or the page missing)."""
+
+    def __init__(self, digests: Iterable[bytes]) -> None:
+        self.digests = frozenset(digests)
+        first = min(self.digests).hex()[:16] if self.digests else "-"
+        super().__init__(
+            f"{len(self.digests)} pages unavailable from every replica (first {first})"
+        )
+
+
+class PublishFailed(TmdhtError):
+    """Some pages could not be stored on any replica."""
+
+    def __init__(self, digests: Iterable[bytes], reason: str) -> None:
+        self.digests = frozenset(digests)
+        super().__init__(f"{len(self.digests)} pages not stored: {reason}")
+
+
+@dataclass
+class PutSummary:
+    """What :meth:`TemplateStoreClient.put_many` did."""
+
+    pages: int = 0
+    """Distinct non-zero pages offered."""
+    stored: int = 0
+    """Replica writes of new pages."""
+    present: int = 0
+    """Replica writes that found the page already there."""
+    under_replicated: set[bytes] = field(default_factory=set)
+    """Pages written to fewer than R replicas (the nodes' replication job completes them)."""
+
+
+class ClientMetrics:
+    """Client-side Prometheus metrics, in a registry the caller may pass."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.resolved = Counter(
+            "tmdht_client_pages_resolved_total",
+            "Pages resolved (verified), cache and zero pages included.",
+            registry=r,
+        )
+        self.unavailable = Counter(
+            "tmdht_client_unavailable_pages_total", "Pages no replica could serve.", registry=r
+        )
+        self.batches = Counter(
+            "tmdht_client_batches_total", "GET batches sent to nodes.", registry=r
+        )
+        self.retries = Counter(
+            "tmdht_client_retries_total", "Requests re-sent after lost datagrams.", registry=r
+        )
+        self.failovers = Counter(
+            "tmdht_client_failovers_total",
+            "Pages asked of a further replica after a miss or failure.",
+            registry=r,
+        )
+        self.hedges = Counter(
+            "tmdht_client_hedges_total", "Batches hedged to a second replica.", registry=r
+        )
+        self.verification_failures = Counter(
+            "tmdht_client_verification_failures_total",
+            "Pages that did not match their digest.",
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "tmdht_client_cache_hits_total", "Pages served from the client cache.", registry=r
+        )
+        self.published = Counter(
+            "tmdht_client_pages_published_total", "Replica writes of pages.", registry=r
+        )
+        self.latency = Histogram(
+            "tmdht_client_resolve_duration_seconds",
+            "Time to resolve one get_many call.",
+            buckets=RESOLVE_BUCKETS,
+            registry=r,
+        )
+        self.members = Gauge(
+            "tmdht_client_members", "Store nodes in the client's view.", registry=r
+        )
+
+
+class _Cache:
+    """A bounded LRU of verified pages."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._pages: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+
+    def get(self, digest: bytes) -> bytes | None:
+        page = self._pages.get(digest)
+        if page is not None:
+            self._pages.move_to_end(digest)
+        return page
+
+    def put(self, digest: bytes, page: bytes) -> None:
+        if self.capacity <= 0:
+            return
+        self._pages[digest] = page
+        self._pages.move_to_end(digest)
+        while len(self._pages) > self.capacity:
+            self._pages.popitem(last=False)
+
+
+class TemplateStoreClient:
+    """Resolve and publish pages through a store cluster (see the module docstring)."""
+
+    def __init__(
+        self,
+        seeds: Sequence[tuple[str, int]],
+        *,
+        cluster_key: bytes | str | None = None,
+        open_mode: bool = False,
+        replicas: int = 3,
+        host: str = "127.0.0.1",
+        max_datagram: int = 32768,
+        timeout: float = 0.2,
+        attempts: int = 3,
+        window: int = 16,
+        hedge_after: float = 0.05,
+        avoid_for: float = 5.0,
+        cache_pages: int = 0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        if not seeds:
+            raise UsageError("at least one seed (a node's Kademlia host:port) is needed")
+        if cluster_key is None and not open_mode:
+            raise UsageError("a cluster key is needed (or open_mode=True for an open cluster)")
+        self.seeds = tuple(seeds)
+        self._key = (
+            None
+            if cluster_key is None
+            else (load_key(cluster_key) if isinstance(cluster_key, str) else cluster_key)
+        )
+        self.auth = (
+            Authenticator.open_mode()
+            if self._key is None
+            else Authenticator.keyed(KeyRing(ClusterKey(1, self._key)))
+        )
+        self.replicas = replicas
+        self.host = host
+        self.max_datagram = max_datagram
+        self.timeout = timeout
+        self.attempts = attempts
+        self.window = window
+        self.hedge_after = hedge_after
+        self.avoid_for = avoid_for
+        self.metrics = ClientMetrics(registry)
+        self._cache = _Cache(cache_pages)
+        self._overlay: Overlay | None = None
+        self._dataplane: DataPlaneClient | None = None
+        self._members: list[Member] = []
+        self._ids: list[bytes] = []
+        self._avoid: dict[bytes, float] = {}  # node id -> monotonic time until which it is avoided
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> TemplateStoreClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Open the data-plane socket, join the ring as a client and learn the members."""
+        try:
+            self._dataplane = await DataPlaneClient.open(
+                self.auth,
+                host=self.host,
+                max_datagram=self.max_datagram,
+                timeout=self.timeout,
+                attempts=self.attempts,
+                window=self.window,
+            )
+            self._overlay = await Overlay.start(
+                OverlayConfig(
+                    data_port=0, join=False, host=self.host, seeds=self.seeds, cluster_key=self._key
+                )
+            )
+            await self.refresh()
+            if not self._members:
+                raise TmdhtError(
+                    f"no store node answered at {', '.join(f'{h}:{p}' for h, p in self.seeds)}"
+                )
+            subscription = self._overlay.subscribe(replay=False)
+            self._spawn(self._follow(subscription))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop the background task, the overlay and the socket (idempotent)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._overlay is not None:
+            await self._overlay.stop()
+            self._overlay = None
+        if self._dataplane is not None:
+            await self._dataplane.close()
+            self._dataplane = None
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("client background task failed: %r", t.exception())
+
+        task.add_done_callback(done)
+
+    async def refresh(self) -> list[Member]:
+        """Crawl the ring again and replace the membership view."""
+        if self._overlay is None:
+            raise TmdhtError("client is closed")
+        members = await self._overlay.crawl()
+        self._set_members(members)
+        return members
+
+    def _set_members(self, members: Iterable[Member]) -> None:
+        self._members = sorted(members, key=lambda m: m.node_id)
+        self._ids = [m.node_id for m in self._members]
+        self.metrics.members.set(len(self._members))
+
+    async def _follow(self, subscription: Any) -> None:
+        try:
+            async for event in subscription:
+                if event.kind in (
+                    MembershipEventKind.JOINED,
+                    MembershipEventKind.LEFT,
+                    MembershipEventKind.UPDATED,
+                ):
+                    assert self._overlay is not None
+                    self._set_members(self._overlay.members())
+        finally:
+            subscription.close()
+
+    @property
+    def members(self) -> list[Member]:
+        """The current membership view."""
+        return list(self._members)
+
+    @property
+    def stats(self) -> Any:
+        """Transport counters (datagrams, retries, timeouts, verification failures)."""
+        assert self._dataplane is not None
+        return self._dataplane.stats
+
+    # -- placement ---------------------------------------------------------------------------
+
+    def _replica_lists(self, digests: Sequence[bytes]) -> list[list[int]]:
+        """Per digest, member indices to try in order: the R closest, avoided nodes last."""
+        if not self._members:
+            return [[] for _ in digests]
+        rows: list[list[int]] = replica_indices(digests, self._ids, self.replicas).tolist()
+        now = time.monotonic()
+        avoided = {i for i, m in enumerate(self._members) if self._avoid.get(m.node_id, 0) > now}
+        if avoided:
+            rows = [
+                [i for i in row if i not in avoided] + [i for i in row if i in avoided]
+                for row in rows
+            ]
+        return rows
+
+    def _node_failed(self, index: int) -> None:
+        member = self._members[index]
+        self._avoid[member.node_id] = time.monotonic() + self.avoid_for
+        if self._overlay is not None:
+            self._spawn(self._probe(member.node_id))
+
+    async def _probe(self, node_id: bytes) -> None:
+        assert self._overlay is not None
+        with contextlib.suppress(OverlayError):
+            await self._overlay.probe(node_id)
+            self._avoid.pop(node_id, None)  # it answered: use it again
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get_many(self, digests: Sequence[bytes]) -> list[bytes]:
+        """The pages of ``digests``, in request order, each verified; raises PagesUnavailable."""
+        found, unavailable = await self.resolve(digests)
+        if unavailable:
+            raise PagesUnavailable(unavailable)
+        return [found[d] for d in digests]
+
+    async def resolve(self, digests: Sequence[bytes]) -> tuple[dict[bytes, bytes], set[bytes]]:
+        """Resolve what can be resolved: (pages by digest, digests no replica could serve)."""
+        if self._dataplane is None:
+            raise TmdhtError("client is closed")
+        started = time.perf_counter()
+        found: dict[bytes, bytes] = {}
+        wanted: list[bytes] = []
+        for digest in dict.fromkeys(bytes(d) for d in digests):
+            if len(digest) != 32:
+                raise UsageError(f"a digest is 32 bytes, got {len(digest)}")
+            if digest == ZERO_DIGEST:
+                found[digest] = ZERO_PAGE
+                continue
+            cached = self._cache.get(digest)
+            if cached is not None:
+                found[digest] = cached
+                self.metrics.cache_hits.inc()
+            else:
+                wanted.append(digest)
+        unavailable = await self._fetch(wanted, found)
+        if unavailable:
+            await self.refresh()  # the view may be stale: one more try with a fresh ring
+            unavailable = await self._fetch(sorted(unavailable), found)
+        for digest in wanted:
+            page = found.get(digest)
+            if page is not None:
+                self._cache.put(digest, page)
+        self.metrics.resolved.inc(len(found))
+        self.metrics.unavailable.inc(len(unavailable))
+        self.metrics.latency.observe(time.perf_counter() - started)
+        return found, unavailable
+
+    async def _fetch(self, digests: list[bytes], found: dict[bytes, bytes]) -> set[bytes]:
+        """Ask replicas in order until each digest is found; returns what no replica served."""
+        lists = dict(zip(digests, self._replica_lists(digests), strict=True))
+        position = dict.fromkeys(digests, 0)
+        pending = set(digests)
+        for _ in range(self.replicas + 1):
+            groups: dict[int, list[bytes]] = {}
+            for digest in pending:
+                row = lists[digest]
+                if position[digest] < len(row):
+                    groups.setdefault(row[position[digest]], []).append(digest)
+            if not groups:
+                break
+            results = await asyncio.gather(
+                *(self._hedged(node, ds, lists, position) for node, ds in groups.items())
+            )
+            for pages in results:
+                found.update(pages)
+            for ds in groups.values():
+                for digest in ds:
+                    if digest in found:
+                        pending.discard(digest)
+                    else:
+                        position[digest] += 1
+                        self.metrics.failovers.inc()
+        return pending
+
+    async def _hedged(
+        self,
+        node: int,
+        digests: list[bytes],
+        lists: dict[bytes, list[int]],
+        position: dict[bytes, int],
+    ) -> dict[bytes, bytes]:
+        """GET from ``node``; if it is slow, also from each digest's next replica. First wins."""
+        assert self._dataplane is not None
+        self.metrics.batches.inc()
+        dataplane = self._dataplane
+        primary = asyncio.ensure_future(
+            dataplane.get_pages(self._members[node].data_address, digests)
+        )
+        done, _ = await asyncio.wait({primary}, timeout=self.hedge_after)
+        if done:
+            return self._absorb(node, primary.result())
+        # Slow: ask the next replica of each digest as well.
+        hedges: dict[int, list[bytes]] = {}
+        for digest in digests:
+            row = lists[digest]
+            nxt = position[digest] + 1
+            if nxt < len(row):
+                hedges.setdefault(row[nxt], []).append(digest)
+        tasks = {primary: node}
+        for other, ds in hedges.items():
+            self.metrics.hedges.inc()
+            tasks[
+                asyncio.ensure_future(dataplane.get_pages(self._members[other].data_address, ds))
+            ] = other
+        found: dict[bytes, bytes] = {}
+        want = set(digests)
+        try:
+            remaining = set(tasks)
+            while remaining and not want <= found.keys():
+                done, remaining = await asyncio.wait(remaining, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    found.update(self._absorb(tasks[task], task.result()))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return found
+
+    def _absorb(self, node: int, result: GetResult) -> dict[bytes, bytes]:
+        if result.corrupt:
+            self.metrics.verification_failures.inc(len(result.corrupt))
+            log.warning(
+                "node %s served %d corrupt pages",
+                self._members[node].node_id.hex()[:16],
+                len(result.corrupt),
+            )
+        if result.unanswered:
+            self._node_failed(node)
+        return result.pages
+
+    async def has_many(self, digests: Sequence[bytes]) -> list[bool]:
+        """Whether any replica holds each digest (the zero page counts as held)."""
+        assert self._dataplane is not None
+        unique = [d for d in dict.fromkeys(bytes(d) for d in digests) if d != ZERO_DIGEST]
+        held: set[bytes] = {ZERO_DIGEST}
+        lists = dict(zip(unique, self._replica_lists(unique), strict=True))
+        pending = set(unique)
+        for step in range(self.replicas):
+            groups: dict[int, list[bytes]] = {}
+            for digest in pending:
+                if step < len(lists[digest]):
+                    groups.setdefault(lists[digest][step], []).append(digest)
+            results = await asyncio.gather(
+                *(
+                    self._dataplane.has(self._members[n].data_address, ds)
+                    for n, ds in groups.items()
+                )
+            )
+            for result in results:
+                held |= result.held
+            pending -= held
+            if not pending:
+                break
+        return [bytes(d) in held for d in digests]
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def put_many(self, pages: Iterable[bytes | tuple[bytes, bytes]]) -> PutSummary:
+        """Store pages on their R replicas; raises PublishFailed for pages stored nowhere."""
+        if self._dataplane is None:
+            raise TmdhtError("client is closed")
+        items: dict[bytes, bytes] = {}
+        for item in pages:
+            digest, page = item if isinstance(item, tuple) else (digest_page(item), item)
+            if len(page) != 4096:
+                raise UsageError(f"a page is 4096 bytes, got {len(page)}")
+            if digest != ZERO_DIGEST:
+                items[bytes(digest)] = bytes(page)
+        summary = PutSummary(pages=len(items))
+        digests = list(items)
+        per_node: dict[int, list[tuple[bytes, bytes]]] = {}
+        for digest, row in zip(digests, self._replica_lists(digests), strict=True):
+            for node in row:
+                per_node.setdefault(node, []).append((digest, items[digest]))
+        nodes = list(per_node)
+        outcomes = await asyncio.gather(
+            *(self._dataplane.put_pages(self._members[n].data_address, per_node[n]) for n in nodes)
+        )
+        copies: collections.Counter[bytes] = collections.Counter()
+        rejected: dict[bytes, str] = {}
+        for node, outcome in zip(nodes, outcomes, strict=True):
+            if outcome.unanswered:
+                self._node_failed(node)
+            for digest, status in outcome.status.items():
+                if status == wire.PutStatus.STORED:
+                    summary.stored += 1
+                    copies[digest] += 1
+                elif status == wire.PutStatus.PRESENT:
+                    summary.present += 1
+                    copies[digest] += 1
+                else:
+                    rejected[digest] = status.name.lower()
+        self.metrics.published.inc(summary.stored + summary.present)
+        wanted = min(self.replicas, len(self._members))
+        summary.under_replicated = {d for d in digests if 0 < copies[d] < wanted}
+        failed = [d for d in digests if copies[d] == 0]
+        if failed:
+            reasons = sorted({rejected.get(d, "no replica answered") for d in failed})
+            raise PublishFailed(failed, ", ".join(reasons))
+        return summary
+
+
+class BlockingTemplateStoreClient:
+    """The same client for callers without an event loop: a loop runs on a thread it owns."""
+
+    def __init__(self, seeds: Sequence[tuple[str, int]], **kw: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="tmdht-client", daemon=True
+        )
+        self._thread.start()
+        self._client = TemplateStoreClient(seeds, **kw)
+        try:
+            self._call(self._client.start())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> BlockingTemplateStoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def metrics(self) -> ClientMetrics:
+        """The client's Prometheus metrics."""
+        return self._client.metrics
+
+    def get_many(self, digests: Sequence[bytes]) -> list[bytes]:
+        """See :meth:`TemplateStoreClient.get_many`."""
+        return self._call(self._client.get_many(digests))
+
+    def resolve(self, digests: Sequence[bytes]) -> tuple[dict[bytes, bytes], set[bytes]]:
+        """See :meth:`TemplateStoreClient.resolve`."""
+        return self._call(self._client.resolve(digests))
+
+    def put_many(self, pages: Iterable[bytes | tuple[bytes, bytes]]) -> PutSummary:
+        """See :meth:`TemplateStoreClient.put_many`."""
+        return self._call(self._client.put_many(pages))
+
+    def has_many(self, digests: Sequence[bytes]) -> list[bool]:
+        """See :meth:`TemplateStoreClient.has_many`."""
+        return self._call(self._client.has_many(digests))
+
+    def close(self) -> None:
+        """Close the client and stop the loop thread."""
+        if self._thread.is_alive():
+            self._call(self._client.close())
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()

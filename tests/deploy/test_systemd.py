@@ -1,0 +1,154 @@
+"""deploy/systemd: systemd-analyze verifies the unit (pointed at the installed tmdht), rates its
+hardening, and its command line and sample config agree with what the node accepts."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "tmdht-node@.service"
+SAMPLE = UNIT.with_name("node.toml")
+INSTALLED_AS = "/opt/tmdht/bin/tmdht"
+MAX_EXPOSURE = 2.0  # systemd-analyze security: 0 is locked down, 10 is wide open
+
+
+def unit_entries(text: str) -> dict[str, list[str]]:
+    """'Section.Key' -> values, in order (repeated keys accumulate)."""
+    entries: dict[str, list[str]] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        entries.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return entries
+
+
+ENTRIES = unit_entries(UNIT.read_text())
+
+
+def exec_start(instance: str = "a", credentials: str = "/run/credentials/x") -> list[str]:
+    (line,) = ENTRIES["Service.ExecStart"]
+    return shlex.split(line.replace("%i", instance).replace("%d", credentials))
+
+
+@pytest.fixture(scope="module")
+def unit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The unit, as a template and as an instance, with ExecStart naming the installed tmdht."""
+    tmdht = Path(sys.executable).with_name("tmdht")
+    assert tmdht.exists(), f"no tmdht console script beside {sys.executable}"
+    text = UNIT.read_text()
+    assert text.count(INSTALLED_AS) == 1, f"ExecStart should run {INSTALLED_AS}"
+    directory = tmp_path_factory.mktemp("systemd")
+    for name in ("tmdht-node@.service", "tmdht-node@a.service"):
+        (directory / name).write_text(text.replace(INSTALLED_AS, str(tmdht)))
+    return directory
+
+
+@pytest.mark.parametrize("name", ["tmdht-node@.service", "tmdht-node@a.service"])
+def test_systemd_analyze_verifies_the_unit(
+    unit_dir: Path, name: str, debian_tool: Callable[[str], str]
+) -> None:
+    proc = subprocess.run(
+        [debian_tool("systemd-analyze"), "verify", "--man=no", str(unit_dir / name)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    # verify exits 0 on unknown keys and bad values too, and only warns: any line about our unit
+    # (lines about the host's own units are not ours to judge) is a failure.
+    ours = [
+        line
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if "tmdht-node" in line or str(unit_dir) in line
+    ]
+    assert proc.returncode == 0 and not ours, proc.stdout + proc.stderr
+
+
+def test_verify_catches_what_it_should(
+    tmp_path: Path, unit_dir: Path, debian_tool: Callable[[str], str]
+) -> None:
+    """The check above is not vacuous: a typo'd key and a missing binary are reported."""
+    broken = (unit_dir / "tmdht-node@a.service").read_text()
+    broken = broken.replace("NoNewPrivileges=", "NoNewPrivilege=")
+    broken = re.sub(r"ExecStart=\S+", "ExecStart=/nonexistent/tmdht", broken)
+    path = tmp_path / "tmdht-node@b.service"
+    path.write_text(broken)
+    proc = subprocess.run(
+        [debian_tool("systemd-analyze"), "verify", "--man=no", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert "NoNewPrivilege" in output and "/nonexistent/tmdht" in output
+
+
+def test_hardening_exposure_is_low(unit_dir: Path, debian_tool: Callable[[str], str]) -> None:
+    proc = subprocess.run(
+        [debian_tool("systemd-analyze"), "security", "--offline=yes", "--no-pager",
+         str(unit_dir / "tmdht-node@a.service")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", proc.stdout)
+    assert match, proc.stdout + proc.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE, proc.stdout
+
+
+def test_unit_has_the_required_settings() -> None:
+    one = {key: values[-1] for key, values in ENTRIES.items()}
+    assert one["Service.DynamicUser"] == "yes"
+    assert one["Service.StateDirectory"] == "tmdht/%i"
+    assert one["Service.ProtectSystem"] == "strict"
+    assert one["Service.NoNewPrivileges"] == "yes"
+    assert int(one["Service.LimitNOFILE"]) >= 65536
+    assert one["Service.Restart"] == "on-failure"
+    assert one["Service.KillSignal"] == "SIGTERM"
+    # The node drains for up to 10 s (DRAIN_TIMEOUT) before closing LMDB: allow that.
+    from tmdht.node.service import DRAIN_TIMEOUT
+
+    assert float(one["Service.TimeoutStopSec"]) >= 2 * DRAIN_TIMEOUT
+    assert one["Install.WantedBy"] == "multi-user.target"
+
+
+def test_exec_start_uses_real_flags_and_the_units_paths(node_run_flags: set[str]) -> None:
+    argv = exec_start()
+    assert argv[:3] == [INSTALLED_AS, "node", "run"]
+    used = {arg for arg in argv if arg.startswith("-")}
+    assert used <= node_run_flags, f"unknown flags: {sorted(used - node_run_flags)}"
+    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    assert flags["--config"] == "/etc/tmdht/a.toml"
+    # data_dir is the StateDirectory, the key file the credential the unit loads.
+    assert flags["--data-dir"] == "/var/lib/" + ENTRIES["Service.StateDirectory"][0].replace(
+        "%i", "a"
+    )
+    name, _, source = ENTRIES["Service.LoadCredential"][0].partition(":")
+    assert flags["--cluster-key-file"] == f"/run/credentials/x/{name}"
+    assert source == "/etc/tmdht/cluster.key"
+    assert ENTRIES["Unit.ConditionPathExists"] == ["/etc/tmdht/%i.toml"]
+
+
+def test_sample_config_is_accepted(
+    node_config: Callable[..., Any], node_defaults: dict[str, Any]
+) -> None:
+    flags = dict(zip(exec_start()[3::2], exec_start()[4::2], strict=True))
+    config = node_config(
+        SAMPLE.read_text(),
+        flags={"data_dir": flags["--data-dir"], "cluster_key_file": flags["--cluster-key-file"]},
+    )
+    assert config.host == "0.0.0.0" and config.advertise_host
+    for port in ("kademlia_port", "data_port", "metrics_port"):
+        assert getattr(config, port) == node_defaults[port]
+    assert {host for host, _ in config.seeds} and {p for _, p in config.seeds} == {
+        node_defaults["kademlia_port"]
+    }
+    # The unit owns these two: the sample must not pretend to set them.
+    text = SAMPLE.read_text()
+    assert not re.search(r"^\s*(data_dir|cluster_key_file)\s*=", text, re.M)

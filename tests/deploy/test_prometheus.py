@@ -6,11 +6,11 @@ loaded, and its HTTP API shows every node up with its tmdht metrics."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import subprocess
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -144,8 +144,8 @@ def poll(check: Callable[[], Any], what: str, proc: subprocess.Popen[bytes], log
             )
         try:
             last = check()
-        except (urllib.error.URLError, ConnectionError):
-            last = None  # not listening yet
+        except OSError:  # URLError, refused, reset, timeout: not listening (yet)
+            last = None
         if last:
             return last
         if time.monotonic() > deadline:
@@ -178,24 +178,52 @@ def prometheus(
         f"scrape_configs:\n  - job_name: {NODE_JOB}\n    static_configs:\n"
         f"      - targets: [{targets}]\n"
     )
-    port = free_port()
     log = root / "prometheus.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [debian_tool("prometheus"), f"--config.file={config}",
-             f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-             "--log.level=warn"],
-            stdout=out, stderr=out, cwd=root,
-        )  # fmt: skip
+    proc, base = start_prometheus(debian_tool("prometheus"), config, root, log)
     try:
-        yield f"http://127.0.0.1:{port}", proc, log
+        yield base, proc, log
     finally:
-        proc.terminate()
+        stop(proc)
+
+
+def start_prometheus(
+    binary: str, config: Path, root: Path, log: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start Prometheus on a free port and wait until it is ready. The port is free when
+    chosen but another process may take it first: then try another (at most 3 times)."""
+    for _ in range(3):
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                stdout=out, stderr=out, cwd=root,
+            )  # fmt: skip
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+            poll(functools.partial(ready, base), "prometheus ready", proc, log)
+            return proc, base
+        except AssertionError:
+            stop(proc)
+            if "address already in use" not in log.read_text():
+                raise
+    raise AssertionError("no free port for prometheus in 3 tries")
+
+
+def ready(base: str) -> bool:
+    with urllib.request.urlopen(f"{base}/-/ready", timeout=5) as response:
+        return response.status == 200
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process we started, SIGKILL it if it does not exit in 20 s."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 @pytest.mark.slow

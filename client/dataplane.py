@@ -35,6 +35,7 @@ __all__ = [
     "Address",
     "ClientStats",
     "DataPlaneClient",
+    "Gate",
     "GetResult",
     "HasResult",
     "NodeUnreachableError",
@@ -135,6 +136,16 @@ class PutOutcome:
 
     status: dict[bytes, wire.PutStatus] = field(default_factory=dict)
     unanswered: set[bytes] = field(default_factory=set)
+
+
+class Gate:
+    """Lets a caller cancel a queued request cheaply and learn when it actually went out."""
+
+    __slots__ = ("sent", "wanted")
+
+    def __init__(self, wanted: Callable[[], bool]) -> None:
+        self.wanted = wanted
+        self.sent = asyncio.Event()
 
 
 class _Exchange:
@@ -288,7 +299,7 @@ class DataPlaneClient:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(exchange.done), self.timeout)
         finally:
-            del self._pending[request_id]
+            self._pending.pop(request_id, None)  # close() may have cleared it already
         if exchange.done.done() and not exchange.done.cancelled():
             self.stats.observe(time.perf_counter() - started)
         else:
@@ -301,10 +312,19 @@ class DataPlaneClient:
         items: Sequence[bytes],
         build: Callable[[tuple[bytes, ...], int], wire.Message],
         absorb: Callable[[wire.Message], Iterable[bytes]],
+        gate: Gate | None = None,
     ) -> set[bytes]:
-        """Ask until every item was mentioned by some answer; returns the unanswered ones."""
+        """Ask until every item was mentioned by some answer; returns the unanswered ones.
+
+        ``gate``: checked once a window slot is free (a caller may no longer want this node:
+        then nothing is sent and every item is unanswered), and told when the request is sent.
+        """
         remaining = dict.fromkeys(items)
         async with self._window(address):
+            if gate is not None:
+                if not gate.wanted():
+                    return set(remaining)
+                gate.sent.set()
             for attempt in range(self.attempts):
                 if not remaining:
                     break
@@ -332,7 +352,9 @@ class DataPlaneClient:
         pages = wire.max_pages_per_datagram(self.max_datagram) * RESPONSE_DATAGRAMS_PER_REQUEST
         return min(pages, wire.max_digests_per_request(self.max_datagram))
 
-    async def get_pages(self, address: Address, digests: Sequence[bytes]) -> GetResult:
+    async def get_pages(
+        self, address: Address, digests: Sequence[bytes], gate: Gate | None = None
+    ) -> GetResult:
         """Fetch pages from one node; every page returned is verified."""
         result = GetResult()
 
@@ -357,7 +379,7 @@ class DataPlaneClient:
 
         batches = self._batches(list(dict.fromkeys(digests)), self.get_batch_size())
         unanswered = await asyncio.gather(
-            *(self._with_retries(address, b, build, absorb) for b in batches)
+            *(self._with_retries(address, b, build, absorb, gate) for b in batches)
         )
         for u in unanswered:
             result.unanswered |= u

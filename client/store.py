@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tmdht import wire
 from tmdht.auth import Authenticator, ClusterKey, KeyRing, load_key
-from tmdht.client.dataplane import DataPlaneClient, GetResult
+from tmdht.client.dataplane import DataPlaneClient, Gate, GetResult
 from tmdht.errors import TmdhtError, UsageError
 from tmdht.node.overlay import Member, MembershipEventKind, Overlay, OverlayConfig, OverlayError
 from tmdht.pages import ZERO_DIGEST, ZERO_PAGE, digest_page
@@ -394,15 +394,42 @@ class TemplateStoreClient:
         self.metrics.latency.observe(time.perf_counter() - started)
         return found, unavailable
 
+    def _avoided(self, node: int) -> bool:
+        return self._avoid.get(self._members[node].node_id, 0.0) > time.monotonic()
+
     async def _fetch(self, digests: list[bytes], found: dict[bytes, bytes]) -> set[bytes]:
-        """Ask replicas in order until each digest is found; returns what no replica served."""
+        """Resolve ``digests`` into ``found``; returns what no replica served."""
+        assert self._dataplane is not None
         lists = dict(zip(digests, self._replica_lists(digests), strict=True))
+        by_first: dict[int, list[bytes]] = {}
+        unplaced: set[bytes] = set()
+        for digest in digests:
+            row = lists[digest]
+            if row:
+                by_first.setdefault(row[0], []).append(digest)
+            else:
+                unplaced.add(digest)
+        size = self._dataplane.get_batch_size()
+        chunks = [ds[i : i + size] for ds in by_first.values() for i in range(0, len(ds), size)]
+        results = await asyncio.gather(*(self._chunk(chunk, lists) for chunk in chunks))
+        for pages, missing in results:
+            found.update(pages)
+            unplaced |= missing
+        return unplaced
+
+    async def _chunk(
+        self, digests: list[bytes], lists: dict[bytes, list[int]]
+    ) -> tuple[dict[bytes, bytes], set[bytes]]:
+        """One batch: ask each digest's replicas in order (hedging slow ones) until found."""
+        found: dict[bytes, bytes] = {}
         position = dict.fromkeys(digests, 0)
-        pending = set(digests)
+        pending = list(digests)
         for _ in range(self.replicas + 1):
             groups: dict[int, list[bytes]] = {}
             for digest in pending:
                 row = lists[digest]
+                while position[digest] < len(row) - 1 and self._avoided(row[position[digest]]):
+                    position[digest] += 1  # a replica that just failed: go on to the next
                 if position[digest] < len(row):
                     groups.setdefault(row[position[digest]], []).append(digest)
             if not groups:
@@ -412,14 +439,13 @@ class TemplateStoreClient:
             )
             for pages in results:
                 found.update(pages)
-            for ds in groups.values():
-                for digest in ds:
-                    if digest in found:
-                        pending.discard(digest)
-                    else:
-                        position[digest] += 1
-                        self.metrics.failovers.inc()
-        return pending
+            pending = [d for d in pending if d not in found]
+            for digest in pending:
+                position[digest] += 1
+            self.metrics.failovers.inc(len(pending))
+            if not pending:
+                break
+        return found, set(pending)
 
     async def _hedged(
         self,
@@ -428,17 +454,27 @@ class TemplateStoreClient:
         lists: dict[bytes, list[int]],
         position: dict[bytes, int],
     ) -> dict[bytes, bytes]:
-        """GET from ``node``; if it is slow, also from each digest's next replica. First wins."""
+        """GET from ``node``; if it has not answered ``hedge_after`` seconds after the request
+        went out, ask each digest's next replica too. The first answer wins."""
         assert self._dataplane is not None
-        self.metrics.batches.inc()
         dataplane = self._dataplane
+        self.metrics.batches.inc()
+        # A node that fails meanwhile is skipped before its queued request goes out, unless it
+        # is the last replica some digest has.
+        last_chance = any(position[d] >= len(lists[d]) - 1 for d in digests)
+        gate = Gate(lambda: last_chance or not self._avoided(node))
         primary = asyncio.ensure_future(
-            dataplane.get_pages(self._members[node].data_address, digests)
+            dataplane.get_pages(self._members[node].data_address, digests, gate)
         )
-        done, _ = await asyncio.wait({primary}, timeout=self.hedge_after)
-        if done:
+        sent = asyncio.ensure_future(gate.sent.wait())
+        try:
+            await asyncio.wait({primary, sent}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sent.cancel()
+        if not primary.done():
+            await asyncio.wait({primary}, timeout=self.hedge_after)
+        if primary.done():
             return self._absorb(node, primary.result())
-        # Slow: ask the next replica of each digest as well.
         hedges: dict[int, list[bytes]] = {}
         for digest in digests:
             row = lists[digest]
@@ -473,7 +509,7 @@ class TemplateStoreClient:
                 self._members[node].node_id.hex()[:16],
                 len(result.corrupt),
             )
-        if result.unanswered:
+        if result.unanswered and not self._avoided(node):
             self._node_failed(node)
         return result.pages
 

@@ -20,6 +20,7 @@ shutdown.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -39,6 +40,8 @@ log = logging.getLogger("tmdht.node.replication")
 
 CHUNK: Final = 1024
 """Digests examined per step of a sweep."""
+FRESH_DELAY: Final = 1.0
+"""Seconds between a client's PUT and the check that its pages are on their replicas."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +98,9 @@ class Replicator:
         self.clock = clock
         self.on_unanswered = on_unanswered
         self.last_report: SweepReport | None = None
-        self._fresh: list[bytes] = []  # pages stored by clients, to push to their replicas
+        # Pages stored by clients, to check on their replicas once FRESH_DELAY has passed (the
+        # client usually writes every replica itself; by then a HAS finds them all there).
+        self._fresh: collections.deque[tuple[float, list[bytes]]] = collections.deque()
         self.sweeps = 0
         self._wake = asyncio.Event()
         self._changed = False
@@ -109,21 +114,28 @@ class Replicator:
         self._wake.set()
 
     def pages_added(self, digests: Sequence[bytes]) -> None:
-        """Pages a client stored here: copy them to their replicas now, not at the next sweep."""
-        self._fresh.extend(digests)
+        """Pages a client stored here: see to their replicas soon, not at the next sweep."""
+        self._fresh.append((self.clock() + FRESH_DELAY, list(digests)))
         self._wake.set()
 
+    def _fresh_due(self) -> float:
+        return self._fresh[0][0] if self._fresh else float("inf")
+
     async def _push_fresh(self) -> None:
-        while self._fresh:
-            batch, self._fresh = self._fresh[:CHUNK], self._fresh[CHUNK:]
-            await self._step(sorted(set(batch)), SweepReport())
+        batch: list[bytes] = []
+        while self._fresh and self._fresh[0][0] <= self.clock():
+            batch.extend(self._fresh.popleft()[1])
+            if len(batch) >= CHUNK or not self._fresh or self._fresh[0][0] > self.clock():
+                await self._step(sorted(set(batch)), SweepReport())
+                batch = []
 
     async def run(self) -> None:
         """Push fresh pages as they come; sweep on membership changes and every ``interval``."""
         next_sweep = self.clock() + self.interval
         while True:
+            wait = min(next_sweep, self._fresh_due()) - self.clock()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - self.clock()))
+                await asyncio.wait_for(self._wake.wait(), max(0.0, wait))
             self._wake.clear()
             await self._push_fresh()
             if not self._changed and self.clock() < next_sweep:

@@ -15,6 +15,7 @@ import pytest
 
 UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "tmdht-node@.service"
 SAMPLE = UNIT.with_name("node.toml")
+SYSCTL = UNIT.with_name("90-tmdht.conf")
 INSTALLED_AS = "/opt/tmdht/bin/tmdht"
 MAX_EXPOSURE = 2.0  # systemd-analyze security: 0 is locked down, 10 is wide open
 
@@ -152,3 +153,17 @@ def test_sample_config_is_accepted(
     # The unit owns these two: the sample must not pretend to set them.
     text = SAMPLE.read_text()
     assert not re.search(r"^\s*(data_dir|cluster_key_file)\s*=", text, re.M)
+
+
+def test_sysctl_lets_sockets_get_the_buffers_they_ask_for() -> None:
+    from tmdht.client.dataplane import SOCKET_BUFFER
+    from tmdht.node.overlay import OverlayConfig
+
+    values = {}
+    for raw in SYSCTL.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            values[key.strip()] = int(value)
+    wanted = max(SOCKET_BUFFER, OverlayConfig(data_port=1).socket_buffer_bytes)
+    assert values == {"net.core.rmem_max": wanted, "net.core.wmem_max": wanted}

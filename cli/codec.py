@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
@@ -13,6 +14,7 @@ from typing import Any
 import click
 
 from tmdht.catalog import TemplateCatalog
+from tmdht.cli.access import cluster_options, store_kwargs
 from tmdht.cli.main import emit_json, human_bytes, stdout
 from tmdht.cli.progress import page_progress
 from tmdht.dedup_stream import (
@@ -30,6 +32,7 @@ from tmdht.pages import PAGE_SIZE, ZERO_PAGE, check_page, digest_page
 
 BATCH_PAGES = 1024
 READ_CHUNK = 1 << 20
+RESOLVE_WINDOW = 8192
 
 
 @click.command()
@@ -118,21 +121,126 @@ def _stream_events(
     decoder.close()
 
 
-def _locate_templates(
-    needed: set[bytes], images: list[MemoryImage]
-) -> dict[bytes, tuple[MemoryImage, int]]:
-    """Find a page for each needed digest in the images (hashing them until all are found)."""
-    found: dict[bytes, tuple[MemoryImage, int]] = {}
-    for image in images:
-        for index, page in enumerate(image.iter_pages()):
-            if page == ZERO_PAGE:
-                continue
-            digest = digest_page(page)
-            if digest in needed and digest not in found:
-                found[digest] = (image, index)
-                if len(found) == len(needed):
-                    return found
-    return found
+class PageSource:
+    """Where a rebuild gets template pages from."""
+
+    async def prepare(self, needed: set[bytes]) -> None:
+        """Called once with every template digest of the stream (sources that must search)."""
+
+    async def fetch(self, digests: list[bytes]) -> dict[bytes, bytes]:
+        """Verified pages for ``digests``; raise if some cannot be had."""
+        raise NotImplementedError
+
+    needs_scan = False
+    """True if :meth:`prepare` must see the digests first (an extra pass over the stream)."""
+
+
+class ImagePages(PageSource):
+    """Template pages found in local memory images (each read is verified)."""
+
+    needs_scan = True
+
+    def __init__(self, images: list[MemoryImage]) -> None:
+        self.images = images
+        self.located: dict[bytes, tuple[MemoryImage, int]] = {}
+
+    async def prepare(self, needed: set[bytes]) -> None:
+        for image in self.images:
+            for index, page in enumerate(image.iter_pages()):
+                if page == ZERO_PAGE:
+                    continue
+                digest = digest_page(page)
+                if digest in needed and digest not in self.located:
+                    self.located[digest] = (image, index)
+                    if len(self.located) == len(needed):
+                        return
+        missing = sorted(needed - self.located.keys())
+        if missing:
+            raise UsageError(
+                f"{len(missing)} template pages are in none of the --pages-from images "
+                f"(first: {missing[0].hex()})"
+            )
+
+    async def fetch(self, digests: list[bytes]) -> dict[bytes, bytes]:
+        out = {}
+        for digest in digests:
+            image, index = self.located[digest]
+            page = image.page(index)
+            check_page(digest, page)  # the image may have changed since the scan
+            out[digest] = bytes(page)
+        return out
+
+
+class ClusterPages(PageSource):
+    """Template pages resolved through a store cluster (verified by the client)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    async def fetch(self, digests: list[bytes]) -> dict[bytes, bytes]:
+        pages: dict[bytes, bytes] = dict(
+            zip(digests, await self.store.get_many(digests), strict=True)
+        )
+        return pages
+
+
+async def rebuild_stream(
+    stream: Path, output: Path, source: PageSource, expected_catalog_id: bytes | None = None
+) -> dict[str, Any]:
+    """Rebuild a stream's raw memory into ``output`` (atomically), templates from ``source``.
+
+    Template records are resolved in windows of :data:`RESOLVE_WINDOW` digests, so memory stays
+    bounded whatever the stream's size; the memory digest is checked at the end.
+    """
+    started = time.perf_counter()
+    distinct: set[bytes] = set()
+    if source.needs_scan:
+        for event in _stream_events(stream, verify=False, expected_catalog_id=expected_catalog_id):
+            if isinstance(event, TemplatePage):
+                distinct.add(event.digest)
+        await source.prepare(distinct)
+    end: StreamEnd | None = None
+    with contextlib.ExitStack() as stack:
+        writer: ImageWriter | None = None  # aborted by the exit stack unless committed
+        window: list[TemplatePage] = []
+
+        async def flush() -> None:
+            assert writer is not None
+            pages = await source.fetch(list(dict.fromkeys(t.digest for t in window)))
+            for t in window:
+                writer.write_page(t.index, pages[t.digest])
+            distinct.update(pages)
+            window.clear()
+
+        for event in _stream_events(stream, verify=True, expected_catalog_id=expected_catalog_id):
+            if isinstance(event, FullPage):
+                assert writer is not None
+                writer.write_page(event.index, event.data)
+            elif isinstance(event, TemplatePage):
+                window.append(event)
+                if len(window) >= RESOLVE_WINDOW:
+                    await flush()
+            elif isinstance(event, StreamEnd):
+                end = event
+            elif isinstance(event, StreamStart):
+                writer = stack.enter_context(ImageWriter(output, event.blocks))
+            # ZeroRun: nothing to write, the output file is sparse
+        if window:
+            await flush()
+        assert writer is not None and end is not None
+        writer.commit()
+    return {
+        "stream": str(stream),
+        "output": str(output),
+        "pages": end.pages,
+        "full_pages": end.full,
+        "zero_pages": end.zero,
+        "template_pages": end.template,
+        "distinct_templates": len(distinct),
+        "bytes": writer.size,
+        "memory_digest": end.memory_digest.hex(),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 @click.command()
@@ -142,8 +250,9 @@ def _locate_templates(
     "pages_from",
     multiple=True,
     type=click.Path(path_type=Path),
-    help="Memory image holding template pages (repeatable).",
+    help="Memory image holding template pages (repeatable); or use --seed.",
 )
+@cluster_options
 @click.option(
     "-c",
     "--catalog",
@@ -162,15 +271,25 @@ def _locate_templates(
 def rebuild(
     stream: Path,
     pages_from: tuple[Path, ...],
+    seeds: tuple[str, ...],
+    cluster_key_file: Path | None,
+    insecure_open: bool,
     catalog_path: Path | None,
     output: Path,
     as_json: bool,
 ) -> None:
-    """Rebuild the raw memory of a dedup STREAM, resolving template pages from local images."""
-    if not pages_from:
-        raise UsageError("say where template pages come from: --pages-from IMAGE")
+    """Rebuild the raw memory of a dedup STREAM: template pages from the cluster or local images."""
+    if bool(pages_from) == bool(seeds):
+        raise UsageError(
+            "say where template pages come from: --seed HOST:PORT or --pages-from IMAGE"
+        )
     expected = TemplateCatalog.load(catalog_path).catalog_id if catalog_path else None
-    doc = rebuild_from_images(stream, pages_from, output, expected)
+    if pages_from:
+        doc = rebuild_from_images(stream, pages_from, output, expected)
+    else:
+        doc = rebuild_from_cluster(
+            stream, output, store_kwargs(seeds, cluster_key_file, insecure_open), expected
+        )
     if as_json:
         emit_json(doc)
         return
@@ -187,53 +306,24 @@ def rebuild_from_images(
     output: Path,
     expected_catalog_id: bytes | None = None,
 ) -> dict[str, Any]:
-    """Rebuild a stream's raw memory into ``output``, template pages from local images."""
-    expected = expected_catalog_id
-    started = time.perf_counter()
-    # Pass 1: which templates does the stream need? (its memory digest is checked in pass 2)
-    needed: set[bytes] = set()
-    for event in _stream_events(stream, verify=False, expected_catalog_id=expected):
-        if isinstance(event, TemplatePage):
-            needed.add(event.digest)
+    """Rebuild with template pages from local images."""
     with contextlib.ExitStack() as stack:
         images = [stack.enter_context(open_image(p)) for p in pages_from]
-        located = _locate_templates(needed, images)
-        if len(located) < len(needed):
-            missing = sorted(needed - located.keys())
-            raise UsageError(
-                f"{len(missing)} template pages are in none of the --pages-from images "
-                f"(first: {missing[0].hex()})"
+        return asyncio.run(rebuild_stream(stream, output, ImagePages(images), expected_catalog_id))
+
+
+def rebuild_from_cluster(
+    stream: Path, output: Path, store_args: dict[str, Any], expected_catalog_id: bytes | None = None
+) -> dict[str, Any]:
+    """Rebuild with template pages resolved through a store cluster."""
+    from tmdht.client.store import TemplateStoreClient  # noqa: PLC0415 - IO stack on demand
+
+    async def main() -> dict[str, Any]:
+        async with TemplateStoreClient(**store_args, cache_pages=65536) as store:
+            doc = await rebuild_stream(stream, output, ClusterPages(store), expected_catalog_id)
+            doc["cache_hits"] = store.metrics.registry.get_sample_value(
+                "tmdht_client_cache_hits_total"
             )
-        end: StreamEnd | None = None
-        writer: ImageWriter | None = None  # aborted by the exit stack unless committed
-        for event in _stream_events(stream, verify=True, expected_catalog_id=expected):
-            if isinstance(event, FullPage):
-                assert writer is not None
-                writer.write_page(event.index, event.data)
-            elif isinstance(event, TemplatePage):
-                assert writer is not None
-                image, index = located[event.digest]
-                page = image.page(index)
-                check_page(event.digest, page)  # the source image may have changed
-                writer.write_page(event.index, page)
-            elif isinstance(event, StreamEnd):
-                end = event
-            elif isinstance(event, StreamStart):
-                writer = stack.enter_context(ImageWriter(output, event.blocks))
-            # ZeroRun: nothing to write, the output file is sparse
-        assert writer is not None and end is not None
-        writer.commit()
-    elapsed = time.perf_counter() - started
-    doc = {
-        "stream": str(stream),
-        "output": str(output),
-        "pages": end.pages,
-        "full_pages": end.full,
-        "zero_pages": end.zero,
-        "template_pages": end.template,
-        "distinct_templates": len(needed),
-        "bytes": writer.size,
-        "memory_digest": end.memory_digest.hex(),
-        "seconds": elapsed,
-    }
-    return doc
+            return doc
+
+    return asyncio.run(main())

@@ -77,9 +77,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from tmdht.cli import codec, demo, image, node, templates  # noqa: PLC0415 - subcommands
+    from tmdht.cli import codec, demo, get, image, node, templates  # noqa: PLC0415 - subcommands
 
     cli.add_command(demo.demo)
+    cli.add_command(get.get)
     cli.add_command(node.node)
     cli.add_command(node.cluster)
     cli.add_command(templates.templates)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -12,11 +14,14 @@ from rich.table import Table
 
 from tmdht import __version__
 from tmdht.catalog import TemplateCatalog
+from tmdht.cli.access import cluster_options, store_kwargs
 from tmdht.cli.main import emit_json, human_bytes, parse_size, stdout
 from tmdht.cli.progress import page_progress
 from tmdht.images import open_image
 from tmdht.mining import ImageCoverage, MiningConfig, MiningResult, TemplateMiner
-from tmdht.pages import PAGE_SIZE
+from tmdht.pages import PAGE_SIZE, ZERO_PAGE, digest_page
+
+PUBLISH_BATCH = 2048
 
 
 @click.group()
@@ -170,3 +175,89 @@ def _coverage_table(rows: tuple[ImageCoverage, ...], totals: ImageCoverage, titl
             f"{c.coverage:.1%}",
         )
     return table
+
+
+@templates.command()
+@click.argument("catalog_path", metavar="CATALOG", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@cluster_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def publish(
+    catalog_path: Path,
+    images: tuple[Path, ...],
+    seeds: tuple[str, ...],
+    cluster_key_file: Path | None,
+    insecure_open: bool,
+    as_json: bool,
+) -> None:
+    """Store the template pages of CATALOG, read from IMAGES, in the cluster."""
+    catalog = TemplateCatalog.load(catalog_path)
+    doc = publish_files(catalog, images, store_kwargs(seeds, cluster_key_file, insecure_open))
+    if as_json:
+        emit_json(doc)
+        return
+    stdout.print(
+        f"published {doc['published']:,} of {doc['templates']:,} templates "
+        f"({doc['replica_writes']:,} replica writes: {doc['stored']:,} new, {doc['present']:,} "
+        f"already there) in {doc['seconds']:.1f} s = {doc['pages_per_s']:,.0f} pages/s"
+    )
+    if doc["not_found"]:
+        stdout.print(f"[yellow]{doc['not_found']:,} templates are in none of the images[/]")
+
+
+def publish_files(
+    catalog: TemplateCatalog, images: tuple[Path, ...] | list[Path], store_args: dict[str, Any]
+) -> dict[str, Any]:
+    """Find the catalog's template pages in the images and put them into the cluster."""
+    from tmdht.client.store import TemplateStoreClient  # noqa: PLC0415 - IO stack on demand
+
+    async def main() -> dict[str, Any]:
+        started = time.perf_counter()
+        published: set[bytes] = set()
+        stored = present = 0
+        async with TemplateStoreClient(**store_args) as store:
+            with contextlib.ExitStack() as stack, page_progress() as progress:
+                opened = [stack.enter_context(open_image(p)) for p in images]
+                task = progress.add_task(
+                    "publishing", total=sum(i.page_count for i in opened) * PAGE_SIZE
+                )
+                for image in opened:
+                    pages = image.iter_pages()
+                    while batch := list(itertools.islice(pages, PUBLISH_BATCH)):
+                        progress.advance(task, len(batch) * PAGE_SIZE)
+                        chosen = _templates_in(batch, catalog, published)
+                        if chosen:
+                            summary = await store.put_many(chosen)
+                            stored += summary.stored
+                            present += summary.present
+                            published.update(d for d, _ in chosen)
+                    del batch, pages
+        seconds = time.perf_counter() - started
+        return {
+            "catalog_id": catalog.catalog_id.hex(),
+            "templates": len(catalog),
+            "published": len(published),
+            "not_found": len(catalog) - len(published),
+            "replica_writes": stored + present,
+            "stored": stored,
+            "present": present,
+            "seconds": seconds,
+            "pages_per_s": len(published) / seconds if seconds else 0.0,
+        }
+
+    return asyncio.run(main())
+
+
+def _templates_in(
+    batch: list[memoryview], catalog: TemplateCatalog, done: set[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """(digest, page) of the batch's template pages not yet published."""
+    candidates = [(digest_page(p), p) for p in batch if p != ZERO_PAGE]
+    if not candidates:
+        return []
+    member = catalog.contains_many([d for d, _ in candidates])
+    chosen: dict[bytes, bytes] = {}
+    for (digest, page), is_template in zip(candidates, member.tolist(), strict=True):
+        if is_template and digest not in done:
+            chosen[digest] = bytes(page)
+    return list(chosen.items())

@@ -513,6 +513,22 @@ class TemplateStoreClient:
             self._node_failed(node)
         return result.pages
 
+    async def replicas_holding(self, digests: Sequence[bytes]) -> list[list[tuple[bytes, bool]]]:
+        """Per digest, its replicas (closest first) and whether each holds it (HAS)."""
+        assert self._dataplane is not None
+        rows = (
+            replica_indices(list(digests), self._ids, self.replicas).tolist() if self._ids else []
+        )
+        nodes = sorted({i for row in rows for i in row})
+        answers = await asyncio.gather(
+            *(self._dataplane.has(self._members[i].data_address, list(digests)) for i in nodes)
+        )
+        held = {i: a.held for i, a in zip(nodes, answers, strict=True)}
+        return [
+            [(self._ids[i], d in held[i]) for i in row]
+            for d, row in zip(digests, rows, strict=True)
+        ]
+
     async def has_many(self, digests: Sequence[bytes]) -> list[bool]:
         """Whether any replica holds each digest (the zero page counts as held)."""
         assert self._dataplane is not None

@@ -1,0 +1,76 @@
+"""``tmdht get``: fetch pages by digest from the cluster, for debugging."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from tmdht.cli.access import cluster_options, store_kwargs
+from tmdht.cli.main import emit_json, stdout
+from tmdht.errors import UsageError
+
+
+@click.command()
+@click.argument("digests", nargs=-1, required=True)
+@cluster_options
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write the pages here."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def get(
+    digests: tuple[str, ...],
+    seeds: tuple[str, ...],
+    cluster_key_file: Path | None,
+    insecure_open: bool,
+    output: Path | None,
+    as_json: bool,
+) -> None:
+    """Resolve DIGESTs (64 hex characters each): which replicas hold them, and the pages."""
+    from tmdht.client.store import TemplateStoreClient  # noqa: PLC0415 - IO stack on demand
+
+    try:
+        wanted = [bytes.fromhex(d) for d in digests]
+    except ValueError:
+        raise UsageError("a digest is 64 hex characters") from None
+    if any(len(d) != 32 for d in wanted):
+        raise UsageError("a digest is 64 hex characters")
+
+    async def main() -> tuple[list[dict[str, Any]], dict[bytes, bytes]]:
+        async with TemplateStoreClient(
+            **store_kwargs(seeds, cluster_key_file, insecure_open)
+        ) as store:
+            found, _ = await store.resolve(wanted)
+            rows = []
+            for digest, replicas in zip(wanted, await store.replicas_holding(wanted), strict=True):
+                rows.append(
+                    {
+                        "digest": digest.hex(),
+                        "resolved": digest in found,
+                        "replicas": [{"node_id": n.hex(), "holds": held} for n, held in replicas],
+                    }
+                )
+            return rows, found
+
+    rows, found = asyncio.run(main())
+    if output is not None:
+        output.write_bytes(b"".join(found[d] for d in wanted if d in found))
+    if as_json:
+        emit_json({"pages": rows})
+    else:
+        table = Table(title="pages")
+        for name in ("digest", "resolved", "replicas (closest first)"):
+            table.add_column(name)
+        for r in rows:
+            holders = " ".join(
+                f"{x['node_id'][:12]}{'+' if x['holds'] else '-'}" for x in r["replicas"]
+            )
+            table.add_row(
+                r["digest"][:16], "yes (verified)" if r["resolved"] else "[red]no[/]", holders
+            )
+        stdout.print(table)
+    if not all(r["resolved"] for r in rows):
+        raise click.exceptions.Exit(1)

@@ -1,14 +1,16 @@
 """``tmdht demo``: the main job end to end on real guests.
 
 Boots small busybox guests under QEMU/TCG (cached under the build directory), mines a template
-catalog from three of them, encodes a fourth guest's memory — its QEMU migration stream and its
-raw dump — against it, rebuilds both from the corpus images, checks the rebuilt memory byte for
-byte, and prints what the templates saved.
+catalog from three of them, starts a local store cluster (separate node processes), publishes the
+template pages into it, encodes a fourth guest's memory — its QEMU migration stream and its raw
+dump — against the catalog, rebuilds both through the cluster, checks the rebuilt memory byte
+for byte, and prints what the templates saved.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,9 @@ from typing import Any
 import click
 from rich.table import Table
 
-from tmdht.cli.codec import encode_file, rebuild_from_images
+from tmdht.cli.codec import encode_file, rebuild_from_cluster
 from tmdht.cli.main import human_bytes, stderr, stdout
-from tmdht.cli.templates import mine_files
+from tmdht.cli.templates import mine_files, publish_files
 from tmdht.errors import IntegrityError
 from tmdht.images import ImageWriter, open_image
 from tmdht.mining import MiningConfig
@@ -54,39 +56,69 @@ def _same_file(a: Path, b: Path) -> bool:
     show_default=True,
     help="Where guest captures are cached and results written.",
 )
+@click.option("--nodes", default=4, show_default=True, help="Store nodes in the local cluster.")
 @click.option("--threshold", default=2, show_default=True, help="Template threshold.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def demo(build_dir: Path, threshold: int, as_json: bool) -> None:
-    """Mine templates from real guests, encode another guest, rebuild it exactly."""
+def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
+    """Real guests end to end: mine, start a cluster, publish, encode, rebuild through the ring."""
     from tmdht.lab import capture_guests, default_specs  # noqa: PLC0415 - QEMU tooling, on demand
+    from tmdht.node.local import LocalCluster  # noqa: PLC0415
 
     started = time.perf_counter()
     specs = [s for s in default_specs() if s.name in (*CORPUS, TARGET)]
     stderr.print(f"capturing {len(specs)} guests under QEMU/TCG (cached in {build_dir}/guests) ...")
     captures = {c.name: c for c in capture_guests(build_dir, specs)}
     out = build_dir / "demo"
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
 
     corpus = [captures[name].stream_path for name in CORPUS]
     catalog, mined, mine_seconds = mine_files(corpus, MiningConfig(threshold=threshold))
     catalog.save(out / "catalog.tmc")
 
-    target = captures[TARGET]
-    rows: list[dict[str, Any]] = []
-    for label, image in (("migration stream", target.stream_path), ("raw dump", target.dump_path)):
-        stream = out / f"{TARGET}.{image.stem}.tmds"
-        encoded = encode_file(image, catalog, stream)
-        rebuilt = out / f"{TARGET}.{image.stem}.rebuilt"
-        rebuild_from_images(stream, corpus, rebuilt, catalog.catalog_id)
-        reference = out / f"{TARGET}.{image.stem}.raw"
-        _dump_raw(image, reference)
-        if not _same_file(rebuilt, reference):
-            raise IntegrityError(f"rebuilt memory of {image} differs from the original")
-        rows.append({"source": label, **encoded, "byte_identical": True})
-        reference.unlink()
+    stderr.print(f"starting a {nodes}-node store cluster in {out / 'cluster'} ...")
+    with LocalCluster(out / "cluster", nodes, extra_args=["--log-format", "text"]) as cluster:
+        access = {
+            "seeds": [cluster.seed],
+            "cluster_key": cluster.key_file.read_text().strip(),
+            "open_mode": False,
+        }
+        published = publish_files(catalog, corpus, access)
+        target = captures[TARGET]
+        rows: list[dict[str, Any]] = []
+        for label, image in (
+            ("migration stream", target.stream_path),
+            ("raw dump", target.dump_path),
+        ):
+            stream = out / f"{TARGET}.{image.stem}.tmds"
+            encoded = encode_file(image, catalog, stream)
+            rebuilt = out / f"{TARGET}.{image.stem}.rebuilt"
+            result = rebuild_from_cluster(stream, rebuilt, access, catalog.catalog_id)
+            reference = out / f"{TARGET}.{image.stem}.raw"
+            _dump_raw(image, reference)
+            if not _same_file(rebuilt, reference):
+                raise IntegrityError(f"rebuilt memory of {image} differs from the original")
+            rows.append(
+                {
+                    "source": label,
+                    **encoded,
+                    "rebuild_seconds": result["seconds"],
+                    "byte_identical": True,
+                }
+            )
+            reference.unlink()
+            rebuilt.unlink()
+        nodes_info = [
+            {
+                "node_id": n.status["node_id"],
+                "metrics": "http://{}:{}/metrics".format(*n.address("metrics")),
+            }
+            for n in cluster.nodes
+        ]
 
     doc = {
-        "corpus": [captures[n].name for n in CORPUS],
+        "corpus": list(CORPUS),
         "target": TARGET,
         "catalog_id": catalog.catalog_id.hex(),
         "templates": len(catalog),
@@ -95,6 +127,8 @@ def demo(build_dir: Path, threshold: int, as_json: bool) -> None:
             for c in mined.images
         ],
         "mining_seconds": mine_seconds,
+        "publish": published,
+        "cluster": nodes_info,
         "results": rows,
         "seconds": time.perf_counter() - started,
     }
@@ -104,10 +138,26 @@ def demo(build_dir: Path, threshold: int, as_json: bool) -> None:
         return
     stdout.print(
         f"catalog: {len(catalog):,} templates mined from {', '.join(CORPUS)} "
-        f"(coverage {', '.join(f'{c.coverage:.0%}' for c in mined.images)})"
+        f"(coverage {', '.join(f'{c.coverage:.0%}' for c in mined.images)}) in {mine_seconds:.1f} s"
     )
-    table = Table(title=f"{TARGET}: encoded against the catalog, rebuilt, compared")
-    for name in ("encoded", "pages", "zero", "template", "full", "bytes", "saved", "rebuilt"):
+    stdout.print(
+        f"cluster: {nodes} nodes, R=3; published {published['published']:,} templates "
+        f"({published['replica_writes']:,} replica writes) in {published['seconds']:.1f} s"
+    )
+    table = Table(
+        title=f"{TARGET}: encoded against the catalog, rebuilt through the cluster, compared"
+    )
+    for name in (
+        "encoded",
+        "pages",
+        "zero",
+        "template",
+        "full",
+        "bytes",
+        "saved",
+        "rebuild",
+        "result",
+    ):
         table.add_column(name, justify="left" if name == "encoded" else "right")
     for r in rows:
         table.add_row(
@@ -118,6 +168,7 @@ def demo(build_dir: Path, threshold: int, as_json: bool) -> None:
             f"{r['full_pages']:,}",
             f"{human_bytes(r['image_bytes'])} -> {human_bytes(r['stream_bytes'])}",
             f"{1 - r['ratio']:.1%}",
+            f"{r['rebuild_seconds']:.2f} s",
             "identical" if r["byte_identical"] else "DIFFERENT",
         )
     stdout.print(table)

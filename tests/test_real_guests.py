@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tmdht.cli.codec import encode_file, rebuild_from_images
-from tmdht.lab import GuestCapture
 
 from tmdht.catalog import TemplateCatalog
+from tmdht.cli.codec import encode_file, rebuild_from_images
 from tmdht.images import ImageFormat, open_image
+from tmdht.lab import GuestCapture
 from tmdht.mining import MiningConfig, TemplateMiner
 from tmdht.pages import PAGE_SIZE, ZERO_PAGE
 
@@ -95,3 +95,26 @@ def test_zero_pages_of_the_stream_are_zero_records(guest_captures: list[GuestCap
     with open_image(guest_captures[1].stream_path) as img:
         zeros = sum(1 for p in img.iter_pages() if p == ZERO_PAGE)
     assert zeros > 1000
+
+
+def test_elf_core_agrees_with_the_raw_dump(build_dir: Path, lab_tools: object) -> None:
+    from tmdht.lab import capture_guests, default_specs
+
+    spec = default_specs()[0]
+    (capture,) = capture_guests(build_dir, [spec], with_elf=True, tools=lab_tools)  # type: ignore[arg-type]
+    assert capture.elf_path is not None
+    with open_image(capture.elf_path) as elf, open_image(capture.dump_path) as raw:
+        assert elf.format is ImageFormat.ELF
+        compared = 0
+        index = 0
+        for block in elf.blocks:
+            base = int(block.name.removeprefix("phys@"), 16)
+            for i in range(block.page_count):
+                address = base + i * PAGE_SIZE
+                if address + PAGE_SIZE <= raw.size and not (LOW_RAM_END <= address < 0x100000):
+                    assert bytes(elf.page(index + i)) == bytes(raw.page(address // PAGE_SIZE)), hex(
+                        address
+                    )
+                    compared += 1
+            index += block.page_count
+        assert compared > 30000  # all of RAM but the VGA/ROM window

@@ -96,7 +96,11 @@ def node() -> None:
 @click.option("--replicas", type=int)
 @click.option("--capacity")
 @click.option("--max-datagram")
-@click.option("--cluster-key-file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--cluster-key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Cluster key: 64 hex digits, or id:hex lines (first sends) during a rotation.",
+)
 @click.option(
     "--insecure-open",
     is_flag=True,
@@ -104,6 +108,11 @@ def node() -> None:
     help="Run without a cluster key (development only).",
 )
 @click.option("--replication-interval", type=float)
+@click.option("--replication-rate", type=int, help="Pages/s the replication job may move.")
+@click.option(
+    "--rate-limit", type=float, help="Data-plane datagrams/s per source IP (0: no limit)."
+)
+@click.option("--rate-limit-burst", type=int, help="Data-plane datagrams per source IP at once.")
 @click.option("--surplus-grace", type=float)
 @click.option("--refresh-interval", type=float)
 @click.option("--rpc-timeout", type=float)
@@ -232,7 +241,7 @@ def cluster_status(
     """Members of a cluster: pages, bytes and health of each node."""
     from tmdht.client.dataplane import DataPlaneClient, NodeUnreachableError  # noqa: PLC0415
     from tmdht.node.overlay import Overlay, OverlayConfig  # noqa: PLC0415
-    from tmdht.node.service import load_cluster_key  # noqa: PLC0415
+    from tmdht.node.service import load_cluster_keys  # noqa: PLC0415
 
     try:
         seed_address = parse_address(seed)
@@ -241,18 +250,22 @@ def cluster_status(
     cfg = NodeConfig(
         data_dir=Path("."), cluster_key_file=cluster_key_file, insecure_open=insecure_open
     )
-    key = load_cluster_key(cfg)
+    keys = load_cluster_keys(cfg)
 
     async def gather() -> list[dict[str, Any]]:
-        from tmdht.auth import Authenticator, ClusterKey, KeyRing  # noqa: PLC0415
+        from tmdht.auth import Authenticator, keyring_from  # noqa: PLC0415
 
         auth = (
-            Authenticator.open_mode()
-            if key is None
-            else Authenticator.keyed(KeyRing(ClusterKey(1, key)))
+            Authenticator.open_mode() if keys is None else Authenticator.keyed(keyring_from(keys))
         )
         overlay = await Overlay.start(
-            OverlayConfig(data_port=0, join=False, seeds=(seed_address,), cluster_key=key)
+            OverlayConfig(
+                data_port=0,
+                join=False,
+                seeds=(seed_address,),
+                cluster_key=None if keys is None else keys[0].secret,
+                accepted_cluster_keys=tuple(k.secret for k in (keys or [])[1:]),
+            )
         )
         try:
             members = await overlay.crawl()

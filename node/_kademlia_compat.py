@@ -160,18 +160,25 @@ def encode_response(msg_id: bytes, value: object, tag_key: bytes | None = None) 
 _UNPACK_FAILURES: Final = (umsgpack.UnpackException, RecursionError, ValueError, TypeError)
 
 
-def decode_datagram(datagram: bytes, tag_key: bytes | None = None) -> Request | Response:
+def decode_datagram(
+    datagram: bytes, tag_key: bytes | None = None, other_tag_keys: Sequence[bytes] = ()
+) -> Request | Response:
     """Decode one datagram from the network; raise only :class:`DecodeError` on bad bytes.
 
     The size is checked before anything is parsed, the tag (when a key is set) before msgpack is
-    touched, and the request shape before a handler sees it.
+    touched, and the request shape before a handler sees it. The tag carries no key id, so during
+    a key rotation the tag is checked against ``tag_key`` and then each of ``other_tag_keys``
+    (the keys still, or already, accepted): one more BLAKE3 of <= 8 KiB per extra key, paid only
+    by datagrams that the sending key does not open.
     """
     limit = _HEADER_SIZE + MAX_BODY_SIZE + (TAG_SIZE if tag_key is not None else 0)
     if len(datagram) > limit:
         raise LimitExceededError(f"datagram of {len(datagram)} bytes > {limit}")
     if tag_key is not None:
         datagram, tag = datagram[:-TAG_SIZE], datagram[-TAG_SIZE:]
-        if len(tag) != TAG_SIZE or not hmac.compare_digest(tag, _tag(datagram, tag_key)):
+        if len(tag) != TAG_SIZE or not any(
+            hmac.compare_digest(tag, _tag(datagram, key)) for key in (tag_key, *other_tag_keys)
+        ):
             raise UnauthenticatedError("datagram without a valid cluster tag")
     if len(datagram) <= _HEADER_SIZE:
         raise DecodeError(f"datagram of {len(datagram)} bytes has no body")
@@ -346,14 +353,19 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
         rpc_timeout: float,
         max_in_flight: int,
         tag_key: bytes | None,
+        other_tag_keys: Sequence[bytes] = (),
     ) -> None:
-        """Create the protocol; it is connected by ``loop.create_datagram_endpoint``."""
+        """Create the protocol; it is connected by ``loop.create_datagram_endpoint``.
+
+        Datagrams are sent with ``tag_key``; ``other_tag_keys`` are accepted too (key rotation).
+        """
         super().__init__(source_node, {}, router.ksize)
         self.router = router
         self.transport: asyncio.DatagramTransport | None = None
         self._wait_timeout = rpc_timeout
         self._handlers = dict(handlers)
         self._tag_key = tag_key
+        self._other_tag_keys = tuple(other_tag_keys)
         # Bounding outstanding calls bounds the replies that can arrive at once, so they fit in
         # the receive buffer even when the event loop is busy for a while.
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -390,7 +402,7 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
         """Decode, then answer or resolve, synchronously: no task per datagram."""
         self.stats.datagrams_received += 1
         try:
-            message = decode_datagram(data, self._tag_key)
+            message = decode_datagram(data, self._tag_key, self._other_tag_keys)
         except UnauthenticatedError:
             self.stats.dropped_unauthenticated += 1
             log.debug("dropped an unauthenticated datagram from %s", addr)

@@ -5,6 +5,10 @@ decoded before anything else happens; bad ones are dropped and counted by reason
 HAS) are served inline: LMDB reads take microseconds. Writes go to one writer thread with *group
 commit*: PUTs that arrive while a commit is running are stored together in the next transaction,
 so many small PUTs share one fsync. A PUT is answered only after its pages are durable.
+
+Before anything else, each source IP's datagrams pass a token bucket
+(:class:`tmdht.ratelimit.SourceRateLimiter`): a flood from one address, authentic or forged, is
+dropped (counted as ``rate_limited``) before it costs a tag check or a store read.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tmdht.errors import DecodeError, LimitExceededError, TmdhtError
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageStore, PutResult
 from tmdht.pages import ZERO_DIGEST, PageDigest
+from tmdht.ratelimit import RateLimitConfig, SourceRateLimiter
 
 __all__ = ["DataPlaneServer"]
 
@@ -77,8 +82,12 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         node_info: Callable[[int], wire.NodeInfo],
         on_stored: Callable[[Sequence[bytes]], None] | None = None,
         clock: Callable[[], float] = time.time,
+        rate_limit: RateLimitConfig | None = None,
     ) -> None:
-        """``on_stored(digests)`` hears of every page a PUT stored (replication pushes them on)."""
+        """``on_stored(digests)`` hears of every page a PUT stored (replication pushes them on).
+
+        ``rate_limit`` bounds the datagrams each source IP may send (default: RateLimitConfig()).
+        """
         self.on_stored = on_stored
         self.store = store
         self.auth = auth
@@ -87,6 +96,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self.node_info = node_info
         self.clock = clock
         self.buffers = (0, 0)
+        self.limiter = SourceRateLimiter(rate_limit)
         self._transport: asyncio.DatagramTransport | None = None
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tmdht-writer")
         self._queue: collections.deque[_PendingPut] = collections.deque()
@@ -147,6 +157,9 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         if not self._accepting:
             return
         arrived = time.perf_counter()
+        if not self.limiter.allow(address[0], arrived):
+            self.metrics.bad_datagrams.labels("rate_limited").inc()
+            return
         try:
             message = wire.decode(
                 data, max_datagram=wire.MAX_DATAGRAM, auth=self.auth, now=self.clock()

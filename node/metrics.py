@@ -4,6 +4,9 @@ process in tests), plus process metrics. Names follow Prometheus conventions: ``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -12,8 +15,15 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
-__all__ = ["NodeMetrics"]
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from tmdht.node.overlay import OverlayStats
+
+__all__ = ["NodeMetrics", "OverlayCollector"]
 
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -110,3 +120,52 @@ class NodeMetrics:
             registry=r,
         )
         self.ready = Gauge("tmdht_ready", "1 when the node serves requests.", registry=r)
+
+    def watch_overlay(self, stats: Callable[[], OverlayStats | None]) -> None:
+        """Export the overlay's datagram counters, read from ``stats()`` at scrape time."""
+        self.registry.register(OverlayCollector(stats))
+
+
+class OverlayCollector(Collector):
+    """The Kademlia overlay's socket counters as Prometheus counters (read at scrape time)."""
+
+    def __init__(self, stats: Callable[[], OverlayStats | None]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        """Names only (so registering does not call ``stats`` before the overlay runs)."""
+        return list(self._families(None))
+
+    def collect(self) -> Iterator[Metric]:
+        """Current values."""
+        yield from self._families(self._stats())
+
+    @staticmethod
+    def _families(stats: OverlayStats | None) -> Iterator[Metric]:
+        bad = CounterMetricFamily(
+            "tmdht_overlay_bad_datagrams",
+            "Kademlia-port datagrams dropped unread, by reason (auth: no valid cluster tag).",
+            labels=["reason"],
+        )
+        received = CounterMetricFamily(
+            "tmdht_overlay_datagrams_received", "Datagrams read from the Kademlia socket."
+        )
+        timeouts = CounterMetricFamily(
+            "tmdht_overlay_rpc_timeouts", "Kademlia RPCs that got no answer in time."
+        )
+        bad_replies = CounterMetricFamily(
+            "tmdht_overlay_bad_replies", "Kademlia answers that did not validate."
+        )
+        if stats is not None:
+            sock = stats.socket
+            for reason, value in (
+                ("auth", sock.dropped_unauthenticated),
+                ("malformed", sock.dropped_malformed),
+                ("unknown_method", sock.dropped_unknown_method),
+                ("unexpected_response", sock.unexpected_responses),
+            ):
+                bad.add_metric([reason], value)
+            received.add_metric([], sock.datagrams_received)
+            timeouts.add_metric([], sock.rpc_timeouts)
+            bad_replies.add_metric([], stats.bad_replies)
+        yield from (bad, received, timeouts, bad_replies)

@@ -156,6 +156,9 @@ class OverlayConfig:
     """Most contacts remembered (live, candidate or dead); further strangers are ignored."""
     cluster_key: bytes | None = None
     """Shared cluster key: if set, every datagram carries a keyed BLAKE3 tag; others are dropped."""
+    accepted_cluster_keys: tuple[bytes, ...] = ()
+    """Other cluster keys whose tags are accepted too (during a key rotation); sends use
+    ``cluster_key``."""
 
     def __post_init__(self) -> None:
         """Refuse values the overlay cannot run with; accept lists and str paths."""
@@ -188,6 +191,11 @@ class OverlayConfig:
             raise ConfigError("socket_buffer_bytes >= 0, max_crawl_lookups/max_peers >= 1")
         if self.cluster_key is not None and len(self.cluster_key) < 16:
             raise ConfigError("cluster_key must be at least 16 bytes")
+        object.__setattr__(self, "accepted_cluster_keys", tuple(self.accepted_cluster_keys))
+        if self.accepted_cluster_keys and self.cluster_key is None:
+            raise ConfigError("accepted_cluster_keys need a cluster_key to send with")
+        if any(len(k) < 16 for k in self.accepted_cluster_keys):
+            raise ConfigError("accepted_cluster_keys must be at least 16 bytes each")
 
 
 def _check_ip(value: str, name: str) -> None:
@@ -919,6 +927,9 @@ class Overlay:
             rpc_timeout=self.config.rpc_timeout,
             max_in_flight=self.config.max_in_flight,
             tag_key=tag_key,
+            other_tag_keys=[derive_tag_key(k) for k in self.config.accepted_cluster_keys]
+            if tag_key is not None
+            else [],
         )
         try:
             transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tmdht import __version__, wire
-from tmdht.auth import Authenticator, ClusterKey, KeyRing, load_key
+from tmdht.auth import Authenticator, ClusterKey, keyring_from, parse_cluster_keys
 from tmdht.client.dataplane import DataPlaneClient
 from tmdht.config import NodeConfig
 from tmdht.errors import ConfigError, TmdhtError
@@ -35,8 +35,9 @@ from tmdht.node.metrics import NodeMetrics
 from tmdht.node.overlay import MembershipEventKind, Overlay, OverlayConfig, OverlayError
 from tmdht.node.replication import Replicator, Target
 from tmdht.node.storage import PageStore
+from tmdht.ratelimit import RateLimitConfig
 
-__all__ = ["CLUSTER_KEY_ENV", "StoreNode", "load_cluster_key"]
+__all__ = ["CLUSTER_KEY_ENV", "StoreNode", "load_cluster_key", "load_cluster_keys"]
 
 log = logging.getLogger("tmdht.node")
 
@@ -44,28 +45,44 @@ CLUSTER_KEY_ENV = "TMDHT_CLUSTER_KEY"
 DRAIN_TIMEOUT = 10.0
 
 
-def load_cluster_key(config: NodeConfig, env: dict[str, str] | None = None) -> bytes | None:
-    """The cluster key from ``cluster_key_file`` or $TMDHT_CLUSTER_KEY; None only if open.
+def load_cluster_keys(
+    config: NodeConfig, env: dict[str, str] | None = None
+) -> list[ClusterKey] | None:
+    """The cluster keys from ``cluster_key_file`` or $TMDHT_CLUSTER_KEY; None only if open.
 
-    Raises ConfigError when there is no key and the node was not told to run open.
+    The first key is the one the node sends with; every key listed is accepted (a rotation, see
+    :func:`tmdht.auth.parse_cluster_keys`). Raises ConfigError when there is no key and the node
+    was not told to run open.
     """
     env = dict(os.environ) if env is None else env
     if config.cluster_key_file is not None:
         try:
-            text = config.cluster_key_file.read_text().strip()
+            text = config.cluster_key_file.read_text()
         except OSError as exc:
             raise ConfigError(
                 f"cluster key file {config.cluster_key_file}: {exc.strerror}"
             ) from None
-        return load_key(text)
+        try:
+            return parse_cluster_keys(text)
+        except ConfigError as exc:
+            raise ConfigError(f"cluster key file {config.cluster_key_file}: {exc}") from None
     if env.get(CLUSTER_KEY_ENV):
-        return load_key(env[CLUSTER_KEY_ENV].strip())
+        try:
+            return parse_cluster_keys(env[CLUSTER_KEY_ENV])
+        except ConfigError as exc:
+            raise ConfigError(f"${CLUSTER_KEY_ENV}: {exc}") from None
     if config.insecure_open:
         return None
     raise ConfigError(
         "no cluster key: set cluster_key_file or $TMDHT_CLUSTER_KEY "
         "(or insecure_open = true for local development only)"
     )
+
+
+def load_cluster_key(config: NodeConfig, env: dict[str, str] | None = None) -> bytes | None:
+    """The secret of the key the node sends with (see :func:`load_cluster_keys`)."""
+    keys = load_cluster_keys(config, env)
+    return None if keys is None else keys[0].secret
 
 
 class StoreNode:
@@ -82,11 +99,12 @@ class StoreNode:
         self.config = config
         self._on_ready = on_ready
         self.metrics = NodeMetrics()
-        self._key = load_cluster_key(config, env)
+        self._keys = load_cluster_keys(config, env)
+        self._key = None if self._keys is None else self._keys[0].secret
         self.auth = (
             Authenticator.open_mode()
-            if self._key is None
-            else Authenticator.keyed(KeyRing(ClusterKey(1, self._key)))
+            if self._keys is None
+            else Authenticator.keyed(keyring_from(self._keys))
         )
         self.store: PageStore | None = None
         self.dataplane: DataPlaneServer | None = None
@@ -111,8 +129,14 @@ class StoreNode:
     async def start(self) -> None:
         """Start every part; on failure, stop what was started and re-raise."""
         cfg = self.config
-        if self._key is None:
+        if self._keys is None:
             log.warning("RUNNING OPEN: cluster traffic is NOT authenticated (insecure_open = true)")
+        elif len(self._keys) > 1:
+            log.info(
+                "key rotation: sending with key id %d, also accepting key ids %s",
+                self._keys[0].key_id,
+                ", ".join(str(k.key_id) for k in self._keys[1:]),
+            )
         try:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
             self.store = PageStore.open(cfg.data_dir / "pages", capacity_bytes=cfg.capacity)
@@ -125,6 +149,7 @@ class StoreNode:
                 metrics=self.metrics,
                 node_info=self._node_info,
                 on_stored=self._stored,
+                rate_limit=RateLimitConfig(rate=cfg.rate_limit, burst=cfg.rate_limit_burst),
             )
             self.http = HealthServer(
                 cfg.host, cfg.metrics_port, self.metrics.registry, self._health
@@ -143,6 +168,7 @@ class StoreNode:
                     rpc_timeout=cfg.rpc_timeout,
                     refresh_interval=cfg.refresh_interval,
                     cluster_key=self._key,
+                    accepted_cluster_keys=tuple(k.secret for k in (self._keys or [])[1:]),
                 )
             )
             self.client = await DataPlaneClient.open(
@@ -298,6 +324,7 @@ class StoreNode:
         m.capacity.set_function(of_store(lambda s: s.capacity_bytes))
         m.disk.set_function(of_store(lambda s: s.disk_bytes()))
         m.peers.set_function(of_overlay(lambda o: max(0, o.stats().members - 1)))
+        m.watch_overlay(lambda: self.overlay.stats() if self.overlay is not None else None)
         m.routing_table.set_function(of_overlay(lambda o: o.stats().routing_contacts))
 
     def _health(self) -> tuple[bool, dict[str, Any]]:

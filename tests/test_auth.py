@@ -19,7 +19,9 @@ from tmdht.auth import (
     KeyRing,
     ReplayError,
     ReplayWindow,
+    keyring_from,
     load_key,
+    parse_cluster_keys,
 )
 from tmdht.errors import ConfigError, DecodeError, UsageError
 
@@ -303,3 +305,45 @@ def test_injected_nonce_source_is_used() -> None:
     nonce_at = len(PAYLOAD) + 10
     assert int.from_bytes(first[nonce_at : nonce_at + 8], "big") == 1
     assert int.from_bytes(second[nonce_at : nonce_at + 8], "big") == 2
+
+
+# --- key files (rotation) ---------------------------------------------------------------------
+
+
+def test_a_key_file_holds_one_key_or_id_lines_sending_with_the_first() -> None:
+    a, b = KEY_A.secret.hex(), KEY_B.secret.hex()
+    assert parse_cluster_keys(a + "\n") == [ClusterKey(1, KEY_A.secret)]
+    keys = parse_cluster_keys(f"# rotating\n2:{b}\n\n1:{a}  # old, until Friday\n")
+    assert [k.key_id for k in keys] == [2, 1]
+    assert parse_cluster_keys(f"2:{b},1:{a}") == keys  # the environment form
+    ring = keyring_from(keys)
+    assert ring.current.key_id == 2 and ring.accepted_ids(NOW) == [2, 1]
+    # Rotation steps: a node sending with the old key opens the new one's datagrams and back.
+    old_first = Authenticator.keyed(keyring_from(parse_cluster_keys(f"1:{a}\n2:{b}")))
+    new_first = Authenticator.keyed(ring)
+    assert new_first.open(old_first.seal(PAYLOAD, NOW), NOW) == PAYLOAD
+    assert old_first.open(new_first.seal(PAYLOAD, NOW), NOW) == PAYLOAD
+    only_new = Authenticator.keyed(keyring_from(parse_cluster_keys(f"2:{b}")))
+    with pytest.raises(AuthenticationError, match="key id 1"):
+        only_new.open(old_first.seal(PAYLOAD, NOW), NOW)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "no cluster key"),
+        ("# only a comment", "no cluster key"),
+        ("00" * 32 + "\n" + "11" * 32, "need ids"),
+        ("1:" + "00" * 32 + "\n1:" + "11" * 32, "listed twice"),
+        ("x:" + "00" * 32, "key id must be a number"),
+        ("0:" + "00" * 32, "1..255"),
+        ("300:" + "00" * 32, "1..255"),
+        ("1:" + "zz" * 32, "hexadecimal"),
+        ("1:abcd", "64 hex digits"),
+        ("\n".join(f"{i}:" + "00" * 32 for i in range(1, 10)), "at most 8"),
+    ],
+)
+def test_bad_key_files_are_config_errors_without_key_material(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_cluster_keys(text)
+    assert "00" * 16 not in str(info.value) and "zz" * 16 not in str(info.value)

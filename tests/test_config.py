@@ -60,3 +60,24 @@ def test_any_address_text_parses_or_raises_config_error(text: str) -> None:
     except ConfigError:
         return
     assert host and 0 < port < 65536
+
+
+def test_rate_limit_settings() -> None:
+    cfg = NodeConfig.from_sources(toml_text='data_dir = "x"')
+    assert (cfg.rate_limit, cfg.rate_limit_burst) == (200_000.0, 20_000)
+    env = {"TMDHT_NODE_RATE_LIMIT": "0", "TMDHT_NODE_RATE_LIMIT_BURST": "5"}
+    cfg = NodeConfig.from_sources(toml_text='data_dir = "x"', env=env)
+    assert (cfg.rate_limit, cfg.rate_limit_burst) == (0.0, 5)
+    for bad in ("rate_limit = -1", "rate_limit = inf", "rate_limit = nan", "rate_limit_burst = 0"):
+        with pytest.raises(ConfigError, match="rate_limit"):
+            NodeConfig.from_sources(toml_text=f'data_dir = "x"\n{bad}')
+
+
+def test_every_setting_has_a_node_run_flag() -> None:
+    import dataclasses
+
+    from tmdht.cli.node import node_run
+
+    flags = {p.name for p in node_run.params}
+    settings_ = {f.name for f in dataclasses.fields(NodeConfig)}
+    assert settings_ - flags == set()

@@ -45,6 +45,12 @@ Key rotation without dropping traffic, in three steps over the cluster:
 2. every node *sends* with it: ``keyring.rotate(new_key, now=..., grace=...)``: the old key stays
    accepted until ``now + grace``;
 3. after the grace period the old key is refused everywhere.
+
+A node gets its keys from a *key file* (:func:`parse_cluster_keys`): one key as 64 hex digits
+(key id 1), or one ``id:hex`` line per key, the first line naming the key to send with and every
+line a key to accept. The three steps above are then three edits of the file (each followed by a
+rolling restart of the nodes): ``1:OLD`` -> ``1:OLD`` + ``2:NEW`` -> ``2:NEW`` + ``1:OLD`` ->
+``2:NEW``.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ __all__ = [
     "DEFAULT_REPLAY_CAPACITY",
     "DEFAULT_REPLAY_WINDOW",
     "FLAG_OPEN",
+    "MAX_KEYS",
     "TAG_SIZE",
     "AuthenticationError",
     "Authenticator",
@@ -76,7 +83,9 @@ __all__ = [
     "KeyRing",
     "ReplayError",
     "ReplayWindow",
+    "keyring_from",
     "load_key",
+    "parse_cluster_keys",
 ]
 
 CLUSTER_KEY_SIZE: Final = 32
@@ -140,6 +149,59 @@ def load_key(material: str | bytes) -> bytes:
         return bytes.fromhex(text)
     except ValueError:
         raise ConfigError("a cluster key in text form must be hexadecimal") from None
+
+
+MAX_KEYS: Final = 8
+"""Most keys one key file may list (a rotation needs two)."""
+
+
+def parse_cluster_keys(text: str) -> list[ClusterKey]:
+    """Parse a key file (or $TMDHT_CLUSTER_KEY): the sending key first, then the other accepted.
+
+    Accepted forms: a single key of 64 hex digits (key id 1), or one ``id:hex`` entry per line
+    (``id`` 1..255; commas separate entries too, for environment variables). Blank lines and
+    ``#`` comments are ignored. Raises ConfigError on anything else, on a repeated key id, and
+    on more than :data:`MAX_KEYS` keys. Error messages never include key material.
+    """
+    entries = [
+        entry.strip()
+        for line in text.splitlines()
+        for entry in line.split("#", 1)[0].split(",")
+        if entry.strip()
+    ]
+    if not entries:
+        raise ConfigError("no cluster key found (expected 64 hex digits or id:hex lines)")
+    if len(entries) > MAX_KEYS:
+        raise ConfigError(f"at most {MAX_KEYS} cluster keys, got {len(entries)}")
+    keys: list[ClusterKey] = []
+    for number, entry in enumerate(entries, 1):
+        key_id_text, sep, material = entry.rpartition(":")
+        if not sep:
+            if len(entries) > 1:
+                raise ConfigError(f"key {number}: several keys need ids: write id:hex per line")
+            key_id_text, material = "1", entry
+        try:
+            key_id = int(key_id_text.strip())
+        except ValueError:
+            raise ConfigError(f"key {number}: the key id must be a number 1..255") from None
+        try:
+            key = ClusterKey(key_id, load_key(material))
+        except ConfigError as exc:
+            raise ConfigError(f"key {number}: {exc}") from None
+        if any(k.key_id == key.key_id for k in keys):
+            raise ConfigError(f"key id {key.key_id} is listed twice")
+        keys.append(key)
+    return keys
+
+
+def keyring_from(keys: list[ClusterKey]) -> KeyRing:
+    """A key ring sending with ``keys[0]`` and accepting every key listed."""
+    if not keys:
+        raise ConfigError("a key ring needs at least one key")
+    ring = KeyRing(keys[0])
+    for key in keys[1:]:
+        ring.accept(key)
+    return ring
 
 
 @dataclass(frozen=True, slots=True)

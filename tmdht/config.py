@@ -81,6 +81,16 @@ def _positive_float(value: Any) -> float:
     return number
 
 
+def _non_negative_float(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{value!r} is not a number") from None
+    if not number >= 0 or number == float("inf"):
+        raise ConfigError(f"{value!r} must be a finite number >= 0")
+    return number
+
+
 def _positive_int(value: Any) -> int:
     try:
         number = int(value)
@@ -152,7 +162,9 @@ class NodeConfig:
     max_datagram: int = 32768
     """Largest data-plane datagram sent or accepted."""
     cluster_key_file: Path | None = None
-    """File holding the cluster key (64 hex characters); TMDHT_CLUSTER_KEY works too."""
+    """File holding the cluster key: 64 hex characters, or several ``id:hex`` lines during a key
+    rotation (the first line's key signs, every listed key is accepted; see SECURITY.md).
+    $TMDHT_CLUSTER_KEY works too."""
     insecure_open: bool = False
     """Run without a cluster key (local development only)."""
     rpc_timeout: float = 1.0
@@ -163,6 +175,10 @@ class NodeConfig:
     """Seconds between replication passes."""
     replication_rate: int = 20000
     """Pages per second the replication job may move."""
+    rate_limit: float = 200_000.0
+    """Data-plane datagrams per second one source IP may send; excess is dropped (0: no limit)."""
+    rate_limit_burst: int = 20_000
+    """Data-plane datagrams one source IP may send back to back (the token bucket's size)."""
     surplus_grace: float = 600.0
     """Seconds a page this node no longer owes is kept before it is dropped."""
     log_format: str = "json"
@@ -259,6 +275,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "refresh_interval": _positive_float,
     "replication_interval": _positive_float,
     "replication_rate": _positive_int,
+    "rate_limit": _non_negative_float,
+    "rate_limit_burst": _positive_int,
     "surplus_grace": _positive_float,
     "log_format": _choice("json", "text"),
     "log_level": _choice("debug", "info", "warning", "error"),

@@ -1,0 +1,231 @@
+"""Cluster authentication with real node processes: strangers get nothing, forgeries and replays
+are dropped and counted, a node with another key never joins, and keys rotate without downtime."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.cluster import FAST_NODE_ARGS, eventually, holders, make_pages, metric, scrape
+
+from tmdht import wire
+from tmdht.auth import Authenticator, ClusterKey, KeyRing, keyring_from, parse_cluster_keys
+from tmdht.client.dataplane import DataPlaneClient, NodeUnreachableError
+from tmdht.node.local import LocalCluster
+from tmdht.node.overlay import Overlay, OverlayConfig
+
+pytestmark = pytest.mark.slow
+
+ARGS = [*FAST_NODE_ARGS, "--log-level", "warning"]
+PAGES = make_pages(40, tag=71)
+DIGESTS = [d for d, _ in PAGES]
+
+
+def run(coro: object) -> object:
+    return asyncio.run(asyncio.wait_for(coro, 120))  # type: ignore[arg-type]
+
+
+def auth_for(text: str) -> Authenticator:
+    return Authenticator.keyed(keyring_from(parse_cluster_keys(text)))
+
+
+def stranger() -> Authenticator:
+    return Authenticator.keyed(KeyRing(ClusterKey(1, secrets.token_bytes(32))))
+
+
+def dropped(cluster: LocalCluster, index: int, name: str, reason: str) -> float:
+    return metric(scrape(cluster, index), name, reason=reason)
+
+
+async def crawl(seed: tuple[str, int], keys_text: str) -> set[bytes]:
+    keys = parse_cluster_keys(keys_text)
+    overlay = await Overlay.start(
+        OverlayConfig(
+            data_port=0,
+            join=False,
+            seeds=(seed,),
+            cluster_key=keys[0].secret,
+            accepted_cluster_keys=tuple(k.secret for k in keys[1:]),
+            rpc_timeout=0.3,
+        )
+    )
+    try:
+        return {m.node_id for m in await overlay.crawl()}
+    finally:
+        await overlay.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path_factory.mktemp("auth"), 3, extra_args=ARGS) as c:
+        key = c.key_file.read_text()
+
+        async def put() -> None:
+            async with await DataPlaneClient.open(auth_for(key)) as client:
+                outcome = await client.put_pages(c.nodes[0].address("data"), PAGES)
+                assert set(outcome.status.values()) == {wire.PutStatus.STORED}
+
+        run(put())
+        yield c
+
+
+def test_a_client_with_a_wrong_key_or_none_gets_nothing(cluster: LocalCluster) -> None:
+    before = [dropped(cluster, i, "tmdht_bad_datagrams_total", "auth") for i in range(3)]
+
+    async def main() -> None:
+        for auth in (stranger(), Authenticator.open_mode()):
+            async with await DataPlaneClient.open(auth, timeout=0.1, attempts=2) as client:
+                for node in cluster.nodes:
+                    got = await client.get_pages(node.address("data"), DIGESTS)
+                    assert not got.pages and got.unanswered == set(DIGESTS)
+                    put = await client.put_pages(node.address("data"), make_pages(5, tag=72))
+                    assert not put.status and len(put.unanswered) == 5
+                    with pytest.raises(NodeUnreachableError):
+                        await client.node_info(node.address("data"))
+                assert client.stats.datagrams_received == 0  # not even an error answer
+        # The right key still works, and the stranger's pages were never stored.
+        async with await DataPlaneClient.open(auth_for(cluster.key_file.read_text())) as client:
+            got = await client.get_pages(cluster.nodes[1].address("data"), DIGESTS)
+            assert not got.unanswered
+            has = await client.has(cluster.nodes[1].address("data"), [d for d, _ in make_pages(5, tag=72)])
+            assert not has.held
+
+    run(main())
+    after = [dropped(cluster, i, "tmdht_bad_datagrams_total", "auth") for i in range(3)]
+    # 2 clients x (GET 2 tries + PUT 2 tries + NODE_INFO 2 tries) per node, at least.
+    assert all(a - b >= 12 for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_forged_and_replayed_datagrams_are_dropped_and_counted(cluster: LocalCluster) -> None:
+    auth = auth_for(cluster.key_file.read_text())
+    target = cluster.nodes[2].address("data")
+    before = scrape(cluster, 2)
+    request = wire.encode(
+        wire.GetPages(request_id=99, digests=tuple(wire.PageDigest(d) for d in DIGESTS[:3])),
+        max_datagram=32768,
+        auth=auth,
+        now=time.time(),
+    )
+    forged_tag = request[:-1] + bytes([request[-1] ^ 1])
+    forged_body = bytes([request[0]]) + bytes([request[1] ^ 0x40]) + request[2:]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(2)
+    try:
+        sock.sendto(request, target)
+        answer = wire.decode(sock.recv(65536), max_datagram=65507, auth=auth, now=time.time())
+        assert isinstance(answer, wire.Pages) and answer.request_id == 99
+        sock.settimeout(0.5)
+        for datagram in (request, request, forged_tag, forged_body):  # 2 replays, 2 forgeries
+            sock.sendto(datagram, target)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)  # none of them is answered
+        # The Kademlia port drops untagged or badly tagged datagrams the same way.
+        kademlia = cluster.nodes[2].address("kademlia")
+        for _ in range(3):
+            sock.sendto(b"\x00" + os.urandom(20) + b"\x92\xa4ping\x90" + os.urandom(16), kademlia)
+    finally:
+        sock.close()
+
+    async def counted() -> bool:
+        after = scrape(cluster, 2)
+
+        def grew(name: str, reason: str) -> float:
+            return metric(after, name, reason=reason) - metric(before, name, reason=reason)
+
+        return (
+            grew("tmdht_bad_datagrams_total", "replay") >= 2
+            and grew("tmdht_bad_datagrams_total", "auth") >= 2
+            and grew("tmdht_overlay_bad_datagrams_total", "auth") >= 3
+        )
+
+    run(eventually(counted, 10, "replays and forgeries counted on both ports"))
+
+
+def test_a_node_with_another_key_does_not_join(cluster: LocalCluster, tmp_path: Path) -> None:
+    seed = "{}:{}".format(*cluster.seed)
+    before = [dropped(cluster, i, "tmdht_overlay_bad_datagrams_total", "auth") for i in range(3)]
+    with LocalCluster(tmp_path / "outsider", 1, extra_args=[*ARGS, "--seed", seed]) as outsider:
+        key = cluster.key_file.read_text()
+
+        async def main() -> None:
+            members = await crawl(cluster.seed, key)
+            assert members == {n.node_id for n in cluster.nodes}
+            # Nor does the outsider learn anyone: its own crawl finds only itself.
+            mine = await crawl(outsider.seed, outsider.key_file.read_text())
+            assert mine == {outsider.nodes[0].node_id}
+            # Its data plane refuses the cluster's key too.
+            async with await DataPlaneClient.open(auth_for(key), timeout=0.1, attempts=1) as c:
+                with pytest.raises(NodeUnreachableError):
+                    await c.node_info(outsider.nodes[0].address("data"))
+
+        run(main())
+        assert metric(scrape(outsider, 0), "tmdht_known_peers") == 0
+    after = [dropped(cluster, i, "tmdht_overlay_bad_datagrams_total", "auth") for i in range(3)]
+    assert after[0] > before[0] or after[1] > before[1] or after[2] > before[2]
+    assert sum(metric(scrape(cluster, i), "tmdht_known_peers") for i in range(3)) == 6
+
+
+def test_key_rotation_without_downtime(tmp_path: Path) -> None:
+    """The three steps of SECURITY.md on a 3-node cluster, restarting nodes one at a time."""
+    old, new = secrets.token_hex(32), secrets.token_hex(32)
+    step1, step2, step3 = f"1:{old}\n2:{new}\n", f"2:{new}\n1:{old}\n", f"2:{new}\n"
+    root = tmp_path / "rotation"
+    root.mkdir()
+    (root / "cluster.key").write_text(step1)  # every node accepts both, sends with the old one
+    with LocalCluster(root, 3, extra_args=ARGS) as cluster:
+
+        def restart_with(index: int, keys_text: str) -> None:
+            node = cluster.nodes[index]
+            key_file = node.data_dir.parent / f"node-{index}.key"
+            key_file.write_text(keys_text)
+            node.args[node.args.index("--cluster-key-file") + 1] = str(key_file)
+            assert cluster.stop_node(index) == 0
+            cluster.restart_node(index)
+
+        ids = {n.node_id for n in cluster.nodes}
+        # Clients rotate like nodes: a node answers with the key it sends with, so a client
+        # must accept that key too. Old-only and new-only clients mark the two ends.
+        only_old, only_new = auth_for(f"1:{old}"), auth_for(f"2:{new}")
+        client_step1, client_step2 = auth_for(step1), auth_for(step2)
+
+        async def serves(auth: Authenticator, index: int) -> bool:
+            async with await DataPlaneClient.open(auth, timeout=0.1, attempts=2) as client:
+                try:
+                    await client.node_info(cluster.nodes[index].address("data"))
+                except NodeUnreachableError:
+                    return False
+                return True
+
+        async def main() -> None:
+            assert await crawl(cluster.seed, step1) == ids
+            for i in range(3):  # step 1: the new key is accepted, the old one still answers
+                assert await serves(only_old, i) and await serves(client_step2, i)
+            # Step 2, node by node: the ring holds and replication crosses keys both ways.
+            for i in range(3):
+                restart_with(i, step2)
+                assert await crawl(cluster.seed, step2) == ids
+                assert await serves(only_new, i) and await serves(client_step1, i)
+                assert not await serves(only_old, i)  # it cannot read the new key's answers
+            pages = make_pages(30, tag=73)
+            async with await DataPlaneClient.open(only_new) as client:
+                put = await client.put_pages(cluster.nodes[0].address("data"), pages)
+                assert set(put.status.values()) == {wire.PutStatus.STORED}
+
+                async def replicated() -> bool:
+                    held = await holders(client, cluster, [d for d, _ in pages], [0, 1, 2])
+                    return all(nodes == {0, 1, 2} for nodes in held.values())
+
+                await eventually(replicated, 30, "pages on all 3 nodes after step 2")
+            # Step 3 on one node: it refuses the old key; the others still take it.
+            restart_with(1, step3)
+            assert await crawl(cluster.seed, step3) == ids
+            assert not await serves(client_step1, 1) and await serves(only_new, 1)
+            assert await serves(client_step1, 0) and await serves(only_new, 0)
+
+        run(main())

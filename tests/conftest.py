@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tmdht.lab import GuestCapture, HostTools, LabSetupError, capture_guests, default_specs
 from tmdht.lab.initramfs import ensure_initramfs
 

@@ -18,6 +18,8 @@ from types import TracebackType
 from typing import Any
 
 import pytest
+
+from tmdht.images import open_image
 from tmdht.lab import (
     APT_PACKAGES,
     WORKLOADS,
@@ -42,8 +44,6 @@ from tmdht.lab import (
 )
 from tmdht.lab.errors import UsageError
 from tmdht.lab.host import find_busybox
-
-from tmdht.images import open_image
 
 # -- initramfs ---------------------------------------------------------------------------------
 

@@ -77,7 +77,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from tmdht.cli import codec, demo, get, image, node, templates  # noqa: PLC0415 - subcommands
+    from tmdht.cli import codec, demo, get, image, node, qemu, templates  # noqa: PLC0415
 
     cli.add_command(demo.demo)
     cli.add_command(get.get)
@@ -87,6 +87,7 @@ def _register() -> None:
     cli.add_command(image.image)
     cli.add_command(codec.encode)
     cli.add_command(codec.rebuild)
+    cli.add_command(qemu.qemu)
 
 
 _register()

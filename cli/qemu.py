@@ -1,0 +1,212 @@
+"""``tmdht qemu send`` / ``tmdht qemu receive``: live-migrate an unpatched QEMU through tmdht.
+
+Source host::
+
+    (qemu) migrate "exec:tmdht qemu send --catalog CATALOG --to RECEIVER:PORT"
+
+Destination host (the same QEMU command line plus)::
+
+    -incoming "exec:tmdht qemu receive --listen 0.0.0.0:PORT --seed NODE:7400
+               --cluster-key-file cluster.key"
+
+stdin/stdout carry QEMU's stream, so both commands keep stdout for it and print their summary,
+progress and logs on stderr (QEMU passes its own stderr on to them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tmdht.cli.access import cluster_options, store_kwargs
+from tmdht.cli.main import parse_size, stderr
+from tmdht.config import parse_address
+from tmdht.errors import ConfigError, UsageError
+
+log = logging.getLogger("tmdht.cli.qemu")
+
+
+def _address(text: str, what: str, *, any_port: bool = False) -> tuple[str, int]:
+    if any_port and text.strip().endswith(":0"):
+        text = text.strip()[:-1] + "1"  # port 0 (any free port) is fine for a listener
+        host, _port = _address(text, what)
+        return host, 0
+    try:
+        host, port = parse_address(text)
+    except ConfigError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+    return host, port
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("kademlia", "rpcudp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def _progress(enabled: bool, description: str) -> Iterator[Any]:
+    """A live bar of QEMU bytes on stderr; yields ``update(done, total)``."""
+    if not enabled:
+        yield lambda done, total=None: None
+        return
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=stderr, transient=False) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int | None = None) -> None:
+            bar.update(task, completed=done, total=max(total, done) if total else None)
+
+        yield update
+
+
+def _metrics_server(port: int | None, metrics: Any) -> Any:
+    if port is None:
+        return None
+    from tmdht.client.migration import serve_metrics  # noqa: PLC0415
+
+    return serve_metrics(port, metrics)
+
+
+@click.group()
+def qemu() -> None:
+    """Live-migrate an unpatched QEMU through tmdht (exec: migration proxies)."""
+
+
+@qemu.command()
+@click.option("--catalog", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              required=True, help="Template catalog: pages in it travel as digests.")
+@click.option("--to", "to", required=True, help="HOST:PORT of the receiver.")
+@click.option("--compress", is_flag=True, help="zstd-compress pages sent in full.")
+@click.option("--backref-window", type=click.IntRange(1, 1 << 18), default=32768,
+              show_default=True, help="Pages the receiver keeps for back-references.")
+@click.option("--flow-window", default="64MiB", show_default=True,
+              help="QEMU bytes in flight ahead of the receiver.")
+@click.option("--connect-timeout", type=float, default=30.0, show_default=True)
+@click.option("--done-timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the receiver's verdict after QEMU's stream ended.")
+@click.option("--progress", is_flag=True, help="Show a live bar on stderr.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus /metrics on this port (127.0.0.1).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the end-of-migration report here as JSON.")
+@click.option("--log-level", default="warning", show_default=True)
+def send(catalog: Path, to: str, compress: bool, backref_window: int, flow_window: str,
+         connect_timeout: float, done_timeout: float, progress: bool,
+         metrics_port: int | None, report_path: Path | None, log_level: str) -> None:
+    """Read QEMU's migration stream on stdin, send it deduplicated to a receiver."""
+    from tmdht.client.migration import (  # noqa: PLC0415 - IO stack on demand
+        MigrationFailed,
+        MigrationMetrics,
+        SenderConfig,
+        run_sender,
+        write_report,
+    )
+
+    _setup_logging(log_level)
+    config = SenderConfig(catalog=catalog, to=_address(to, "--to"), compress=compress,
+                          backref_window=backref_window, flow_window=parse_size(flow_window),
+                          connect_timeout=connect_timeout, done_timeout=done_timeout)
+    metrics = MigrationMetrics()
+    server = _metrics_server(metrics_port, metrics)
+    try:
+        with _progress(progress, "send") as update:
+            try:
+                report = asyncio.run(run_sender(config, metrics=metrics, on_progress=update))
+            except MigrationFailed as exc:
+                write_report(exc.report or _failed("send", str(exc)), report_path)
+                raise
+        write_report(report, report_path)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def _failed(role: str, error: str) -> Any:
+    from tmdht.client.migration import MigrationReport  # noqa: PLC0415
+
+    return MigrationReport(role, ok=False, error=error)
+
+
+@qemu.command()
+@click.option("--listen", required=True, help="HOST:PORT to listen on for the sender (port 0: "
+              "any; the bound address is printed as 'READY host:port' on stderr).")
+@cluster_options
+@click.option("--no-cluster", is_flag=True,
+              help="Use no store cluster: every template page comes from the sender.")
+@click.option("--catalog", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Refuse a sender that used another catalog than this one.")
+@click.option("--ready-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Also write 'READY host:port' to this file (or FIFO).")
+@click.option("--accept-timeout", type=float, default=600.0, show_default=True)
+@click.option("--resolve-batch", type=click.IntRange(1, 8192), default=512, show_default=True)
+@click.option("--resolve-parallel", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--resolve-timeout", type=float, default=3.0, show_default=True)
+@click.option("--progress", is_flag=True, help="Show a live bar on stderr.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus /metrics on this port (127.0.0.1).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write the end-of-migration report here as JSON.")
+@click.option("--log-level", default="warning", show_default=True)
+def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
+            insecure_open: bool, no_cluster: bool, catalog: Path | None,
+            ready_file: Path | None, accept_timeout: float, resolve_batch: int,
+            resolve_parallel: int, resolve_timeout: float, progress: bool,
+            metrics_port: int | None, report_path: Path | None, log_level: str) -> None:
+    """Accept a sender, rebuild QEMU's migration stream on stdout (resolving via the cluster)."""
+    from tmdht.catalog import TemplateCatalog  # noqa: PLC0415
+    from tmdht.client.migration import (  # noqa: PLC0415 - IO stack on demand
+        MigrationFailed,
+        MigrationMetrics,
+        ReceiverConfig,
+        run_receiver,
+        write_report,
+    )
+
+    _setup_logging(log_level)
+    store = None if no_cluster else store_kwargs(seeds, cluster_key_file, insecure_open)
+    config = ReceiverConfig(
+        listen=_address(listen, "--listen", any_port=True), store=store,
+        expected_catalog_id=TemplateCatalog.load(catalog).catalog_id if catalog else None,
+        ready_file=ready_file, accept_timeout=accept_timeout, resolve_batch=resolve_batch,
+        resolve_parallel=resolve_parallel, resolve_timeout=resolve_timeout)
+    metrics = MigrationMetrics()
+    server = _metrics_server(metrics_port, metrics)
+
+    def listening(address: tuple[str, int]) -> None:
+        sys.stderr.write(f"READY {address[0]}:{address[1]}\n")
+        sys.stderr.flush()
+
+    try:
+        with _progress(progress, "receive") as update:
+            try:
+                report = asyncio.run(run_receiver(config, metrics=metrics,
+                                                  on_listening=listening, on_progress=update))
+            except MigrationFailed as exc:
+                write_report(exc.report or _failed("receive", str(exc)), report_path)
+                raise
+        write_report(report, report_path)
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()

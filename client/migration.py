@@ -1,0 +1,615 @@
+"""The migration proxies: QEMU's stream in, a dedup stream over TCP, QEMU's stream out.
+
+The sender (source host) reads QEMU's outgoing migration stream on stdin — QEMU runs it as
+``migrate "exec:tmdht qemu send ..."`` — and drives :class:`tmdht.migration_stream.SenderRewriter`.
+The receiver (destination host) listens for the sender, rebuilds QEMU's stream with
+:class:`tmdht.migration_stream.ReceiverRebuilder` and writes it to stdout — QEMU runs it as
+``-incoming "exec:tmdht qemu receive ..."``. Both are thin asyncio skins over those cores.
+
+The receiver resolves template digests through the store cluster in windows ahead of the point
+where it writes (``resolve_parallel`` batches of ``resolve_batch`` digests in flight), and asks
+the sender for any digest the cluster cannot serve — including when every node is down: after a
+batch fails outright the cluster is skipped for ``skip_cluster_for`` seconds and pages go
+straight to the sender. Memory stays bounded by the sender's flow window.
+
+Failure: any error (the other proxy gone, a bad record, a digest mismatch) ends the proxy with a
+non-zero status. A dead sender makes the source QEMU's writes fail, so its migration fails and
+the guest keeps running; a receiver that did not verify the stream never hands QEMU the device
+state, so the destination never resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from tmdht.catalog import TemplateCatalog
+from tmdht.errors import DecodeError, IntegrityError, TmdhtError
+from tmdht.migration_stream import (
+    Ack,
+    Done,
+    MigrationCounts,
+    Need,
+    ReceiverRebuilder,
+    ReverseDecoder,
+    SenderRewriter,
+    encode,
+)
+
+__all__ = [
+    "MigrationFailed",
+    "MigrationMetrics",
+    "MigrationReport",
+    "ReceiverConfig",
+    "SenderConfig",
+    "run_receiver",
+    "run_sender",
+]
+
+log = logging.getLogger("tmdht.migration")
+
+CHUNK = 256 << 10
+RESOLVE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class MigrationFailed(TmdhtError):
+    """The migration through the proxies failed (the other side, the stream, or verification)."""
+
+    def __init__(self, message: str, report: MigrationReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+# -- metrics and reports -----------------------------------------------------------------------
+
+
+class MigrationMetrics:
+    """Prometheus metrics of one proxy (the dashboard queries these names)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.pages = Counter("tmdht_migration_pages_total",
+                             "Guest pages seen (PAGE records, re-sent pages included).", registry=r)
+        self.template_pages = Counter("tmdht_migration_template_pages_total",
+                                      "Pages sent as template digests.", registry=r)
+        self.fallback_pages = Counter("tmdht_migration_fallback_pages_total",
+                                      "Template pages the cluster could not serve, taken from "
+                                      "the sender.", registry=r)
+        self.qemu_bytes = Counter("tmdht_migration_qemu_bytes_total",
+                                  "Bytes of QEMU migration stream.", registry=r)
+        self.wan_bytes = Counter("tmdht_migration_wan_bytes_total",
+                                 "Bytes on the sender-receiver connection (both directions).",
+                                 registry=r)
+        self.zero_pages = Counter("tmdht_migration_zero_pages_total",
+                                  "ZERO records passed through.", registry=r)
+        self.backref_pages = Counter("tmdht_migration_backref_pages_total",
+                                     "Pages sent as back-references.", registry=r)
+        self.full_pages = Counter("tmdht_migration_full_pages_total",
+                                  "Pages sent whole.", registry=r)
+        self.compressed_pages = Counter("tmdht_migration_compressed_pages_total",
+                                        "Pages sent zstd-compressed.", registry=r)
+        self.cluster_pages = Counter("tmdht_migration_cluster_pages_total",
+                                     "Template pages resolved through the cluster.", registry=r)
+        self.resolve_latency = Histogram("tmdht_migration_resolve_duration_seconds",
+                                         "Time to resolve one batch of digests.",
+                                         buckets=RESOLVE_BUCKETS, registry=r)
+        self.duration = Gauge("tmdht_migration_duration_seconds",
+                              "Duration of the last migration.", registry=r)
+        self.migrations = Counter("tmdht_migrations_total", "Migrations by outcome.",
+                                  ["outcome"], registry=r)
+        self._seen = MigrationCounts()
+
+    def sync(self, counts: MigrationCounts) -> None:
+        """Advance the counters to the totals ``counts``."""
+        old = self._seen
+        self.pages.inc(counts.pages - old.pages)
+        self.template_pages.inc(counts.template_pages - old.template_pages)
+        self.qemu_bytes.inc(counts.qemu_bytes - old.qemu_bytes)
+        self.zero_pages.inc(counts.zero_pages - old.zero_pages)
+        self.backref_pages.inc(counts.backref_pages - old.backref_pages)
+        self.full_pages.inc(counts.full_pages - old.full_pages)
+        self.compressed_pages.inc(counts.compressed_pages - old.compressed_pages)
+        self._seen = counts
+
+
+@dataclass
+class MigrationReport:
+    """What one proxy saw, printed and written as JSON at the end."""
+
+    role: str
+    ok: bool = False
+    error: str | None = None
+    counts: MigrationCounts = field(default_factory=MigrationCounts)
+    wan_sent_bytes: int = 0
+    wan_received_bytes: int = 0
+    cluster_pages: int = 0
+    fallback_pages: int = 0
+    resolve_batches: int = 0
+    resolve_seconds_total: float = 0.0
+    resolve_seconds_max: float = 0.0
+    duration_s: float = 0.0
+
+    @property
+    def wan_bytes(self) -> int:
+        return self.wan_sent_bytes + self.wan_received_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["wan_bytes"] = self.wan_bytes
+        doc["qemu_bytes"] = self.counts.qemu_bytes
+        qemu_bytes = self.counts.qemu_bytes
+        doc["wan_ratio"] = self.wan_bytes / qemu_bytes if qemu_bytes else None
+        doc["resolve_seconds_mean"] = (self.resolve_seconds_total / self.resolve_batches
+                                       if self.resolve_batches else None)
+        return doc
+
+    def summary(self) -> str:
+        c = self.counts
+        ratio = f"{self.wan_bytes / c.qemu_bytes:.3f}" if c.qemu_bytes else "-"
+        mean = (f"{1000 * self.resolve_seconds_total / self.resolve_batches:.1f} ms"
+                if self.resolve_batches else "-")
+        outcome = "ok" if self.ok else f"FAILED ({self.error})"
+        return (f"tmdht qemu {self.role}: {outcome} in {self.duration_s:.2f} s;"
+                f" pages {c.pages}, templates {c.template_pages}, zero {c.zero_pages}, "
+                f"back-references {c.backref_pages}, full {c.full_pages}, "
+                f"compressed {c.compressed_pages}, from cluster {self.cluster_pages}, "
+                f"fallbacks {self.fallback_pages}; QEMU bytes {c.qemu_bytes}, WAN bytes "
+                f"{self.wan_bytes} (ratio {ratio}); resolve batches {self.resolve_batches}, "
+                f"mean {mean}, max {1000 * self.resolve_seconds_max:.1f} ms")
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    """Settings of ``tmdht qemu send``."""
+
+    catalog: Path
+    """Template catalog file."""
+    to: tuple[str, int]
+    """Receiver address."""
+    compress: bool = False
+    """zstd-compress pages that are neither templates nor repeats."""
+    backref_window: int = 32768
+    """Pages the receiver keeps for back-references."""
+    flow_window: int = 64 << 20
+    """QEMU bytes in flight ahead of the receiver's acknowledgements."""
+    connect_timeout: float = 30.0
+    """Seconds to reach the receiver."""
+    done_timeout: float = 120.0
+    """Seconds to wait for the receiver's verdict after QEMU's stream ended."""
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    """Settings of ``tmdht qemu receive``."""
+
+    listen: tuple[str, int]
+    """Address to listen on for the sender (port 0: any free port)."""
+    store: dict[str, Any] | None
+    """Arguments of TemplateStoreClient (None: no cluster, every template from the sender)."""
+    expected_catalog_id: bytes | None = None
+    """Refuse a sender that used another catalog."""
+    ready_file: Path | None = None
+    """Write ``READY host:port`` here (a file or a FIFO) once listening."""
+    accept_timeout: float = 600.0
+    """Seconds to wait for the sender."""
+    resolve_batch: int = 512
+    """Digests per resolve call."""
+    resolve_parallel: int = 8
+    """Resolve calls in flight."""
+    resolve_timeout: float = 3.0
+    """A resolve call slower than this sends its digests to the sender instead."""
+    skip_cluster_for: float = 5.0
+    """After a batch the cluster could not serve at all, ask the sender directly this long."""
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+class _PipeOut:
+    """Asynchronous writes to a pipe or socket fd (stdout), blocking writes to a regular file."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        mode = os.fstat(self.fd).st_mode
+        if stat.S_ISREG(mode):
+            return
+        loop = asyncio.get_running_loop()
+        pipe = os.fdopen(os.dup(self.fd), "wb", buffering=0)
+        transport, protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, pipe)
+        self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
+
+    async def write(self, chunks: Sequence[bytes]) -> None:
+        if self._writer is None:
+            data = b"".join(chunks)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            return
+        self._writer.writelines(chunks)
+        await self._writer.drain()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await self._writer.wait_closed()
+            self._writer = None
+        with contextlib.suppress(OSError):
+            os.close(self.fd)  # QEMU sees EOF on its channel
+
+
+async def _open_stdin(fd: int) -> Callable[[], Any]:
+    """An async ``read()`` of at most CHUNK bytes from ``fd`` (pipe, socket, or regular file)."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        async def read_file() -> bytes:
+            return os.read(fd, CHUNK)
+        return read_file
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=CHUNK)
+    pipe = os.fdopen(os.dup(fd), "rb", buffering=0)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+
+    async def read_pipe() -> bytes:
+        return await reader.read(CHUNK)
+    return read_pipe
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _Wan:
+    """The sender-receiver connection with byte counting."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 report: MigrationReport, metrics: MigrationMetrics) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._report = report
+        self._metrics = metrics
+
+    def send(self, data: bytes) -> None:
+        if data:
+            self.writer.write(data)
+            self._report.wan_sent_bytes += len(data)
+            self._metrics.wan_bytes.inc(len(data))
+
+    async def recv(self) -> bytes:
+        data = await self.reader.read(CHUNK)
+        self._report.wan_received_bytes += len(data)
+        self._metrics.wan_bytes.inc(len(data))
+        return data
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await self.writer.wait_closed()
+
+
+# -- the sender --------------------------------------------------------------------------------
+
+
+async def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
+                     metrics: MigrationMetrics | None = None,
+                     on_progress: Callable[[int, int], None] | None = None) -> MigrationReport:
+    """Forward QEMU's stream on ``stdin_fd`` to the receiver; returns the report.
+
+    Raises :class:`MigrationFailed` (with the report attached as ``report``) on any failure.
+    """
+    metrics = metrics or MigrationMetrics()
+    report = MigrationReport("send")
+    started = time.monotonic()
+    catalog = TemplateCatalog.load(config.catalog)
+    rewriter = SenderRewriter(
+        catalog.catalog_id, lambda digests: catalog.contains_many(digests).tolist(),
+        compress=config.compress, backref_window=config.backref_window,
+        flow_window=config.flow_window)
+    wan: _Wan | None = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*config.to),
+                                                config.connect_timeout)
+        _tune(writer.get_extra_info("socket"))
+        wan = _Wan(reader, writer, report, metrics)
+        read_qemu = await _open_stdin(stdin_fd)
+        window = asyncio.Event()
+        verdict: asyncio.Future[Done] = asyncio.get_running_loop().create_future()
+
+        async def pump_reverse() -> None:
+            assert wan is not None
+            decoder = ReverseDecoder()
+            while not verdict.done():
+                data = await wan.recv()
+                if not data:
+                    raise MigrationFailed("the receiver closed the connection")
+                decoder.feed(data)
+                for record in decoder.records():
+                    if isinstance(record, Ack):
+                        rewriter.acknowledge(record)
+                        if rewriter.window_open:
+                            window.set()
+                    elif isinstance(record, Need):
+                        wan.send(rewriter.fallback(record))
+                    else:
+                        verdict.set_result(record)
+                        return
+
+        async def pump_qemu() -> None:
+            assert wan is not None
+            wan.send(rewriter.start())
+            while True:
+                while not rewriter.window_open:
+                    window.clear()
+                    await window.wait()
+                data = await read_qemu()
+                if not data:
+                    break
+                wan.send(rewriter.feed(data))
+                metrics.sync(rewriter.counts)
+                if on_progress is not None:
+                    on_progress(rewriter.counts.qemu_bytes, rewriter.ram_bytes)
+                await wan.writer.drain()
+            wan.send(rewriter.finish())
+            await wan.writer.drain()
+            done = await asyncio.wait_for(asyncio.shield(verdict), config.done_timeout)
+            if not done.ok:
+                raise MigrationFailed(f"the receiver refused the stream: {done.message}")
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(pump_qemu())
+                group.create_task(pump_reverse())
+        except* (TmdhtError, OSError, ConnectionError, TimeoutError) as failures:
+            raise _first(failures) from None
+        report.ok = True
+    except (TmdhtError, OSError, ConnectionError, TimeoutError) as exc:
+        report.error = _describe(exc)
+        raise MigrationFailed(report.error, report) from exc
+    finally:
+        if wan is not None:
+            await wan.close()
+        report.counts = rewriter.counts
+        report.duration_s = time.monotonic() - started
+        _finish_metrics(metrics, report)
+    return report
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+def _finish_metrics(metrics: MigrationMetrics, report: MigrationReport) -> None:
+    metrics.sync(report.counts)
+    metrics.duration.set(report.duration_s)
+    metrics.migrations.labels("completed" if report.ok else "failed").inc()
+
+
+# -- the receiver ------------------------------------------------------------------------------
+
+
+async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
+                       metrics: MigrationMetrics | None = None,
+                       on_listening: Callable[[tuple[str, int]], None] | None = None,
+                       on_progress: Callable[[int], None] | None = None) -> MigrationReport:
+    """Accept one sender, rebuild QEMU's stream onto ``stdout_fd``; returns the report.
+
+    Raises :class:`MigrationFailed` on any failure; the device state is then never written.
+    """
+    from tmdht.client.store import TemplateStoreClient  # noqa: PLC0415 - heavy, receiver only
+
+    metrics = metrics or MigrationMetrics()
+    report = MigrationReport("receive")
+    rebuilder = ReceiverRebuilder(config.expected_catalog_id)
+    listener = socket.create_server(config.listen, reuse_port=False)
+    listener.setblocking(False)
+    bound = listener.getsockname()[:2]
+    address = (str(bound[0]), int(bound[1]))
+    if on_listening is not None:
+        on_listening(address)
+    if config.ready_file is not None:
+        with open(config.ready_file, "w", encoding="utf-8") as ready:
+            ready.write(f"READY {address[0]}:{address[1]}\n")
+    store: Any = None
+    store_task: asyncio.Task[Any] | None = None
+    out = _PipeOut(stdout_fd)
+    wan: _Wan | None = None
+    started = time.monotonic()
+    tasks: set[asyncio.Task[Any]] = set()
+    try:
+        if config.store is not None:
+            store = TemplateStoreClient(**config.store, registry=metrics.registry)
+            store_task = asyncio.create_task(store.start())
+        loop = asyncio.get_running_loop()
+        try:
+            conn, peer = await asyncio.wait_for(loop.sock_accept(listener), config.accept_timeout)
+        finally:
+            listener.close()
+        started = time.monotonic()
+        _tune(conn)
+        log.info("sender connected from %s", peer)
+        reader, writer = await asyncio.open_connection(sock=conn)
+        wan = _Wan(reader, writer, report, metrics)
+        await out.open()
+        if store_task is not None:
+            try:
+                await store_task
+            except (TmdhtError, OSError) as exc:
+                log.warning("store cluster unavailable (%s): every template page comes from "
+                            "the sender", exc)
+                with contextlib.suppress(TmdhtError, OSError):
+                    await store.close()
+                store = None
+            store_task = None
+        await _receive(config, rebuilder, wan, out, store, report, metrics, tasks, on_progress)
+        report.ok = True
+    except (TmdhtError, OSError, ConnectionError, TimeoutError) as exc:
+        report.error = _describe(exc)
+        if wan is not None and isinstance(exc, IntegrityError):
+            with contextlib.suppress(OSError, ConnectionError, ValueError):
+                wan.send(encode(Done(False, report.error[:1000])))
+                await asyncio.wait_for(wan.writer.drain(), 5)
+        raise MigrationFailed(report.error, report) from exc
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if store_task is not None:
+            store_task.cancel()
+            await asyncio.gather(store_task, return_exceptions=True)
+        if store is not None:
+            with contextlib.suppress(TmdhtError, OSError):
+                await store.close()
+        if wan is not None:
+            await wan.close()
+        await out.close()
+        stats = rebuilder.stats
+        report.counts = stats.end if rebuilder.end_seen else MigrationCounts(
+            qemu_bytes=stats.qemu_bytes, pages=stats.pages, template_pages=stats.template_pages,
+            backref_pages=stats.backref_pages, full_pages=stats.full_pages,
+            compressed_pages=stats.compressed_pages)
+        report.cluster_pages = stats.cluster_pages
+        report.fallback_pages = stats.fallback_pages
+        report.duration_s = time.monotonic() - started
+        metrics.fallback_pages.inc(stats.fallback_pages)
+        metrics.cluster_pages.inc(stats.cluster_pages)
+        _finish_metrics(metrics, report)
+    return report
+
+
+async def _receive(config: ReceiverConfig, rebuilder: ReceiverRebuilder, wan: _Wan,
+                   out: _PipeOut, store: Any, report: MigrationReport,
+                   metrics: MigrationMetrics, tasks: set[asyncio.Task[Any]],
+                   on_progress: Callable[[int], None] | None) -> None:
+    """The receiver's loop: decode, resolve ahead, write in order, acknowledge."""
+    kick = asyncio.Event()
+    skip_cluster_until = 0.0
+    resolving: set[asyncio.Task[None]] = set()
+
+    async def pump_wan() -> None:
+        try:
+            while True:
+                data = await wan.recv()
+                if not data:
+                    rebuilder.close()
+                    return
+                rebuilder.feed(data)
+                kick.set()
+        finally:
+            kick.set()
+
+    async def resolve(batch: list[tuple[int, bytes]]) -> None:
+        nonlocal skip_cluster_until
+        indices = [i for i, _ in batch]
+        if store is None or time.monotonic() < skip_cluster_until:
+            rebuilder.unavailable(indices)
+            return
+        began = time.perf_counter()
+        try:
+            found, _missing = await asyncio.wait_for(
+                store.resolve([d for _, d in batch]), config.resolve_timeout)
+        except (TmdhtError, OSError, TimeoutError) as exc:
+            log.warning("resolve of %d digests failed (%s): asking the sender", len(batch), exc)
+            found = {}
+        elapsed = time.perf_counter() - began
+        metrics.resolve_latency.observe(elapsed)
+        report.resolve_batches += 1
+        report.resolve_seconds_total += elapsed
+        report.resolve_seconds_max = max(report.resolve_seconds_max, elapsed)
+        lost = []
+        for index, digest in batch:
+            page = found.get(digest)
+            if page is None:
+                lost.append(index)
+            else:
+                rebuilder.supply(index, page)
+        if lost:
+            rebuilder.unavailable(lost)
+            if len(lost) == len(batch):
+                skip_cluster_until = time.monotonic() + config.skip_cluster_for
+
+    def resolved(task: asyncio.Task[None]) -> None:
+        resolving.discard(task)
+        tasks.discard(task)
+        kick.set()
+
+    reader = asyncio.create_task(pump_wan())
+    tasks.add(reader)
+    while True:
+        if reader.done() and reader.exception() is not None:
+            raise reader.exception()  # type: ignore[misc]
+        while len(resolving) < config.resolve_parallel:
+            batch = rebuilder.wanted(config.resolve_batch)
+            if not batch:
+                break
+            task = asyncio.create_task(resolve(batch))
+            resolving.add(task)
+            tasks.add(task)
+            task.add_done_callback(resolved)
+        chunks = rebuilder.output()  # DigestMismatchError here: the device state stays held
+        wan.send(rebuilder.requests())
+        if chunks:
+            await out.write(chunks)
+            if on_progress is not None:
+                on_progress(rebuilder.stats.qemu_bytes)
+        if rebuilder.verified:
+            await out.close()  # QEMU has the whole stream
+            wan.send(encode(Ack(rebuilder.stats.pages, rebuilder.stats.qemu_bytes)))
+            wan.send(encode(Done(True, "")))
+            await wan.writer.drain()
+            return
+        wan.send(rebuilder.ack(every=max(1, (rebuilder.hello.flow_window // 4)
+                                         if rebuilder.hello else 1 << 20)))
+        if reader.done():
+            if reader.exception() is not None:
+                raise reader.exception()  # type: ignore[misc]
+            if not chunks and not resolving:
+                raise DecodeError("the sender's stream ended before END" if not
+                                  rebuilder.end_seen else "the stream ended with pages missing")
+        if chunks:
+            continue  # more may be ready now (and the reader may have fed meanwhile)
+        kick.clear()
+        await kick.wait()
+
+
+def write_report(report: MigrationReport, path: Path | None) -> None:
+    """Print the summary on stderr and write the JSON report if asked."""
+    sys.stderr.write(report.summary() + "\n")
+    sys.stderr.flush()
+    if path is not None:
+        path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def serve_metrics(port: int, metrics: MigrationMetrics, host: str = "127.0.0.1") -> Any:
+    """Serve /metrics on ``port`` (0: any) from a thread; returns the server (call shutdown())."""
+    from prometheus_client import start_http_server  # noqa: PLC0415
+
+    result = start_http_server(port, addr=host, registry=metrics.registry)
+    return result[0] if isinstance(result, tuple) else None

@@ -28,7 +28,7 @@ from tmdht.dedup_stream import (
 )
 from tmdht.errors import UsageError
 from tmdht.images import ImageWriter, MemoryImage, open_image
-from tmdht.pages import PAGE_SIZE, ZERO_PAGE, check_page, digest_page
+from tmdht.pages import PAGE_SIZE, check_page, digest_page, is_zero_page
 
 BATCH_PAGES = 1024
 READ_CHUNK = 1 << 20
@@ -147,7 +147,7 @@ class ImagePages(PageSource):
     async def prepare(self, needed: set[bytes]) -> None:
         for image in self.images:
             for index, page in enumerate(image.iter_pages()):
-                if page == ZERO_PAGE:
+                if is_zero_page(page):
                     continue
                 digest = digest_page(page)
                 if digest in needed and digest not in self.located:

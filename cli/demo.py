@@ -22,20 +22,11 @@ from tmdht.cli.codec import encode_file, rebuild_from_cluster
 from tmdht.cli.main import human_bytes, stderr, stdout
 from tmdht.cli.templates import mine_files, publish_files
 from tmdht.errors import IntegrityError
-from tmdht.images import ImageWriter, open_image
+from tmdht.images import dump_raw, open_image
 from tmdht.mining import MiningConfig
-from tmdht.pages import ZERO_PAGE
 
 CORPUS = ("idle-1", "files-2", "compute-3")
 TARGET = "mixed-4"
-
-
-def _dump_raw(image: Path, output: Path) -> None:
-    with open_image(image) as img, ImageWriter(output, img.blocks) as writer:
-        for index, page in enumerate(img.iter_pages()):
-            if page != ZERO_PAGE:
-                writer.write_page(index, page)
-        writer.commit()
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -96,7 +87,8 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
             rebuilt = out / f"{TARGET}.{image.stem}.rebuilt"
             result = rebuild_from_cluster(stream, rebuilt, access, catalog.catalog_id)
             reference = out / f"{TARGET}.{image.stem}.raw"
-            _dump_raw(image, reference)
+            with open_image(image) as img:
+                dump_raw(img, reference)
             if not _same_file(rebuilt, reference):
                 raise IntegrityError(f"rebuilt memory of {image} differs from the original")
             rows.append(

@@ -9,8 +9,8 @@ import click
 from rich.table import Table
 
 from tmdht.cli.main import emit_json, human_bytes, stdout
-from tmdht.images import ImageWriter, open_image
-from tmdht.pages import ZERO_PAGE
+from tmdht.images import dump_raw, open_image
+from tmdht.pages import is_zero_page
 
 
 @click.group()
@@ -24,7 +24,7 @@ def image() -> None:
 def image_info(path: Path, as_json: bool) -> None:
     """Show the format, RAM blocks and page counts of an image."""
     with open_image(path) as img:
-        zeros = sum(1 for page in img.iter_pages() if page == ZERO_PAGE)
+        zeros = sum(1 for page in img.iter_pages() if is_zero_page(page))
         doc: dict[str, Any] = {
             "image": str(path),
             "format": img.format.value,
@@ -55,9 +55,6 @@ def image_info(path: Path, as_json: bool) -> None:
 )
 def image_dump(path: Path, output: Path) -> None:
     """Write the memory of an image as raw bytes (its blocks one after another)."""
-    with open_image(path) as img, ImageWriter(output, img.blocks) as writer:
-        for index, page in enumerate(img.iter_pages()):
-            if page != ZERO_PAGE:  # the file is sparse: zero pages need no write
-                writer.write_page(index, page)
-        writer.commit()
-    stdout.print(f"wrote {output} ({human_bytes(writer.size)})")
+    with open_image(path) as img:
+        size = dump_raw(img, output)
+    stdout.print(f"wrote {output} ({human_bytes(size)})")

@@ -19,7 +19,7 @@ from tmdht.cli.main import emit_json, human_bytes, parse_size, stdout
 from tmdht.cli.progress import page_progress
 from tmdht.images import open_image
 from tmdht.mining import ImageCoverage, MiningConfig, MiningResult, TemplateMiner
-from tmdht.pages import PAGE_SIZE, ZERO_PAGE, digest_page
+from tmdht.pages import PAGE_SIZE, digest_page, is_zero_page
 
 PUBLISH_BATCH = 2048
 
@@ -252,7 +252,7 @@ def _templates_in(
     batch: list[memoryview], catalog: TemplateCatalog, done: set[bytes]
 ) -> list[tuple[bytes, bytes]]:
     """(digest, page) of the batch's template pages not yet published."""
-    candidates = [(digest_page(p), p) for p in batch if p != ZERO_PAGE]
+    candidates = [(digest_page(p), p) for p in batch if not is_zero_page(p)]
     if not candidates:
         return []
     member = catalog.contains_many([d for d, _ in candidates])

@@ -40,7 +40,7 @@ from tmdht.errors import (
     UnknownFormatError,
 )
 from tmdht.images import RamBlock
-from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST, ZERO_PAGE, PageDigest
+from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST, PageDigest, is_zero_page
 
 __all__ = [
     "STREAM_MAGIC",
@@ -237,7 +237,7 @@ class DedupEncoder:
         memory = self._memory
         contains = self._contains
         for page in pages:
-            if page == ZERO_PAGE:
+            if is_zero_page(page):
                 self._zero_run += 1
                 continue
             if self._zero_run:

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tmdht.errors import DecodeError, LimitExceededError, UnknownFormatError, UsageError
-from tmdht.pages import PAGE_SIZE, ZERO_PAGE
+from tmdht.pages import PAGE_SIZE, ZERO_PAGE, is_zero_page
 from tmdht.qemu_stream import (
     QEMU_MAGIC,
     QemuStreamParser,
@@ -46,6 +46,7 @@ __all__ = [
     "MemoryImage",
     "RamBlock",
     "detect_format",
+    "dump_raw",
     "open_image",
 ]
 
@@ -372,3 +373,13 @@ class ImageWriter:
             self._done = True
             os.close(self._fd)
             self._tmp.unlink(missing_ok=True)
+
+
+def dump_raw(image: MemoryImage, path: Path | str) -> int:
+    """Write an image's memory as raw bytes (blocks in order, sparse); returns the size."""
+    with ImageWriter(path, image.blocks) as writer:
+        for index, page in enumerate(image.iter_pages()):
+            if not is_zero_page(page):  # the file is sparse: zero pages need no write
+                writer.write_page(index, page)
+        writer.commit()
+    return writer.size

@@ -27,7 +27,7 @@ import numpy.typing as npt
 from blake3 import blake3
 
 from tmdht.errors import UsageError
-from tmdht.pages import DIGEST_SIZE, ZERO_PAGE
+from tmdht.pages import DIGEST_SIZE, is_zero_page
 
 __all__ = [
     "BYTES_PER_ROW",
@@ -172,11 +172,10 @@ class TemplateMiner:
         self._names.append(name)
         digests = bytearray()
         pending = hashed = zeros = reported = 0
-        zero_page = ZERO_PAGE
         hash_page = blake3
         for page in pages:
-            # The hot loop: a memcmp against the zero page, one BLAKE3 call, an append.
-            if page == zero_page:
+            # The hot loop: a zero check, one BLAKE3 call, an append.
+            if is_zero_page(page):
                 zeros += 1
                 continue
             digests += hash_page(page).digest()

@@ -64,9 +64,19 @@ def dht_key(digest: bytes) -> bytes:
     return digest[:KEY_SIZE]
 
 
+_ZERO_HEAD: Final = bytes(16)
+
+
 def is_zero_page(page: ByteView) -> bool:
-    """True if every byte of the page is zero (a memcmp, about 0.25 us a page)."""
-    return memoryview(page) == ZERO_PAGE
+    """True if every byte of the page is zero (about 0.2 us a page).
+
+    Not ``memoryview(page) == ZERO_PAGE``: memoryview equality compares item by item, 15 us for
+    a zero page. A 16-byte prefix settles most non-zero pages; the rest get one memcmp.
+    """
+    if isinstance(page, bytes):
+        return page == ZERO_PAGE
+    view = memoryview(page)
+    return view[:16] == _ZERO_HEAD and view.tobytes() == ZERO_PAGE
 
 
 def check_page(digest: bytes, page: ByteView) -> None:

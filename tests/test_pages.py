@@ -36,7 +36,7 @@ def test_digest_key_and_check() -> None:
     digest = digest_page(memoryview(page))
     assert digest == blake3(page).digest() and len(digest) == 32
     assert dht_key(digest) == digest[:20]
-    assert ZERO_DIGEST == blake3(ZERO_PAGE).digest()
+    assert blake3(ZERO_PAGE).digest() == ZERO_DIGEST
     check_page(digest, page)
     with pytest.raises(IntegrityError):
         check_page(digest, page[:-1] + b"\x00")

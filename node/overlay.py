@@ -141,7 +141,8 @@ class OverlayConfig:
     dead_ttl: float = 600.0
     """Seconds a dead contact is remembered (and refused when peers list it)."""
     dead_retry_interval: float = 30.0
-    """A dead contact that peers still list is re-probed at most this often, in the background."""
+    """A dead contact is re-probed this often, in the background, until ``dead_ttl`` (so the
+    two sides of a healed partition find each other again)."""
     ksize: int = 20
     """Kademlia k: bucket size and contacts per FIND_NODE answer."""
     alpha: int = 3
@@ -675,6 +676,13 @@ class PeerBook:
                 if now >= peer.expires:
                     del self._peers[node_id]
                     self._wanted.pop(node_id, None)
+                elif now >= peer.retry_at:
+                    # Not only crashes kill contacts: after a network partition each side holds
+                    # the other dead and no member mentions it any more, so without this retry
+                    # the two sides would never look for each other again (found by
+                    # tests/faults: a 3 | 2 split stayed split after the packets flowed again).
+                    peer.retry_at = now + self._dead_retry
+                    self._wanted.setdefault(node_id, peer.address)
                 continue
             if (
                 peer.failures

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static cpio python3 python3-venv prometheus docker-compose systemd)
+APT_PACKAGES=(qemu-system-x86 qemu-utils linux-image-cloud-amd64 busybox-static cpio python3 python3-venv prometheus docker-compose systemd nftables iproute2)
 VENV=${TMDHT_VENV:-build/venv}
 
 missing=()

@@ -180,6 +180,7 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
         MigrationMetrics,
         ReceiverConfig,
         run_receiver,
+        save_report,
         write_report,
     )
 
@@ -200,8 +201,9 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
     try:
         with _progress(progress, "receive") as update:
             try:
-                report = asyncio.run(run_receiver(config, metrics=metrics,
-                                                  on_listening=listening, on_progress=update))
+                report = asyncio.run(run_receiver(
+                    config, metrics=metrics, on_listening=listening, on_progress=update,
+                    on_verified=lambda r: save_report(r, report_path)))
             except MigrationFailed as exc:
                 write_report(exc.report or _failed("receive", str(exc)), report_path)
                 raise

@@ -251,10 +251,11 @@ class _PipeOut:
 
     async def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
             with contextlib.suppress(OSError, ConnectionError):
-                await self._writer.wait_closed()
+                await self._writer.drain()
+            self._writer.close()  # the pipe transport closes its fd once its buffer is empty
             self._writer = None
+            await asyncio.sleep(0)
         with contextlib.suppress(OSError):
             os.close(self.fd)  # QEMU sees EOF on its channel
 
@@ -418,7 +419,9 @@ def _finish_metrics(metrics: MigrationMetrics, report: MigrationReport) -> None:
 async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
                        metrics: MigrationMetrics | None = None,
                        on_listening: Callable[[tuple[str, int]], None] | None = None,
-                       on_progress: Callable[[int], None] | None = None) -> MigrationReport:
+                       on_progress: Callable[[int], None] | None = None,
+                       on_verified: Callable[[MigrationReport], None] | None = None,
+                       ) -> MigrationReport:
     """Accept one sender, rebuild QEMU's stream onto ``stdout_fd``; returns the report.
 
     Raises :class:`MigrationFailed` on any failure; the device state is then never written.
@@ -468,8 +471,14 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
                     await store.close()
                 store = None
             store_task = None
-        await _receive(config, rebuilder, wan, out, store, report, metrics, tasks, on_progress)
-        report.ok = True
+        def verified() -> None:
+            _fill_receiver_report(report, rebuilder, started)
+            report.ok = True
+            if on_verified is not None:
+                on_verified(report)
+
+        await _receive(config, rebuilder, wan, out, store, report, metrics, tasks, on_progress,
+                       verified)
     except (TmdhtError, OSError, ConnectionError, TimeoutError) as exc:
         report.error = _describe(exc)
         if wan is not None and isinstance(exc, IntegrityError):
@@ -490,24 +499,30 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
         if wan is not None:
             await wan.close()
         await out.close()
-        stats = rebuilder.stats
-        report.counts = stats.end if rebuilder.end_seen else MigrationCounts(
-            qemu_bytes=stats.qemu_bytes, pages=stats.pages, template_pages=stats.template_pages,
-            backref_pages=stats.backref_pages, full_pages=stats.full_pages,
-            compressed_pages=stats.compressed_pages)
-        report.cluster_pages = stats.cluster_pages
-        report.fallback_pages = stats.fallback_pages
-        report.duration_s = time.monotonic() - started
-        metrics.fallback_pages.inc(stats.fallback_pages)
-        metrics.cluster_pages.inc(stats.cluster_pages)
+        _fill_receiver_report(report, rebuilder, started)
+        metrics.fallback_pages.inc(report.fallback_pages)
+        metrics.cluster_pages.inc(report.cluster_pages)
         _finish_metrics(metrics, report)
     return report
+
+
+def _fill_receiver_report(report: MigrationReport, rebuilder: ReceiverRebuilder,
+                          started: float) -> None:
+    stats = rebuilder.stats
+    report.counts = stats.end if rebuilder.end_seen else MigrationCounts(
+        qemu_bytes=stats.qemu_bytes, pages=stats.pages, template_pages=stats.template_pages,
+        backref_pages=stats.backref_pages, full_pages=stats.full_pages,
+        compressed_pages=stats.compressed_pages)
+    report.cluster_pages = stats.cluster_pages
+    report.fallback_pages = stats.fallback_pages
+    report.duration_s = time.monotonic() - started
 
 
 async def _receive(config: ReceiverConfig, rebuilder: ReceiverRebuilder, wan: _Wan,
                    out: _PipeOut, store: Any, report: MigrationReport,
                    metrics: MigrationMetrics, tasks: set[asyncio.Task[Any]],
-                   on_progress: Callable[[int], None] | None) -> None:
+                   on_progress: Callable[[int], None] | None,
+                   on_verified: Callable[[], None]) -> None:
     """The receiver's loop: decode, resolve ahead, write in order, acknowledge."""
     kick = asyncio.Event()
     skip_cluster_until = 0.0
@@ -574,6 +589,8 @@ async def _receive(config: ReceiverConfig, rebuilder: ReceiverRebuilder, wan: _W
             tasks.add(task)
             task.add_done_callback(resolved)
         chunks = rebuilder.output()  # DigestMismatchError here: the device state stays held
+        if rebuilder.verified:
+            on_verified()  # before QEMU gets the device state and may resume
         wan.send(rebuilder.requests())
         if chunks:
             await out.write(chunks)
@@ -603,8 +620,15 @@ def write_report(report: MigrationReport, path: Path | None) -> None:
     """Print the summary on stderr and write the JSON report if asked."""
     sys.stderr.write(report.summary() + "\n")
     sys.stderr.flush()
+    save_report(report, path)
+
+
+def save_report(report: MigrationReport, path: Path | None) -> None:
+    """Write the JSON report (atomically: readers never see half of it)."""
     if path is not None:
-        path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+        partial.replace(path)
 
 
 def serve_metrics(port: int, metrics: MigrationMetrics, host: str = "127.0.0.1") -> Any:

@@ -8,7 +8,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from support.cluster import FAST_NODE_ARGS, cluster_auth, make_pages
+from support.cluster import (
+    FAST_NODE_ARGS,
+    cluster_auth,
+    eventually,
+    expected_replicas,
+    holders,
+    make_pages,
+)
 
 from tmdht.client.dataplane import DataPlaneClient
 from tmdht.client.store import PagesUnavailable, TemplateStoreClient
@@ -63,18 +70,45 @@ def test_sigkill_during_a_100k_get_many_then_all_replicas_gone(cluster: LocalClu
                 f"hedges {store.metrics.registry.get_sample_value('tmdht_client_hedges_total')}"
             )
 
-        # Kill two more: pages whose every replica is gone are named exactly.
-        cluster.kill_node(0)
-        cluster.kill_node(1)
-        survivor = cluster.nodes[3]
+        # All replicas of some pages gone: back to 4 nodes, a fresh set of pages placed exactly
+        # on their 3 closest, then 3 nodes killed at once. Pages the survivor does not hold have
+        # lost every replica, and exactly those are reported.
+        cluster.restart_node(victim)
+        fresh = make_pages(3000, tag=22)
+        fresh_digests = [d for d, _ in fresh]
+        live = [0, 1, 2, 3]
         async with await DataPlaneClient.open(cluster_auth(cluster)) as probe:
-            held = (await probe.has(survivor.address("data"), digests)).held
-        gone = set(digests) - held
-        assert gone and held
-        sample = digests[:2000] + sorted(gone)[:50]
+
+            async def whole_ring() -> bool:
+                infos = await asyncio.gather(
+                    *(probe.node_info(cluster.nodes[i].address("data")) for i in live)
+                )
+                return all(
+                    i.node_id == cluster.nodes[n].node_id for i, n in zip(infos, live, strict=True)
+                )
+
+            await eventually(whole_ring, 30, "all 4 nodes serving")
+            async with TemplateStoreClient([cluster.seed], cluster_key=key) as store:
+
+                async def four() -> bool:
+                    return len(await store.refresh()) == 4
+
+                await eventually(four, 30, "4 members in the view")
+                await store.put_many(fresh)
+            want = expected_replicas(cluster, fresh_digests, live, 3)
+
+            async def placed() -> bool:
+                return await holders(probe, cluster, fresh_digests, live) == want
+
+            await eventually(placed, 60, "fresh pages on exactly their 3 closest nodes")
+        for i in (0, 1, 2):
+            cluster.kill_node(i)
+        survivor = cluster.nodes[3]
+        gone = {d for d in fresh_digests if 3 not in want[d]}
+        assert gone and len(gone) < len(fresh_digests)
         async with TemplateStoreClient([survivor.address("kademlia")], cluster_key=key) as store:
             with pytest.raises(PagesUnavailable) as info:
-                await store.get_many(sample)
-            assert info.value.digests == frozenset(d for d in sample if d in gone)
+                await store.get_many(fresh_digests)
+            assert info.value.digests == frozenset(gone)
 
     asyncio.run(asyncio.wait_for(main(), 300))

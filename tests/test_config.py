@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,29 @@ def test_every_setting_has_a_node_run_flag() -> None:
     flags = {p.name for p in node_run.params}
     settings_ = {f.name for f in dataclasses.fields(NodeConfig)}
     assert settings_ - flags == set()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "capacity = 0.5", "max_datagram = [1]", "capacity = true", "capacity = 'inf'",
+        "capacity = '1e400'", "replicas = inf", "kademlia_port = -inf", "rate_limit_burst = nan",
+        "max_datagram = {a = 1}",
+    ],
+)  # fmt: skip
+def test_odd_toml_values_are_config_errors(line: str) -> None:
+    """Found by bench/fuzz.py: a TOML float or array where a size goes crashed the parser."""
+    with pytest.raises(ConfigError):
+        NodeConfig.from_sources(toml_text=f'data_dir = "x"\n{line}')
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["capacity", "max_datagram", "replicas", "kademlia_port", "rate_limit",
+                     "seeds", "host", "log_level", "insecure_open", "replication_rate"]),
+    st.one_of(st.integers(-(2**70), 2**70), st.floats(), st.booleans(), st.text(max_size=20),
+              st.lists(st.integers(), max_size=3)),
+)  # fmt: skip
+def test_any_value_of_any_setting_parses_or_raises_config_error(name: str, value: object) -> None:
+    with contextlib.suppress(ConfigError):
+        NodeConfig.build({"data_dir": "x", name: value})

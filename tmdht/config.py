@@ -31,6 +31,9 @@ MAX_DATAGRAM: Final = 65507
 
 def parse_size(text: str | int) -> int:
     """'256MiB', '1G', 4096 -> bytes."""
+    if isinstance(text, bool) or not isinstance(text, int | str):
+        # TOML hands over floats, booleans, arrays and tables as they are (found by fuzzing).
+        raise ConfigError(f"{text!r} is not a size: write a whole number or e.g. '256MiB'")
     if isinstance(text, int):
         value = text
     else:
@@ -39,7 +42,7 @@ def parse_size(text: str | int) -> int:
         number, unit = (raw[:-1], raw[-1]) if raw and raw[-1] in units else (raw, "")
         try:
             value = int(float(number) * units[unit])
-        except ValueError:
+        except (ValueError, OverflowError):  # e.g. 'nan', '1e400'
             raise ConfigError(f"{text!r} is not a size (e.g. 256MiB)") from None
     if value <= 0:
         raise ConfigError(f"{text!r}: a size must be positive")
@@ -64,7 +67,7 @@ def parse_address(text: str) -> tuple[str, int]:
 def _port(value: Any) -> int:
     try:
         port = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{value!r} is not a port number") from None
     if not 0 <= port < 65536:
         raise ConfigError(f"port {port} out of range")
@@ -94,7 +97,7 @@ def _non_negative_float(value: Any) -> float:
 def _positive_int(value: Any) -> int:
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{value!r} is not a whole number") from None
     if number < 1:
         raise ConfigError(f"{value!r} must be at least 1")
@@ -171,8 +174,9 @@ class NodeConfig:
     """Seconds before a Kademlia RPC counts as failed."""
     refresh_interval: float = 30.0
     """Seconds between ring crawls."""
-    replication_interval: float = 2.0
-    """Seconds between replication passes."""
+    replication_interval: float = 60.0
+    """Seconds between anti-entropy sweeps (membership changes and client PUTs trigger work at
+    once; a sweep asks every replica about every page, so it is not run often)."""
     replication_rate: int = 20000
     """Pages per second the replication job may move."""
     rate_limit: float = 200_000.0

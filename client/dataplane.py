@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,11 @@ log = logging.getLogger("tmdht.client.dataplane")
 
 Address = tuple[str, int]
 SOCKET_BUFFER: Final = 16 << 20
+# Python 3.11's socket module lacks these names; the values are Linux's (asm-generic/socket.h).
+_SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform == "linux" else None)
+_SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32 if sys.platform == "linux" else None)
+MAX_TIMEOUT: Final = 2.0
+"""Upper bound of an adaptive request timeout, in seconds."""
 RESPONSE_DATAGRAMS_PER_REQUEST: Final = 8
 """Bound on the datagrams one GET answer may take, so a window of requests fits the socket."""
 
@@ -66,10 +72,7 @@ def tune_socket_buffers(sock: socket.socket, size: int = SOCKET_BUFFER) -> tuple
     capped there (4 MiB on these machines). A burst of responses that overflows the receive
     buffer is dropped silently by the kernel, so this matters for pipelining.
     """
-    for force, plain in (
-        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
-        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
-    ):
+    for force, plain in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF), (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
         done = False
         if force is not None and os.geteuid() == 0:
             with contextlib.suppress(OSError):
@@ -136,6 +139,28 @@ class PutOutcome:
 
     status: dict[bytes, wire.PutStatus] = field(default_factory=dict)
     unanswered: set[bytes] = field(default_factory=set)
+
+
+class _Rtt:
+    """Smoothed round-trip time of one node (RFC 6298), for adaptive timeouts."""
+
+    __slots__ = ("rttvar", "srtt")
+
+    def __init__(self) -> None:
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+
+    def observe(self, sample: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = sample, sample / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - sample)
+            self.srtt = 0.875 * self.srtt + 0.125 * sample
+
+    def timeout(self, floor: float, ceiling: float) -> float:
+        if self.srtt is None:
+            return floor
+        return min(ceiling, max(floor, self.srtt + 4 * self.rttvar))
 
 
 class Gate:
@@ -205,6 +230,11 @@ class DataPlaneClient:
         self._pending: dict[int, _Exchange] = {}
         self._next_id = secrets.randbits(63)
         self._windows: dict[Address, asyncio.Semaphore] = {}
+        # All nodes answer into one socket: bound the requests in flight across nodes too, so
+        # their answers fit the receive buffer (per-node windows alone let N * window through).
+        self._total = asyncio.Semaphore(max(self.window, 2 * self.window))
+        self._rtt: dict[Address, _Rtt] = {}
+        self.max_timeout = max(timeout, MAX_TIMEOUT)
         self.buffers: tuple[int, int] = (0, 0)
 
     @classmethod
@@ -279,8 +309,15 @@ class DataPlaneClient:
             sem = self._windows[address] = asyncio.Semaphore(self.window)
         return sem
 
+    def timeout_for(self, address: Address, attempt: int = 0) -> float:
+        """The timeout of a request to ``address``: its smoothed RTT plus four deviations, at
+        least ``timeout``, doubled for each retry (a loaded node is not declared dead early)."""
+        rtt = self._rtt.get(address)
+        base = self.timeout if rtt is None else rtt.timeout(self.timeout, self.max_timeout)
+        return float(min(self.max_timeout, base * 2.0**attempt))
+
     async def _roundtrip(
-        self, address: Address, build: Callable[[int], wire.Message]
+        self, address: Address, build: Callable[[int], wire.Message], attempt: int = 0
     ) -> list[wire.Message]:
         """Send one request; return the parts of the answer that arrived before the timeout."""
         if self._transport is None:
@@ -297,11 +334,15 @@ class DataPlaneClient:
             self.stats.datagrams_sent += 1
             self.stats.requests += 1
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(exchange.done), self.timeout)
+                await asyncio.wait_for(
+                    asyncio.shield(exchange.done), self.timeout_for(address, attempt)
+                )
         finally:
             self._pending.pop(request_id, None)  # close() may have cleared it already
         if exchange.done.done() and not exchange.done.cancelled():
-            self.stats.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.stats.observe(elapsed)
+            self._rtt.setdefault(address, _Rtt()).observe(elapsed)
         else:
             self.stats.timeouts += 1
         return [exchange.received[k] for k in sorted(exchange.received)]
@@ -320,7 +361,7 @@ class DataPlaneClient:
         then nothing is sent and every item is unanswered), and told when the request is sent.
         """
         remaining = dict.fromkeys(items)
-        async with self._window(address):
+        async with self._window(address), self._total:
             if gate is not None:
                 if not gate.wanted():
                     return set(remaining)
@@ -331,7 +372,9 @@ class DataPlaneClient:
                 if attempt:
                     self.stats.retries += 1
                 batch = tuple(remaining)
-                for message in await self._roundtrip(address, functools.partial(build, batch)):
+                for message in await self._roundtrip(
+                    address, functools.partial(build, batch), attempt
+                ):
                     if isinstance(message, wire.Error):
                         log.info(
                             "node %s:%d: %s (%s)", *address, message.message, message.code.name
@@ -446,7 +489,7 @@ class DataPlaneClient:
                 if attempt:
                     self.stats.retries += 1
                 for message in await self._roundtrip(
-                    address, lambda rid: wire.NodeInfoRequest(request_id=rid)
+                    address, lambda rid: wire.NodeInfoRequest(request_id=rid), attempt
                 ):
                     if isinstance(message, wire.NodeInfo):
                         return message

@@ -133,7 +133,7 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
             for n in cluster.nodes
         ]
 
-    doc = {
+    doc: dict[str, Any] = {
         "corpus": list(CORPUS),
         "target": TARGET,
         "catalog_id": catalog.catalog_id.hex(),

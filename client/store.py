@@ -327,22 +327,26 @@ class TemplateStoreClient:
 
     # -- placement ---------------------------------------------------------------------------
 
-    def _replica_lists(self, digests: Sequence[bytes]) -> list[list[int]]:
-        """Per digest, member indices to try in order: the R closest, avoided nodes last."""
-        if not self._members:
+    def _replica_lists(self, digests: Sequence[bytes]) -> list[list[Member]]:
+        """Per digest, the members to try in order: the R closest, avoided nodes last.
+
+        Members, not indices: the view may change (membership events) while an operation
+        awaits, and an operation keeps the members it started with.
+        """
+        view, ids = self._members, self._ids
+        if not view:
             return [[] for _ in digests]
-        rows: list[list[int]] = replica_indices(digests, self._ids, self.replicas).tolist()
+        rows: list[list[int]] = replica_indices(digests, ids, self.replicas).tolist()
         now = time.monotonic()
-        avoided = {i for i, m in enumerate(self._members) if self._avoid.get(m.node_id, 0) > now}
+        avoided = {i for i, m in enumerate(view) if self._avoid.get(m.node_id, 0) > now}
         if avoided:
             rows = [
                 [i for i in row if i not in avoided] + [i for i in row if i in avoided]
                 for row in rows
             ]
-        return rows
+        return [[view[i] for i in row] for row in rows]
 
-    def _node_failed(self, index: int) -> None:
-        member = self._members[index]
+    def _node_failed(self, member: Member) -> None:
         self._avoid[member.node_id] = time.monotonic() + self.avoid_for
         if self._overlay is not None:
             self._spawn(self._probe(member.node_id))
@@ -394,14 +398,14 @@ class TemplateStoreClient:
         self.metrics.latency.observe(time.perf_counter() - started)
         return found, unavailable
 
-    def _avoided(self, node: int) -> bool:
-        return self._avoid.get(self._members[node].node_id, 0.0) > time.monotonic()
+    def _avoided(self, member: Member) -> bool:
+        return self._avoid.get(member.node_id, 0.0) > time.monotonic()
 
     async def _fetch(self, digests: list[bytes], found: dict[bytes, bytes]) -> set[bytes]:
         """Resolve ``digests`` into ``found``; returns what no replica served."""
         assert self._dataplane is not None
         lists = dict(zip(digests, self._replica_lists(digests), strict=True))
-        by_first: dict[int, list[bytes]] = {}
+        by_first: dict[Member, list[bytes]] = {}
         unplaced: set[bytes] = set()
         for digest in digests:
             row = lists[digest]
@@ -418,14 +422,14 @@ class TemplateStoreClient:
         return unplaced
 
     async def _chunk(
-        self, digests: list[bytes], lists: dict[bytes, list[int]]
+        self, digests: list[bytes], lists: dict[bytes, list[Member]]
     ) -> tuple[dict[bytes, bytes], set[bytes]]:
         """One batch: ask each digest's replicas in order (hedging slow ones) until found."""
         found: dict[bytes, bytes] = {}
         position = dict.fromkeys(digests, 0)
         pending = list(digests)
         for _ in range(self.replicas + 1):
-            groups: dict[int, list[bytes]] = {}
+            groups: dict[Member, list[bytes]] = {}
             for digest in pending:
                 row = lists[digest]
                 while position[digest] < len(row) - 1 and self._avoided(row[position[digest]]):
@@ -449,9 +453,9 @@ class TemplateStoreClient:
 
     async def _hedged(
         self,
-        node: int,
+        node: Member,
         digests: list[bytes],
-        lists: dict[bytes, list[int]],
+        lists: dict[bytes, list[Member]],
         position: dict[bytes, int],
     ) -> dict[bytes, bytes]:
         """GET from ``node``; if it has not answered ``hedge_after`` seconds after the request
@@ -463,9 +467,7 @@ class TemplateStoreClient:
         # is the last replica some digest has.
         last_chance = any(position[d] >= len(lists[d]) - 1 for d in digests)
         gate = Gate(lambda: last_chance or not self._avoided(node))
-        primary = asyncio.ensure_future(
-            dataplane.get_pages(self._members[node].data_address, digests, gate)
-        )
+        primary = asyncio.ensure_future(dataplane.get_pages(node.data_address, digests, gate))
         sent = asyncio.ensure_future(gate.sent.wait())
         try:
             await asyncio.wait({primary, sent}, return_when=asyncio.FIRST_COMPLETED)
@@ -475,7 +477,7 @@ class TemplateStoreClient:
             await asyncio.wait({primary}, timeout=self.hedge_after)
         if primary.done():
             return self._absorb(node, primary.result())
-        hedges: dict[int, list[bytes]] = {}
+        hedges: dict[Member, list[bytes]] = {}
         for digest in digests:
             row = lists[digest]
             nxt = position[digest] + 1
@@ -484,9 +486,7 @@ class TemplateStoreClient:
         tasks = {primary: node}
         for other, ds in hedges.items():
             self.metrics.hedges.inc()
-            tasks[
-                asyncio.ensure_future(dataplane.get_pages(self._members[other].data_address, ds))
-            ] = other
+            tasks[asyncio.ensure_future(dataplane.get_pages(other.data_address, ds))] = other
         found: dict[bytes, bytes] = {}
         want = set(digests)
         try:
@@ -501,12 +501,12 @@ class TemplateStoreClient:
             await asyncio.gather(*tasks, return_exceptions=True)
         return found
 
-    def _absorb(self, node: int, result: GetResult) -> dict[bytes, bytes]:
+    def _absorb(self, node: Member, result: GetResult) -> dict[bytes, bytes]:
         if result.corrupt:
             self.metrics.verification_failures.inc(len(result.corrupt))
             log.warning(
                 "node %s served %d corrupt pages",
-                self._members[node].node_id.hex()[:16],
+                node.node_id.hex()[:16],
                 len(result.corrupt),
             )
         if result.unanswered and not self._avoided(node):
@@ -516,16 +516,14 @@ class TemplateStoreClient:
     async def replicas_holding(self, digests: Sequence[bytes]) -> list[list[tuple[bytes, bool]]]:
         """Per digest, its replicas (closest first) and whether each holds it (HAS)."""
         assert self._dataplane is not None
-        rows = (
-            replica_indices(list(digests), self._ids, self.replicas).tolist() if self._ids else []
-        )
-        nodes = sorted({i for row in rows for i in row})
+        rows = self._replica_lists(list(digests))
+        nodes = list({m.node_id: m for row in rows for m in row}.values())
         answers = await asyncio.gather(
-            *(self._dataplane.has(self._members[i].data_address, list(digests)) for i in nodes)
+            *(self._dataplane.has(m.data_address, list(digests)) for m in nodes)
         )
-        held = {i: a.held for i, a in zip(nodes, answers, strict=True)}
+        held = {m.node_id: a.held for m, a in zip(nodes, answers, strict=True)}
         return [
-            [(self._ids[i], d in held[i]) for i in row]
+            [(m.node_id, d in held[m.node_id]) for m in row]
             for d, row in zip(digests, rows, strict=True)
         ]
 
@@ -537,15 +535,12 @@ class TemplateStoreClient:
         lists = dict(zip(unique, self._replica_lists(unique), strict=True))
         pending = set(unique)
         for step in range(self.replicas):
-            groups: dict[int, list[bytes]] = {}
+            groups: dict[Member, list[bytes]] = {}
             for digest in pending:
                 if step < len(lists[digest]):
                     groups.setdefault(lists[digest][step], []).append(digest)
             results = await asyncio.gather(
-                *(
-                    self._dataplane.has(self._members[n].data_address, ds)
-                    for n, ds in groups.items()
-                )
+                *(self._dataplane.has(n.data_address, ds) for n, ds in groups.items())
             )
             for result in results:
                 held |= result.held
@@ -569,13 +564,14 @@ class TemplateStoreClient:
                 items[bytes(digest)] = bytes(page)
         summary = PutSummary(pages=len(items))
         digests = list(items)
-        per_node: dict[int, list[tuple[bytes, bytes]]] = {}
-        for digest, row in zip(digests, self._replica_lists(digests), strict=True):
+        per_node: dict[Member, list[tuple[bytes, bytes]]] = {}
+        lists = self._replica_lists(digests)
+        for digest, row in zip(digests, lists, strict=True):
             for node in row:
                 per_node.setdefault(node, []).append((digest, items[digest]))
         nodes = list(per_node)
         outcomes = await asyncio.gather(
-            *(self._dataplane.put_pages(self._members[n].data_address, per_node[n]) for n in nodes)
+            *(self._dataplane.put_pages(n.data_address, per_node[n]) for n in nodes)
         )
         copies: collections.Counter[bytes] = collections.Counter()
         rejected: dict[bytes, str] = {}
@@ -592,7 +588,7 @@ class TemplateStoreClient:
                 else:
                     rejected[digest] = status.name.lower()
         self.metrics.published.inc(summary.stored + summary.present)
-        wanted = min(self.replicas, len(self._members))
+        wanted = min(self.replicas, len({m.node_id for row in lists for m in row}) or 1)
         summary.under_replicated = {d for d in digests if 0 < copies[d] < wanted}
         failed = [d for d in digests if copies[d] == 0]
         if failed:

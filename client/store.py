@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tmdht import wire
-from tmdht.auth import Authenticator, ClusterKey, KeyRing, load_key
+from tmdht.auth import Authenticator, ClusterKey, keyring_from, load_key, parse_cluster_keys
 from tmdht.client.dataplane import DataPlaneClient, Gate, GetResult
 from tmdht.errors import TmdhtError, UsageError
 from tmdht.node.overlay import Member, MembershipEventKind, Overlay, OverlayConfig, OverlayError
@@ -183,7 +183,7 @@ class TemplateStoreClient:
         self,
         seeds: Sequence[tuple[str, int]],
         *,
-        cluster_key: bytes | str | None = None,
+        cluster_key: bytes | str | None = None,  # a key file's text, or a raw 32-byte key
         open_mode: bool = False,
         replicas: int = 3,
         host: str = "127.0.0.1",
@@ -201,15 +201,18 @@ class TemplateStoreClient:
         if cluster_key is None and not open_mode:
             raise UsageError("a cluster key is needed (or open_mode=True for an open cluster)")
         self.seeds = tuple(seeds)
-        self._key = (
-            None
-            if cluster_key is None
-            else (load_key(cluster_key) if isinstance(cluster_key, str) else cluster_key)
-        )
+        # A key file's text: one key, or ``id:hex`` lines during a rotation (the first is used to
+        # send, all are accepted) -- the same format the nodes read.
+        self._keys: list[ClusterKey] = []
+        if isinstance(cluster_key, str):
+            self._keys = parse_cluster_keys(cluster_key)
+        elif cluster_key is not None:
+            self._keys = [ClusterKey(1, load_key(cluster_key))]
+        self._key = self._keys[0].secret if self._keys else None
         self.auth = (
-            Authenticator.open_mode()
-            if self._key is None
-            else Authenticator.keyed(KeyRing(ClusterKey(1, self._key)))
+            Authenticator.keyed(keyring_from(self._keys))
+            if self._keys
+            else Authenticator.open_mode()
         )
         self.replicas = replicas
         self.host = host
@@ -250,7 +253,12 @@ class TemplateStoreClient:
             )
             self._overlay = await Overlay.start(
                 OverlayConfig(
-                    data_port=0, join=False, host=self.host, seeds=self.seeds, cluster_key=self._key
+                    data_port=0,
+                    join=False,
+                    host=self.host,
+                    seeds=self.seeds,
+                    cluster_key=self._key,
+                    accepted_cluster_keys=tuple(k.secret for k in self._keys[1:]),
                 )
             )
             await self.refresh()

@@ -15,8 +15,10 @@ Records, one per page in image order (position is implicit)::
     0x03 TEMPLATE  32-byte digest of a template page
     0x7f END       be64 pages, be64 full, be64 zero, be64 template, 32-byte memory digest
 
-The *memory digest* is BLAKE3-256 over the concatenated page digests of every page in order (the
-zero page's digest for zero pages). The decoder recomputes it (hashing FULL pages, taking TEMPLATE
+The *memory digest* is BLAKE3-256 over the page digests of every non-zero page in order, with
+each ZERO_RUN record contributing the zero page's digest followed by its be64 length (constant
+work per record: a few bytes claiming terabytes of zeros cannot make the receiver hash for
+minutes). The decoder recomputes it (hashing FULL pages, taking TEMPLATE
 digests as given — whoever resolves them checks each page against its digest) and raises
 :class:`DigestMismatchError` at END if it differs: the receiver proves it rebuilt exactly what the
 sender saw. Bytes after END are an error.
@@ -66,7 +68,7 @@ _PREFIX = struct.Struct(">8sBB32sH")
 _BLOCK_LEN = struct.Struct(">Q")
 _BE32 = struct.Struct(">I")
 _END = struct.Struct(">QQQQ32s")
-_ZERO_CHUNK: Final = 1 << 16
+_BE64 = struct.Struct(">Q")
 
 
 class RecordType(IntEnum):
@@ -143,7 +145,7 @@ StreamEvent = StreamStart | FullPage | ZeroRun | TemplatePage | StreamEnd
 
 
 class MemoryDigest:
-    """BLAKE3 over the concatenated digests of every page, in order."""
+    """BLAKE3 over the page digests in order, a run of zero pages as (zero digest, length)."""
 
     def __init__(self) -> None:
         self._hasher = blake3()
@@ -153,11 +155,8 @@ class MemoryDigest:
         self._hasher.update(digest)
 
     def zeros(self, count: int) -> None:
-        """Add ``count`` zero pages."""
-        while count > 0:
-            n = min(count, _ZERO_CHUNK)
-            self._hasher.update(ZERO_DIGEST * n)
-            count -= n
+        """Add one ZERO_RUN record of ``count`` pages (call once per record, as encoded)."""
+        self._hasher.update(ZERO_DIGEST + _BE64.pack(count))
 
     def digest(self) -> bytes:
         """The digest so far."""
@@ -255,11 +254,13 @@ class DedupEncoder:
 
     def _flush_zeros(self) -> bytes:
         run, self._zero_run = self._zero_run, 0
-        self._memory.zeros(run)
         self._zero += run
-        return b"".join(
-            b"\x02" + _BE32.pack(min(0xFFFFFFFF, run - done)) for done in range(0, run, 0xFFFFFFFF)
-        )
+        records = []
+        for done in range(0, run, 0xFFFFFFFF):
+            count = min(0xFFFFFFFF, run - done)
+            self._memory.zeros(count)  # per record, exactly as the decoder will see them
+            records.append(b"\x02" + _BE32.pack(count))
+        return b"".join(records)
 
     def finish(self) -> bytes:
         """Pending zero run and the END record."""

@@ -34,6 +34,7 @@ from typing import Final
 
 from blake3 import blake3
 
+from tmdht._feed import FeedBuffer, NeedMore
 from tmdht.errors import (
     CatalogMismatchError,
     DecodeError,
@@ -279,10 +280,6 @@ class DedupEncoder:
         return EncodeStats(self._pages, self._full, self._zero, self._template, self._bytes)
 
 
-class _NeedMore(Exception):
-    """Internal: the buffer ends inside an item."""
-
-
 class DedupDecoder:
     """Incremental decoder; raises only DecodeError (DigestMismatchError: wrong memory digest)."""
 
@@ -290,8 +287,7 @@ class DedupDecoder:
         """``verify=False`` skips hashing FULL pages and the memory digest check (a quick scan)."""
         self._expected_catalog = expected_catalog_id
         self._verify = verify
-        self._buf = memoryview(b"")
-        self._pos = 0
+        self._in = FeedBuffer()
         self._start: StreamStart | None = None
         self._index = 0
         self._total = 0
@@ -311,12 +307,9 @@ class DedupDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes."""
-        view = memoryview(data).cast("B")
-        if self._ended and view.nbytes:
+        if self._ended and memoryview(data).nbytes:
             raise DecodeError("bytes after the end of the dedup stream")
-        rest = self._buf[self._pos :]
-        self._pos = 0
-        self._buf = view if rest.nbytes == 0 else memoryview(bytes(rest) + bytes(view))
+        self._in.feed(data)
 
     def close(self) -> None:
         """The input ended; raise DecodeError if the stream did not."""
@@ -327,29 +320,24 @@ class DedupDecoder:
     def events(self) -> Iterator[StreamEvent]:
         """Everything decodable from the bytes fed so far."""
         while not self._ended:
-            at = self._pos
+            at = self._in.pos
             try:
                 event = self._header() if self._start is None else self._record()
-            except _NeedMore:
-                self._pos = at
+            except NeedMore:
+                self._in.pos = at
                 return
             yield event
-        if self._pos < self._buf.nbytes:
+        if self._in.remaining:
             raise DecodeError("bytes after the end of the dedup stream")
 
     def _take(self, n: int) -> memoryview:
-        end = self._pos + n
-        if end > self._buf.nbytes:
-            raise _NeedMore
-        view = self._buf[self._pos : end]
-        self._pos = end
-        return view
+        return self._in.take(n)
 
     def _header(self) -> StreamStart:
         head = self._take(8)
         if bytes(head) != STREAM_MAGIC:
             raise UnknownFormatError("not a tmdht dedup stream")
-        self._pos -= 8
+        self._in.pos -= 8
         _, version, flags, catalog_id, n_blocks = _PREFIX.unpack(self._take(_PREFIX.size))
         if version != STREAM_VERSION:
             raise DecodeError(f"dedup stream version {version} is not supported (only 1)")

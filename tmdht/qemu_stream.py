@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Final
 
+from tmdht._feed import FeedBuffer, NeedMore
 from tmdht.errors import DecodeError, LimitExceededError, UnsupportedStreamError
 from tmdht.pages import PAGE_SIZE, ByteView
 
@@ -236,10 +237,6 @@ _BE64 = struct.Struct(">Q")
 _HEADER = struct.Struct(">4sI")
 
 
-class _NeedMore(Exception):
-    """Internal: the buffer ends inside an item; wait for more bytes."""
-
-
 class _State(IntEnum):
     HEADER = 0
     TOP = 1
@@ -262,9 +259,7 @@ class QemuStreamParser:
     """
 
     def __init__(self) -> None:
-        self._buf: memoryview = memoryview(b"")
-        self._pos = 0
-        self._base = 0  # absolute stream offset of self._buf[0]
+        self._in = FeedBuffer()
         self._state = _State.HEADER
         self._ram_section_id: int | None = None
         self._block: str | None = None  # CONTINUE carries across sections
@@ -285,20 +280,13 @@ class QemuStreamParser:
     @property
     def position(self) -> int:
         """Absolute stream offset of the next unparsed byte."""
-        return self._base + self._pos
+        return self._in.position
 
     def feed(self, data: ByteView) -> None:
         """Add bytes. A view of ``data`` may be kept (no copy) until its events are dropped."""
         if self._closed:
             raise DecodeError("data fed after the stream was closed")
-        view = memoryview(data).cast("B")
-        rest = self._buf[self._pos :]
-        self._base += self._pos
-        self._pos = 0
-        if rest.nbytes == 0:
-            self._buf = view
-        else:  # an item is split across feeds: join only the unparsed tail with the new bytes
-            self._buf = memoryview(bytes(rest) + bytes(view))
+        self._in.feed(data)
 
     def close(self) -> None:
         """Say the input ended. Raises DecodeError if it ended before the RAM part was over."""
@@ -313,39 +301,28 @@ class QemuStreamParser:
         """Parse as much of the fed data as possible."""
         while True:
             if self._state is _State.PASSTHROUGH:
-                if self._pos < self._buf.nbytes:
-                    chunk = self._buf[self._pos :]
-                    self._pos = self._buf.nbytes
-                    yield Passthrough(chunk)
+                if self._in.remaining:
+                    yield Passthrough(self._in.take(self._in.remaining))
                 return
-            start = self._pos
+            start = self._in.pos
             try:
                 event = self._next()
-            except _NeedMore:
-                self._pos = start
+            except NeedMore:
+                self._in.pos = start
                 return
             except (struct.error, UnicodeDecodeError, ValueError) as exc:  # defensive: bad bytes
                 raise DecodeError(
-                    f"malformed migration stream at byte {self._base + start}"
+                    f"malformed migration stream at byte {self._in.base + start}"
                 ) from exc
             yield event
 
     # -- reading primitives ------------------------------------------------------------------
 
     def _take(self, n: int) -> memoryview:
-        end = self._pos + n
-        if end > self._buf.nbytes:
-            raise _NeedMore
-        view = self._buf[self._pos : end]
-        self._pos = end
-        return view
+        return self._in.take(n)
 
     def _u8(self) -> int:
-        if self._pos >= self._buf.nbytes:
-            raise _NeedMore
-        value = self._buf[self._pos]
-        self._pos += 1
-        return value
+        return self._in.u8()
 
     def _be32(self) -> int:
         value: int = _BE32.unpack(self._take(4))[0]
@@ -377,7 +354,7 @@ class QemuStreamParser:
         return self._section()
 
     def _section(self) -> Event:
-        at = self._base + self._pos
+        at = self._in.position
         kind = self._u8()
         if kind == SectionType.CONFIGURATION:
             length = self._be32()
@@ -417,7 +394,7 @@ class QemuStreamParser:
             raise UnsupportedStreamError("device state before any RAM section")
         if not self._ram_done:
             raise UnsupportedStreamError("device state before END(ram)")
-        self._pos = at - self._base  # hand the section byte itself out verbatim
+        self._in.pos = at - self._in.base  # hand the section byte itself out verbatim
         self._state = _State.PASSTHROUGH
         return DeviceStateStart(at)
 
@@ -450,7 +427,7 @@ class QemuStreamParser:
             raise DecodeError(f"page offset {addr:#x} beyond block {block!r}")
         continued = bool(flags & _CONTINUE)
         if kind == _PAGE:
-            at = self._base + self._pos
+            at = self._in.position
             return RamPage(block, addr, continued, self._take(PAGE_SIZE), at)
         return RamZero(block, addr, continued, self._u8())
 

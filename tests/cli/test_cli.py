@@ -9,21 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.cli import tmdht
 from support.synthetic import mixed_pages, page_pool, write_raw
 
 POOL = page_pool(200, seed=6)
-
-
-def tmdht(*args: object, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tmdht.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == expect, proc.stderr
-    return proc
 
 
 @pytest.fixture(scope="module")

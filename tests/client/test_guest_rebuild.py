@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.cli import tmdht
 from support.cluster import FAST_NODE_ARGS
 
 from tmdht.lab import GuestCapture
@@ -21,18 +20,6 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with LocalCluster(tmp_path_factory.mktemp("guests"), 4, extra_args=FAST_NODE_ARGS) as c:
         yield c
-
-
-def tmdht(*args: object, expect: int = 0) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tmdht.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == expect, proc.stderr
-    return proc
 
 
 def test_mine_publish_encode_rebuild_through_the_cluster(

@@ -54,6 +54,8 @@ __all__ = [
 log = logging.getLogger("tmdht.client")
 
 T = TypeVar("T")
+SILENT_HEDGES = 3
+"""Batches in a row a node lets its hedges win without answering before it is avoided."""
 RESOLVE_BUCKETS = (
     0.0001,
     0.00025,
@@ -229,6 +231,7 @@ class TemplateStoreClient:
         self._members: list[Member] = []
         self._ids: list[bytes] = []
         self._avoid: dict[bytes, float] = {}  # node id -> monotonic time until which it is avoided
+        self._silent: dict[bytes, int] = {}  # node id -> batches in a row hedges won without it
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -503,6 +506,13 @@ class TemplateStoreClient:
                 done, remaining = await asyncio.wait(remaining, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     found.update(self._absorb(tasks[task], task.result()))
+            if not primary.done():
+                # The hedges did the primary's work while it said nothing. A node that keeps
+                # losing like this is treated as failed (avoided, probed), or every later batch
+                # would wait ``hedge_after`` for it: its own timeouts back off for seconds.
+                silent = self._silent[node.node_id] = self._silent.get(node.node_id, 0) + 1
+                if silent >= SILENT_HEDGES and not self._avoided(node):
+                    self._node_failed(node)
         finally:
             for task in tasks:
                 task.cancel()
@@ -510,6 +520,8 @@ class TemplateStoreClient:
         return found
 
     def _absorb(self, node: Member, result: GetResult) -> dict[bytes, bytes]:
+        if not result.unanswered:
+            self._silent.pop(node.node_id, None)  # it answers: no longer suspected
         if result.corrupt:
             self.metrics.verification_failures.inc(len(result.corrupt))
             log.warning(

@@ -100,14 +100,6 @@ class ClientStats:
     unexpected: int = 0
     verification_failures: int = 0
     pages_received: int = 0
-    latency: list[float] = field(default_factory=list, repr=False)
-    """Recent request round-trip times in seconds (bounded; for histograms)."""
-
-    def observe(self, seconds: float) -> None:
-        """Record a round trip (keeps the last 4096)."""
-        self.latency.append(seconds)
-        if len(self.latency) > 8192:
-            del self.latency[:4096]
 
 
 @dataclass
@@ -217,8 +209,11 @@ class DataPlaneClient:
         attempts: int = 4,
         window: int = 16,
         clock: Callable[[], float] = time.time,
+        on_retry: Callable[[], None] | None = None,
     ) -> None:
+        """``on_retry()`` is called for every request re-sent (e.g. a Prometheus counter)."""
         wire.check_max_datagram(max_datagram)
+        self.on_retry = on_retry
         self.auth = auth
         self.max_datagram = max_datagram
         self.timeout = timeout
@@ -299,6 +294,11 @@ class DataPlaneClient:
         part, parts = getattr(message, "part", 0), getattr(message, "parts", 1)
         exchange.add(part, parts, message)
 
+    def _retried(self) -> None:
+        self.stats.retries += 1
+        if self.on_retry is not None:
+            self.on_retry()
+
     def _request_id(self) -> int:
         self._next_id = (self._next_id + 1) & ((1 << 64) - 1)
         return self._next_id
@@ -341,7 +341,6 @@ class DataPlaneClient:
             self._pending.pop(request_id, None)  # close() may have cleared it already
         if exchange.done.done() and not exchange.done.cancelled():
             elapsed = time.perf_counter() - started
-            self.stats.observe(elapsed)
             self._rtt.setdefault(address, _Rtt()).observe(elapsed)
         else:
             self.stats.timeouts += 1
@@ -370,7 +369,7 @@ class DataPlaneClient:
                 if not remaining:
                     break
                 if attempt:
-                    self.stats.retries += 1
+                    self._retried()
                 batch = tuple(remaining)
                 for message in await self._roundtrip(
                     address, functools.partial(build, batch), attempt
@@ -487,7 +486,7 @@ class DataPlaneClient:
         async with self._window(address):
             for attempt in range(self.attempts):
                 if attempt:
-                    self.stats.retries += 1
+                    self._retried()
                 for message in await self._roundtrip(
                     address, lambda rid: wire.NodeInfoRequest(request_id=rid), attempt
                 ):

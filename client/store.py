@@ -253,6 +253,7 @@ class TemplateStoreClient:
                 timeout=self.timeout,
                 attempts=self.attempts,
                 window=self.window,
+                on_retry=self.metrics.retries.inc,
             )
             self._overlay = await Overlay.start(
                 OverlayConfig(

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from tmdht import wire
@@ -63,7 +63,6 @@ class SweepReport:
     unanswered: int = 0
     complete: bool = False
     seconds: float = 0.0
-    failed_targets: set[Address] = field(default_factory=set)
 
 
 class Replicator:
@@ -97,7 +96,6 @@ class Replicator:
         self.metrics = metrics
         self.clock = clock
         self.on_unanswered = on_unanswered
-        self.last_report: SweepReport | None = None
         # Pages stored by clients, to check on their replicas once FRESH_DELAY has passed (the
         # client usually writes every replica itself; by then a HAS finds them all there).
         self._fresh: collections.deque[tuple[float, list[bytes]]] = collections.deque()
@@ -105,8 +103,6 @@ class Replicator:
         self._wake = asyncio.Event()
         self._changed = False
         self._surplus: dict[bytes, float] = {}  # digest -> when it was first seen surplus
-        self._idle = asyncio.Event()  # set while no sweep runs (tests and shutdown wait on it)
-        self._idle.set()
 
     def membership_changed(self) -> None:
         """Wake the job: replica sets may have moved. A running sweep starts over."""
@@ -143,7 +139,6 @@ class Replicator:
             report = await self.sweep()
             next_sweep = self.clock() + self.interval
             if report.complete:
-                self.last_report = report
                 log.info(
                     "replication sweep: %d pages examined, %d copied, %d under-replicated, "
                     "%d surplus dropped in %.2f s",
@@ -156,7 +151,6 @@ class Replicator:
 
     async def sweep(self) -> SweepReport:
         """One pass over the store; restarts (incomplete) if membership changes meanwhile."""
-        self._idle.clear()
         self._changed = False
         report = SweepReport()
         started = self.clock()
@@ -164,32 +158,25 @@ class Replicator:
         self.metrics.backlog.set(total)
         cursor = b""
         first = True
-        try:
-            while True:
-                digests = list(self.store.iter_digests(cursor, CHUNK, inclusive=first))
-                if not digests:
-                    break
-                first = False
-                cursor = digests[-1]
-                await self._step(digests, report)
-                self.metrics.backlog.set(max(0, total - report.examined))
-                await self._push_fresh()
-                if self._changed:
-                    return report  # incomplete: the caller's loop sweeps again at once
-            report.complete = True
-            report.seconds = self.clock() - started
-            self.sweeps += 1
-            self.metrics.sweeps.inc()
-            self.metrics.sweep_seconds.set(report.seconds)
-            self.metrics.under_replicated.set(report.under_replicated)
-            self.metrics.backlog.set(0)
-            return report
-        finally:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        """Until no sweep is running."""
-        await self._idle.wait()
+        while True:
+            digests = list(self.store.iter_digests(cursor, CHUNK, inclusive=first))
+            if not digests:
+                break
+            first = False
+            cursor = digests[-1]
+            await self._step(digests, report)
+            self.metrics.backlog.set(max(0, total - report.examined))
+            await self._push_fresh()
+            if self._changed:
+                return report  # incomplete: the caller's loop sweeps again at once
+        report.complete = True
+        report.seconds = self.clock() - started
+        self.sweeps += 1
+        self.metrics.sweeps.inc()
+        self.metrics.sweep_seconds.set(report.seconds)
+        self.metrics.under_replicated.set(report.under_replicated)
+        self.metrics.backlog.set(0)
+        return report
 
     async def _step(self, digests: list[bytes], report: SweepReport) -> None:
         targets = list(self.members())
@@ -215,10 +202,8 @@ class Replicator:
         for index, (held, copied, unanswered) in zip(ask, results, strict=True):
             report.copied += copied
             report.unanswered += len(unanswered)
-            if unanswered:
-                report.failed_targets.add(targets[index].data_address)
-                if self.on_unanswered is not None:
-                    await self.on_unanswered(targets[index].node_id)
+            if unanswered and self.on_unanswered is not None:
+                await self.on_unanswered(targets[index].node_id)
             for digest in held:
                 confirmed[digest] += 1
         now = self.clock()

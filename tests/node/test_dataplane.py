@@ -180,9 +180,12 @@ def test_lost_parts_are_reasked(tmp_path: Path) -> None:
     """A client that loses answer datagrams re-asks for exactly what it did not hear about."""
 
     async def main() -> None:
+        retried = []
         async with (
             node(tmp_path, max_datagram=wire.MIN_DATAGRAM) as (server, _),
-            await DataPlaneClient.open(keyed(), timeout=0.1) as client,
+            await DataPlaneClient.open(
+                keyed(), timeout=0.1, on_retry=lambda: retried.append(1)
+            ) as client,
         ):
             data = pages(40)
             await client.put_pages(server.address, data)
@@ -200,6 +203,7 @@ def test_lost_parts_are_reasked(tmp_path: Path) -> None:
             got = await client.get_pages(server.address, [d for d, _ in data])
             assert got.pages == dict(data) and not got.unanswered
             assert client.stats.retries > 0
+            assert len(retried) == client.stats.retries  # what the client's metric counts
 
     run(main)
 

@@ -234,9 +234,9 @@ class DataPlaneClient:
 
     @classmethod
     async def open(
-        cls, auth: Authenticator, *, host: str = "127.0.0.1", **kw: Any
+        cls, auth: Authenticator, *, host: str = "0.0.0.0", **kw: Any
     ) -> DataPlaneClient:
-        """Bind a UDP socket on ``host`` (any port) and return a ready client."""
+        """Bind a UDP socket on ``host`` (any port; all interfaces by default), ready to use."""
         client = cls(auth, **kw)
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)

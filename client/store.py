@@ -188,7 +188,7 @@ class TemplateStoreClient:
         cluster_key: bytes | str | None = None,  # a key file's text, or a raw 32-byte key
         open_mode: bool = False,
         replicas: int = 3,
-        host: str = "127.0.0.1",
+        host: str = "0.0.0.0",  # clients reach nodes on other hosts too
         max_datagram: int = 32768,
         timeout: float = 0.2,
         attempts: int = 3,

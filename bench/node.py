@@ -1,12 +1,19 @@
 """One store node serving a batched client: pages/s, latency, on-disk overhead; uvloop vs asyncio.
 
     python bench/node.py [--pages 50000] [--seconds 60] [--out bench/results/node.json]
+    python bench/node.py --serve-cpu [--pages 50000] [--requests 3000]
 
 For each event loop (the node's and the client's): start one real node process (R=1) on
 loopback, PUT the pages through the data plane (group commit), GET them all back with a
 pipelined client (verification on), then time single-page GETs one after another for latency.
 The on-disk ratio is the node's own tmdht_disk_bytes / tmdht_stored_bytes after the PUTs.
 Every phase is bounded by --seconds.
+
+``--serve-cpu`` instead measures the node's CPU per page served, in process: a DataPlaneServer
+(keyed auth) over a store of --pages pages answers pre-encoded GET_PAGES requests of 56..120
+random digests, fed straight to ``datagram_received``; the thread CPU time of those calls
+(decode, store read, encode, seal, send to a loopback socket) is divided by the pages served.
+The answers are drained and spot-checked between calls, outside the timed region.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import argparse
 import asyncio
 import json
 import os
+import random
+import socket
 import statistics
 import sys
 import tempfile
@@ -25,10 +34,14 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tmdht import wire
 from tmdht.auth import Authenticator, ClusterKey, KeyRing, load_key
 from tmdht.client.dataplane import DataPlaneClient
+from tmdht.node.dataplane import DataPlaneServer
 from tmdht.node.local import LocalCluster
-from tmdht.pages import digest_page
+from tmdht.node.metrics import NodeMetrics
+from tmdht.node.storage import PageStore
+from tmdht.pages import check_page, digest_page
 
 
 def make_pages(n: int) -> list[tuple[bytes, bytes]]:
@@ -104,12 +117,103 @@ def run_one(loop_name: str, pages: list[tuple[bytes, bytes]], budget: float) -> 
             return asyncio.run(measure(cluster, pages, budget))
 
 
+async def serve_cpu(store: PageStore, digests: list[bytes], requests: int, seed: int) -> dict[str, float]:
+    """Thread CPU of ``datagram_received`` per page served (see the module docstring)."""
+    key = ClusterKey(1, bytes(range(32)))
+    client_auth = Authenticator.keyed(KeyRing(key))
+    server = await DataPlaneServer.start(
+        "127.0.0.1",
+        0,
+        store=store,
+        auth=Authenticator.keyed(KeyRing(key)),
+        max_datagram=wire.MAX_DATAGRAM,
+        metrics=NodeMetrics(),
+        node_info=lambda rid: None,  # type: ignore[arg-type,return-value]
+    )
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sink.setblocking(False)
+    address = sink.getsockname()
+    rng = random.Random(seed)
+    now = time.time()
+    batch = [
+        wire.encode(
+            wire.GetPages(request_id=i, digests=tuple(rng.sample(digests, rng.randint(56, 120)))),
+            max_datagram=wire.MAX_DATAGRAM,
+            auth=client_auth,
+            now=now,
+        )
+        for i in range(requests)
+    ]
+    cpu = wall = 0.0
+    served = datagrams = 0
+    try:
+        for index, request in enumerate(batch):
+            started_cpu, started_wall = time.thread_time(), time.perf_counter()
+            server.datagram_received(request, address)
+            cpu += time.thread_time() - started_cpu
+            wall += time.perf_counter() - started_wall
+            for _ in range(1000):  # drain what the node sent (bounded)
+                try:
+                    answer = sink.recv(65536)
+                except BlockingIOError:
+                    break
+                datagrams += 1
+                if index < 20:  # spot-check: authentic, decodable, every page verifies
+                    msg = wire.decode(answer, max_datagram=wire.MAX_DATAGRAM, auth=client_auth, now=time.time())
+                    assert isinstance(msg, wire.Pages) and not msg.missing, msg
+                    for digest, page in msg.pages:
+                        check_page(digest, page)
+        served = int(server.metrics.registry.get_sample_value("tmdht_pages_served_total") or 0)
+    finally:
+        sink.close()
+        server.close()
+    return {
+        "requests": requests,
+        "pages_served": served,
+        "datagrams_received": datagrams,
+        "cpu_us_per_page": cpu / served * 1e6,
+        "wall_us_per_page": wall / served * 1e6,
+        "cpu_us_per_request": cpu / requests * 1e6,
+    }
+
+
+def run_serve_cpu(pages: list[tuple[bytes, bytes]], requests: int) -> dict[str, Any]:
+    import uvloop  # noqa: PLC0415
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tmdht-bench-serve-") as tmp:
+        store = PageStore.open(Path(tmp), capacity_bytes=4 << 30)
+        try:
+            for i in range(0, len(pages), 4096):
+                store.put_many(pages[i : i + 4096])
+            digests = [d for d, _ in pages]
+            for name, runner in (("uvloop", uvloop.run), ("asyncio", asyncio.run)):
+                runner(serve_cpu(store, digests, requests // 5, 1))  # warm up
+                results[name] = runner(serve_cpu(store, digests, requests, 2))
+        finally:
+            store.close()
+    print(f"node CPU per page served: {len(pages):,} pages stored, GETs of 56..120 digests, keyed auth")
+    for name, r in results.items():
+        print(
+            f"  {name:8} {r['cpu_us_per_page']:6.2f} us/page CPU, {r['wall_us_per_page']:6.2f} us/page wall, "
+            f"{r['cpu_us_per_request']:7.1f} us/request ({r['pages_served']:,} pages, {r['datagrams_received']:,} datagrams)"
+        )
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=50000)
     parser.add_argument("--seconds", type=float, default=60.0, help="time bound of each phase")
     parser.add_argument("--out", type=Path, default=Path("bench/results/node.json"))
+    parser.add_argument("--serve-cpu", action="store_true", help="in-process node CPU per page served")
+    parser.add_argument("--requests", type=int, default=3000, help="GET requests timed by --serve-cpu")
     args = parser.parse_args()
+    if args.serve_cpu:
+        run_serve_cpu(make_pages(max(1000, min(args.pages, 1_000_000))), max(10, args.requests))
+        return 0
     pages = make_pages(max(1000, min(args.pages, 1_000_000)))
     results = {name: run_one(name, pages, args.seconds) for name in ("uvloop", "asyncio")}
     u, a = results["uvloop"], results["asyncio"]

@@ -1,7 +1,9 @@
 """Fuzz every decoder of bytes from outside: mutations of valid inputs, seeded and repeatable.
 
 Decoders: the data-plane wire codec (open-mode auth, so mutations reach the body parser instead
-of all failing the tag check), the dedup stream decoder, the template catalog reader, the QEMU
+of all failing the tag check; each mutant is decoded as is and, when it still holds an open-mode
+auth block, once more with its body length pointed at that block, so insertions and deletions
+in a body or a page bulk reach the parsers too), the dedup stream decoder, the template catalog reader, the QEMU
 migration stream parser, the node config (TOML), and the overlay's datagram decoding (plus the
 validation of node_info / find_node answers). For each, inputs are made from valid seeds by 1-4
 random mutations (bit flips, interesting integers at random offsets, inserted / deleted /
@@ -21,6 +23,7 @@ writes JSON (--out, default bench/results/fuzz.json). Crashing inputs go to --cr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -36,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tmdht import wire
-from tmdht.auth import Authenticator
+from tmdht.auth import AUTH_OVERHEAD, Authenticator
 from tmdht.catalog import TemplateCatalog
 from tmdht.config import NodeConfig
 from tmdht.dedup_stream import DedupDecoder, DedupEncoder
@@ -63,6 +66,28 @@ def _pages(n: int, seed: int) -> list[bytes]:
     return [rng.randbytes(PAGE_SIZE) for _ in range(n)]
 
 
+_OPEN_BLOCK_START = b"\x00\x01"  # key id 0, auth flags OPEN
+_OPEN_TAG = bytes(16)
+
+
+def _relocate_open_auth_block(data: bytes) -> bytes | None:
+    """``data`` with its header's body length set to find the first open-mode auth block
+    after the header (the block sits between body and bulk), or None if there is none or the
+    length already points at it."""
+    at = wire.HEADER_SIZE
+    for _ in range(64):  # bounded: mutants hold few candidates
+        at = data.find(_OPEN_BLOCK_START, at)
+        if at < 0 or at + AUTH_OVERHEAD > len(data):
+            return None
+        if data[at + AUTH_OVERHEAD - 16 : at + AUTH_OVERHEAD] == _OPEN_TAG:
+            length = (at - wire.HEADER_SIZE).to_bytes(4, "big")
+            if data[16:20] == length:
+                return None
+            return data[:16] + length + data[20:]
+        at += 1
+    return None
+
+
 def wire_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
     auth = Authenticator.open_mode()  # no replay window: the same nonce may recur in mutants
     pages = _pages(3, 1)
@@ -85,8 +110,15 @@ def wire_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exceptio
         max_datagram=mx, auth=auth, now=NOW,
     )  # fmt: skip
     seeds += wire.encode_have_response(8, [True, False, True], max_datagram=mx, auth=auth, now=NOW)
+    seeds += wire.encode_pages_response(
+        9, list(zip(digests, pages, strict=True)), [], max_datagram=mx, auth=auth, now=NOW
+    )
 
     def run(data: bytes) -> object:
+        relocated = _relocate_open_auth_block(data)
+        if relocated is not None:
+            with contextlib.suppress(DecodeError):
+                wire.decode(relocated, max_datagram=wire.MAX_DATAGRAM, auth=auth, now=NOW)
         return wire.decode(data, max_datagram=wire.MAX_DATAGRAM, auth=auth, now=NOW)
 
     return seeds, run, DecodeError

@@ -167,6 +167,38 @@ def test_open_mode_requires_zero_tag() -> None:
         Authenticator.open_mode().open(bytes(datagram), NOW)
 
 
+def test_open_with_end_verifies_a_block_followed_by_other_bytes() -> None:
+    sealed = keyed(KEY_A).seal(PAYLOAD, NOW)
+    datagram = sealed + b"trailing bytes the tag does not cover"
+    assert keyed(KEY_A).open(datagram, NOW, end=len(sealed)) == PAYLOAD
+    changed = sealed + b"other trailing bytes"
+    assert keyed(KEY_A).open(changed, NOW, end=len(sealed)) == PAYLOAD
+    # Without ``end`` the block is looked for at the very end: not there.
+    with pytest.raises(AuthenticationError):
+        keyed(KEY_A).open(datagram, NOW)
+    open_sealed = Authenticator.open_mode().seal(PAYLOAD, NOW)
+    assert Authenticator.open_mode().open(open_sealed + b"x", NOW, end=len(open_sealed)) == PAYLOAD
+
+
+@pytest.mark.parametrize("end", [-1, 0, AUTH_OVERHEAD - 1, 10**9])
+def test_open_refuses_an_end_outside_the_datagram(end: int) -> None:
+    datagram = keyed(KEY_A).seal(PAYLOAD, NOW) + b"tail"
+    for receiver in (keyed(KEY_A), Authenticator.open_mode()):
+        with pytest.raises(AuthenticationError):
+            receiver.open(datagram, NOW, end=end)
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_any_tampered_byte_before_end_is_refused(data: st.DataObject) -> None:
+    sealed = keyed(KEY_A).seal(PAYLOAD, NOW)
+    datagram = bytearray(sealed + bytes(100))
+    index = data.draw(st.integers(0, len(sealed) - 1), label="index")
+    datagram[index] ^= data.draw(st.integers(1, 255), label="xor")
+    with pytest.raises(AuthenticationError):
+        keyed(KEY_A).open(bytes(datagram), NOW, end=len(sealed))
+
+
 def test_seal_refuses_negative_time() -> None:
     with pytest.raises(UsageError):
         keyed(KEY_A).seal(PAYLOAD, -1.0)

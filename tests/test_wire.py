@@ -1,4 +1,4 @@
-"""Tests for tmdht.wire: round trips, fuzzing, limits, multi-part packing, authentication."""
+"""Tests for tmdht.wire: round trips, fuzzing, limits, multi-part packing, authentication, bulk."""
 
 from __future__ import annotations
 
@@ -21,8 +21,16 @@ from tmdht.auth import (
     KeyRing,
     ReplayError,
 )
-from tmdht.errors import DecodeError, LimitExceededError, UsageError
-from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_PAGE, ByteView, PageDigest, digest_page
+from tmdht.errors import DecodeError, IntegrityError, LimitExceededError, UsageError
+from tmdht.pages import (
+    DIGEST_SIZE,
+    PAGE_SIZE,
+    ZERO_PAGE,
+    ByteView,
+    PageDigest,
+    check_page,
+    digest_page,
+)
 from tmdht.wire import (
     DATAGRAM_OVERHEAD,
     MAX_DATAGRAM,
@@ -75,17 +83,35 @@ def frame(
     message_type: int,
     body: bytes,
     *,
-    version: int = 1,
+    bulk: bytes = b"",
+    version: int = wire.PROTOCOL_VERSION,
     flags: int = 0,
     request_id: int = 99,
     part: int = 0,
     parts: int = 1,
     body_length: int | None = None,
+    auth: Authenticator = OPEN,
 ) -> bytes:
-    """A hand-made open-mode datagram."""
+    """A hand-made datagram (open mode unless ``auth`` says otherwise)."""
     length = len(body) if body_length is None else body_length
     header = _HEADER.pack(version, message_type, flags, request_id, part, parts, length)
-    return OPEN.seal(header + body, NOW)
+    return auth.seal(header + body, NOW) + bulk
+
+
+def one_digest_body() -> bytes:
+    return struct.pack(">H", 1) + digest_of(0)
+
+
+def sealed_end(datagram: bytes) -> int:
+    """Where the auth block of a well-formed datagram ends (and its bulk starts)."""
+    (body_length,) = struct.unpack_from(">I", datagram, 16)
+    return int(DATAGRAM_OVERHEAD + body_length)
+
+
+def without_auth(datagram: bytes) -> bytes:
+    """Header, body and bulk: what must be canonical (the auth block differs per seal)."""
+    end = sealed_end(datagram)
+    return datagram[: end - AUTH_OVERHEAD] + datagram[end:]
 
 
 # --- strategies ------------------------------------------------------------------------------
@@ -169,7 +195,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
 def check_decoded(datagram: bytes, msg: Message) -> None:
     """What every successful decode must satisfy: valid, canonical."""
     assert dataclasses.replace(msg) == msg  # passes its own validation
-    assert encode(msg)[:-AUTH_OVERHEAD] == datagram[:-AUTH_OVERHEAD]
+    assert without_auth(encode(msg)) == without_auth(datagram)
 
 
 def decode_or_none(datagram: bytes, auth: Authenticator = OPEN) -> Message | None:
@@ -248,10 +274,14 @@ def test_random_bytes_raise_only_decode_error(raw: bytes) -> None:
 
 
 @settings(max_examples=1500)
-@given(st.binary(max_size=400))
-def test_random_payloads_past_authentication(payload: bytes) -> None:
-    # Open mode: the payload reaches the header and body parsers.
-    decode_or_none(OPEN.seal(payload, NOW))
+@given(st.binary(max_size=400), st.booleans(), st.sampled_from([b"", b"x", ZERO_PAGE]))
+def test_random_payloads_past_authentication(payload: bytes, fix_length: bool, bulk: bytes) -> None:
+    # Open mode: with a body length that locates the auth block, the payload reaches the
+    # header and body parsers; the bulk reaches the bulk checks.
+    if fix_length and len(payload) >= wire.HEADER_SIZE:
+        length = struct.pack(">I", len(payload) - wire.HEADER_SIZE)
+        payload = payload[:16] + length + payload[20:]
+    decode_or_none(OPEN.seal(payload, NOW) + bulk)
 
 
 @settings(max_examples=1500)
@@ -261,45 +291,73 @@ def test_random_payloads_past_authentication(payload: bytes) -> None:
     part=st.integers(0, 3),
     parts=st.integers(0, 3),
     body=st.binary(max_size=400),
-    length_delta=st.sampled_from([0, 0, 0, -1, 1]),
+    bulk_pages=st.sampled_from([0, 0, 1, 2]),
+    bulk_delta=st.sampled_from([0, 0, 0, -1, 1]),
+    length_delta=st.sampled_from([0, 0, 0, -1, 1, 2**32 - 1]),
 )
 def test_random_bodies_with_plausible_headers(
-    message_type: int, flags: int, part: int, parts: int, body: bytes, length_delta: int
+    message_type: int,
+    flags: int,
+    part: int,
+    parts: int,
+    body: bytes,
+    bulk_pages: int,
+    bulk_delta: int,
+    length_delta: int,
 ) -> None:
     datagram = frame(
         message_type,
         body,
+        bulk=bytes(max(0, bulk_pages * PAGE_SIZE + bulk_delta)),
         flags=flags,
         part=part,
         parts=parts,
-        body_length=max(0, len(body) + length_delta),
+        body_length=(len(body) + length_delta) % 2**32,
     )
     decode_or_none(datagram)
+
+
+def mutate(data: st.DataObject, raw: bytes) -> bytes:
+    """One random mutation of ``raw`` (which may be empty)."""
+    out = bytearray(raw)
+    mutation = data.draw(st.sampled_from(["flip", "truncate", "insert", "set_u16"]))
+    if mutation == "flip" and out:
+        for _ in range(data.draw(st.integers(1, 4))):
+            index = data.draw(st.integers(0, len(out) - 1))
+            out[index] ^= 1 << data.draw(st.integers(0, 7))
+    elif mutation == "truncate" and out:
+        del out[data.draw(st.integers(0, len(out) - 1)) :]
+    elif mutation == "insert":
+        index = data.draw(st.integers(0, len(out)))
+        out[index:index] = data.draw(st.binary(min_size=1, max_size=40))
+    elif out:  # overwrite a count or length with something extreme
+        index = data.draw(st.integers(0, max(0, len(out) - 2)))
+        out[index : index + 2] = data.draw(st.sampled_from([b"\x00\x00", b"\xff\xff"]))
+    return bytes(out)
 
 
 @settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
 @given(messages, st.data())
 def test_mutated_datagrams_raise_only_decode_error(msg: Message, data: st.DataObject) -> None:
-    payload = bytearray(encode(msg)[:-AUTH_OVERHEAD])
-    mutation = data.draw(st.sampled_from(["flip", "truncate", "insert", "set_u16"]))
-    if mutation == "flip":
-        for _ in range(data.draw(st.integers(1, 4))):
-            index = data.draw(st.integers(0, len(payload) - 1))
-            payload[index] ^= 1 << data.draw(st.integers(0, 7))
-    elif mutation == "truncate":
-        del payload[data.draw(st.integers(0, len(payload) - 1)) :]
-    elif mutation == "insert":
-        index = data.draw(st.integers(0, len(payload)))
-        payload[index:index] = data.draw(st.binary(min_size=1, max_size=40))
-    else:  # overwrite a count or length with something extreme
-        index = data.draw(st.integers(0, max(0, len(payload) - 2)))
-        payload[index : index + 2] = data.draw(st.sampled_from([b"\x00\x00", b"\xff\xff"]))
-    decode_or_none(OPEN.seal(bytes(payload), NOW))
-    # With a key, any mutation of a sealed datagram is refused outright.
-    sealed = keyed().seal(bytes(payload), NOW)
-    tampered = bytearray(sealed)
-    tampered[0] ^= 0x40
-    assert decode_or_none(bytes(tampered), keyed()) is None
+    datagram = encode(msg)
+    end = sealed_end(datagram)
+    head, bulk = datagram[: end - AUTH_OVERHEAD], datagram[end:]
+    # Open mode: a mutated header or body is resealed, so it reaches the parsers; a mutated
+    # bulk reaches the bulk checks; a mutated datagram tests the auth block's location.
+    region = data.draw(st.sampled_from(["head", "bulk", "datagram"]))
+    if region == "head":
+        head = mutate(data, head)
+        mutated = OPEN.seal(head, NOW) + bulk
+    elif region == "bulk":
+        mutated = OPEN.seal(head, NOW) + mutate(data, bulk)
+    else:
+        mutated = mutate(data, datagram)
+    decode_or_none(mutated)
+    # With a key, any change to the tagged bytes (header, body, auth block) is refused.
+    sealed = bytearray(encode(msg, auth=keyed()))
+    index = data.draw(st.integers(0, end - 1), label="tampered byte")
+    sealed[index] ^= data.draw(st.integers(1, 255), label="xor")
+    assert decode_or_none(bytes(sealed), keyed()) is None
 
 
 # --- limits ----------------------------------------------------------------------------------
@@ -358,10 +416,46 @@ def test_short_datagram() -> None:
         decode(bytes(DATAGRAM_OVERHEAD - 1))
 
 
-def test_unknown_version_is_not_answered() -> None:
-    with pytest.raises(DecodeError) as info:
-        decode(frame(MessageType.NODE_INFO_REQUEST, b"", version=2))
+@pytest.mark.parametrize("version", [1, 3, 255])
+def test_unknown_version_is_not_answered(version: int) -> None:
+    with pytest.raises(DecodeError, match="wire version") as info:
+        decode(frame(MessageType.NODE_INFO_REQUEST, b"", version=version))
     assert not isinstance(info.value, MessageDecodeError)
+
+
+def test_a_version_1_pages_datagram_is_refused() -> None:
+    """Version 1 put pages inside the body, under the tag: its tag verifies, its version not."""
+    page = page_of(1)
+    body = struct.pack(">HH", 1, 0) + digest_page(page) + page
+    with pytest.raises(DecodeError, match="wire version 1"):
+        decode(frame(MessageType.PAGES, body, version=1, auth=keyed()), auth=keyed())
+
+
+@pytest.mark.parametrize(
+    ("message_type", "body", "bulk", "body_length"),
+    [
+        (MessageType.GET_PAGES, one_digest_body(), b"", 33),
+        (MessageType.GET_PAGES, one_digest_body(), b"", 35),
+        (MessageType.GET_PAGES, one_digest_body(), b"", 2**32 - 1),
+        (MessageType.PAGES, struct.pack(">HH", 1, 0) + bytes(32), page_of(0), 0),
+        (MessageType.PAGES, struct.pack(">HH", 1, 0) + bytes(32), page_of(0), 36 + 4096),
+        (MessageType.PAGES, struct.pack(">HH", 0, 0), bytes(PAGE_SIZE), 1),
+    ],
+)
+@pytest.mark.parametrize("tamper", [False, True])
+def test_a_body_length_that_misplaces_the_auth_block_is_unauthentic(
+    message_type: int, body: bytes, bulk: bytes, body_length: int, tamper: bool
+) -> None:
+    """The body length locates the tag: a wrong one (sealed so, or forged) moves or loses it."""
+    if tamper:  # sealed with the right length, then the length is forged
+        datagram = bytearray(frame(message_type, body, bulk=bulk, auth=keyed()))
+        datagram[16:20] = struct.pack(">I", body_length)
+    else:
+        datagram = bytearray(
+            frame(message_type, body, bulk=bulk, body_length=body_length, auth=keyed())
+        )
+    with pytest.raises(AuthenticationError):
+        decode(bytes(datagram), auth=keyed())
 
 
 def test_unknown_type_carries_request_id_and_code() -> None:
@@ -372,20 +466,23 @@ def test_unknown_type_carries_request_id_and_code() -> None:
     assert info.value.code is ErrorCode.UNKNOWN_TYPE
 
 
-def one_digest_body() -> bytes:
-    return struct.pack(">H", 1) + digest_of(0)
-
-
 @pytest.mark.parametrize(
     "datagram",
     [
-        # body length field disagrees with the bytes present
-        frame(MessageType.GET_PAGES, one_digest_body(), body_length=33),
-        frame(MessageType.GET_PAGES, one_digest_body(), body_length=35),
         # count disagrees with the body
         frame(MessageType.GET_PAGES, struct.pack(">H", 2) + digest_of(0)),
         frame(MessageType.GET_PAGES, struct.pack(">H", 0xFFFF) + digest_of(0)),
+        frame(MessageType.PAGES, struct.pack(">HH", 2, 0) + digest_of(0), bulk=page_of(0)),
+        frame(MessageType.PAGES, struct.pack(">HH", 1, 1) + digest_of(0), bulk=page_of(0)),
+        # bulk disagrees with the body's page count (short, long, missing, unexpected)
         frame(MessageType.PAGES, struct.pack(">HH", 1, 0) + digest_of(0)),
+        frame(MessageType.PAGES, struct.pack(">HH", 1, 0) + digest_of(0), bulk=page_of(0)[1:]),
+        frame(MessageType.PAGES, struct.pack(">HH", 1, 0) + digest_of(0), bulk=page_of(0) + b"x"),
+        frame(MessageType.PAGES, struct.pack(">HH", 0, 1) + digest_of(0), bulk=page_of(0)),
+        frame(MessageType.PUT_PAGES, one_digest_body()),
+        frame(MessageType.PUT_PAGES, one_digest_body(), bulk=page_of(0) * 2),
+        frame(MessageType.GET_PAGES, one_digest_body(), bulk=page_of(0)),
+        frame(MessageType.NODE_INFO_REQUEST, b"", bulk=b"\x00"),
         # empty requests
         frame(MessageType.GET_PAGES, struct.pack(">H", 0)),
         frame(MessageType.HAS, struct.pack(">H", 0)),
@@ -590,6 +687,68 @@ def test_keyed_and_open_do_not_mix() -> None:
         decode(encode(msg, auth=OPEN), auth=keyed())
     with pytest.raises(AuthenticationError):
         decode(encode(msg, auth=keyed()), auth=OPEN)
+
+
+def test_a_flipped_bulk_byte_decodes_and_fails_the_digest_check() -> None:
+    """The bulk is outside the tag: its integrity is the page digest's, checked by receivers."""
+    pairs = ((digest_page(page_of(1)), page_of(1)), (digest_page(page_of(2)), page_of(2)))
+    for msg in (Pages(request_id=1, pages=pairs), PutPages(request_id=1, pages=pairs)):
+        datagram = bytearray(encode(msg, auth=keyed()))
+        datagram[sealed_end(bytes(datagram)) + PAGE_SIZE + 7] ^= 0x10  # the second page
+        decoded = decode(bytes(datagram), auth=keyed())
+        assert isinstance(decoded, Pages | PutPages)
+        (d1, p1), (d2, p2) = decoded.pages
+        assert (d1, p1) == pairs[0] and d2 == pairs[1][0]
+        check_page(d1, p1)
+        with pytest.raises(IntegrityError):
+            check_page(d2, p2)
+
+
+def test_the_bulk_is_not_hashed_by_the_tag() -> None:
+    """A keyed PAGES datagram's tag covers its header, digests and auth block only."""
+    pairs = tuple((digest_of(i), page_of(i)) for i in range(3))
+    datagram = encode(Pages(request_id=5, pages=pairs), auth=keyed())
+    end = sealed_end(datagram)
+    assert end == DATAGRAM_OVERHEAD + 4 + 3 * DIGEST_SIZE
+    assert datagram[end:] == b"".join(page for _, page in pairs)
+    assert keyed().open(datagram, NOW, end=end) == datagram[: end - AUTH_OVERHEAD]
+
+
+@pytest.mark.parametrize("n_pages", [0, 1, 15, 40])
+def test_pages_buffers_are_the_joined_response_without_copies(n_pages: int) -> None:
+    views = [memoryview(page_of(i)) for i in range(n_pages)]
+    pairs = [(digest_of(i), views[i]) for i in range(n_pages)]
+    missing = [digest_of(1000 + i) for i in range(30)]
+    parts = wire.encode_pages_buffers(
+        7, pairs, missing, max_datagram=MAX_DATAGRAM, auth=OPEN, now=NOW
+    )
+    sent = [page for buffers in parts for page in buffers[1:]]
+    assert len(sent) == n_pages and all(a is b for a, b in zip(sent, views, strict=True))
+    joined = [b"".join(buffers) for buffers in parts]
+    as_bytes = [(d, bytes(p)) for d, p in pairs]
+    expected = wire.encode_pages_response(
+        7, as_bytes, missing, max_datagram=MAX_DATAGRAM, auth=OPEN, now=NOW
+    )
+    assert [without_auth(d) for d in joined] == [without_auth(d) for d in expected]
+    got = [decode(d) for d in joined]
+    assert [pair for msg in got for pair in msg.pages] == as_bytes  # type: ignore[union-attr]
+
+
+def test_pages_buffers_validate_their_input() -> None:
+    for pages, missing in (
+        ([(digest_of(0), b"x" * 4095)], []),
+        ([(b"short", page_of(0))], []),
+        ([], [b"short"]),
+    ):
+        with pytest.raises(wire.InvalidMessageError):
+            wire.encode_pages_buffers(
+                1,
+                pages,  # type: ignore[arg-type]
+                missing,  # type: ignore[arg-type]
+                max_datagram=MAX_DATAGRAM,
+                auth=OPEN,
+                now=NOW,
+            )
 
 
 def test_every_part_of_a_keyed_response_is_authentic() -> None:

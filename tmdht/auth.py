@@ -3,9 +3,11 @@
 No sockets, no clocks, no event loop: the caller passes ``now`` (wall-clock seconds since the
 Unix epoch, i.e. ``time.time()``, *not* ``loop.time()``: timestamps are compared across hosts).
 
-Every datagram ends with an *auth block* of 34 bytes, owned by this module. :mod:`tmdht.wire`
-frames the bytes before it (header and body, the *payload*) and calls :meth:`Authenticator.seal`
-and :meth:`Authenticator.open`::
+Every datagram carries an *auth block* of 34 bytes, owned by this module, right after the bytes
+it authenticates (the *payload*). :mod:`tmdht.wire` frames the payload (header and body), calls
+:meth:`Authenticator.seal` and :meth:`Authenticator.open`, and may append bytes after the block
+that the tag does not cover (page bytes, bound to digests in the payload; ``open(..., end=)``
+locates a block that is not at the end)::
 
     | offset (from end of payload) | size | field                                            |
     |------------------------------|------|--------------------------------------------------|
@@ -417,25 +419,37 @@ class Authenticator:
         hasher.update(block)
         return b"".join((payload, block, hasher.digest(TAG_SIZE)))
 
-    def open(self, datagram: ByteView, now: float) -> memoryview:
+    def open(self, datagram: ByteView, now: float, *, end: int | None = None) -> memoryview:
         """Verify a datagram and return its payload (a view, no copy), or raise.
+
+        The auth block is the last 34 bytes of ``datagram[:end]`` (``end`` defaults to the whole
+        datagram). Bytes from ``end`` on are *not* covered by the tag: a caller that passes
+        ``end`` must authenticate them some other way (:mod:`tmdht.wire` binds page bytes to
+        digests carried in the tagged part). An ``end`` outside ``AUTH_OVERHEAD..len`` is an
+        AuthenticationError, so a caller may pass a length read from unverified bytes.
 
         Raises AuthenticationError or ReplayError (both DecodeError). The replay window records
         the nonce only after the tag was verified: unauthenticated bytes change no state.
         """
         view = memoryview(datagram)
         size = view.nbytes
-        if size < AUTH_OVERHEAD:
-            raise AuthenticationError(f"datagram of {size} bytes is too short for an auth block")
-        block_at = size - AUTH_OVERHEAD
-        tag_at = size - TAG_SIZE
+        if end is None:
+            end = size
+        elif not 0 <= end <= size:
+            raise AuthenticationError(
+                f"auth block ending at byte {end} lies outside the {size}-byte datagram"
+            )
+        if end < AUTH_OVERHEAD:
+            raise AuthenticationError(f"datagram of {end} bytes is too short for an auth block")
+        block_at = end - AUTH_OVERHEAD
+        tag_at = end - TAG_SIZE
         key_id, flags, timestamp_ms, nonce = _AUTH_BLOCK.unpack_from(view, block_at)
         if self._keyring is None:
             if not flags & FLAG_OPEN:
                 raise AuthenticationError(
                     f"keyed datagram (key id {key_id}) refused: this node runs in open mode"
                 )
-            if flags != FLAG_OPEN or key_id != _OPEN_KEY_ID or view[tag_at:] != _ZERO_TAG:
+            if flags != FLAG_OPEN or key_id != _OPEN_KEY_ID or view[tag_at:end] != _ZERO_TAG:
                 raise AuthenticationError("malformed open-mode auth block")
         else:
             if flags & FLAG_OPEN:
@@ -446,7 +460,7 @@ class Authenticator:
             if key is None:
                 raise AuthenticationError(f"unknown or expired key id {key_id}")
             expected = blake3(view[:tag_at], key=key.tag_key).digest(TAG_SIZE)
-            if not hmac.compare_digest(expected, view[tag_at:]):
+            if not hmac.compare_digest(expected, view[tag_at:end]):
                 raise AuthenticationError(f"bad tag (key id {key_id})")
         if self._replay is not None:
             self._replay.check(key_id, nonce, timestamp_ms, now)

@@ -5,45 +5,60 @@ does no IO. Time (for the auth timestamp) is a parameter. Requests are idempoten
 does not fit one datagram is split into *parts*, each self-contained, so a client that lost a
 part re-asks for exactly the digests it did not hear about.
 
-Datagram layout (big-endian; ``n`` is the body length)::
+Datagram layout, version 2 (big-endian; ``n`` is the body length, ``k`` the pages in the bulk)::
 
-    | offset | size | field       | meaning                                                     |
-    |--------|------|-------------|-------------------------------------------------------------|
-    | 0      | 1    | version     | 1                                                           |
-    | 1      | 1    | type        | :class:`MessageType`; decoded through a table               |
-    | 2      | 2    | flags       | reserved: 0 in version 1, anything else is refused          |
-    | 4      | 8    | request id  | u64 chosen by the requester, echoed by every response part  |
-    | 12     | 2    | part        | index of this part, 0..parts-1 (0 for requests)             |
-    | 14     | 2    | parts       | number of parts of the response, >= 1 (1 for requests)      |
-    | 16     | 4    | body length | n; must equal the bytes actually present                    |
-    | 20     | n    | body        | per type, below                                             |
-    | 20+n   | 1    | key id      | auth block, owned by :mod:`tmdht.auth`; 0 in open mode      |
-    | 21+n   | 1    | auth flags  | bit 0: open mode (unauthenticated)                          |
-    | 22+n   | 8    | timestamp   | sender wall clock, ms since the Unix epoch                  |
-    | 30+n   | 8    | nonce       | random per datagram (replay detection)                      |
-    | 38+n   | 16   | tag         | keyed BLAKE3 of bytes 0..38+n (all zero in open mode)       |
+    | offset | size   | field       | meaning                                                   |
+    |--------|--------|-------------|-----------------------------------------------------------|
+    | 0      | 1      | version     | 2                                                         |
+    | 1      | 1      | type        | :class:`MessageType`; decoded through a table             |
+    | 2      | 2      | flags       | reserved: 0, anything else is refused                     |
+    | 4      | 8      | request id  | u64 chosen by the requester, echoed by response parts     |
+    | 12     | 2      | part        | index of this part, 0..parts-1 (0 for requests)           |
+    | 14     | 2      | parts       | number of parts of the response, >= 1 (1 for requests)    |
+    | 16     | 4      | body length | n; locates the auth block                                 |
+    | 20     | n      | body        | per type, below                                           |
+    | 20+n   | 1      | key id      | auth block, owned by :mod:`tmdht.auth`; 0 in open mode    |
+    | 21+n   | 1      | auth flags  | bit 0: open mode (unauthenticated)                        |
+    | 22+n   | 8      | timestamp   | sender wall clock, ms since the Unix epoch                |
+    | 30+n   | 8      | nonce       | random per datagram (replay detection)                    |
+    | 38+n   | 16     | tag         | keyed BLAKE3 of bytes 0..38+n (all zero in open mode)     |
+    | 54+n   | 4096 k | bulk        | page bytes (PAGES, PUT_PAGES), *not* covered by the tag   |
 
 Every datagram therefore carries 54 bytes of overhead (:data:`DATAGRAM_OVERHEAD`).
 
-Bodies (``u16`` counts; a digest is 32 bytes, a page 4096 bytes)::
+Why the bulk is outside the tag: a page is already bound to its BLAKE3 digest, and every
+receiver checks that binding (the client before it uses a page, the node before it stores one).
+The digests travel in the body, under the tag, in the order of the pages in the bulk; so a
+forged or altered page is caught by its digest check instead of the tag check, and neither side
+pays a keyed BLAKE3 over 60 KiB per datagram. A receiver that skipped the digest check would
+accept forged pages: :class:`Pages` and :class:`PutPages` pages are *unverified* until checked.
 
-    | type                  | body                                                             |
-    |-----------------------|------------------------------------------------------------------|
-    | 1 GET_PAGES           | count u16 (>= 1), count x digest                                 |
-    | 2 PAGES               | pages u16, missing u16, pages x (digest, page), missing x digest |
-    | 3 PUT_PAGES           | count u16 (>= 1), count x (digest, page)                         |
-    | 4 PUT_RESULT          | count u16, count x (digest, status u8 :class:`PutStatus`)        |
-    | 5 HAS                 | count u16 (>= 1), count x digest                                 |
-    | 6 HAVE                | first u16, count u16, ceil(count/8) bytes bitmap                 |
-    | 7 NODE_INFO_REQUEST   | empty                                                            |
-    | 8 NODE_INFO           | node id 20s, data port u16, kademlia port u16, metrics port u16, |
-    |                       | flags u32, pages u64, bytes u64, capacity u64,                   |
-    |                       | host length u8, host (ASCII), version length u8, version (UTF-8) |
-    | 9 ERROR               | code u16 :class:`ErrorCode`, length u16, message (UTF-8)         |
+Bodies and bulks (``u16`` counts; a digest is 32 bytes, a page 4096 bytes)::
 
-In a HAVE bitmap, entry ``i`` (the request's digest ``first + i``) is bit ``i % 8`` (least
-significant first) of byte ``i // 8``; unused bits of the last byte must be zero. Every encoding
-is canonical: a datagram that decodes re-encodes to the same payload.
+    | type                  | body                                               | bulk      |
+    |-----------------------|----------------------------------------------------|-----------|
+    | 1 GET_PAGES           | count u16 (>= 1), count x digest                   |           |
+    | 2 PAGES               | pages u16, missing u16, pages x digest,            | pages x   |
+    |                       | missing x digest                                   | page      |
+    | 3 PUT_PAGES           | count u16 (>= 1), count x digest                   | count x   |
+    |                       |                                                    | page      |
+    | 4 PUT_RESULT          | count u16, count x (digest, status u8              |           |
+    |                       | :class:`PutStatus`)                                |           |
+    | 5 HAS                 | count u16 (>= 1), count x digest                   |           |
+    | 6 HAVE                | first u16, count u16, ceil(count/8) bytes bitmap   |           |
+    | 7 NODE_INFO_REQUEST   | empty                                              |           |
+    | 8 NODE_INFO           | node id 20s, data port u16, kademlia port u16,     |           |
+    |                       | metrics port u16, flags u32, pages u64, bytes u64, |           |
+    |                       | capacity u64, host length u8, host (ASCII),        |           |
+    |                       | version length u8, version (UTF-8)                 |           |
+    | 9 ERROR               | code u16 :class:`ErrorCode`, length u16,           |           |
+    |                       | message (UTF-8)                                    |           |
+
+A bulk is exactly as long as its body's page count says; types without a bulk have none (bytes
+after the auth block are refused). In a HAVE bitmap, entry ``i`` (the request's digest
+``first + i``) is bit ``i % 8`` (least significant first) of byte ``i // 8``; unused bits of the
+last byte must be zero. Every encoding is canonical: a datagram that decodes re-encodes to the
+same bytes, the auth block aside.
 
 Limits: a datagram is at most ``max_datagram`` bytes, which callers choose between
 :data:`MIN_DATAGRAM` (one page with its digest always fits) and :data:`MAX_DATAGRAM` (65507, UDP
@@ -51,13 +66,18 @@ over IPv4); :func:`max_digests_per_request` and :func:`max_pages_per_datagram` s
 Every count is a u16 and must match the body length exactly; strings are capped
 (:data:`MAX_HOST_BYTES`, :data:`MAX_VERSION_BYTES`, :data:`MAX_ERROR_MESSAGE_BYTES`).
 
-Decoding verifies the auth block first (bad bytes are dropped before any state is created), then
-the header, then dispatches the body through a table. It raises only
+Decoding verifies the auth block first (bad bytes are dropped before any state is created; the
+header's body length only locates the block, and a length pointing past the datagram is an
+AuthenticationError), then the header, then dispatches the body through a table. It raises only
 :class:`tmdht.errors.DecodeError` subclasses: :class:`MessageDecodeError` when an authentic
 datagram with a readable header has a bad body, carrying the request id and an
 :class:`ErrorCode` so a node can answer with :class:`Error`; plain DecodeError / LimitExceededError
 / AuthenticationError / ReplayError otherwise (drop and count). Digests of received pages are not
-checked here: the receiver checks them (:func:`tmdht.pages.check_page`).
+checked here: the receiver must check them (:func:`tmdht.pages.check_page`).
+
+Senders that serve pages from memory they must not copy (the node, from LMDB) use
+:func:`encode_pages_buffers`: each datagram as a list of buffers (the sealed header, body and
+auth block, then the page views) for a scatter-gather send.
 """
 
 from __future__ import annotations
@@ -107,14 +127,15 @@ __all__ = [
     "decode",
     "encode",
     "encode_have_response",
+    "encode_pages_buffers",
     "encode_pages_response",
     "encode_put_response",
     "max_digests_per_request",
     "max_pages_per_datagram",
 ]
 
-PROTOCOL_VERSION: Final = 1
-"""The version byte every datagram of this format starts with."""
+PROTOCOL_VERSION: Final = 2
+"""The version byte every datagram of this format starts with (2: page bytes after the tag)."""
 
 _HEADER: Final = struct.Struct(">BBHQHHI")
 HEADER_SIZE: Final = _HEADER.size
@@ -123,11 +144,13 @@ DATAGRAM_OVERHEAD: Final = HEADER_SIZE + AUTH_OVERHEAD
 """Header plus auth block: bytes of every datagram that are not body (54)."""
 
 _U16: Final = struct.Struct(">H")
+_U32: Final = struct.Struct(">I")
+_BODY_LENGTH_AT: Final = 16  # offset of the header's body length
 _U16X2: Final = struct.Struct(">HH")
 _NODE_INFO: Final = struct.Struct(">20sHHHIQQQ")
 _ERROR_HEAD: Final = _U16X2
 
-_PAGE_ENTRY: Final = DIGEST_SIZE + PAGE_SIZE  # one (digest, page) pair in a body
+_PAGE_ENTRY: Final = DIGEST_SIZE + PAGE_SIZE  # a page in the bulk plus its digest in the body
 _RESULT_ENTRY: Final = DIGEST_SIZE + 1  # one (digest, status) pair in a body
 _U16_MAX: Final = 0xFFFF
 _U32_MAX: Final = 0xFFFF_FFFF
@@ -250,7 +273,7 @@ def _check_count(count: int, what: str, *, at_least: int = 0) -> None:
         raise InvalidMessageError(f"{count} {what}: the format carries {at_least}..{_U16_MAX}")
 
 
-def _check_lengths(items: Sequence[bytes], size: int, what: str) -> None:
+def _check_lengths(items: Sequence[ByteView], size: int, what: str) -> None:
     """Every item is ``size`` bytes (a C-speed check: one set over the lengths)."""
     if items and set(map(len, items)) != {size}:
         bad = next(len(item) for item in items if len(item) != size)
@@ -494,12 +517,17 @@ _ERROR_CODE_BY_VALUE: Final[dict[int, ErrorCode]] = {int(c): c for c in ErrorCod
 
 # --- encoding ------------------------------------------------------------------------------------
 
-_Body: TypeAlias = tuple[list[bytes], int]
-"""A body as chunks to join, and its length (computed, not summed: messages are valid)."""
+class _Body(NamedTuple):
+    """An encoded body: chunks to join, its length (computed, not summed: messages are valid),
+    and the bulk (page buffers sent after the auth block, in order)."""
+
+    chunks: list[bytes]
+    length: int
+    bulk: Sequence[ByteView] = ()
 
 
 def _encode_digest_list(digests: tuple[PageDigest, ...]) -> _Body:
-    return [_U16.pack(len(digests)), *digests], _U16.size + len(digests) * DIGEST_SIZE
+    return _Body([_U16.pack(len(digests)), *digests], _U16.size + len(digests) * DIGEST_SIZE)
 
 
 def _encode_get_pages(msg: GetPages) -> _Body:
@@ -510,23 +538,27 @@ def _encode_has(msg: Has) -> _Body:
     return _encode_digest_list(msg.digests)
 
 
+def _pages_body(
+    digests: Sequence[PageDigest], pages: Sequence[ByteView], missing: Sequence[PageDigest]
+) -> _Body:
+    """A PAGES body and bulk (shared by :func:`encode` and :func:`encode_pages_buffers`)."""
+    chunks = [_U16X2.pack(len(digests), len(missing)), *digests, *missing]
+    return _Body(chunks, _U16X2.size + (len(digests) + len(missing)) * DIGEST_SIZE, pages)
+
+
 def _encode_pages(msg: Pages) -> _Body:
-    chunks = [_U16X2.pack(len(msg.pages), len(msg.missing))]
-    chunks += chain.from_iterable(msg.pages)
-    chunks += msg.missing
-    return chunks, _U16X2.size + len(msg.pages) * _PAGE_ENTRY + len(msg.missing) * DIGEST_SIZE
+    return _pages_body([d for d, _ in msg.pages], [p for _, p in msg.pages], msg.missing)
 
 
 def _encode_put_pages(msg: PutPages) -> _Body:
-    chunks = [_U16.pack(len(msg.pages))]
-    chunks += chain.from_iterable(msg.pages)
-    return chunks, _U16.size + len(msg.pages) * _PAGE_ENTRY
+    chunks = [_U16.pack(len(msg.pages)), *(digest for digest, _ in msg.pages)]
+    return _Body(chunks, _U16.size + len(msg.pages) * DIGEST_SIZE, [p for _, p in msg.pages])
 
 
 def _encode_put_result(msg: PutResult) -> _Body:
     chunks = [_U16.pack(len(msg.results))]
     chunks += chain.from_iterable((digest, _STATUS_BYTE[status]) for digest, status in msg.results)
-    return chunks, _U16.size + len(msg.results) * _RESULT_ENTRY
+    return _Body(chunks, _U16.size + len(msg.results) * _RESULT_ENTRY)
 
 
 _BIT_CHARS: Final = bytes.maketrans(b"\x00\x01", b"01")
@@ -545,11 +577,11 @@ def _encode_have(msg: Have) -> _Body:
             raise InvalidMessageError("HAVE flags must be booleans") from None
     else:
         bitmap = b""
-    return [_U16X2.pack(msg.first, count), bitmap], _U16X2.size + size
+    return _Body([_U16X2.pack(msg.first, count), bitmap], _U16X2.size + size)
 
 
 def _encode_node_info_request(msg: NodeInfoRequest) -> _Body:
-    return [], 0
+    return _Body([], 0)
 
 
 def _encode_node_info(msg: NodeInfo) -> _Body:
@@ -567,12 +599,12 @@ def _encode_node_info(msg: NodeInfo) -> _Body:
         msg.capacity_bytes,
     )
     chunks = [fixed, bytes((len(raw_host),)), raw_host, bytes((len(raw_version),)), raw_version]
-    return chunks, _NODE_INFO.size + 2 + len(raw_host) + len(raw_version)
+    return _Body(chunks, _NODE_INFO.size + 2 + len(raw_host) + len(raw_version))
 
 
 def _encode_error(msg: Error) -> _Body:
     raw = msg.message.encode("utf-8")
-    return [_ERROR_HEAD.pack(msg.code, len(raw)), raw], _ERROR_HEAD.size + len(raw)
+    return _Body([_ERROR_HEAD.pack(msg.code, len(raw)), raw], _ERROR_HEAD.size + len(raw))
 
 
 _STATUS_BYTE: Final[dict[int, bytes]] = {int(s): bytes((s,)) for s in PutStatus}
@@ -600,6 +632,27 @@ def check_max_datagram(max_datagram: int) -> None:
         )
 
 
+def _seal(
+    message_type: MessageType,
+    request_id: int,
+    part: int,
+    parts: int,
+    body: _Body,
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+) -> list[ByteView]:
+    """One datagram as buffers: header, body and auth block in one bytes, then the bulk."""
+    size = DATAGRAM_OVERHEAD + body.length + len(body.bulk) * PAGE_SIZE
+    if size > max_datagram:
+        raise MessageTooLargeError(
+            f"{message_type.name} of {size} bytes exceeds max_datagram {max_datagram}"
+        )
+    header = _HEADER.pack(PROTOCOL_VERSION, message_type, 0, request_id, part, parts, body.length)
+    return [auth.seal(b"".join([header, *body.chunks]), now), *body.bulk]
+
+
 def encode(msg: Message, *, max_datagram: int, auth: Authenticator, now: float) -> bytes:
     """Encode one message as one sealed datagram of at most ``max_datagram`` bytes.
 
@@ -612,17 +665,18 @@ def encode(msg: Message, *, max_datagram: int, auth: Authenticator, now: float) 
     if entry is None:
         raise EncodeError(f"not a wire message: {type(msg).__name__}")
     message_type, encode_body = entry
-    chunks, body_length = encode_body(msg)
-    size = DATAGRAM_OVERHEAD + body_length
-    if size > max_datagram:
-        raise MessageTooLargeError(
-            f"{message_type.name} of {size} bytes exceeds max_datagram {max_datagram}"
-        )
     part, parts = (msg.part, msg.parts) if isinstance(msg, Pages | PutResult | Have) else (0, 1)
-    header = _HEADER.pack(
-        PROTOCOL_VERSION, message_type, 0, msg.request_id, part, parts, body_length
+    buffers = _seal(
+        message_type,
+        msg.request_id,
+        part,
+        parts,
+        encode_body(msg),
+        max_datagram=max_datagram,
+        auth=auth,
+        now=now,
     )
-    return auth.seal(b"".join([header, *chunks]), now)
+    return b"".join(buffers)  # one bytes when there is no bulk: returned as is, not copied
 
 
 def max_digests_per_request(max_datagram: int) -> int:
@@ -642,22 +696,33 @@ def _check_response_parts(parts: int, what: str) -> None:
         raise MessageTooLargeError(f"{what} needs {parts} parts, the format carries {_U16_MAX}")
 
 
-def encode_pages_response(
+def encode_pages_buffers(
     request_id: int,
-    pages: Sequence[tuple[PageDigest, bytes]],
+    pages: Sequence[tuple[PageDigest, ByteView]],
     missing: Sequence[PageDigest],
     *,
     max_datagram: int,
     auth: Authenticator,
     now: float,
-) -> list[bytes]:
-    """Encode a GET_PAGES answer as few PAGES datagrams as possible, each self-contained.
+) -> list[list[ByteView]]:
+    """Encode a GET_PAGES answer as few PAGES datagrams as possible, each as a list of buffers.
+
+    Each datagram is ``[head, page, page, ...]``: ``head`` (bytes) holds the header, the body and
+    the auth block; the pages are the caller's buffers, not copied, so a sender can pass them
+    to ``socket.sendmsg`` while they are valid (e.g. views into a read transaction).
 
     Pages fill the parts first; missing digests fill the room left in the last page part, then
     parts of their own. Order is kept; every page and missing digest appears in exactly one part.
-    An empty answer is one empty part.
+    An empty answer is one empty part. Raises InvalidMessageError for a digest that is not 32
+    bytes or a page that is not 4096 bytes, UsageError on bad arguments.
     """
     check_max_datagram(max_datagram)
+    _check_request_id(request_id)
+    digests = [digest for digest, _ in pages]
+    views = [page for _, page in pages]
+    _check_lengths(digests, DIGEST_SIZE, "digest")
+    _check_lengths(views, PAGE_SIZE, "page")
+    _check_lengths(missing, DIGEST_SIZE, "digest")
     budget = max_datagram - DATAGRAM_OVERHEAD - _U16X2.size
     pages_per_part = budget // _PAGE_ENTRY
     plan: list[tuple[int, int, int, int]] = []
@@ -672,20 +737,34 @@ def encode_pages_response(
             break
     _check_response_parts(len(plan), "PAGES response")
     return [
-        encode(
-            Pages(
-                request_id=request_id,
-                pages=tuple(pages[p0:p1]),
-                missing=tuple(missing[m0:m1]),
-                part=index,
-                parts=len(plan),
-            ),
+        _seal(
+            MessageType.PAGES,
+            request_id,
+            index,
+            len(plan),
+            _pages_body(digests[p0:p1], views[p0:p1], missing[m0:m1]),
             max_datagram=max_datagram,
             auth=auth,
             now=now,
         )
         for index, (p0, p1, m0, m1) in enumerate(plan)
     ]
+
+
+def encode_pages_response(
+    request_id: int,
+    pages: Sequence[tuple[PageDigest, ByteView]],
+    missing: Sequence[PageDigest],
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+) -> list[bytes]:
+    """:func:`encode_pages_buffers`, each datagram joined into one bytes."""
+    parts = encode_pages_buffers(
+        request_id, pages, missing, max_datagram=max_datagram, auth=auth, now=now
+    )
+    return [b"".join(buffers) for buffers in parts]
 
 
 def encode_put_response(
@@ -763,11 +842,12 @@ class _BodyError(Exception):
 
 
 class _Head(NamedTuple):
-    """Header fields a body decoder needs."""
+    """Header fields a body decoder needs, and where the bulk starts (it ends with the data)."""
 
     request_id: int
     part: int
     parts: int
+    bulk: int
 
 
 # A body decoder gets (datagram, body start, body end, header fields).
@@ -792,7 +872,6 @@ _DIGEST_RUN: Final = struct.Struct(f"{DIGEST_SIZE}s" * _DIGEST_RUN_LENGTH)
 _DIGEST_TAILS: Final = tuple(
     struct.Struct(f"{DIGEST_SIZE}s" * count) for count in range(_DIGEST_RUN_LENGTH)
 )
-_PAGE_PAIR: Final = struct.Struct(f"{DIGEST_SIZE}s{PAGE_SIZE}s")
 
 _M = TypeVar("_M", GetPages, Has, Pages, PutPages)
 
@@ -819,9 +898,18 @@ def _split_digests(data: bytes, start: int, count: int) -> tuple[PageDigest, ...
     return tuple(digests)
 
 
-def _split_page_pairs(data: bytes, start: int, end: int) -> tuple[tuple[PageDigest, bytes], ...]:
-    """Consecutive (digest, page) pairs filling ``data[start:end]`` (length already checked)."""
-    return tuple(_PAGE_PAIR.iter_unpack(memoryview(data)[start:end]))
+def _pair_with_bulk(
+    data: bytes, digests: Sequence[PageDigest], head: _Head
+) -> tuple[tuple[PageDigest, bytes], ...]:
+    """Pair ``digests`` with the pages of the bulk, which must hold exactly one page each."""
+    bulk = head.bulk
+    if len(data) - bulk != len(digests) * PAGE_SIZE:
+        raise _BodyError(
+            f"bulk is {len(data) - bulk} bytes, the body's {len(digests)} pages need "
+            f"{len(digests) * PAGE_SIZE}"
+        )
+    starts = range(bulk, len(data), PAGE_SIZE)
+    return tuple(zip(digests, [data[at : at + PAGE_SIZE] for at in starts], strict=True))
 
 
 def _read_digest_list(data: bytes, start: int, end: int) -> tuple[PageDigest, ...]:
@@ -845,13 +933,13 @@ def _decode_has(data: bytes, start: int, end: int, head: _Head) -> Message:
 def _decode_pages(data: bytes, start: int, end: int, head: _Head) -> Message:
     n_pages, n_missing = _read_counts(data, start, end, _U16X2)
     start += _U16X2.size
-    _expect_length(end - start, n_pages * _PAGE_ENTRY + n_missing * DIGEST_SIZE)
-    pages_end = start + n_pages * _PAGE_ENTRY
+    _expect_length(end - start, (n_pages + n_missing) * DIGEST_SIZE)
+    digests = _split_digests(data, start, n_pages + n_missing)
     return _unchecked(
         Pages,
         request_id=head.request_id,
-        pages=_split_page_pairs(data, start, pages_end),
-        missing=_split_digests(data, pages_end, n_missing),
+        pages=_pair_with_bulk(data, digests[:n_pages], head),
+        missing=digests[n_pages:],
         part=head.part,
         parts=head.parts,
     )
@@ -860,10 +948,10 @@ def _decode_pages(data: bytes, start: int, end: int, head: _Head) -> Message:
 def _decode_put_pages(data: bytes, start: int, end: int, head: _Head) -> Message:
     (count,) = _read_counts(data, start, end, _U16)
     start += _U16.size
-    _expect_length(end - start, count * _PAGE_ENTRY)
+    _expect_length(end - start, count * DIGEST_SIZE)
     if not count:
         raise _BodyError("PUT_PAGES carries at least one page")
-    pages = _split_page_pairs(data, start, end)
+    pages = _pair_with_bulk(data, _split_digests(data, start, count), head)
     return _unchecked(PutPages, request_id=head.request_id, pages=pages)
 
 
@@ -945,17 +1033,17 @@ def _decode_error(data: bytes, start: int, end: int, head: _Head) -> Message:
     return Error(request_id=head.request_id, code=code, message=data[start:end].decode("utf-8"))
 
 
-# Type byte -> (body decoder, single datagram: part must be 0 of 1).
-_DECODERS: Final[dict[int, tuple[_BodyDecoder, bool]]] = {
-    MessageType.GET_PAGES: (_decode_get_pages, True),
-    MessageType.PAGES: (_decode_pages, False),
-    MessageType.PUT_PAGES: (_decode_put_pages, True),
-    MessageType.PUT_RESULT: (_decode_put_result, False),
-    MessageType.HAS: (_decode_has, True),
-    MessageType.HAVE: (_decode_have, False),
-    MessageType.NODE_INFO_REQUEST: (_decode_node_info_request, True),
-    MessageType.NODE_INFO: (_decode_node_info, True),
-    MessageType.ERROR: (_decode_error, True),
+# Type byte -> (body decoder, single datagram: part must be 0 of 1, carries a bulk).
+_DECODERS: Final[dict[int, tuple[_BodyDecoder, bool, bool]]] = {
+    MessageType.GET_PAGES: (_decode_get_pages, True, False),
+    MessageType.PAGES: (_decode_pages, False, True),
+    MessageType.PUT_PAGES: (_decode_put_pages, True, True),
+    MessageType.PUT_RESULT: (_decode_put_result, False, False),
+    MessageType.HAS: (_decode_has, True, False),
+    MessageType.HAVE: (_decode_have, False, False),
+    MessageType.NODE_INFO_REQUEST: (_decode_node_info_request, True, False),
+    MessageType.NODE_INFO: (_decode_node_info, True, False),
+    MessageType.ERROR: (_decode_error, True, False),
 }
 
 
@@ -964,7 +1052,9 @@ def decode(data: ByteView, *, max_datagram: int, auth: Authenticator, now: float
 
     ``now`` is wall-clock seconds (checked against the datagram's timestamp when the
     authenticator has a replay window). Order: size limit, authentication (no state is created
-    for unauthentic bytes), header, body. ``max_datagram`` out of range is a UsageError.
+    for unauthentic bytes), header, body, bulk. ``max_datagram`` out of range is a UsageError.
+    Pages of PAGES and PUT_PAGES are *not* verified against their digests here (the bulk is
+    not under the tag): the receiver must check them before trusting them.
     """
     check_max_datagram(max_datagram)
     if not isinstance(data, bytes):
@@ -976,24 +1066,26 @@ def decode(data: ByteView, *, max_datagram: int, auth: Authenticator, now: float
         raise DecodeError(
             f"datagram of {size} bytes is shorter than the {DATAGRAM_OVERHEAD}-byte minimum"
         )
-    end = len(auth.open(data, now))
-    version, message_type, flags, request_id, part, parts, body_length = _HEADER.unpack_from(
-        data, 0
-    )
+    # The body length is not authentic yet: it only says where the auth block ends. A forged
+    # one moves the block (the tag then fails) or points past the data (auth.open refuses).
+    (body_length,) = _U32.unpack_from(data, _BODY_LENGTH_AT)
+    bulk = DATAGRAM_OVERHEAD + body_length
+    end = len(auth.open(data, now, end=bulk))
+    version, message_type, flags, request_id, part, parts, _ = _HEADER.unpack_from(data, 0)
     if version != PROTOCOL_VERSION:
         raise DecodeError(f"wire version {version}, this node speaks {PROTOCOL_VERSION}")
     try:
-        if body_length != end - HEADER_SIZE:
-            raise _BodyError(f"body length {body_length} but {end - HEADER_SIZE} bytes present")
         if flags:
             raise _BodyError(f"reserved header flags 0x{flags:04x} are set")
         entry = _DECODERS.get(message_type)
         if entry is None:
             raise _BodyError(f"unknown message type {message_type}", ErrorCode.UNKNOWN_TYPE)
-        decode_body, single = entry
+        decode_body, single, has_bulk = entry
         if part >= parts or (single and parts != 1):
             raise _BodyError(f"part {part} of {parts} is not valid for this message type")
-        return decode_body(data, HEADER_SIZE, end, _Head(request_id, part, parts))
+        if not has_bulk and bulk != size:
+            raise _BodyError(f"{size - bulk} bytes after the auth block of a type without bulk")
+        return decode_body(data, HEADER_SIZE, end, _Head(request_id, part, parts, bulk))
     except _BodyError as exc:
         reason, code = str(exc), exc.code
     except (InvalidMessageError, ValueError) as exc:  # a field out of range, bad text

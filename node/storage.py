@@ -76,6 +76,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MAX_SLAB_PAGES",
     "RESERVED_META_PREFIX",
+    "PageReader",
     "PageStore",
     "PutResult",
     "StorageError",
@@ -258,6 +259,51 @@ class _SlabEdit:
         self.value = value
         self.bitmap = bitmap
         self.old_used = bitmap.bit_count()
+
+
+class PageReader:
+    """Zero-copy page reads inside one read transaction: made by :meth:`PageStore.reading`."""
+
+    __slots__ = ("_index", "_path", "_slabs")
+
+    def __init__(self, path: Path, index: lmdb.Cursor[memoryview], slabs: lmdb.Cursor[memoryview]):
+        self._path = path
+        self._index: lmdb.Cursor[memoryview] | None = index
+        self._slabs = slabs
+
+    def views(self, digests: Sequence[bytes]) -> list[memoryview | None]:
+        """Views of the pages for ``digests`` in order (None where a page is not held).
+
+        Each view is the page's 4096 bytes inside LMDB's map, valid until the ``reading()``
+        block ends. Digests are 32 bytes (UsageError otherwise); a list of ``bytes`` is checked
+        in bulk, other buffer types are converted. A slab holding several pages is looked up once.
+        """
+        index = self._index
+        if index is None:
+            raise UsageError("a PageReader is used only inside its reading() block")
+        if digests and (set(map(type, digests)) != {bytes} or set(map(len, digests)) != {32}):
+            digests = [_digest_key(digest) for digest in digests]  # raises on a bad one
+        index_get, slabs_get, unpack = index.get, self._slabs.get, _LOCATION.unpack
+        slabs: dict[int, memoryview] = {}  # slab id -> view of the whole slab in the map
+        views: list[memoryview | None] = []
+        for digest in digests:
+            location = index_get(digest)
+            if location is None:
+                views.append(None)
+                continue
+            slab_id, slot = unpack(location)
+            slab = slabs.get(slab_id)
+            if slab is None:
+                slab = slabs_get(location[:4])
+                if slab is None:
+                    raise IntegrityError(f"page store {self._path}: index names a lost slab")
+                slabs[slab_id] = slab
+            start = slot * PAGE_SIZE
+            views.append(slab[start : start + PAGE_SIZE])
+        return views
+
+    def _close(self) -> None:
+        self._index = None
 
 
 class PageStore:
@@ -714,27 +760,31 @@ class PageStore:
         Pages are copies (bytes) that outlive the read transaction. They were verified when
         stored; LMDB keeps no checksums, so receivers verify them again (the system contract).
         """
-        env = self._require_env()
         keys = [_digest_key(digest) for digest in digests]
-        pages: list[bytes | None] = []
+        with self.reading() as reader:
+            return [None if view is None else bytes(view) for view in reader.views(keys)]
+
+    @contextmanager
+    def reading(self) -> Iterator[PageReader]:
+        """A :class:`PageReader` over one LMDB read transaction, for zero-copy reads.
+
+        The views it returns point into LMDB's map and are valid only inside the ``with``
+        block (use them, e.g. send them, before it ends; copy what must outlive it). Keep the
+        block short: an open read transaction stops LMDB from reusing pages freed by writers.
+        LMDB errors become StorageError as everywhere else.
+        """
+        env = self._require_env()
         with (
             self._lmdb_errors("reading pages"),
             env.begin(buffers=True) as txn,
             txn.cursor(db=self._index) as index,  # cursors skip a db lookup per get
             txn.cursor(db=self._slabs) as slabs,
         ):
-            for key in keys:
-                location = index.get(key)
-                if location is None:
-                    pages.append(None)
-                    continue
-                # A zero-copy view of the whole slab in the map; only the page is copied out.
-                slab = slabs.get(location[:4])
-                if slab is None:
-                    raise IntegrityError(f"page store {self._path}: index names a lost slab")
-                start = location[4] * PAGE_SIZE
-                pages.append(bytes(slab[start : start + PAGE_SIZE]))
-        return pages
+            reader = PageReader(self._path, index, slabs)
+            try:
+                yield reader
+            finally:
+                reader._close()
 
     def has_many(self, digests: Sequence[bytes]) -> list[bool]:
         """For each digest, whether the store holds its page (index lookups only)."""

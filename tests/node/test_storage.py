@@ -104,6 +104,44 @@ def test_accepts_bytearray_and_memoryview_pages(store: PageStore) -> None:
     assert store.get_many([digest, digest2]) == [page, page2]
 
 
+def test_reading_gives_views_of_the_pages_inside_the_block(store: PageStore) -> None:
+    items = make_items(200, seed=40)  # several slabs of 64: many views share a slab
+    put_in_batches(store, items)
+    absent = make_items(2, seed=41)
+    order = [digest for digest, _ in items]
+    random.Random(42).shuffle(order)
+    asked = [absent[0][0], *order, absent[1][0], order[0]]
+    pages = dict(items)
+    with store.reading() as reader:
+        views = reader.views(asked)
+        assert views[0] is None and views[-2] is None
+        assert all(isinstance(v, memoryview) and v.nbytes == PAGE_SIZE for v in views[1:-2])
+        assert [v.tobytes() for v in views[1:-2]] == [pages[d] for d in order]
+        assert views[-1] is not None and views[-1].tobytes() == pages[order[0]]
+        assert reader.views([]) == []
+        assert reader.views(order[:3]) == views[1:4]  # a second call in the same block
+    with pytest.raises(UsageError, match="reading"):
+        reader.views(order[:1])
+
+
+def test_reading_refuses_bad_digests(store: PageStore) -> None:
+    (digest, page), *_ = make_items(1, seed=43)
+    store.put_many([(digest, page)])
+    with store.reading() as reader:
+        for bad in ([digest + b"\0"], [digest[:31]], cast(Any, ["a str"]), [digest, b""]):
+            with pytest.raises(UsageError):
+                reader.views(bad)
+        assert reader.views([digest]) == [page]
+        assert reader.views([bytearray(digest), memoryview(digest)]) == [page, page]
+
+
+def test_reading_a_closed_store_is_a_usage_error(tmp_path: Path) -> None:
+    store = PageStore.open(tmp_path / "s", capacity_bytes=GIB)
+    store.close()
+    with pytest.raises(UsageError), store.reading():
+        pass
+
+
 # ---------------------------------------------------------------------- rejection
 
 
@@ -656,6 +694,11 @@ class StoreMachine(RuleBasedStateMachine):
         digests = [POOL[i][0] for i in picks]
         assert self.store.get_many(digests) == [self.model.get(d) for d in digests]
         assert self.store.has_many(digests) == [d in self.model for d in digests]
+        with self.store.reading() as reader:
+            views = reader.views(digests)
+            assert [None if v is None else v.tobytes() for v in views] == [
+                self.model.get(d) for d in digests
+            ]
 
     @rule(
         start=st.integers(0, len(POOL) - 1),

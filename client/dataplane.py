@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from blake3 import blake3
 
@@ -165,6 +165,16 @@ class Gate:
         self.sent = asyncio.Event()
 
 
+class _Handler(Protocol):
+    """Whoever waits for the answer to a request: the client routes its datagrams here."""
+
+    address: Address
+
+    def add(self, part: int, parts: int, message: wire.Message) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 class _Exchange:
     """One request in flight: the parts of its answer received so far."""
 
@@ -184,6 +194,10 @@ class _Exchange:
         self.received[part] = message
         if len(self.received) >= self.parts and not self.done.done():
             self.done.set_result(None)
+
+    def abort(self) -> None:
+        if not self.done.done():
+            self.done.cancel()
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -222,7 +236,7 @@ class DataPlaneClient:
         self.clock = clock
         self.stats = ClientStats()
         self._transport: asyncio.DatagramTransport | None = None
-        self._pending: dict[int, _Exchange] = {}
+        self._pending: dict[int, _Handler] = {}
         self._next_id = secrets.randbits(63)
         self._windows: dict[Address, asyncio.Semaphore] = {}
         # All nodes answer into one socket: bound the requests in flight across nodes too, so
@@ -262,10 +276,9 @@ class DataPlaneClient:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
-        for exchange in self._pending.values():
-            if not exchange.done.done():
-                exchange.done.cancel()
-        self._pending.clear()
+        pending, self._pending = self._pending, {}
+        for handler in pending.values():
+            handler.abort()
 
     @property
     def address(self) -> Address:
@@ -294,10 +307,40 @@ class DataPlaneClient:
         part, parts = getattr(message, "part", 0), getattr(message, "parts", 1)
         exchange.add(part, parts, message)
 
-    def _retried(self) -> None:
+    def retried(self) -> None:
+        """Count a request re-sent (by this client or a caller driving its own requests)."""
         self.stats.retries += 1
         if self.on_retry is not None:
             self.on_retry()
+
+    def send_request(
+        self, address: Address, build: Callable[[int], wire.Message], handler: _Handler
+    ) -> int:
+        """Send one request without waiting: every datagram of its answer goes to
+        ``handler.add`` until :meth:`forget`; ``handler.abort()`` if the client closes first.
+        Returns the request id."""
+        if self._transport is None:
+            raise TmdhtError("client is closed")
+        request_id = self._request_id()
+        datagram = wire.encode(
+            build(request_id), max_datagram=self.max_datagram, auth=self.auth, now=self.clock()
+        )
+        self._pending[request_id] = handler
+        self._transport.sendto(datagram, address)
+        self.stats.datagrams_sent += 1
+        self.stats.requests += 1
+        return request_id
+
+    def forget(self, request_id: int) -> None:
+        """Stop routing answers to ``request_id`` (late ones count as unexpected)."""
+        self._pending.pop(request_id, None)
+
+    def observe_rtt(self, address: Address, seconds: float) -> None:
+        """Feed one round-trip time to ``address``'s adaptive timeout."""
+        rtt = self._rtt.get(address)
+        if rtt is None:
+            rtt = self._rtt[address] = _Rtt()
+        rtt.observe(seconds)
 
     def _request_id(self) -> int:
         self._next_id = (self._next_id + 1) & ((1 << 64) - 1)
@@ -340,8 +383,7 @@ class DataPlaneClient:
         finally:
             self._pending.pop(request_id, None)  # close() may have cleared it already
         if exchange.done.done() and not exchange.done.cancelled():
-            elapsed = time.perf_counter() - started
-            self._rtt.setdefault(address, _Rtt()).observe(elapsed)
+            self.observe_rtt(address, time.perf_counter() - started)
         else:
             self.stats.timeouts += 1
         return [exchange.received[k] for k in sorted(exchange.received)]
@@ -369,7 +411,7 @@ class DataPlaneClient:
                 if not remaining:
                     break
                 if attempt:
-                    self._retried()
+                    self.retried()
                 batch = tuple(remaining)
                 for message in await self._roundtrip(
                     address, functools.partial(build, batch), attempt
@@ -486,7 +528,7 @@ class DataPlaneClient:
         async with self._window(address):
             for attempt in range(self.attempts):
                 if attempt:
-                    self._retried()
+                    self.retried()
                 for message in await self._roundtrip(
                     address, lambda rid: wire.NodeInfoRequest(request_id=rid), attempt
                 ):

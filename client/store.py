@@ -36,11 +36,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tmdht import wire
 from tmdht.auth import Authenticator, ClusterKey, keyring_from, load_key, parse_cluster_keys
-from tmdht.client.dataplane import DataPlaneClient, Gate, GetResult
+from tmdht.client.dataplane import DataPlaneClient
+from tmdht.client.resolver import Resolver
 from tmdht.errors import TmdhtError, UsageError
 from tmdht.node.overlay import Member, MembershipEventKind, Overlay, OverlayConfig, OverlayError
 from tmdht.pages import ZERO_DIGEST, ZERO_PAGE, digest_page
-from tmdht.placement import replica_indices
+from tmdht.placement import replica_rows
 
 __all__ = [
     "BlockingTemplateStoreClient",
@@ -54,8 +55,6 @@ __all__ = [
 log = logging.getLogger("tmdht.client")
 
 T = TypeVar("T")
-SILENT_HEDGES = 3
-"""Batches in a row a node lets its hedges win without answering before it is avoided."""
 RESOLVE_BUCKETS = (
     0.0001,
     0.00025,
@@ -231,7 +230,7 @@ class TemplateStoreClient:
         self._members: list[Member] = []
         self._ids: list[bytes] = []
         self._avoid: dict[bytes, float] = {}  # node id -> monotonic time until which it is avoided
-        self._silent: dict[bytes, int] = {}  # node id -> batches in a row hedges won without it
+        self._resolver: Resolver | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -254,6 +253,13 @@ class TemplateStoreClient:
                 attempts=self.attempts,
                 window=self.window,
                 on_retry=self.metrics.retries.inc,
+            )
+            self._resolver = Resolver(
+                self._dataplane,
+                self.metrics,
+                hedge_after=self.hedge_after,
+                avoided=self._avoided,
+                failed=self._node_failed,
             )
             self._overlay = await Overlay.start(
                 OverlayConfig(
@@ -288,6 +294,7 @@ class TemplateStoreClient:
         if self._dataplane is not None:
             await self._dataplane.close()
             self._dataplane = None
+            self._resolver = None
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -348,7 +355,7 @@ class TemplateStoreClient:
         view, ids = self._members, self._ids
         if not view:
             return [[] for _ in digests]
-        rows: list[list[int]] = replica_indices(digests, ids, self.replicas).tolist()
+        rows = replica_rows(digests, ids, self.replicas)
         now = time.monotonic()
         avoided = {i for i, m in enumerate(view) if self._avoid.get(m.node_id, 0) > now}
         if avoided:
@@ -391,7 +398,7 @@ class TemplateStoreClient:
             if digest == ZERO_DIGEST:
                 found[digest] = ZERO_PAGE
                 continue
-            cached = self._cache.get(digest)
+            cached = self._cache.get(digest) if self._cache.capacity > 0 else None
             if cached is not None:
                 found[digest] = cached
                 self.metrics.cache_hits.inc()
@@ -401,138 +408,28 @@ class TemplateStoreClient:
         if unavailable:
             await self.refresh()  # the view may be stale: one more try with a fresh ring
             unavailable = await self._fetch(sorted(unavailable), found)
-        for digest in wanted:
-            page = found.get(digest)
-            if page is not None:
-                self._cache.put(digest, page)
+        if self._cache.capacity > 0:
+            for digest in wanted:
+                page = found.get(digest)
+                if page is not None:
+                    self._cache.put(digest, page)
         self.metrics.resolved.inc(len(found))
         self.metrics.unavailable.inc(len(unavailable))
         self.metrics.latency.observe(time.perf_counter() - started)
         return found, unavailable
 
     def _avoided(self, member: Member) -> bool:
+        if not self._avoid:  # the common case, checked per digest: no clock read
+            return False
         return self._avoid.get(member.node_id, 0.0) > time.monotonic()
 
     async def _fetch(self, digests: list[bytes], found: dict[bytes, bytes]) -> set[bytes]:
         """Resolve ``digests`` into ``found``; returns what no replica served."""
-        assert self._dataplane is not None
-        lists = dict(zip(digests, self._replica_lists(digests), strict=True))
-        by_first: dict[Member, list[bytes]] = {}
-        unplaced: set[bytes] = set()
-        for digest in digests:
-            row = lists[digest]
-            if row:
-                by_first.setdefault(row[0], []).append(digest)
-            else:
-                unplaced.add(digest)
-        size = self._dataplane.get_batch_size()
-        chunks = [ds[i : i + size] for ds in by_first.values() for i in range(0, len(ds), size)]
-        results = await asyncio.gather(*(self._chunk(chunk, lists) for chunk in chunks))
-        for pages, missing in results:
-            found.update(pages)
-            unplaced |= missing
-        return unplaced
-
-    async def _chunk(
-        self, digests: list[bytes], lists: dict[bytes, list[Member]]
-    ) -> tuple[dict[bytes, bytes], set[bytes]]:
-        """One batch: ask each digest's replicas in order (hedging slow ones) until found."""
-        found: dict[bytes, bytes] = {}
-        position = dict.fromkeys(digests, 0)
-        pending = list(digests)
-        for _ in range(self.replicas + 1):
-            groups: dict[Member, list[bytes]] = {}
-            for digest in pending:
-                row = lists[digest]
-                while position[digest] < len(row) - 1 and self._avoided(row[position[digest]]):
-                    position[digest] += 1  # a replica that just failed: go on to the next
-                if position[digest] < len(row):
-                    groups.setdefault(row[position[digest]], []).append(digest)
-            if not groups:
-                break
-            results = await asyncio.gather(
-                *(self._hedged(node, ds, lists, position) for node, ds in groups.items())
-            )
-            for pages in results:
-                found.update(pages)
-            pending = [d for d in pending if d not in found]
-            for digest in pending:
-                position[digest] += 1
-            self.metrics.failovers.inc(len(pending))
-            if not pending:
-                break
-        return found, set(pending)
-
-    async def _hedged(
-        self,
-        node: Member,
-        digests: list[bytes],
-        lists: dict[bytes, list[Member]],
-        position: dict[bytes, int],
-    ) -> dict[bytes, bytes]:
-        """GET from ``node``; if it has not answered ``hedge_after`` seconds after the request
-        went out, ask each digest's next replica too. The first answer wins."""
-        assert self._dataplane is not None
-        dataplane = self._dataplane
-        self.metrics.batches.inc()
-        # A node that fails meanwhile is skipped before its queued request goes out, unless it
-        # is the last replica some digest has.
-        last_chance = any(position[d] >= len(lists[d]) - 1 for d in digests)
-        gate = Gate(lambda: last_chance or not self._avoided(node))
-        primary = asyncio.ensure_future(dataplane.get_pages(node.data_address, digests, gate))
-        sent = asyncio.ensure_future(gate.sent.wait())
-        try:
-            await asyncio.wait({primary, sent}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sent.cancel()
-        if not primary.done():
-            await asyncio.wait({primary}, timeout=self.hedge_after)
-        if primary.done():
-            return self._absorb(node, primary.result())
-        hedges: dict[Member, list[bytes]] = {}
-        for digest in digests:
-            row = lists[digest]
-            nxt = position[digest] + 1
-            if nxt < len(row):
-                hedges.setdefault(row[nxt], []).append(digest)
-        tasks = {primary: node}
-        for other, ds in hedges.items():
-            self.metrics.hedges.inc()
-            tasks[asyncio.ensure_future(dataplane.get_pages(other.data_address, ds))] = other
-        found: dict[bytes, bytes] = {}
-        want = set(digests)
-        try:
-            remaining = set(tasks)
-            while remaining and not want <= found.keys():
-                done, remaining = await asyncio.wait(remaining, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    found.update(self._absorb(tasks[task], task.result()))
-            if not primary.done():
-                # The hedges did the primary's work while it said nothing. A node that keeps
-                # losing like this is treated as failed (avoided, probed), or every later batch
-                # would wait ``hedge_after`` for it: its own timeouts back off for seconds.
-                silent = self._silent[node.node_id] = self._silent.get(node.node_id, 0) + 1
-                if silent >= SILENT_HEDGES and not self._avoided(node):
-                    self._node_failed(node)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        return found
-
-    def _absorb(self, node: Member, result: GetResult) -> dict[bytes, bytes]:
-        if not result.unanswered:
-            self._silent.pop(node.node_id, None)  # it answers: no longer suspected
-        if result.corrupt:
-            self.metrics.verification_failures.inc(len(result.corrupt))
-            log.warning(
-                "node %s served %d corrupt pages",
-                node.node_id.hex()[:16],
-                len(result.corrupt),
-            )
-        if result.unanswered and not self._avoided(node):
-            self._node_failed(node)
-        return result.pages
+        assert self._resolver is not None
+        rows = dict(zip(digests, self._replica_lists(digests), strict=True))
+        pages, unavailable = await self._resolver.resolve(digests, rows)
+        found.update(pages)
+        return unavailable
 
     async def replicas_holding(self, digests: Sequence[bytes]) -> list[list[tuple[bytes, bool]]]:
         """Per digest, its replicas (closest first) and whether each holds it (HAS)."""

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tmdht.placement import closest, distance, replica_indices
+from tmdht.placement import SMALL_BATCH, closest, distance, replica_indices, replica_rows
 
 ids20 = st.binary(min_size=20, max_size=20)
 
@@ -33,6 +33,9 @@ def test_batch_placement_matches_brute_force(nodes: list[bytes], replicas: int, 
         want = sorted(range(len(nodes)), key=lambda j: distance(d, nodes[j]))[:replicas]
         assert got[i].tolist() == want == arr[i].tolist()
         assert closest(d, nodes, replicas) == want
+    # Small batches take the plain-Python path, large ones numpy: both give the same rows.
+    assert replica_rows(digests[:SMALL_BATCH], nodes, replicas) == got[:SMALL_BATCH].tolist()
+    assert replica_rows(digests, nodes, replicas) == got.tolist()
 
 
 def test_ids_sharing_a_prefix_are_ordered_exactly() -> None:

@@ -2,9 +2,16 @@
 
 An asyncio datagram protocol around :mod:`tmdht.wire`. Every datagram is authenticated and
 decoded before anything else happens; bad ones are dropped and counted by reason. Reads (GET,
-HAS) are served inline: LMDB reads take microseconds. Writes go to one writer thread with *group
-commit*: PUTs that arrive while a commit is running are stored together in the next transaction,
-so many small PUTs share one fsync. A PUT is answered only after its pages are durable.
+HAS) are served inline: LMDB reads take microseconds. A GET is answered without copying its
+pages: they are views into one LMDB read transaction, handed to ``socket.sendmsg``
+(scatter-gather) with the sealed head of each PAGES datagram while the transaction is open; a
+datagram the socket cannot take right away is joined and queued on the transport instead.
+
+Writes go to one writer thread with *group commit*: PUTs that arrive while a commit is running
+are stored together in the next transaction, so many small PUTs share one fsync. A PUT is
+answered only after its pages are durable; the store verifies every page against its digest
+before storing it (wire version 2 carries pages outside the tag: the digest check is what
+refuses a page altered on the way).
 
 Before anything else, each source IP's datagrams pass a token bucket
 (:class:`tmdht.ratelimit.SourceRateLimiter`): a flood from one address, authentic or forged, is
@@ -29,7 +36,7 @@ from tmdht.client.dataplane import Address, tune_socket_buffers
 from tmdht.errors import DecodeError, LimitExceededError, TmdhtError
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageStore, PutResult
-from tmdht.pages import ZERO_DIGEST, PageDigest
+from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
 from tmdht.ratelimit import RateLimitConfig, SourceRateLimiter
 
 __all__ = ["DataPlaneServer"]
@@ -48,6 +55,7 @@ _TYPE_LABEL = {
     wire.Has: "has",
     wire.NodeInfoRequest: "node_info",
 }
+_DROP_REASONS = ("rate_limited", "malformed", "auth", "oversize", "replay", "unexpected")
 MAX_GROUP_PAGES = 4096
 """Pages one group commit takes at most (bounds a transaction's size and the wait for it)."""
 
@@ -98,6 +106,14 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self.buffers = (0, 0)
         self.limiter = SourceRateLimiter(rate_limit)
         self._transport: asyncio.DatagramTransport | None = None
+        self._sock: socket.socket | None = None  # the transport's socket, for sendmsg
+        # Labelled metric children, bound once instead of looked up on every request.
+        self._dropped = {reason: metrics.bad_datagrams.labels(reason) for reason in _DROP_REASONS}
+        self._requests = {t: metrics.requests.labels(label) for t, label in _TYPE_LABEL.items()}
+        self._request_pages = {
+            t: metrics.request_pages.labels(label) for t, label in _TYPE_LABEL.items()
+        }
+        self._latency = {t: metrics.latency.labels(label) for t, label in _TYPE_LABEL.items()}
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tmdht-writer")
         self._queue: collections.deque[_PendingPut] = collections.deque()
         self._commit: asyncio.Future[Any] | None = None
@@ -119,6 +135,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         except BaseException:
             sock.close()
             raise
+        server._sock = sock
         server._accepting = True
         return server
 
@@ -145,6 +162,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
     def close(self) -> None:
         """Close the socket and the writer thread (after :meth:`drain`)."""
         self._accepting = False
+        self._sock = None  # the transport closes it
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -158,36 +176,61 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             return
         arrived = time.perf_counter()
         if not self.limiter.allow(address[0], arrived):
-            self.metrics.bad_datagrams.labels("rate_limited").inc()
+            self._dropped["rate_limited"].inc()
             return
         try:
             message = wire.decode(
                 data, max_datagram=wire.MAX_DATAGRAM, auth=self.auth, now=self.clock()
             )
         except wire.MessageDecodeError as exc:
-            self.metrics.bad_datagrams.labels("malformed").inc()
+            self._dropped["malformed"].inc()
             self._send_error(address, exc.request_id, exc.code, str(exc))
             return
         except DecodeError as exc:
-            self.metrics.bad_datagrams.labels(_drop_reason(exc)).inc()
+            self._dropped[_drop_reason(exc)].inc()
             log.debug("dropped datagram from %s: %s", address, exc)
             return
-        handler = _HANDLERS.get(type(message))
+        kind = type(message)
+        handler = _HANDLERS.get(kind)
         if handler is None:
-            self.metrics.bad_datagrams.labels("unexpected").inc()  # a response sent to a server
+            self._dropped["unexpected"].inc()  # a response sent to a server
             return
-        label = _TYPE_LABEL[type(message)]
-        self.metrics.requests.labels(label).inc()
+        self._requests[kind].inc()
         try:
             handler(self, message, address, arrived)
         except TmdhtError as exc:  # e.g. the store failed a read: answer, keep serving
-            log.error("request %s from %s failed: %s", label, address, exc)
+            log.error("request %s from %s failed: %s", _TYPE_LABEL[kind], address, exc)
             self._send_error(address, message.request_id, wire.ErrorCode.INTERNAL, str(exc))
 
     def _send(self, address: Address, datagrams: list[bytes]) -> None:
         if self._transport is not None:
             for datagram in datagrams:
                 self._transport.sendto(datagram, address)
+
+    def _send_buffers(self, address: Address, datagrams: list[list[ByteView]]) -> None:
+        """Send datagrams given as buffer lists, scatter-gather, before the buffers expire.
+
+        ``sendmsg`` on the socket itself takes the buffers without joining them. If the socket
+        cannot take a datagram now, the datagram is joined -- a copy that outlives the buffers
+        -- and queued on the transport, which sends it when the socket drains: nothing is lost,
+        and nothing is sent out of a dead buffer. (A datagram may then overtake queued ones;
+        UDP promises no order, and every part of an answer stands alone.)
+        """
+        transport, sock = self._transport, self._sock
+        if transport is None:
+            return
+        if sock is None:
+            for buffers in datagrams:
+                transport.sendto(b"".join(buffers), address)
+            return
+        sendmsg = sock.sendmsg
+        for buffers in datagrams:
+            try:
+                sendmsg(buffers, (), 0, address)
+            except (BlockingIOError, InterruptedError):
+                transport.sendto(b"".join(buffers), address)
+            except OSError as exc:  # what the transport would do: report, drop, keep serving
+                self.error_received(exc)
 
     def _send_error(
         self, address: Address, request_id: int, code: wire.ErrorCode, text: str
@@ -199,29 +242,38 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             [wire.encode(error, max_datagram=self.max_datagram, auth=self.auth, now=self.clock())],
         )
 
+    def error_received(self, exc: Exception) -> None:
+        """A send failed (e.g. no route): the datagram is lost, as UDP may lose any."""
+        log.debug("data plane send failed: %s", exc)
+
     def _get_pages(self, msg: wire.GetPages, address: Address, arrived: float) -> None:
-        pages = self.store.get_many(msg.digests)
-        found = [(d, p) for d, p in zip(msg.digests, pages, strict=True) if p is not None]
-        missing = [d for d, p in zip(msg.digests, pages, strict=True) if p is None]
-        self.metrics.request_pages.labels("get_pages").inc(len(msg.digests))
-        self.metrics.pages_served.inc(len(found))
-        self.metrics.misses.inc(len(missing))
-        self._send(
-            address,
-            wire.encode_pages_response(
+        digests = msg.digests
+        with self.store.reading() as reader:
+            views = reader.views(digests)
+            found = [pair for pair in zip(digests, views, strict=True) if pair[1] is not None]
+            missing = (
+                [d for d, v in zip(digests, views, strict=True) if v is None]
+                if len(found) < len(digests)
+                else []
+            )
+            datagrams = wire.encode_pages_buffers(
                 msg.request_id,
-                found,
+                cast(list[tuple[PageDigest, memoryview]], found),
                 missing,
                 max_datagram=self.max_datagram,
                 auth=self.auth,
                 now=self.clock(),
-            ),
-        )
-        self.metrics.latency.labels("get_pages").observe(time.perf_counter() - arrived)
+            )
+            self._send_buffers(address, datagrams)  # the views die with the transaction
+        self._request_pages[wire.GetPages].inc(len(digests))
+        self.metrics.pages_served.inc(len(found))
+        if missing:
+            self.metrics.misses.inc(len(missing))
+        self._latency[wire.GetPages].observe(time.perf_counter() - arrived)
 
     def _has(self, msg: wire.Has, address: Address, arrived: float) -> None:
         held = self.store.has_many(msg.digests)
-        self.metrics.request_pages.labels("has").inc(len(msg.digests))
+        self._request_pages[wire.Has].inc(len(msg.digests))
         self._send(
             address,
             wire.encode_have_response(
@@ -232,7 +284,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
                 now=self.clock(),
             ),
         )
-        self.metrics.latency.labels("has").observe(time.perf_counter() - arrived)
+        self._latency[wire.Has].observe(time.perf_counter() - arrived)
 
     def _node_info(self, msg: wire.NodeInfoRequest, address: Address, arrived: float) -> None:
         info = self.node_info(msg.request_id)
@@ -240,10 +292,10 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             address,
             [wire.encode(info, max_datagram=self.max_datagram, auth=self.auth, now=self.clock())],
         )
-        self.metrics.latency.labels("node_info").observe(time.perf_counter() - arrived)
+        self._latency[wire.NodeInfoRequest].observe(time.perf_counter() - arrived)
 
     def _put_pages(self, msg: wire.PutPages, address: Address, arrived: float) -> None:
-        self.metrics.request_pages.labels("put_pages").inc(len(msg.pages))
+        self._request_pages[wire.PutPages].inc(len(msg.pages))
         self._queue.append(_PendingPut(msg, address, arrived))
         self._idle.clear()
         if self._commit is None:
@@ -306,7 +358,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
                         now=self.clock(),
                     ),
                 )
-                self.metrics.latency.labels("put_pages").observe(time.perf_counter() - item.arrived)
+                self._latency[wire.PutPages].observe(time.perf_counter() - item.arrived)
         if self._queue:
             self._start_commit()
         else:

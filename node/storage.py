@@ -760,9 +760,8 @@ class PageStore:
         Pages are copies (bytes) that outlive the read transaction. They were verified when
         stored; LMDB keeps no checksums, so receivers verify them again (the system contract).
         """
-        keys = [_digest_key(digest) for digest in digests]
         with self.reading() as reader:
-            return [None if view is None else bytes(view) for view in reader.views(keys)]
+            return [None if view is None else bytes(view) for view in reader.views(digests)]
 
     @contextmanager
     def reading(self) -> Iterator[PageReader]:

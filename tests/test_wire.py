@@ -610,12 +610,14 @@ def test_pages_response_packing(max_datagram: int, n_pages: int, n_missing: int)
     got_missing = [d for part in parts for d in part.missing]  # type: ignore[union-attr]
     assert got_pairs == pairs  # each exactly once, in order
     assert got_missing == missing
-    # As few parts as possible: the total does not fit in one fewer.
+    # As few parts as possible: pages fill parts, missing digests the room each part has left
+    # (whole digests per part), then parts of their own.
     budget = max_datagram - DATAGRAM_OVERHEAD - 4
     per_part = budget // (DIGEST_SIZE + PAGE_SIZE)
     page_parts = math.ceil(n_pages / per_part)
-    room = page_parts * budget - n_pages * (DIGEST_SIZE + PAGE_SIZE)
-    wanted = page_parts + max(0, math.ceil((n_missing * DIGEST_SIZE - room) / budget))
+    in_page_parts = [min(per_part, n_pages - i * per_part) for i in range(page_parts)]
+    room = sum((budget - n * (DIGEST_SIZE + PAGE_SIZE)) // DIGEST_SIZE for n in in_page_parts)
+    wanted = page_parts + max(0, math.ceil((n_missing - room) / (budget // DIGEST_SIZE)))
     assert len(datagrams) == max(1, wanted)
 
 

@@ -11,6 +11,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+import uvloop
+
 from tmdht import wire
 from tmdht.auth import Authenticator, ClusterKey, KeyRing
 from tmdht.client.dataplane import DataPlaneClient
@@ -34,8 +37,11 @@ def pages(n: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def run(coro: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(coro(), 60))
+def run(coro: Callable[[], Awaitable[None]], loop: str = "asyncio") -> None:
+    if loop == "uvloop":
+        uvloop.run(asyncio.wait_for(coro(), 60))
+    else:
+        asyncio.run(asyncio.wait_for(coro(), 60))
 
 
 @asynccontextmanager
@@ -80,7 +86,8 @@ def sample(metrics: NodeMetrics, name: str, **labels: str) -> float:
     return value or 0.0
 
 
-def test_put_get_has_info(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_put_get_has_info(tmp_path: Path, loop: str) -> None:
     async def main() -> None:
         async with (
             node(tmp_path) as (server, metrics),
@@ -104,6 +111,77 @@ def test_put_get_has_info(tmp_path: Path) -> None:
             assert sample(metrics, "tmdht_pages_served_total") == 300
             assert sample(metrics, "tmdht_misses_total") == 20
             assert sample(metrics, "tmdht_put_pages_total", result="stored") == 300
+
+    run(main, loop)
+
+
+class _FullSocket:
+    """Stands in for the server's socket: every sendmsg finds the send buffer full."""
+
+    def __init__(self) -> None:
+        self.refused = 0
+
+    def sendmsg(self, *args: Any) -> int:
+        self.refused += 1
+        raise BlockingIOError
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_gets_fall_back_to_the_transport_when_the_socket_is_full(tmp_path: Path, loop: str) -> None:
+    """Datagrams sendmsg cannot take are joined (copied out of the read transaction) and queued
+    on the transport: every page still arrives, intact."""
+
+    async def main() -> None:
+        async with (
+            node(tmp_path) as (server, _),
+            await DataPlaneClient.open(keyed()) as client,
+        ):
+            data = pages(40)
+            await client.put_pages(server.address, data)
+            full = _FullSocket()
+            server._sock = full  # type: ignore[assignment]
+            got = await client.get_pages(server.address, [d for d, _ in data])
+            assert got.pages == dict(data) and not got.corrupt and not got.unanswered
+            assert full.refused >= 3  # 40 pages at 32 KiB datagrams: at least 6 parts
+
+    run(main, loop)
+
+
+def test_a_page_altered_in_the_bulk_is_refused_by_its_digest(tmp_path: Path) -> None:
+    """Wire v2 carries pages outside the tag: a PUT whose page bytes were changed on the way
+    still authenticates, and the node refuses the page because its digest does not match."""
+
+    async def main() -> None:
+        async with node(tmp_path) as (server, metrics):
+            (d1, p1), (d2, p2) = pages(2, seed=5)
+            auth = keyed()
+            datagram = bytearray(
+                wire.encode(
+                    wire.PutPages(request_id=77, pages=((d1, p1), (d2, p2))),
+                    max_datagram=32768,
+                    auth=auth,
+                    now=time.time(),
+                )
+            )
+            datagram[-100] ^= 0x01  # a byte of the second page, in the bulk
+            loop = asyncio.get_running_loop()
+            raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            raw.setblocking(False)
+            try:
+                raw.bind(("127.0.0.1", 0))
+                await loop.sock_sendto(raw, bytes(datagram), server.address)
+                answer = await asyncio.wait_for(loop.sock_recv(raw, 65536), 10)
+            finally:
+                raw.close()
+            result = wire.decode(answer, max_datagram=65507, auth=auth, now=time.time())
+            assert isinstance(result, wire.PutResult) and result.request_id == 77
+            assert dict(result.results) == {
+                d1: wire.PutStatus.STORED,
+                d2: wire.PutStatus.REJECTED_DIGEST,
+            }
+            assert server.store.has_many([d1, d2]) == [True, False]
+            assert sample(metrics, "tmdht_put_rejected_total", reason="digest") == 1
+            assert sample(metrics, "tmdht_bad_datagrams_total", reason="auth") == 0
 
     run(main)
 

@@ -28,7 +28,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 from blake3 import blake3
@@ -52,10 +52,22 @@ SILENT_LIMIT: Final = 3
 class _Run:
     """The state of one resolve call."""
 
-    __slots__ = ("asking", "failed", "found", "future", "gets", "open", "outbox", "pos", "rows")
+    __slots__ = (
+        "asking",
+        "failed",
+        "found",
+        "future",
+        "gets",
+        "open",
+        "outbox",
+        "pos",
+        "rows",
+        "view",
+    )
 
-    def __init__(self, rows: dict[bytes, list[Member]]) -> None:
-        self.rows = rows
+    def __init__(self, view: Sequence[Member]) -> None:
+        self.view = view
+        self.rows: dict[bytes, list[int]] = {}  # digest -> indices into view, closest first
         self.pos: dict[bytes, int] = {}  # digest -> index in its row of the next replica to ask
         self.asking: dict[bytes, int] = {}  # digest -> requests in flight that name it
         self.open: set[bytes] = set()  # neither found nor given up
@@ -145,16 +157,35 @@ class Resolver:
     # -- API -----------------------------------------------------------------------------------
 
     async def resolve(
-        self, digests: Iterable[bytes], rows: dict[bytes, list[Member]]
+        self, digests: Sequence[bytes], rows: Sequence[list[int]], view: Sequence[Member]
     ) -> tuple[dict[bytes, bytes], set[bytes]]:
-        """Fetch ``digests`` (distinct, non-zero) from their replicas, ``rows[d]`` closest first
-        (the lists are the engine's to reorder). Returns (verified pages, unavailable digests)."""
-        run = _Run(rows)
-        for digest in digests:
-            run.open.add(digest)
-            run.pos[digest] = 0
-            run.asking[digest] = 0
-            self._route(run, digest)
+        """Fetch ``digests`` (distinct, non-zero) from their replicas: ``rows[i]`` lists indices
+        into ``view`` for ``digests[i]``, closest first (the lists are the engine's to reorder).
+        Returns (verified pages, unavailable digests)."""
+        run = _Run(view)
+        run.rows = dict(zip(digests, rows, strict=True))
+        run.open.update(run.rows)
+        run.pos = dict.fromkeys(run.rows, 1)
+        run.asking = dict.fromkeys(run.rows, 1)
+        # Every digest to its first replica (inlined _route: this loop runs once per page).
+        avoided, outbox = self.avoided, run.outbox
+        for digest, row in run.rows.items():
+            if not row:
+                run.asking[digest] = 0
+                run.open.discard(digest)
+                run.failed.add(digest)
+                continue
+            node = view[row[0]]
+            if avoided(node):
+                run.pos[digest] = 0
+                run.asking[digest] = 0
+                self._route(run, digest)
+                continue
+            entry = outbox.get(node.data_address)
+            if entry is None:
+                outbox[node.data_address] = (node, [digest])
+            else:
+                entry[1].append(digest)
         self._flush(run)
         try:
             if run.open:
@@ -167,16 +198,16 @@ class Resolver:
 
     def _route(self, run: _Run, digest: bytes) -> bool:
         """Put ``digest`` in the outbox for its next replica; False if none is left."""
-        row = run.rows[digest]
+        row, view = run.rows[digest], run.view
         pos = run.pos[digest]
         if pos >= len(row):
             return False
-        if self.avoided(row[pos]):  # a node that failed meanwhile: try it last
+        if self.avoided(view[row[pos]]):  # a node that failed meanwhile: try it last
             for later in range(pos + 1, len(row)):
-                if not self.avoided(row[later]):
+                if not self.avoided(view[row[later]]):
                     row[pos], row[later] = row[later], row[pos]
                     break
-        node = row[pos]
+        node = view[row[pos]]
         run.pos[digest] = pos + 1
         run.asking[digest] += 1
         entry = run.outbox.get(node.data_address)

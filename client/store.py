@@ -352,10 +352,18 @@ class TemplateStoreClient:
         Members, not indices: the view may change (membership events) while an operation
         awaits, and an operation keeps the members it started with.
         """
+        view, rows = self._replica_rows(digests)
+        return [[view[i] for i in row] for row in rows]
+
+    def _replica_rows(self, digests: Sequence[bytes]) -> tuple[list[Member], list[list[int]]]:
+        """The view (a snapshot: it may change while an operation awaits) and per digest the
+        indices into it of the members to try in order: the R closest, avoided nodes last."""
         view, ids = self._members, self._ids
         if not view:
-            return [[] for _ in digests]
+            return view, [[] for _ in digests]
         rows = replica_rows(digests, ids, self.replicas)
+        if not self._avoid:
+            return view, rows
         now = time.monotonic()
         avoided = {i for i, m in enumerate(view) if self._avoid.get(m.node_id, 0) > now}
         if avoided:
@@ -363,7 +371,7 @@ class TemplateStoreClient:
                 [i for i in row if i not in avoided] + [i for i in row if i in avoided]
                 for row in rows
             ]
-        return [[view[i] for i in row] for row in rows]
+        return view, rows
 
     def _node_failed(self, member: Member) -> None:
         self._avoid[member.node_id] = time.monotonic() + self.avoid_for
@@ -426,8 +434,8 @@ class TemplateStoreClient:
     async def _fetch(self, digests: list[bytes], found: dict[bytes, bytes]) -> set[bytes]:
         """Resolve ``digests`` into ``found``; returns what no replica served."""
         assert self._resolver is not None
-        rows = dict(zip(digests, self._replica_lists(digests), strict=True))
-        pages, unavailable = await self._resolver.resolve(digests, rows)
+        view, rows = self._replica_rows(digests)
+        pages, unavailable = await self._resolver.resolve(digests, rows, view)
         found.update(pages)
         return unavailable
 

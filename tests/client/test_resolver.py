@@ -137,8 +137,9 @@ class Harness:
     async def resolve(
         self, digests: list[bytes], order: list[int]
     ) -> tuple[dict[bytes, bytes], set[bytes]]:
-        rows = {d: [self.members[i] for i in order] for d in digests}
-        return await asyncio.wait_for(self.resolver.resolve(digests, rows), 10)
+        view = list(self.members.values())
+        rows = [[view.index(self.members[i]) for i in order] for _ in digests]
+        return await asyncio.wait_for(self.resolver.resolve(digests, rows, view), 10)
 
     def metric(self, name: str) -> float:
         return self.metrics.registry.get_sample_value(name) or 0.0

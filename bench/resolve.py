@@ -1,6 +1,6 @@
 """Resolve and publish template pages through a local cluster, against Redis and the kademlia package.
 
-    python bench/resolve.py [--pages 100000] [--nodes 4] [--replicas 3] [--batch 4096]
+    python bench/resolve.py [--pages 100000] [--nodes 4] [--replicas 3] [--batch 1024] [--max-datagram N]
                             [--repeat 3] [--latency-samples 2000] [--seconds 90]
                             [--out bench/results/resolve.json] [--plot bench/results/resolve.png]
 
@@ -528,6 +528,8 @@ async def _measure_tmdht(cluster: LocalCluster, pages: list[bytes], digests: lis
     kw: dict[str, Any] = {"cluster_key": key, "replicas": args.replicas}
     if args.window:
         kw["window"] = args.window
+    if args.max_datagram:
+        kw["max_datagram"] = args.max_datagram
     async with TemplateStoreClient([cluster.seed], **kw) as store:
         out["client"] = {"window": store.window, "timeout": store.timeout, "hedge_after": store.hedge_after,
                          "max_datagram": store.max_datagram, "get_batch_digests": store._dataplane.get_batch_size(),
@@ -635,6 +637,8 @@ def measure_tmdht(pages: list[bytes], digests: list[bytes], args: argparse.Names
     import uvloop  # noqa: PLC0415
 
     node_args = ["--log-level", "warning", "--log-format", "text", "--capacity", args.capacity, *args.node_arg]
+    if args.max_datagram:
+        node_args += ["--max-datagram", str(args.max_datagram)]
     with tempfile.TemporaryDirectory(prefix="tmdht-bench-resolve-") as tmp, \
             LocalCluster(Path(tmp), args.nodes, replicas=args.replicas, extra_args=node_args) as cluster:
         out = uvloop.run(_measure_tmdht(cluster, pages, digests, args))
@@ -688,7 +692,8 @@ def print_table(doc: dict[str, Any]) -> None:
     say("")
     say(f"{t['nodes']} nodes, R={t['replicas']}, {t['publish']['pages']:,} distinct random 4 KiB pages, loopback, one client "
         f"process on uvloop, verification on; {doc['cpus']} CPUs, load average {doc['load_average']['start'][0]:.1f} at start, "
-        f"{doc['load_average']['end'][0]:.1f} at end")
+        f"{doc['load_average']['end'][0]:.1f} at end; datagrams of {t['client']['max_datagram']:,} bytes, "
+        f"{t['client']['get_batch_digests']} digests per GET")
     loads = ", ".join(f"{doc['load_average'][k][0]:.1f}" for k in ("redis", "kademlia", "tmdht"))
     say(f"load average (1 min) at the start of the Redis, kademlia and tmdht phases: {loads}")
     say(f"{'figure':44}{'tmdht':>12}{'baseline':>12}  {'(of)':24}{'ratio':>9}{'target':>9}  met?")
@@ -781,6 +786,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1024, help="digests per get_many call")
     parser.add_argument("--put-batch", type=int, default=4096, help="pages per put_many call")
     parser.add_argument("--window", type=int, default=0, help="client requests in flight per node (0: library default)")
+    parser.add_argument("--max-datagram", type=int, default=0,
+                        help="datagram size of the nodes and the client (0: their defaults, 32 KiB; loopback's MTU allows 65507)")
     parser.add_argument("--capacity", default="8GiB", help="--capacity of each node")
     parser.add_argument("--node-arg", action="append", default=[], help="extra flag for the nodes (repeatable)")
     parser.add_argument("--kill-node", type=int, default=3, help="index of the node SIGKILLed half way through the failover pass")

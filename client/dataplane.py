@@ -7,7 +7,9 @@ part mentioned, a few times, and then reports them as *unanswered* (the node may
 as missing. Pages are verified against their digests on arrival; a wrong page is counted and
 treated as not served by that node.
 
-Store nodes use it for replication, the client library (:mod:`tmdht.client.store`) for everything.
+Store nodes use it for replication and the client library (:mod:`tmdht.client.store`) for
+writes and HAS; the client's reads go through :mod:`tmdht.client.resolver`, which drives its own
+requests with :meth:`DataPlaneClient.send_request`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ __all__ = [
     "Address",
     "ClientStats",
     "DataPlaneClient",
-    "Gate",
     "GetResult",
     "HasResult",
     "NodeUnreachableError",
@@ -153,16 +154,6 @@ class _Rtt:
         if self.srtt is None:
             return floor
         return min(ceiling, max(floor, self.srtt + 4 * self.rttvar))
-
-
-class Gate:
-    """Lets a caller cancel a queued request cheaply and learn when it actually went out."""
-
-    __slots__ = ("sent", "wanted")
-
-    def __init__(self, wanted: Callable[[], bool]) -> None:
-        self.wanted = wanted
-        self.sent = asyncio.Event()
 
 
 class _Handler(Protocol):
@@ -394,19 +385,10 @@ class DataPlaneClient:
         items: Sequence[bytes],
         build: Callable[[tuple[bytes, ...], int], wire.Message],
         absorb: Callable[[wire.Message], Iterable[bytes]],
-        gate: Gate | None = None,
     ) -> set[bytes]:
-        """Ask until every item was mentioned by some answer; returns the unanswered ones.
-
-        ``gate``: checked once a window slot is free (a caller may no longer want this node:
-        then nothing is sent and every item is unanswered), and told when the request is sent.
-        """
+        """Ask until every item was mentioned by some answer; returns the unanswered ones."""
         remaining = dict.fromkeys(items)
         async with self._window(address), self._total:
-            if gate is not None:
-                if not gate.wanted():
-                    return set(remaining)
-                gate.sent.set()
             for attempt in range(self.attempts):
                 if not remaining:
                     break
@@ -437,7 +419,7 @@ class DataPlaneClient:
         return min(pages, wire.max_digests_per_request(self.max_datagram))
 
     async def get_pages(
-        self, address: Address, digests: Sequence[bytes], gate: Gate | None = None
+        self, address: Address, digests: Sequence[bytes]
     ) -> GetResult:
         """Fetch pages from one node; every page returned is verified."""
         result = GetResult()
@@ -463,7 +445,7 @@ class DataPlaneClient:
 
         batches = self._batches(list(dict.fromkeys(digests)), self.get_batch_size())
         unanswered = await asyncio.gather(
-            *(self._with_retries(address, b, build, absorb, gate) for b in batches)
+            *(self._with_retries(address, b, build, absorb) for b in batches)
         )
         for u in unanswered:
             result.unanswered |= u

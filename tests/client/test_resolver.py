@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -220,3 +221,79 @@ def test_an_avoided_replica_is_asked_last(avoided_first: bool) -> None:
     asyncio.run(h.resolve(DIGESTS[:4], [1, 2]))
     first = h.dp.sent[0][0]
     assert first == h.members[2 if avoided_first else 1].data_address
+
+
+def chaotic(
+    rng: random.Random, held: set[bytes], corrupt: set[bytes], lost_first: set[int]
+) -> Node:
+    """Answers in parts of 3 pages, each part after a random delay (reordering); the first answer
+    to a request loses one of its parts with probability 0.3 (the retry is answered whole)."""
+
+    def node(dp: FakeDataPlane, rid: int, digests: tuple[bytes, ...]) -> None:
+        have = [d for d in digests if d in held]
+        pages = [(d, bytes(4096) if d in corrupt else PAGES[d]) for d in have]
+        missing = [d for d in digests if d not in held]
+        chunks = [pages[i : i + 3] for i in range(0, len(pages), 3)] or [[]]
+        lose = None
+        if rid not in lost_first and rng.random() < 0.3 and len(chunks) > 1:
+            lost_first.add(rid)
+            lose = rng.randrange(len(chunks))
+        loop = asyncio.get_running_loop()
+        for part, chunk in enumerate(chunks):
+            if part == lose:
+                continue
+            gone = missing if part == len(chunks) - 1 else []
+            loop.call_later(rng.random() * 0.004, dp.answer, rid, chunk, gone, part, len(chunks))
+
+    return node
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_randomised_faults_resolve_exactly_what_some_replica_can_serve(seed: int) -> None:
+    """Nodes that hold random subsets, corrupt some pages, reorder and lose parts of answers, one
+    of them silent: every digest comes back verified if some replica in its row holds it intact,
+    and is reported unavailable otherwise; nothing is left in flight."""
+    rng = random.Random(seed)
+    nodes: dict[int, Node] = {}
+    good: dict[int, set[bytes]] = {}
+    lost: set[int] = set()
+    mute = rng.randrange(4)
+    for i in range(4):
+        held = {d for d in DIGESTS if rng.random() < 0.7}
+        corrupt = {d for d in held if rng.random() < 0.1}
+        good[i] = set() if i == mute else held - corrupt
+        nodes[i] = silent if i == mute else chaotic(rng, held, corrupt, lost)
+    h = Harness(nodes, window=2, batch=5)
+    view = list(h.members.values())
+    rows = [rng.sample(range(4), 3) for _ in DIGESTS]
+
+    async def main() -> tuple[dict[bytes, bytes], set[bytes]]:
+        return await asyncio.wait_for(
+            h.resolver.resolve(DIGESTS, [list(r) for r in rows], view), 20
+        )
+
+    found, failed = asyncio.run(main())
+    servable = {d for d, row in zip(DIGESTS, rows, strict=True) if any(d in good[i] for i in row)}
+    assert found == {d: PAGES[d] for d in servable}
+    assert failed == set(DIGESTS) - servable
+    assert not h.dp.handlers and h.resolver._total_in_flight == 0
+    assert all(v == 0 for v in h.resolver._in_flight.values())
+
+
+def test_a_cancelled_resolve_frees_its_window_slots() -> None:
+    h = Harness({1: silent, 2: serving()}, window=1, batch=2)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(h.resolve(DIGESTS[:6], [1]))  # only the silent node
+        for _ in range(100):  # let the first request go out (bounded)
+            if h.dp.sent:
+                break
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not h.dp.handlers and h.resolver._total_in_flight == 0
+        found, failed = await h.resolve(DIGESTS[:4], [2])  # the client still works
+        assert found == {d: PAGES[d] for d in DIGESTS[:4]} and not failed
+
+    asyncio.run(main())

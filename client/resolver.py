@@ -424,7 +424,10 @@ class Resolver:
             self._pump(get.address)
 
     def _pump(self, first: Address) -> None:
-        """Send queued requests while the windows allow, ``first``'s queue first."""
+        """Send queued requests while the windows allow, ``first``'s queue first. Only nodes
+        with a queue are visited (``_queues`` holds no empty queue)."""
+        if not self._queues:
+            return
         order = [first, *(a for a in self._queues if a != first)]
         for address in order:
             queue = self._queues.get(address)
@@ -432,6 +435,8 @@ class Resolver:
                 if self._in_flight[address] >= self.window:
                     break
                 self._send(queue.popleft())
+            if queue is not None and not queue and self._queues.get(address) is queue:
+                del self._queues[address]
             if self._total_in_flight >= self.total:
                 return
 

@@ -422,7 +422,8 @@ class TemplateStoreClient:
                 if page is not None:
                     self._cache.put(digest, page)
         self.metrics.resolved.inc(len(found))
-        self.metrics.unavailable.inc(len(unavailable))
+        if unavailable:
+            self.metrics.unavailable.inc(len(unavailable))
         self.metrics.latency.observe(time.perf_counter() - started)
         return found, unavailable
 

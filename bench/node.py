@@ -1,7 +1,7 @@
 """One store node serving a batched client: pages/s, latency, on-disk overhead; uvloop vs asyncio.
 
     python bench/node.py [--pages 50000] [--seconds 60] [--out bench/results/node.json]
-    python bench/node.py --serve-cpu [--pages 50000] [--requests 3000]
+    python bench/node.py --serve-cpu [--pages 50000] [--requests 3000] [--serve-digests 56-120,1-1]
 
 For each event loop (the node's and the client's): start one real node process (R=1) on
 loopback, PUT the pages through the data plane (group commit), GET them all back with a
@@ -10,10 +10,13 @@ The on-disk ratio is the node's own tmdht_disk_bytes / tmdht_stored_bytes after 
 Every phase is bounded by --seconds.
 
 ``--serve-cpu`` instead measures the node's CPU per page served, in process: a DataPlaneServer
-(keyed auth) over a store of --pages pages answers pre-encoded GET_PAGES requests of 56..120
-random digests, fed straight to ``datagram_received``; the thread CPU time of those calls
-(decode, store read, encode, seal, send to a loopback socket) is divided by the pages served.
-The answers are drained and spot-checked between calls, outside the timed region.
+(keyed auth) over a store of --pages pages answers pre-encoded GET_PAGES requests of random
+digests, fed straight to ``datagram_received``; the thread CPU time of those calls (decode,
+store read, encode, seal, send to a loopback socket) is divided by the pages served and by the
+requests. Each range of ``--serve-digests`` (default ``56-120,1-1``: batched GETs, then
+single-page GETs, whose cost is the per-request fixed cost) is measured on its own. The
+answers are drained and spot-checked between calls, outside the timed region; ``--out`` gets
+the figures as JSON.
 """
 
 from __future__ import annotations
@@ -117,7 +120,9 @@ def run_one(loop_name: str, pages: list[tuple[bytes, bytes]], budget: float) -> 
             return asyncio.run(measure(cluster, pages, budget))
 
 
-async def serve_cpu(store: PageStore, digests: list[bytes], requests: int, seed: int) -> dict[str, float]:
+async def serve_cpu(
+    store: PageStore, digests: list[bytes], requests: int, seed: int, sizes: tuple[int, int]
+) -> dict[str, float]:
     """Thread CPU of ``datagram_received`` per page served (see the module docstring)."""
     key = ClusterKey(1, bytes(range(32)))
     client_auth = Authenticator.keyed(KeyRing(key))
@@ -139,7 +144,7 @@ async def serve_cpu(store: PageStore, digests: list[bytes], requests: int, seed:
     now = time.time()
     batch = [
         wire.encode(
-            wire.GetPages(request_id=i, digests=tuple(rng.sample(digests, rng.randint(56, 120)))),
+            wire.GetPages(request_id=i, digests=tuple(rng.sample(digests, rng.randint(*sizes)))),
             max_datagram=wire.MAX_DATAGRAM,
             auth=client_auth,
             now=now,
@@ -179,7 +184,19 @@ async def serve_cpu(store: PageStore, digests: list[bytes], requests: int, seed:
     }
 
 
-def run_serve_cpu(pages: list[tuple[bytes, bytes]], requests: int) -> dict[str, Any]:
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """``"56-120,1-1"`` -> [(56, 120), (1, 1)]: digests per GET, drawn uniformly."""
+    sizes = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        low, high = int(lo), int(hi or lo)
+        if not 1 <= low <= high <= wire.max_digests_per_request(wire.MAX_DATAGRAM):
+            raise SystemExit(f"bad --serve-digests range {part!r}")
+        sizes.append((low, high))
+    return sizes
+
+
+def run_serve_cpu(pages: list[tuple[bytes, bytes]], requests: int, sizes: list[tuple[int, int]]) -> dict[str, Any]:
     import uvloop  # noqa: PLC0415
 
     results: dict[str, Any] = {}
@@ -189,15 +206,16 @@ def run_serve_cpu(pages: list[tuple[bytes, bytes]], requests: int) -> dict[str, 
             for i in range(0, len(pages), 4096):
                 store.put_many(pages[i : i + 4096])
             digests = [d for d, _ in pages]
-            for name, runner in (("uvloop", uvloop.run), ("asyncio", asyncio.run)):
-                runner(serve_cpu(store, digests, requests // 5, 1))  # warm up
-                results[name] = runner(serve_cpu(store, digests, requests, 2))
+            for lo, hi in sizes:
+                for name, runner in (("uvloop", uvloop.run), ("asyncio", asyncio.run)):
+                    runner(serve_cpu(store, digests, requests // 5, 1, (lo, hi)))  # warm up
+                    results[f"{name} {lo}-{hi}"] = runner(serve_cpu(store, digests, requests, 2, (lo, hi)))
         finally:
             store.close()
-    print(f"node CPU per page served: {len(pages):,} pages stored, GETs of 56..120 digests, keyed auth")
+    print(f"node CPU per GET served: {len(pages):,} pages stored, keyed auth, {requests:,} requests each")
     for name, r in results.items():
         print(
-            f"  {name:8} {r['cpu_us_per_page']:6.2f} us/page CPU, {r['wall_us_per_page']:6.2f} us/page wall, "
+            f"  {name:16} {r['cpu_us_per_page']:6.2f} us/page CPU, {r['wall_us_per_page']:6.2f} us/page wall, "
             f"{r['cpu_us_per_request']:7.1f} us/request ({r['pages_served']:,} pages, {r['datagrams_received']:,} datagrams)"
         )
     return results
@@ -210,9 +228,18 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/node.json"))
     parser.add_argument("--serve-cpu", action="store_true", help="in-process node CPU per page served")
     parser.add_argument("--requests", type=int, default=3000, help="GET requests timed by --serve-cpu")
+    parser.add_argument(
+        "--serve-digests", default="56-120,1-1", help="--serve-cpu: digests per GET, ranges LO-HI, comma-separated"
+    )
     args = parser.parse_args()
     if args.serve_cpu:
-        run_serve_cpu(make_pages(max(1000, min(args.pages, 1_000_000))), max(10, args.requests))
+        sizes = parse_sizes(args.serve_digests)
+        count = max(1000, min(args.pages, 1_000_000))
+        served = run_serve_cpu(make_pages(count), max(10, args.requests), sizes)
+        doc = {"pages": count, "serve_cpu": served, "cpus": os.cpu_count()}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.out}")
         return 0
     pages = make_pages(max(1000, min(args.pages, 1_000_000)))
     results = {name: run_one(name, pages, args.seconds) for name in ("uvloop", "asyncio")}

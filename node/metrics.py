@@ -262,7 +262,7 @@ class LoopHistogram:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         if with_samples:
             created = _created_samples()
-            les = [floatToGoString(bound) for bound in self._bounds]
+            les = [floatToGoString(bound) for bound in self._bounds]  # type: ignore[no-untyped-call]
             for values, child in list(self._children.items()):
                 total = child.sum  # read before the counts: a racing observe() may add to both
                 counts, running = list(child.counts), 0

@@ -46,11 +46,12 @@ from __future__ import annotations
 
 import enum
 import errno
+import itertools
 import os
 import resource
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,10 +74,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_SLAB_PAGES",
+    "DEFAULT_SNAPSHOT_SLABS",
     "FORMAT_VERSION",
     "MAX_SLAB_PAGES",
     "RESERVED_META_PREFIX",
     "PageReader",
+    "PageSnapshot",
     "PageStore",
     "PutResult",
     "StorageError",
@@ -108,6 +111,8 @@ _SLAB_ID = struct.Struct(">I")  # big-endian so the last key is the highest slab
 _MAX_SLAB_ID: Final = 0xFFFF_FFFF
 _BITMAP_SIZE: Final = 8
 _ITER_CHUNK: Final = 1024  # digests read per short read transaction in iter_digests
+DEFAULT_SNAPSHOT_SLABS: Final = 16384
+"""Slab views a :class:`PageSnapshot` keeps (16384 slabs of 64 hold 1M pages; ~3 MiB of views)."""
 _MAX_META_KEY: Final = 256  # bytes of UTF-8; LMDB keys may be up to 511
 _MAX_RANGE_KEY: Final = 64  # bytes in an iter_digests start key (a digest or a DHT key prefix)
 _MIB: Final = 1 << 20
@@ -249,6 +254,44 @@ def _partial_key(used: int, slab_id: int) -> bytes:
     return bytes((used,)) + _SLAB_ID.pack(slab_id)
 
 
+def _checked_keys(digests: Sequence[bytes]) -> Sequence[bytes]:
+    """``digests`` as 32-byte ``bytes`` keys: checked in bulk, converted if need be."""
+    if digests and (set(map(type, digests)) != {bytes} or set(map(len, digests)) != {32}):
+        return [_digest_key(digest) for digest in digests]  # raises on a bad one
+    return digests
+
+
+def _page_views(
+    path: Path,
+    index_get: Callable[[bytes], memoryview | None],
+    slabs_get: Callable[[ByteView], memoryview | None],
+    digests: Sequence[bytes],
+    slabs: dict[int, memoryview],
+) -> list[memoryview | None]:
+    """Look ``digests`` up: a view of each page in the map, None where it is not held.
+
+    ``slabs`` caches slab id -> view of the whole slab for the transaction the getters read
+    (filled here), so a slab holding several of the pages is looked up once.
+    """
+    unpack = _LOCATION.unpack
+    views: list[memoryview | None] = []
+    for digest in digests:
+        location = index_get(digest)
+        if location is None:
+            views.append(None)
+            continue
+        slab_id, slot = unpack(location)
+        slab = slabs.get(slab_id)
+        if slab is None:
+            slab = slabs_get(location[:4])
+            if slab is None:
+                raise IntegrityError(f"page store {path}: index names a lost slab")
+            slabs[slab_id] = slab
+        start = slot * PAGE_SIZE
+        views.append(slab[start : start + PAGE_SIZE])
+    return views
+
+
 class _SlabEdit:
     """One slab being filled inside a write transaction."""
 
@@ -281,29 +324,140 @@ class PageReader:
         index = self._index
         if index is None:
             raise UsageError("a PageReader is used only inside its reading() block")
-        if digests and (set(map(type, digests)) != {bytes} or set(map(len, digests)) != {32}):
-            digests = [_digest_key(digest) for digest in digests]  # raises on a bad one
-        index_get, slabs_get, unpack = index.get, self._slabs.get, _LOCATION.unpack
-        slabs: dict[int, memoryview] = {}  # slab id -> view of the whole slab in the map
-        views: list[memoryview | None] = []
-        for digest in digests:
-            location = index_get(digest)
-            if location is None:
-                views.append(None)
-                continue
-            slab_id, slot = unpack(location)
-            slab = slabs.get(slab_id)
-            if slab is None:
-                slab = slabs_get(location[:4])
-                if slab is None:
-                    raise IntegrityError(f"page store {self._path}: index names a lost slab")
-                slabs[slab_id] = slab
-            start = slot * PAGE_SIZE
-            views.append(slab[start : start + PAGE_SIZE])
-        return views
+        return _page_views(self._path, index.get, self._slabs.get, _checked_keys(digests), {})
 
     def _close(self) -> None:
         self._index = None
+
+
+class PageSnapshot:
+    """Zero-copy reads from a read transaction kept open across calls (:meth:`PageStore.snapshot`).
+
+    For one thread's hot path (the data plane's event loop). :meth:`PageStore.reading` pays for
+    a transaction begin, two cursors and their teardown on every call, and looks every slab up
+    again; a snapshot keeps the transaction, the cursors and the slab views from call to call:
+
+    - *Fresh.* Every write the store commits (``put_many``, ``delete_many``) bumps its
+      generation before the call returns, and the next read here begins a new transaction. So
+      a page whose PUT was acknowledged is seen by every later read.
+    - *Short.* An open read transaction stops LMDB from reusing pages freed after it began (the
+      file grows under writes). The owner calls :meth:`release` on a short bound (the data plane:
+      a few ms after first use); the next read begins a new transaction. :meth:`PageStore.close`
+      closes every snapshot.
+    - *Slab views* are cached per LMDB snapshot (up to ``max_slabs``; a full cache is emptied
+      before the next call, which adds only the slabs it reads): a transaction that
+      begins on the same transaction id as the last one sees the same pages at the same
+      addresses (LMDB is copy-on-write and nothing committed in between), so the cache
+      survives a :meth:`release` when no write happened; otherwise it is dropped.
+
+    Views it returns are valid until the next call on the snapshot (a read may renew the
+    transaction; :meth:`release`, :meth:`close` and :meth:`PageStore.close` end it): use them
+    (send them) before that; copy what must outlive it. Not thread-safe: one thread uses a
+    snapshot (LMDB runs with MDB_NOTLS, so the transaction itself is not tied to a thread, but
+    the cursors and the cache are unlocked).
+    """
+
+    __slots__ = (
+        "_cache_txn_id",
+        "_generation",
+        "_index_get",
+        "_max_slabs",
+        "_slabs",
+        "_slabs_get",
+        "_store",
+        "_txn",
+    )
+
+    def __init__(self, store: PageStore, max_slabs: int) -> None:
+        """Use :meth:`PageStore.snapshot`."""
+        self._store: PageStore | None = store
+        self._max_slabs = max_slabs
+        self._txn: lmdb.Transaction[memoryview] | None = None
+        self._generation = -1
+        self._index_get: Callable[[bytes], memoryview | None] = _closed_get
+        self._slabs_get: Callable[[ByteView], memoryview | None] = _closed_get
+        self._slabs: dict[int, memoryview] = {}  # slab id -> slab view, for _cache_txn_id
+        self._cache_txn_id = -1
+
+    @property
+    def is_open(self) -> bool:
+        """Whether a read transaction is open (pinning a snapshot of the store)."""
+        return self._txn is not None
+
+    def views(self, digests: Sequence[bytes]) -> list[memoryview | None]:
+        """Views of the pages for ``digests`` in order (None where a page is not held).
+
+        As :meth:`PageReader.views`; the views are valid until the next call on this snapshot.
+        """
+        store = self._store
+        if store is None:
+            raise UsageError("this page snapshot is closed")
+        digests = _checked_keys(digests)
+        if self._txn is None or self._generation != store._generation:
+            self._begin(store)
+        if len(self._slabs) >= self._max_slabs:
+            self._slabs.clear()  # bounded; refills with what is asked for now
+        try:
+            return _page_views(store._path, self._index_get, self._slabs_get, digests, self._slabs)
+        except lmdb.Error as exc:
+            self.release()
+            raise store._translate(exc, "reading pages") from exc
+
+    def has(self, digests: Sequence[bytes]) -> list[bool]:
+        """For each digest, whether the store holds its page (index lookups only)."""
+        store = self._store
+        if store is None:
+            raise UsageError("this page snapshot is closed")
+        keys = [_digest_key(digest) for digest in digests]
+        if self._txn is None or self._generation != store._generation:
+            self._begin(store)
+        index_get = self._index_get
+        try:
+            return [index_get(key) is not None for key in keys]
+        except lmdb.Error as exc:
+            self.release()
+            raise store._translate(exc, "looking up pages") from exc
+
+    def _begin(self, store: PageStore) -> None:
+        """(Re)open the transaction on the store's latest committed state."""
+        self.release()
+        env = store._require_env()
+        generation = store._generation  # read first: a commit racing with begin renews again
+        try:
+            txn = env.begin(buffers=True)
+            try:
+                index_get = txn.cursor(db=store._index).get
+                slabs_get = txn.cursor(db=store._slabs).get
+                txn_id = txn.id()
+            except BaseException:
+                txn.abort()
+                raise
+        except lmdb.Error as exc:
+            raise store._translate(exc, "reading pages") from exc
+        if txn_id != self._cache_txn_id:
+            self._slabs.clear()
+            self._cache_txn_id = txn_id
+        self._txn, self._generation = txn, generation
+        self._index_get, self._slabs_get = index_get, slabs_get
+
+    def release(self) -> None:
+        """End the read transaction (if open): LMDB may reuse what it pinned. Reads reopen it."""
+        txn, self._txn = self._txn, None
+        self._index_get = self._slabs_get = _closed_get
+        if txn is not None:
+            txn.abort()  # closes its cursors too
+
+    def close(self) -> None:
+        """Release, and refuse further reads (idempotent)."""
+        self.release()
+        self._slabs.clear()
+        store, self._store = self._store, None
+        if store is not None:
+            store._snapshots.discard(self)
+
+
+def _closed_get(key: ByteView) -> memoryview | None:
+    raise UsageError("a page snapshot read outside its transaction")
 
 
 class PageStore:
@@ -340,6 +494,11 @@ class PageStore:
         self._slabs = dbs[_DB_SLABS]
         self._occupancy = dbs[_DB_OCCUPANCY]
         self._partial = dbs[_DB_PARTIAL]
+        # Bumped after every committed write that changes pages (any thread; next() on a count
+        # is atomic), so a PageSnapshot knows to begin a new transaction.
+        self._generations = itertools.count(1)
+        self._generation = 0
+        self._snapshots: set[PageSnapshot] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -446,7 +605,9 @@ class PageStore:
             return found, dbs, False
 
     def close(self) -> None:
-        """Close the store (idempotent). Committed pages are already durable."""
+        """Close the store (idempotent), ending its snapshots. Committed pages are durable."""
+        for snapshot in list(self._snapshots):
+            snapshot.close()
         env, self._env = self._env, None
         if env is None:
             return
@@ -476,9 +637,13 @@ class PageStore:
         try:
             yield
         except lmdb.Error as exc:
-            if _is_out_of_space(exc) or (exc.code == errno.EIO and self._out_of_room()):
-                raise CapacityError(f"store {self._path} is full while {action}: {exc}") from exc
-            raise StorageError(f"page store {self._path} failed while {action}: {exc}") from exc
+            raise self._translate(exc, action) from exc
+
+    def _translate(self, exc: lmdb.Error, action: str) -> TmdhtError:
+        """The tmdht error for an LMDB error met while doing ``action``."""
+        if _is_out_of_space(exc) or (exc.code == errno.EIO and self._out_of_room()):
+            return CapacityError(f"store {self._path} is full while {action}: {exc}")
+        return StorageError(f"page store {self._path} failed while {action}: {exc}")
 
     def _out_of_room(self) -> bool:
         """Whether the filesystem or the file size limit leaves no room for the data file.
@@ -620,6 +785,8 @@ class PageStore:
                             results[i] = PutResult.REJECTED_FULL
                     if admitted:
                         self._place(txn, admitted)
+                if admitted:  # committed
+                    self._generation = next(self._generations)
             except CapacityError:
                 # The transaction was aborted: none of this call's pages were written.
                 for i in first_of.values():
@@ -750,6 +917,8 @@ class PageStore:
                     raise IntegrityError(f"page store {self._path}: slab {slab_id} has no bitmap")
                 bitmap = int.from_bytes(raw, "little")
                 self._set_occupancy(txn, slab_id, bitmap.bit_count(), bitmap & ~slots)
+        if deleted:  # committed
+            self._generation = next(self._generations)
         return deleted
 
     # ------------------------------------------------------------------ reads
@@ -762,6 +931,19 @@ class PageStore:
         """
         with self.reading() as reader:
             return [None if view is None else bytes(view) for view in reader.views(digests)]
+
+    def snapshot(self, *, max_slabs: int = DEFAULT_SNAPSHOT_SLABS) -> PageSnapshot:
+        """A :class:`PageSnapshot`: reads from a transaction kept open across calls.
+
+        For a hot read path on one thread; its owner must :meth:`PageSnapshot.release` it on a
+        short bound and close it when done (closing the store closes it too).
+        """
+        self._require_env()
+        if isinstance(max_slabs, bool) or not isinstance(max_slabs, int) or max_slabs < 1:
+            raise UsageError(f"max_slabs must be a positive int, got {max_slabs!r}")
+        snapshot = PageSnapshot(self, max_slabs)
+        self._snapshots.add(snapshot)
+        return snapshot
 
     @contextmanager
     def reading(self) -> Iterator[PageReader]:

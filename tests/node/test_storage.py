@@ -135,6 +135,85 @@ def test_reading_refuses_bad_digests(store: PageStore) -> None:
         assert reader.views([bytearray(digest), memoryview(digest)]) == [page, page]
 
 
+def test_a_snapshot_reads_across_calls_and_sees_every_committed_write(store: PageStore) -> None:
+    """A snapshot keeps its transaction between calls, but a write the store committed (from
+    any thread) is seen by the very next read: put, delete, put again."""
+    first, second = make_items(150, seed=50), make_items(3, seed=51)
+    put_in_batches(store, first)
+    pages = dict(first)
+    snapshot = store.snapshot()
+    order = [digest for digest, _ in first]
+    random.Random(52).shuffle(order)
+    assert [v.tobytes() if v else None for v in snapshot.views(order)] == [pages[d] for d in order]
+    assert snapshot.is_open
+    assert snapshot.views([second[0][0]]) == [None]
+    with ThreadPoolExecutor(1) as writer:  # the data plane's writes run on a writer thread
+        assert writer.submit(store.put_many, second).result() == [STORED] * 3
+    assert [v.tobytes() if v else None for v in snapshot.views([d for d, _ in second])] == [
+        page for _, page in second
+    ]
+    assert snapshot.has([second[1][0], order[0]]) == [True, True]
+    assert store.delete_many([order[0], second[1][0]]) == 2
+    assert snapshot.views([order[0], second[1][0], order[1]]) == [None, None, pages[order[1]]]
+    assert snapshot.has([order[0], order[1]]) == [False, True]
+    snapshot.close()
+    small = store.snapshot(max_slabs=1)  # its slab cache is emptied whenever it is full
+    for _ in range(2):
+        views = small.views(order[1:])
+        assert [v.tobytes() if v else None for v in views] == [pages[d] for d in order[1:]]
+        assert len(small._slabs) <= 1 + -(-len(first) // DEFAULT_SLAB_PAGES)
+    small.close()
+
+
+def test_a_snapshot_released_pins_nothing_and_reopens_on_use(store: PageStore) -> None:
+    """Released, a snapshot holds no transaction; its slab views are reused only while nothing
+    was written: a slab rewritten in place (holes refilled) is read anew."""
+    items = make_items(64, seed=53)  # exactly one slab
+    put_in_batches(store, items)
+    snapshot = store.snapshot()
+    digests = [d for d, _ in items]
+    assert not snapshot.is_open
+    assert [v.tobytes() if v else None for v in snapshot.views(digests)] == [p for _, p in items]
+    snapshot.release()
+    assert not snapshot.is_open
+    snapshot.release()  # idempotent
+    # Nothing written in between: the same LMDB snapshot, read again (cached slab views too).
+    assert [v.tobytes() if v else None for v in snapshot.views(digests[::-1])] == [
+        p for _, p in items[::-1]
+    ]
+    snapshot.release()
+    assert store.delete_many(digests[:32]) == 32
+    more = make_items(32, seed=54)
+    put_in_batches(store, more)  # fills the holes: the one slab is rewritten elsewhere in the map
+    assert store.stats().slabs == 1
+    got = snapshot.views([d for d, _ in more] + digests)
+    assert [v.tobytes() if v else None for v in got] == (
+        [p for _, p in more] + [None] * 32 + [p for _, p in items[32:]]
+    )
+    snapshot.close()
+
+
+def test_a_snapshot_refuses_bad_digests_and_use_after_close(tmp_path: Path) -> None:
+    store = PageStore.open(tmp_path / "s", capacity_bytes=GIB)
+    (digest, page), *_ = make_items(1, seed=55)
+    store.put_many([(digest, page)])
+    snapshot = store.snapshot()
+    for bad in ([digest + b"\0"], [digest[:31]], cast(Any, ["a str"]), [digest, b""]):
+        with pytest.raises(UsageError):
+            snapshot.views(bad)
+        with pytest.raises(UsageError):
+            snapshot.has(bad)
+    assert snapshot.views([bytearray(digest)]) == [page]
+    with pytest.raises(UsageError):
+        store.snapshot(max_slabs=0)
+    store.close()  # ends the snapshot's transaction before LMDB unmaps the file
+    assert not snapshot.is_open
+    with pytest.raises(UsageError, match="closed"):
+        snapshot.views([digest])
+    with pytest.raises(UsageError):
+        store.snapshot()
+
+
 def test_reading_a_closed_store_is_a_usage_error(tmp_path: Path) -> None:
     store = PageStore.open(tmp_path / "s", capacity_bytes=GIB)
     store.close()

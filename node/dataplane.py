@@ -3,9 +3,16 @@
 An asyncio datagram protocol around :mod:`tmdht.wire`. Every datagram is authenticated and
 decoded before anything else happens; bad ones are dropped and counted by reason. Reads (GET,
 HAS) are served inline: LMDB reads take microseconds. A GET is answered without copying its
-pages: they are views into one LMDB read transaction, handed to ``socket.sendmsg``
+pages: they are views into an LMDB read transaction, handed to ``socket.sendmsg``
 (scatter-gather) with the sealed head of each PAGES datagram while the transaction is open; a
 datagram the socket cannot take right away is joined and queued on the transport instead.
+
+The read transaction is a :class:`~tmdht.node.storage.PageSnapshot` kept open from request to
+request (beginning one, with its cursors, cost more than a one-page lookup). It is renewed at
+the first read after any write the store commits, so a GET sent after a PUT was acknowledged
+sees the page; and it is released ``snapshot_max_age`` after its first use (a timer on the
+loop), so it never pins old LMDB pages for longer than that, busy or idle. Only the event loop
+touches it.
 
 Writes go to one writer thread with *group commit*: PUTs that arrive while a commit is running
 are stored together in the next transaction, so many small PUTs share one fsync. A PUT is
@@ -33,7 +40,7 @@ from typing import Any, cast
 from tmdht import wire
 from tmdht.auth import AuthenticationError, Authenticator, ReplayError
 from tmdht.client.dataplane import Address, tune_socket_buffers
-from tmdht.errors import DecodeError, LimitExceededError, TmdhtError
+from tmdht.errors import DecodeError, LimitExceededError, TmdhtError, UsageError
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageStore, PutResult
 from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
@@ -58,6 +65,10 @@ _TYPE_LABEL = {
 _DROP_REASONS = ("rate_limited", "malformed", "auth", "oversize", "replay", "unexpected")
 MAX_GROUP_PAGES = 4096
 """Pages one group commit takes at most (bounds a transaction's size and the wait for it)."""
+DEFAULT_SNAPSHOT_MAX_AGE = 0.01
+"""Seconds a read snapshot serves GETs before it is released: LMDB cannot reuse pages freed by
+writes after it began, so this bounds that dead space to ~10 ms of writes, while a busy node
+still begins a transaction only every 10 ms instead of for every request."""
 
 
 @dataclass
@@ -91,11 +102,15 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         on_stored: Callable[[Sequence[bytes]], None] | None = None,
         clock: Callable[[], float] = time.time,
         rate_limit: RateLimitConfig | None = None,
+        snapshot_max_age: float = DEFAULT_SNAPSHOT_MAX_AGE,
     ) -> None:
         """``on_stored(digests)`` hears of every page a PUT stored (replication pushes them on).
 
         ``rate_limit`` bounds the datagrams each source IP may send (default: RateLimitConfig()).
+        ``snapshot_max_age`` bounds how long one read transaction serves GETs (seconds, >= 0).
         """
+        if not snapshot_max_age >= 0:
+            raise UsageError(f"snapshot_max_age must be >= 0 seconds, got {snapshot_max_age}")
         self.on_stored = on_stored
         self.store = store
         self.auth = auth
@@ -105,6 +120,9 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self.clock = clock
         self.buffers = (0, 0)
         self.limiter = SourceRateLimiter(rate_limit)
+        self._snapshot = store.snapshot()
+        self._snapshot_max_age = snapshot_max_age
+        self._release_timer: asyncio.TimerHandle | None = None
         self._transport: asyncio.DatagramTransport | None = None
         self._sock: socket.socket | None = None  # the transport's socket, for sendmsg
         # Labelled metric children, bound once instead of looked up on every request.
@@ -114,6 +132,8 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             t: metrics.request_pages.labels(label) for t, label in _TYPE_LABEL.items()
         }
         self._latency = {t: metrics.latency.labels(label) for t, label in _TYPE_LABEL.items()}
+        self._pages_served = metrics.pages_served.labels()
+        self._misses = metrics.misses.labels()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tmdht-writer")
         self._queue: collections.deque[_PendingPut] = collections.deque()
         self._commit: asyncio.Future[Any] | None = None
@@ -134,6 +154,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             await loop.create_datagram_endpoint(lambda: server, sock=sock)
         except BaseException:
             sock.close()
+            server._end_snapshot()
             raise
         server._sock = sock
         server._accepting = True
@@ -154,19 +175,42 @@ class DataPlaneServer(asyncio.DatagramProtocol):
     async def drain(self, timeout: float) -> None:
         """Stop taking requests; wait (bounded) until queued writes are committed and answered."""
         self._accepting = False
+        self._release_snapshot()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             log.warning("data plane: writes still pending after %.1f s of draining", timeout)
 
     def close(self) -> None:
-        """Close the socket and the writer thread (after :meth:`drain`)."""
+        """Close the socket, the read snapshot and the writer thread (after :meth:`drain`)."""
         self._accepting = False
+        self._end_snapshot()
         self._sock = None  # the transport closes it
         if self._transport is not None:
             self._transport.close()
             self._transport = None
         self._writer.shutdown(wait=True, cancel_futures=True)
+
+    # -- the read snapshot ---------------------------------------------------------------------
+
+    def _arm_snapshot_release(self) -> None:
+        """First use since the last release: end the snapshot ``snapshot_max_age`` from now."""
+        self._release_timer = asyncio.get_running_loop().call_later(
+            self._snapshot_max_age, self._release_snapshot
+        )
+
+    def _release_snapshot(self) -> None:
+        """End the read transaction (timer, drain); the next GET begins a new one."""
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        self._snapshot.release()
+
+    def _end_snapshot(self) -> None:
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        self._snapshot.close()
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -248,31 +292,35 @@ class DataPlaneServer(asyncio.DatagramProtocol):
 
     def _get_pages(self, msg: wire.GetPages, address: Address, arrived: float) -> None:
         digests = msg.digests
-        with self.store.reading() as reader:
-            views = reader.views(digests)
-            found = [pair for pair in zip(digests, views, strict=True) if pair[1] is not None]
-            missing = (
-                [d for d, v in zip(digests, views, strict=True) if v is None]
-                if len(found) < len(digests)
-                else []
-            )
-            datagrams = wire.encode_pages_buffers(
-                msg.request_id,
-                cast(list[tuple[PageDigest, memoryview]], found),
-                missing,
-                max_datagram=self.max_datagram,
-                auth=self.auth,
-                now=self.clock(),
-            )
-            self._send_buffers(address, datagrams)  # the views die with the transaction
+        views = self._snapshot.views(digests)
+        if self._release_timer is None:
+            self._arm_snapshot_release()
+        found: list[tuple[PageDigest, ByteView]] = []
+        missing: list[PageDigest] = []
+        for digest, view in zip(digests, views, strict=True):
+            if view is None:
+                missing.append(digest)
+            else:
+                found.append((digest, view))
+        datagrams = wire.encode_pages_buffers(
+            msg.request_id,
+            found,
+            missing,
+            max_datagram=self.max_datagram,
+            auth=self.auth,
+            now=self.clock(),
+        )
+        self._send_buffers(address, datagrams)  # now: the views end with the snapshot
         self._request_pages[wire.GetPages].inc(len(digests))
-        self.metrics.pages_served.inc(len(found))
+        self._pages_served.inc(len(found))
         if missing:
-            self.metrics.misses.inc(len(missing))
+            self._misses.inc(len(missing))
         self._latency[wire.GetPages].observe(time.perf_counter() - arrived)
 
     def _has(self, msg: wire.Has, address: Address, arrived: float) -> None:
-        held = self.store.has_many(msg.digests)
+        held = self._snapshot.has(msg.digests)
+        if self._release_timer is None:
+            self._arm_snapshot_release()
         self._request_pages[wire.Has].inc(len(msg.digests))
         self._send(
             address,

@@ -13,16 +13,20 @@ from typing import Any
 
 import pytest
 import uvloop
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tmdht import wire
 from tmdht.auth import Authenticator, ClusterKey, KeyRing
 from tmdht.client.dataplane import DataPlaneClient
+from tmdht.errors import UsageError
 from tmdht.node.dataplane import DataPlaneServer
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageStore
 from tmdht.pages import ZERO_PAGE, digest_page
 
 KEY = ClusterKey(1, os.urandom(32))
+STORED = wire.PutStatus.STORED
 
 
 def keyed() -> Authenticator:
@@ -46,7 +50,7 @@ def run(coro: Callable[[], Awaitable[None]], loop: str = "asyncio") -> None:
 
 @asynccontextmanager
 async def node(
-    tmp: Path, *, max_datagram: int = 32768, capacity: int = 64 << 20
+    tmp: Path, *, max_datagram: int = 32768, capacity: int = 64 << 20, **kw: Any
 ) -> AsyncIterator[tuple[DataPlaneServer, NodeMetrics]]:
     metrics = NodeMetrics()
     store = PageStore.open(tmp / "store", capacity_bytes=capacity)
@@ -72,6 +76,7 @@ async def node(
         max_datagram=max_datagram,
         metrics=metrics,
         node_info=info,
+        **kw,
     )
     try:
         yield server, metrics
@@ -316,5 +321,123 @@ def test_group_commit_batches_concurrent_puts(tmp_path: Path) -> None:
                 "tmdht_request_duration_seconds_count", {"type": "put_pages"}
             )
             assert count == len(chunks)
+
+    run(main)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_get_after_an_acknowledged_write_sees_it(tmp_path: Path, loop: str) -> None:
+    """GETs share one long-lived read snapshot (here never released by age), yet a GET sent
+    after a PUT was acknowledged finds the page; a write by another part of the node (the
+    replicator, on a thread) or a delete is seen by the next GET too."""
+
+    async def main() -> None:
+        async with (
+            node(tmp_path, snapshot_max_age=3600.0) as (server, _),
+            await DataPlaneClient.open(keyed()) as client,
+        ):
+            a, b, c = pages(3, seed=11)
+            assert (await client.put_pages(server.address, [a])).status[a[0]] == STORED
+            assert (await client.get_pages(server.address, [a[0], b[0]])).missing == {b[0]}
+            assert server._snapshot.is_open  # the snapshot the next GET would reuse
+            assert (await client.put_pages(server.address, [b])).status[b[0]] == STORED
+            got = await client.get_pages(server.address, [a[0], b[0]])
+            assert got.pages == dict([a, b]) and not got.missing
+            await asyncio.to_thread(server.store.put_many, [c])
+            assert (await client.get_pages(server.address, [c[0]])).pages == dict([c])
+            has = await client.has(server.address, [a[0], c[0]])
+            assert has.held == {a[0], c[0]}
+            await asyncio.to_thread(server.store.delete_many, [a[0]])
+            got = await client.get_pages(server.address, [a[0], b[0], c[0]])
+            assert got.missing == {a[0]} and got.pages == dict([b, c])
+            assert (await client.has(server.address, [a[0]])).lacking == {a[0]}
+
+    run(main, loop)
+
+
+def test_the_read_snapshot_is_released_after_its_max_age_and_on_drain(tmp_path: Path) -> None:
+    """The snapshot must not pin old LMDB pages: its timer ends it (here at once), drain ends
+    it, close closes it."""
+
+    async def main() -> None:
+        data = pages(5, seed=12)
+        async with (
+            node(tmp_path, snapshot_max_age=0.0) as (server, _),
+            await DataPlaneClient.open(keyed()) as client,
+        ):
+            await client.put_pages(server.address, data)
+            got = await client.get_pages(server.address, [d for d, _ in data])
+            assert got.pages == dict(data)
+            for _ in range(100):  # the release timer is due at once: a few loop turns
+                if not server._snapshot.is_open:
+                    break
+                await asyncio.sleep(0)
+            assert not server._snapshot.is_open
+            got = await client.get_pages(server.address, [d for d, _ in data])
+            assert got.pages == dict(data)  # the next GET begins a new one
+        (tmp_path / "b").mkdir()
+        async with (
+            node(tmp_path / "b", snapshot_max_age=3600.0) as (server, _),
+            await DataPlaneClient.open(keyed()) as client,
+        ):
+            await client.put_pages(server.address, data)
+            await client.get_pages(server.address, [data[0][0]])
+            assert server._snapshot.is_open
+            await server.drain(5)
+            assert not server._snapshot.is_open
+            server.close()
+            with pytest.raises(UsageError):
+                server._snapshot.views([data[0][0]])
+
+    run(main)
+
+
+def test_bad_snapshot_max_age_is_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        with pytest.raises(UsageError):
+            async with node(tmp_path, snapshot_max_age=-1.0):
+                pass
+
+    run(main)
+
+
+def test_data_plane_metrics_keep_their_prometheus_names_and_types(tmp_path: Path) -> None:
+    """The data plane counts in plain numbers, exported at scrape time: same families, types,
+    labels and samples as prometheus-client counters and histograms."""
+
+    async def main() -> None:
+        async with (
+            node(tmp_path) as (server, metrics),
+            await DataPlaneClient.open(keyed()) as client,
+        ):
+            data = pages(30, seed=13)
+            await client.put_pages(server.address, data)
+            for i in range(5):
+                await client.get_pages(server.address, [d for d, _ in data[i::5]])
+            text = generate_latest(metrics.registry).decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        for name in (
+            "tmdht_requests",
+            "tmdht_request_pages",
+            "tmdht_pages_served",
+            "tmdht_misses",
+            "tmdht_put_pages",
+            "tmdht_bad_datagrams",
+        ):
+            assert families[name].type == "counter", name
+        latency = families["tmdht_request_duration_seconds"]
+        assert latency.type == "histogram"
+        get = [s for s in latency.samples if s.labels.get("type") == "get_pages"]
+        buckets = [s.value for s in get if s.name.endswith("_bucket")]
+        assert buckets == sorted(buckets) and buckets[-1] == 5  # cumulative, +Inf last
+        (count,) = [s.value for s in get if s.name.endswith("_count")]
+        (total,) = [s.value for s in get if s.name.endswith("_sum")]
+        assert count == 5 and 0 < total < 60
+        assert sample(metrics, "tmdht_requests_total", type="get_pages") == 5
+        assert sample(metrics, "tmdht_request_pages_total", type="get_pages") == 30
+        assert sample(metrics, "tmdht_pages_served_total") == 30
+        assert sample(metrics, "tmdht_put_pages_total", result="stored") == 30
+        assert metrics.registry.get_sample_value("tmdht_requests_created", {"type": "has"})
+        assert "tmdht_request_duration_seconds_created" in text
 
     run(main)

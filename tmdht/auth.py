@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import heapq
 import hmac
+import itertools
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -350,9 +351,16 @@ class ReplayWindow:
             del self._seen[seen_key]
 
 
-def _random_nonce() -> int:
-    """A fresh random 64-bit nonce (collisions across senders: ~n**2 / 2**65 per window)."""
-    return secrets.randbits(64)
+def _nonce_counter() -> Callable[[], int]:
+    """Nonces for one sender: a counter from a random 64-bit start.
+
+    Unique per sender for 2**64 datagrams; two senders collide only if their runs of nonces
+    overlap (about (n + m) / 2**64 for runs of n and m) and then within one replay window. It
+    costs no system call per datagram (``secrets.randbits`` per datagram cost ~1.4 µs here).
+    Nonces need to be unique, not unpredictable: the tag covers them.
+    """
+    counter = itertools.count(secrets.randbits(64))
+    return lambda: next(counter) & _U64_MAX
 
 
 class Authenticator:
@@ -367,11 +375,13 @@ class Authenticator:
         *,
         keyring: KeyRing | None,
         replay: ReplayWindow | None,
-        nonce_source: Callable[[], int] = _random_nonce,
+        nonce_source: Callable[[], int] | None = None,
     ) -> None:
+        """``nonce_source``: a 64-bit nonce per datagram sealed (default: a randomly started
+        counter of this instance)."""
         self._keyring = keyring
         self._replay = replay
-        self._nonce_source = nonce_source
+        self._nonce_source = nonce_source or _nonce_counter()
 
     @classmethod
     def keyed(

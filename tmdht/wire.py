@@ -891,6 +891,8 @@ def _unchecked(cls: type[_M], **fields: object) -> _M:
 
 def _split_digests(data: bytes, start: int, count: int) -> tuple[PageDigest, ...]:
     """``count`` consecutive digests from ``data[start:]`` (length already checked)."""
+    if count < _DIGEST_RUN_LENGTH:  # one Struct call; responses and small requests
+        return _DIGEST_TAILS[count].unpack_from(data, start)
     runs, tail = divmod(count, _DIGEST_RUN_LENGTH)
     tail_at = start + runs * _DIGEST_RUN.size
     digests = list(chain.from_iterable(_DIGEST_RUN.iter_unpack(memoryview(data)[start:tail_at])))

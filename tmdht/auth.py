@@ -14,7 +14,7 @@ locates a block that is not at the end)::
     | +0                           | 1    | key id: 1..255; 0 only in open mode              |
     | +1                           | 1    | auth flags: bit 0 OPEN; other bits must be 0     |
     | +2                           | 8    | sender timestamp, ms since the Unix epoch (u64)  |
-    | +10                          | 8    | nonce (u64, random per datagram)                 |
+    | +10                          | 8    | nonce (u64, unique per sender's datagram)        |
     | +18                          | 16   | tag: keyed BLAKE3 over payload + bytes +0..+18   |
 
 The tag covers everything before it, the auth block fields included, so neither the key id, the

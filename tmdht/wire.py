@@ -20,7 +20,7 @@ Datagram layout, version 2 (big-endian; ``n`` is the body length, ``k`` the page
     | 20+n   | 1      | key id      | auth block, owned by :mod:`tmdht.auth`; 0 in open mode    |
     | 21+n   | 1      | auth flags  | bit 0: open mode (unauthenticated)                        |
     | 22+n   | 8      | timestamp   | sender wall clock, ms since the Unix epoch                |
-    | 30+n   | 8      | nonce       | random per datagram (replay detection)                    |
+    | 30+n   | 8      | nonce       | unique per datagram of a sender (replay detection)        |
     | 38+n   | 16     | tag         | keyed BLAKE3 of bytes 0..38+n (all zero in open mode)     |
     | 54+n   | 4096 k | bulk        | page bytes (PAGES, PUT_PAGES), *not* covered by the tag   |
 

@@ -23,7 +23,7 @@ import secrets
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -55,6 +55,10 @@ _SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32 if sys.platform ==
 MAX_TIMEOUT: Final = 2.0
 """Upper bound of an adaptive request timeout, in seconds."""
 RESPONSE_DATAGRAMS_PER_REQUEST: Final = 8
+PUT_WINDOW_FACTOR: Final = 4
+"""PUTs in flight per node, in windows: their answers are tiny (they need no share of the socket
+buffer), and a node commits the PUTs that arrive together in one transaction and fsync, so more
+in flight means larger group commits (publish: 4.5k -> 7.2k pages/s at 4x, 4 nodes, R=3)."""
 """Bound on the datagrams one GET answer may take, so a window of requests fits the socket."""
 
 
@@ -230,6 +234,7 @@ class DataPlaneClient:
         self._pending: dict[int, _Handler] = {}
         self._next_id = secrets.randbits(63)
         self._windows: dict[Address, asyncio.Semaphore] = {}
+        self._put_windows: dict[Address, asyncio.Semaphore] = {}
         # All nodes answer into one socket: bound the requests in flight across nodes too, so
         # their answers fit the receive buffer (per-node windows alone let N * window through).
         self._total = asyncio.Semaphore(max(self.window, 2 * self.window))
@@ -343,6 +348,22 @@ class DataPlaneClient:
             sem = self._windows[address] = asyncio.Semaphore(self.window)
         return sem
 
+    @contextlib.asynccontextmanager
+    async def _slots(self, address: Address, *, small_answers: bool) -> AsyncIterator[None]:
+        """Hold the window slots of one request: its node's and the client-wide one, or for a
+        request whose answer is small (PUT) a larger per-node window of its own."""
+        if small_answers:
+            sem = self._put_windows.get(address)
+            if sem is None:
+                sem = self._put_windows[address] = asyncio.Semaphore(
+                    PUT_WINDOW_FACTOR * self.window
+                )
+            async with sem:
+                yield
+        else:
+            async with self._window(address), self._total:
+                yield
+
     def timeout_for(self, address: Address, attempt: int = 0) -> float:
         """The timeout of a request to ``address``: its smoothed RTT plus four deviations, at
         least ``timeout``, doubled for each retry (a loaded node is not declared dead early)."""
@@ -385,10 +406,12 @@ class DataPlaneClient:
         items: Sequence[bytes],
         build: Callable[[tuple[bytes, ...], int], wire.Message],
         absorb: Callable[[wire.Message], Iterable[bytes]],
+        *,
+        small_answers: bool = False,
     ) -> set[bytes]:
         """Ask until every item was mentioned by some answer; returns the unanswered ones."""
         remaining = dict.fromkeys(items)
-        async with self._window(address), self._total:
+        async with self._slots(address, small_answers=small_answers):
             for attempt in range(self.attempts):
                 if not remaining:
                     break
@@ -418,9 +441,7 @@ class DataPlaneClient:
         pages = wire.max_pages_per_datagram(self.max_datagram) * RESPONSE_DATAGRAMS_PER_REQUEST
         return min(pages, wire.max_digests_per_request(self.max_datagram))
 
-    async def get_pages(
-        self, address: Address, digests: Sequence[bytes]
-    ) -> GetResult:
+    async def get_pages(self, address: Address, digests: Sequence[bytes]) -> GetResult:
         """Fetch pages from one node; every page returned is verified."""
         result = GetResult()
 
@@ -500,7 +521,7 @@ class DataPlaneClient:
         size = wire.max_pages_per_datagram(self.max_datagram)
         batches = self._batches(list(by_digest), size)
         for u in await asyncio.gather(
-            *(self._with_retries(address, b, build, absorb) for b in batches)
+            *(self._with_retries(address, b, build, absorb, small_answers=True) for b in batches)
         ):
             outcome.unanswered |= u
         return outcome

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tmdht.errors import UsageError
-from tmdht.pages import KEY_SIZE
+from tmdht.pages import DIGEST_SIZE, KEY_SIZE
 
 __all__ = [
     "NODE_ID_SIZE",
@@ -88,7 +88,13 @@ def replica_rows(
 ) -> list[list[int]]:
     """``replica_indices(digests, node_ids, replicas).tolist()``, cheaper for small batches."""
     if len(digests) > SMALL_BATCH:
-        rows: list[list[int]] = replica_indices(digests, node_ids, replicas).tolist()
+        raw = b"".join(digests)
+        if len(raw) == len(digests) * DIGEST_SIZE and all(len(d) == DIGEST_SIZE for d in digests):
+            # Whole digests in one buffer: numpy cuts the keys, no slice per digest in Python.
+            keys = np.frombuffer(raw, dtype=np.uint8).reshape(-1, DIGEST_SIZE)
+            rows: list[list[int]] = replica_indices(keys, node_ids, replicas).tolist()
+        else:
+            rows = replica_indices(digests, node_ids, replicas).tolist()
         return rows
     if replicas < 1:
         raise UsageError("replicas must be at least 1")

@@ -62,6 +62,7 @@ _ACCEPT_SLICE_S: Final = 0.25
 _REAP_TIMEOUT_S: Final = 10.0
 _MAX_WAIT_ITERATIONS: Final = 1 << 20
 _MIGRATION_QUERY_SLICE_S: Final = 5.0
+_FINISH_MIGRATE_QUERIES: Final = 10_000  # query-status round trips (~0.1 ms each) at most
 _LOG_TAIL_BYTES: Final = 4000
 
 
@@ -516,9 +517,10 @@ class Guest:
         the statistics of a completed migration; raises :class:`MigrationError` if it failed or
         was cancelled, :class:`GuestTimeoutError` after ``timeout`` seconds.
 
-        A completed source is paused; QEMU announces ``completed`` just before it moves its run
-        state from ``finish-migrate`` to ``postmigrate``, so :meth:`status` may briefly show
-        the former (memory no longer changes in either).
+        A completed source is paused. QEMU announces ``completed`` just before it computes the
+        total time and downtime and moves its run state from ``finish-migrate`` to
+        ``postmigrate``; a source's statistics are returned once that happened (a query in
+        between reads zeros: the demo once printed 0 ms for both).
         """
         deadline = time.monotonic() + timeout
         stats = MigrationStats.from_query(self.query_migrate())
@@ -543,6 +545,14 @@ class Guest:
         if stats.status != "completed":
             raise MigrationError(f"migration of guest {self.spec.name} {stats.status}: "
                                  f"{stats.error or 'no error description'}")
+        if stats.total_time_ms == 0:
+            # A source that just announced ``completed`` computes its total time and downtime
+            # only when it leaves ``finish-migrate`` (QEMU 7.2, migration_iteration_finish);
+            # a query in between reads zeros. Wait for the run state (bounded), then re-query.
+            for _turn in range(_FINISH_MIGRATE_QUERIES):
+                if self.status() != "finish-migrate":
+                    break
+            stats = MigrationStats.from_query(self.query_migrate())
         return stats
 
     def migrate_to_file(self, path: Path, *, timeout: float = 120.0,

@@ -277,6 +277,11 @@ class DataPlaneClient:
             handler.abort()
 
     @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (or before :meth:`open` bound a socket)."""
+        return self._transport is None
+
+    @property
     def address(self) -> Address:
         """The local address of the socket."""
         if self._transport is None:

@@ -253,6 +253,11 @@ class Resolver:
         if get.done:
             return
         run = get.run
+        if self.dataplane.closed:  # closed while this request waited in a queue
+            self._abort(run)
+            get.done = True
+            run.gets.discard(get)
+            return
         get.open = {d for d in get.open if d in run.open}
         if not get.open or (not get.hedge and self._skip(get)):
             self._finish(get)
@@ -371,12 +376,13 @@ class Resolver:
         self._check(run)
 
     def _on_abort(self, get: _Get) -> None:
-        """The socket closed under a request: its digests cannot be fetched any more."""
-        run = get.run
-        for digest in list(run.open):
-            run.failed.add(digest)
-        run.open.clear()
+        """The socket closed under a request: its run's digests cannot be fetched any more."""
+        self._abort(get.run)
         self._finish(get)
+
+    def _abort(self, run: _Run) -> None:
+        run.failed |= run.open
+        run.open.clear()
         self._check(run)
 
     def _retry_or_fail(self, get: _Get) -> None:

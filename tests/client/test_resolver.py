@@ -36,6 +36,7 @@ class FakeDataPlane:
         self.window = window
         self.batch = batch
         self.attempts = 3
+        self.closed = False
         self.stats = ClientStats()
         self.handlers: dict[int, Any] = {}
         self.sent: list[tuple[Address, tuple[bytes, ...]]] = []
@@ -295,5 +296,32 @@ def test_a_cancelled_resolve_frees_its_window_slots() -> None:
         assert not h.dp.handlers and h.resolver._total_in_flight == 0
         found, failed = await h.resolve(DIGESTS[:4], [2])  # the client still works
         assert found == {d: PAGES[d] for d in DIGESTS[:4]} and not failed
+
+    asyncio.run(main())
+
+
+def test_closing_the_socket_ends_every_resolve_in_flight_or_queued() -> None:
+    """Requests in flight are aborted and requests still queued are never sent: every resolve
+    returns, its digests unavailable, and nothing raises."""
+    h = Harness({1: silent}, window=1, batch=2)
+
+    def close() -> None:
+        h.dp.closed = True
+        handlers, h.dp.handlers = h.dp.handlers, {}
+        for handler in handlers.values():
+            handler.abort()
+
+    async def main() -> None:
+        first = asyncio.ensure_future(h.resolve(DIGESTS[:4], [1]))  # 2 requests, 1 window slot
+        second = asyncio.ensure_future(h.resolve(DIGESTS[4:6], [1]))  # queued behind them
+        for _ in range(100):  # let the first request go out (bounded)
+            if h.dp.sent:
+                break
+            await asyncio.sleep(0)
+        sent = len(h.dp.sent)
+        close()
+        assert await first == ({}, set(DIGESTS[:4]))
+        assert await second == ({}, set(DIGESTS[4:6]))
+        assert len(h.dp.sent) == sent  # nothing was sent after the close
 
     asyncio.run(main())

@@ -6,14 +6,19 @@ Every option can also come from the environment: ``TMDHT_<COMMAND>_<OPTION>`` (c
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import json
 import sys
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 
 from tmdht.errors import TmdhtError, UsageError
+
+T = TypeVar("T")
 
 stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
@@ -27,8 +32,37 @@ class InputError(click.ClickException):
     exit_code = 2
 
 
+# Subcommands, imported only when used: ``tmdht qemu send`` runs as QEMU's ``exec:`` migration
+# command, and every import before it reads its stdin adds to the migration's total time
+# (importing every subcommand's module took ~0.5 s here, numpy, rich tables and the guest lab
+# included).
+_COMMANDS: dict[str, str] = {
+    "cluster": "tmdht.cli.node:cluster",
+    "demo": "tmdht.cli.demo:demo",
+    "encode": "tmdht.cli.codec:encode",
+    "get": "tmdht.cli.get:get",
+    "image": "tmdht.cli.image:image",
+    "node": "tmdht.cli.node:node",
+    "qemu": "tmdht.cli.qemu:qemu",
+    "rebuild": "tmdht.cli.codec:rebuild",
+    "templates": "tmdht.cli.templates:templates",
+}
+
+
 class TmdhtGroup(click.Group):
-    """A group that turns tmdht's own errors into one-line messages and exit codes."""
+    """A group that turns tmdht's own errors into one-line messages and exit codes, and loads
+    its subcommands lazily."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in _COMMANDS:
+            module, attribute = _COMMANDS[cmd_name].split(":")
+            command = getattr(importlib.import_module(module), attribute)
+            self.add_command(command, cmd_name)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -76,21 +110,14 @@ def cli() -> None:
     """tmdht: template-page deduplication for live VM migration."""
 
 
-def _register() -> None:
-    from tmdht.cli import codec, demo, get, image, node, qemu, templates  # noqa: PLC0415
-
-    cli.add_command(demo.demo)
-    cli.add_command(get.get)
-    cli.add_command(node.node)
-    cli.add_command(node.cluster)
-    cli.add_command(templates.templates)
-    cli.add_command(image.image)
-    cli.add_command(codec.encode)
-    cli.add_command(codec.rebuild)
-    cli.add_command(qemu.qemu)
-
-
-_register()
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine on uvloop, every tmdht process's event loop (asyncio's own
+    loop if uvloop is not installed)."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ progress and logs on stderr (QEMU passes its own stderr on to them).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from typing import Any
 import click
 
 from tmdht.cli.access import cluster_options, store_kwargs
-from tmdht.cli.main import parse_size, stderr
+from tmdht.cli.main import parse_size, run_async, stderr
 from tmdht.config import parse_address
 from tmdht.errors import ConfigError, UsageError
 
@@ -131,7 +130,7 @@ def send(catalog: Path, to: str, compress: bool, backref_window: int, flow_windo
     try:
         with _progress(progress, "send") as update:
             try:
-                report = asyncio.run(run_sender(config, metrics=metrics, on_progress=update))
+                report = run_async(run_sender(config, metrics=metrics, on_progress=update))
             except MigrationFailed as exc:
                 write_report(exc.report or _failed("send", str(exc)), report_path)
                 raise
@@ -201,7 +200,7 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
     try:
         with _progress(progress, "receive") as update:
             try:
-                report = asyncio.run(run_receiver(
+                report = run_async(run_receiver(
                     config, metrics=metrics, on_listening=listening, on_progress=update,
                     on_verified=lambda r: save_report(r, report_path)))
             except MigrationFailed as exc:

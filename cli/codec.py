@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import os
@@ -15,7 +14,7 @@ import click
 
 from tmdht.catalog import TemplateCatalog
 from tmdht.cli.access import cluster_options, store_kwargs
-from tmdht.cli.main import emit_json, human_bytes, stdout
+from tmdht.cli.main import emit_json, human_bytes, run_async, stdout
 from tmdht.cli.progress import page_progress
 from tmdht.dedup_stream import (
     DedupDecoder,
@@ -309,7 +308,7 @@ def rebuild_from_images(
     """Rebuild with template pages from local images."""
     with contextlib.ExitStack() as stack:
         images = [stack.enter_context(open_image(p)) for p in pages_from]
-        return asyncio.run(rebuild_stream(stream, output, ImagePages(images), expected_catalog_id))
+        return run_async(rebuild_stream(stream, output, ImagePages(images), expected_catalog_id))
 
 
 def rebuild_from_cluster(
@@ -326,4 +325,4 @@ def rebuild_from_cluster(
             )
             return doc
 
-    return asyncio.run(main())
+    return run_async(main())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import click
 from rich.table import Table
 
 from tmdht.cli.access import cluster_options, store_kwargs
-from tmdht.cli.main import emit_json, stdout
+from tmdht.cli.main import emit_json, run_async, stdout
 from tmdht.errors import UsageError
 
 
@@ -55,7 +54,7 @@ def get(
                 )
             return rows, found
 
-    rows, found = asyncio.run(main())
+    rows, found = run_async(main())
     if output is not None:
         output.write_bytes(b"".join(found[d] for d in wanted if d in found))
     if as_json:

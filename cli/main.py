@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import logging
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ from rich.console import Console
 from tmdht.errors import TmdhtError, UsageError
 
 T = TypeVar("T")
+log = logging.getLogger("tmdht.cli")
 
 stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
@@ -110,14 +112,17 @@ def cli() -> None:
     """tmdht: template-page deduplication for live VM migration."""
 
 
-def run_async(main: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine on uvloop, every tmdht process's event loop (asyncio's own
-    loop if uvloop is not installed)."""
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
+def run_async(main: Coroutine[Any, Any, T], loop: str = "uvloop") -> T:
+    """Run a command's coroutine on uvloop, every tmdht process's event loop, unless ``loop`` is
+    ``"asyncio"`` (bench/node.py measures one against the other) or uvloop is not installed."""
+    if loop == "uvloop":
+        try:
+            import uvloop  # noqa: PLC0415
+        except ImportError:
+            log.warning("uvloop is not installed; using asyncio's event loop")
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def main() -> None:

@@ -16,11 +16,9 @@ from typing import Any
 import click
 from rich.table import Table
 
-from tmdht.cli.main import human_bytes, stderr, stdout
+from tmdht.cli.main import human_bytes, run_async, stderr, stdout
 from tmdht.config import NodeConfig, parse_address
 from tmdht.errors import ConfigError, UsageError
-
-log = logging.getLogger("tmdht.cli")
 
 
 class JsonFormatter(logging.Formatter):
@@ -55,18 +53,6 @@ def setup_logging(fmt: str, level: str) -> None:
     if level != "debug":
         logging.getLogger("kademlia").setLevel(logging.WARNING)
         logging.getLogger("rpcudp").setLevel(logging.WARNING)
-
-
-def new_event_loop_policy(name: str = "uvloop") -> None:
-    """uvloop unless told otherwise: bench/node.py measures it against asyncio's own loop."""
-    if name != "uvloop":
-        return
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        log.warning("uvloop is not installed; using asyncio's event loop")
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @click.group()
@@ -144,7 +130,6 @@ def node_run(
         toml_text=toml_text, env=os.environ, flags=flags, source=str(config_file or "config")
     )
     setup_logging(config.log_format, config.log_level)
-    new_event_loop_policy(event_loop)
 
     def announce(status: dict[str, Any]) -> None:
         sys.stdout.write(READY_PREFIX + json.dumps(status) + "\n")
@@ -153,7 +138,7 @@ def node_run(
     async def main() -> None:
         await StoreNode(config, on_ready=announce if ready_line else None).run()
 
-    asyncio.run(main())
+    run_async(main(), event_loop)
 
 
 @click.group()
@@ -296,7 +281,7 @@ def cluster_status(
                 rows.append(row)
         return rows
 
-    rows = asyncio.run(gather())
+    rows = run_async(gather())
     if not rows:
         raise UsageError(f"no cluster answered at {seed}")
     if as_json:

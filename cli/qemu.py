@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,38 +113,42 @@ def send(catalog: Path, to: str, compress: bool, backref_window: int, flow_windo
          connect_timeout: float, done_timeout: float, progress: bool,
          metrics_port: int | None, report_path: Path | None, log_level: str) -> None:
     """Read QEMU's migration stream on stdin, send it deduplicated to a receiver."""
-    from tmdht.client.migration import (  # noqa: PLC0415 - IO stack on demand
-        MigrationFailed,
-        MigrationMetrics,
-        SenderConfig,
-        run_sender,
-        write_report,
-    )
+    from tmdht.client.migration import SenderConfig, run_sender  # noqa: PLC0415
 
     _setup_logging(log_level)
     config = SenderConfig(catalog=catalog, to=_address(to, "--to"), compress=compress,
                           backref_window=backref_window, flow_window=parse_size(flow_window),
                           connect_timeout=connect_timeout, done_timeout=done_timeout)
+    _run_proxy("send", progress, metrics_port, report_path,
+               lambda metrics, update: run_sender(config, metrics=metrics, on_progress=update))
+
+
+def _run_proxy(role: str, progress: bool, metrics_port: int | None, report_path: Path | None,
+               start: Callable[[Any, Callable[..., None]], Coroutine[Any, Any, Any]]) -> None:
+    """Run one proxy, ``start(metrics, on_progress)``, with its metrics server and progress bar;
+    write its report (a failure's too) to ``report_path``."""
+    from tmdht.client.migration import (  # noqa: PLC0415 - IO stack on demand
+        MigrationFailed,
+        MigrationMetrics,
+        MigrationReport,
+        write_report,
+    )
+
     metrics = MigrationMetrics()
     server = _metrics_server(metrics_port, metrics)
     try:
-        with _progress(progress, "send") as update:
+        with _progress(progress, role) as update:
             try:
-                report = run_async(run_sender(config, metrics=metrics, on_progress=update))
+                report = run_async(start(metrics, update))
             except MigrationFailed as exc:
-                write_report(exc.report or _failed("send", str(exc)), report_path)
+                failed = MigrationReport(role, ok=False, error=str(exc))
+                write_report(exc.report or failed, report_path)
                 raise
         write_report(report, report_path)
     finally:
         if server is not None:
             server.shutdown()
             server.server_close()
-
-
-def _failed(role: str, error: str) -> Any:
-    from tmdht.client.migration import MigrationReport  # noqa: PLC0415
-
-    return MigrationReport(role, ok=False, error=error)
 
 
 @qemu.command()
@@ -175,12 +179,9 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
     """Accept a sender, rebuild QEMU's migration stream on stdout (resolving via the cluster)."""
     from tmdht.catalog import TemplateCatalog  # noqa: PLC0415
     from tmdht.client.migration import (  # noqa: PLC0415 - IO stack on demand
-        MigrationFailed,
-        MigrationMetrics,
         ReceiverConfig,
         run_receiver,
         save_report,
-        write_report,
     )
 
     _setup_logging(log_level)
@@ -190,24 +191,12 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
         expected_catalog_id=TemplateCatalog.load(catalog).catalog_id if catalog else None,
         ready_file=ready_file, accept_timeout=accept_timeout, resolve_batch=resolve_batch,
         resolve_parallel=resolve_parallel, resolve_timeout=resolve_timeout)
-    metrics = MigrationMetrics()
-    server = _metrics_server(metrics_port, metrics)
 
     def listening(address: tuple[str, int]) -> None:
         sys.stderr.write(f"READY {address[0]}:{address[1]}\n")
         sys.stderr.flush()
 
-    try:
-        with _progress(progress, "receive") as update:
-            try:
-                report = run_async(run_receiver(
-                    config, metrics=metrics, on_listening=listening, on_progress=update,
-                    on_verified=lambda r: save_report(r, report_path)))
-            except MigrationFailed as exc:
-                write_report(exc.report or _failed("receive", str(exc)), report_path)
-                raise
-        write_report(report, report_path)
-    finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+    _run_proxy("receive", progress, metrics_port, report_path,
+               lambda metrics, update: run_receiver(
+                   config, metrics=metrics, on_listening=listening, on_progress=update,
+                   on_verified=lambda r: save_report(r, report_path)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import time
@@ -15,7 +14,7 @@ from rich.table import Table
 from tmdht import __version__
 from tmdht.catalog import TemplateCatalog
 from tmdht.cli.access import cluster_options, store_kwargs
-from tmdht.cli.main import emit_json, human_bytes, parse_size, stdout
+from tmdht.cli.main import emit_json, human_bytes, parse_size, run_async, stdout
 from tmdht.cli.progress import page_progress
 from tmdht.images import open_image
 from tmdht.mining import ImageCoverage, MiningConfig, MiningResult, TemplateMiner
@@ -245,7 +244,7 @@ def publish_files(
             "pages_per_s": len(published) / seconds if seconds else 0.0,
         }
 
-    return asyncio.run(main())
+    return run_async(main())
 
 
 def _templates_in(

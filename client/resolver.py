@@ -148,7 +148,7 @@ class Resolver:
         self.silent_limit = silent_limit
         self.batch = dataplane.get_batch_size()
         self.window = dataplane.window
-        self.total = max(dataplane.window, 2 * dataplane.window)
+        self.total = dataplane.total_window
         self._in_flight: dict[Address, int] = collections.defaultdict(int)
         self._total_in_flight = 0
         self._queues: dict[Address, collections.deque[_Get]] = {}

@@ -34,6 +34,7 @@ class FakeDataPlane:
     def __init__(self, nodes: dict[Address, Node], *, window: int = 4, batch: int = 8) -> None:
         self.nodes = nodes
         self.window = window
+        self.total_window = 2 * window
         self.batch = batch
         self.attempts = 3
         self.closed = False

@@ -42,7 +42,7 @@ from tmdht.auth import AuthenticationError, Authenticator, ReplayError
 from tmdht.client.dataplane import Address, tune_socket_buffers
 from tmdht.errors import DecodeError, LimitExceededError, TmdhtError, UsageError
 from tmdht.node.metrics import NodeMetrics
-from tmdht.node.storage import PageStore, PutResult
+from tmdht.node.storage import PageSnapshot, PageStore, PutResult
 from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
 from tmdht.ratelimit import RateLimitConfig, SourceRateLimiter
 
@@ -193,11 +193,14 @@ class DataPlaneServer(asyncio.DatagramProtocol):
 
     # -- the read snapshot ---------------------------------------------------------------------
 
-    def _arm_snapshot_release(self) -> None:
-        """First use since the last release: end the snapshot ``snapshot_max_age`` from now."""
-        self._release_timer = asyncio.get_running_loop().call_later(
-            self._snapshot_max_age, self._release_snapshot
-        )
+    def _reading(self) -> PageSnapshot:
+        """The read snapshot for a request; its first use since the last release arms the timer
+        that ends it ``snapshot_max_age`` from now."""
+        if self._release_timer is None:
+            self._release_timer = asyncio.get_running_loop().call_later(
+                self._snapshot_max_age, self._release_snapshot
+            )
+        return self._snapshot
 
     def _release_snapshot(self) -> None:
         """End the read transaction (timer, drain); the next GET begins a new one."""
@@ -207,9 +210,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self._snapshot.release()
 
     def _end_snapshot(self) -> None:
-        if self._release_timer is not None:
-            self._release_timer.cancel()
-            self._release_timer = None
+        self._release_snapshot()
         self._snapshot.close()
 
     # -- requests ------------------------------------------------------------------------------
@@ -292,9 +293,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
 
     def _get_pages(self, msg: wire.GetPages, address: Address, arrived: float) -> None:
         digests = msg.digests
-        views = self._snapshot.views(digests)
-        if self._release_timer is None:
-            self._arm_snapshot_release()
+        views = self._reading().views(digests)
         found: list[tuple[PageDigest, ByteView]] = []
         missing: list[PageDigest] = []
         for digest, view in zip(digests, views, strict=True):
@@ -318,9 +317,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self._latency[wire.GetPages].observe(time.perf_counter() - arrived)
 
     def _has(self, msg: wire.Has, address: Address, arrived: float) -> None:
-        held = self._snapshot.has(msg.digests)
-        if self._release_timer is None:
-            self._arm_snapshot_release()
+        held = self._reading().has(msg.digests)
         self._request_pages[wire.Has].inc(len(msg.digests))
         self._send(
             address,

@@ -389,12 +389,8 @@ class PageSnapshot:
 
         As :meth:`PageReader.views`; the views are valid until the next call on this snapshot.
         """
-        store = self._store
-        if store is None:
-            raise UsageError("this page snapshot is closed")
         digests = _checked_keys(digests)
-        if self._txn is None or self._generation != store._generation:
-            self._begin(store)
+        store = self._current()
         if len(self._slabs) >= self._max_slabs:
             self._slabs.clear()  # bounded; refills with what is asked for now
         try:
@@ -405,18 +401,23 @@ class PageSnapshot:
 
     def has(self, digests: Sequence[bytes]) -> list[bool]:
         """For each digest, whether the store holds its page (index lookups only)."""
-        store = self._store
-        if store is None:
-            raise UsageError("this page snapshot is closed")
-        keys = [_digest_key(digest) for digest in digests]
-        if self._txn is None or self._generation != store._generation:
-            self._begin(store)
+        keys = _checked_keys(digests)
+        store = self._current()
         index_get = self._index_get
         try:
             return [index_get(key) is not None for key in keys]
         except lmdb.Error as exc:
             self.release()
             raise store._translate(exc, "looking up pages") from exc
+
+    def _current(self) -> PageStore:
+        """The store, with a transaction open on its latest committed state."""
+        store = self._store
+        if store is None:
+            raise UsageError("this page snapshot is closed")
+        if self._txn is None or self._generation != store._generation:
+            self._begin(store)
+        return store
 
     def _begin(self, store: PageStore) -> None:
         """(Re)open the transaction on the store's latest committed state."""

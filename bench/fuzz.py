@@ -124,6 +124,19 @@ def wire_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exceptio
     return seeds, run, DecodeError
 
 
+def _incremental(decoder: Callable[[], Any]) -> Callable[[bytes], object]:
+    """Run a fresh incremental decoder (feed, events, close) over one input."""
+
+    def run(data: bytes) -> object:
+        dec = decoder()
+        dec.feed(data)
+        events = list(dec.events())
+        dec.close()
+        return events
+
+    return run
+
+
 def dedup_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
     pool = _pages(6, 2)
     catalog = TemplateCatalog.from_digests([digest_page(p) for p in pool[:3]])
@@ -135,14 +148,7 @@ def dedup_target() -> tuple[list[bytes], Callable[[bytes], object], type[Excepti
         )
         seeds.append(enc.start() + enc.encode_pages(pages) + enc.finish())
 
-    def run(data: bytes) -> object:
-        dec = DedupDecoder()
-        dec.feed(data)
-        events = list(dec.events())
-        dec.close()
-        return events
-
-    return seeds, run, DecodeError
+    return seeds, _incremental(DedupDecoder), DecodeError
 
 
 def catalog_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
@@ -167,14 +173,7 @@ def qemu_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exceptio
     full = b"".join(out)
     seeds = [full, full[: len(full) // 2]]
 
-    def run(data: bytes) -> object:
-        parser = QemuStreamParser()
-        parser.feed(data)
-        events = list(parser.events())
-        parser.close()
-        return events
-
-    return seeds, run, DecodeError
+    return seeds, _incremental(QemuStreamParser), DecodeError
 
 
 def config_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from support.cluster import (
@@ -15,6 +14,7 @@ from support.cluster import (
     expected_replicas,
     holders,
     make_pages,
+    once_underway,
 )
 
 from tmdht.client.dataplane import DataPlaneClient
@@ -45,19 +45,7 @@ def test_sigkill_during_a_100k_get_many_then_all_replicas_gone(cluster: LocalClu
             print(f"published {N:,} pages x3 in {time.monotonic() - started:.1f} s")
 
             # Kill a node once the resolution is well under way (after ~1/5 of the answers).
-            dataplane: Any = store._dataplane
-            original = dataplane._on_datagram
-            underway = asyncio.Event()
-            seen = 0
-
-            def counting(data: bytes, addr: Any) -> None:
-                nonlocal seen
-                seen += 1
-                if seen == N // 7 // 5:  # ~7 pages per answer datagram
-                    underway.set()
-                original(data, addr)
-
-            dataplane._on_datagram = counting
+            underway = once_underway(store, after=N // 7 // 5)  # ~7 pages per answer datagram
             victim = 2
             resolving = asyncio.create_task(store.get_many(digests))
             await asyncio.wait_for(underway.wait(), 60)

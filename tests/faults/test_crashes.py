@@ -8,7 +8,6 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from faults.faultlib import placed
@@ -19,6 +18,7 @@ from support.cluster import (
     expected_replicas,
     make_pages,
     metric,
+    once_underway,
     scrape,
 )
 
@@ -43,24 +43,6 @@ def run(coro: object, timeout: float = 150) -> object:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     with LocalCluster(tmp_path_factory.mktemp("crashes"), 4, extra_args=ARGS) as c:
         yield c
-
-
-def once_underway(store: TemplateStoreClient, after: int) -> asyncio.Event:
-    """An event set once the store's data-plane client has received ``after`` datagrams."""
-    dataplane: Any = store._dataplane
-    original = dataplane._on_datagram
-    underway = asyncio.Event()
-    seen = 0
-
-    def counting(data: bytes, addr: Any) -> None:
-        nonlocal seen
-        seen += 1
-        if seen == after:
-            underway.set()
-        original(data, addr)
-
-    dataplane._on_datagram = counting
-    return underway
 
 
 async def publish(

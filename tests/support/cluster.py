@@ -6,12 +6,13 @@ import asyncio
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tmdht.auth import Authenticator, ClusterKey, KeyRing, load_key
 from tmdht.client.dataplane import DataPlaneClient
+from tmdht.client.store import TemplateStoreClient
 from tmdht.node.local import LocalCluster
 from tmdht.pages import digest_page
 from tmdht.placement import replica_indices
@@ -94,3 +95,21 @@ def metric(
     samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
 ) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def once_underway(store: TemplateStoreClient, after: int) -> asyncio.Event:
+    """An event set once the store's data-plane client has received ``after`` datagrams."""
+    dataplane: Any = store._dataplane
+    original = dataplane._on_datagram
+    underway = asyncio.Event()
+    seen = 0
+
+    def counting(data: bytes, addr: Any) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == after:
+            underway.set()
+        original(data, addr)
+
+    dataplane._on_datagram = counting
+    return underway

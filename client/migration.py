@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tmdht.catalog import TemplateCatalog
 from tmdht.errors import DecodeError, IntegrityError, TmdhtError
+from tmdht.files import atomic_write
 from tmdht.migration_stream import (
     Ack,
     Done,
@@ -626,9 +627,7 @@ def write_report(report: MigrationReport, path: Path | None) -> None:
 def save_report(report: MigrationReport, path: Path | None) -> None:
     """Write the JSON report (atomically: readers never see half of it)."""
     if path is not None:
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
-        partial.replace(path)
+        atomic_write(path, json.dumps(report.to_json(), indent=2) + "\n", durable=False)
 
 
 def serve_metrics(port: int, metrics: MigrationMetrics, host: str = "127.0.0.1") -> Any:

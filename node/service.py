@@ -29,6 +29,7 @@ from tmdht.auth import Authenticator, ClusterKey, keyring_from, parse_cluster_ke
 from tmdht.client.dataplane import DataPlaneClient
 from tmdht.config import NodeConfig
 from tmdht.errors import ConfigError, TmdhtError
+from tmdht.files import atomic_write
 from tmdht.node.dataplane import DataPlaneServer
 from tmdht.node.http import HealthServer
 from tmdht.node.metrics import NodeMetrics
@@ -369,6 +370,4 @@ class StoreNode:
         path = self.config.status_file
         if path is None:
             return
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.status()) + "\n")
-        tmp.replace(path)
+        atomic_write(path, json.dumps(self.status()) + "\n", durable=False)

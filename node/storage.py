@@ -67,6 +67,7 @@ from tmdht.errors import (
     UnknownFormatError,
     UsageError,
 )
+from tmdht.files import fsync_dir
 from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST, ByteView, digest_page
 
 if TYPE_CHECKING:
@@ -239,15 +240,6 @@ def _page_view(page: object) -> memoryview | None:
 def _is_out_of_space(exc: lmdb.Error) -> bool:
     """True when LMDB failed for lack of room (its map, the disk, a quota, a file size limit)."""
     return isinstance(exc, lmdb.MapFullError | lmdb.DiskError) or (exc.code in _OUT_OF_SPACE_ERRNOS)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _partial_key(used: int, slab_id: int) -> bytes:
@@ -557,8 +549,8 @@ class PageStore:
             if created:
                 # LMDB syncs its files, not the directory entries naming them: without this a
                 # power loss right after creation could lose the whole (acknowledged) store.
-                _fsync_dir(key)
-                _fsync_dir(key.parent)
+                fsync_dir(key)
+                fsync_dir(key.parent)
             return cls(env, key, capacity_bytes, found_slab_pages, dbs)
         except BaseException as exc:
             if env is not None:

@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from tmdht.cli.access import cluster_options, store_kwargs
+from tmdht.cli.access import cluster_access, cluster_options
 from tmdht.cli.main import emit_json, run_async, stdout
 from tmdht.errors import UsageError
 
@@ -39,8 +39,8 @@ def get(
         raise UsageError("a digest is 64 hex characters")
 
     async def main() -> tuple[list[dict[str, Any]], dict[bytes, bytes]]:
-        async with TemplateStoreClient(
-            **store_kwargs(seeds, cluster_key_file, insecure_open)
+        async with TemplateStoreClient.connect(
+            cluster_access(seeds, cluster_key_file, insecure_open)
         ) as store:
             found, _ = await store.resolve(wanted)
             rows = []

@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from tmdht.cli.access import cluster_options, store_kwargs
+from tmdht.cli.access import cluster_access, cluster_options
 from tmdht.cli.main import parse_size, run_async, stderr
 from tmdht.config import parse_address
 from tmdht.errors import ConfigError, UsageError
@@ -185,7 +185,7 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
     )
 
     _setup_logging(log_level)
-    store = None if no_cluster else store_kwargs(seeds, cluster_key_file, insecure_open)
+    store = None if no_cluster else cluster_access(seeds, cluster_key_file, insecure_open)
     config = ReceiverConfig(
         listen=_address(listen, "--listen", any_port=True), store=store,
         expected_catalog_id=TemplateCatalog.load(catalog).catalog_id if catalog else None,

@@ -32,11 +32,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tmdht.catalog import TemplateCatalog
+from tmdht.client.errors import MigrationFailed
 from tmdht.errors import DecodeError, IntegrityError, TmdhtError
 from tmdht.files import atomic_write
 from tmdht.migration_stream import (
@@ -49,6 +50,10 @@ from tmdht.migration_stream import (
     SenderRewriter,
     encode,
 )
+
+if TYPE_CHECKING:
+    from tmdht.client.store import TemplateStoreClient
+    from tmdht.net.credentials import ClusterAccess
 
 __all__ = [
     "MigrationFailed",
@@ -64,14 +69,6 @@ log = logging.getLogger("tmdht.migration")
 
 CHUNK = 256 << 10
 RESOLVE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-
-class MigrationFailed(TmdhtError):
-    """The migration through the proxies failed (the other side, the stream, or verification)."""
-
-    def __init__(self, message: str, report: MigrationReport | None = None) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 # -- metrics and reports -----------------------------------------------------------------------
@@ -202,8 +199,8 @@ class ReceiverConfig:
 
     listen: tuple[str, int]
     """Address to listen on for the sender (port 0: any free port)."""
-    store: dict[str, Any] | None
-    """Arguments of TemplateStoreClient (None: no cluster, every template from the sender)."""
+    store: ClusterAccess | None
+    """The cluster to resolve templates through (None: every template from the sender)."""
     expected_catalog_id: bytes | None = None
     """Refuse a sender that used another catalog."""
     ready_file: Path | None = None
@@ -441,15 +438,15 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
     if config.ready_file is not None:
         with open(config.ready_file, "w", encoding="utf-8") as ready:
             ready.write(f"READY {address[0]}:{address[1]}\n")
-    store: Any = None
-    store_task: asyncio.Task[Any] | None = None
+    store: TemplateStoreClient | None = None
+    store_task: asyncio.Task[None] | None = None
     out = _PipeOut(stdout_fd)
     wan: _Wan | None = None
     started = time.monotonic()
     tasks: set[asyncio.Task[Any]] = set()
     try:
         if config.store is not None:
-            store = TemplateStoreClient(**config.store, registry=metrics.registry)
+            store = TemplateStoreClient.connect(config.store, registry=metrics.registry)
             store_task = asyncio.create_task(store.start())
         loop = asyncio.get_running_loop()
         try:
@@ -462,7 +459,7 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
         reader, writer = await asyncio.open_connection(sock=conn)
         wan = _Wan(reader, writer, report, metrics)
         await out.open()
-        if store_task is not None:
+        if store is not None and store_task is not None:
             try:
                 await store_task
             except (TmdhtError, OSError) as exc:
@@ -520,7 +517,7 @@ def _fill_receiver_report(report: MigrationReport, rebuilder: ReceiverRebuilder,
 
 
 async def _receive(config: ReceiverConfig, rebuilder: ReceiverRebuilder, wan: _Wan,
-                   out: _PipeOut, store: Any, report: MigrationReport,
+                   out: _PipeOut, store: TemplateStoreClient | None, report: MigrationReport,
                    metrics: MigrationMetrics, tasks: set[asyncio.Task[Any]],
                    on_progress: Callable[[int], None] | None,
                    on_verified: Callable[[], None]) -> None:

@@ -39,8 +39,9 @@ from typing import Any, cast
 
 from tmdht import wire
 from tmdht.auth import AuthenticationError, Authenticator, ReplayError
-from tmdht.client.dataplane import Address, tune_socket_buffers
+from tmdht.aio.sockets import SocketBuffers, open_udp_socket
 from tmdht.errors import DecodeError, LimitExceededError, TmdhtError, UsageError
+from tmdht.net.address import Address
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
 from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
@@ -118,7 +119,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self.metrics = metrics
         self.node_info = node_info
         self.clock = clock
-        self.buffers = (0, 0)
+        self.buffers = SocketBuffers(0, 0, 0, None)
         self.limiter = SourceRateLimiter(rate_limit)
         self._snapshot = store.snapshot()
         self._snapshot_max_age = snapshot_max_age
@@ -146,11 +147,12 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         """Bind ``host:port`` (0: any free port) and serve."""
         server = cls(**kw)
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.bind((host, port))
-            server.buffers = tune_socket_buffers(sock)
-            sock.setblocking(False)
+            sock, server.buffers = open_udp_socket(host, port)
+        except BaseException:
+            server._end_snapshot()
+            raise
+        try:
             await loop.create_datagram_endpoint(lambda: server, sock=sock)
         except BaseException:
             sock.close()

@@ -32,7 +32,7 @@ from prometheus_client.utils import floatToGoString
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from tmdht.node.overlay import OverlayStats
+    from tmdht.aio.overlay import OverlayStats
 
 __all__ = [
     "LoopCounter",

@@ -29,27 +29,23 @@ from dataclasses import dataclass
 from typing import Final
 
 from tmdht import wire
-from tmdht.client.dataplane import Address, DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.net.address import Address
+from tmdht.net.membership import Member
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageStore
 from tmdht.placement import replica_indices
 
-__all__ = ["Replicator", "SweepReport", "Target"]
+__all__ = ["Replicator", "SweepReport"]
 
 log = logging.getLogger("tmdht.node.replication")
 
 CHUNK: Final = 1024
 """Digests examined per step of a sweep."""
+PUSH_BATCH: Final = 256
+"""Pages read from the store and PUT to a replica per step (bounds memory and each burst)."""
 FRESH_DELAY: Final = 1.0
 """Seconds between a client's PUT and the check that its pages are on their replicas."""
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A member as placement sees it."""
-
-    node_id: bytes
-    data_address: Address
 
 
 @dataclass
@@ -74,7 +70,7 @@ class Replicator:
         store: PageStore,
         client: DataPlaneClient,
         self_id: bytes,
-        members: Callable[[], Sequence[Target]],
+        members: Callable[[], Sequence[Member]],
         replicas: int,
         rate: int,
         interval: float,
@@ -231,8 +227,8 @@ class Replicator:
         held = set(has.held)
         lacking = sorted(has.lacking)
         copied = 0
-        for start in range(0, len(lacking), 256):
-            batch = lacking[start : start + 256]
+        for start in range(0, len(lacking), PUSH_BATCH):
+            batch = lacking[start : start + PUSH_BATCH]
             pages = self.store.get_many(batch)
             items = [(d, p) for d, p in zip(batch, pages, strict=True) if p is not None]
             outcome = await self.client.put_pages(address, items)

@@ -21,69 +21,31 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from tmdht import __version__, wire
-from tmdht.auth import Authenticator, ClusterKey, keyring_from, parse_cluster_keys
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.aio.overlay import Overlay
+from tmdht.aio.tasks import TaskSet
 from tmdht.config import NodeConfig
-from tmdht.errors import ConfigError, TmdhtError
+from tmdht.errors import OverlayError, TmdhtError
 from tmdht.files import atomic_write
+from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterCredentials
+from tmdht.net.membership import Member, MembershipEventKind
+from tmdht.net.overlay import OverlayConfig
 from tmdht.node.dataplane import DataPlaneServer
 from tmdht.node.http import HealthServer
 from tmdht.node.metrics import NodeMetrics
-from tmdht.node.overlay import MembershipEventKind, Overlay, OverlayConfig, OverlayError
-from tmdht.node.replication import Replicator, Target
+from tmdht.node.replication import Replicator
 from tmdht.node.storage import PageStore
 from tmdht.ratelimit import RateLimitConfig
 
-__all__ = ["CLUSTER_KEY_ENV", "StoreNode", "load_cluster_key", "load_cluster_keys"]
+__all__ = ["DRAIN_TIMEOUT", "StoreNode"]
 
 log = logging.getLogger("tmdht.node")
 
-CLUSTER_KEY_ENV = "TMDHT_CLUSTER_KEY"
 DRAIN_TIMEOUT = 10.0
-
-
-def load_cluster_keys(
-    config: NodeConfig, env: dict[str, str] | None = None
-) -> list[ClusterKey] | None:
-    """The cluster keys from ``cluster_key_file`` or $TMDHT_CLUSTER_KEY; None only if open.
-
-    The first key is the one the node sends with; every key listed is accepted (a rotation, see
-    :func:`tmdht.auth.parse_cluster_keys`). Raises ConfigError when there is no key and the node
-    was not told to run open.
-    """
-    env = dict(os.environ) if env is None else env
-    if config.cluster_key_file is not None:
-        try:
-            text = config.cluster_key_file.read_text()
-        except OSError as exc:
-            raise ConfigError(
-                f"cluster key file {config.cluster_key_file}: {exc.strerror}"
-            ) from None
-        try:
-            return parse_cluster_keys(text)
-        except ConfigError as exc:
-            raise ConfigError(f"cluster key file {config.cluster_key_file}: {exc}") from None
-    if env.get(CLUSTER_KEY_ENV):
-        try:
-            return parse_cluster_keys(env[CLUSTER_KEY_ENV])
-        except ConfigError as exc:
-            raise ConfigError(f"${CLUSTER_KEY_ENV}: {exc}") from None
-    if config.insecure_open:
-        return None
-    raise ConfigError(
-        "no cluster key: set cluster_key_file or $TMDHT_CLUSTER_KEY "
-        "(or insecure_open = true for local development only)"
-    )
-
-
-def load_cluster_key(config: NodeConfig, env: dict[str, str] | None = None) -> bytes | None:
-    """The secret of the key the node sends with (see :func:`load_cluster_keys`)."""
-    keys = load_cluster_keys(config, env)
-    return None if keys is None else keys[0].secret
 
 
 class StoreNode:
@@ -93,27 +55,28 @@ class StoreNode:
         self,
         config: NodeConfig,
         *,
-        env: dict[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
         on_ready: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         """``on_ready(status)`` is called once every part runs (e.g. to print a READY line)."""
         self.config = config
         self._on_ready = on_ready
         self.metrics = NodeMetrics()
-        self._keys = load_cluster_keys(config, env)
-        self._key = None if self._keys is None else self._keys[0].secret
-        self.auth = (
-            Authenticator.open_mode()
-            if self._keys is None
-            else Authenticator.keyed(keyring_from(self._keys))
+        self.credentials = ClusterCredentials.load(
+            key_file=config.cluster_key_file,
+            env=os.environ if env is None else env,
+            insecure_open=config.insecure_open,
+            how=f"set cluster_key_file or ${CLUSTER_KEY_ENV} "
+            "(or insecure_open = true for local development only)",
         )
+        self.auth = self.credentials.authenticator()
         self.store: PageStore | None = None
         self.dataplane: DataPlaneServer | None = None
         self.overlay: Overlay | None = None
         self.client: DataPlaneClient | None = None
         self.replicator: Replicator | None = None
         self.http: HealthServer | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log, on_failure=self._task_failed)
         self._ready = False
         self._stopped = asyncio.Event()
         self._started_at = time.time()
@@ -130,13 +93,14 @@ class StoreNode:
     async def start(self) -> None:
         """Start every part; on failure, stop what was started and re-raise."""
         cfg = self.config
-        if self._keys is None:
+        keys = self.credentials.keys
+        if not keys:
             log.warning("RUNNING OPEN: cluster traffic is NOT authenticated (insecure_open = true)")
-        elif len(self._keys) > 1:
+        elif len(keys) > 1:
             log.info(
                 "key rotation: sending with key id %d, also accepting key ids %s",
-                self._keys[0].key_id,
-                ", ".join(str(k.key_id) for k in self._keys[1:]),
+                keys[0].key_id,
+                ", ".join(str(k.key_id) for k in keys[1:]),
             )
         try:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -168,8 +132,8 @@ class StoreNode:
                     metrics_port=self.http.port,
                     rpc_timeout=cfg.rpc_timeout,
                     refresh_interval=cfg.refresh_interval,
-                    cluster_key=self._key,
-                    accepted_cluster_keys=tuple(k.secret for k in (self._keys or [])[1:]),
+                    cluster_key=self.credentials.overlay_key,
+                    accepted_cluster_keys=self.credentials.accepted_overlay_keys,
                 )
             )
             self.client = await DataPlaneClient.open(
@@ -179,7 +143,7 @@ class StoreNode:
                 store=self.store,
                 client=self.client,
                 self_id=self.overlay.node_id,
-                members=self._targets,
+                members=self._members,
                 replicas=cfg.replicas,
                 rate=cfg.replication_rate,
                 interval=cfg.replication_interval,
@@ -210,20 +174,12 @@ class StoreNode:
             await self.stop()
             raise
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Start an owned background task; a crash is logged and stops the node."""
-        task = asyncio.create_task(coro, name=f"tmdht-{name}")
-        self._tasks.add(task)
+        self._tasks.spawn(coro, f"tmdht-{name}")
 
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error(
-                    "background task %s failed: %r", name, t.exception(), exc_info=t.exception()
-                )
-                self._stopped.set()
-
-        task.add_done_callback(done)
+    def _task_failed(self, name: str, exc: BaseException) -> None:
+        self._stopped.set()
 
     async def stop(self) -> None:
         """Graceful shutdown (idempotent)."""
@@ -231,10 +187,7 @@ class StoreNode:
         self.metrics.ready.set(0)
         if self.dataplane is not None:
             await self.dataplane.drain(DRAIN_TIMEOUT)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self.overlay is not None:
             await self.overlay.stop()
             self.overlay = None
@@ -294,10 +247,8 @@ class StoreNode:
             except OverlayError:  # RpcTimeoutError, UnknownPeerError: try again / give up
                 continue
 
-    def _targets(self) -> list[Target]:
-        if self.overlay is None:
-            return []
-        return [Target(m.node_id, m.data_address) for m in self.overlay.members()]
+    def _members(self) -> list[Member]:
+        return [] if self.overlay is None else self.overlay.members()
 
     async def _watch_membership(self) -> None:
         assert self.overlay is not None and self.replicator is not None

@@ -17,7 +17,7 @@ from support.cluster import (
     once_underway,
 )
 
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.client.store import PagesUnavailable, TemplateStoreClient
 from tmdht.node.local import LocalCluster
 

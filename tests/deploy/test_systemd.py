@@ -156,8 +156,8 @@ def test_sample_config_is_accepted(
 
 
 def test_sysctl_lets_sockets_get_the_buffers_they_ask_for() -> None:
-    from tmdht.client.dataplane import SOCKET_BUFFER
-    from tmdht.node.overlay import OverlayConfig
+    from tmdht.aio.sockets import SOCKET_BUFFER
+    from tmdht.net.overlay import OverlayConfig
 
     values = {}
     for raw in SYSCTL.read_text().splitlines():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from support.cluster import eventually, expected_replicas, holders
 
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.node.local import LocalCluster
 
 _SS_LINE = re.compile(r"^\S+\s+\d+\s+\d+\s+\S*:(\d+)\s+.*pid=(\d+),")

@@ -15,10 +15,12 @@ import pytest
 from support.cluster import FAST_NODE_ARGS, eventually, holders, make_pages, metric, scrape
 
 from tmdht import wire
+from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.aio.overlay import Overlay
 from tmdht.auth import Authenticator, ClusterKey, KeyRing, keyring_from, parse_cluster_keys
-from tmdht.client.dataplane import DataPlaneClient, NodeUnreachableError
+from tmdht.errors import NodeUnreachableError
+from tmdht.net.overlay import OverlayConfig
 from tmdht.node.local import LocalCluster
-from tmdht.node.overlay import Overlay, OverlayConfig
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ from support.cluster import (
 )
 
 from tmdht import wire
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.client.store import TemplateStoreClient
 from tmdht.node.local import LocalCluster
 from tmdht.node.storage import PageStore

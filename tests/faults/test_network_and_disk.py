@@ -13,7 +13,7 @@ from faults.faultlib import Partition, Tmpfs, placed
 from support.cluster import FAST_NODE_ARGS, cluster_auth, eventually, make_pages, metric, scrape
 
 from tmdht import wire
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.client.store import TemplateStoreClient
 from tmdht.node.local import LocalCluster
 

@@ -17,7 +17,7 @@ from support.cluster import (
 )
 
 from tmdht import wire
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.node.local import LocalCluster
 
 pytestmark = pytest.mark.slow

@@ -34,6 +34,7 @@ __all__ = [
     "MembershipEventKind",
     "PeerBook",
     "RoutingTable",
+    "node_log",
     "short_id",
 ]
 
@@ -127,6 +128,11 @@ class _NodeLog(logging.LoggerAdapter[logging.Logger]):
         return f"[{self.extra['node'] if self.extra else '?'}] {msg}", kwargs
 
 
+def node_log(logger: logging.Logger, node_id: bytes) -> logging.LoggerAdapter[logging.Logger]:
+    """``logger`` with every message prefixed by ``[short id]`` of the node it speaks for."""
+    return _NodeLog(logger, {"node": short_id(node_id)})
+
+
 @dataclass(slots=True)
 class _Peer:
     """What the book knows about one contact."""
@@ -190,7 +196,7 @@ class PeerBook:
         """
         self.self_id = self_id
         self._authenticated = authenticated
-        self._log = _NodeLog(log, {"node": short_id(self_id)})
+        self._log = node_log(log, self_id)
         self.router = router
         self._max_failures = max_failures
         self._silence_timeout = silence_timeout
@@ -420,5 +426,3 @@ class PeerBook:
 def short_id(node_id: bytes) -> str:
     """The first 12 hex digits of a node id, for logs."""
     return node_id.hex()[:12]
-
-

@@ -392,5 +392,3 @@ def sender_id(args: tuple[Any, ...], count: int) -> bytes:
     if sender == NO_ID:
         return NO_ID
     return check_node_id(sender, "sender id")
-
-

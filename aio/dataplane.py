@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from tmdht import wire
 from tmdht.aio.sockets import SocketBuffers, open_udp_socket
@@ -25,6 +25,7 @@ from tmdht.errors import NodeUnreachableError, TmdhtError
 from tmdht.net.address import Address
 from tmdht.net.engine import (
     EngineConfig,
+    EngineSettings,
     EngineStats,
     Fetch,
     GetResult,
@@ -64,26 +65,15 @@ class DataPlaneClient:
         self,
         auth: Authenticator,
         *,
-        max_datagram: int = 32768,
-        timeout: float = 0.25,
-        attempts: int = 4,
-        window: int = 16,
-        hedge_after: float = 0.05,
-        avoid_for: float = 5.0,
         clock: Callable[[], float] = time.time,
         on_node_failed: Callable[[Address], None] | None = None,
+        **settings: Unpack[EngineSettings],
     ) -> None:
-        """See :class:`~tmdht.net.engine.EngineConfig` for the settings. ``clock`` is the wall
-        clock stamped on datagrams; ``on_node_failed(address)`` hears of every node the engine
-        reports failed (e.g. to probe it, then :meth:`reinstate` it)."""
-        self.config = EngineConfig(
-            max_datagram=max_datagram,
-            timeout=timeout,
-            attempts=attempts,
-            window=window,
-            hedge_after=hedge_after,
-            avoid_for=avoid_for,
-        )
+        """``settings`` are :class:`~tmdht.net.engine.EngineConfig`'s (timeout, attempts,
+        window, ...). ``clock`` is the wall clock stamped on datagrams; ``on_node_failed(address)``
+        hears of every node the engine reports failed (e.g. to probe it, then :meth:`reinstate`
+        it)."""
+        self.config = EngineConfig(**settings)
         self.engine = RequestEngine(auth, self.config, wall_clock=clock)
         self.on_node_failed = on_node_failed
         self.buffers = SocketBuffers(0, 0, 0, None)
@@ -95,10 +85,16 @@ class DataPlaneClient:
 
     @classmethod
     async def open(
-        cls, auth: Authenticator, *, host: str = "0.0.0.0", **kw: Any
+        cls,
+        auth: Authenticator,
+        *,
+        host: str = "0.0.0.0",
+        clock: Callable[[], float] = time.time,
+        on_node_failed: Callable[[Address], None] | None = None,
+        **settings: Unpack[EngineSettings],
     ) -> DataPlaneClient:
         """Bind a UDP socket on ``host`` (any port; all interfaces by default), ready to use."""
-        client = cls(auth, **kw)
+        client = cls(auth, clock=clock, on_node_failed=on_node_failed, **settings)
         loop = asyncio.get_running_loop()
         sock, client.buffers = open_udp_socket(host)
         try:

@@ -176,7 +176,7 @@ class NodeLookup(NodeSpiderCrawl):  # type: ignore[misc, unused-ignore]
         return await self.find()
 
 
-RequestHandler = Callable[[Address, tuple[Any, ...]], object]
+RequestHandler = Callable[[Address, tuple[object, ...]], object]
 """Answers one request synchronously; raises DecodeError if the arguments are bad."""
 
 
@@ -237,7 +237,7 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
         # Bounding outstanding calls bounds the replies that can arrive at once, so they fit in
         # the receive buffer even when the event loop is busy for a while.
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._outstanding: dict[bytes, asyncio.Future[Any]] = {}
+        self._outstanding: dict[bytes, asyncio.Future[object]] = {}
         self._closed = asyncio.get_running_loop().create_future()
         self.stats = ProtocolStats()
 
@@ -309,7 +309,7 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
             self.transport.sendto(encode_response(request.msg_id, value, self._tag_key), addr)
             self.stats.requests_answered += 1
 
-    async def call(self, addr: Address, method: str, args: Sequence[object]) -> Any:
+    async def call(self, addr: Address, method: str, args: Sequence[object]) -> object:
         """Send one request and return the decoded answer (unvalidated).
 
         Raises :class:`RpcTimeoutError` if no answer comes within the RPC timeout (counted from
@@ -321,7 +321,7 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
                 raise OverlayClosedError("overlay is stopped")
             msg_id = os.urandom(ID_SIZE)
             datagram = encode_request(msg_id, method, args, self._tag_key)
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
             self._outstanding[msg_id] = future
             self.stats.in_flight_peak = max(self.stats.in_flight_peak, len(self._outstanding))
             try:

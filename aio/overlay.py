@@ -468,18 +468,18 @@ class Overlay:
 
     # -- requests we answer (synchronously, from datagram_received) -------------------------
 
-    def _rpc_ping(self, addr: Address, args: tuple[Any, ...]) -> bytes:
+    def _rpc_ping(self, addr: Address, args: tuple[object, ...]) -> bytes:
         self._heard(sender_id(args, 1), addr)
         return self.node_id
 
-    def _rpc_find_node(self, addr: Address, args: tuple[Any, ...]) -> list[list[object]]:
+    def _rpc_find_node(self, addr: Address, args: tuple[object, ...]) -> list[list[object]]:
         sender = sender_id(args, 2)
         target = check_node_id(args[1], "find_node key")
         self._heard(sender, addr)
         neighbors = self._book.neighbors(target, self.config.ksize, exclude=sender)
         return [[node.id, node.ip, node.port] for node in neighbors]
 
-    def _rpc_node_info(self, addr: Address, args: tuple[Any, ...]) -> dict[str, object]:
+    def _rpc_node_info(self, addr: Address, args: tuple[object, ...]) -> dict[str, object]:
         self._heard(sender_id(args, 1), addr)
         info = PeerInfo(
             node_id=self.node_id,
@@ -502,7 +502,7 @@ class Overlay:
 
     async def _call(
         self, expected: bytes | None, addr: Address, method: str, args: Sequence[object]
-    ) -> Any:
+    ) -> object:
         if self._protocol is None:
             raise OverlayClosedError("overlay not started")
         try:

@@ -21,6 +21,7 @@ from tmdht.net.address import format_address
 
 if TYPE_CHECKING:
     from tmdht.client.store import MemberStatus
+    from tmdht.node.service import NodeStatus
 
 
 class JsonFormatter(logging.Formatter):
@@ -111,7 +112,7 @@ def node_run(
     ready_line: bool,
     seeds: tuple[str, ...],
     event_loop: str,
-    **flags: Any,
+    **flags: object,
 ) -> None:
     """Run a store node until SIGTERM or SIGINT."""
     from tmdht.node.local import READY_PREFIX  # noqa: PLC0415 - keep `tmdht --help` light
@@ -130,7 +131,7 @@ def node_run(
     )
     setup_logging(config.log_format, config.log_level)
 
-    def announce(status: dict[str, Any]) -> None:
+    def announce(status: NodeStatus) -> None:
         sys.stdout.write(READY_PREFIX + json.dumps(status) + "\n")
         sys.stdout.flush()
 

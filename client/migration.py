@@ -52,6 +52,8 @@ from tmdht.migration_stream import (
 )
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
     from tmdht.client.store import TemplateStoreClient
     from tmdht.net.credentials import ClusterAccess
 
@@ -145,7 +147,7 @@ class MigrationReport:
     def wan_bytes(self) -> int:
         return self.wan_sent_bytes + self.wan_received_bytes
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         doc = asdict(self)
         doc["wan_bytes"] = self.wan_bytes
         doc["qemu_bytes"] = self.counts.qemu_bytes
@@ -627,7 +629,9 @@ def save_report(report: MigrationReport, path: Path | None) -> None:
         atomic_write(path, json.dumps(report.to_json(), indent=2) + "\n", durable=False)
 
 
-def serve_metrics(port: int, metrics: MigrationMetrics, host: str = "127.0.0.1") -> Any:
+def serve_metrics(
+    port: int, metrics: MigrationMetrics, host: str = "127.0.0.1"
+) -> WSGIServer | None:
     """Serve /metrics on ``port`` (0: any) from a thread; returns the server (call shutdown())."""
     from prometheus_client import start_http_server  # noqa: PLC0415
 

@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from prometheus_client import CollectorRegistry
 
@@ -53,10 +53,12 @@ from tmdht.placement import replica_rows
 __all__ = [
     "BlockingTemplateStoreClient",
     "ClientMetrics",
+    "ClientOptions",
     "MemberStatus",
     "PagesUnavailable",
     "PublishFailed",
     "PutSummary",
+    "StoreOptions",
     "TemplateStoreClient",
 ]
 
@@ -65,6 +67,29 @@ log = logging.getLogger("tmdht.client")
 T = TypeVar("T")
 HEALTH_TIMEOUT = 2.0
 """Seconds to wait for a member's /readyz in :meth:`TemplateStoreClient.cluster_status`."""
+
+
+class StoreOptions(TypedDict, total=False):
+    """:class:`TemplateStoreClient`'s settings as keyword arguments (see its constructor)."""
+
+    replicas: int
+    host: str
+    max_datagram: int
+    timeout: float
+    attempts: int
+    window: int
+    hedge_after: float
+    avoid_for: float
+    cache_pages: int
+    registry: CollectorRegistry | None
+
+
+class ClientOptions(StoreOptions, total=False):
+    """The settings and how the cluster's keys are given (see :class:`TemplateStoreClient`)."""
+
+    cluster_key: bytes | str | None
+    open_mode: bool
+    credentials: ClusterCredentials | None
 
 
 @dataclass
@@ -170,9 +195,9 @@ class TemplateStoreClient:
         self._tasks = TaskSet(log)
 
     @classmethod
-    def connect(cls, access: ClusterAccess, **kw: Any) -> TemplateStoreClient:
+    def connect(cls, access: ClusterAccess, **options: Unpack[StoreOptions]) -> TemplateStoreClient:
         """A client of the cluster ``access`` names (start it, or use ``async with``)."""
-        return cls(access.seeds, credentials=access.credentials, **kw)
+        return cls(access.seeds, credentials=access.credentials, **options)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -358,7 +383,9 @@ class TemplateStoreClient:
         dataplane = self._running()
         rows = self._replica_lists(list(digests))
         nodes = list({m.node_id: m for row in rows for m in row}.values())
-        answers = await asyncio.gather(*(dataplane.has(m.data_address, list(digests)) for m in nodes))
+        answers = await asyncio.gather(
+            *(dataplane.has(m.data_address, list(digests)) for m in nodes)
+        )
         held = {m.node_id: a.held for m, a in zip(nodes, answers, strict=True)}
         return [
             [(m.node_id, d in held[m.node_id]) for m in row]
@@ -468,7 +495,7 @@ def _fetch_health(host: str, port: int) -> str:
 class BlockingTemplateStoreClient:
     """The same client for callers without an event loop: a loop runs on a thread it owns."""
 
-    def __init__(self, seeds: Sequence[Address], **kw: Any) -> None:
+    def __init__(self, seeds: Sequence[Address], **kw: Unpack[ClientOptions]) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="tmdht-client", daemon=True

@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 from tmdht import __version__, wire
 from tmdht.aio.dataplane import DataPlaneClient
@@ -41,11 +41,26 @@ from tmdht.node.replication import Replicator
 from tmdht.node.storage import PageStore
 from tmdht.ratelimit import RateLimitConfig
 
-__all__ = ["DRAIN_TIMEOUT", "StoreNode"]
+__all__ = ["DRAIN_TIMEOUT", "NodeStatus", "StoreNode"]
 
 log = logging.getLogger("tmdht.node")
 
 DRAIN_TIMEOUT = 10.0
+
+
+class NodeStatus(TypedDict):
+    """Where a running node listens and who it is: its status file, its READY line."""
+
+    node_id: str
+    """160-bit node id, hex."""
+    pid: int
+    kademlia: tuple[str, int]
+    """(host, port) of its Kademlia socket."""
+    data: tuple[str, int]
+    """(host, port) of its data plane."""
+    metrics: tuple[str, int]
+    """(host, port) of its /metrics, /healthz and /readyz."""
+    version: str
 
 
 class StoreNode:
@@ -56,7 +71,7 @@ class StoreNode:
         config: NodeConfig,
         *,
         env: Mapping[str, str] | None = None,
-        on_ready: Callable[[dict[str, Any]], None] | None = None,
+        on_ready: Callable[[NodeStatus], None] | None = None,
     ) -> None:
         """``on_ready(status)`` is called once every part runs (e.g. to print a READY line)."""
         self.config = config
@@ -279,8 +294,8 @@ class StoreNode:
         m.watch_overlay(lambda: self.overlay.stats() if self.overlay is not None else None)
         m.routing_table.set_function(of_overlay(lambda o: o.stats().routing_contacts))
 
-    def _health(self) -> tuple[bool, dict[str, Any]]:
-        details: dict[str, Any] = {"uptime_seconds": round(time.time() - self._started_at, 1)}
+    def _health(self) -> tuple[bool, dict[str, object]]:
+        details: dict[str, object] = {"uptime_seconds": round(time.time() - self._started_at, 1)}
         if self.overlay is not None:
             details["node_id"] = self.overlay.node_id.hex()
             details["members"] = len(self.overlay.members())
@@ -304,18 +319,18 @@ class StoreNode:
             flags=wire.NodeFlags(0) if self._ready else wire.NodeFlags.DRAINING,
         )
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> NodeStatus:
         """Bound addresses and identity, as written to the status file."""
         assert self.overlay is not None and self.dataplane is not None and self.http is not None
         host = self.config.public_host
-        return {
-            "node_id": self.overlay.node_id.hex(),
-            "pid": os.getpid(),
-            "kademlia": [host, self.overlay.port],
-            "data": [host, self.dataplane.address[1]],
-            "metrics": [host, self.http.port],
-            "version": __version__,
-        }
+        return NodeStatus(
+            node_id=self.overlay.node_id.hex(),
+            pid=os.getpid(),
+            kademlia=(host, self.overlay.port),
+            data=(host, self.dataplane.address[1]),
+            metrics=(host, self.http.port),
+            version=__version__,
+        )
 
     def _write_status(self) -> None:
         path = self.config.status_file

@@ -64,10 +64,10 @@ from tmdht.errors import (
     ConfigError,
     IntegrityError,
     TmdhtError,
-    UnknownFormatError,
     UsageError,
 )
 from tmdht.files import fsync_dir
+from tmdht.node.errors import StorageError, StoreFormatError
 from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST, ByteView, digest_page
 
 if TYPE_CHECKING:
@@ -160,17 +160,6 @@ class StoreStats:
     """Bytes allocated on disk by the store's files."""
     map_size: int
     """LMDB's map size, the hard limit behind the capacity."""
-
-
-class StorageError(TmdhtError):
-    """The store failed for a reason other than a full store or bad input (an LMDB or OS error).
-
-    The store's committed contents are unchanged by the failed call.
-    """
-
-
-class StoreFormatError(UnknownFormatError):
-    """The data dir is not a page store of a format this code reads (version, foreign LMDB)."""
 
 
 def _slab_value_size(slab_pages: int) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from tmdht.errors import ConfigError
+from tmdht.pages import PAGE_SIZE
 
 __all__ = [
     "ENV_PREFIX",
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 ENV_PREFIX: Final = "TMDHT_NODE_"
-MIN_DATAGRAM: Final = 4096 + 512
+MIN_DATAGRAM: Final = PAGE_SIZE + 512
 MAX_DATAGRAM: Final = 65507
 
 
@@ -203,7 +204,7 @@ class NodeConfig:
         *,
         toml_text: str | None = None,
         env: Mapping[str, str] | None = None,
-        flags: Mapping[str, Any] | None = None,
+        flags: Mapping[str, object] | None = None,
         source: str = "config",
     ) -> NodeConfig:
         """Merge file, environment and flags (each later source wins) and validate."""
@@ -224,7 +225,7 @@ class NodeConfig:
         return cls.build(values)
 
     @classmethod
-    def build(cls, values: Mapping[str, Any]) -> NodeConfig:
+    def build(cls, values: Mapping[str, object]) -> NodeConfig:
         """Validate raw values (strings from env, TOML values, flags) into a config."""
         parsed: dict[str, Any] = {}
         for name, value in values.items():
@@ -242,9 +243,9 @@ class NodeConfig:
             raise ConfigError(f"max_datagram must be between {MIN_DATAGRAM} and {MAX_DATAGRAM}")
         return config
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-friendly view (for logs and status)."""
-        out: dict[str, Any] = {}
+        out: dict[str, object] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Path):

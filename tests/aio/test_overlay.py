@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import asyncio_dgram
 import pytest
 from support.overlay import BAD_DATAGRAMS, BAD_NODE_INFO, info_answer
 
@@ -111,43 +112,31 @@ async def next_event(
                 return
 
 
-class FakePeer(asyncio.DatagramProtocol):
-    """A UDP peer that answers each request with whatever ``answer(request)`` returns (bytes)."""
-
-    def __init__(self, answer: Callable[[Request], bytes | None]) -> None:
-        self.answer = answer
-        self.transport: asyncio.DatagramTransport | None = None
-        self.requests: list[Request] = []
-        self.closed = asyncio.get_running_loop().create_future()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed.set_result(None)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        message = decode_datagram(data)
-        assert isinstance(message, Request)
-        self.requests.append(message)
-        reply = self.answer(message)
-        if reply is not None and self.transport is not None:
-            self.transport.sendto(reply, addr)
-
-
 @contextlib.asynccontextmanager
 async def fake_peer(
     answer: Callable[[Request], bytes | None],
-) -> AsyncIterator[tuple[FakePeer, tuple[str, int]]]:
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: FakePeer(answer), local_addr=(LOCAL, 0)
-    )
+) -> AsyncIterator[tuple[list[Request], tuple[str, int]]]:
+    """A scripted UDP peer: every request it receives (listed), answered with ``answer``."""
+    stream = await asyncio_dgram.bind((LOCAL, 0))
+    requests: list[Request] = []
+
+    async def serve() -> None:
+        while True:
+            data, addr = await stream.recv()
+            message = decode_datagram(data)
+            assert isinstance(message, Request)
+            requests.append(message)
+            reply = answer(message)
+            if reply is not None:
+                await stream.send(reply, addr)
+
+    server = asyncio.create_task(serve())
     try:
-        yield protocol, transport.get_extra_info("sockname")[:2]
+        yield requests, stream.sockname[:2]
     finally:
-        transport.close()
-        await protocol.closed  # the socket is closed once connection_lost has run
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+        stream.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,12 +319,12 @@ def test_bad_answers_from_a_peer_do_not_crash_the_node(tmp_path: Path) -> None:
 
         async with (
             await Overlay.start(config(tmp_path, 1)) as node,
-            fake_peer(bad_find_node) as (peer, addr),
+            fake_peer(bad_find_node) as (requests, addr),
         ):
             assert [m.node_id for m in await node.bootstrap([addr])] == [fake_id]
             for _ in range(3):
                 await node.crawl()
-            assert any(r.method == "find_node" for r in peer.requests)
+            assert any(r.method == "find_node" for r in requests)
             assert node.stats().bad_replies >= 1
             assert node.running
 

@@ -128,9 +128,7 @@ class ClusterAccess:
             raise UsageError("at least one seed (a node's Kademlia host:port) is needed")
 
     @classmethod
-    def of(
-        cls, seeds: Sequence[Address], key: bytes | str | None = None
-    ) -> ClusterAccess:
+    def of(cls, seeds: Sequence[Address], key: bytes | str | None = None) -> ClusterAccess:
         """Seeds and a key (raw bytes or a key file's text; None: open mode)."""
         credentials = (
             ClusterCredentials.open_mode() if key is None else ClusterCredentials.from_key(key)

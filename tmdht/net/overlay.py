@@ -17,7 +17,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import umsgpack
 from blake3 import blake3
@@ -191,7 +191,7 @@ class Request:
     """20 random bytes chosen by the caller; the answer carries them back."""
     method: str
     """Name of the remote procedure (``ping``, ``find_node``, ``node_info``)."""
-    args: tuple[Any, ...]
+    args: tuple[object, ...]
     """Positional arguments as decoded; the handler validates them."""
 
 
@@ -201,7 +201,7 @@ class Response:
 
     msg_id: bytes
     """The id of the request this answers."""
-    value: Any
+    value: object
     """The answer as decoded; the caller validates it."""
 
 
@@ -384,7 +384,7 @@ def parse_contacts(raw: object) -> list[Node]:
     return contacts
 
 
-def sender_id(args: tuple[Any, ...], count: int) -> bytes:
+def sender_id(args: tuple[object, ...], count: int) -> bytes:
     """The sender id every request starts with (kademlia's convention); b"" from a client."""
     if len(args) != count:
         raise DecodeError(f"expected {count} arguments, got {len(args)}")

@@ -23,7 +23,8 @@ from tmdht.aio.sockets import SocketBuffers, open_udp_socket
 from tmdht.auth import Authenticator
 from tmdht.errors import NodeUnreachableError, TmdhtError
 from tmdht.net.address import Address
-from tmdht.net.engine import (
+from tmdht.net.engine import RequestEngine
+from tmdht.net.operations import (
     EngineConfig,
     EngineSettings,
     EngineStats,
@@ -36,7 +37,6 @@ from tmdht.net.engine import (
     Operation,
     OperationResult,
     PutOutcome,
-    RequestEngine,
     Store,
 )
 

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from tmdht.net.engine import EngineStats
+from tmdht.net.operations import EngineStats
 
 __all__ = ["RESOLVE_BUCKETS", "ClientMetrics"]
 

@@ -44,8 +44,8 @@ from tmdht.client.metrics import ClientMetrics
 from tmdht.errors import NodeUnreachableError, OverlayError, TmdhtError, UsageError
 from tmdht.net.address import Address, format_address
 from tmdht.net.credentials import ClusterAccess, ClusterCredentials
-from tmdht.net.engine import EngineStats
 from tmdht.net.membership import Member, MembershipEventKind
+from tmdht.net.operations import EngineStats
 from tmdht.net.overlay import OverlayConfig
 from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST, ZERO_PAGE, digest_page
 from tmdht.placement import replica_rows

@@ -15,7 +15,7 @@ from support.simnet import DIGESTS, PAGES, Script, SimNet, node_address, serving
 from tmdht import wire
 from tmdht.errors import TmdhtError, UsageError
 from tmdht.net.address import Address
-from tmdht.net.engine import (
+from tmdht.net.operations import (
     EngineConfig,
     Fetch,
     GetResult,

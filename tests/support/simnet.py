@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from tmdht import wire
 from tmdht.auth import Authenticator, ClusterKey, KeyRing
 from tmdht.net.address import Address
-from tmdht.net.engine import (
+from tmdht.net.engine import RequestEngine
+from tmdht.net.operations import (
     EngineConfig,
     Event,
     NodeFailed,
     Operation,
     OperationDone,
     OperationResult,
-    RequestEngine,
 )
 from tmdht.pages import PageDigest, digest_page
 

@@ -56,17 +56,13 @@ from tmdht.auth import Authenticator
 from tmdht.errors import DecodeError, TmdhtError
 from tmdht.net.address import Address
 from tmdht.net.operations import (
-    MAX_TIMEOUT,
-    SILENT_LIMIT,
     EngineConfig,
-    EngineSettings,
     EngineStats,
     Event,
     Fetch,
     GetResult,
     HasQuery,
     HasResult,
-    InfoQuery,
     NodeFailed,
     Operation,
     OperationDone,
@@ -77,27 +73,7 @@ from tmdht.net.operations import (
 from tmdht.net.window import RequestWindow, RttEstimator
 from tmdht.pages import PageDigest, page_matches
 
-__all__ = [
-    "MAX_TIMEOUT",
-    "RESPONSE_DATAGRAMS_PER_REQUEST",
-    "SILENT_LIMIT",
-    "EngineConfig",
-    "EngineSettings",
-    "EngineStats",
-    "Event",
-    "Fetch",
-    "GetResult",
-    "HasQuery",
-    "HasResult",
-    "InfoQuery",
-    "NodeFailed",
-    "Operation",
-    "OperationDone",
-    "OperationResult",
-    "PutOutcome",
-    "RequestEngine",
-    "Store",
-]
+__all__ = ["RESPONSE_DATAGRAMS_PER_REQUEST", "RequestEngine"]
 
 log = logging.getLogger("tmdht.net.engine")
 

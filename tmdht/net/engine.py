@@ -144,7 +144,6 @@ class _Request:
 
     small: bool = False
     """Its answers are a few bytes (see :class:`RequestWindow`)."""
-    what: str = ""
 
     def __init__(self, op: _Op, address: Address) -> None:
         self.op = op
@@ -176,7 +175,6 @@ class _Request:
 
 class _Get(_Request):
     __slots__ = ("digests", "hedge", "hedged", "open")
-    what = "GET_PAGES"
 
     def __init__(self, op: _FetchOp, address: Address, digests: list[bytes], hedge: bool) -> None:
         super().__init__(op, address)
@@ -265,7 +263,6 @@ class _Items(_Request):
 
 class _Has(_Items):
     __slots__ = ("batches",)
-    what = "HAS"
 
     def __init__(self, op: _SingleOp, address: Address, items: Sequence[bytes]) -> None:
         super().__init__(op, address, items)
@@ -290,7 +287,6 @@ class _Has(_Items):
 class _Put(_Items):
     __slots__ = ("pages",)
     small = True
-    what = "PUT_PAGES"
 
     def __init__(self, op: _SingleOp, address: Address, pages: dict[bytes, bytes]) -> None:
         super().__init__(op, address, list(pages))
@@ -315,7 +311,6 @@ class _Put(_Items):
 class _Info(_Request):
     __slots__ = ("answered",)
     small = True
-    what = "NODE_INFO"
 
     def __init__(self, op: _SingleOp, address: Address) -> None:
         super().__init__(op, address)

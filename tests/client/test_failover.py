@@ -18,7 +18,7 @@ from support.cluster import (
 )
 
 from tmdht.aio.dataplane import DataPlaneClient
-from tmdht.client.store import PagesUnavailable, TemplateStoreClient
+from tmdht.client import PagesUnavailable, TemplateStoreClient
 from tmdht.node.local import LocalCluster
 
 pytestmark = pytest.mark.slow

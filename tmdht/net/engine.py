@@ -38,7 +38,15 @@ A GET operation (:class:`Fetch`) has, per digest, a replica list (closest first)
   and :meth:`~RequestEngine.reinstate` it).
 
 The results are :class:`GetResult`, :class:`HasResult`, :class:`PutOutcome` and
-:class:`tmdht.wire.NodeInfo` (None: the node did not answer), in :class:`OperationDone` events.
+:class:`tmdht.wire.NodeInfo` (None: the node did not answer), in :class:`OperationDone` events
+(the types are in :mod:`tmdht.net.operations`).
+
+Two seams are left on purpose. :meth:`~RequestEngine.receive_datagrams` takes a whole burst (what
+one wake-up of the socket read): a native burst decoder can replace the per-datagram
+``wire.decode`` and per-page ``page_matches`` there and hand the per-type handlers messages whose
+pages are already checked. :class:`~tmdht.net.window.RequestWindow` is the one client-wide bound
+on every kind of request: a congestion controller adapting it to timeouts and losses is a
+change to that class (``closed(..., lost=True)`` is the signal it needs).
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def test_hedging_waits_hedge_after_and_a_fetch_may_refuse_it() -> None:
     assert second[0].at >= 0.05 + 0.1 + 0.2 - 1e-9  # after every attempt to node 1 timed out
 
 
-def test_a_lost_part_is_asked_again_at_once_for_exactly_its_digests() -> None:
+def test_a_lost_part_is_asked_again_for_exactly_its_digests() -> None:
     def lossy(net: SimNet, address: Address, message: wire.Message) -> None:
         assert isinstance(message, wire.GetPages)
         ds = message.digests

@@ -17,6 +17,7 @@ from tmdht.cli.main import run_async
 from tmdht.cli.progress import page_progress
 from tmdht.client.publish import PublishSummary, publish_templates
 from tmdht.client.rebuild import (
+    ClusterPages,
     EncodeSummary,
     ImagePages,
     RebuildSummary,
@@ -43,7 +44,12 @@ def mine_files(
         def advance(image: str, pages: int) -> None:
             progress.update(task, description=f"mining {image}", advance=pages * PAGE_SIZE)
 
-        result = mine_images(images, config, advance)
+        result = mine_images(
+            images,
+            config,
+            on_start=lambda pages: progress.update(task, total=pages * PAGE_SIZE),
+            on_progress=advance,
+        )
     elapsed = time.perf_counter() - started
     catalog = TemplateCatalog.from_mining(result, {"tool": f"tmdht {__version__}"})
     return catalog, result, elapsed
@@ -101,8 +107,7 @@ def rebuild_from_cluster(
     stream: Path, output: Path, access: ClusterAccess, expected_catalog_id: bytes | None = None
 ) -> tuple[RebuildSummary, float]:
     """Rebuild with template pages resolved through a store cluster; also the cache hits."""
-    from tmdht.client.rebuild import ClusterPages  # noqa: PLC0415 - IO stack on demand
-    from tmdht.client.store import TemplateStoreClient  # noqa: PLC0415
+    from tmdht.client.store import TemplateStoreClient  # noqa: PLC0415 - IO stack on demand
 
     async def main() -> tuple[RebuildSummary, float]:
         async with TemplateStoreClient.connect(access, cache_pages=CACHE_PAGES) as store:

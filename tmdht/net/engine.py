@@ -638,7 +638,7 @@ class RequestEngine:
         """A new request: send it if the window admits it, else queue it."""
         request.op.requests.add(request)
         if self.window.admits(request.address, small=request.small):
-            self._send(request)
+            self._open(request)
         else:
             key = (request.address, request.small)
             queue = self._queues.get(key)
@@ -646,8 +646,9 @@ class RequestEngine:
                 queue = self._queues[key] = collections.deque()
             queue.append(request)
 
-    def _send(self, request: _Request) -> None:
-        """Send a request that the window admitted (first attempt)."""
+    def _send_queued(self, request: _Request) -> None:
+        """Send a request that waited in a queue, unless what it asks for was settled meanwhile
+        (or, for a GET, its node failed meanwhile: its digests go to their next replicas)."""
         if request.done:
             return
         if isinstance(request, _Get):
@@ -659,6 +660,11 @@ class RequestEngine:
                 assert isinstance(op, _FetchOp)
                 self._touched.add(op)
                 return
+        self._open(request)
+
+    def _open(self, request: _Request) -> None:
+        """Take a window slot and send the first attempt."""
+        if isinstance(request, _Get):
             self.stats.batches += 1
         self.window.opened(request.address, small=request.small)
         self._transmit(request)
@@ -805,7 +811,7 @@ class RequestEngine:
             queue = queues.get(key)
             address, key_small = key
             while queue and window.admits(address, small=key_small):
-                self._send(queue.popleft())
+                self._send_queued(queue.popleft())
             if queue is not None and not queue and queues.get(key) is queue:
                 del queues[key]
             if not small and not window.has_room():

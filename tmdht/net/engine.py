@@ -530,7 +530,13 @@ class RequestEngine:
         """True while a node that failed is asked last."""
         if not self._avoid:  # the common case, checked per digest
             return False
-        return self._avoid.get(address, 0.0) > (self._now if now is None else now)
+        until = self._avoid.get(address)
+        if until is None:
+            return False
+        if until > (self._now if now is None else now):
+            return True
+        del self._avoid[address]  # expired: the common case comes back
+        return False
 
     def timeout_for(self, address: Address, attempt: int = 0) -> float:
         """The timeout of attempt ``attempt`` (0 first) of a request to ``address``."""

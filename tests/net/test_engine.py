@@ -165,6 +165,17 @@ def test_an_avoided_replica_is_asked_last(avoided_first: bool) -> None:
     assert net.received[0].address == node_address(2 if avoided_first else 1)
 
 
+def test_a_failed_node_is_asked_first_again_after_avoid_for() -> None:
+    net = net_of({1: serving(), 2: serving()}, EngineConfig(timeout=0.05, avoid_for=1.0))
+    net.engine.avoid(node_address(1), net.now)
+    fetch(net, DIGESTS[:2], [1, 2])
+    assert net.received[-1].address == node_address(2)
+    net.now += 1.5
+    fetch(net, DIGESTS[2:4], [1, 2])
+    assert net.received[-1].address == node_address(1)
+    assert not net.engine.avoided(node_address(1))
+
+
 def test_timeouts_adapt_to_the_round_trip_time() -> None:
     net = net_of({1: serving()}, delay=0.005)
     fetch(net, DIGESTS[:2], [1])

@@ -19,6 +19,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Sender>()?;
     m.add_class::<Receiver>()?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
+    m.add_function(wrap_pyfunction!(tune_allocator, m)?)?;
     m.add("PAGE_SIZE", PAGE_SIZE)?;
     Ok(())
 }
@@ -31,6 +32,26 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     info.set_item("zstd", zstd_safe::version_string())?;
     info.set_item("profile", if cfg!(debug_assertions) { "debug" } else { "release" })?;
     Ok(info)
+}
+
+/// Keep freed heap memory for reuse (glibc): a proxy allocates and frees buffers of a chunk's
+/// size (256 KiB and up) all the time, and by default each comes from a fresh mmap or a heap
+/// that was just trimmed, so every 4 KiB of it page-faults again. Process-wide; returns whether
+/// the allocator took the settings.
+#[pyfunction]
+fn tune_allocator() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator thresholds.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
 }
 
 // -- errors ------------------------------------------------------------------------------------
@@ -105,6 +126,23 @@ impl Bytes {
         unsafe {
             std::slice::from_raw_parts(self.buffer.buf_ptr() as *const u8, self.buffer.len_bytes())
         }
+    }
+}
+
+/// A new `bytes` of `len` bytes filled by `fill` (no zero-fill first: `fill` writes them all).
+fn bytes_filled<'py, E>(
+    py: Python<'py>,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+) -> PyResult<Result<Bound<'py, PyBytes>, E>> {
+    // SAFETY: PyBytes_FromStringAndSize(NULL, n) returns a new, unshared bytes object whose n
+    // bytes may be written until it is handed out; fill writes every byte (or we drop it).
+    unsafe {
+        let raw = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len as pyo3::ffi::Py_ssize_t);
+        let object = Bound::from_owned_ptr_or_err(py, raw)?.cast_into_unchecked::<PyBytes>();
+        let buffer = pyo3::ffi::PyBytes_AsString(raw) as *mut u8;
+        let slice = std::slice::from_raw_parts_mut(buffer, len);
+        Ok(fill(slice).map(|()| object))
     }
 }
 
@@ -343,19 +381,20 @@ impl Receiver {
         let plan = self.core.plan().py_err(py)?;
         if plan.items > 0 {
             let core = &mut self.core;
-            let mut failure: Option<Error> = None;
-            let chunk = PyBytes::new_with(py, plan.bytes, |buf| {
-                let result = if plan.bytes >= DETACH_AT {
-                    py.detach(|| core.emit(plan.items, buf))
+            let chunk = bytes_filled(py, plan.bytes, |buf| {
+                if plan.bytes >= DETACH_AT {
+                    let address = buf.as_mut_ptr() as usize;
+                    let len = buf.len();
+                    py.detach(|| {
+                        // SAFETY: the bytes object is ours alone until output() returns it.
+                        let buf = unsafe { std::slice::from_raw_parts_mut(address as *mut u8, len) };
+                        core.emit(plan.items, buf)
+                    })
                 } else {
                     core.emit(plan.items, buf)
-                };
-                failure = result.err();
-                Ok(())
-            })?;
-            if let Some(e) = failure {
-                return Err(to_py(py, e));
-            }
+                }
+            })?
+            .map_err(|e| to_py(py, e))?;
             if plan.bytes > 0 {
                 out.append(chunk)?;
             }

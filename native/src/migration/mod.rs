@@ -2,7 +2,7 @@
 //! and the receiver (migration records → QEMU stream). The format and the reference
 //! implementation are `tmdht/migration_stream.py`; these are its byte-for-byte twins.
 
-pub mod pagepool;
+pub mod slab;
 pub mod receiver;
 pub mod records;
 pub mod sender;

@@ -5,11 +5,18 @@
 //! (`supply`, or a FALLBACK after `unavailable` queued a NEED). `output` writes everything ready,
 //! in stream order, stopping at the first slot still waiting. Device state is held until END and
 //! the stream digest agree.
+//!
+//! Pages live in one slab of `window + lag` page slots, body `i` in slot `i % capacity`, written
+//! once when the page arrives and read when it is output or back-referenced: no per-page buffer,
+//! one copy in and one out. `lag` is the most bodies that can be decoded but not yet written
+//! while the sender keeps its flow window (past it the reference's flow check fails anyway), so
+//! a slot is never reused while its body is still to be written or may be back-referenced: a
+//! back-reference names a body at most `window` behind the slot that names it.
 
 use std::collections::VecDeque;
 
 use crate::errors::{Error, Result};
-use crate::migration::pagepool::{PageBox, PagePool, Ring};
+use crate::migration::slab::Slab;
 use crate::migration::records::{
     put_ack, put_need, Counts, ForwardDecoder, Hello, Record, DIGEST_SIZE, MAX_RAW,
 };
@@ -32,7 +39,7 @@ struct Slot {
     kind: SlotKind,
     prefix: Vec<u8>,
     digest: Digest,
-    page: Option<PageBox>,
+    filled: bool,
     requested: bool,
 }
 
@@ -79,7 +86,13 @@ pub struct Receiver {
     to_resolve: VecDeque<u64>,
     need: Vec<u32>,
     queued_bytes: u64,
-    ring: Option<Ring>,
+    slab: Option<Slab>,
+    /// Bodies that may be decoded ahead of the last one written (slab capacity - window).
+    lag: u64,
+    /// More bodies than `lag` arrived in one feed: pages are no longer stored, and the feed
+    /// ends with the flow-window error (as the reference's check after the feed does).
+    overflow: bool,
+    scratch: Box<[u8; PAGE_SIZE]>,
     ring_digests: Vec<Digest>,
     ring_index: Vec<i64>,
     digest: blake3::Hasher,
@@ -88,7 +101,6 @@ pub struct Receiver {
     device_started: bool,
     end: Option<(Counts, Digest)>,
     decompressor: PageDecompressor,
-    pool: PagePool,
     last_ack: (u64, u64),
     pub verified: bool,
     pub stats: Stats,
@@ -107,7 +119,10 @@ impl Receiver {
             to_resolve: VecDeque::new(),
             need: Vec::new(),
             queued_bytes: 0,
-            ring: None,
+            slab: None,
+            lag: 0,
+            overflow: false,
+            scratch: Box::new([0u8; PAGE_SIZE]),
             ring_digests: Vec::new(),
             ring_index: Vec::new(),
             digest: blake3::Hasher::new(),
@@ -116,7 +131,6 @@ impl Receiver {
             device_started: false,
             end: None,
             decompressor: PageDecompressor::new(),
-            pool: PagePool::default(),
             last_ack: (0, 0),
             verified: false,
             stats: Stats::default(),
@@ -180,14 +194,16 @@ impl Receiver {
             }
         }
         let window = hello.backref_window as usize;
-        self.ring = Some(Ring::new(window));
+        let most_queued = hello.flow_window + MAX_RAW as u64 + 2 * PAGE_SIZE as u64;
+        self.lag = most_queued / (PAGE_SIZE as u64 + 8) + 2;
+        self.slab = Some(Slab::new(window + self.lag as usize));
         self.ring_digests = vec![[0u8; 32]; window];
         self.ring_index = vec![-1; window];
         Ok(())
     }
 
     fn record(&mut self, record: Record) -> Result<()> {
-        if self.ring.is_none() {
+        if self.slab.is_none() {
             let hello = self.decoder.hello.expect("records come after the hello");
             self.start(hello)?;
         }
@@ -211,28 +227,24 @@ impl Receiver {
             }
             Record::Page { prefix, data } => {
                 self.stats.full_pages += 1;
-                let mut page = self.pool.take();
-                page.copy_from_slice(&self.decoder.buf()[data..data + PAGE_SIZE]);
-                let digest = *blake3::hash(&page[..]).as_bytes();
-                self.slot(prefix, SlotKind::Full, digest, Some(page))?;
+                let (decoder, page, _) = self.page_for(self.next_index);
+                page.copy_from_slice(&decoder.buf()[data..data + PAGE_SIZE]);
+                let digest = *blake3::hash(page).as_bytes();
+                self.slot(prefix, SlotKind::Full, digest, true)?;
             }
             Record::ZPage { prefix, payload } => {
                 self.stats.compressed_pages += 1;
-                let mut page = self.pool.take();
-                let result =
-                    self.decompressor.decompress(&self.decoder.buf()[payload.0..payload.1], &mut page[..]);
-                if let Err(e) = result {
-                    self.pool.give(page);
-                    return Err(e);
-                }
-                let digest = *blake3::hash(&page[..]).as_bytes();
-                self.slot(prefix, SlotKind::Full, digest, Some(page))?;
+                let index = self.next_index;
+                let (decoder, page, decompressor) = self.page_for(index);
+                decompressor.decompress(&decoder.buf()[payload.0..payload.1], page)?;
+                let digest = *blake3::hash(page).as_bytes();
+                self.slot(prefix, SlotKind::Full, digest, true)?;
             }
             Record::Template { prefix, digest } => {
                 self.stats.template_pages += 1;
                 let digest: Digest =
                     self.decoder.buf()[digest..digest + DIGEST_SIZE].try_into().unwrap();
-                let index = self.slot(prefix, SlotKind::Template, digest, None)?;
+                let index = self.slot(prefix, SlotKind::Template, digest, false)?;
                 self.waiting += 1;
                 self.to_resolve.push_back(index);
             }
@@ -245,7 +257,7 @@ impl Receiver {
                         "back-reference to body {index} outside the window"
                     )));
                 }
-                self.slot(prefix, SlotKind::BackRef(index as u64), [0u8; 32], None)?;
+                self.slot(prefix, SlotKind::BackRef(index as u64), [0u8; 32], false)?;
             }
             Record::Fallback { index, compressed, payload } => {
                 let index = index as u64;
@@ -254,24 +266,20 @@ impl Receiver {
                         "FALLBACK for body {index}, which waits for nothing"
                     )));
                 };
-                let mut page = self.pool.take();
-                let raw = &self.decoder.buf()[payload.0..payload.1];
+                let (decoder, page, decompressor) = self.page_for(index);
+                let raw = &decoder.buf()[payload.0..payload.1];
                 if compressed {
-                    if let Err(e) = self.decompressor.decompress(raw, &mut page[..]) {
-                        self.pool.give(page);
-                        return Err(e);
-                    }
+                    decompressor.decompress(raw, page)?;
                 } else {
                     page.copy_from_slice(raw);
                 }
-                if *blake3::hash(&page[..]).as_bytes() != self.slots[position].digest {
-                    self.pool.give(page);
+                if *blake3::hash(page).as_bytes() != self.slots[position].digest {
                     return Err(Error::mismatch(format!(
                         "fallback page of body {index} does not match"
                     )));
                 }
                 self.stats.fallback_pages += 1;
-                self.fill(position, page);
+                self.fill(position);
             }
             Record::End { counts, digest } => {
                 if !self.in_device {
@@ -287,17 +295,28 @@ impl Receiver {
         Ok(())
     }
 
+    /// Where the page of body `index` goes (a scratch buffer once the lag overflowed), and the
+    /// decoder to read it from.
+    fn page_for(&mut self, index: u64) -> (&ForwardDecoder, &mut [u8], &mut PageDecompressor) {
+        if index - self.written_index >= self.lag {
+            self.overflow = true;
+        }
+        if self.overflow {
+            return (&self.decoder, &mut self.scratch[..], &mut self.decompressor);
+        }
+        let slab = self.slab.as_mut().expect("slab exists once records came");
+        let capacity = slab.slots() as u64;
+        (&self.decoder, slab.page_mut((index % capacity) as usize), &mut self.decompressor)
+    }
+
     fn slot(
         &mut self,
         prefix: (usize, usize),
         kind: SlotKind,
         digest: Digest,
-        page: Option<PageBox>,
+        filled: bool,
     ) -> Result<u64> {
         if self.in_device {
-            if let Some(page) = page {
-                self.pool.give(page);
-            }
             return Err(Error::decode("page record after device state began"));
         }
         let prefix = self.decoder.buf()[prefix.0..prefix.1].to_vec();
@@ -305,7 +324,7 @@ impl Receiver {
         self.next_index += 1;
         self.stats.pages += 1;
         self.queued_bytes += (prefix.len() + PAGE_SIZE) as u64;
-        self.slots.push_back(Slot { kind, prefix, digest, page, requested: false });
+        self.slots.push_back(Slot { kind, prefix, digest, filled, requested: false });
         self.queue.push_back(Item::Slot);
         Ok(index)
     }
@@ -317,11 +336,11 @@ impl Receiver {
         }
         let position = usize::try_from(index - self.written_index).ok()?;
         let slot = self.slots.get(position)?;
-        (slot.kind == SlotKind::Template && slot.page.is_none()).then_some(position)
+        (slot.kind == SlotKind::Template && !slot.filled).then_some(position)
     }
 
-    fn fill(&mut self, position: usize, page: PageBox) {
-        self.slots[position].page = Some(page);
+    fn fill(&mut self, position: usize) {
+        self.slots[position].filled = true;
         self.waiting -= 1;
     }
 
@@ -349,10 +368,10 @@ impl Receiver {
             return Err(Error::value(format!("a page is {PAGE_SIZE} bytes, not {}", page.len())));
         }
         if let Some(position) = self.waiting_slot(index) {
-            let mut buffer = self.pool.take();
-            buffer.copy_from_slice(page);
+            let (_, slot_page, _) = self.page_for(index);
+            slot_page.copy_from_slice(page);
             self.stats.cluster_pages += 1;
-            self.fill(position, buffer);
+            self.fill(position);
         }
         Ok(())
     }
@@ -413,7 +432,7 @@ impl Receiver {
                 }
                 Item::Slot => {
                     let s = &self.slots[slot];
-                    if !matches!(s.kind, SlotKind::BackRef(_)) && s.page.is_none() {
+                    if !matches!(s.kind, SlotKind::BackRef(_)) && !s.filled {
                         return Ok(plan);
                     }
                     slot += 1;
@@ -449,6 +468,9 @@ impl Receiver {
     pub fn emit(&mut self, items: usize, out: &mut [u8]) -> Result<()> {
         let window = self.ring_index.len();
         let mut at_out = 0usize;
+        if self.overflow {
+            return Err(Error::limit("pages decoded past the flow window"));
+        }
         let mut put = |data: &[u8], at_out: &mut usize| {
             out[*at_out..*at_out + data.len()].copy_from_slice(data);
             *at_out += data.len();
@@ -471,27 +493,21 @@ impl Receiver {
                     let mut slot = self.slots.pop_front().expect("planned");
                     let index = self.written_index;
                     let at = (index % window as u64) as usize;
-                    let ring = self.ring.as_mut().expect("ring exists once records came");
+                    let slab = self.slab.as_mut().expect("slab exists once records came");
+                    let capacity = slab.slots() as u64;
+                    let here = (index % capacity) as usize;
                     put(&slot.prefix, &mut at_out);
-                    match slot.kind {
-                        SlotKind::BackRef(source) => {
-                            let from = (source % window as u64) as usize;
-                            if self.ring_index[from] != source as i64 {
-                                return Err(Error::decode(format!(
-                                    "back-reference to body {source}, overwritten"
-                                )));
-                            }
-                            slot.digest = self.ring_digests[from];
-                            put(ring.page(from), &mut at_out);
-                            ring.copy_within(from, at);
+                    if let SlotKind::BackRef(source) = slot.kind {
+                        let from = (source % window as u64) as usize;
+                        if self.ring_index[from] != source as i64 {
+                            return Err(Error::decode(format!(
+                                "back-reference to body {source}, overwritten"
+                            )));
                         }
-                        SlotKind::Full | SlotKind::Template => {
-                            let page = slot.page.take().expect("planned");
-                            put(&page[..], &mut at_out);
-                            ring.put(at, &page[..]);
-                            self.pool.give(page);
-                        }
+                        slot.digest = self.ring_digests[from];
+                        slab.copy_within((source % capacity) as usize, here);
                     }
+                    put(slab.page(here), &mut at_out);
                     self.ring_digests[at] = slot.digest;
                     self.ring_index[at] = index as i64;
                     self.digest.update(&slot.prefix);

@@ -1,31 +1,12 @@
-//! Page buffers: a free list of boxed pages (reused, so their memory stays mapped and hot), and
-//! the receiver's back-reference ring in one huge-page-backed anonymous mapping (a 128 MiB
-//! window would otherwise cost one page fault per 4 KiB on first touch).
+//! The receiver's page store: one anonymous mapping of page slots, faulted in 2 MiB at a time
+//! where the kernel has transparent huge pages (a 128 MiB back-reference window would otherwise
+//! cost one page fault per 4 KiB on first touch, ~10% of a receiver's CPU).
 
 use crate::qemu_stream::PAGE_SIZE;
 
-pub type PageBox = Box<[u8; PAGE_SIZE]>;
-
-#[derive(Default)]
-pub struct PagePool {
-    free: Vec<PageBox>,
-}
-
-impl PagePool {
-    pub fn take(&mut self) -> PageBox {
-        self.free.pop().unwrap_or_else(|| Box::new([0u8; PAGE_SIZE]))
-    }
-
-    pub fn give(&mut self, page: PageBox) {
-        if self.free.len() < 1 << 16 {
-            self.free.push(page);
-        }
-    }
-}
-
 /// `slots` pages of anonymous memory (zero-filled on first touch, 2 MiB at a time where the
 /// kernel does transparent huge pages on request).
-pub struct Ring {
+pub struct Slab {
     base: *mut u8,
     mapped: usize,
     start: *mut u8,
@@ -33,14 +14,14 @@ pub struct Ring {
 }
 
 // SAFETY: the mapping is owned by the Ring and only reached through &mut self.
-unsafe impl Send for Ring {}
+unsafe impl Send for Slab {}
 // SAFETY: shared references only read; writes need &mut self.
-unsafe impl Sync for Ring {}
+unsafe impl Sync for Slab {}
 
 const HUGE: usize = 2 << 20;
 
-impl Ring {
-    pub fn new(slots: usize) -> Ring {
+impl Slab {
+    pub fn new(slots: usize) -> Slab {
         let size = slots * PAGE_SIZE;
         let mapped = size + HUGE;
         // SAFETY: a fresh private anonymous mapping; checked for failure.
@@ -55,7 +36,7 @@ impl Ring {
             )
         };
         if base == libc::MAP_FAILED {
-            panic!("cannot map {} bytes for the back-reference ring", mapped);
+            panic!("cannot map {} bytes for received pages", mapped);
         }
         let base = base as *mut u8;
         let aligned = (base as usize).next_multiple_of(HUGE) as *mut u8;
@@ -63,7 +44,7 @@ impl Ring {
         unsafe {
             libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
         }
-        Ring { base, mapped, start: aligned, slots }
+        Slab { base, mapped, start: aligned, slots }
     }
 
     pub fn slots(&self) -> usize {
@@ -78,11 +59,10 @@ impl Ring {
     }
 
     #[inline]
-    pub fn put(&mut self, slot: usize, page: &[u8]) {
-        assert!(slot < self.slots && page.len() == PAGE_SIZE);
-        // SAFETY: in bounds; `page` may be this very slot (a back-reference to the body one
-        // window back), hence copy (memmove) rather than copy_nonoverlapping.
-        unsafe { std::ptr::copy(page.as_ptr(), self.start.add(slot * PAGE_SIZE), PAGE_SIZE) }
+    pub fn page_mut(&mut self, slot: usize) -> &mut [u8] {
+        assert!(slot < self.slots);
+        // SAFETY: in bounds of the mapping, and &mut self excludes other borrows.
+        unsafe { std::slice::from_raw_parts_mut(self.start.add(slot * PAGE_SIZE), PAGE_SIZE) }
     }
 
     /// Copy slot `from` to slot `to` (possibly the same).
@@ -102,7 +82,7 @@ impl Ring {
     }
 }
 
-impl Drop for Ring {
+impl Drop for Slab {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what new() mapped.
         unsafe {

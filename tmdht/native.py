@@ -27,15 +27,14 @@ from types import ModuleType
 from typing import Final, Protocol
 
 from tmdht.catalog_file import TemplateDigests
-from tmdht.errors import DecodeError
 from tmdht.migration_stream import (
     FLAG_COMPRESS,
     Ack,
     Hello,
     MigrationCounts,
     Need,
-    ReceiverRebuilder,
     RebuildStats,
+    ReceiverRebuilder,
     SenderRewriter,
     encode,
 )
@@ -53,6 +52,7 @@ __all__ = [
     "make_receiver",
     "make_sender",
     "native_module",
+    "tune_allocator",
 ]
 
 NATIVE_ENV: Final = "TMDHT_NATIVE"
@@ -91,6 +91,13 @@ def describe() -> str:
     return f"migration pipeline: pure-Python reference ({_WHY_NOT})"
 
 
+def tune_allocator() -> bool:
+    """Native path: keep freed heap memory for reuse (the proxies allocate and free buffers of
+    a chunk's size all the time, and each would page-fault anew). Process-wide; a no-op on the
+    reference path. Returns whether it applied."""
+    return bool(_NATIVE.tune_allocator()) if _NATIVE is not None else False
+
+
 # -- what the proxies use ----------------------------------------------------------------------
 
 
@@ -119,8 +126,8 @@ class MigrationSender(Protocol):
 class MigrationReceiver(Protocol):
     """The receiver core's interface as the proxy uses it (ReferenceReceiver, NativeReceiver)."""
 
-    verified: bool
-
+    @property
+    def verified(self) -> bool: ...
     @property
     def hello(self) -> Hello | None: ...
     @property
@@ -277,8 +284,10 @@ class NativeReceiver:
     @property
     def stats(self) -> RebuildStats:
         """What the receiver did so far."""
-        *values, end = self._core.stats
-        return RebuildStats(*values, end=MigrationCounts(*end))
+        pages, template, backref, full, compressed, cluster, fallback, qemu_bytes, end = (
+            self._core.stats)
+        return RebuildStats(pages, template, backref, full, compressed, cluster, fallback,
+                            qemu_bytes, MigrationCounts(*end))
 
     @property
     def queued_bytes(self) -> int:
@@ -326,9 +335,9 @@ class NativeReceiver:
     def supply_batch(self, indices: Sequence[int], pages: Sequence[ByteView] | ByteView) -> None:
         """Pages of template slots, checked by the caller: one per index, as a sequence of page
         buffers or one buffer of ``4096 * len(indices)`` bytes."""
-        if isinstance(pages, bytes | bytearray | memoryview):
-            if len(memoryview(pages)) != PAGE_SIZE * len(indices):
-                raise DecodeError("one page per index")
+        if isinstance(pages, bytes | bytearray | memoryview) \
+                and memoryview(pages).nbytes != PAGE_SIZE * len(indices):
+            raise ValueError("one page per index")
         self._core.supply(indices, pages)
 
     def unavailable(self, indices: Sequence[int]) -> None:

@@ -19,6 +19,9 @@ unsafe impl Send for Slab {}
 unsafe impl Sync for Slab {}
 
 const HUGE: usize = 2 << 20;
+/// Small slabs (tests, fuzzing, tiny windows) keep 4 KiB pages: zeroing a whole 2 MiB page for
+/// a few bodies would cost more than the faults it saves.
+const HUGE_FROM: usize = 32 << 20;
 
 impl Slab {
     pub fn new(slots: usize) -> Slab {
@@ -40,9 +43,11 @@ impl Slab {
         }
         let base = base as *mut u8;
         let aligned = (base as usize).next_multiple_of(HUGE) as *mut u8;
-        // SAFETY: advice on our own mapping; failure (no THP) is harmless.
-        unsafe {
-            libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
+        if size >= HUGE_FROM {
+            // SAFETY: advice on our own mapping; failure (no THP) is harmless.
+            unsafe {
+                libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE);
+            }
         }
         Slab { base, mapped, start: aligned, slots }
     }

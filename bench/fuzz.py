@@ -393,7 +393,10 @@ def fuzz_one(name: str, inputs: int, seed: int, time_limit: float, crash_dir: st
         t0 = time.perf_counter()
         signal.setitimer(signal.ITIMER_REAL, time_limit)
         try:
-            run(data)
+            try:
+                run(data)
+            finally:  # disarmed before any handler runs: a late alarm must not escape one
+                signal.setitimer(signal.ITIMER_REAL, 0)
             result.accepted += 1
         except Hang:
             result.hangs += 1
@@ -407,8 +410,6 @@ def fuzz_one(name: str, inputs: int, seed: int, time_limit: float, crash_dir: st
                 raise
             result.crashes += 1
             _save(crash_dir, name, f"{type(exc).__name__}: {exc}"[:300], data, result)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
         slowest = max(slowest, time.perf_counter() - t0)
     result.inputs = inputs
     result.seconds = round(time.perf_counter() - started, 2)

@@ -5,7 +5,10 @@ Stages (``--stages``, default all but ``live``):
 - ``cores``: the sender core alone (QEMU stream → migration records) and the receiver core alone
   (records → QEMU stream, template pages "resolved" from a dict), on the saved stream of a real
   guest that is not in the catalog's corpus. CPU microseconds (process time) per non-zero page
-  per side, best and median of ``--repeat`` passes; both outputs are checked byte for byte.
+  per side, best and median of ``--repeat`` passes; every output is checked byte for byte.
+  Three rows per side: ``baseline`` is tmdht/migration_stream.py of ``--baseline-rev`` (default
+  ``main``) driven as that revision's proxies drove it (numpy catalog membership, one supply
+  call per page), ``reference`` the pure-Python path of this tree, ``native`` the Rust module.
 - ``startup``: ``tmdht qemu send`` from exec to the first byte at a listening socket (what QEMU
   waits for before its stream moves), ``--startup-runs`` times per path.
 - ``loopback``: the two proxies as processes on loopback with a 3-node store cluster holding
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -54,6 +58,7 @@ from tmdht.native import (  # noqa: E402
     ReferenceReceiver,
     describe,
     native_module,
+    tune_allocator,
 )
 from tmdht.pages import DIGEST_SIZE, digest_page  # noqa: E402
 
@@ -120,15 +125,76 @@ def run_receiver(make: Callable[[], Any], wire: bytes, pages: dict[bytes, bytes]
     return elapsed, written, (receiver.stats, digest_out)
 
 
-def bench_cores(stream_path: Path, templates: TemplateDigests, repeat: int) -> dict[str, Any]:
+def load_baseline(rev: str, work: Path) -> Any:
+    """tmdht/migration_stream.py as of ``rev``, imported as a module of its own (it imports the
+    rest of tmdht from this tree), or None if git cannot show it."""
+    try:
+        source = subprocess.run(["git", "show", f"{rev}:tmdht/migration_stream.py"], cwd=REPO,
+                                capture_output=True, check=True, timeout=30).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = work / "baseline_migration_stream.py"
+    path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location("baseline_migration_stream", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class _BaselineReceiver:
+    """The baseline rebuilder driven the way that revision's receiver proxy drove it."""
+
+    def __init__(self, module: Any, catalog_id: bytes) -> None:
+        self.core = module.ReceiverRebuilder(catalog_id)
+
+    def feed(self, data: Any) -> None:
+        self.core.feed(data)
+
+    def wanted_batch(self, limit: int) -> tuple[list[int], bytes]:
+        batch = self.core.wanted(limit)
+        self._batch = batch
+        return [i for i, _ in batch], b"".join(d for _, d in batch)
+
+    def supply_batch(self, indices: list[int], pages: list[bytes]) -> None:
+        for index, page in zip(indices, pages, strict=True):
+            self.core.supply(index, page)
+
+    def output(self) -> list[bytes]:
+        out: list[bytes] = self.core.output()
+        return out
+
+    def ack(self, every: int) -> bytes:
+        out: bytes = self.core.ack(every)
+        return out
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.core.verified)
+
+    @property
+    def stats(self) -> Any:
+        return self.core.stats
+
+
+def bench_cores(stream_path: Path, templates: TemplateDigests, catalog_path: Path, repeat: int,
+                baseline: Any) -> dict[str, Any]:
     stream = stream_path.read_bytes()
     members = templates.as_set()
-    senders: dict[str, Callable[[], Any]] = {
+    senders: dict[str, Callable[[], Any]] = {}
+    receivers: dict[str, Callable[[], Any]] = {}
+    if baseline is not None:
+        catalog = TemplateCatalog.load(catalog_path)
+        senders["baseline"] = lambda: baseline.SenderRewriter(
+            catalog.catalog_id, lambda ds: catalog.contains_many(ds).tolist())
+        receivers["baseline"] = lambda: _BaselineReceiver(baseline, templates.catalog_id)
+    senders |= {
         "reference": lambda: SenderRewriter(templates.catalog_id,
                                             lambda ds: [d in members for d in ds]),
         "native": lambda: NativeSender(templates),
     }
-    receivers: dict[str, Callable[[], Any]] = {
+    receivers |= {
         "reference": lambda: ReferenceReceiver(templates.catalog_id),
         "native": lambda: NativeReceiver(templates.catalog_id),
     }
@@ -160,6 +226,8 @@ def bench_cores(stream_path: Path, templates: TemplateDigests, repeat: int) -> d
         raise AssertionError("the paths wrote different wire bytes")
     wire = next(iter(wires.values()))
     for name, make in receivers.items():
+        if name == "native":
+            tune_allocator()  # as the proxies do on the native path (process-wide: runs last)
         times = []
         for _ in range(repeat):
             elapsed, written, (stats, _) = run_receiver(make, wire, pages)
@@ -377,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", default="cores,startup,loopback")
     parser.add_argument("--repeat", type=int, default=3, help="passes per core measurement")
+    parser.add_argument("--baseline-rev", default="main",
+                        help="git revision whose migration_stream.py is the 'baseline' row")
     parser.add_argument("--startup-runs", type=int, default=10)
     parser.add_argument("--loopback-runs", type=int, default=3)
     parser.add_argument("--live-runs", type=int, default=3)
@@ -394,7 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         stream_path, catalog_path, templates = load_setup(args.build_dir, work)
         doc["stream"] = {"path": str(stream_path), "templates": len(templates)}
         if "cores" in stages:
-            doc["cores"] = cores = bench_cores(stream_path, templates, args.repeat)
+            baseline = load_baseline(args.baseline_rev, work)
+            doc["cores"] = cores = bench_cores(stream_path, templates, catalog_path, args.repeat,
+                                               baseline)
+            doc["cores"]["baseline_rev"] = args.baseline_rev if baseline is not None else None
             print(f"\ncores ({cores['stream_bytes'] / 2**20:.1f} MiB stream, "
                   f"{cores['sender'][next(iter(cores['sender']))]['pages']} non-zero pages; "
                   f"CPU us per non-zero page, best/median of {args.repeat})")

@@ -111,7 +111,7 @@ def test_forward_records_round_trip(records: list[object], totals: MigrationCoun
     assert decoded == [*records, end]
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(reverse_records, max_size=6), st.integers(1, 100))
 def test_reverse_records_round_trip(records: list[object], chunk: int) -> None:
     data = b"".join(encode(r) for r in records)  # type: ignore[arg-type]
@@ -124,7 +124,7 @@ def test_reverse_records_round_trip(records: list[object], chunk: int) -> None:
     assert out == records
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=600))
 def test_random_bytes_only_raise_decode_error(data: bytes) -> None:
     for prefix in (b"", encode(HELLO)):

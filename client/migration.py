@@ -1,10 +1,14 @@
 """The migration proxies: QEMU's stream in, a dedup stream over TCP, QEMU's stream out.
 
 The sender (source host) reads QEMU's outgoing migration stream on stdin — QEMU runs it as
-``migrate "exec:tmdht qemu send ..."`` — and drives :class:`tmdht.migration_stream.SenderRewriter`.
-The receiver (destination host) listens for the sender, rebuilds QEMU's stream with
-:class:`tmdht.migration_stream.ReceiverRebuilder` and writes it to stdout — QEMU runs it as
-``-incoming "exec:tmdht qemu receive ..."``. Both are thin asyncio skins over those cores.
+``migrate "exec:tmdht qemu send ..."`` — and drives a sender core. The receiver (destination
+host) listens for the sender, rebuilds QEMU's stream with a receiver core and writes it to
+stdout — QEMU runs it as ``-incoming "exec:tmdht qemu receive ..."``. The cores come from
+:mod:`tmdht.native`: the Rust module, or the pure-Python reference (``SenderRewriter`` and
+``ReceiverRebuilder`` in :mod:`tmdht.migration_stream`).
+Both proxies are thin skins over them, called once per chunk: the receiver on asyncio (it
+resolves through the async client), the sender on a plain selector loop — it starts inside
+QEMU's migration time, and asyncio alone took half of its start-up budget to import.
 
 The receiver resolves template digests through the store cluster in windows ahead of the point
 where it writes (``resolve_parallel`` batches of ``resolve_batch`` digests in flight), and asks

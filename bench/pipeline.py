@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import socket
 import statistics
 import subprocess
@@ -258,8 +259,18 @@ def _env(path: str) -> dict[str, str]:
     return env
 
 
-def _tmdht() -> list[str]:
-    return [sys.executable, "-m", "tmdht.cli"]
+BASELINE_PYTHON: list[str] = []  # --baseline-python: another tree's interpreter (its venv)
+
+
+def _paths() -> list[str]:
+    """The proxy paths to measure: the baseline tree's (if given), then this tree's."""
+    return ((["baseline"] if BASELINE_PYTHON else []) + ["reference"]
+            + (["native"] if native_module() else []))
+
+
+def _tmdht(path: str = "native") -> list[str]:
+    python = BASELINE_PYTHON[0] if path == "baseline" else sys.executable
+    return [python, "-m", "tmdht.cli"]
 
 
 def bench_startup(stream_path: Path, catalog_path: Path, runs: int) -> dict[str, Any]:
@@ -267,7 +278,7 @@ def bench_startup(stream_path: Path, catalog_path: Path, runs: int) -> dict[str,
     bytes (the RAW record after the hello) at a listening socket."""
     head = stream_path.read_bytes()[: 1 << 20]
     results: dict[str, Any] = {}
-    for path in ("reference", "native") if native_module() else ("reference",):
+    for path in _paths():
         firsts, datas = [], []
         for _ in range(runs):
             with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -275,7 +286,7 @@ def bench_startup(stream_path: Path, catalog_path: Path, runs: int) -> dict[str,
                 read_fd, write_fd = os.pipe()
                 started = time.perf_counter()
                 proc = subprocess.Popen(
-                    [*_tmdht(), "qemu", "send", "--catalog", str(catalog_path),
+                    [*_tmdht(path), "qemu", "send", "--catalog", str(catalog_path),
                      "--to", f"127.0.0.1:{port}", "--connect-timeout", "10"],
                     stdin=read_fd, stderr=subprocess.DEVNULL, env=_env(path))
                 os.close(read_fd)
@@ -347,13 +358,13 @@ def bench_loopback(stream_path: Path, catalog_path: Path, cluster: Any, work: Pa
                    runs: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     host, port = cluster.nodes[0].address("kademlia")
-    for path in ("reference", "native") if native_module() else ("reference",):
+    for path in _paths():
         rows = []
         for run in range(runs):
             out_path = work / f"rebuilt-{path}-{run}.bin"
             ready = work / f"ready-{path}-{run}"
             receiver = subprocess.Popen(
-                [*_tmdht(), "qemu", "receive", "--listen", "127.0.0.1:0",
+                [*_tmdht(path), "qemu", "receive", "--listen", "127.0.0.1:0",
                  "--seed", f"{host}:{port}", "--cluster-key-file", str(cluster.key_file),
                  "--ready-file", str(ready), "--report", str(work / f"recv-{path}.json")],
                 stdout=out_path.open("wb"), stderr=subprocess.DEVNULL, env=_env(path))
@@ -365,7 +376,7 @@ def bench_loopback(stream_path: Path, catalog_path: Path, cluster: Any, work: Pa
             started = time.perf_counter()
             with stream_path.open("rb") as stdin:
                 sender = subprocess.Popen(
-                    [*_tmdht(), "qemu", "send", "--catalog", str(catalog_path),
+                    [*_tmdht(path), "qemu", "send", "--catalog", str(catalog_path),
                      "--to", f"127.0.0.1:{rport}", "--report", str(work / f"send-{path}.json")],
                     stdin=stdin, stderr=subprocess.DEVNULL, env=_env(path))
                 send_cpu = _rusage_wait(sender, 300)
@@ -401,7 +412,10 @@ def bench_live(catalog_path: Path, cluster: Any, build_dir: Path, runs: int) -> 
     initramfs = ensure_initramfs(build_dir / "lab", tools.busybox, tools.cpio)
     spec = GuestSpec(name="pipeline-traveller", workload="mixed", seed=21)
     rows: dict[str, list[dict[str, Any]]] = {}
-    paths = ["plain", "reference", "native"] if native_module() else ["plain", "reference"]
+    from tmdht.lab import migrate as lab_migrate  # noqa: PLC0415
+
+    own_command = lab_migrate.tmdht_command
+    paths = ["plain", *_paths()]
     saved = os.environ.get("TMDHT_NATIVE")
     try:
         for run in range(runs):
@@ -410,6 +424,9 @@ def bench_live(catalog_path: Path, cluster: Any, build_dir: Path, runs: int) -> 
                     os.environ["TMDHT_NATIVE"] = "0"  # inherited by QEMU's exec: proxies
                 else:
                     os.environ.pop("TMDHT_NATIVE", None)
+                lab_migrate.tmdht_command = (  # the proxies QEMU runs: which tree's
+                    (lambda *args: shlex.join([*_tmdht("baseline"), *map(str, args)]))
+                    if path == "baseline" else own_command)
                 outcome = migrate_guest(
                     spec, tools=tools, initramfs=initramfs,
                     method="plain" if path == "plain" else "tmdht",
@@ -422,6 +439,7 @@ def bench_live(catalog_path: Path, cluster: Any, build_dir: Path, runs: int) -> 
                 print(f"  live {path} run {run + 1}: {outcome.stats.total_time_ms} ms",
                       file=sys.stderr, flush=True)
     finally:
+        lab_migrate.tmdht_command = own_command
         if saved is None:
             os.environ.pop("TMDHT_NATIVE", None)
         else:
@@ -447,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="passes per core measurement")
     parser.add_argument("--baseline-rev", default="main",
                         help="git revision whose migration_stream.py is the 'baseline' row")
+    parser.add_argument("--baseline-python", default=None,
+                        help="python of another tree's venv (e.g. a checkout of main): its "
+                        "proxies are the 'baseline' row of startup, loopback and live")
     parser.add_argument("--startup-runs", type=int, default=10)
     parser.add_argument("--loopback-runs", type=int, default=3)
     parser.add_argument("--live-runs", type=int, default=3)
@@ -454,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "pipeline.json")
     args = parser.parse_args(argv)
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    if args.baseline_python:
+        BASELINE_PYTHON.append(args.baseline_python)
     doc: dict[str, Any] = {
         "benchmark": "pipeline", "implementation": describe(),
         "machine": {"python": sys.version.split()[0], "platform": platform.platform(),

@@ -519,6 +519,13 @@ impl Receiver {
                 }
             }
         }
+        if at_out != out.len() {
+            // Never hand QEMU a buffer with bytes nobody wrote (plan() and emit() disagree).
+            return Err(Error::decode(format!(
+                "internal: planned {} output bytes, wrote {at_out}",
+                out.len()
+            )));
+        }
         Ok(())
     }
 

@@ -237,10 +237,12 @@ class Ring:
         if count == 0:
             return []
         ints, size, half = self._sorted_ints, len(self._sorted_ints), max(WINDOW, count)
-        if size <= 2 * half:
-            picked = self._choose(sorted(range(size), key=lambda j: ints[j] ^ key), count, True)
-        else:
-            at = bisect.bisect_left(ints, key)
+        at = bisect.bisect_left(ints, key)
+        while True:
+            if size <= 2 * half:
+                ranked = sorted(range(size), key=lambda j: ints[j] ^ key)
+                picked = self._choose(ranked, count, True)
+                break
             low = max(0, min(at - half, size - 2 * half))
             high = low + 2 * half
             near = sorted(range(low, high), key=lambda j: ints[j] ^ key)
@@ -249,11 +251,10 @@ class Ring:
             # prefix with the key): the candidates closer than that are the start of the
             # ring's XOR order, and the rule may pick among them only.
             bound = min(_highest_int_bit(ints[j] ^ key) for j in (low - 1, high) if 0 <= j < size)
-            sure = [j for j in near if ints[j] ^ key < bound]
-            chosen = self._choose(sure, count, False)
-            if chosen is None:
-                chosen = self._choose(sorted(range(size), key=lambda j: ints[j] ^ key), count, True)
-            picked = chosen
+            picked = self._choose([j for j in near if ints[j] ^ key < bound], count, False)
+            if picked is not None:
+                break
+            half *= 8  # rare: the key's closest nodes straddle a window edge, or domains are few
         assert picked is not None
         order = self._order_list
         return [order[j] for j in picked]

@@ -22,20 +22,23 @@ without domains, or whose domains all differ at the first level that tells any o
 place exactly as plain XOR distance does.
 
 The rule is Cassandra's NetworkTopologyStrategy rack rule (walk the ring from the key, skip
-nodes whose rack already holds a replica, and take the skipped ones in ring order once every
-rack is used) on Kademlia's metric, with Ceph CRUSH's idea of a hierarchy (zone > rack > host)
-whose every level is spread before the next. Unlike CRUSH there is no weighting and no
-pseudo-random descent of a map: placement depends on the member list alone, so it needs no
-shared map epoch, and unlike NetworkTopologyStrategy there is no per-zone replica count to
-configure.
+nodes whose rack already holds a replica, take the skipped ones in ring order once every rack is
+used) on Kademlia's metric, with Ceph CRUSH's hierarchy (zone > rack > host) spread level by
+level. Like CRUSH, placement is a pure function of the membership (nothing stored per page) and
+moves little when it changes; unlike CRUSH there are no weights and no per-pool rules, and
+unlike NetworkTopologyStrategy no per-zone replica count to configure. As with both, domains
+should be of similar size: a zone takes at most one copy of a key while the ring has R zones,
+so the nodes of a zone much larger than the others hold fewer pages each (bench/simulate.py).
 
 Batch placement is vectorised with numpy on the top 64 bits of the IDs, which orders distinct
 node IDs exactly unless two share their first 64 bits (then the exact 160-bit comparison
 decides, in Python). A :class:`Ring` prepares one membership view (sorted IDs, domain codes)
 once; each digest then looks only at the ``2 * WINDOW`` IDs next to its key in sorted order,
-which hold its closest nodes unless a certificate says otherwise (then that digest is placed by
-a full scan). The module-level functions keep a few recent rings, so calling them again with an
-unchanged view costs no preparation.
+which hold its closest nodes unless a certificate says otherwise (then that digest is placed
+again from a wider window, up to the whole ring). The module-level functions keep a few recent
+rings, so calling them again with an unchanged view costs no preparation; with domains, or with
+thousands of members, keep the :class:`Ring` of the current view instead (hashing the view to
+find it in the cache costs about as much as placing a small batch).
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ membership view), the same with failure domains (10 zones x 4 racks, nodes sprea
 and the cost of preparing a view with domains (paid once per membership change; the module
 functions keep the last few views, so "this" pays it only once too).
 
-Each figure is the median of --repeat runs, each run calling for at least 0.1 s; the machine may
-be shared, so compare the ratios (same run) rather than absolute figures across runs.
+Each figure is the median of --repeat rounds; a round calls each variant in turn for at least
+50 ms, so a busy spell of a shared machine hits them alike. Compare the ratios (same run) rather
+than absolute figures across runs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -52,19 +53,21 @@ def load_reference(rev: str) -> ModuleType:
     return module
 
 
-def per_call_us(call: Callable[[], object], repeat: int, min_time: float = 0.1) -> float:
-    """Median over ``repeat`` runs of the mean microseconds per call."""
-    runs = []
+def per_call_us(calls: Mapping[str, Callable[[], object]], repeat: int, min_time: float = 0.05) -> dict[str, float]:
+    """Median over ``repeat`` rounds of the mean microseconds per call of each of ``calls``;
+    the rounds take the calls in turn, so a busy spell of a shared machine hits them alike."""
+    runs: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeat):
-        count, started = 0, time.perf_counter()
-        while True:
-            call()
-            count += 1
-            elapsed = time.perf_counter() - started
-            if elapsed >= min_time or count >= 100_000:
-                break
-        runs.append(elapsed / count * 1e6)
-    return statistics.median(runs)
+        for name, call in calls.items():
+            count, started = 0, time.perf_counter()
+            while True:
+                call()
+                count += 1
+                elapsed = time.perf_counter() - started
+                if elapsed >= min_time or count >= 100_000:
+                    break
+            runs[name].append(elapsed / count * 1e6)
+    return {name: statistics.median(values) for name, values in runs.items()}
 
 
 def zones(count: int, rng: np.random.Generator) -> list[FailureDomain]:
@@ -94,7 +97,7 @@ def main() -> None:
         ids = [rng.bytes(20) for _ in range(nodes)]
         domains = zones(nodes, rng)
         flat, spread = Ring(ids), Ring(ids, domains)
-        view_us = per_call_us(partial(Ring, ids, domains), args.repeat)
+        view_us = per_call_us({"view": partial(Ring, ids, domains)}, args.repeat)["view"]
         for batch in (int(b) for b in args.batches.split(",")):
             digests = [rng.bytes(32) for _ in range(batch)]
             want = reference.replica_rows(digests, ids, args.replicas)
@@ -106,7 +109,7 @@ def main() -> None:
                 "ring": partial(flat.replica_rows, digests, args.replicas),
                 "domains": partial(spread.replica_rows, digests, args.replicas),
             }
-            us = {name: per_call_us(call, args.repeat) / batch for name, call in timed.items()}
+            us = {name: value / batch for name, value in per_call_us(timed, args.repeat).items()}
             rows.append({"nodes": nodes, "batch": batch, "new_view_us": view_us,
                          **{f"{name}_us_per_digest": value for name, value in us.items()}})
             print(f"{nodes:>6} {batch:>6} {us['ref']:>9.2f} {us['this']:>9.2f} "

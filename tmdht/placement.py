@@ -240,27 +240,35 @@ class Ring:
         if count == 0:
             return []
         ints, size, half = self._sorted_ints, len(self._sorted_ints), max(WINDOW, count)
+        order = self._order_list
+        if size <= 2 * half:
+            # A small ring: every node is a candidate, nothing to certify.
+            dist = [v ^ key for v in ints]
+            ranked = sorted(range(size), key=dist.__getitem__)
+            if not self._distinct:
+                return [order[j] for j in ranked[:count]]
+            picked = self._choose(ranked, count, True)
+            assert picked is not None
+            return [order[j] for j in picked]
         at = bisect.bisect_left(ints, key)
         while True:
-            if size <= 2 * half:
-                ranked = sorted(range(size), key=lambda j: ints[j] ^ key)
-                picked = self._choose(ranked, count, True)
-                break
             low = max(0, min(at - half, size - 2 * half))
-            high = low + 2 * half
-            near = sorted(range(low, high), key=lambda j: ints[j] ^ key)
+            high = min(size, low + 2 * half)
+            dist = [ints[j] ^ key for j in range(low, high)]
+            near = sorted(range(len(dist)), key=dist.__getitem__)
             # Every ID outside the window is at least as far as the highest bit of the distance
             # to the window's nearer outside neighbour (IDs further out share no longer a
             # prefix with the key): the candidates closer than that are the start of the
             # ring's XOR order, and the rule may pick among them only.
-            bound = min(_highest_int_bit(ints[j] ^ key) for j in (low - 1, high) if 0 <= j < size)
-            picked = self._choose([j for j in near if ints[j] ^ key < bound], count, False)
+            bound = min(
+                (_highest_int_bit(ints[j] ^ key) for j in (low - 1, high) if 0 <= j < size),
+                default=1 << (NODE_ID_SIZE * 8),
+            )
+            sure = [low + r for r in near if dist[r] < bound]
+            picked = self._choose(sure, count, len(sure) == size)
             if picked is not None:
-                break
+                return [order[j] for j in picked]
             half *= 8  # rare: the key's closest nodes straddle a window edge, or domains are few
-        assert picked is not None
-        order = self._order_list
-        return [order[j] for j in picked]
 
     def _choose(self, ranked: list[int], count: int, complete: bool) -> list[int] | None:
         """The rule over ``ranked`` (sorted positions, closest first): the picks closest first,

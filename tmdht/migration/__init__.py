@@ -13,11 +13,16 @@ feed bytes in and write what comes out. :mod:`tmdht.migration_stream` re-exports
 
 from tmdht.migration.decoders import ForwardDecoder, ReverseDecoder
 from tmdht.migration.format import (
+    FLAG_COMPRESS,
     MAX_BACKREF_WINDOW,
     MAX_FLOW_WINDOW,
+    MAX_HELD,
+    MAX_INDEX,
+    MAX_MESSAGE,
     MAX_NEED,
     MAX_RAW,
     MIGRATION_MAGIC,
+    MIGRATION_VERSION,
     Ack,
     BackRef,
     CompressedPage,
@@ -41,11 +46,16 @@ from tmdht.migration.receiver import RebuildStats, ReceiverRebuilder
 from tmdht.migration.sender import SenderRewriter
 
 __all__ = [
+    "FLAG_COMPRESS",
     "MAX_BACKREF_WINDOW",
     "MAX_FLOW_WINDOW",
+    "MAX_HELD",
+    "MAX_INDEX",
+    "MAX_MESSAGE",
     "MAX_NEED",
     "MAX_RAW",
     "MIGRATION_MAGIC",
+    "MIGRATION_VERSION",
     "Ack",
     "BackRef",
     "CompressedPage",

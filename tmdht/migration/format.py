@@ -60,6 +60,7 @@ __all__ = [
     "MAX_BACKREF_WINDOW",
     "MAX_FLOW_WINDOW",
     "MAX_HELD",
+    "MAX_INDEX",
     "MAX_MESSAGE",
     "MAX_NEED",
     "MAX_RAW",
@@ -99,6 +100,9 @@ MAX_FLOW_WINDOW: Final = 1 << 30
 MAX_HELD: Final = 256 << 20
 """Most device-state bytes a receiver holds until END."""
 MAX_MESSAGE: Final = 4096
+"""Longest DONE message (UTF-8 bytes)."""
+MAX_INDEX: Final = (1 << 32) - 1
+"""Largest body index (a be32)."""
 FLAG_COMPRESS: Final = 0x01
 """Hello flag: residual pages may come zstd-compressed."""
 

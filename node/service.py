@@ -26,7 +26,7 @@ from typing import Any
 
 from tmdht import __version__, wire
 from tmdht.auth import Authenticator, ClusterKey, keyring_from, parse_cluster_keys
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.client.dataplane import SOCKET_BUFFER, DataPlaneClient
 from tmdht.config import NodeConfig
 from tmdht.errors import ConfigError, TmdhtError
 from tmdht.node.dataplane import DataPlaneServer
@@ -35,6 +35,13 @@ from tmdht.node.metrics import NodeMetrics
 from tmdht.node.overlay import MembershipEventKind, Overlay, OverlayConfig, OverlayError
 from tmdht.node.replication import Replicator, Target
 from tmdht.node.storage import PageStore
+from tmdht.node.system import (
+    OPEN_FILES_WANTED,
+    buffer_grants,
+    notify_supervisor,
+    raise_open_files_limit,
+    read_sysctl,
+)
 from tmdht.ratelimit import RateLimitConfig
 
 __all__ = ["CLUSTER_KEY_ENV", "StoreNode", "load_cluster_key", "load_cluster_keys"]
@@ -186,6 +193,7 @@ class StoreNode:
                 metrics=self.metrics,
                 on_unanswered=self._suspect,
             )
+            self._check_socket_buffers()
             self._spawn(self.replicator.run(), "replication")
             self._spawn(self._watch_membership(), "membership")
             self.metrics.info.labels(self.overlay.node_id.hex(), __version__).set(1)
@@ -252,7 +260,22 @@ class StoreNode:
         self._stopped.set()
 
     async def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT (or a fatal error), then stop gracefully."""
+        """Start, serve until SIGTERM/SIGINT (or a fatal error), then stop gracefully.
+
+        As a service process it also raises its open-files limit (warning when the hard limit
+        is lower than it wants) and tells systemd (``Type=notify``) when it is ready and when it
+        stops.
+        """
+        soft, hard = raise_open_files_limit()
+        if soft < OPEN_FILES_WANTED:
+            log.warning(
+                "open files limit is %d (hard limit %d), below the %d a node asks for: raise "
+                "the hard limit (systemd LimitNOFILE=, docker run --ulimit nofile=, dockerd "
+                "--default-ulimit) if the node runs out of file descriptors",
+                soft,
+                hard,
+                OPEN_FILES_WANTED,
+            )
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT)
         previous = {s: signal.getsignal(s) for s in signals}
@@ -260,13 +283,48 @@ class StoreNode:
             loop.add_signal_handler(s, self._stopped.set)
         try:
             await self.start()
+            notify_supervisor(f"READY=1\nSTATUS={self._status_line()}")
             await self._stopped.wait()
             log.info("shutting down")
+            notify_supervisor("STOPPING=1\nSTATUS=draining and closing the page store")
         finally:
             for s in signals:
                 loop.remove_signal_handler(s)
                 signal.signal(s, previous[s])
             await self.stop()
+
+    def _check_socket_buffers(self) -> None:
+        """Export every UDP socket's granted and requested buffers; warn about short ones."""
+        assert self.dataplane is not None and self.client is not None
+        assert self.overlay is not None
+        kademlia = self.overlay.socket_buffers
+        grants = [
+            *buffer_grants("kademlia", kademlia.requested, (kademlia.receive, kademlia.send)),
+            *buffer_grants("data", SOCKET_BUFFER, self.dataplane.buffers),
+            *buffer_grants("replication", SOCKET_BUFFER, self.client.buffers),
+        ]
+        for grant in grants:
+            self.metrics.socket_buffer.labels(grant.socket, grant.direction).set(grant.granted)
+            self.metrics.socket_buffer_requested.labels(grant.socket, grant.direction).set(
+                grant.requested
+            )
+        short = [f"{g.socket} {g.direction} {g.granted} < {g.requested}" for g in grants if g.short]
+        if short:
+            log.warning(
+                "socket buffers smaller than asked (%s; net.core.rmem_max=%s, wmem_max=%s): "
+                "bursts beyond them are dropped; raise the sysctls on the host "
+                "(deploy/systemd/90-tmdht.conf)",
+                ", ".join(short),
+                read_sysctl("net.core.rmem_max"),
+                read_sysctl("net.core.wmem_max"),
+            )
+
+    def _status_line(self) -> str:
+        assert self.overlay is not None and self.store is not None
+        return (
+            f"serving as {self.overlay.node_id.hex()[:16]}, {self.store.page_count} pages, "
+            f"{len(self.overlay.members())} members"
+        )
 
     # -- views -------------------------------------------------------------------------------
 

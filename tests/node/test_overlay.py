@@ -188,6 +188,25 @@ def test_four_overlays_form_a_ring_from_one_seed(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_a_node_whose_seed_was_not_up_yet_joins_within_seconds(tmp_path: Path) -> None:
+    """Nodes started together (a StatefulSet, compose, systemd instances) find their seeds not
+    listening yet: the lonely node asks again within seconds, not after the refresh interval."""
+
+    async def scenario() -> None:
+        async with fake_peer(lambda request: None) as (silent, address):
+            lonely = await Overlay.start(config(tmp_path, 1, [address]))
+        try:
+            assert [m.node_id for m in lonely.members()] == [lonely.node_id] and silent.requests
+            async with await Overlay.start(config(tmp_path, 0, port=address[1])) as seed:
+                started = time.monotonic()
+                await until_members(lonely, {lonely.node_id, seed.node_id}, timeout=10)
+                assert time.monotonic() - started < FAST["refresh_interval"] / 2
+        finally:
+            await lonely.stop()
+
+    run(scenario)
+
+
 def test_node_id_persists_across_restart(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with await Overlay.start(config(tmp_path, 0)) as first:

@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -141,27 +142,22 @@ def run_docker(docker: DockerPhase, tar: Path, report: Report) -> None:
 
 def run_systemd(systemd: SystemdPhase, base: Path, report: Report) -> None:
     """The systemd half; a failed step ends it."""
+    steps: list[tuple[str, Callable[[], str]]] = [
+        ("rootfs with the project, unit, drop-in, 3 configs", lambda: systemd.prepare(base)),
+        ("booted by systemd-nspawn --private-network", systemd.boot),
+        ("3 Type=notify instances ready when start returns", systemd.start_instances),
+        ("one user per instance, hardening applied", systemd.check_users),
+        ("cluster status shows 3 ready members", systemd.check_ring),
+        ("restart keeps the node id", systemd.restart_keeps_id),
+        ("kill -9 is restarted", systemd.kill_restarts),
+        ("missing key fails with the credential error", systemd.missing_key_fails),
+        ("systemd-analyze security <= 2.0", systemd.security),
+        ("clamped LimitNOFILE warned, idle sweeps quiet", systemd.check_journal),
+    ]
     with report.phase("systemd"):
-        with report.step("systemd: rootfs with the project, unit, drop-in, 3 configs") as notes:
-            notes.append(systemd.prepare(base))
-        with report.step("systemd: booted by systemd-nspawn --private-network") as notes:
-            notes.append(systemd.boot())
-        with report.step("systemd: 3 Type=notify instances ready when start returns") as notes:
-            notes.append(systemd.start_instances())
-        with report.step("systemd: one user per instance, hardening applied") as notes:
-            notes.append(systemd.check_users())
-        with report.step("systemd: cluster status shows 3 ready members") as notes:
-            notes.append(systemd.check_ring())
-        with report.step("systemd: restart keeps the node id") as notes:
-            notes.append(systemd.restart_keeps_id())
-        with report.step("systemd: kill -9 is restarted") as notes:
-            notes.append(systemd.kill_restarts())
-        with report.step("systemd: missing key fails with the credential error") as notes:
-            notes.append(systemd.missing_key_fails())
-        with report.step("systemd: systemd-analyze security <= 2.0") as notes:
-            notes.append(systemd.security())
-        with report.step("systemd: clamped LimitNOFILE warned, idle sweeps quiet") as notes:
-            notes.append(systemd.check_journal())
+        for name, check in steps:
+            with report.step(f"systemd: {name}") as notes:
+                notes.append(check())
 
 
 def teardown(

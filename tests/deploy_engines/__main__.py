@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from types import FrameType
 
 from deploy_engines.bases import Bases
 from deploy_engines.docker import DockerPhase
-from deploy_engines.host import HostState, cleanup_created, run
+from deploy_engines.host import HostState, cleanup_created, run, stop_leftovers
 from deploy_engines.report import CheckFailed, Report, Skipped
 from deploy_engines.systemd import SystemdPhase
 
@@ -55,8 +54,11 @@ def main() -> int:
     report = Report()
     work = REPO / "build" / "deploy-test"
     cache = Path(os.environ.get("TMDHT_DEPLOY_CACHE", REPO / "build" / "deploy-cache"))
+    leftovers = stop_leftovers(work)
+    if leftovers:
+        report.say(f"an earlier run was killed before its teardown; stopped {leftovers}")
     if work.exists():
-        shutil.rmtree(work)
+        run(["rm", "-rf", "--one-file-system", work], timeout=300)
     (work / "logs").mkdir(parents=True)
     report.say(f"work directory {work}, logs in {work / 'logs'}, bases cached in {cache}")
     before = HostState.record(work)

@@ -31,6 +31,7 @@ __all__ = [
     "StateDiff",
     "cleanup_created",
     "run",
+    "stop_leftovers",
     "wait_for",
 ]
 
@@ -356,6 +357,34 @@ def cleanup_created(before: HostState, work: Path) -> list[str]:
                 target.unlink()
             removed.append(f"path {path}")
     return removed
+
+
+def stop_leftovers(work: Path) -> list[str]:
+    """Stop the daemons an earlier run of this test left running (it was killed before its
+    teardown): dockerd, systemd-nspawn or prometheus whose command line names this test's work
+    or runtime directory, so none but ours. Then unmount and remove what they held."""
+    stopped = []
+    markers = (str(work), str(RUN_DIR))
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            comm = (proc / "comm").read_text().strip()
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            if comm in ("dockerd", "systemd-nspawn", "prometheus") and any(
+                m in cmdline for m in markers
+            ):
+                os.kill(int(proc.name), signal.SIGTERM)
+                stopped.append(f"{comm} {proc.name}")
+    for entry in stopped:
+        pid = int(entry.split()[1])
+        with contextlib.suppress(TimeoutError):
+            wait_for(f"{entry} to exit", lambda p=pid: not Path(f"/proc/{p}").exists(), 60)
+    mounts = [m for m in _mounts() if any(m.startswith(f"{marker}/") for marker in markers)]
+    for point in sorted(mounts, key=len, reverse=True):
+        run(["umount", "--lazy", point], check=False)
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
+    return stopped + [f"mount {m}" for m in mounts]
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval: float = 0.25) -> T:

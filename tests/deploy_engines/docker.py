@@ -245,19 +245,9 @@ class DockerPhase:
                    cwd=self.repo)  # fmt: skip
         if f"Successfully tagged {IMAGE}" not in proc.stdout:
             raise CheckFailed("docker build did not tag the image")
-        installed = json.loads(
-            self.docker(
-                "run",
-                "--rm",
-                "--entrypoint",
-                "/opt/tmdht/bin/pip",
-                IMAGE,
-                "list",
-                "--format",
-                "json",
-                "--disable-pip-version-check",
-            )
-        )
+        listing = self.docker("run", "--rm", "--entrypoint", "/opt/tmdht/bin/pip", IMAGE, "list",
+                              "--format", "json", "--disable-pip-version-check")  # fmt: skip
+        installed = json.loads(listing)
         pins = _pins(self.repo / "requirements" / "runtime.txt")
         got = {_canonical(p["name"]): p["version"] for p in installed}
         wrong = {n: (v, got.get(n)) for n, v in pins.items() if got.get(n) != v}

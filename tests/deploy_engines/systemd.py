@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from support.deploy import SYSTEMD_SAMPLE, fill_sample
+
 from deploy_engines.bases import NSPAWN_ONE_SHOT
 from deploy_engines.cluster import cluster_status
 from deploy_engines.host import Daemon, run, wait_for
 from deploy_engines.report import CheckFailed, Report
-from support.deploy import SYSTEMD_SAMPLE, fill_sample
 
 __all__ = ["SystemdPhase"]
 
@@ -162,7 +163,9 @@ class SystemdPhase:
         def manager_answers() -> bool:
             proc = run(["nsenter", "-t", str(self.leader), "-a", "env", "-i", CONTAINER_PATH,
                         "systemctl", "is-system-running"], check=False, timeout=30)  # fmt: skip
-            return bool(proc.stdout.strip())  # a state, not "Failed to connect to bus"
+            # A state, not "Failed to connect to bus", nor "offline" (PID 1 is not systemd yet,
+            # or has not created /run/systemd/system).
+            return proc.stdout.strip() not in ("", "offline")
 
         wait_for("systemd in the container answering", manager_answers, 60)
         state = self.inside(

@@ -7,6 +7,7 @@ commands run inside through ``nsenter`` into the container's namespaces, and the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -155,8 +156,15 @@ class SystemdPhase:
                 raise CheckFailed(
                     f"systemd-nspawn exited:\n{self.nspawn.tail() if self.nspawn else ''}"
                 )
-            children = _children(self.nspawn.pid)
-            return children[0] if children else None
+            # nspawn forks an outer child that forks the container's init and exits: the leader
+            # is the child that is PID 1 in its own PID namespace.
+            for child in _children(self.nspawn.pid):
+                with contextlib.suppress(OSError):
+                    status = Path(f"/proc/{child}/status").read_text()
+                    nspid = next((x for x in status.splitlines() if x.startswith("NSpid:")), "")
+                    if nspid.split()[-1] == "1" and len(nspid.split()) == 3:
+                        return child
+            return None
 
         self.leader = wait_for("the container's init", leader, 30)
 

@@ -229,7 +229,10 @@ class DockerPhase:
         files = [line[2:] for line in proc.stdout.splitlines() if line.startswith("./")]
         for line in self.docker("images", "-q", "--filter", "dangling=true").split():
             self.docker("rmi", line, check=False)
-        leaked = [f for f in files if f.split("/")[0] in {".git", "build", "tests", "bench"}]
+        leaked = [
+            f for f in files
+            if f.split("/")[0] in {".git", "build", "tests", "bench"} or f.endswith(".so")
+        ]  # fmt: skip
         if leaked or not any(f.startswith("node/") for f in files):
             raise CheckFailed(f"context holds {leaked[:5]} ... or lacks node/: {files[:10]}")
         size = float(sent.group(1)) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[sent.group(2)]

@@ -105,7 +105,9 @@ class SystemdPhase:
         for name in PROJECT_FILES:
             src = self.repo / name
             if src.is_dir():
-                shutil.copytree(src, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+                shutil.copytree(
+                    src, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.so")
+                )
             else:
                 source.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, source / name)

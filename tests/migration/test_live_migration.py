@@ -39,8 +39,9 @@ SPEC = GuestSpec(name="traveller", workload="mixed", seed=21)
 
 
 @pytest.fixture(scope="module")
-def catalog_path(guest_captures: list[GuestCapture], tmp_path_factory: pytest.TempPathFactory
-                 ) -> Path:
+def catalog_path(
+    guest_captures: list[GuestCapture], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """Templates mined from three other guests."""
     with TemplateMiner(MiningConfig()) as miner:
         for capture in guest_captures[:3]:
@@ -53,15 +54,18 @@ def catalog_path(guest_captures: list[GuestCapture], tmp_path_factory: pytest.Te
 
 
 @pytest.fixture(scope="module")
-def cluster(catalog_path: Path, guest_captures: list[GuestCapture],
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def cluster(
+    catalog_path: Path, guest_captures: list[GuestCapture], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
     """A 3-node cluster holding the catalog's templates."""
     root = tmp_path_factory.mktemp("cluster")
     with LocalCluster(root, 3, extra_args=FAST_NODE_ARGS) as local:
         key = local.key_file.read_text().strip()
-        doc = publish_files(TemplateCatalog.load(catalog_path),
-                            [c.stream_path for c in guest_captures[:3]],
-                            {"seeds": [local.seed], "cluster_key": key})
+        doc = publish_files(
+            TemplateCatalog.load(catalog_path),
+            [c.stream_path for c in guest_captures[:3]],
+            {"seeds": [local.seed], "cluster_key": key},
+        )
         assert doc["not_found"] == 0
         yield local
 
@@ -70,16 +74,39 @@ def receiver_uri(cluster: LocalCluster, tmp: Path, catalog: Path) -> tuple[str, 
     fifo = make_fifo(tmp / "ready.fifo")
     report = tmp / "receive.json"
     host, port = cluster.nodes[0].address("kademlia")
-    command = tmdht_command("qemu", "receive", "--listen", "127.0.0.1:0",
-                            "--seed", f"{host}:{port}", "--cluster-key-file", cluster.key_file,
-                            "--catalog", catalog, "--ready-file", fifo, "--report", report,
-                            "--accept-timeout", "60")
+    command = tmdht_command(
+        "qemu",
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--seed",
+        f"{host}:{port}",
+        "--cluster-key-file",
+        cluster.key_file,
+        "--catalog",
+        catalog,
+        "--ready-file",
+        fifo,
+        "--report",
+        report,
+        "--accept-timeout",
+        "60",
+    )
     return f"exec:{command}", fifo, report
 
 
 def sender_uri(catalog: Path, port: int, report: Path, *extra: str) -> str:
-    return "exec:" + tmdht_command("qemu", "send", "--catalog", catalog, "--to",
-                                   f"127.0.0.1:{port}", "--report", report, *extra)
+    return "exec:" + tmdht_command(
+        "qemu",
+        "send",
+        "--catalog",
+        catalog,
+        "--to",
+        f"127.0.0.1:{port}",
+        "--report",
+        report,
+        *extra,
+    )
 
 
 def wait_transferred(guest: Guest, at_least: int, timeout: float) -> int:
@@ -110,11 +137,18 @@ def wait_exit(guest: Guest, timeout: float) -> int:
 
 
 def test_guest_continues_at_the_destination_with_identical_memory(
-        lab_tools: HostTools, lab_initramfs: Path, cluster: LocalCluster, catalog_path: Path,
-        tmp_path: Path) -> None:
-    with Guest(SPEC, tools=lab_tools, initramfs=lab_initramfs) as source, \
-            Guest(SPEC, incoming="defer", tools=lab_tools, initramfs=lab_initramfs,
-                  extra_args=("-S",)) as dest:
+    lab_tools: HostTools,
+    lab_initramfs: Path,
+    cluster: LocalCluster,
+    catalog_path: Path,
+    tmp_path: Path,
+) -> None:
+    with (
+        Guest(SPEC, tools=lab_tools, initramfs=lab_initramfs) as source,
+        Guest(
+            SPEC, incoming="defer", tools=lab_tools, initramfs=lab_initramfs, extra_args=("-S",)
+        ) as dest,
+    ):
         source.wait_counter(3, timeout=60)
         uri, fifo, receive_report = receiver_uri(cluster, tmp_path, catalog_path)
         dest.migrate_incoming(uri)
@@ -148,10 +182,16 @@ def test_guest_continues_at_the_destination_with_identical_memory(
 
 
 def test_migration_completes_when_every_store_node_dies(
-        lab_tools: HostTools, lab_initramfs: Path, cluster: LocalCluster, catalog_path: Path,
-        tmp_path: Path) -> None:
-    with Guest(SPEC, tools=lab_tools, initramfs=lab_initramfs) as source, \
-            Guest(SPEC, incoming="defer", tools=lab_tools, initramfs=lab_initramfs) as dest:
+    lab_tools: HostTools,
+    lab_initramfs: Path,
+    cluster: LocalCluster,
+    catalog_path: Path,
+    tmp_path: Path,
+) -> None:
+    with (
+        Guest(SPEC, tools=lab_tools, initramfs=lab_initramfs) as source,
+        Guest(SPEC, incoming="defer", tools=lab_tools, initramfs=lab_initramfs) as dest,
+    ):
         source.wait_counter(2, timeout=60)
         uri, fifo, receive_report = receiver_uri(cluster, tmp_path, catalog_path)
         dest.migrate_incoming(uri)
@@ -170,19 +210,35 @@ def test_migration_completes_when_every_store_node_dies(
         received = load_report(receive_report)
         assert received["ok"]
         assert received["fallback_pages"] > 0
-        assert received["cluster_pages"] + received["fallback_pages"] == \
-            received["counts"]["template_pages"]
+        assert (
+            received["cluster_pages"] + received["fallback_pages"]
+            == received["counts"]["template_pages"]
+        )
 
 
 def test_killed_sender_fails_the_migration_and_the_source_keeps_running(
-        lab_tools: HostTools, lab_initramfs: Path, catalog_path: Path, tmp_path: Path) -> None:
-    with Guest(SPEC, tools=lab_tools, initramfs=lab_initramfs) as source, \
-            Guest(SPEC, incoming="defer", tools=lab_tools, initramfs=lab_initramfs) as dest:
+    lab_tools: HostTools, lab_initramfs: Path, catalog_path: Path, tmp_path: Path
+) -> None:
+    with (
+        Guest(SPEC, tools=lab_tools, initramfs=lab_initramfs) as source,
+        Guest(SPEC, incoming="defer", tools=lab_tools, initramfs=lab_initramfs) as dest,
+    ):
         source.wait_counter(2, timeout=60)
         fifo = make_fifo(tmp_path / "ready.fifo")
-        dest.migrate_incoming("exec:" + tmdht_command(
-            "qemu", "receive", "--listen", "127.0.0.1:0", "--no-cluster", "--ready-file", fifo,
-            "--accept-timeout", "60"))
+        dest.migrate_incoming(
+            "exec:"
+            + tmdht_command(
+                "qemu",
+                "receive",
+                "--listen",
+                "127.0.0.1:0",
+                "--no-cluster",
+                "--ready-file",
+                fifo,
+                "--accept-timeout",
+                "60",
+            )
+        )
         _host, port = read_ready(fifo, timeout=30)
         source.set_migration_parameters(max_bandwidth=8 << 20, downtime_limit=300)
         source.migrate(sender_uri(catalog_path, port, tmp_path / "send.json"))

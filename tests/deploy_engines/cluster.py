@@ -12,10 +12,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from deploy_engines.host import run
-from deploy_engines.report import CheckFailed
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy_engines.host import run
+from deploy_engines.report import CheckFailed
 from tmdht.client.store import TemplateStoreClient
 from tmdht.pages import digest_page
 

@@ -642,8 +642,18 @@ class Overlay:
             self._pump()
 
     async def _refresh_loop(self) -> None:
+        # A node that knows nobody asks its seeds again after 1 s, 2 s, 4 s ... up to the refresh
+        # interval: nodes started together (a StatefulSet, a compose file, several systemd
+        # instances) all find their seeds not yet listening on the first try.
+        alone_wait = 1.0
         while True:
-            await asyncio.sleep(self.config.refresh_interval)
+            alone = not self._book.members() and bool(self.config.seeds)
+            await asyncio.sleep(
+                min(alone_wait, self.config.refresh_interval)
+                if alone
+                else self.config.refresh_interval
+            )
+            alone_wait = alone_wait * 2 if alone else 1.0
             try:
                 if not self._book.members():
                     await self.bootstrap()

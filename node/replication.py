@@ -36,7 +36,7 @@ from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageStore
 from tmdht.placement import replica_indices
 
-__all__ = ["Replicator", "SweepReport"]
+__all__ = ["Replicator", "SweepReport", "sweep_log_level"]
 
 log = logging.getLogger("tmdht.node.replication")
 
@@ -59,6 +59,14 @@ class SweepReport:
     unanswered: int = 0
     complete: bool = False
     seconds: float = 0.0
+
+
+def sweep_log_level(report: SweepReport, previous: SweepReport | None) -> int:
+    """INFO for a sweep that moved or dropped pages or found a different number of pages short
+    of replicas than the last one; DEBUG for the quiet ones (every few seconds on an idle node).
+    """
+    changed = previous is None or report.under_replicated != previous.under_replicated
+    return logging.INFO if report.copied or report.dropped or changed else logging.DEBUG
 
 
 class Replicator:
@@ -124,6 +132,7 @@ class Replicator:
     async def run(self) -> None:
         """Push fresh pages as they come; sweep on membership changes and every ``interval``."""
         next_sweep = self.clock() + self.interval
+        previous: SweepReport | None = None
         while True:
             wait = min(next_sweep, self._fresh_due()) - self.clock()
             with contextlib.suppress(TimeoutError):
@@ -135,7 +144,10 @@ class Replicator:
             report = await self.sweep()
             next_sweep = self.clock() + self.interval
             if report.complete:
-                log.info(
+                level = sweep_log_level(report, previous)
+                previous = report
+                log.log(
+                    level,
                     "replication sweep: %d pages examined, %d copied, %d under-replicated, "
                     "%d surplus dropped in %.2f s",
                     report.examined,

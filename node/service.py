@@ -39,6 +39,13 @@ from tmdht.node.http import HealthServer
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.replication import Replicator
 from tmdht.node.storage import PageStore
+from tmdht.node.system import (
+    OPEN_FILES_WANTED,
+    buffer_grants,
+    notify_supervisor,
+    raise_open_files_limit,
+    read_sysctl,
+)
 from tmdht.ratelimit import RateLimitConfig
 
 __all__ = ["DRAIN_TIMEOUT", "NodeStatus", "StoreNode"]
@@ -166,6 +173,7 @@ class StoreNode:
                 metrics=self.metrics,
                 on_unanswered=self._suspect,
             )
+            self._check_socket_buffers()
             self._spawn(self.replicator.run(), "replication")
             self._spawn(self._watch_membership(), "membership")
             self.metrics.info.labels(self.overlay.node_id.hex(), __version__).set(1)
@@ -221,7 +229,22 @@ class StoreNode:
         self._stopped.set()
 
     async def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT (or a fatal error), then stop gracefully."""
+        """Start, serve until SIGTERM/SIGINT (or a fatal error), then stop gracefully.
+
+        As a service process it also raises its open-files limit (warning when the hard limit
+        is lower than it wants) and tells systemd (``Type=notify``) when it is ready and when it
+        stops.
+        """
+        soft, hard = raise_open_files_limit()
+        if soft < OPEN_FILES_WANTED:
+            log.warning(
+                "open files limit is %d (hard limit %d), below the %d a node asks for: raise "
+                "the hard limit (systemd LimitNOFILE=, docker run --ulimit nofile=, dockerd "
+                "--default-ulimit) if the node runs out of file descriptors",
+                soft,
+                hard,
+                OPEN_FILES_WANTED,
+            )
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT)
         previous = {s: signal.getsignal(s) for s in signals}
@@ -229,13 +252,52 @@ class StoreNode:
             loop.add_signal_handler(s, self._stopped.set)
         try:
             await self.start()
+            notify_supervisor(f"READY=1\nSTATUS={self._status_line()}")
             await self._stopped.wait()
             log.info("shutting down")
+            notify_supervisor("STOPPING=1\nSTATUS=draining and closing the page store")
         finally:
             for s in signals:
                 loop.remove_signal_handler(s)
                 signal.signal(s, previous[s])
             await self.stop()
+
+    def _check_socket_buffers(self) -> None:
+        """Export every UDP socket's granted and requested buffers; warn about short ones."""
+        assert self.dataplane is not None and self.client is not None
+        assert self.overlay is not None
+        sockets = {
+            "kademlia": self.overlay.socket_buffers,
+            "data": self.dataplane.buffers,
+            "replication": self.client.buffers,
+        }
+        grants = [
+            grant
+            for name, buffers in sockets.items()
+            for grant in buffer_grants(name, buffers.requested, (buffers.receive, buffers.send))
+        ]
+        for grant in grants:
+            self.metrics.socket_buffer.labels(grant.socket, grant.direction).set(grant.granted)
+            self.metrics.socket_buffer_requested.labels(grant.socket, grant.direction).set(
+                grant.requested
+            )
+        short = [f"{g.socket} {g.direction} {g.granted} < {g.requested}" for g in grants if g.short]
+        if short:
+            log.warning(
+                "socket buffers smaller than asked (%s; net.core.rmem_max=%s, wmem_max=%s): "
+                "bursts beyond them are dropped; raise the sysctls on the host "
+                "(deploy/systemd/90-tmdht.conf)",
+                ", ".join(short),
+                read_sysctl("net.core.rmem_max"),
+                read_sysctl("net.core.wmem_max"),
+            )
+
+    def _status_line(self) -> str:
+        assert self.overlay is not None and self.store is not None
+        return (
+            f"serving as {self.overlay.node_id.hex()[:16]}, {self.store.page_count} pages, "
+            f"{len(self.overlay.members())} members"
+        )
 
     # -- views -------------------------------------------------------------------------------
 

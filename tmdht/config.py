@@ -9,6 +9,7 @@ TOML, comma-separated in the environment). Sizes accept ``KiB``/``MiB``/``GiB`` 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -121,6 +122,19 @@ def _seeds(value: Any) -> tuple[tuple[str, int], ...]:
     if not isinstance(items, list | tuple):
         raise ConfigError("seeds must be a list of host:port")
     return tuple(parse_address(str(s)) for s in items if str(s).strip())
+
+
+def _ip_literal(value: Any) -> str:
+    text = str(value).strip()
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not an IP address (peers cannot use a name)") from None
+    return text
+
+
+def _optional_ip_literal(value: Any) -> str | None:
+    return None if value in (None, "") else _ip_literal(value)
 
 
 def _choice(*options: str) -> Callable[[Any], str]:
@@ -265,8 +279,8 @@ def _known(table: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "data_dir": _path,
-    "host": str,
-    "advertise_host": lambda v: None if v in (None, "") else str(v),
+    "host": _ip_literal,
+    "advertise_host": _optional_ip_literal,
     "kademlia_port": _port,
     "data_port": _port,
     "metrics_port": _port,

@@ -134,9 +134,10 @@ async def fake_peer(
     try:
         yield requests, stream.sockname[:2]
     finally:
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
+        # Closing ends the server's recv() with TransportClosed once connection_lost has run,
+        # which closes the socket: the port is free when the server task is done.
         stream.close()
+        await asyncio.gather(server, return_exceptions=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +159,25 @@ def test_four_overlays_form_a_ring_from_one_seed(tmp_path: Path) -> None:
                     assert member.metrics_port == other.config.metrics_port
                     assert not member.suspect
                 assert overlay.stats().socket.dropped_malformed == 0
+
+    run(scenario)
+
+
+def test_a_node_whose_seed_was_not_up_yet_joins_within_seconds(tmp_path: Path) -> None:
+    """Nodes started together (a StatefulSet, compose, systemd instances) find their seeds not
+    listening yet: the lonely node asks again within seconds, not after the refresh interval."""
+
+    async def scenario() -> None:
+        async with fake_peer(lambda request: None) as (silent, address):
+            lonely = await Overlay.start(config(tmp_path, 1, [address]))
+        try:
+            assert [m.node_id for m in lonely.members()] == [lonely.node_id] and silent
+            async with await Overlay.start(config(tmp_path, 0, port=address[1])) as seed:
+                started = time.monotonic()
+                await until_members(lonely, {lonely.node_id, seed.node_id}, timeout=10)
+                assert time.monotonic() - started < FAST["refresh_interval"] / 2
+        finally:
+            await lonely.stop()
 
     run(scenario)
 

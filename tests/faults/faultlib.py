@@ -118,5 +118,7 @@ async def placed(
         last["wrong"] = len(wrong)
         return not wrong
 
-    await eventually(check, timeout, f"{len(digests)} pages on their {r} closest of {live} ({last})")
+    await eventually(
+        check, timeout, f"{len(digests)} pages on their {r} closest of {live} ({last})"
+    )
     return time.monotonic() - started

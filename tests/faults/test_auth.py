@@ -95,7 +95,9 @@ def test_a_client_with_a_wrong_key_or_none_gets_nothing(cluster: LocalCluster) -
         async with await DataPlaneClient.open(auth_for(cluster.key_file.read_text())) as client:
             got = await client.get_pages(cluster.nodes[1].address("data"), DIGESTS)
             assert not got.unanswered
-            has = await client.has(cluster.nodes[1].address("data"), [d for d, _ in make_pages(5, tag=72)])
+            has = await client.has(
+                cluster.nodes[1].address("data"), [d for d, _ in make_pages(5, tag=72)]
+            )
             assert not has.held
 
     run(main())

@@ -36,7 +36,9 @@ def run(coro: object) -> object:
     return asyncio.run(asyncio.wait_for(coro, 180))  # type: ignore[arg-type]
 
 
-async def placed(client: DataPlaneClient, cluster: LocalCluster, live: list[int], timeout: float) -> float:
+async def placed(
+    client: DataPlaneClient, cluster: LocalCluster, live: list[int], timeout: float
+) -> float:
     """Wait until every page is on exactly its R closest live nodes; returns the seconds taken."""
     want = expected_replicas(cluster, DIGESTS, live, 3)
     started = time.monotonic()

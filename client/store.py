@@ -67,6 +67,11 @@ log = logging.getLogger("tmdht.client")
 T = TypeVar("T")
 HEALTH_TIMEOUT = 2.0
 """Seconds to wait for a member's /readyz in :meth:`TemplateStoreClient.cluster_status`."""
+PUT_ROUNDS = 4
+"""Rounds of :meth:`TemplateStoreClient.put_many`: the first, then retries of what went
+unanswered (to the node again if it is alive, else to the next members)."""
+PUT_RETRY_BACKOFF = 0.5
+"""Seconds before the first retry round; doubled for each further one."""
 
 
 class StoreOptions(TypedDict, total=False):
@@ -435,7 +440,14 @@ class TemplateStoreClient:
     # -- writes ------------------------------------------------------------------------------
 
     async def put_many(self, pages: Iterable[bytes | tuple[bytes, bytes]]) -> PutSummary:
-        """Store pages on their R replicas; raises PublishFailed for pages stored nowhere."""
+        """Store pages on their R replicas; raises PublishFailed for pages stored nowhere.
+
+        A replica that does not answer (its requests timed out through every attempt, the
+        engine's congestion window having already slowed the publish down) is probed through
+        the overlay: if it answers it was only slow, and its pages go to it again; if not, it
+        counts as gone and its pages go to the next members of their placement. Up to
+        ``PUT_ROUNDS`` rounds; a page fails only when no replica took it in any of them.
+        """
         dataplane = self._running()
         items: dict[bytes, bytes] = {}
         for item in pages:
@@ -446,38 +458,101 @@ class TemplateStoreClient:
                 items[bytes(digest)] = bytes(page)
         summary = PutSummary(pages=len(items))
         digests = list(items)
-        per_node: dict[Member, list[tuple[bytes, bytes]]] = {}
         lists = self._replica_lists(digests)
+        wanted = min(self.replicas, len({m.node_id for row in lists for m in row}) or 1)
+        holders: dict[bytes, set[bytes]] = {d: set() for d in digests}  # node ids that took it
+        rejected: dict[bytes, str] = {}
+        gone: set[bytes] = set()  # node ids that answered neither a PUT nor a probe
+        work: dict[Member, list[bytes]] = {}
         for digest, row in zip(digests, lists, strict=True):
             for node in row:
-                per_node.setdefault(node, []).append((digest, items[digest]))
-        nodes = list(per_node)
-        outcomes = await asyncio.gather(
-            *(dataplane.put_pages(n.data_address, per_node[n]) for n in nodes)
-        )
-        copies: collections.Counter[bytes] = collections.Counter()
-        rejected: dict[bytes, str] = {}
-        for node, outcome in zip(nodes, outcomes, strict=True):
-            if outcome.unanswered:
-                dataplane.avoid(node.data_address)
-                self._node_failed(node.data_address)
-            for digest, status in outcome.status.items():
-                if status == wire.PutStatus.STORED:
-                    summary.stored += 1
-                    copies[digest] += 1
-                elif status == wire.PutStatus.PRESENT:
-                    summary.present += 1
-                    copies[digest] += 1
-                else:
-                    rejected[digest] = status.name.lower()
+                work.setdefault(node, []).append(digest)
+        for round_ in range(PUT_ROUNDS):
+            if not work:
+                break
+            if round_:
+                await asyncio.sleep(PUT_RETRY_BACKOFF * 2 ** (round_ - 1))
+            nodes = list(work)
+            outcomes = await asyncio.gather(
+                *(
+                    dataplane.put_pages(n.data_address, [(d, items[d]) for d in work[n]])
+                    for n in nodes
+                )
+            )
+            silent: dict[Member, set[bytes]] = {}
+            for node, outcome in zip(nodes, outcomes, strict=True):
+                if outcome.unanswered:
+                    silent[node] = set(outcome.unanswered)
+                for digest, status in outcome.status.items():
+                    if status == wire.PutStatus.STORED:
+                        summary.stored += 1
+                        holders[digest].add(node.node_id)
+                    elif status == wire.PutStatus.PRESENT:
+                        summary.present += 1
+                        holders[digest].add(node.node_id)
+                    else:
+                        rejected[digest] = status.name.lower()
+            work = await self._put_retries(silent, holders, rejected, gone, wanted)
         self.metrics.published.inc(summary.stored + summary.present)
-        wanted = min(self.replicas, len({m.node_id for row in lists for m in row}) or 1)
-        summary.under_replicated = {d for d in digests if 0 < copies[d] < wanted}
-        failed = [d for d in digests if copies[d] == 0]
+        summary.under_replicated = {d for d in digests if 0 < len(holders[d]) < wanted}
+        failed = [d for d in digests if not holders[d]]
         if failed:
             reasons = sorted({rejected.get(d, "no replica answered") for d in failed})
             raise PublishFailed(failed, ", ".join(reasons))
         return summary
+
+    async def _put_retries(
+        self,
+        silent: dict[Member, set[bytes]],
+        holders: dict[bytes, set[bytes]],
+        rejected: dict[bytes, str],
+        gone: set[bytes],
+        wanted: int,
+    ) -> dict[Member, list[bytes]]:
+        """What the next PUT round sends: the pages of nodes that did not answer, to the same
+        node if it answers a probe (it was slow), else to the next live members of the page's
+        placement (it is gone)."""
+        if not silent:
+            return {}
+        alive = await asyncio.gather(*(self._answers_probe(n) for n in silent))
+        work: dict[Member, list[bytes]] = {}
+        moved: set[bytes] = set()
+        for (node, unanswered), up in zip(silent.items(), alive, strict=True):
+            if up:
+                work[node] = [d for d in unanswered if d not in rejected]
+            else:
+                gone.add(node.node_id)
+                moved |= unanswered
+        moved = {d for d in moved if d not in rejected and len(holders[d]) < wanted}
+        if moved:
+            live = [m for m in self._members if m.node_id not in gone]
+            ids = [m.node_id for m in live]
+            order = sorted(moved)
+            # Enough candidates to find R members that have not taken the page yet.
+            depth = min(len(ids), wanted + len(gone))
+            rows = replica_rows(order, ids, depth) if ids else [[] for _ in order]
+            for digest, row in zip(order, rows, strict=True):
+                need = wanted - len(holders[digest])
+                for index in row:
+                    if need <= 0:
+                        break
+                    member = live[index]
+                    if member.node_id in holders[digest]:
+                        continue
+                    work.setdefault(member, []).append(digest)
+                    need -= 1
+        return {n: ds for n, ds in work.items() if ds}
+
+    async def _answers_probe(self, member: Member) -> bool:
+        """Whether ``member`` answers the overlay now (then the engine uses it again)."""
+        if self._overlay is None:
+            return False
+        try:
+            await self._overlay.probe(member.node_id)
+        except OverlayError:
+            return False
+        self._running().reinstate(member.data_address)
+        return True
 
 
 def _fetch_health(host: str, port: int) -> str:

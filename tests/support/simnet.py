@@ -78,6 +78,8 @@ class SimNet:
         self._seq = 0
         self.in_flight: dict[Address, int] = {}
         self.most_in_flight: dict[Address, int] = {}
+        self.most_total_in_flight = 0
+        """The most requests in flight at once, all nodes together."""
 
     # -- what scripts use ------------------------------------------------------------------------
 
@@ -190,6 +192,7 @@ class SimNet:
         for address in self.nodes:
             now = window.in_flight(address)
             self.most_in_flight[address] = max(self.most_in_flight.get(address, 0), now)
+        self.most_total_in_flight = max(self.most_total_in_flight, window.all_in_flight)
 
     def asked(self, address: Address) -> list[wire.Message]:
         return [r.message for r in self.received if r.address == address]

@@ -15,13 +15,17 @@ window compares wall clocks across hosts).
 An operation becomes *requests*: batches of digests (or pages) that fit a datagram, one node
 each. Per request:
 
-- **Windows.** :class:`~tmdht.net.window.RequestWindow` decides when it may go: per node, and
-  client-wide for requests with bulky answers (all nodes answer into one socket buffer). The
-  rest wait in a queue per node; a request that ends lets the next one go, its node's first.
+- **Windows.** :class:`~tmdht.net.window.RequestWindow` decides when it may go: per node,
+  client-wide for requests with bulky answers (all nodes answer into one socket buffer), and
+  for every request together by an AIMD congestion window that halves on timeouts and lost
+  parts and grows with answers. The rest wait in a queue per node; a request that ends lets the
+  next ones go, one per node in turn.
 - **Parts and retries.** An answer may span several datagrams (parts). When every part of the
   latest attempt is in and some items were in none (a part was lost), exactly those are asked
-  again at once; at the node's adaptive timeout (:class:`~tmdht.net.window.RttEstimator`)
-  likewise, up to ``attempts`` times. Answers to earlier attempts still count.
+  again at once; at the node's adaptive timeout (:class:`~tmdht.net.window.RttEstimator`,
+  doubling per attempt: back-off) likewise, up to ``attempts`` times -- and ``alive_attempts``
+  more for a HAS, PUT or NODE_INFO to a node that answered other requests meanwhile (it is
+  slow, not gone). Answers to earlier attempts still count.
 - **Verification.** A page counts only once its BLAKE3 digest matches
   (:func:`tmdht.pages.page_matches`); a wrong page is counted and treated as not served.
 
@@ -45,8 +49,7 @@ Two seams are left on purpose. :meth:`~RequestEngine.receive_datagrams` takes a 
 one wake-up of the socket read): a native burst decoder can replace the per-datagram
 ``wire.decode`` and per-page ``page_matches`` there and hand the per-type handlers messages whose
 pages are already checked. :class:`~tmdht.net.window.RequestWindow` is the one client-wide bound
-on every kind of request: a congestion controller adapting it to timeouts and losses is a
-change to that class (``closed(..., lost=True)`` is the signal it needs).
+on every kind of request; its congestion controller is fed by ``answered`` and ``lost``.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ from tmdht.net.operations import (
     PutOutcome,
     Store,
 )
-from tmdht.net.window import RequestWindow, RttEstimator
+from tmdht.net.window import CongestionWindow, RequestWindow, RttEstimator
 from tmdht.pages import PageDigest, page_matches
 
 __all__ = ["RESPONSE_DATAGRAMS_PER_REQUEST", "RequestEngine"]
@@ -146,6 +149,7 @@ class _Request:
         "ids",
         "op",
         "parts_left",
+        "sent",
         "sent_at",
         "timer",
     )
@@ -161,6 +165,7 @@ class _Request:
         self.ids: list[int] = []
         self.parts_left: dict[int, int] = {}  # request id -> parts of its answer not yet seen
         self.sent_at = 0.0
+        self.sent: list[float] = []  # when each of ``ids`` went out
         self.timer = 0  # sequence number of its live timer entry (0: none)
         self.done = False
 
@@ -359,7 +364,12 @@ class RequestEngine:
         self.config = config or EngineConfig()
         self.auth = auth
         self.stats = EngineStats()
-        self.window = RequestWindow(self.config.window)
+        self.window = RequestWindow(
+            self.config.window,
+            congestion=CongestionWindow(
+                self.config.congestion_window, limit=self.config.max_congestion_window
+            ),
+        )
         self.rtt = RttEstimator(
             self.config.timeout, max(self.config.timeout, self.config.max_timeout)
         )
@@ -376,6 +386,7 @@ class RequestEngine:
         self._events: collections.deque[Event] = collections.deque()
         self._avoid: dict[Address, float] = {}  # address -> until when it is asked last
         self._silent: dict[Address, int] = {}
+        self._heard: dict[Address, float] = {}  # address -> when it last answered anything
         self._touched: set[_FetchOp] = set()
         self._closed = False
         self.get_batch = min(
@@ -690,6 +701,7 @@ class RequestEngine:
         self.stats.requests += 1
         request.ids.append(request_id)
         request.sent_at = now = self._now
+        request.sent.append(now)
         delay = self.rtt.timeout(request.address, request.attempt)
         if (
             isinstance(request, _Get)
@@ -710,13 +722,18 @@ class RequestEngine:
         heapq.heappush(self._timers, (deadline, self._timer_seq, request))
 
     def _on_message(self, message: wire.Message, address: Address) -> None:
+        self._heard[address] = self._now  # authenticated: the node is alive (if slow)
         request = self._pending.get(message.request_id)
         if request is None or request.address != address:
             self.stats.unexpected += 1  # a late answer to a retried request, or a stranger
             return
         if not request.datagrams:
-            self.rtt.observe(address, self._now - request.sent_at)
+            # From the attempt this answers (ids tell attempts apart, so unlike TCP a retried
+            # request still measures the node's real round trip, queueing included).
+            attempt = request.ids.index(message.request_id)
+            self.rtt.observe(address, self._now - request.sent[attempt])
             self._silent.pop(address, None)
+            self.window.answered(address)
         request.datagrams += 1
         request_id = message.request_id
         parts = getattr(message, "parts", 1)
@@ -732,6 +749,7 @@ class RequestEngine:
         elif left <= 0 and request_id == request.ids[-1]:
             # The whole answer is in and some items were in no part (parts were lost): ask for
             # exactly those again now rather than at the timeout.
+            self._congested(request)
             self._retry_or_fail(request)
         self._settle()
 
@@ -756,7 +774,13 @@ class RequestEngine:
                 self._arm(request, request.sent_at + max(timeout, self.config.hedge_after))
                 return
         self.stats.timeouts += 1
+        self._congested(request)
         self._retry_or_fail(request)
+
+    def _congested(self, request: _Request) -> None:
+        """A loss (a timeout, or parts of an answer missing): the congestion window halves."""
+        if self.window.lost(request.address, request.sent_at, self._now):
+            self.stats.window_decreases += 1
 
     def _retry_or_fail(self, request: _Request) -> None:
         if isinstance(request, _Get):
@@ -765,7 +789,15 @@ class RequestEngine:
                 self._finish(request)
                 return
         request.attempt += 1
-        if request.attempt < self.config.attempts:
+        limit = self.config.attempts
+        if (
+            not isinstance(request, _Get)
+            and self._heard.get(request.address, -1.0) > request.sent[0]
+        ):
+            # The node answered other requests since this one went out: it is alive, only
+            # slow (a GET fails over to another replica instead; a PUT has nowhere else to go).
+            limit += self.config.alive_attempts
+        if request.attempt < limit:
             self.stats.retries += 1
             self._transmit(request)
             return
@@ -803,24 +835,31 @@ class RequestEngine:
             self._pending.pop(request_id, None)
         if request.ids:  # it was sent: it held a slot
             self.window.closed(address, small=request.small, lost=not request.datagrams)
-            self._pump(address, request.small)
+            self._pump()
 
-    def _pump(self, first: Address, small: bool) -> None:
-        """Send queued requests while the window allows, ``first``'s queue first. Only nodes
-        with a queue are visited (``_queues`` holds no empty queue)."""
+    def _pump(self) -> None:
+        """Send queued requests while the window allows, one per node in turn: a node whose
+        request was sent goes to the back, so when the congestion window is what limits, its
+        slots rotate over every node with work instead of staying with the nodes that held
+        them. Only nodes with a queue are visited (``_queues`` holds no empty queue)."""
         queues = self._queues
-        if not queues:
-            return
         window = self.window
-        keys = [(first, small), *(k for k in queues if k != (first, small))]
-        for key in keys:
-            queue = queues.get(key)
-            address, key_small = key
-            while queue and window.admits(address, small=key_small):
+        for _ in range(sum(map(len, queues.values())) + 1):  # each pass sends one or ends
+            if not queues or not window.has_room(small=True):
+                return
+            sent = False
+            for key in list(queues):
+                address, key_small = key
+                if not window.admits(address, small=key_small):
+                    continue
+                queue = queues.pop(key)
                 self._send_queued(queue.popleft())
-            if queue is not None and not queue and queues.get(key) is queue:
-                del queues[key]
-            if not small and not window.has_room():
+                sent = True
+                if queue:
+                    queues[key] = queue  # to the back: round-robin over nodes
+                if not window.has_room(small=True):
+                    return
+            if not sent:
                 return
 
     def _settle(self) -> None:

@@ -10,6 +10,7 @@ from typing import Final, TypedDict
 from tmdht import wire
 from tmdht.errors import UsageError
 from tmdht.net.address import Address
+from tmdht.net.window import CONGESTION_WINDOW_INITIAL, CONGESTION_WINDOW_MAX
 
 __all__ = [
     "MAX_TIMEOUT",
@@ -49,6 +50,9 @@ class EngineConfig:
     """Ceiling of the adaptive timeout, retries included (raised to ``timeout`` if lower)."""
     attempts: int = 4
     """Times a request is sent before what it still asks for is given up."""
+    alive_attempts: int = 8
+    """Further attempts of a HAS, PUT or NODE_INFO request whose node answered other requests
+    since it went out (alive but slow: a PUT has no other replica to fail over to)."""
     window: int = 16
     """Requests with bulky answers (GET, HAS) in flight per node; twice that client-wide."""
     hedge_after: float = 0.05
@@ -58,6 +62,11 @@ class EngineConfig:
     """Batches in a row a node may lose to its hedges without answering before it is failed."""
     avoid_for: float = 5.0
     """Seconds a failed node is asked last (unless reinstated)."""
+    congestion_window: int = CONGESTION_WINDOW_INITIAL
+    """Requests of every kind in flight client-wide at the start; the window then adapts
+    (AIMD, :class:`~tmdht.net.window.CongestionWindow`) up to ``max_congestion_window``."""
+    max_congestion_window: int = CONGESTION_WINDOW_MAX
+    """The most requests in flight client-wide, however well the nodes answer."""
 
     def __post_init__(self) -> None:
         """Refuse values the engine cannot run with."""
@@ -66,6 +75,13 @@ class EngineConfig:
             raise UsageError(f"timeout must be > 0 seconds, got {self.timeout}")
         if self.attempts < 1 or self.window < 1 or self.silent_limit < 1:
             raise UsageError("attempts, window and silent_limit must be >= 1")
+        if not 1 <= self.congestion_window <= self.max_congestion_window:
+            raise UsageError(
+                "congestion_window must be >= 1 and <= max_congestion_window, got "
+                f"{self.congestion_window} and {self.max_congestion_window}"
+            )
+        if self.alive_attempts < 0:
+            raise UsageError(f"alive_attempts must be >= 0, got {self.alive_attempts}")
         if self.hedge_after < 0 or self.avoid_for < 0:
             raise UsageError("hedge_after and avoid_for must be >= 0 seconds")
 
@@ -77,10 +93,13 @@ class EngineSettings(TypedDict, total=False):
     timeout: float
     max_timeout: float
     attempts: int
+    alive_attempts: int
     window: int
     hedge_after: float
     silent_limit: int
     avoid_for: float
+    congestion_window: int
+    max_congestion_window: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,3 +226,5 @@ class EngineStats:
     """GET batches hedged to a further replica."""
     failovers: int = 0
     """Digests asked of a further replica after a miss or failure."""
+    window_decreases: int = 0
+    """Times the congestion window halved (timeouts or lost parts: congestion episodes)."""

@@ -12,6 +12,20 @@ Requests whose answers are a few bytes (PUT, NODE_INFO) need no share of that bu
 bounded per node only, by a larger window: a node commits the PUTs that arrive together in one
 transaction and fsync, so more in flight means larger group commits (publish, 4 nodes, R=3:
 4.5k -> 9.0k pages/s at 4x).
+
+On top of both, one **congestion window** bounds every request in flight client-wide, whatever
+its kind, and adapts the way TCP's congestion control does (AIMD, RFC 5681): it starts at
+``initial`` requests, grows by one per answered request (slow start) up to the threshold of the
+last loss, by one per window's worth of answers above it, and halves when a request times out
+or its answer comes in with parts missing -- at most once per round trip (a loss of a request
+sent before the last decrease is the same congestion episode). So the work in flight no longer
+grows with the number of nodes: a ring of 32 nodes gets the same client-wide budget as a ring of
+4, and overloaded or slow nodes slow a client down instead of timing its requests out.
+
+A node that loses requests also gets a congestion window of its own (the same AIMD, starting
+from what was in flight to it), so one slow node cannot take the whole client-wide window and
+drown in its own retries while the others idle; it is dropped once it has grown back to the
+node's fixed windows.
 """
 
 from __future__ import annotations
@@ -20,44 +34,133 @@ from typing import Final
 
 from tmdht.net.address import Address
 
-__all__ = ["SMALL_ANSWER_WINDOW_FACTOR", "RequestWindow", "RttEstimator"]
+__all__ = [
+    "CONGESTION_WINDOW_INITIAL",
+    "CONGESTION_WINDOW_MAX",
+    "CONGESTION_WINDOW_MIN",
+    "SMALL_ANSWER_WINDOW_FACTOR",
+    "CongestionWindow",
+    "RequestWindow",
+    "RttEstimator",
+]
 
 SMALL_ANSWER_WINDOW_FACTOR: Final = 4
 """Requests with small answers (PUT, NODE_INFO) in flight per node, in per-node windows."""
+CONGESTION_WINDOW_INITIAL: Final = 64
+"""Requests in flight client-wide before the first answer or loss (slow start begins here)."""
+CONGESTION_WINDOW_MIN: Final = 2
+"""The congestion window never shrinks below this (a client always makes progress)."""
+CONGESTION_WINDOW_MAX: Final = 1024
+"""Nor grows beyond this."""
+
+
+class CongestionWindow:
+    """AIMD over the requests in flight client-wide (see the module docstring); sans-IO."""
+
+    __slots__ = ("_decreased_at", "decreases", "floor", "limit", "size", "threshold")
+
+    def __init__(
+        self,
+        initial: int = CONGESTION_WINDOW_INITIAL,
+        *,
+        floor: int = CONGESTION_WINDOW_MIN,
+        limit: int = CONGESTION_WINDOW_MAX,
+    ) -> None:
+        self.floor = max(1, floor)
+        self.limit = max(self.floor, limit)
+        self.size = float(min(self.limit, max(self.floor, initial)))
+        """Requests that may be in flight now (fractional: additive increase adds 1/size)."""
+        self.threshold = float(self.limit)
+        """Slow-start threshold: half the window at the last loss."""
+        self.decreases = 0
+        """Times the window was halved (congestion episodes)."""
+        self._decreased_at = float("-inf")
+
+    @property
+    def allowed(self) -> int:
+        """Whole requests the window admits."""
+        return int(self.size)
+
+    def answered(self) -> None:
+        """A request got its first answer: grow (by 1 in slow start, else by 1/size)."""
+        if self.size < self.threshold:
+            self.size = min(self.limit, self.size + 1.0)
+        else:
+            self.size = min(self.limit, self.size + 1.0 / self.size)
+
+    def lost(self, sent_at: float, now: float) -> bool:
+        """A request sent at ``sent_at`` timed out or lost parts of its answer at ``now``: halve
+        the window, unless it was sent before the last decrease (same episode). True if it
+        shrank."""
+        if sent_at < self._decreased_at:
+            return False
+        self.threshold = max(float(self.floor), self.size / 2)
+        self.size = self.threshold
+        self._decreased_at = now
+        self.decreases += 1
+        return True
 
 
 class RequestWindow:
     """Requests in flight per node and client-wide (see the module docstring).
 
     ``admits`` says whether a request to ``address`` may go now; ``opened`` and ``closed``
-    account for it. A congestion controller (a client-wide bound adapting to timeouts and
-    losses) replaces the fixed ``total`` here: ``closed(..., lost=True)`` is its signal.
+    account for it; ``answered`` and ``lost`` drive the :class:`CongestionWindow` that bounds
+    all of them together.
     """
 
-    __slots__ = ("_bulk", "_small", "per_node", "small_per_node", "total", "total_in_flight")
+    __slots__ = (
+        "_bulk",
+        "_nodes",
+        "_small",
+        "all_in_flight",
+        "congestion",
+        "per_node",
+        "small_per_node",
+        "total",
+        "total_in_flight",
+    )
 
-    def __init__(self, per_node: int, *, total: int | None = None) -> None:
-        """``per_node`` bulky requests per node; ``total`` across nodes (default 2 x per_node)."""
+    def __init__(
+        self, per_node: int, *, total: int | None = None, congestion: CongestionWindow | None = None
+    ) -> None:
+        """``per_node`` bulky requests per node; ``total`` across nodes (default 2 x per_node);
+        ``congestion`` bounds every request together (default: a fresh AIMD window)."""
         self.per_node = max(1, per_node)
         self.total = max(1, total if total is not None else 2 * self.per_node)
         self.small_per_node = SMALL_ANSWER_WINDOW_FACTOR * self.per_node
+        self.congestion = congestion if congestion is not None else CongestionWindow()
         self.total_in_flight = 0
         """Bulky requests in flight, all nodes together."""
+        self.all_in_flight = 0
+        """Requests of every kind in flight, all nodes together (what the congestion window
+        bounds)."""
         self._bulk: dict[Address, int] = {}
         self._small: dict[Address, int] = {}
+        self._nodes: dict[Address, CongestionWindow] = {}  # nodes that lost requests
 
     def admits(self, address: Address, *, small: bool) -> bool:
         """True if a request to ``address`` may be sent now."""
+        if self.all_in_flight >= self.congestion.allowed:
+            return False
+        if self._nodes:
+            node = self._nodes.get(address)
+            if node is not None and self.in_flight(address) >= node.allowed:
+                return False
         if small:
             return self._small.get(address, 0) < self.small_per_node
         return self.total_in_flight < self.total and self._bulk.get(address, 0) < self.per_node
 
-    def has_room(self) -> bool:
-        """True while a bulky request to some node could still go (the client-wide bound)."""
-        return self.total_in_flight < self.total
+    def has_room(self, *, small: bool = False) -> bool:
+        """True while a request of that class to some node could still go (the client-wide
+        bounds)."""
+        if self.all_in_flight >= self.congestion.allowed:
+            return False
+        return small or self.total_in_flight < self.total
 
     def opened(self, address: Address, *, small: bool) -> None:
         """A request to ``address`` went out."""
+        self.all_in_flight += 1
         if small:
             self._small[address] = self._small.get(address, 0) + 1
         else:
@@ -65,15 +168,45 @@ class RequestWindow:
             self.total_in_flight += 1
 
     def closed(self, address: Address, *, small: bool, lost: bool = False) -> None:
-        """A request to ``address`` ended (``lost``: it ended without an answer)."""
+        """A request to ``address`` ended (``lost``: it ended without an answer; the loss itself
+        was signalled by :meth:`lost` at its timeouts)."""
         counts = self._small if small else self._bulk
         left = counts[address] - 1
         if left:
             counts[address] = left
         else:
             del counts[address]
+        self.all_in_flight -= 1
         if not small:
             self.total_in_flight -= 1
+
+    def answered(self, address: Address) -> None:
+        """A request to ``address`` got the first datagram of its answer (the windows grow)."""
+        self.congestion.answered()
+        if self._nodes:
+            node = self._nodes.get(address)
+            if node is not None:
+                node.answered()
+                if node.allowed >= node.limit:
+                    del self._nodes[address]  # recovered: the fixed windows bound it again
+
+    def lost(self, address: Address, sent_at: float, now: float) -> bool:
+        """A request to ``address`` sent at ``sent_at`` timed out or lost parts of its answer:
+        the client-wide window and the node's halve (each once per episode); True if the
+        client-wide one shrank."""
+        node = self._nodes.get(address)
+        if node is None:
+            limit = self.small_per_node + self.per_node
+            node = self._nodes[address] = CongestionWindow(
+                max(1, self.in_flight(address)), floor=1, limit=limit
+            )
+        node.lost(sent_at, now)
+        return self.congestion.lost(sent_at, now)
+
+    def node_window(self, address: Address) -> int | None:
+        """The congestion window of a node that lost requests (None: only the fixed ones)."""
+        node = self._nodes.get(address)
+        return None if node is None else node.allowed
 
     def in_flight(self, address: Address) -> int:
         """Requests in flight to ``address``, both classes."""

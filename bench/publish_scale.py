@@ -1,0 +1,190 @@
+"""Publish throughput and failures against ring size: 8 vs 32 local node processes.
+
+    python bench/publish_scale.py [--nodes 8 32] [--pages 100000] [--batch 20000] [--repeat 1]
+
+For each ring size: starts a local cluster of real node processes (R = --replicas), waits until
+the client's view holds every node, measures the nodes' idle CPU for --idle seconds (the
+overlay's background work: what the extra processes cost before any page moves), then publishes
+--pages random pages with ``put_many`` in batches of --batch and records pages/s, pages that
+raised ``PublishFailed``, under-replicated pages and the engine's retries/timeouts.
+
+CPU share of the extra processes: every node's CPU time (utime + stime from /proc/PID/stat) is
+read before and after the idle period and the publish. ``idle CPU share`` = the nodes' CPU
+seconds while idle / (cores x seconds): the share of the machine the ring takes doing nothing,
+which the publish cannot use. The throughput target compares the N-node figure with the 8-node
+figure scaled by (1 - extra idle share).
+
+Everything runs on this host (nodes and client share its cores). Prints a table and writes JSON
+(--out, default bench/results/publish_scale.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tmdht.client.errors import PublishFailed
+from tmdht.client.store import TemplateStoreClient
+from tmdht.node.local import LocalCluster
+from tmdht.pages import digest_page
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes, in seconds (a process that is gone counts 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / TICKS
+
+
+def random_pages(count: int) -> list[tuple[bytes, bytes]]:
+    out = []
+    for _ in range(count):
+        page = os.urandom(4096)
+        out.append((digest_page(page), page))
+    return out
+
+
+async def run_publish(
+    cluster: LocalCluster, pages: int, batch: int, idle: float, key: str
+) -> dict[str, Any]:
+    pids = [n.pid for n in cluster.nodes]
+    async with TemplateStoreClient(
+        [cluster.seed], cluster_key=key, replicas=cluster.replicas
+    ) as store:
+        started = time.monotonic()
+        for _ in range(200):  # bounded: the view fills within a few crawls
+            if len(store.members) >= cluster.count or time.monotonic() - started > 60:
+                break
+            await asyncio.sleep(0.25)
+            await store.refresh()
+        view_seconds = time.monotonic() - started
+        members = len(store.members)
+        cpu0, t0 = cpu_seconds(pids), time.monotonic()
+        await asyncio.sleep(idle)
+        idle_cpu, idle_wall = cpu_seconds(pids) - cpu0, time.monotonic() - t0
+        failed = under = 0
+        errors: list[str] = []
+        seconds = 0.0
+        own0 = time.process_time()
+        cpu1 = cpu_seconds(pids)
+        for start in range(0, pages, batch):
+            chunk = random_pages(min(batch, pages - start))
+            t = time.monotonic()
+            try:
+                summary = await store.put_many(chunk)
+                under += len(summary.under_replicated)
+            except PublishFailed as exc:
+                failed += len(exc.digests)
+                errors.append(str(exc))
+            seconds += time.monotonic() - t
+        node_cpu = cpu_seconds(pids) - cpu1
+        client_cpu = time.process_time() - own0
+        stats = store.stats
+        return {
+            "members_seen": members,
+            "view_seconds": round(view_seconds, 2),
+            "idle_node_cpu_seconds": round(idle_cpu, 3),
+            "idle_seconds": round(idle_wall, 2),
+            "pages": pages,
+            "batch": batch,
+            "publish_seconds": round(seconds, 3),
+            "pages_per_second": round(pages / seconds, 1),
+            "failed": failed,
+            "under_replicated": under,
+            "errors": errors[:3],
+            "publish_node_cpu_seconds": round(node_cpu, 2),
+            "publish_client_cpu_seconds": round(client_cpu, 2),
+            "retries": stats.retries,
+            "timeouts": stats.timeouts,
+            "requests": stats.requests,
+        }
+
+
+def one_ring(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="scale2-publish-") as tmp:
+        cluster = LocalCluster(Path(tmp), nodes, replicas=args.replicas, ready_timeout=120)
+        with cluster:
+            key = cluster.key_file.read_text().strip()
+            result = asyncio.run(run_publish(cluster, args.pages, args.batch, args.idle, key))
+    cores = os.cpu_count() or 1
+    result["nodes"] = nodes
+    result["idle_cpu_share"] = round(
+        result["idle_node_cpu_seconds"] / (cores * result["idle_seconds"]), 4
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--pages", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=20_000)
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU sampling")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--out", default="bench/results/publish_scale.json")
+    args = parser.parse_args()
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in args.nodes}
+    for _ in range(args.repeat):
+        for n in args.nodes:  # interleaved, so drift in the machine's load hits every size
+            runs[n].append(one_ring(n, args))
+            print(json.dumps(runs[n][-1]), file=sys.stderr)
+    base = args.nodes[0]
+    base_rate = statistics.median(r["pages_per_second"] for r in runs[base])
+    base_idle = statistics.median(r["idle_cpu_share"] for r in runs[base])
+    print(
+        f"{'nodes':>5} {'pages/s':>9} {'vs ' + str(base):>7} {'failed':>7} {'under-R':>7} "
+        f"{'idle CPU':>9} {'allowed':>8} {'retries':>8} {'timeouts':>8}"
+    )
+    summary = []
+    for n in args.nodes:
+        rate = statistics.median(r["pages_per_second"] for r in runs[n])
+        idle = statistics.median(r["idle_cpu_share"] for r in runs[n])
+        allowed = (1 - (idle - base_idle)) if n != base else 1.0
+        row = {
+            "nodes": n,
+            "pages_per_second": rate,
+            "ratio": round(rate / base_rate, 3),
+            "failed": max(r["failed"] for r in runs[n]),
+            "under_replicated": max(r["under_replicated"] for r in runs[n]),
+            "idle_cpu_share": idle,
+            "allowed_ratio": round(allowed, 3),
+            "retries": statistics.median(r["retries"] for r in runs[n]),
+            "timeouts": statistics.median(r["timeouts"] for r in runs[n]),
+        }
+        summary.append(row)
+        print(
+            f"{n:>5} {rate:>9,.0f} {row['ratio']:>7.2f} {row['failed']:>7} "
+            f"{row['under_replicated']:>7} {idle:>8.1%} {allowed:>8.2f} "
+            f"{row['retries']:>8} {row['timeouts']:>8}"
+        )
+    doc = {
+        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "shared": True},
+        "args": vars(args),
+        "summary": summary,
+        "runs": {str(n): r for n, r in runs.items()},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -78,6 +78,7 @@ from tmdht.net.overlay import (
     random_id_in,
     sender_id,
 )
+from tmdht.placement import FailureDomain
 
 __all__ = ["MembershipSubscription", "Overlay", "OverlayStats"]
 
@@ -364,6 +365,7 @@ class Overlay:
             metrics_port=self.config.metrics_port,
             version=__version__,
             last_seen=time.monotonic(),
+            domain=self.config.domain or FailureDomain(host=host),
         )
 
     def stats(self) -> OverlayStats:
@@ -487,6 +489,7 @@ class Overlay:
             data_port=self.config.data_port,
             metrics_port=self.config.metrics_port,
             version=__version__,
+            domain=self.config.domain,
         )
         return info.to_wire()
 

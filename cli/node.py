@@ -39,8 +39,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
-
-
 def setup_logging(fmt: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -105,6 +103,9 @@ def node() -> None:
 @click.option("--log-format", type=click.Choice(["json", "text"]))
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--status-file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--zone", help="Failure domain: zone (replicas go to distinct zones first).")
+@click.option("--rack", help="Failure domain: rack within the zone.")
+@click.option("--host-label", help="Failure domain: machine (default: the host name).")
 @click.option("--ready-line", is_flag=True, help="Print 'READY {json}' on stdout once serving.")
 @click.option("--event-loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop")
 def node_run(
@@ -233,14 +234,15 @@ def cluster_status(
         click.echo(json.dumps({"members": [_status_doc(s) for s in statuses]}, indent=2))
         return
     table = Table(title=f"{len(statuses)} members")
-    for name in ("id", "kademlia", "data", "pages", "bytes", "capacity", "health"):
+    for name in ("id", "domain", "kademlia", "data", "pages", "bytes", "capacity", "health"):
         table.add_column(
             name, justify="right" if name in ("pages", "bytes", "capacity") else "left"
         )
     for status in statuses:
         m, info = status.member, status.info
         table.add_row(
-            m.node_id.hex()[:16], format_address((m.host, m.port)), format_address(m.data_address),
+            m.node_id.hex()[:16], str(m.domain),
+            format_address((m.host, m.port)), format_address(m.data_address),
             "-" if info is None else f"{info.pages_stored:,}",
             "-" if info is None else human_bytes(info.bytes_stored),
             "-" if info is None else human_bytes(info.capacity_bytes),
@@ -256,6 +258,7 @@ def _status_doc(status: MemberStatus) -> dict[str, object]:
     m, info = status.member, status.info
     return {
         "node_id": m.node_id.hex(),
+        "domain": {"zone": m.domain.zone, "rack": m.domain.rack, "host": m.domain.host},
         "kademlia": f"{m.host}:{m.port}",
         "data": f"{m.data_host}:{m.data_port}",
         "metrics_port": m.metrics_port,

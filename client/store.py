@@ -10,7 +10,8 @@ How a batch is resolved:
    bounded cache.
 2. The membership view (a client-mode Kademlia overlay: crawled at start, kept current by its
    membership events) gives every digest its replica list, closest first — one hop, computed
-   locally (:func:`tmdht.placement.replica_rows`).
+   locally from the members' ids and failure domains (a :class:`tmdht.placement.Ring` per view,
+   the same placement the nodes compute).
 3. The request engine (:mod:`tmdht.net.engine`, through :class:`DataPlaneClient`) sends the
    digests per node as pipelined batches, hedges a slow node's batch to the next replica, and
    fails over what a node misses, serves corrupt or never answers; a node that did not answer
@@ -48,7 +49,7 @@ from tmdht.net.membership import Member, MembershipEventKind
 from tmdht.net.operations import EngineStats
 from tmdht.net.overlay import OverlayConfig
 from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST, ZERO_PAGE, digest_page
-from tmdht.placement import replica_rows
+from tmdht.placement import Ring
 
 __all__ = [
     "BlockingTemplateStoreClient",
@@ -196,6 +197,7 @@ class TemplateStoreClient:
         self._dataplane: DataPlaneClient | None = None
         self._members: list[Member] = []
         self._ids: list[bytes] = []
+        self._ring = Ring([])
         self._addresses: list[Address] = []
         self._tasks = TaskSet(log)
 
@@ -267,6 +269,7 @@ class TemplateStoreClient:
     def _set_members(self, members: Iterable[Member]) -> None:
         self._members = sorted(members, key=lambda m: m.node_id)
         self._ids = [m.node_id for m in self._members]
+        self._ring = Ring(self._ids, [m.domain for m in self._members])
         self._addresses = [m.data_address for m in self._members]
         self.metrics.members.set(len(self._members))
 
@@ -306,11 +309,11 @@ class TemplateStoreClient:
         Members, not indices: the view may change (membership events) while an operation
         awaits, and an operation keeps the members it started with.
         """
-        view, ids = self._members, self._ids
+        view = self._members
         if not view:
             return [[] for _ in digests]
         dataplane = self._running()
-        rows = replica_rows(digests, ids, self.replicas)
+        rows = self._ring.replica_rows(digests, self.replicas)
         avoided = {i for i, m in enumerate(view) if dataplane.avoided(m.data_address)}
         return [
             [view[i] for i in row if i not in avoided] + [view[i] for i in row if i in avoided]
@@ -378,7 +381,7 @@ class TemplateStoreClient:
             return set()
         dataplane = self._running()
         nodes, ids = self._addresses, self._ids
-        rows = replica_rows(digests, ids, self.replicas) if ids else [[] for _ in digests]
+        rows = self._ring.replica_rows(digests, self.replicas) if ids else [[] for _ in digests]
         result = await dataplane.fetch(digests, rows, nodes)
         found.update(result.pages)
         return result.unresolved
@@ -530,7 +533,8 @@ class TemplateStoreClient:
             order = sorted(moved)
             # Enough candidates to find R members that have not taken the page yet.
             depth = min(len(ids), wanted + len(gone))
-            rows = replica_rows(order, ids, depth) if ids else [[] for _ in order]
+            ring = Ring(ids, [m.domain for m in live])
+            rows = ring.replica_rows(order, depth) if ids else [[] for _ in order]
             for digest, row in zip(order, rows, strict=True):
                 need = wanted - len(holders[digest])
                 for index in row:

@@ -16,11 +16,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from tmdht.node.errors import ClusterError
+from tmdht.placement import FailureDomain
 
 __all__ = ["READY_PREFIX", "ClusterError", "LocalCluster", "NodeProcess", "read_ready_line"]
 
@@ -99,7 +101,9 @@ class LocalCluster:
         extra_args: list[str] | None = None,
         ready_timeout: float = 60.0,
         python: str = sys.executable,
+        domains: Sequence[FailureDomain] | None = None,
     ) -> None:
+        """``domains[i % len(domains)]`` is node i's failure domain (default: the machine's)."""
         if nodes < 1:
             raise ClusterError("a cluster needs at least one node")
         self.root = Path(root)
@@ -110,6 +114,7 @@ class LocalCluster:
         self.extra_args = list(extra_args or [])
         self.ready_timeout = ready_timeout
         self.python = python
+        self.domains = list(domains or [])
         self.key_file = self.root / "cluster.key"
         self.nodes: list[NodeProcess] = []
 
@@ -163,6 +168,9 @@ class LocalCluster:
             "--replicas", str(self.replicas),
             "--ready-line",
         ]  # fmt: skip
+        if self.domains:
+            domain = self.domains[index % len(self.domains)]
+            args += ["--zone", domain.zone, "--rack", domain.rack, "--host-label", domain.host]
         if self.open_mode:
             args.append("--insecure-open")
         else:

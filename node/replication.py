@@ -2,7 +2,8 @@
 
 A *sweep* walks this node's store in digest order, a chunk at a time (short read transactions,
 no full scan held in memory). For each chunk it computes the replica set of every page from the
-current membership (:func:`tmdht.placement.replica_indices`), asks each other replica which of
+current membership and the members' failure domains (a :class:`tmdht.placement.Ring` per
+membership view, the same placement clients compute), asks each other replica which of
 those pages it holds (HAS), and sends it the ones it lacks (PUT). So:
 
 - a node that joins receives, from every node holding them, the pages it is now responsible for;
@@ -34,7 +35,7 @@ from tmdht.net.address import Address
 from tmdht.net.membership import Member
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageStore
-from tmdht.placement import replica_indices
+from tmdht.placement import Ring
 
 __all__ = ["Replicator", "SweepReport", "sweep_log_level"]
 
@@ -107,6 +108,8 @@ class Replicator:
         self._wake = asyncio.Event()
         self._changed = False
         self._surplus: dict[bytes, float] = {}  # digest -> when it was first seen surplus
+        self._ring: Ring | None = None  # placement of the last membership view swept
+        self._ring_key: tuple[tuple[bytes, object], ...] = ()
 
     def membership_changed(self) -> None:
         """Wake the job: replica sets may have moved. A running sweep starts over."""
@@ -193,7 +196,7 @@ class Replicator:
         report.examined += len(digests)
         ids = [t.node_id for t in targets]
         self_index = ids.index(self.self_id)
-        placement = replica_indices(digests, ids, self.replicas)
+        placement = self._ring_of(targets).replica_indices(digests, self.replicas)
         wanted = min(self.replicas, len(targets))
         ask: dict[int, list[bytes]] = {}
         for digest, row in zip(digests, placement.tolist(), strict=True):
@@ -230,6 +233,14 @@ class Replicator:
             self.metrics.surplus_dropped.inc(len(drop))
             for digest in drop:
                 self._surplus.pop(digest, None)
+
+    def _ring_of(self, targets: Sequence[Member]) -> Ring:
+        """The placement ring of this membership view (kept while the view stays the same)."""
+        key = tuple((t.node_id, t.domain) for t in targets)
+        if self._ring is None or self._ring_key != key:
+            self._ring = Ring([t.node_id for t in targets], [t.domain for t in targets])
+            self._ring_key = key
+        return self._ring
 
     async def _reconcile(
         self, address: Address, digests: list[bytes]

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypedDict
@@ -156,6 +157,7 @@ class StoreNode:
                     refresh_interval=cfg.refresh_interval,
                     cluster_key=self.credentials.overlay_key,
                     accepted_cluster_keys=self.credentials.accepted_overlay_keys,
+                    domain=cfg.failure_domain(socket.gethostname()),
                 )
             )
             self.client = await DataPlaneClient.open(

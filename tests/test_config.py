@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tmdht.config import NodeConfig, parse_address
 from tmdht.errors import ConfigError
+from tmdht.placement import FailureDomain
 
 TOML = """
 [node]
@@ -108,3 +109,16 @@ def test_odd_toml_values_are_config_errors(line: str) -> None:
 def test_any_value_of_any_setting_parses_or_raises_config_error(name: str, value: object) -> None:
     with contextlib.suppress(ConfigError):
         NodeConfig.build({"data_dir": "x", name: value})
+
+
+def test_failure_domain_labels_from_file_env_and_flags() -> None:
+    toml = 'data_dir = "x"\nzone = "eu-1"\nrack = "r1"\n'
+    env = {"TMDHT_NODE_RACK": "r2"}
+    cfg = NodeConfig.from_sources(toml_text=toml, env=env, flags={"host_label": "m7"})
+    assert cfg.failure_domain("ignored") == FailureDomain("eu-1", "r2", "m7")
+    plain = NodeConfig.build({"data_dir": "x"})
+    assert plain.failure_domain("box1") == FailureDomain("", "", "box1")  # default: the machine
+    with pytest.raises(ConfigError, match="zone"):
+        NodeConfig.build({"data_dir": "x", "zone": "z" * 65})
+    with pytest.raises(ConfigError, match="rack"):
+        NodeConfig.build({"data_dir": "x", "rack": "a\tb"})

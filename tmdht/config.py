@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from tmdht.errors import ConfigError
+from tmdht.errors import ConfigError, UsageError
 from tmdht.pages import PAGE_SIZE
+from tmdht.placement import FailureDomain
 
 __all__ = [
     "ENV_PREFIX",
@@ -147,6 +148,17 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return parse
 
 
+def _label(value: Any) -> str:
+    """A failure-domain label (zone, rack or host): short printable text."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{value!r} is not a label (text)")
+    try:
+        FailureDomain(zone=value)
+    except UsageError as exc:
+        raise ConfigError(str(exc)) from None
+    return value
+
+
 def _path(value: Any) -> Path:
     return Path(str(value)).expanduser()
 
@@ -206,11 +218,23 @@ class NodeConfig:
     """debug, info, warning or error."""
     status_file: Path | None = None
     """If set, the node writes its bound addresses here as JSON once it is ready."""
+    zone: str = ""
+    """Failure domain: the zone (room, availability zone) this node runs in. Replicas of a page
+    go to distinct zones, then racks, then hosts, whenever the ring has enough of them."""
+    rack: str = ""
+    """Failure domain: the rack within the zone."""
+    host_label: str = ""
+    """Failure domain: the machine (default: its host name; node processes on one machine share
+    it)."""
 
     @property
     def public_host(self) -> str:
         """The address peers use."""
         return self.advertise_host or self.host
+
+    def failure_domain(self, hostname: str) -> FailureDomain:
+        """This node's failure domain; ``hostname`` (the machine's name) if no host label."""
+        return FailureDomain(self.zone, self.rack, self.host_label or hostname)
 
     @classmethod
     def from_sources(
@@ -300,4 +324,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_format": _choice("json", "text"),
     "log_level": _choice("debug", "info", "warning", "error"),
     "status_file": _optional_path,
+    "zone": _label,
+    "rack": _label,
+    "host_label": _label,
 }

@@ -21,14 +21,16 @@ import enum
 import heapq
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from kademlia.node import Node
 
 from tmdht.net.address import Address
 from tmdht.net.overlay import NO_ID, PeerInfo
+from tmdht.placement import FailureDomain
 
 __all__ = [
+    "NO_DOMAIN",
     "Member",
     "MembershipEvent",
     "MembershipEventKind",
@@ -39,6 +41,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("tmdht.net.membership")
+
+
+NO_DOMAIN: Final = FailureDomain()
+"""The domain of a :class:`Member` built without one (all labels empty)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,9 @@ class Member:
     """``time.monotonic()`` when it last answered or asked us something directly."""
     suspect: bool = False
     """It missed its last RPC(s) but not yet ``max_failures`` in a row: still a member."""
+    domain: FailureDomain = NO_DOMAIN
+    """Its failure domain (zone, rack, host) as it advertised it; a node that advertised none
+    (an older version) counts as its own host, named by its IP."""
 
     @property
     def data_address(self) -> Address:
@@ -399,6 +408,7 @@ class PeerBook:
             version=info.version,
             last_seen=peer.last_seen,
             suspect=peer.failures > 0,
+            domain=info.domain or FailureDomain(host=peer.node.ip),
         )
 
     def _settle(self, peer: _Peer, now: float) -> list[MembershipEvent]:

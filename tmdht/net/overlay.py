@@ -23,7 +23,14 @@ import umsgpack
 from blake3 import blake3
 from kademlia.node import Node
 
-from tmdht.errors import ConfigError, DecodeError, LimitExceededError, UnauthenticatedError
+from tmdht.errors import (
+    ConfigError,
+    DecodeError,
+    LimitExceededError,
+    UnauthenticatedError,
+    UsageError,
+)
+from tmdht.placement import FailureDomain
 
 __all__ = [
     "ID_BITS",
@@ -62,7 +69,9 @@ TAG_SIZE: Final = 16
 _TAG_CONTEXT: Final = "tmdht 2024-06 overlay datagram tag v1"
 
 PROTOCOL_VERSION: Final = 1
-"""Version of the ``node_info`` answer (the ``v`` field); other versions are refused."""
+"""Version of the ``node_info`` answer (the ``v`` field); other versions are refused. Fields added
+later are optional within a version (``domain``): a reader ignores keys it does not know and
+defaults the ones a peer did not send, so old and new nodes share a ring."""
 MAX_CONTACTS: Final = 64
 """Most contacts accepted in one FIND_NODE answer (the package sends k, 20 by default)."""
 _MAX_VERSION_CHARS: Final = 64
@@ -127,6 +136,9 @@ class OverlayConfig:
     accepted_cluster_keys: tuple[bytes, ...] = ()
     """Other cluster keys whose tags are accepted too (during a key rotation); sends use
     ``cluster_key``."""
+    domain: FailureDomain | None = None
+    """This node's failure domain, advertised in ``node_info`` (None: not advertised; peers
+    then take its IP as its host)."""
 
     def __post_init__(self) -> None:
         """Refuse values the overlay cannot run with; accept lists and str paths."""
@@ -305,10 +317,13 @@ class PeerInfo:
     """Its Prometheus port (0: none)."""
     version: str
     """Its software version."""
+    domain: FailureDomain | None = None
+    """Its failure domain (``domain``: [zone, rack, host]); None if it sent none (an older
+    node)."""
 
     def to_wire(self) -> dict[str, object]:
         """The msgpack-able answer."""
-        return {
+        answer: dict[str, object] = {
             "v": PROTOCOL_VERSION,
             "id": self.node_id,
             "data_host": self.data_host,
@@ -316,6 +331,9 @@ class PeerInfo:
             "metrics_port": self.metrics_port,
             "version": self.version,
         }
+        if self.domain is not None:
+            answer["domain"] = list(self.domain.path)
+        return answer
 
 
 def check_node_id(value: object, what: str) -> bytes:
@@ -363,7 +381,20 @@ def parse_peer_info(raw: object) -> PeerInfo:
         data_port=_port(raw.get("data_port"), "node_info data_port", allow_zero=False),
         metrics_port=_port(raw.get("metrics_port"), "node_info metrics_port", allow_zero=True),
         version=software,
+        domain=_domain(raw.get("domain")),
     )
+
+
+def _domain(raw: object) -> FailureDomain | None:
+    """The optional ``domain`` of a ``node_info`` answer: [zone, rack, host] labels."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) != 3 or not all(isinstance(x, str) for x in raw):
+        raise DecodeError("node_info domain must be [zone, rack, host] strings")
+    try:
+        return FailureDomain(*raw)
+    except UsageError as exc:
+        raise DecodeError(f"node_info domain: {exc}") from None
 
 
 def parse_contacts(raw: object) -> list[Node]:

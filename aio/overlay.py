@@ -55,6 +55,7 @@ from tmdht.errors import (
     UnknownPeerError,
     UsageError,
 )
+from tmdht.files import atomic_write
 from tmdht.net.address import Address
 from tmdht.net.identity import load_or_create_node_id
 from tmdht.net.membership import (
@@ -78,6 +79,7 @@ from tmdht.net.overlay import (
     random_id_in,
     sender_id,
 )
+from tmdht.net.peercache import decode_peer_cache, encode_peer_cache, to_cache
 from tmdht.placement import FailureDomain
 
 __all__ = ["MembershipSubscription", "Overlay", "OverlayStats"]
@@ -202,6 +204,7 @@ class Overlay:
         self._crawl_task: asyncio.Task[list[Member]] | None = None
         self._subscriptions: list[MembershipSubscription] = []
         self._bad_replies = 0
+        self._peer_cache_bytes = b""  # what the peer cache file holds (as this overlay wrote it)
         self._started = False
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -275,6 +278,7 @@ class Overlay:
         )
         try:
             await self.bootstrap()
+            self.save_peer_cache()
         except BaseException:
             await self.stop()
             raise
@@ -308,6 +312,7 @@ class Overlay:
             return
         self._stopping = True
         try:
+            self.save_peer_cache()  # the members known last: the way back in after a restart
             await self._tasks.cancel_all()
             if self._transport is not None:
                 self._transport.close()
@@ -411,11 +416,60 @@ class Overlay:
                 self._log.info("seed %s:%d: %s", *addr, result)
             else:
                 raise result
+        if seeds is None and not answered and not self._book.members():
+            answered = await self._bootstrap_from_cache()
         if addresses and not answered and not self._book.members():
             self._log.warning("no seed answered (%d tried)", len(addresses))
         if self._book.members() or answered:
             await self.crawl()
         return self._book.members()
+
+    async def _bootstrap_from_cache(self) -> list[bytes]:
+        """No seed answered: ask the peers of the cache file (as seeds; their answers are
+        authenticated like any). Returns the ids that answered."""
+        path = self.config.peer_cache
+        if path is None:
+            return []
+        try:
+            peers = decode_peer_cache(path.read_bytes())
+        except FileNotFoundError:
+            return []
+        except (OSError, DecodeError) as exc:
+            self._log.warning("peer cache %s unusable, ignored: %s", path, exc)
+            return []
+        addresses = [p.address for p in peers]
+        results = await asyncio.gather(
+            *(self._fetch_info(None, addr) for addr in addresses), return_exceptions=True
+        )
+        answered = []
+        for result in results:
+            if isinstance(result, PeerInfo):
+                if result.node_id != self.node_id:
+                    answered.append(result.node_id)
+            elif not isinstance(result, TmdhtError):
+                raise result
+        self._log.info(
+            "no seed answered: %d of %d cached peers did", len(answered), len(addresses)
+        )
+        return answered
+
+    def save_peer_cache(self) -> None:
+        """Write the members known to the peer cache file, if any changed (atomically)."""
+        path = self.config.peer_cache
+        if path is None or not self.config.join:
+            return
+        peers = to_cache(self._book.members(), self.node_id)
+        if not peers:
+            return  # knowing nobody teaches nothing: keep what the file says
+        data = encode_peer_cache(peers)
+        if data == self._peer_cache_bytes:
+            return
+        try:
+            atomic_write(path, data)
+        except OSError as exc:
+            self._log.warning("cannot write the peer cache %s: %s", path, exc)
+            return
+        self._peer_cache_bytes = data
 
     async def crawl(self) -> list[Member]:
         """Discover the whole ring; return :meth:`members` once new contacts have answered.
@@ -650,7 +704,9 @@ class Overlay:
         # instances) all find their seeds not yet listening on the first try.
         alone_wait = 1.0
         while True:
-            alone = not self._book.members() and bool(self.config.seeds)
+            alone = not self._book.members() and bool(
+                self.config.seeds or self.config.peer_cache
+            )
             await asyncio.sleep(
                 min(alone_wait, self.config.refresh_interval)
                 if alone
@@ -662,6 +718,7 @@ class Overlay:
                     await self.bootstrap()
                 else:
                     await self.crawl()
+                self.save_peer_cache()
             except TmdhtError as exc:
                 self._log.warning("ring refresh failed: %s", exc)
             except Exception:

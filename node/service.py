@@ -54,6 +54,8 @@ __all__ = ["DRAIN_TIMEOUT", "NodeStatus", "StoreNode"]
 log = logging.getLogger("tmdht.node")
 
 DRAIN_TIMEOUT = 10.0
+PEER_CACHE_FILE = "peers.json"
+"""The members a node knew, in its data directory: how it rejoins when its seeds are down."""
 
 
 class NodeStatus(TypedDict):
@@ -158,6 +160,7 @@ class StoreNode:
                     cluster_key=self.credentials.overlay_key,
                     accepted_cluster_keys=self.credentials.accepted_overlay_keys,
                     domain=cfg.failure_domain(socket.gethostname()),
+                    peer_cache=cfg.data_dir / PEER_CACHE_FILE,
                 )
             )
             self.client = await DataPlaneClient.open(

@@ -139,6 +139,9 @@ class OverlayConfig:
     domain: FailureDomain | None = None
     """This node's failure domain, advertised in ``node_info`` (None: not advertised; peers
     then take its IP as its host)."""
+    peer_cache: Path | None = None
+    """File where the members known are kept (:mod:`tmdht.net.peercache`) to rejoin from when
+    no seed answers; None: no cache (client mode)."""
 
     def __post_init__(self) -> None:
         """Refuse values the overlay cannot run with; accept lists and str paths."""

@@ -157,9 +157,17 @@ def cluster() -> None:
 )
 @click.option("--replicas", default=3, show_default=True)
 @click.option("--insecure-open", is_flag=True, help="No cluster key (development only).")
-def cluster_up(nodes: int, root: Path, replicas: int, insecure_open: bool) -> None:
-    """Start a local N-node cluster as separate processes; Ctrl-C stops them all."""
-    from tmdht.node.local import LocalCluster  # noqa: PLC0415
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Start a node that dies again, with its data dir (default: the others keep serving).",
+)
+def cluster_up(nodes: int, root: Path, replicas: int, insecure_open: bool, restart: bool) -> None:
+    """Start a local N-node cluster as separate processes; Ctrl-C stops them all.
+
+    A node that dies is reported (how, and its log); the others keep serving.
+    """
+    from tmdht.node.local import ClusterError, LocalCluster  # noqa: PLC0415
 
     local = LocalCluster(root, nodes, replicas=replicas, open_mode=insecure_open)
     stderr.print(f"starting {nodes} nodes in {root} ...")
@@ -184,14 +192,36 @@ def cluster_up(nodes: int, root: Path, replicas: int, insecure_open: bool) -> No
             )  # fmt: skip
         stdout.print(table)
         key = "none (open)" if insecure_open else str(local.key_file)
-        stdout.print(f"seed: {hostport(local.seed)}   key: {key}")
+        seed = local.seed
+        stdout.print(f"seed: {hostport(seed)}   key: {key}")
         stdout.print("Ctrl-C stops the cluster.")
-        # Block until a node exits (without reaping it: Popen does that) or a signal arrives.
-        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
-        dead = [n for n in local.nodes if not n.running]
-        if dead:
-            code = dead[0].proc.returncode if dead[0].proc else "?"
-            stderr.print(f"[red]node {dead[0].index} exited (code {code}); stopping the cluster[/]")
+        while True:
+            try:
+                exited = local.wait_for_exit()
+            except ClusterError:
+                raise ClusterError(
+                    f"every node of {root} has exited; nothing left to serve"
+                ) from None
+            for n in exited:
+                _note(local.describe_exit(n), "red")
+                if restart:
+                    try:
+                        local.restart_node(n.index)
+                    except ClusterError as exc:
+                        _note(f"node {n.index} not restarted: {exc}", "red")
+                    else:
+                        _note(
+                            f"node {n.index} restarted with its data dir {n.data_dir} (pid "
+                            f"{n.pid}, kademlia {hostport(n.address('kademlia'))}, data "
+                            f"{hostport(n.address('data'))}, metrics "
+                            f"{hostport(n.address('metrics'))})"
+                        )
+            alive = [n for n in local.nodes if n.running]
+            if len(alive) < nodes:
+                _note(f"{len(alive)} of {nodes} nodes serving; Ctrl-C stops them")
+            if alive and not any(n.address("kademlia") == seed for n in alive):
+                seed = local.seed
+                _note(f"seed now: {hostport(seed)}")
     except Stop:
         pass
     finally:
@@ -199,6 +229,11 @@ def cluster_up(nodes: int, root: Path, replicas: int, insecure_open: bool) -> No
         local.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _note(text: str, style: str | None = None) -> None:
+    """One line on stderr, printed as is (log excerpts may hold brackets rich would parse)."""
+    stderr.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 def _fetch_health(host: str, port: int) -> str:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
+from tmdht.auth import parse_cluster_keys
 from tmdht.config import parse_address
 from tmdht.errors import ConfigError, UsageError
 
@@ -48,13 +49,25 @@ def store_kwargs(
     key: str | None = None
     if cluster_key_file is not None:
         try:
-            key = cluster_key_file.read_text().strip()
+            key = cluster_key_file.read_text()
         except OSError as exc:
-            raise UsageError(f"{cluster_key_file}: {exc.strerror}") from None
+            raise UsageError(f"--cluster-key-file {cluster_key_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(
+                f"--cluster-key-file {cluster_key_file}: not a key file (binary content)"
+            ) from None
+        source = f"--cluster-key-file {cluster_key_file}"
     elif os.environ.get(CLUSTER_KEY_ENV):
-        key = os.environ[CLUSTER_KEY_ENV].strip()
+        key = os.environ[CLUSTER_KEY_ENV]
+        source = f"${CLUSTER_KEY_ENV}"
     elif not insecure_open:
         raise UsageError(
             f"no cluster key: --cluster-key-file FILE or ${CLUSTER_KEY_ENV} (or --insecure-open)"
         )
+    if key is not None:
+        try:
+            parse_cluster_keys(key)  # checked here, so the message can name where it came from
+        except ConfigError as exc:
+            raise UsageError(f"{source}: {exc}") from None
+        key = key.strip()
     return {"seeds": addresses, "cluster_key": key, "open_mode": key is None}

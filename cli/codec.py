@@ -25,7 +25,7 @@ from tmdht.dedup_stream import (
     StreamStart,
     TemplatePage,
 )
-from tmdht.errors import UsageError
+from tmdht.errors import CatalogMismatchError, DecodeError, UsageError
 from tmdht.images import ImageWriter, MemoryImage, open_image
 from tmdht.pages import PAGE_SIZE, check_page, digest_page, is_zero_page
 
@@ -113,11 +113,19 @@ def _stream_events(
         f = path.open("rb")
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a tmdht dedup stream") from None
     with f:
-        while chunk := f.read(READ_CHUNK):
-            decoder.feed(chunk)
-            yield from decoder.events()
-    decoder.close()
+        if f.seek(0, os.SEEK_END) == 0:
+            raise UsageError(f"{path}: empty file, not a tmdht dedup stream")
+        f.seek(0)
+        try:
+            while chunk := f.read(READ_CHUNK):
+                decoder.feed(chunk)
+                yield from decoder.events()
+            decoder.close()
+        except (DecodeError, CatalogMismatchError) as exc:
+            raise type(exc)(f"{path}: {exc}") from None  # say which file
 
 
 class PageSource:

@@ -17,7 +17,13 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from tmdht.errors import TmdhtError, UsageError
+from tmdht.errors import (
+    CatalogMismatchError,
+    ConfigError,
+    DecodeError,
+    TmdhtError,
+    UsageError,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("tmdht.cli")
@@ -28,10 +34,57 @@ if not stdout.is_terminal:
     stdout.width = 120  # logs and pipes: don't squeeze tables into 80 columns
 
 
-class InputError(click.ClickException):
-    """The user named something unusable (a missing file, a wrong kind of file): exit code 2."""
+EXIT_FAILED = 1
+"""The input was usable and the operation failed: no store node answered (nothing there, or a
+different cluster key), pages unavailable, a migration failed, a node could not start, a disk
+filled up. Trying again later (or elsewhere) may succeed."""
+EXIT_UNUSABLE_INPUT = 2
+"""What the command was given cannot be used, and trying again will not help: a bad option or
+argument, a missing or unreadable file, an empty one, a file of the wrong kind (random bytes
+included), a damaged or truncated one, a malformed key, a stream and a catalog that do not belong
+together, images that hold none of the templates asked for. Click's own usage errors use 2 too."""
 
-    exit_code = 2
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (UsageError, EXIT_UNUSABLE_INPUT),
+    (ConfigError, EXIT_UNUSABLE_INPUT),
+    (DecodeError, EXIT_UNUSABLE_INPUT),  # decoders of files: wrong kind, truncated, damaged
+    (CatalogMismatchError, EXIT_UNUSABLE_INPUT),
+    (FileNotFoundError, EXIT_UNUSABLE_INPUT),
+    (IsADirectoryError, EXIT_UNUSABLE_INPUT),
+    (NotADirectoryError, EXIT_UNUSABLE_INPUT),
+    (PermissionError, EXIT_UNUSABLE_INPUT),
+    (TmdhtError, EXIT_FAILED),
+    (OSError, EXIT_FAILED),
+)
+"""The one mapping from errors to exit codes: the first entry the error is an instance of wins.
+Errors from the network side never reach it as DecodeError (the proxies wrap theirs in
+MigrationFailed, the client drops bad datagrams)."""
+
+
+class CommandFailed(click.ClickException):
+    """An error on its way out: ``Error: <one line>`` on stderr and its exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code of a command that failed with ``exc`` (see :data:`EXIT_CODES`)."""
+    for kind, code in EXIT_CODES:
+        if isinstance(exc, kind):
+            return code
+    return EXIT_FAILED
+
+
+def one_line(exc: BaseException) -> str:
+    """The error as one line: OSErrors as ``FILE: reason``, newlines folded."""
+    if isinstance(exc, OSError) and not isinstance(exc, TmdhtError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        text = f"{where}{exc.strerror or exc}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 # Subcommands, imported only when used: ``tmdht qemu send`` runs as QEMU's ``exec:`` migration
@@ -69,13 +122,8 @@ class TmdhtGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except UsageError as exc:
-            raise InputError(str(exc)) from None
-        except TmdhtError as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            where = f"{exc.filename}: " if exc.filename else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+        except (TmdhtError, OSError) as exc:
+            raise CommandFailed(one_line(exc), exit_code_for(exc)) from None
 
 
 def emit_json(doc: dict[str, Any]) -> None:
@@ -127,4 +175,7 @@ def run_async(main: Coroutine[Any, Any, T], loop: str = "uvloop") -> T:
 
 def main() -> None:
     """Console script entry point."""
+    # Library warnings ("[node id] no seed answered") would come before the error line and
+    # repeat it; only errors get through. `node run` and the QEMU proxies set up their own logs.
+    logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s")
     cli(auto_envvar_prefix="TMDHT")

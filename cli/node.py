@@ -17,8 +17,8 @@ import click
 from rich.table import Table
 
 from tmdht.cli.main import human_bytes, run_async, stderr, stdout
-from tmdht.config import NodeConfig, parse_address
-from tmdht.errors import ConfigError, UsageError
+from tmdht.config import NodeConfig
+from tmdht.errors import UsageError
 
 
 class JsonFormatter(logging.Formatter):
@@ -259,18 +259,15 @@ def cluster_status(
     seed: str, cluster_key_file: Path | None, insecure_open: bool, as_json: bool
 ) -> None:
     """Members of a cluster: pages, bytes and health of each node."""
+    from tmdht.auth import parse_cluster_keys  # noqa: PLC0415
+    from tmdht.cli.access import store_kwargs  # noqa: PLC0415
     from tmdht.client.dataplane import DataPlaneClient, NodeUnreachableError  # noqa: PLC0415
+    from tmdht.client.probe import ClusterUnreachable, explain_silence  # noqa: PLC0415
     from tmdht.node.overlay import Overlay, OverlayConfig  # noqa: PLC0415
-    from tmdht.node.service import load_cluster_keys  # noqa: PLC0415
 
-    try:
-        seed_address = parse_address(seed)
-    except ConfigError as exc:
-        raise UsageError(f"--seed: {exc}") from None
-    cfg = NodeConfig(
-        data_dir=Path("."), cluster_key_file=cluster_key_file, insecure_open=insecure_open
-    )
-    keys = load_cluster_keys(cfg)
+    access = store_kwargs((seed,), cluster_key_file, insecure_open)
+    (seed_address,) = access["seeds"]
+    keys = None if access["open_mode"] else parse_cluster_keys(access["cluster_key"])
 
     async def gather() -> list[dict[str, Any]]:
         from tmdht.auth import Authenticator, keyring_from  # noqa: PLC0415
@@ -318,7 +315,7 @@ def cluster_status(
 
     rows = run_async(gather())
     if not rows:
-        raise UsageError(f"no cluster answered at {seed}")
+        raise ClusterUnreachable(explain_silence([seed_address]))
     if as_json:
         click.echo(json.dumps({"members": rows}, indent=2))
         return

@@ -14,8 +14,9 @@ from rich.table import Table
 from tmdht import __version__
 from tmdht.catalog import TemplateCatalog
 from tmdht.cli.access import cluster_options, store_kwargs
-from tmdht.cli.main import emit_json, human_bytes, parse_size, run_async, stdout
+from tmdht.cli.main import emit_json, human_bytes, parse_size, run_async, stderr, stdout
 from tmdht.cli.progress import page_progress
+from tmdht.errors import UsageError
 from tmdht.images import open_image
 from tmdht.mining import ImageCoverage, MiningConfig, MiningResult, TemplateMiner
 from tmdht.pages import PAGE_SIZE, digest_page, is_zero_page
@@ -25,7 +26,7 @@ PUBLISH_BATCH = 2048
 
 @click.group()
 def templates() -> None:
-    """Template catalogs: mine, inspect."""
+    """Template catalogs: mine, info, list, publish."""
 
 
 @templates.command()
@@ -91,9 +92,16 @@ def mine(
 
 
 def mine_files(
-    images: tuple[Path, ...] | list[Path], config: MiningConfig
+    images: tuple[Path, ...] | list[Path],
+    config: MiningConfig,
+    names: dict[Path, str] | None = None,
 ) -> tuple[TemplateCatalog, MiningResult, float]:
-    """Mine a catalog from image files, with a progress bar; returns it, the result, seconds."""
+    """Mine a catalog from image files, with a progress bar; returns it, the result, seconds.
+
+    Each image is recorded in the catalog under ``names[path]``, else under its path as given
+    (``build/guests/idle-1/stream.bin``, not only ``stream.bin``).
+    """
+    names = names or {}
     with contextlib.ExitStack() as stack:
         opened = [stack.enter_context(open_image(p)) for p in images]  # all checked before work
         total_pages = sum(i.page_count for i in opened)
@@ -104,7 +112,7 @@ def mine_files(
             for image in opened:
                 progress.update(task, description=f"mining {image.name}")
                 miner.add_image(
-                    image.name,
+                    names.get(image.path, str(image.path)),
                     image.iter_pages(),
                     lambda n: progress.advance(task, n * PAGE_SIZE),
                 )
@@ -116,8 +124,15 @@ def mine_files(
 
 @templates.command()
 @click.argument("catalog", type=click.Path(path_type=Path))
+@click.option(
+    "--digests",
+    "digest_count",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Also list the first N template digests (as `tmdht templates list` does).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def info(catalog: Path, as_json: bool) -> None:
+def info(catalog: Path, digest_count: int, as_json: bool) -> None:
     """Show what a catalog holds and what it was mined from."""
     cat = TemplateCatalog.load(catalog)
     doc: dict[str, Any] = {
@@ -131,6 +146,8 @@ def info(catalog: Path, as_json: bool) -> None:
         "images": [_coverage_doc(i) for i in cat.stats.images],
         "extra": cat.stats.extra,
     }
+    if digest_count:
+        doc["digests"] = [d.hex() for d in itertools.islice(cat, digest_count)]
     if as_json:
         emit_json(doc)
         return
@@ -147,6 +164,27 @@ def info(catalog: Path, as_json: bool) -> None:
             sum(i.template_pages for i in cat.stats.images),
         )
         stdout.print(_coverage_table(cat.stats.images, totals, "Mined from"))
+    if digest_count:
+        stdout.print(f"first {min(digest_count, len(cat)):,} of {len(cat):,} template digests:")
+        for digest in doc["digests"]:
+            stdout.print(digest)
+    else:
+        stdout.print(
+            f"digests: tmdht templates list {catalog} (try one with tmdht get DIGEST --seed ...)"
+        )
+
+
+@templates.command("list")
+@click.argument("catalog", type=click.Path(path_type=Path))
+@click.option(
+    "-n", "--limit", type=click.IntRange(min=1), help="Only the first N digests."
+)
+def list_digests(catalog: Path, limit: int | None) -> None:
+    """Print the catalog's template digests, one hex digest a line (for `tmdht get`)."""
+    cat = TemplateCatalog.load(catalog)
+    out = click.get_text_stream("stdout")
+    for digest in itertools.islice(cat, limit):
+        out.write(digest.hex() + "\n")
 
 
 def _coverage_doc(c: ImageCoverage) -> dict[str, object]:
@@ -192,16 +230,25 @@ def publish(
     """Store the template pages of CATALOG, read from IMAGES, in the cluster."""
     catalog = TemplateCatalog.load(catalog_path)
     doc = publish_files(catalog, images, store_kwargs(seeds, cluster_key_file, insecure_open))
+    if doc["templates"] and not doc["published"]:
+        raise UsageError(
+            f"published nothing: none of the {doc['templates']:,} templates of {catalog_path} "
+            "is in these images (publish from the images the catalog was mined from)"
+        )
     if as_json:
         emit_json(doc)
-        return
-    stdout.print(
-        f"published {doc['published']:,} of {doc['templates']:,} templates "
-        f"({doc['replica_writes']:,} replica writes: {doc['stored']:,} new, {doc['present']:,} "
-        f"already there) in {doc['seconds']:.1f} s = {doc['pages_per_s']:,.0f} pages/s"
-    )
+    else:
+        stdout.print(
+            f"published {doc['published']:,} of {doc['templates']:,} templates "
+            f"({doc['replica_writes']:,} replica writes: {doc['stored']:,} new, "
+            f"{doc['present']:,} already there) in {doc['seconds']:.1f} s = "
+            f"{doc['pages_per_s']:,.0f} pages/s"
+        )
     if doc["not_found"]:
-        stdout.print(f"[yellow]{doc['not_found']:,} templates are in none of the images[/]")
+        stderr.print(
+            f"[yellow]warning: {doc['not_found']:,} of {doc['templates']:,} templates are in "
+            "none of the images: not published[/]"
+        )
 
 
 def publish_files(

@@ -53,6 +53,7 @@ __all__ = [
     "MigrationFailed",
     "MigrationMetrics",
     "MigrationReport",
+    "QemuPipeClosed",
     "ReceiverConfig",
     "SenderConfig",
     "run_receiver",
@@ -222,12 +223,18 @@ class ReceiverConfig:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+class QemuPipeClosed(TmdhtError):
+    """The destination QEMU closed its end of the migration pipe (it went away) mid-stream."""
+
+
 class _PipeOut:
     """Asynchronous writes to a pipe or socket fd (stdout), blocking writes to a regular file."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._writer: asyncio.StreamWriter | None = None
+        self.written = 0
+        """Bytes handed to QEMU so far."""
 
     async def open(self) -> None:
         mode = os.fstat(self.fd).st_mode
@@ -240,14 +247,27 @@ class _PipeOut:
         self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
 
     async def write(self, chunks: Sequence[bytes]) -> None:
+        """Write ``chunks``; :class:`QemuPipeClosed` if QEMU closed the pipe."""
         if self._writer is None:
             data = b"".join(chunks)
             view = memoryview(data)
             while view:
                 view = view[os.write(self.fd, view):]
+            self.written += len(data)
             return
-        self._writer.writelines(chunks)
-        await self._writer.drain()
+        # A closed pipe closes the transport: uvloop then raises RuntimeError on write, asyncio
+        # drops the data and fails drain() with ConnectionResetError.
+        try:
+            if self._writer.transport.is_closing():
+                raise ConnectionResetError("the pipe transport is closed")
+            self._writer.writelines(chunks)
+            await self._writer.drain()
+        except (ConnectionError, RuntimeError):
+            raise QemuPipeClosed(
+                f"QEMU closed the migration pipe after {self.written:,} bytes of QEMU stream "
+                "had been written to it: the destination QEMU went away"
+            ) from None
+        self.written += sum(len(c) for c in chunks)
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -404,6 +424,9 @@ def _first(group: BaseExceptionGroup[Any]) -> BaseException:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, ConnectionError):  # "[Errno 104] Connection reset by peer" says little
+        return (f"the connection to the other proxy broke ({exc.strerror or exc}): "
+                "it failed or was stopped (its own output says why)")
     return str(exc) or type(exc).__name__
 
 

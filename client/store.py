@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from tmdht import wire
 from tmdht.auth import Authenticator, ClusterKey, keyring_from, load_key, parse_cluster_keys
 from tmdht.client.dataplane import DataPlaneClient
+from tmdht.client.probe import ClusterUnreachable, explain_silence
 from tmdht.client.resolver import Resolver
 from tmdht.errors import TmdhtError, UsageError
 from tmdht.node.overlay import Member, MembershipEventKind, Overlay, OverlayConfig, OverlayError
@@ -46,6 +47,7 @@ from tmdht.placement import replica_rows
 __all__ = [
     "BlockingTemplateStoreClient",
     "ClientMetrics",
+    "ClusterUnreachable",
     "PagesUnavailable",
     "PublishFailed",
     "PutSummary",
@@ -273,9 +275,8 @@ class TemplateStoreClient:
             )
             await self.refresh()
             if not self._members:
-                raise TmdhtError(
-                    f"no store node answered at {', '.join(f'{h}:{p}' for h, p in self.seeds)}"
-                )
+                # Why: nothing there, or a node with another key (it drops us silently).
+                raise ClusterUnreachable(await asyncio.to_thread(explain_silence, self.seeds))
             subscription = self._overlay.subscribe(replay=False)
             self._spawn(self._follow(subscription))
         except BaseException:
@@ -440,17 +441,25 @@ class TemplateStoreClient:
         found.update(pages)
         return unavailable
 
-    async def replicas_holding(self, digests: Sequence[bytes]) -> list[list[tuple[bytes, bool]]]:
-        """Per digest, its replicas (closest first) and whether each holds it (HAS)."""
+    async def replicas_holding(
+        self, digests: Sequence[bytes]
+    ) -> list[list[tuple[bytes, bool | None]]]:
+        """Per digest, its replicas (closest first) and whether each holds it (HAS): True,
+        False, or None when the node did not answer."""
         assert self._dataplane is not None
         rows = self._replica_lists(list(digests))
         nodes = list({m.node_id: m for row in rows for m in row}.values())
         answers = await asyncio.gather(
             *(self._dataplane.has(m.data_address, list(digests)) for m in nodes)
         )
-        held = {m.node_id: a.held for m, a in zip(nodes, answers, strict=True)}
+        by_node = {m.node_id: a for m, a in zip(nodes, answers, strict=True)}
+
+        def holds(node_id: bytes, digest: bytes) -> bool | None:
+            answer = by_node[node_id]
+            return None if digest in answer.unanswered else digest in answer.held
+
         return [
-            [(m.node_id, d in held[m.node_id]) for m in row]
+            [(m.node_id, holds(m.node_id, d)) for m in row]
             for d, row in zip(digests, rows, strict=True)
         ]
 

@@ -281,6 +281,8 @@ class TemplateCatalog:
             raise UsageError(f"{path}: no such file") from None
         except IsADirectoryError:
             raise UsageError(f"{path}: is a directory, not a catalog") from None
+        if not data:
+            raise UsageError(f"{path}: empty file, not a tmdht template catalog")
         try:
             return cls.from_bytes(data)
         except DecodeError as exc:

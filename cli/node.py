@@ -121,9 +121,11 @@ def node_run(
     toml_text = None
     if config_file is not None:
         try:
-            toml_text = config_file.read_text()
+            toml_text = config_file.read_text(encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"{config_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{config_file}: not a TOML config file (binary content)") from None
     if seeds:
         flags["seeds"] = ",".join(seeds)
     config = NodeConfig.from_sources(

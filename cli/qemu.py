@@ -131,6 +131,7 @@ def _run_proxy(role: str, progress: bool, metrics_port: int | None, report_path:
         MigrationFailed,
         MigrationMetrics,
         MigrationReport,
+        save_report,
         write_report,
     )
 
@@ -141,8 +142,11 @@ def _run_proxy(role: str, progress: bool, metrics_port: int | None, report_path:
             try:
                 report = run_async(start(metrics, update))
             except MigrationFailed as exc:
-                failed = MigrationReport(role, ok=False, error=str(exc))
-                write_report(exc.report or failed, report_path)
+                failed = exc.report or MigrationReport(role, ok=False, error=str(exc))
+                if failed.counts.qemu_bytes:  # how far it got; else the error line says it all
+                    write_report(failed, report_path)
+                else:
+                    save_report(failed, report_path)
                 raise
         write_report(report, report_path)
     finally:

@@ -348,8 +348,13 @@ async def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
         flow_window=config.flow_window)
     wan: _Wan | None = None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(*config.to),
-                                                config.connect_timeout)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*config.to),
+                                                    config.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+            raise MigrationFailed(
+                f"cannot reach the receiver at {config.to[0]}:{config.to[1]} ({reason})") from None
         _tune(writer.get_extra_info("socket"))
         wan = _Wan(reader, writer, report, metrics)
         read_qemu = await _open_stdin(stdin_fd)
@@ -425,8 +430,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, ConnectionError):  # "[Errno 104] Connection reset by peer" says little
-        return (f"the connection to the other proxy broke ({exc.strerror or exc}): "
-                "it failed or was stopped (its own output says why)")
+        return (f"the connection to the other proxy was lost ({exc.strerror or exc}): it failed "
+                "or was stopped, its own error says why")
     return str(exc) or type(exc).__name__
 
 

@@ -74,8 +74,8 @@ def load_cluster_keys(
     if config.insecure_open:
         return None
     raise ConfigError(
-        "no cluster key: set cluster_key_file or $TMDHT_CLUSTER_KEY "
-        "(or insecure_open = true for local development only)"
+        "no cluster key: --cluster-key-file FILE (cluster_key_file in the config file) or "
+        "$TMDHT_CLUSTER_KEY; for local development only, --insecure-open (insecure_open = true)"
     )
 
 

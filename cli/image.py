@@ -15,7 +15,7 @@ from tmdht.pages import PAGE_SIZE, is_zero_page
 
 @click.group()
 def image() -> None:
-    """Memory images (raw dumps, ELF cores, QEMU migration streams)."""
+    """Memory images (raw dumps, ELF cores, QEMU migration streams): info, dump."""
 
 
 @image.command("info")

@@ -57,7 +57,7 @@ def setup_logging(fmt: str, level: str) -> None:
 
 @click.group()
 def node() -> None:
-    """Store node service."""
+    """Store node service: run."""
 
 
 # Flags of `node run`; every one may also come from the config file and TMDHT_NODE_* variables.
@@ -145,7 +145,7 @@ def node_run(
 
 @click.group()
 def cluster() -> None:
-    """Local clusters for development, and cluster status."""
+    """Clusters: up (a local one for development), status (of any)."""
 
 
 @cluster.command("up")

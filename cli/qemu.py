@@ -88,7 +88,7 @@ def _metrics_server(port: int | None, metrics: Any) -> Any:
 
 @click.group()
 def qemu() -> None:
-    """Live-migrate an unpatched QEMU through tmdht (exec: migration proxies)."""
+    """Live-migrate an unpatched QEMU through tmdht: send, receive (exec: migration proxies)."""
 
 
 @qemu.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,45 @@ def test_image_info_and_dump(corpus: Path, tmp_path: Path) -> None:
     assert info["format"] == "raw" and info["pages"] == 2000
     tmdht("image", "dump", corpus / "g0.raw", "-o", tmp_path / "d.raw")
     assert (tmp_path / "d.raw").read_bytes() == (corpus / "g0.raw").read_bytes()
+
+
+def test_every_group_help_names_all_its_subcommands() -> None:
+    """`tmdht templates --help` once said "mine, inspect" and left publish out."""
+    from tmdht.cli.main import cli
+
+    groups = {n: cli.get_command(None, n) for n in cli.list_commands(None)}  # type: ignore[arg-type]
+    groups = {n: g for n, g in groups.items() if getattr(g, "commands", None)}
+    assert set(groups) >= {"templates", "image", "node", "cluster", "qemu"}
+    for name, group in groups.items():
+        help_text = tmdht(name, "--help").stdout
+        summary = help_text.split("Options:")[0]
+        for sub in group.commands:  # type: ignore[union-attr]
+            assert re.search(rf"\b{sub}\b", summary), (name, sub, summary)
+            assert re.search(rf"^\s+{sub}\s", help_text.split("Commands:")[1], re.M), (name, sub)
+
+
+def test_templates_list_and_info_digests_feed_get(corpus: Path, tmp_path: Path) -> None:
+    tmdht("templates", "mine", corpus / "g0.raw", corpus / "g1.raw", "-o", tmp_path / "c.tmc")
+    listed = tmdht("templates", "list", tmp_path / "c.tmc").stdout.split()
+    info = json.loads(tmdht("templates", "info", tmp_path / "c.tmc", "--json").stdout)
+    assert len(listed) == info["templates"] and all(len(d) == 64 for d in listed)
+    assert listed == sorted(listed)
+    assert tmdht("templates", "list", tmp_path / "c.tmc", "-n", "3").stdout.split() == listed[:3]
+    shown = json.loads(
+        tmdht("templates", "info", tmp_path / "c.tmc", "--digests", "2", "--json").stdout
+    )
+    assert shown["digests"] == listed[:2]
+    human = tmdht("templates", "info", tmp_path / "c.tmc").stdout
+    assert f"tmdht templates list {tmp_path / 'c.tmc'}" in human
+
+
+def test_image_info_says_what_it_does_with_a_partial_page(tmp_path: Path) -> None:
+    (tmp_path / "odd.raw").write_bytes(b"\x01" * (3 * 4096 + 100))
+    info = tmdht("image", "info", tmp_path / "odd.raw").stdout
+    assert "its last page holds 100 bytes and is read padded with 3,996 zero bytes" in " ".join(
+        info.split()
+    )
+    doc = json.loads(tmdht("image", "info", tmp_path / "odd.raw", "--json").stdout)
+    assert doc["pages"] == 4 and doc["blocks"][0]["partial_page_bytes"] == 100
+    tmdht("image", "dump", tmp_path / "odd.raw", "-o", tmp_path / "back.raw")
+    assert (tmp_path / "back.raw").read_bytes() == (tmp_path / "odd.raw").read_bytes()

@@ -29,9 +29,23 @@ if [[ ! -x $VENV/bin/python ]]; then
     echo "setup: creating virtualenv $VENV" >&2
     python3 -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-"$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v -e '^WARNING: Location' -e 'Running pip as the' >&2 || true
-"$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" # fail loudly if the install did not work
+# Python packages: only when what they come from changed (the install is editable: source edits
+# need none). The stamp is a digest of the inputs; pip's output is kept in a log, shown on failure.
+stamp_inputs=(pyproject.toml scripts/setup.sh)
+stamp=$( { "$VENV/bin/python" -VV; cat "${stamp_inputs[@]}"; } | sha256sum | cut -d' ' -f1)
+stamp_file=$VENV/.tmdht-setup-stamp
+if [[ $(cat "$stamp_file" 2>/dev/null) != "$stamp" ]] \
+    || ! "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" 2>/dev/null; then
+    echo "setup: installing Python packages into $VENV (log: $VENV/pip.log)" >&2
+    rm -f "$stamp_file"
+    if ! { "$VENV/bin/python" -m pip install -q --upgrade pip || true  # offline: keep the old
+            "$VENV/bin/python" -m pip install -q -e '.[dev]'; } >"$VENV/pip.log" 2>&1; then
+        cat "$VENV/pip.log" >&2
+        exit 1
+    fi
+    "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" # fail loudly if it did not work
+    echo "$stamp" >"$stamp_file"
+fi
 # Byte-compile the project (an editable install writes no .pyc, nor does Python at import time
 # when PYTHONDONTWRITEBYTECODE is set, as on these machines): every process would otherwise
 # compile its sources at start, and the QEMU proxies' start-up counts in a migration's time.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tomllib
 import venv
 from pathlib import Path
 
@@ -64,3 +66,23 @@ def test_wheel_installs_and_imports_every_package(tmp_path: Path) -> None:
         timeout=60,
     )
     assert "0.1.0" in version.stdout
+
+
+def test_setup_installs_nothing_when_nothing_changed() -> None:
+    """scripts/setup.sh (run by the test command before pytest) reinstalls the Python packages
+    only when pyproject.toml or the script changed: a second run is silent."""
+    venv = Path(sys.prefix)
+    if not (venv / ".tmdht-setup-stamp").exists():
+        pytest.skip("this interpreter's venv was not made by scripts/setup.sh")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup.sh")],
+        capture_output=True, text=True, timeout=600, check=True,
+        env={**os.environ, "TMDHT_VENV": str(venv)},
+    )  # fmt: skip
+    assert proc.stdout == "" and proc.stderr == "", proc.stderr
+
+
+def test_license_is_an_spdx_expression() -> None:
+    """A TOML table (``{ text = ... }``) made setuptools print a deprecation three times."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"

@@ -62,11 +62,20 @@ MigrationFailed, the client drops bad datagrams)."""
 
 
 class CommandFailed(click.ClickException):
-    """An error on its way out: ``Error: <one line>`` on stderr and its exit code."""
+    """An error on its way out: ``Error: <one line>`` on stderr, exit code 1."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = EXIT_FAILED
+
+
+class UnusableInput(CommandFailed):
+    """The same with exit code 2."""
+
+    exit_code = EXIT_UNUSABLE_INPUT
+
+
+def command_failed(message: str, exit_code: int) -> CommandFailed:
+    """The ClickException that prints ``message`` and exits with ``exit_code`` (1 or 2)."""
+    return (UnusableInput if exit_code == EXIT_UNUSABLE_INPUT else CommandFailed)(message)
 
 
 def exit_code_for(exc: BaseException) -> int:
@@ -123,11 +132,11 @@ class TmdhtGroup(click.Group):
         try:
             return super().invoke(ctx)
         except (TmdhtError, OSError) as exc:
-            raise CommandFailed(one_line(exc), exit_code_for(exc)) from None
+            raise command_failed(one_line(exc), exit_code_for(exc)) from None
         except click.UsageError as exc:  # click's own: usage, hint and error on three lines
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
             message = f"{exc.format_message()} (see {where} --help)"
-            raise CommandFailed(" ".join(message.split()), exc.exit_code) from None
+            raise command_failed(" ".join(message.split()), exc.exit_code) from None
 
 
 def emit_json(doc: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -176,15 +177,12 @@ def info(catalog: Path, digest_count: int, as_json: bool) -> None:
 
 @templates.command("list")
 @click.argument("catalog", type=click.Path(path_type=Path))
-@click.option(
-    "-n", "--limit", type=click.IntRange(min=1), help="Only the first N digests."
-)
+@click.option("-n", "--limit", type=click.IntRange(min=1), help="Only the first N digests.")
 def list_digests(catalog: Path, limit: int | None) -> None:
     """Print the catalog's template digests, one hex digest a line (for `tmdht get`)."""
     cat = TemplateCatalog.load(catalog)
-    out = click.get_text_stream("stdout")
     for digest in itertools.islice(cat, limit):
-        out.write(digest.hex() + "\n")
+        sys.stdout.write(digest.hex() + "\n")
 
 
 def _coverage_doc(c: ImageCoverage) -> dict[str, object]:

@@ -173,3 +173,14 @@ def test_demo_tables_fit_and_say_what_their_numbers_are() -> None:
     assert "goes as a back-reference even when it is a template" in legend
     assert "holds 7,072 distinct template contents in 12,928 template pages" in legend
     assert "pages in full 9,701 x 4 KiB = 37.9 MiB" in legend and ": 38.7 MiB" in legend
+
+
+def test_catalog_sources_keep_the_names_they_were_given(corpus: Path) -> None:
+    """The demo's corpus files are all called stream.bin: the catalog named them that way."""
+    from tmdht.cli.templates import mine_files
+    from tmdht.mining import MiningConfig
+
+    images = [corpus / "g0.raw", corpus / "g1.raw"]
+    catalog, result, _ = mine_files(images, MiningConfig(), names={images[0]: "idle-1"})
+    assert [i.name for i in catalog.stats.images] == ["idle-1", str(images[1])]
+    assert [i.name for i in result.images] == ["idle-1", str(images[1])]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -181,8 +182,12 @@ def info(catalog: Path, digest_count: int, as_json: bool) -> None:
 def list_digests(catalog: Path, limit: int | None) -> None:
     """Print the catalog's template digests, one hex digest a line (for `tmdht get`)."""
     cat = TemplateCatalog.load(catalog)
-    for digest in itertools.islice(cat, limit):
-        sys.stdout.write(digest.hex() + "\n")
+    try:
+        for digest in itertools.islice(cat, limit):
+            sys.stdout.write(digest.hex() + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader had enough (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the exit flush
 
 
 def _coverage_doc(c: ImageCoverage) -> dict[str, object]:

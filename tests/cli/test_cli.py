@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,9 @@ from pathlib import Path
 import pytest
 from support.cli import tmdht
 from support.synthetic import mixed_pages, page_pool, write_raw
+
+from tmdht.catalog import TemplateCatalog
+from tmdht.launch import tmdht_argv
 
 POOL = page_pool(200, seed=6)
 
@@ -122,6 +127,15 @@ def test_templates_list_and_info_digests_feed_get(corpus: Path, tmp_path: Path) 
         tmdht("templates", "info", tmp_path / "c.tmc", "--digests", "2", "--json").stdout
     )
     assert shown["digests"] == listed[:2]
+    # `| head` is no error, even when the list is far longer than a pipe holds.
+    rng = random.Random(3)
+    big = sorted(rng.randbytes(32) for _ in range(20_000))
+    TemplateCatalog.from_digests(big).save(tmp_path / "big.tmc")
+    piped = subprocess.run(
+        f"{shlex.join(tmdht_argv('templates', 'list', tmp_path / 'big.tmc'))} | head -n 1",
+        shell=True, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert piped.stdout.split() == [big[0].hex()] and piped.stderr == ""
     human = tmdht("templates", "info", tmp_path / "c.tmc").stdout
     assert f"tmdht templates list {tmp_path / 'c.tmc'}" in human
 

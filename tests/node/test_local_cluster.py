@@ -24,18 +24,27 @@ from tmdht.node.local import ClusterError, LocalCluster, describe_exit_code, las
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def beside_a_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The current folder holds the repository as a folder named ``tmdht`` (``git clone`` into
-    the folder a user then works in): ``python -m`` would import it instead of the package."""
-    (tmp_path / "tmdht").symlink_to(REPO_ROOT, target_is_directory=True)
+@pytest.fixture(params=["clone", "decoy"])
+def beside_a_clone(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """The current folder holds a folder named ``tmdht``: the repository itself (``git clone``
+    into the folder a user then works in; it shadows an editable install, as setup.sh makes) or
+    a decoy package (it would shadow any install)."""
+    if request.param == "clone":
+        (tmp_path / "tmdht").symlink_to(REPO_ROOT, target_is_directory=True)
+    else:
+        (tmp_path / "tmdht").mkdir()
+        (tmp_path / "tmdht" / "__init__.py").write_text(
+            "raise ImportError('cannot import name tmdht: the decoy in the current folder')\n"
+        )
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
 def test_shadowing_folder_breaks_plain_python_m(beside_a_clone: Path) -> None:
     """The trap itself, so the next test proves something: ``python -m tmdht.cli`` from this
-    folder imports the clone as a namespace package and fails."""
+    folder imports the folder instead of the package and fails."""
     argv = tmdht_argv("templates", "--help")
     plain = [argv[0], *argv[2:]]  # without -P
     proc = subprocess.run(plain, capture_output=True, text=True, timeout=60, check=False)

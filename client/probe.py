@@ -145,7 +145,7 @@ def probe_metrics(host: str, port: int, timeout: float = 1.0) -> str | None:
 def probe_seed(host: str, port: int, timeout: float = 0.5) -> SeedProbe:
     """Both probes on one seed."""
     verdict, error = probe_udp(host, port, timeout)
-    if verdict is UdpVerdict.UNRESOLVED:
+    if verdict is not UdpVerdict.SILENT:  # refused: nothing there, whatever answers elsewhere
         return SeedProbe(host, port, verdict, error)
     metrics_port = port + METRICS_PORT_OFFSET
     node_id = probe_metrics(host, metrics_port, 2 * timeout) if metrics_port < 65536 else None

@@ -260,9 +260,14 @@ class LocalCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TMDHT_")}
         node.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=node._log, env=env)
         node.exit_reported = False
-        node.status = read_ready_line(
-            node.proc, self.ready_timeout, f"node {node.index}", node.log_path
-        )
+        try:
+            node.status = read_ready_line(
+                node.proc, self.ready_timeout, f"node {node.index}", node.log_path
+            )
+        except ClusterError:
+            self.stop_node(node.index)  # never ready: stopped (if it still runs) and reaped
+            node.exit_reported = True  # the error says how it ended
+            raise
 
     def stop_node(
         self, index: int, *, sig: int = signal.SIGTERM, timeout: float = 20.0

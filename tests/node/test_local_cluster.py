@@ -214,3 +214,16 @@ def test_cluster_up_restart_brings_a_dead_node_back_with_its_data(
     assert ready(up.address(1, "metrics"))
     assert up.stop() == 0
     assert not pid_alive(int(after["pid"]))  # type: ignore[call-overload]
+
+
+def test_a_restart_that_fails_is_reported_once(tmp_path: Path) -> None:
+    """`cluster up --restart` must not retry a node that cannot start again forever."""
+    cluster = LocalCluster(tmp_path / "cl", 1)
+    with cluster:
+        cluster.stop_node(0)
+        assert cluster.wait_for_exit(timeout=5) == [cluster.nodes[0]]
+        cluster.nodes[0].args.append("--capacity=lots")  # it will not start again
+        with pytest.raises(ClusterError, match="exited with code 2 before it was ready"):
+            cluster.restart_node(0)
+        with pytest.raises(ClusterError, match="no node is running"):
+            cluster.wait_for_exit(timeout=5)

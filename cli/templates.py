@@ -203,7 +203,7 @@ def _coverage_doc(c: ImageCoverage) -> dict[str, object]:
 
 def _coverage_table(rows: tuple[ImageCoverage, ...], totals: ImageCoverage, title: str) -> Table:
     table = Table(title=title)
-    for name in ("image", "pages", "zero", "non-zero", "template pages", "coverage"):
+    for name in ("image", "pages", "zero", "non-zero", "template pages", "of non-zero"):
         table.add_column(name, justify="left" if name == "image" else "right")
     for c in (*rows, totals):
         table.add_row(

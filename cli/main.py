@@ -6,59 +6,25 @@ Every option can also come from the environment: ``TMDHT_<COMMAND>_<OPTION>`` (c
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
 import logging
 import sys
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
 
-from tmdht.errors import (
-    CatalogMismatchError,
-    ConfigError,
-    DecodeError,
-    TmdhtError,
-    UsageError,
-)
+from tmdht.cli.exits import EXIT_FAILED, EXIT_UNUSABLE_INPUT, exit_code_for, one_line
+from tmdht.cli.proxy import run_async as run_async  # noqa: PLC0414 - re-exported
+from tmdht.errors import TmdhtError
 
-T = TypeVar("T")
 log = logging.getLogger("tmdht.cli")
 
 stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
 if not stdout.is_terminal:
     stdout.width = 120  # logs and pipes: don't squeeze tables into 80 columns
-
-
-EXIT_FAILED = 1
-"""The input was usable and the operation failed: no store node answered (nothing there, or a
-different cluster key), pages unavailable, a migration failed, a node could not start, a disk
-filled up. Trying again later (or elsewhere) may succeed."""
-EXIT_UNUSABLE_INPUT = 2
-"""What the command was given cannot be used, and trying again will not help: a bad option or
-argument, a missing or unreadable file, an empty one, a file of the wrong kind (random bytes
-included), a damaged or truncated one, a malformed key, a stream and a catalog that do not belong
-together, images that hold none of the templates asked for. Click's own usage errors use 2 too."""
-
-EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
-    (UsageError, EXIT_UNUSABLE_INPUT),
-    (ConfigError, EXIT_UNUSABLE_INPUT),
-    (DecodeError, EXIT_UNUSABLE_INPUT),  # decoders of files: wrong kind, truncated, damaged
-    (CatalogMismatchError, EXIT_UNUSABLE_INPUT),
-    (FileNotFoundError, EXIT_UNUSABLE_INPUT),
-    (IsADirectoryError, EXIT_UNUSABLE_INPUT),
-    (NotADirectoryError, EXIT_UNUSABLE_INPUT),
-    (PermissionError, EXIT_UNUSABLE_INPUT),
-    (TmdhtError, EXIT_FAILED),
-    (OSError, EXIT_FAILED),
-)
-"""The one mapping from errors to exit codes: the first entry the error is an instance of wins.
-Errors from the network side never reach it as DecodeError (the proxies wrap theirs in
-MigrationFailed, the client drops bad datagrams)."""
 
 
 class CommandFailed(click.ClickException):
@@ -76,24 +42,6 @@ class UnusableInput(CommandFailed):
 def command_failed(message: str, exit_code: int) -> CommandFailed:
     """The ClickException that prints ``message`` and exits with ``exit_code`` (1 or 2)."""
     return (UnusableInput if exit_code == EXIT_UNUSABLE_INPUT else CommandFailed)(message)
-
-
-def exit_code_for(exc: BaseException) -> int:
-    """The exit code of a command that failed with ``exc`` (see :data:`EXIT_CODES`)."""
-    for kind, code in EXIT_CODES:
-        if isinstance(exc, kind):
-            return code
-    return EXIT_FAILED
-
-
-def one_line(exc: BaseException) -> str:
-    """The error as one line: OSErrors as ``FILE: reason``, newlines folded."""
-    if isinstance(exc, OSError) and not isinstance(exc, TmdhtError):
-        where = f"{exc.filename}: " if exc.filename else ""
-        text = f"{where}{exc.strerror or exc}"
-    else:
-        text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
 
 
 # Subcommands, imported only when used: ``tmdht qemu send`` runs as QEMU's ``exec:`` migration
@@ -167,23 +115,22 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from tmdht import __version__  # noqa: PLC0415
+    from tmdht.native import describe  # noqa: PLC0415
+
+    click.echo(f"{ctx.find_root().info_name}, version {__version__}\n{describe()}")
+    ctx.exit()
+
+
 @click.group(cls=TmdhtGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="tmdht")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version,
+              help="Show the version and which migration pipeline (native or pure-Python) runs.")
 def cli() -> None:
     """tmdht: template-page deduplication for live VM migration."""
-
-
-def run_async(main: Coroutine[Any, Any, T], loop: str = "uvloop") -> T:
-    """Run a command's coroutine on uvloop, every tmdht process's event loop, unless ``loop`` is
-    ``"asyncio"`` (bench/node.py measures one against the other) or uvloop is not installed."""
-    if loop == "uvloop":
-        try:
-            import uvloop  # noqa: PLC0415
-        except ImportError:
-            log.warning("uvloop is not installed; using asyncio's event loop")
-        else:
-            return uvloop.run(main)
-    return asyncio.run(main)
 
 
 def main() -> None:

@@ -25,17 +25,39 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The Rust toolchain builds tmdht._native (native/, PyO3) during the pip install below. rustup
+# puts it in ~/.cargo/bin, which a non-interactive shell (CI) may not have on PATH. Debian 12's
+# own cargo (rustc 1.63) is too old for pyo3 0.30 and blake3 1.8 (1.85), so it is not installed
+# here: without a toolchain tmdht installs and runs its pure-Python path, and says so below.
+RUST_MIN=1.85
+CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
+if ! command -v cargo >/dev/null && [[ -x $CARGO_BIN/cargo ]]; then
+    export PATH="$CARGO_BIN:$PATH"
+fi
+rust=$(cargo --version 2>/dev/null | awk '{print $2}' || true)
+rust_ok=0
+if [[ -n $rust ]] && printf '%s\n%s\n' "$RUST_MIN" "$rust" | sort -C -V; then rust_ok=1; fi
+
 if [[ ! -x $VENV/bin/python ]]; then
     echo "setup: creating virtualenv $VENV" >&2
     python3 -m venv "$VENV"
 fi
-# Python packages: only when what they come from changed (the install is editable: source edits
-# need none). The stamp is a digest of the inputs; pip's output is kept in a log, shown on failure.
-stamp_inputs=(pyproject.toml scripts/setup.sh)
-stamp=$( { "$VENV/bin/python" -VV; cat "${stamp_inputs[@]}"; } | sha256sum | cut -d' ' -f1)
+# Python packages: only when what they come from changed (the install is editable: Python source
+# edits need none). The stamp is a digest of the inputs: the project metadata, this script, the
+# Rust crate built into tmdht._native by the install, the Python and cargo versions. pip's output
+# is kept in a log, shown on failure.
+stamp=$( {
+    "$VENV/bin/python" -VV
+    echo "cargo ${rust:-none}"
+    cat pyproject.toml scripts/setup.sh
+    if [[ -d native ]]; then
+        find native -path native/target -prune -o -type f -print0 | LC_ALL=C sort -z | xargs -0 cat
+    fi
+} | sha256sum | cut -d' ' -f1)
 stamp_file=$VENV/.tmdht-setup-stamp
 if [[ $(cat "$stamp_file" 2>/dev/null) != "$stamp" ]] \
-    || ! "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" 2>/dev/null; then
+    || ! "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" 2>/dev/null \
+    || { ((rust_ok)) && ! "$VENV/bin/python" -c "import tmdht._native" 2>/dev/null; }; then
     echo "setup: installing Python packages into $VENV (log: $VENV/pip.log)" >&2
     rm -f "$stamp_file"
     if ! { "$VENV/bin/python" -m pip install -q --upgrade pip || true  # offline: keep the old
@@ -45,6 +67,19 @@ if [[ $(cat "$stamp_file" 2>/dev/null) != "$stamp" ]] \
     fi
     "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" # fail loudly if it did not work
     echo "$stamp" >"$stamp_file"
+fi
+if ! "$VENV/bin/python" -c "import tmdht._native" 2>/dev/null; then
+    if ((rust_ok)); then
+        rm -f "$stamp_file"  # try the build again next time
+        echo "setup: tmdht._native did not build with cargo $rust; run" \
+             "'cargo build --release --manifest-path native/Cargo.toml' to see why" >&2
+        exit 1
+    fi
+    why="no Rust toolchain (cargo) found"
+    [[ -n $rust ]] && why="Rust $rust is older than $RUST_MIN"
+    echo "setup: warning: $why, so tmdht._native is not built: the migration proxies run" \
+         "the pure-Python path (several times slower); install Rust >= $RUST_MIN (rustup)" \
+         "and re-run to build it" >&2
 fi
 # Byte-compile the project (an editable install writes no .pyc, nor does Python at import time
 # when PYTHONDONTWRITEBYTECODE is set, as on these machines): every process would otherwise

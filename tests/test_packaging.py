@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -66,6 +67,8 @@ def test_wheel_installs_and_imports_every_package(tmp_path: Path) -> None:
         timeout=60,
     )
     assert "0.1.0" in version.stdout
+    if shutil.which("cargo"):  # the wheel carries tmdht._native, built by setuptools-rust
+        assert "migration pipeline: native" in version.stdout, version.stdout
 
 
 def test_setup_installs_nothing_when_nothing_changed() -> None:
@@ -79,7 +82,8 @@ def test_setup_installs_nothing_when_nothing_changed() -> None:
         capture_output=True, text=True, timeout=600, check=True,
         env={**os.environ, "TMDHT_VENV": str(venv)},
     )  # fmt: skip
-    assert proc.stdout == "" and proc.stderr == "", proc.stderr
+    said = [line for line in proc.stderr.splitlines() if not line.startswith("setup: warning:")]
+    assert proc.stdout == "" and not said, proc.stderr  # (a missing Rust toolchain is said)
 
 
 def test_license_is_an_spdx_expression() -> None:

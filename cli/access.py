@@ -9,12 +9,11 @@ from typing import Any, TypeVar
 
 import click
 
-from tmdht.auth import parse_cluster_keys
 from tmdht.config import parse_address
 from tmdht.errors import ConfigError, UsageError
+from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterAccess, ClusterCredentials
 
 F = TypeVar("F", bound=Callable[..., Any])
-CLUSTER_KEY_ENV = "TMDHT_CLUSTER_KEY"
 
 
 def cluster_options(func: F) -> F:
@@ -36,38 +35,28 @@ def cluster_options(func: F) -> F:
     return func
 
 
-def store_kwargs(
+def cluster_credentials(cluster_key_file: Path | None, insecure_open: bool) -> ClusterCredentials:
+    """The keys the options name (UsageError if there is none or it cannot be read)."""
+    try:
+        return ClusterCredentials.load(
+            key_file=cluster_key_file,
+            env=os.environ,
+            insecure_open=insecure_open,
+            how=f"--cluster-key-file FILE or ${CLUSTER_KEY_ENV} (or --insecure-open)",
+            key_file_label="--cluster-key-file",
+        )
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cluster_access(
     seeds: tuple[str, ...], cluster_key_file: Path | None, insecure_open: bool
-) -> dict[str, Any]:
-    """Arguments for TemplateStoreClient from the options (UsageError if incomplete)."""
+) -> ClusterAccess:
+    """The cluster the options name (UsageError if incomplete)."""
     if not seeds:
         raise UsageError("say which cluster: --seed HOST:PORT (a node's Kademlia port)")
     try:
-        addresses = [parse_address(s) for s in seeds]
+        addresses = tuple(parse_address(s) for s in seeds)
     except ConfigError as exc:
         raise UsageError(f"--seed: {exc}") from None
-    key: str | None = None
-    if cluster_key_file is not None:
-        try:
-            key = cluster_key_file.read_text()
-        except OSError as exc:
-            raise UsageError(f"--cluster-key-file {cluster_key_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise UsageError(
-                f"--cluster-key-file {cluster_key_file}: not a key file (binary content)"
-            ) from None
-        source = f"--cluster-key-file {cluster_key_file}"
-    elif os.environ.get(CLUSTER_KEY_ENV):
-        key = os.environ[CLUSTER_KEY_ENV]
-        source = f"${CLUSTER_KEY_ENV}"
-    elif not insecure_open:
-        raise UsageError(
-            f"no cluster key: --cluster-key-file FILE or ${CLUSTER_KEY_ENV} (or --insecure-open)"
-        )
-    if key is not None:
-        try:
-            parse_cluster_keys(key)  # checked here, so the message can name where it came from
-        except ConfigError as exc:
-            raise UsageError(f"{source}: {exc}") from None
-        key = key.strip()
-    return {"seeds": addresses, "cluster_key": key, "open_mode": key is None}
+    return ClusterAccess(addresses, cluster_credentials(cluster_key_file, insecure_open))

@@ -19,13 +19,13 @@ import click
 from rich import box
 from rich.table import Table
 
-from tmdht.cli.codec import encode_file, rebuild_from_cluster
+from tmdht.cli.jobs import encode_file, mine_files, publish_files, rebuild_from_cluster
 from tmdht.cli.main import human_bytes, stderr, stdout
-from tmdht.cli.templates import mine_files, publish_files
 from tmdht.errors import IntegrityError
 from tmdht.images import dump_raw, open_image
 from tmdht.lab.guest import GuestSpec
 from tmdht.mining import MiningConfig
+from tmdht.net.credentials import ClusterAccess, ClusterCredentials
 from tmdht.pages import PAGE_SIZE
 
 CORPUS = ("idle-1", "files-2", "compute-3")
@@ -77,11 +77,9 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
 
     stderr.print(f"starting a {nodes}-node store cluster in {out / 'cluster'} ...")
     with LocalCluster(out / "cluster", nodes, extra_args=["--log-format", "text"]) as cluster:
-        access = {
-            "seeds": [cluster.seed],
-            "cluster_key": cluster.key_file.read_text().strip(),
-            "open_mode": False,
-        }
+        access = ClusterAccess(
+            (cluster.seed,), ClusterCredentials.from_file(cluster.key_file)
+        )
         published = publish_files(catalog, corpus, access)
         target = captures[TARGET]
         rows: list[dict[str, Any]] = []
@@ -90,9 +88,9 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
             ("raw dump", target.dump_path),
         ):
             stream = out / f"{TARGET}.{image.stem}.tmds"
-            encoded = encode_file(image, catalog, stream)
+            encoded = encode_file(image, catalog, stream).to_json()
             rebuilt = out / f"{TARGET}.{image.stem}.rebuilt"
-            result = rebuild_from_cluster(stream, rebuilt, access, catalog.catalog_id)
+            result, _ = rebuild_from_cluster(stream, rebuilt, access, catalog.catalog_id)
             reference = out / f"{TARGET}.{image.stem}.raw"
             with open_image(image) as img:
                 dump_raw(img, reference)
@@ -102,8 +100,8 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
                 {
                     "source": label,
                     **encoded,
-                    "distinct_templates": result["distinct_templates"],
-                    "rebuild_seconds": result["seconds"],
+                    "distinct_templates": result.distinct_templates,
+                    "rebuild_seconds": result.seconds,
                     "byte_identical": True,
                 }
             )
@@ -148,7 +146,7 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
             for c in mined.images
         ],
         "mining_seconds": mine_seconds,
-        "publish": published,
+        "publish": published.to_json(),
         "cluster": nodes_info,
         "results": rows,
         "migrations": [_migration_doc(m) for m in migrations],
@@ -164,8 +162,8 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
         f"{', '.join(f'{c.coverage:.0%}' for c in mined.images)} of those guests' non-zero pages"
     )
     stdout.print(
-        f"cluster: {nodes} nodes, R=3; published {published['published']:,} templates "
-        f"({published['replica_writes']:,} replica writes) in {published['seconds']:.1f} s"
+        f"cluster: {nodes} nodes, R=3; published {published.published:,} templates "
+        f"({published.replica_writes:,} replica writes) in {published.seconds:.1f} s"
     )
     stdout.print(_encode_table(rows))
     for line in _encode_legend(rows):

@@ -8,9 +8,10 @@ from typing import Any
 import click
 from rich.table import Table
 
-from tmdht.cli.access import cluster_options, store_kwargs
+from tmdht.cli.access import cluster_access, cluster_options
 from tmdht.cli.main import emit_json, run_async, stdout
 from tmdht.errors import UsageError
+from tmdht.pages import DIGEST_SIZE
 
 
 @click.command()
@@ -37,8 +38,8 @@ def get(
     wanted = [_digest(d) for d in digests]
 
     async def main() -> tuple[list[dict[str, Any]], dict[bytes, bytes]]:
-        async with TemplateStoreClient(
-            **store_kwargs(seeds, cluster_key_file, insecure_open)
+        async with TemplateStoreClient.connect(
+            cluster_access(seeds, cluster_key_file, insecure_open)
         ) as store:
             found, _ = await store.resolve(wanted)
             rows = []
@@ -80,7 +81,7 @@ def _digest(text: str) -> bytes:
         digest = bytes.fromhex(text)
     except ValueError:
         digest = b""
-    if len(digest) != 32:
+    if len(digest) != DIGEST_SIZE:
         raise UsageError(f"{text!r} is not a digest (64 hex characters)")
     return digest
 

@@ -10,6 +10,7 @@ import importlib
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import click
@@ -87,7 +88,7 @@ class TmdhtGroup(click.Group):
             raise command_failed(" ".join(message.split()), exc.exit_code) from None
 
 
-def emit_json(doc: dict[str, Any]) -> None:
+def emit_json(doc: Mapping[str, object]) -> None:
     """Print a machine-readable summary on stdout."""
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 

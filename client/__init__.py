@@ -1,40 +1,64 @@
 """The tmdht client library for migration receivers and template publishers.
 
-``from tmdht.client import TemplateStoreClient`` (see README "The client library"). The names are
-loaded on first use: the QEMU proxies import :mod:`tmdht.client.migration` on a migration's
-critical path and must not pay for the store client's imports before they need them.
+- :class:`TemplateStoreClient` (and :class:`BlockingTemplateStoreClient`) — resolve and publish
+  pages through a store cluster (:mod:`tmdht.client.store`);
+- :mod:`tmdht.client.rebuild` — dedup streams from memory images and back, template pages from
+  the cluster or from local images; :mod:`tmdht.client.publish` — a catalog's templates into the
+  cluster;
+- :mod:`tmdht.client.migration` — the QEMU migration proxies;
+- :mod:`tmdht.client.metrics`, :mod:`tmdht.client.errors`.
+
+It stands on the core's cluster layer (:mod:`tmdht.net`) and its asyncio skins
+(:mod:`tmdht.aio`); it never imports the store node (:mod:`tmdht.node`).
+
+The names below load on first use: ``tmdht qemu send`` imports :mod:`tmdht.client.migration`
+as QEMU's migration command, and every module imported before it reads its stdin adds to the
+migration's time.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tmdht.client.errors import ClusterUnreachable, MigrationFailed, PagesUnavailable, PublishFailed
+from tmdht.net.credentials import ClusterAccess, ClusterCredentials
 
 if TYPE_CHECKING:
-    from tmdht.client.probe import ClusterUnreachable
+    from tmdht.client.metrics import ClientMetrics
     from tmdht.client.store import (
         BlockingTemplateStoreClient,
-        PagesUnavailable,
-        PublishFailed,
+        MemberStatus,
         PutSummary,
         TemplateStoreClient,
     )
 
 __all__ = [
     "BlockingTemplateStoreClient",
+    "ClientMetrics",
+    "ClusterAccess",
+    "ClusterCredentials",
     "ClusterUnreachable",
+    "MemberStatus",
+    "MigrationFailed",
     "PagesUnavailable",
     "PublishFailed",
     "PutSummary",
     "TemplateStoreClient",
 ]
 
-_HOMES = {name: "tmdht.client.store" for name in __all__} | {
-    "ClusterUnreachable": "tmdht.client.probe"
+_LAZY = {
+    "BlockingTemplateStoreClient": "tmdht.client.store",
+    "ClientMetrics": "tmdht.client.metrics",
+    "MemberStatus": "tmdht.client.store",
+    "PutSummary": "tmdht.client.store",
+    "TemplateStoreClient": "tmdht.client.store",
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        return getattr(importlib.import_module(_HOMES[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def __getattr__(name: str) -> object:
+    """Load the store client on first use (see the module docstring)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -27,10 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from tmdht.errors import TmdhtError
-
 __all__ = [
-    "ClusterUnreachable",
     "SeedProbe",
     "UdpVerdict",
     "explain_silence",
@@ -41,10 +38,6 @@ __all__ = [
 
 METRICS_PORT_OFFSET = 2
 """Where the default layout puts the metrics port: Kademlia port + 2 (7400 -> 7402)."""
-
-
-class ClusterUnreachable(TmdhtError):
-    """No node answered at any seed (nothing there, unreachable, or another cluster key)."""
 
 
 class UdpVerdict(Enum):

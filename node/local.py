@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tmdht.errors import TmdhtError
 from tmdht.launch import tmdht_argv
+from tmdht.node.errors import ClusterError
 
 __all__ = [
     "READY_PREFIX",
@@ -36,10 +36,6 @@ __all__ = [
 ]
 
 READY_PREFIX = "READY "
-
-
-class ClusterError(TmdhtError):
-    """A local node failed to start or stop."""
 
 
 def read_ready_line(

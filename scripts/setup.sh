@@ -42,14 +42,17 @@ if [[ ! -x $VENV/bin/python ]]; then
     echo "setup: creating virtualenv $VENV" >&2
     python3 -m venv "$VENV"
 fi
-# Python packages: only when what they come from changed (the install is editable: Python source
-# edits need none). The stamp is a digest of the inputs: the project metadata, this script, the
-# Rust crate built into tmdht._native by the install, the Python and cargo versions. pip's output
-# is kept in a log, shown on failure.
+# Python packages: every package (pip and the build backend included) at the version and hashes
+# requirements/dev.txt pins (`bash scripts/lock.sh` refreshes it), then the project itself built
+# by those pinned tools (build isolation would fetch whatever setuptools is newest that day).
+# Only when what they come from changed (the install is editable: Python source edits need
+# none). The stamp is a digest of the inputs: the lock, the project metadata, this script, the
+# Rust crate built into tmdht._native by the install, the Python and cargo versions. pip's
+# output is kept in a log, shown on failure.
 stamp=$( {
     "$VENV/bin/python" -VV
     echo "cargo ${rust:-none}"
-    cat pyproject.toml scripts/setup.sh
+    cat requirements/dev.txt pyproject.toml scripts/setup.sh
     if [[ -d native ]]; then
         find native -path native/target -prune -o -type f -print0 | LC_ALL=C sort -z | xargs -0 cat
     fi
@@ -60,8 +63,9 @@ if [[ $(cat "$stamp_file" 2>/dev/null) != "$stamp" ]] \
     || { ((rust_ok)) && ! "$VENV/bin/python" -c "import tmdht._native" 2>/dev/null; }; then
     echo "setup: installing Python packages into $VENV (log: $VENV/pip.log)" >&2
     rm -f "$stamp_file"
-    if ! { "$VENV/bin/python" -m pip install -q --upgrade pip || true  # offline: keep the old
-            "$VENV/bin/python" -m pip install -q -e '.[dev]'; } >"$VENV/pip.log" 2>&1; then
+    if ! { "$VENV/bin/python" -m pip install -q --require-hashes -r requirements/dev.txt \
+            && "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .; } \
+            >"$VENV/pip.log" 2>&1; then
         cat "$VENV/pip.log" >&2
         exit 1
     fi
@@ -84,4 +88,4 @@ fi
 # Byte-compile the project (an editable install writes no .pyc, nor does Python at import time
 # when PYTHONDONTWRITEBYTECODE is set, as on these machines): every process would otherwise
 # compile its sources at start, and the QEMU proxies' start-up counts in a migration's time.
-"$VENV/bin/python" -m compileall -q tmdht node client cli lab >/dev/null
+"$VENV/bin/python" -m compileall -q tmdht node client cli lab aio >/dev/null

@@ -191,7 +191,7 @@ def test_demo_tables_fit_and_say_what_their_numbers_are() -> None:
 
 def test_catalog_sources_keep_the_names_they_were_given(corpus: Path) -> None:
     """The demo's corpus files are all called stream.bin: the catalog named them that way."""
-    from tmdht.cli.templates import mine_files
+    from tmdht.cli.jobs import mine_files
     from tmdht.mining import MiningConfig
 
     images = [corpus / "g0.raw", corpus / "g1.raw"]

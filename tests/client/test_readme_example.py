@@ -36,5 +36,6 @@ def test_readme_client_example_runs_as_pasted(tmp_path: Path) -> None:
     assert proc.stdout.splitlines() == [
         "stored 1 page(s): 3 new replica copies",
         "resolved 1, unavailable 1",
+        "3 members",
         f"get_many: 1 pages unavailable from every replica (first {unknown[:16]})",
     ]

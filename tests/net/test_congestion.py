@@ -158,3 +158,20 @@ def test_a_silent_node_still_fails_after_its_attempts() -> None:
     result = net.resolve(Store(node_address(0), pages))
     assert isinstance(result, PutOutcome) and result.unanswered == {d for d, _ in pages}
     assert len(net.asked(node_address(0))) == 3 * 3  # three requests, three attempts each
+
+
+def test_a_silent_node_shrinks_its_own_window_not_everyone_elses() -> None:
+    """A node that says nothing (down) is not congestion: its timeouts shrink its window, and
+    requests to the nodes that answer keep the client-wide window."""
+    nodes = {node_address(i): serving(held=set()) for i in range(3)}
+    nodes[node_address(0)] = silent
+    config = EngineConfig(max_datagram=SMALL, timeout=0.05, attempts=2)
+    net = SimNet(nodes, config, delay=0.001)
+    pages = many_pages(3 * 20)
+    ops = [net.submit(Store(node_address(i), pages[i * 20 : (i + 1) * 20])) for i in range(3)]
+    net.run(*ops, limit=600.0, steps=1_000_000)
+    window = net.engine.window
+    assert net.engine.stats.timeouts > 0
+    assert window.congestion.decreases == 0
+    assert window.node_window(node_address(0)) is not None
+    assert not net.results[ops[1]].unanswered and not net.results[ops[2]].unanswered  # type: ignore[union-attr]

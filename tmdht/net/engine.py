@@ -778,8 +778,12 @@ class RequestEngine:
         self._retry_or_fail(request)
 
     def _congested(self, request: _Request) -> None:
-        """A loss (a timeout, or parts of an answer missing): the congestion window halves."""
-        if self.window.lost(request.address, request.sent_at, self._now):
+        """A loss (a timeout, or parts of an answer missing): the node's congestion window
+        halves, and the client-wide one too if the node answered anything since the request
+        went out (a loss while it talks is congestion; a node silent throughout is down or
+        drowning, its own problem)."""
+        shared = self._heard.get(request.address, -1.0) >= request.sent_at
+        if self.window.lost(request.address, request.sent_at, self._now, shared=shared):
             self.stats.window_decreases += 1
 
     def _retry_or_fail(self, request: _Request) -> None:

@@ -190,10 +190,12 @@ class RequestWindow:
                 if node.allowed >= node.limit:
                     del self._nodes[address]  # recovered: the fixed windows bound it again
 
-    def lost(self, address: Address, sent_at: float, now: float) -> bool:
+    def lost(self, address: Address, sent_at: float, now: float, *, shared: bool = True) -> bool:
         """A request to ``address`` sent at ``sent_at`` timed out or lost parts of its answer:
-        the client-wide window and the node's halve (each once per episode); True if the
-        client-wide one shrank."""
+        the node's window halves and, if ``shared``, the client-wide one (each once per
+        episode); True if the client-wide one shrank. Not ``shared``: the node said nothing at
+        all meanwhile -- it is down or drowning, which its own window and the engine's failure
+        detection handle; the other nodes' requests are not slowed for it."""
         node = self._nodes.get(address)
         if node is None:
             limit = self.small_per_node + self.per_node
@@ -201,7 +203,7 @@ class RequestWindow:
                 max(1, self.in_flight(address)), floor=1, limit=limit
             )
         node.lost(sent_at, now)
-        return self.congestion.lost(sent_at, now)
+        return shared and self.congestion.lost(sent_at, now)
 
     def node_window(self, address: Address) -> int | None:
         """The congestion window of a node that lost requests (None: only the fixed ones)."""

@@ -1,0 +1,135 @@
+//! Bindings of the data-plane burst decoder (see `dataplane` and `tmdht/net/burst.py`).
+
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+
+use crate::dataplane::{self, Keys, Outcome, DIGEST_SIZE, PAGE_SIZE};
+use crate::errors::Kind;
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(decode_pages_burst, m)?)?;
+    Ok(())
+}
+
+/// Result tags (tmdht/net/burst.py reads them).
+const OK: u8 = 0;
+const REFUSED: u8 = 1;
+const BODY_ERROR: u8 = 3;
+/// Refusal classes.
+const DECODE: u8 = 0;
+const LIMIT: u8 = 1;
+const AUTH: u8 = 2;
+
+/// Decode and verify a burst of datagrams; one result per datagram, in order:
+/// `None` (not a PAGES datagram: decode it with the reference),
+/// `(1, class, message)` (refused before any state: class 0 DecodeError, 1 LimitExceededError,
+/// 2 AuthenticationError),
+/// `(0, key_id, timestamp_ms, nonce, request_id, part, parts, pages, corrupt, missing)`
+/// (authentic; `pages` the (digest, page) pairs whose page matches its digest, `corrupt` the
+/// digests whose page did not), or
+/// `(3, key_id, timestamp_ms, nonce, request_id, message_type, code, reason)` (authentic, bad
+/// body: MessageDecodeError). `keys`: None in open mode, else (key id, tag key) accepted now.
+#[pyfunction]
+#[pyo3(signature = (datagrams, max_datagram, keys))]
+fn decode_pages_burst<'py>(
+    py: Python<'py>,
+    datagrams: Vec<PyBuffer<u8>>,
+    max_datagram: usize,
+    keys: Option<Vec<(u8, Vec<u8>)>>,
+) -> PyResult<Bound<'py, PyList>> {
+    if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
+        return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
+    }
+    let keys = match keys {
+        None => Keys::Open,
+        Some(list) => {
+            let mut out = Vec::with_capacity(list.len());
+            for (id, key) in list {
+                let key: [u8; 32] =
+                    key.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes"))?;
+                out.push((id, key));
+            }
+            Keys::Keyed(out)
+        }
+    };
+    let mut views: Vec<(usize, usize)> = Vec::with_capacity(datagrams.len());
+    for buffer in &datagrams {
+        if !buffer.is_c_contiguous() {
+            return Err(PyValueError::new_err("a contiguous buffer is needed"));
+        }
+        views.push((buffer.buf_ptr() as usize, buffer.len_bytes()));
+    }
+    let slice = |(ptr, len): (usize, usize)| -> &[u8] {
+        // SAFETY: each buffer is C-contiguous u8, exported (held) by `datagrams` until return.
+        unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }
+    };
+    let total: usize = views.iter().map(|v| v.1).sum();
+    let decode_all = || -> Vec<Outcome> {
+        views.iter().map(|&v| dataplane::decode_pages(slice(v), max_datagram, &keys)).collect()
+    };
+    let outcomes = if total >= 64 << 10 { py.detach(decode_all) } else { decode_all() };
+    let out = PyList::empty(py);
+    for (&view, outcome) in views.iter().zip(outcomes) {
+        let data = slice(view);
+        let item: Bound<'py, PyAny> = match outcome {
+            Outcome::Other => py.None().into_bound(py),
+            Outcome::Refused(error, auth) => {
+                let class = if auth {
+                    AUTH
+                } else if error.kind == Kind::LimitExceeded {
+                    LIMIT
+                } else {
+                    DECODE
+                };
+                (REFUSED, class, error.message).into_pyobject(py)?.into_any()
+            }
+            Outcome::Authentic(stamp, Err(body)) => (
+                BODY_ERROR,
+                stamp.key_id,
+                stamp.timestamp_ms,
+                stamp.nonce,
+                body.request_id,
+                body.message_type,
+                body.code,
+                body.reason,
+            )
+                .into_pyobject(py)?
+                .into_any(),
+            Outcome::Authentic(stamp, Ok(part)) => {
+                let digest = |i: usize| {
+                    let at = part.digests_at + i * DIGEST_SIZE;
+                    PyBytes::new(py, &data[at..at + DIGEST_SIZE])
+                };
+                let mut pages = Vec::with_capacity(part.pages);
+                let mut corrupt = Vec::new();
+                for (i, &good) in part.matches.iter().enumerate() {
+                    if good {
+                        let at = part.bulk_at + i * PAGE_SIZE;
+                        let page = PyBytes::new(py, &data[at..at + PAGE_SIZE]);
+                        pages.push(PyTuple::new(py, [digest(i), page])?);
+                    } else {
+                        corrupt.push(digest(i));
+                    }
+                }
+                let missing: Vec<_> = (part.pages..part.pages + part.missing).map(digest).collect();
+                let fields: [Bound<'py, PyAny>; 10] = [
+                    OK.into_pyobject(py)?.into_any(),
+                    stamp.key_id.into_pyobject(py)?.into_any(),
+                    stamp.timestamp_ms.into_pyobject(py)?.into_any(),
+                    stamp.nonce.into_pyobject(py)?.into_any(),
+                    part.request_id.into_pyobject(py)?.into_any(),
+                    part.part.into_pyobject(py)?.into_any(),
+                    part.parts.into_pyobject(py)?.into_any(),
+                    PyTuple::new(py, pages)?.into_any(),
+                    PyTuple::new(py, corrupt)?.into_any(),
+                    PyTuple::new(py, missing)?.into_any(),
+                ];
+                PyTuple::new(py, fields)?.into_any()
+            }
+        };
+        out.append(item)?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,190 @@
+"""Decoding a burst of data-plane datagrams, PAGES answers verified page by page (sans-IO).
+
+The request engine hands :func:`decode_burst` what one wake-up of its socket read. Every
+datagram comes back as a message, or as the :class:`~tmdht.errors.DecodeError` it was refused
+with; a PAGES answer comes back as :class:`VerifiedPages`: its pages already checked against
+the digests the body names for them (BLAKE3), the pages that failed listed apart as
+``corrupt``. Nothing outside this module sees an unverified page.
+
+Two implementations of one function, chosen as :mod:`tmdht.native` chooses (``TMDHT_NATIVE=0``
+forces the reference):
+
+- the reference, :func:`decode_burst_reference`: :func:`tmdht.wire.decode` per datagram, then
+  :func:`tmdht.pages.page_matches` per page;
+- the native one: ``tmdht._native.decode_pages_burst`` decodes every version-2 PAGES datagram
+  of the burst in one call (size limits, auth block and tag, header, body, one BLAKE3 per page,
+  the GIL released over large bursts) and this module finishes each: the replay window check
+  (Python state shared with every datagram type, done before the body counts, as
+  :meth:`tmdht.auth.Authenticator.open` does) and the error classes. Other datagram types go
+  through the reference.
+
+The two agree datagram for datagram: the same messages, the same error classes (the property
+tests in ``tests/net/test_burst.py`` hold them to it, corrupted tags, wrong digests and
+truncations included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Final, TypeAlias
+
+from tmdht import wire
+from tmdht.auth import AuthenticationError, Authenticator
+from tmdht.errors import DecodeError, LimitExceededError
+from tmdht.native import native_module
+from tmdht.pages import ByteView, PageDigest, page_matches
+
+__all__ = [
+    "Decoded",
+    "VerifiedPages",
+    "burst_implementation",
+    "decode_burst",
+    "decode_burst_native",
+    "decode_burst_reference",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedPages:
+    """A PAGES part whose pages were checked against their digests."""
+
+    request_id: int
+    """The request's id."""
+    part: int
+    """Index of this part."""
+    parts: int
+    """Number of parts of the answer."""
+    pages: tuple[tuple[PageDigest, bytes], ...]
+    """(digest, page) pairs whose page has that BLAKE3 digest, in datagram order."""
+    corrupt: tuple[PageDigest, ...]
+    """Digests whose page in this part did not match (the node or the path is faulty)."""
+    missing: tuple[PageDigest, ...]
+    """Requested digests the node does not hold."""
+
+
+Decoded: TypeAlias = wire.Message | VerifiedPages | DecodeError
+"""What one datagram of a burst became."""
+
+
+def _verify(message: wire.Pages) -> VerifiedPages:
+    pages: list[tuple[PageDigest, bytes]] = []
+    corrupt: list[PageDigest] = []
+    for digest, page in message.pages:
+        if page_matches(digest, page):
+            pages.append((digest, page))
+        else:
+            corrupt.append(digest)
+    return VerifiedPages(
+        message.request_id, message.part, message.parts, tuple(pages), tuple(corrupt),
+        message.missing,
+    )
+
+
+def _decode_one(data: ByteView, auth: Authenticator, now: float, max_datagram: int) -> Decoded:
+    try:
+        message = wire.decode(data, max_datagram=max_datagram, auth=auth, now=now)
+    except DecodeError as exc:
+        return exc
+    return _verify(message) if isinstance(message, wire.Pages) else message
+
+
+def decode_burst_reference(
+    datagrams: Sequence[ByteView],
+    *,
+    auth: Authenticator,
+    now: float,
+    max_datagram: int = wire.MAX_DATAGRAM,
+) -> list[Decoded]:
+    """The reference: :func:`tmdht.wire.decode` and a digest check per page, per datagram."""
+    return [_decode_one(data, auth, now, max_datagram) for data in datagrams]
+
+
+_OK: Final = 0
+_REFUSED: Final = 1
+_BODY_ERROR: Final = 3
+_REFUSED_CLASSES: Final[tuple[type[DecodeError], ...]] = (
+    DecodeError,
+    LimitExceededError,
+    AuthenticationError,
+)
+
+
+def _keys(auth: Authenticator, now: float) -> list[tuple[int, bytes]] | None:
+    """The tag keys ``auth`` accepts at ``now`` (None: open mode)."""
+    keyring = auth.keyring
+    if keyring is None:
+        return None
+    keys = []
+    for key_id in keyring.accepted_ids(now):
+        key = keyring.key_for(key_id, now)
+        if key is not None:
+            keys.append((key_id, key.tag_key))
+    return keys
+
+
+def decode_burst_native(
+    datagrams: Sequence[ByteView],
+    *,
+    auth: Authenticator,
+    now: float,
+    max_datagram: int = wire.MAX_DATAGRAM,
+    native: ModuleType | None = None,
+) -> list[Decoded]:
+    """The native decoder: ``native`` (tests), else the module in use (ImportError if none)."""
+    module = native or native_module()
+    if module is None:
+        raise ImportError("tmdht._native is not in use")
+    wire.check_max_datagram(max_datagram)
+    raw = module.decode_pages_burst(datagrams, max_datagram, _keys(auth, now))
+    replay = auth.replay
+    out: list[Decoded] = []
+    for data, item in zip(datagrams, raw, strict=True):
+        if item is None:
+            out.append(_decode_one(data, auth, now, max_datagram))
+            continue
+        tag = item[0]
+        if tag == _REFUSED:
+            out.append(_REFUSED_CLASSES[item[1]](item[2]))
+            continue
+        if replay is not None:
+            try:
+                replay.check(item[1], item[3], item[2], now)
+            except DecodeError as exc:
+                out.append(exc)
+                continue
+        if tag == _OK:
+            out.append(VerifiedPages(item[4], item[5], item[6], item[7], item[8], item[9]))
+        else:
+            assert tag == _BODY_ERROR
+            request_id, message_type, code, reason = item[4:8]
+            out.append(
+                wire.MessageDecodeError(
+                    reason, request_id=request_id, message_type=message_type,
+                    code=wire.ErrorCode(code),
+                )
+            )
+    return out
+
+
+_Decoder: TypeAlias = Callable[..., list[Decoded]]
+_ACTIVE: Final[_Decoder] = (
+    decode_burst_native if native_module() is not None else decode_burst_reference
+)
+
+
+def decode_burst(
+    datagrams: Sequence[ByteView],
+    *,
+    auth: Authenticator,
+    now: float,
+    max_datagram: int = wire.MAX_DATAGRAM,
+) -> list[Decoded]:
+    """Decode a burst with the active implementation (see the module docstring)."""
+    return _ACTIVE(datagrams, auth=auth, now=now, max_datagram=max_datagram)
+
+
+def burst_implementation() -> str:
+    """``"native"`` or ``"reference"``."""
+    return "native" if _ACTIVE is decode_burst_native else "reference"

@@ -6,7 +6,7 @@ memoryview, mmap), C-contiguous; do not resize one while a call that received it
 """
 
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from typing_extensions import Buffer
 
@@ -14,6 +14,14 @@ PAGE_SIZE: Final[int]
 
 def build_info() -> dict[str, str]:
     """Versions of the crate and the libraries inside it, and the build profile."""
+
+def decode_pages_burst(
+    datagrams: Sequence[Buffer], max_datagram: int, keys: Sequence[tuple[int, bytes]] | None
+) -> list[tuple[Any, ...] | None]:
+    """Decode and verify the PAGES datagrams of a burst (see tmdht.net.burst): per datagram
+    None (another type), (1, class, message), (0, key id, timestamp ms, nonce, request id, part,
+    parts, pages, corrupt, missing) or (3, key id, timestamp ms, nonce, request id, type, code,
+    reason)."""
 
 class Sender:
     """The sender's core: QEMU stream chunks in, forward-stream records out."""

@@ -13,7 +13,8 @@ forces the reference):
   :func:`tmdht.pages.page_matches` per page;
 - the native one: ``tmdht._native.decode_pages_burst`` decodes every version-2 PAGES datagram
   of the burst in one call (size limits, auth block and tag, header, body, one BLAKE3 per page,
-  the GIL released over large bursts) and this module finishes each: the replay window check
+  each datagram hashed and copied out in one pass while it is in cache) and this module
+  finishes each: the replay window check
   (Python state shared with every datagram type, done before the body counts, as
   :meth:`tmdht.auth.Authenticator.open` does) and the error classes. Other datagram types go
   through the reference.

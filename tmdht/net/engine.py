@@ -22,8 +22,8 @@ each. Per request:
   latest attempt is in and some items were in none (a part was lost), exactly those are asked
   again at once; at the node's adaptive timeout (:class:`~tmdht.net.window.RttEstimator`)
   likewise, up to ``attempts`` times. Answers to earlier attempts still count.
-- **Verification.** A page counts only once its BLAKE3 digest matches
-  (:func:`tmdht.pages.page_matches`); a wrong page is counted and treated as not served.
+- **Verification.** A page counts only once its BLAKE3 digest matches (checked by the burst
+  decoder, :mod:`tmdht.net.burst`); a wrong page is counted and treated as not served.
 
 A GET operation (:class:`Fetch`) has, per digest, a replica list (closest first), and on top:
 
@@ -42,11 +42,12 @@ The results are :class:`GetResult`, :class:`HasResult`, :class:`PutOutcome` and
 (the types are in :mod:`tmdht.net.operations`).
 
 Two seams are left on purpose. :meth:`~RequestEngine.receive_datagrams` takes a whole burst (what
-one wake-up of the socket read): a native burst decoder can replace the per-datagram
-``wire.decode`` and per-page ``page_matches`` there and hand the per-type handlers messages whose
-pages are already checked. :class:`~tmdht.net.window.RequestWindow` is the one client-wide bound
-on every kind of request: a congestion controller adapting it to timeouts and losses is a
-change to that class (``closed(..., lost=True)`` is the signal it needs).
+one wake-up of the socket read) and decodes it in one call to :func:`tmdht.net.burst.decode_burst`
+(natively where ``tmdht._native`` is built: auth tag, header and a BLAKE3 per page for every
+PAGES answer of the burst), so the per-type handlers get PAGES parts whose pages are already
+checked (:class:`~tmdht.net.burst.VerifiedPages`). :class:`~tmdht.net.window.RequestWindow` is
+the one client-wide bound on every kind of request: a congestion controller adapting it to
+timeouts and losses is a change to that class (``closed(..., lost=True)`` is the signal it needs).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the reference's interface. Buffers are anything with the buffer protocol (bytes,
 memoryview, mmap), C-contiguous; do not resize one while a call that received it runs.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from typing_extensions import Buffer
@@ -22,6 +22,13 @@ def decode_pages_burst(
     None (another type), (1, class, message), (0, key id, timestamp ms, nonce, request id, part,
     parts, pages, corrupt, missing) or (3, key id, timestamp ms, nonce, request id, type, code,
     reason)."""
+
+def encode_pages_answer(
+    request_id: int, digests: Sequence[bytes], views: Sequence[Buffer | None], *,
+    max_datagram: int, key_id: int, tag_key: bytes | None, timestamp_ms: int,
+    nonce: Callable[[], int],
+) -> tuple[list[list[Buffer]], int]:
+    """A GET's answer as sealed PAGES datagrams ([head, page view, ...] each), pages found."""
 
 class Sender:
     """The sender's core: QEMU stream chunks in, forward-stream records out."""

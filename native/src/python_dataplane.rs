@@ -5,11 +5,12 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
-use crate::dataplane::{self, Keys, Outcome, DIGEST_SIZE, PAGE_SIZE};
+use crate::dataplane::{self, Keys, Outcome, Sealer, DIGEST_SIZE, PAGE_SIZE};
 use crate::errors::Kind;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_pages_burst, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_pages_answer, m)?)?;
     Ok(())
 }
 
@@ -131,4 +132,79 @@ fn decode_pages_burst<'py>(
         out.append(item)?;
     }
     Ok(out)
+}
+
+/// A GET's answer as PAGES datagrams, each a list of buffers `[head, page view, ...]` for
+/// `socket.sendmsg`: `views[i]` is the page of `digests[i]` (any 4096-byte buffer, passed
+/// through uncopied) or None (missing). The heads are sealed here: key id 0 and no tag key in
+/// open mode; `nonce()` is called once per datagram, in order. Returns (datagrams, pages found).
+/// The twin of the reference in tmdht/net/burst.py (tmdht.wire.encode_pages_buffers).
+#[pyfunction]
+#[pyo3(signature = (request_id, digests, views, *, max_datagram, key_id, tag_key, timestamp_ms, nonce))]
+#[allow(clippy::too_many_arguments)]
+fn encode_pages_answer<'py>(
+    py: Python<'py>,
+    request_id: u64,
+    digests: Vec<Bound<'py, PyBytes>>,
+    views: Vec<Bound<'py, PyAny>>,
+    max_datagram: usize,
+    key_id: u8,
+    tag_key: Option<Vec<u8>>,
+    timestamp_ms: u64,
+    nonce: Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyList>, usize)> {
+    if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
+        return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
+    }
+    if digests.len() != views.len() {
+        return Err(PyValueError::new_err("one view (or None) per digest"));
+    }
+    let key: Option<[u8; 32]> = tag_key
+        .map(|k| k.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes")))
+        .transpose()?;
+    let sealer = match &key {
+        None => Sealer::Open,
+        Some(k) => Sealer::Keyed(key_id, k),
+    };
+    let mut found: Vec<&[u8]> = Vec::with_capacity(digests.len());
+    let mut found_views: Vec<&Bound<'py, PyAny>> = Vec::with_capacity(digests.len());
+    let mut missing: Vec<&[u8]> = Vec::new();
+    for (digest, view) in digests.iter().zip(&views) {
+        let raw = digest.as_bytes();
+        if raw.len() != DIGEST_SIZE {
+            return Err(PyValueError::new_err(format!(
+                "a digest is {DIGEST_SIZE} bytes, got one of {}", raw.len())));
+        }
+        if view.is_none() {
+            missing.push(raw);
+        } else {
+            let size = view.len()?;
+            if size != PAGE_SIZE {
+                return Err(PyValueError::new_err(format!(
+                    "a page is {PAGE_SIZE} bytes, got one of {size}")));
+            }
+            found.push(raw);
+            found_views.push(view);
+        }
+    }
+    let plan = dataplane::plan_parts(found.len(), missing.len(), max_datagram);
+    if plan.len() > u16::MAX as usize {
+        return Err(PyValueError::new_err("the answer needs more than 65535 parts"));
+    }
+    let parts = plan.len() as u16;
+    let out = PyList::empty(py);
+    for (index, &(p0, p1, m0, m1)) in plan.iter().enumerate() {
+        let nonce: u64 = nonce.call0()?.extract()?;
+        let head = dataplane::pages_head(
+            request_id, index as u16, parts, &found[p0..p1], &missing[m0..m1], &sealer,
+            timestamp_ms, nonce,
+        );
+        let datagram = PyList::empty(py);
+        datagram.append(PyBytes::new(py, &head))?;
+        for view in &found_views[p0..p1] {
+            datagram.append(*view)?;
+        }
+        out.append(datagram)?;
+    }
+    Ok((out, found.len()))
 }

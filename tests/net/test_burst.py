@@ -26,6 +26,8 @@ from tmdht.net.burst import (
     decode_burst,
     decode_burst_native,
     decode_burst_reference,
+    encode_pages_answer_native,
+    encode_pages_answer_reference,
 )
 from tmdht.pages import PAGE_SIZE, PageDigest, digest_page
 
@@ -118,7 +120,7 @@ def test_native_burst_decoder_is_the_reference(
     mode: str, n_pages: int, n_missing: int, max_datagram: int, seed: int, mutants: int,
     decode_limit: int,
 ) -> None:
-    from tmdht import _native  # noqa: PLC0415
+    from tmdht import _native
 
     rng = random.Random(seed)
     good = pages_datagrams(mode, n_pages, max(n_missing, 1 - n_pages), max_datagram)
@@ -143,7 +145,7 @@ def test_native_burst_decoder_is_the_reference(
 @needs_native
 def test_every_corruption_is_caught_the_same_way() -> None:
     """The cases the issue names, one by one, on both decoders."""
-    from tmdht import _native  # noqa: PLC0415
+    from tmdht import _native
 
     (datagram,) = pages_datagrams("keyed", 3, 2, 32768)
     tag_at = len(datagram) - 3 * PAGE_SIZE - 16
@@ -180,3 +182,59 @@ def test_active_decoder_verifies_pages() -> None:
     assert isinstance(result, VerifiedPages)
     assert result.pages == tuple(zip(DIGESTS[:4], POOL[:4], strict=True))
     assert result.corrupt == ()
+
+
+def counter_auth(mode: str) -> Authenticator:
+    """An authenticator whose nonces are 1, 2, 3, ... (two of them seal identically)."""
+    counter = iter(range(1, 1 << 20))
+    ring = None if mode == "open" else KeyRing(KEY)
+    return Authenticator(keyring=ring, replay=None, nonce_source=lambda: next(counter))
+
+
+@needs_native
+@EXAMPLES
+@given(
+    mode=st.sampled_from(["keyed", "open"]),
+    layout=st.lists(st.booleans(), min_size=1, max_size=300),
+    max_datagram=st.sampled_from([wire.MIN_DATAGRAM, 9000, 32768, wire.MAX_DATAGRAM]),
+    request_id=st.integers(0, 2**64 - 1),
+)
+def test_native_pages_encoder_is_the_reference(
+    mode: str, layout: list[bool], max_datagram: int, request_id: int
+) -> None:
+    """Byte for byte, the pages passed through as the very buffers given."""
+    from tmdht import _native
+
+    digests = [DIGESTS[i % 12] if held else PageDigest(i.to_bytes(32, "big"))
+               for i, held in enumerate(layout)]
+    views = [memoryview(POOL[i % 12]) if held else None for i, held in enumerate(layout)]
+    ref, ref_found = encode_pages_answer_reference(
+        request_id, digests, views, max_datagram=max_datagram, auth=counter_auth(mode), now=NOW
+    )
+    nat, nat_found = encode_pages_answer_native(
+        request_id, digests, views, max_datagram=max_datagram, auth=counter_auth(mode), now=NOW,
+        native=_native,
+    )
+    assert ref_found == nat_found == sum(layout)
+    assert [b"".join(d) for d in nat] == [b"".join(d) for d in ref]
+    assert [[id(v) for v in d[1:]] for d in nat] == [[id(v) for v in d[1:]] for d in ref]
+    decoded = decode_burst_reference(
+        [b"".join(d) for d in nat], auth=make_auth(mode), now=NOW, max_datagram=max_datagram
+    )
+    assert all(isinstance(m, VerifiedPages) and not m.corrupt for m in decoded)
+
+
+@needs_native
+def test_pages_encoders_refuse_bad_buffers_alike() -> None:
+    from tmdht import _native
+
+    cases = [
+        ([DIGESTS[0]], [b"short page"]),
+        ([PageDigest(b"short digest")], [None]),
+    ]
+    for digests, views in cases:
+        for encode, kwargs in ((encode_pages_answer_reference, {}),
+                               (encode_pages_answer_native, {"native": _native})):
+            with pytest.raises(wire.InvalidMessageError, match=r"is (32|4096) bytes"):
+                encode(1, digests, views, max_datagram=32768, auth=counter_auth("keyed"),
+                       now=NOW, **kwargs)

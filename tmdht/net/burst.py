@@ -1,4 +1,5 @@
-"""Decoding a burst of data-plane datagrams, PAGES answers verified page by page (sans-IO).
+"""The data plane's hot datagrams, natively where built: a client's burst of PAGES answers
+decoded and verified page by page, and a node's PAGES answers encoded and sealed (sans-IO).
 
 The request engine hands :func:`decode_burst` what one wake-up of its socket read. Every
 datagram comes back as a message, or as the :class:`~tmdht.errors.DecodeError` it was refused
@@ -19,6 +20,11 @@ forces the reference):
   :meth:`tmdht.auth.Authenticator.open` does) and the error classes. Other datagram types go
   through the reference.
 
+A node answers a GET with :func:`encode_pages_answer`: the digests it was asked for and a view
+(or None) per digest in, PAGES datagrams as buffer lists out (``[head, page, ...]`` for
+``socket.sendmsg``, the pages uncopied), the heads sealed natively; the reference is
+:func:`tmdht.wire.encode_pages_buffers`, byte for byte.
+
 The two agree datagram for datagram: the same messages, the same error classes (the property
 tests in ``tests/net/test_burst.py`` hold them to it, corrupted tags, wrong digests and
 truncations included).
@@ -33,7 +39,7 @@ from typing import Final, TypeAlias
 
 from tmdht import wire
 from tmdht.auth import AuthenticationError, Authenticator
-from tmdht.errors import DecodeError, LimitExceededError
+from tmdht.errors import DecodeError, LimitExceededError, UsageError
 from tmdht.native import native_module
 from tmdht.pages import ByteView, PageDigest, page_matches
 
@@ -44,6 +50,9 @@ __all__ = [
     "decode_burst",
     "decode_burst_native",
     "decode_burst_reference",
+    "encode_pages_answer",
+    "encode_pages_answer_native",
+    "encode_pages_answer_reference",
 ]
 
 
@@ -189,3 +198,82 @@ def decode_burst(
 def burst_implementation() -> str:
     """``"native"`` or ``"reference"``."""
     return "native" if _ACTIVE is decode_burst_native else "reference"
+
+
+# -- the node's side: a GET's answer ---------------------------------------------------------------
+
+
+def encode_pages_answer_reference(
+    request_id: int,
+    digests: Sequence[PageDigest],
+    views: Sequence[ByteView | None],
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+) -> tuple[list[list[ByteView]], int]:
+    """The reference: (PAGES datagrams as buffer lists, pages found) by
+    :func:`tmdht.wire.encode_pages_buffers`."""
+    found: list[tuple[PageDigest, ByteView]] = []
+    missing: list[PageDigest] = []
+    for digest, view in zip(digests, views, strict=True):
+        if view is None:
+            missing.append(digest)
+        else:
+            found.append((digest, view))
+    datagrams = wire.encode_pages_buffers(
+        request_id, found, missing, max_datagram=max_datagram, auth=auth, now=now
+    )
+    return datagrams, len(found)
+
+
+def encode_pages_answer_native(
+    request_id: int,
+    digests: Sequence[PageDigest],
+    views: Sequence[ByteView | None],
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+    native: ModuleType | None = None,
+) -> tuple[list[list[ByteView]], int]:
+    """The native encoder: the same datagrams, byte for byte (the same nonces drawn in order)."""
+    module = native or native_module()
+    if module is None:
+        raise ImportError("tmdht._native is not in use")
+    wire.check_max_datagram(max_datagram)
+    timestamp_ms = int(now * 1000)
+    if not 0 <= timestamp_ms < 1 << 64:
+        raise UsageError(f"now must be seconds since the Unix epoch, got {now}")
+    if not 0 <= request_id < 1 << 64:
+        raise wire.InvalidMessageError(f"request id {request_id} is not a u64")
+    keyring = auth.keyring
+    key = None if keyring is None else keyring.current
+    try:
+        datagrams, found = module.encode_pages_answer(
+            request_id, digests, views, max_datagram=max_datagram,
+            key_id=0 if key is None else key.key_id, tag_key=None if key is None else key.tag_key,
+            timestamp_ms=timestamp_ms, nonce=auth.next_nonce,
+        )
+    except ValueError as exc:
+        raise wire.InvalidMessageError(str(exc)) from None
+    return datagrams, found
+
+
+_ENCODER: Final = (
+    encode_pages_answer_native if native_module() is not None else encode_pages_answer_reference
+)
+
+
+def encode_pages_answer(
+    request_id: int,
+    digests: Sequence[PageDigest],
+    views: Sequence[ByteView | None],
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+) -> tuple[list[list[ByteView]], int]:
+    """A GET's answer with the active implementation: (PAGES datagrams, each ``[head, page,
+    ...]``, pages found). ``views[i]`` is the page of ``digests[i]`` or None."""
+    return _ENCODER(request_id, digests, views, max_datagram=max_datagram, auth=auth, now=now)

@@ -30,6 +30,13 @@ def encode_pages_answer(
 ) -> tuple[list[list[Buffer]], int]:
     """A GET's answer as sealed PAGES datagrams ([head, page view, ...] each), pages found."""
 
+def digest_pages(pages: Sequence[Buffer], *, threads: bool = True) -> list[bytes]:
+    """BLAKE3 digests, GIL released, across cores (rayon) when ``threads``."""
+
+def pages_match(digests: Sequence[bytes], pages: Sequence[Buffer], *,
+                threads: bool = True) -> list[bool]:
+    """Whether each page's BLAKE3 digest is its digest (GIL released)."""
+
 class Sender:
     """The sender's core: QEMU stream chunks in, forward-stream records out."""
 

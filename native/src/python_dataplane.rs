@@ -11,6 +11,8 @@ use crate::errors::Kind;
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_pages_burst, m)?)?;
     m.add_function(wrap_pyfunction!(encode_pages_answer, m)?)?;
+    m.add_function(wrap_pyfunction!(digest_pages, m)?)?;
+    m.add_function(wrap_pyfunction!(pages_match, m)?)?;
     Ok(())
 }
 
@@ -207,4 +209,69 @@ fn encode_pages_answer<'py>(
         out.append(datagram)?;
     }
     Ok((out, found.len()))
+}
+
+// -- bulk hashing ------------------------------------------------------------------------------
+
+/// Pages at least this many are hashed across cores (rayon); fewer on the calling thread.
+const PARALLEL_AT: usize = 64;
+
+fn page_slices(pages: &[PyBuffer<u8>]) -> PyResult<Vec<(usize, usize)>> {
+    pages
+        .iter()
+        .map(|b| {
+            if !b.is_c_contiguous() {
+                return Err(PyValueError::new_err("a contiguous buffer is needed"));
+            }
+            Ok((b.buf_ptr() as usize, b.len_bytes()))
+        })
+        .collect()
+}
+
+fn hash_all(py: Python<'_>, slices: &[(usize, usize)], threads: bool) -> Vec<[u8; 32]> {
+    use rayon::prelude::*;
+    let one = |&(ptr, len): &(usize, usize)| {
+        // SAFETY: each buffer is C-contiguous and exported (held) by the caller's PyBuffer
+        // until this function returns; nothing writes it meanwhile (buffer-protocol contract).
+        let data = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+        *blake3::hash(data).as_bytes()
+    };
+    py.detach(|| {
+        if threads && slices.len() >= PARALLEL_AT {
+            slices.par_iter().map(one).collect()
+        } else {
+            slices.iter().map(one).collect()
+        }
+    })
+}
+
+/// BLAKE3 digests of `pages` (any buffers), in order, with the GIL released; across cores
+/// (rayon's pool) when `threads` and there are enough of them.
+#[pyfunction]
+#[pyo3(signature = (pages, *, threads=true))]
+fn digest_pages<'py>(
+    py: Python<'py>,
+    pages: Vec<PyBuffer<u8>>,
+    threads: bool,
+) -> PyResult<Bound<'py, PyList>> {
+    let slices = page_slices(&pages)?;
+    let digests = hash_all(py, &slices, threads);
+    PyList::new(py, digests.iter().map(|d| PyBytes::new(py, d)))
+}
+
+/// For each (digest, page) pair: the page's BLAKE3 digest is `digest` (GIL released).
+#[pyfunction]
+#[pyo3(signature = (digests, pages, *, threads=true))]
+fn pages_match(
+    py: Python<'_>,
+    digests: Vec<Vec<u8>>,
+    pages: Vec<PyBuffer<u8>>,
+    threads: bool,
+) -> PyResult<Vec<bool>> {
+    if digests.len() != pages.len() {
+        return Err(PyValueError::new_err("one page per digest"));
+    }
+    let slices = page_slices(&pages)?;
+    let actual = hash_all(py, &slices, threads);
+    Ok(digests.iter().zip(&actual).map(|(d, a)| d.as_slice() == a.as_slice()).collect())
 }

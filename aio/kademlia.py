@@ -241,6 +241,11 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
         self._closed = asyncio.get_running_loop().create_future()
         self.stats = ProtocolStats()
 
+    def set_tag_keys(self, tag_key: bytes, other_tag_keys: Sequence[bytes] = ()) -> None:
+        """Tag with ``tag_key`` and accept ``other_tag_keys`` too from now on (a key reload)."""
+        self._tag_key = tag_key
+        self._other_tag_keys = tuple(other_tag_keys)
+
     def __getattr__(self, name: str) -> Any:
         """Refuse unknown attributes; rpcudp would turn any name into a remote call."""
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")

@@ -650,14 +650,16 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
             store_task = asyncio.create_task(store.start())
         loop = asyncio.get_running_loop()
         try:
-            conn, peer = await asyncio.wait_for(loop.sock_accept(listener), config.accept_timeout)
+            accepted, peer = await asyncio.wait_for(loop.sock_accept(listener),
+                                                    config.accept_timeout)
         finally:
             listener.close()
+        conn = accepted
         started = time.monotonic()
-        _tune(conn)
-        probe = conn.dup()
+        _tune(accepted)
+        probe = accepted.dup()
         log.info("sender connected from %s", peer)
-        wan = await _open_wan(config, context, conn, report, metrics)
+        wan = await _open_wan(config, context, accepted, report, metrics)
         await out.open()
         if store is not None and store_task is not None:
             try:
@@ -719,7 +721,12 @@ async def _first_byte(conn: socket.socket, timeout: float) -> int | None:
     loop = asyncio.get_running_loop()
     readable: asyncio.Future[None] = loop.create_future()
     fd = conn.fileno()
-    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+
+    def wake() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(fd, wake)
     try:
         await asyncio.wait_for(readable, timeout)
     finally:

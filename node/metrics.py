@@ -132,6 +132,12 @@ class NodeMetrics:
             "Pages dropped after their grace period.",
             registry=r,
         )
+        self.key_reloads = Counter(
+            "tmdht_cluster_key_reloads_total",
+            "Cluster key file re-reads (SIGHUP), by outcome (ok, failed).",
+            ["outcome"],
+            registry=r,
+        )
         self.sweeps = Counter(
             "tmdht_replication_sweeps_total", "Completed replication sweeps.", registry=r
         )

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ from tmdht import wire
 from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.aio.overlay import Overlay
 from tmdht.auth import Authenticator, ClusterKey, KeyRing, keyring_from, parse_cluster_keys
+from tmdht.client.store import TemplateStoreClient
 from tmdht.errors import NodeUnreachableError
+from tmdht.files import atomic_write
 from tmdht.net.overlay import OverlayConfig
 from tmdht.node.local import LocalCluster
 
@@ -233,3 +236,91 @@ def test_key_rotation_without_downtime(tmp_path: Path) -> None:
             assert await serves(client_step1, 0) and await serves(only_new, 0)
 
         run(main())
+
+
+def test_key_rotation_by_sighup_with_resolves_running(tmp_path: Path) -> None:
+    """SECURITY.md's three steps as edits of the key file, each followed by SIGHUP to every
+    node (what `systemctl reload` sends), while a client resolves pages the whole time: no
+    resolve fails, and after step 3 the old key is refused. A bad file keeps the old keys."""
+    old, new = secrets.token_hex(32), secrets.token_hex(32)
+    steps = [f"1:{old}\n2:{new}\n", f"2:{new}\n1:{old}\n", f"2:{new}\n"]
+    root = tmp_path / "sighup"
+    root.mkdir()
+    (root / "cluster.key").write_text(f"1:{old}\n")
+    with LocalCluster(root, 3, extra_args=[*FAST_NODE_ARGS, "--log-level", "info"]) as cluster:
+
+        def reloads(index: int, outcome: str) -> float:
+            return metric(scrape(cluster, index), "tmdht_cluster_key_reloads_total",
+                          outcome=outcome)
+
+        async def until(check: Callable[[], bool], what: str) -> None:
+            async def probe() -> bool:
+                return check()
+
+            await eventually(probe, 30, what)
+
+        async def hup_all(text: str, step: int) -> None:
+            atomic_write(cluster.key_file, text, durable=False)
+            for node in cluster.nodes:
+                assert node.proc is not None
+                node.proc.send_signal(signal.SIGHUP)
+            for i in range(3):
+                await until(lambda i=i: reloads(i, "ok") >= step, f"reload {step}")
+
+        async def serves(auth: Authenticator, index: int) -> bool:
+            async with await DataPlaneClient.open(auth, timeout=0.1, attempts=2) as client:
+                try:
+                    await client.node_info(cluster.nodes[index].address("data"))
+                except NodeUnreachableError:
+                    return False
+                return True
+
+        async def main() -> None:
+            # Before step 1 the client may only send with the old key; from step 1 it sends
+            # with the new one (accepting both), as clients rotate with the nodes.
+            async with TemplateStoreClient(
+                seeds=[cluster.seed], cluster_key=f"1:{old}\n", cache_pages=0
+            ) as publisher:
+                await publisher.put_many(PAGES)
+            await hup_all(steps[0], 1)
+            resolved = 0
+            stop = asyncio.Event()
+
+            async def resolve_forever() -> None:
+                nonlocal resolved
+                async with TemplateStoreClient(
+                    seeds=[cluster.seed], cluster_key=f"2:{new}\n1:{old}\n", cache_pages=0
+                ) as store:
+                    while not stop.is_set():
+                        pages = await store.get_many(DIGESTS)
+                        assert pages == [page for _, page in PAGES]
+                        resolved += 1
+
+            resolver = asyncio.create_task(resolve_forever())
+            try:
+                await until(lambda: resolved >= 3, "resolves under way")
+                for step, text in enumerate(steps[1:], 2):
+                    before = resolved
+                    await hup_all(text, step)
+                    await until(lambda before=before: resolved >= before + 3,
+                                f"resolves after step {step}")
+                # Step 3 done: the old key is refused, the new one served.
+                only_old, only_new = auth_for(f"1:{old}"), auth_for(f"2:{new}")
+                for i in range(3):
+                    assert not await serves(only_old, i) and await serves(only_new, i)
+                # A bad file changes nothing: the node logs why and keeps serving.
+                atomic_write(cluster.key_file, "not a key\n", durable=False)
+                cluster.nodes[0].proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+                await until(lambda: reloads(0, "failed") >= 1, "failed reload")
+                assert await serves(only_new, 0) and not await serves(only_old, 0)
+                before = resolved
+                await until(lambda: resolved >= before + 3, "resolves after bad file")
+            finally:
+                stop.set()
+                await resolver  # re-raises a failed resolve
+            assert resolved >= 9
+
+        run(main())
+        log = cluster.nodes[0].log_path.read_text()
+        assert "cluster key reload failed: cluster key file" in log
+        assert "keeping key id 2 (accepting 2)" in log

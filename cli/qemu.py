@@ -48,7 +48,7 @@ def _address(text: str, what: str, *, any_port: bool = False) -> tuple[str, int]
 
 @click.group()
 def qemu() -> None:
-    """Live-migrate an unpatched QEMU through tmdht (exec: migration proxies)."""
+    """Live-migrate an unpatched QEMU through tmdht: send, receive (exec: migration proxies)."""
 
 
 def tls_options(*, sender: bool) -> Callable[[F], F]:

@@ -255,6 +255,8 @@ class Overlay:
             other_tag_keys=[derive_tag_key(k) for k in self.config.accepted_cluster_keys]
             if tag_key is not None
             else [],
+            replay_window=self.config.replay_window,
+            require_stamped=self.config.require_stamped,
         )
         try:
             transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)

@@ -348,6 +348,7 @@ class OverlayCollector(Collector):
             sock = stats.socket
             for reason, value in (
                 ("auth", sock.dropped_unauthenticated),
+                ("replay", sock.dropped_replayed),
                 ("malformed", sock.dropped_malformed),
                 ("unknown_method", sock.dropped_unknown_method),
                 ("unexpected_response", sock.unexpected_responses),

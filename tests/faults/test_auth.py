@@ -22,7 +22,13 @@ from tmdht.auth import Authenticator, ClusterKey, KeyRing, keyring_from, parse_c
 from tmdht.client.store import TemplateStoreClient
 from tmdht.errors import NodeUnreachableError
 from tmdht.files import atomic_write
-from tmdht.net.overlay import OverlayConfig
+from tmdht.net.overlay import (
+    OverlayConfig,
+    Response,
+    decode_datagram,
+    derive_tag_key,
+    encode_request,
+)
 from tmdht.node.local import LocalCluster
 
 pytestmark = pytest.mark.slow
@@ -324,3 +330,32 @@ def test_key_rotation_by_sighup_with_resolves_running(tmp_path: Path) -> None:
         log = cluster.nodes[0].log_path.read_text()
         assert "cluster key reload failed: cluster key file" in log
         assert "keeping key id 2 (accepting 2)" in log
+
+
+def test_replayed_overlay_datagram_is_dropped_counted_and_changes_nothing(
+    cluster: LocalCluster,
+) -> None:
+    """A stamped (version 2) overlay request answered once; the same bytes again are dropped
+    and counted as replay; a fresh request sent after it is answered, so the replay was seen
+    (datagrams on one loopback socket arrive in order) and got no answer."""
+    keys = parse_cluster_keys(cluster.key_file.read_text())
+    tag_key = derive_tag_key(keys[0].secret)
+    target = cluster.nodes[1].address("kademlia")
+    before = dropped(cluster, 1, "tmdht_overlay_bad_datagrams_total", "replay")
+
+    def ping(msg_id: bytes, nonce: int) -> bytes:
+        return encode_request(msg_id, "ping", [b""], tag_key, (int(time.time() * 1000), nonce))
+
+    first = ping(b"a" * 20, 7)
+    answers = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
+        sock.bind(("127.0.0.1", 0))
+        sock.sendto(first, target)
+        answers.append(decode_datagram(sock.recv(65536), tag_key))
+        sock.sendto(first, target)  # the replay
+        sock.sendto(ping(b"b" * 20, 8), target)
+        answers.append(decode_datagram(sock.recv(65536), tag_key))
+    assert [a.msg_id for a in answers] == [b"a" * 20, b"b" * 20]
+    assert all(isinstance(a, Response) and a.stamped for a in answers)
+    assert dropped(cluster, 1, "tmdht_overlay_bad_datagrams_total", "replay") - before == 1

@@ -194,6 +194,8 @@ class MigrationReport:
     included; 0 where the kernel does not say."""
     tcp_received_bytes: int = 0
     """Bytes TCP received from the peer (TCP_INFO bytes_received)."""
+    cpu_s: float = 0.0
+    """CPU seconds (user + system) of the proxy process when the report was made."""
 
     @property
     def wan_bytes(self) -> int:
@@ -465,6 +467,7 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
             sock.close()
         report.counts = rewriter.counts
         report.duration_s = time.monotonic() - started
+        report.cpu_s = time.process_time()
         _finish_metrics(metrics, report)
     return report
 
@@ -836,6 +839,7 @@ def _fill_receiver_report(report: MigrationReport, rebuilder: MigrationReceiver,
     report.cluster_pages = stats.cluster_pages
     report.fallback_pages = stats.fallback_pages
     report.duration_s = time.monotonic() - started
+    report.cpu_s = time.process_time()
 
 
 async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _Wan,

@@ -9,7 +9,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,6 +52,16 @@ def stranger() -> Authenticator:
 
 def dropped(cluster: LocalCluster, index: int, name: str, reason: str) -> float:
     return metric(scrape(cluster, index), name, reason=reason)
+
+
+async def answers(auth: Authenticator, cluster: LocalCluster, index: int) -> bool:
+    """Whether node ``index`` answers NODE_INFO to a client with ``auth``."""
+    async with await DataPlaneClient.open(auth, timeout=0.1, attempts=2) as client:
+        try:
+            await client.node_info(cluster.nodes[index].address("data"))
+        except NodeUnreachableError:
+            return False
+        return True
 
 
 async def crawl(seed: tuple[str, int], keys_text: str) -> set[bytes]:
@@ -207,13 +217,8 @@ def test_key_rotation_without_downtime(tmp_path: Path) -> None:
         only_old, only_new = auth_for(f"1:{old}"), auth_for(f"2:{new}")
         client_step1, client_step2 = auth_for(step1), auth_for(step2)
 
-        async def serves(auth: Authenticator, index: int) -> bool:
-            async with await DataPlaneClient.open(auth, timeout=0.1, attempts=2) as client:
-                try:
-                    await client.node_info(cluster.nodes[index].address("data"))
-                except NodeUnreachableError:
-                    return False
-                return True
+        def serves(auth: Authenticator, index: int) -> Awaitable[bool]:
+            return answers(auth, cluster, index)
 
         async def main() -> None:
             assert await crawl(cluster.seed, step1) == ids
@@ -273,13 +278,8 @@ def test_key_rotation_by_sighup_with_resolves_running(tmp_path: Path) -> None:
             for i in range(3):
                 await until(lambda i=i: reloads(i, "ok") >= step, f"reload {step}")
 
-        async def serves(auth: Authenticator, index: int) -> bool:
-            async with await DataPlaneClient.open(auth, timeout=0.1, attempts=2) as client:
-                try:
-                    await client.node_info(cluster.nodes[index].address("data"))
-                except NodeUnreachableError:
-                    return False
-                return True
+        def serves(auth: Authenticator, index: int) -> Awaitable[bool]:
+            return answers(auth, cluster, index)
 
         async def main() -> None:
             # Before step 1 the client may only send with the old key; from step 1 it sends

@@ -166,45 +166,44 @@ def test_tls_migration_carries_the_stream_exactly(
     assert wan <= outcome.sent["tcp_sent_bytes"] <= wan * 1.01 + 16384
 
 
-def test_wrong_ca(pki: Pki, stream: tuple[Path, Path], tmp_path: Path) -> None:
-    """The sender does not trust the CA of the receiver's certificate."""
-    outcome = migrate(tmp_path, stream, ["--tls-creds", pki.receiver],
-                      ["--tls-creds", pki.sender_other_ca])
+@pytest.mark.parametrize(
+    ("receiver", "sender", "sender_reason", "receiver_reason"),
+    [("receiver", "sender_other_ca", "self-signed certificate in certificate chain",
+      "it does not trust the CA that signed our certificate"),
+     ("receiver_expired", "sender", "certificate has expired", "our certificate has expired")],
+    ids=["wrong-ca", "expired-server-certificate"],
+)
+def test_sender_refuses_the_server_certificate(
+    receiver: str, sender: str, sender_reason: str, receiver_reason: str, pki: Pki,
+    stream: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The sender does not trust the CA of the receiver's certificate, or it has expired."""
+    outcome = migrate(tmp_path, stream, ["--tls-creds", getattr(pki, receiver)],
+                      ["--tls-creds", getattr(pki, sender)])
     assert_refused(outcome)
     assert outcome.sender_error == ("TLS handshake failed: the receiver's certificate is "
-                                    "refused: self-signed certificate in certificate chain")
+                                    f"refused: {sender_reason}")
     assert outcome.receiver_error == ("TLS handshake failed: the sender refused the connection: "
-                                      "it does not trust the CA that signed our certificate")
+                                      f"{receiver_reason}")
 
 
-def test_wrong_client_certificate(pki: Pki, stream: tuple[Path, Path], tmp_path: Path) -> None:
-    """The sender's certificate comes from another CA: TLS 1.3 completes the client's side of
+@pytest.mark.parametrize(
+    ("creds", "reason"),
+    [("sender_foreign_cert", "unable to get local issuer certificate"),
+     ("sender_expired", "certificate has expired")],
+    ids=["wrong-client-certificate", "expired-client-certificate"],
+)
+def test_receiver_refuses_the_client_certificate(
+    creds: str, reason: str, pki: Pki, stream: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A certificate of another CA, or an expired one: TLS 1.3 completes the client's side of
     the handshake first, so the sender must wait for the receiver's TLS_READY."""
     outcome = migrate(tmp_path, stream, ["--tls-creds", pki.receiver],
-                      ["--tls-creds", pki.sender_foreign_cert])
+                      ["--tls-creds", getattr(pki, creds)])
     assert_refused(outcome)
     assert outcome.receiver_error == ("TLS handshake failed: the sender's certificate is "
-                                      "refused: unable to get local issuer certificate")
+                                      f"refused: {reason}")
     assert outcome.sender_error == REFUSED_OURS
-
-
-def test_expired_client_certificate(pki: Pki, stream: tuple[Path, Path], tmp_path: Path) -> None:
-    outcome = migrate(tmp_path, stream, ["--tls-creds", pki.receiver],
-                      ["--tls-creds", pki.sender_expired])
-    assert_refused(outcome)
-    assert outcome.receiver_error == ("TLS handshake failed: the sender's certificate is "
-                                      "refused: certificate has expired")
-    assert outcome.sender_error == REFUSED_OURS
-
-
-def test_expired_server_certificate(pki: Pki, stream: tuple[Path, Path], tmp_path: Path) -> None:
-    outcome = migrate(tmp_path, stream, ["--tls-creds", pki.receiver_expired],
-                      ["--tls-creds", pki.sender])
-    assert_refused(outcome)
-    assert outcome.sender_error == ("TLS handshake failed: the receiver's certificate is "
-                                    "refused: certificate has expired")
-    assert outcome.receiver_error == ("TLS handshake failed: the sender refused the connection: "
-                                      "our certificate has expired")
 
 
 def test_pinned_subject_refuses_another_certificate(

@@ -57,14 +57,15 @@ class ScratchCA:
         return self.folder / "ca-cert.pem"
 
     def issue(self, name: str, subject: str, *, server: bool,
-              dates: tuple[str, str] = VALID) -> tuple[Path, Path]:
-        """(cert, key) for ``subject`` (``/O=x/CN=y``); a server certificate names 127.0.0.1
-        and localhost."""
+              dates: tuple[str, str] = VALID,
+              names: str = "IP:127.0.0.1,DNS:localhost") -> tuple[Path, Path]:
+        """(cert, key) for ``subject`` (``/O=x/CN=y``); a server certificate carries ``names``
+        as its subjectAltName."""
         key, csr, cert = (self.folder / f"{name}-{kind}.pem" for kind in ("key", "csr", "cert"))
         _run("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-keyout", key.name, "-out", csr.name, "-subj", subject, cwd=self.folder)
         ext = self.folder / f"{name}.ext"
-        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+        ext.write_text(f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n"
                        if server else "extendedKeyUsage=clientAuth\n")
         _run("ca", "-batch", "-notext", "-config", "ca.cnf", "-cert", "ca-cert.pem", "-keyfile",
              "ca-key.pem", "-in", csr.name, "-out", cert.name, "-startdate", dates[0],

@@ -79,15 +79,18 @@ Decoded: TypeAlias = wire.Message | VerifiedPages | DecodeError
 
 
 def _verify(message: wire.Pages) -> VerifiedPages:
-    pages: list[tuple[PageDigest, bytes]] = []
-    corrupt: list[PageDigest] = []
-    for digest, page in message.pages:
-        if page_matches(digest, page):
-            pages.append((digest, page))
-        else:
-            corrupt.append(digest)
+    pages = message.pages
+    matches = [page_matches(digest, page) for digest, page in pages]
+    if all(matches):  # the common case: no second pass
+        return VerifiedPages(
+            message.request_id, message.part, message.parts, pages, (), message.missing
+        )
     return VerifiedPages(
-        message.request_id, message.part, message.parts, tuple(pages), tuple(corrupt),
+        message.request_id,
+        message.part,
+        message.parts,
+        tuple(pair for pair, ok in zip(pages, matches, strict=True) if ok),
+        tuple(pair[0] for pair, ok in zip(pages, matches, strict=True) if not ok),
         message.missing,
     )
 

@@ -30,7 +30,7 @@ from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.aio.overlay import Overlay
 from tmdht.aio.tasks import TaskSet
 from tmdht.config import NodeConfig
-from tmdht.errors import OverlayError, TmdhtError
+from tmdht.errors import ConfigError, OverlayError, TmdhtError
 from tmdht.files import atomic_write
 from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterCredentials
 from tmdht.net.membership import Member, MembershipEventKind
@@ -252,10 +252,11 @@ class StoreNode:
                 OPEN_FILES_WANTED,
             )
         loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         previous = {s: signal.getsignal(s) for s in signals}
-        for s in signals:
+        for s in signals[:2]:
             loop.add_signal_handler(s, self._stopped.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
         try:
             await self.start()
             notify_supervisor(f"READY=1\nSTATUS={self._status_line()}")
@@ -267,6 +268,39 @@ class StoreNode:
                 loop.remove_signal_handler(s)
                 signal.signal(s, previous[s])
             await self.stop()
+
+    def reload_keys(self) -> bool:
+        """Re-read the cluster key file (SIGHUP, ``systemctl reload``) and use its keys from now
+        on, on both planes: a rotation step without a restart. A file that cannot be read or
+        parsed changes nothing: the node keeps its keys, logs why and returns False."""
+        path = self.config.cluster_key_file
+        why = ""
+        if path is None:
+            why = "the keys did not come from a file (cluster_key_file)"
+        elif self.credentials.is_open or self.auth.keyring is None:
+            why = "the node runs open (insecure_open): restart it to use a key"
+        if why:
+            log.warning("cluster key reload refused: %s; keeping %s", why,
+                        self.credentials.describe())
+            self.metrics.key_reloads.labels("failed").inc()
+            return False
+        assert path is not None and self.auth.keyring is not None
+        try:
+            credentials = ClusterCredentials.from_file(path)
+        except ConfigError as exc:
+            log.warning("cluster key reload failed: %s; keeping %s", exc,
+                        self.credentials.describe())
+            self.metrics.key_reloads.labels("failed").inc()
+            return False
+        self.auth.keyring.replace(list(credentials.keys))
+        key = credentials.overlay_key
+        assert key is not None
+        if self.overlay is not None:
+            self.overlay.set_cluster_keys(key, credentials.accepted_overlay_keys)
+        self.credentials = credentials
+        self.metrics.key_reloads.labels("ok").inc()
+        log.info("cluster keys reloaded from %s: %s", path, credentials.describe())
+        return True
 
     def _check_socket_buffers(self) -> None:
         """Export every UDP socket's granted and requested buffers; warn about short ones."""

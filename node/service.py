@@ -36,6 +36,7 @@ from tmdht.node.overlay import MembershipEventKind, Overlay, OverlayConfig, Over
 from tmdht.node.replication import Replicator, Target
 from tmdht.node.storage import PageStore
 from tmdht.ratelimit import RateLimitConfig
+from tmdht.records import RecordStore
 
 __all__ = ["CLUSTER_KEY_ENV", "StoreNode", "load_cluster_key", "load_cluster_keys"]
 
@@ -150,6 +151,7 @@ class StoreNode:
                 node_info=self._node_info,
                 on_stored=self._stored,
                 rate_limit=RateLimitConfig(rate=cfg.rate_limit, burst=cfg.rate_limit_burst),
+                records=RecordStore(),
             )
             self.http = HealthServer(
                 cfg.host, cfg.metrics_port, self.metrics.registry, self._health

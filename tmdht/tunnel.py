@@ -45,7 +45,9 @@ FCS, 14..:data:`tmdht.ethernet.MAX_FRAME` bytes, preceded by its u16 length)::
     |                     | flows x (origin u64, seq u64)                                  |
     | 3 HANDOVER_FRAME    | handover u64, hseq u64 (>= 1), origin u64, seq u64, flags u8,  |
     |                     | frame                                                          |
-    | 4 HANDOVER_ACK      | handover u64, acked u64, flags u8 (bit 0 RESUMED), version u64 |
+    | 4 HANDOVER_ACK      | handover u64, acked u64, flags u8 (bit 0 RESUMED), version u64,|
+    |                     | ranges u8, ranges x (first u64, last u64): items received      |
+    |                     | beyond ``acked`` (selective acknowledgement)                   |
     | 5 PREPARE           | handover u64, vnet u32, mac                                    |
     | 6 PREPARE_REPLY     | handover u64, status u8 (:class:`PrepareStatus`), version u64  |
     | 7 LOCATION          | vnet u32, mac, agent u64, version u64, flags u8                |
@@ -93,6 +95,7 @@ __all__ = [
     "MAX_DATAGRAM",
     "MAX_FLOWS",
     "MAX_HOST_BYTES",
+    "MAX_SACK_RANGES",
     "MAX_SITE_BYTES",
     "PROTOCOL_VERSION",
     "Abort",
@@ -126,6 +129,8 @@ MAX_DATAGRAM: Final = 65507
 """Largest datagram sent or accepted (UDP over IPv4)."""
 MAX_FLOWS: Final = 256
 """Most (origin, seq) pairs in one HANDOVER_BEGIN."""
+MAX_SACK_RANGES: Final = 16
+"""Most ranges of received items in one HANDOVER_ACK."""
 MAX_HOST_BYTES: Final = 64
 MAX_SITE_BYTES: Final = 32
 _U16_MAX: Final = 0xFFFF
@@ -314,6 +319,9 @@ class HandoverAck:
     resumed: bool
     version: int
     """The location version the destination claimed (0 until resumed)."""
+    ranges: tuple[tuple[int, int], ...] = ()
+    """(first, last) hseq ranges received beyond ``acked``, ascending, disjoint, not touching
+    ``acked``: the source does not resend them."""
 
     def __post_init__(self) -> None:
         _u(self.handover, 64, "handover")
@@ -321,6 +329,16 @@ class HandoverAck:
         _u(self.version, 64, "version")
         if not isinstance(self.resumed, bool):
             raise InvalidMessageError("resumed is a bool")
+        object.__setattr__(self, "ranges", tuple(tuple(r) for r in self.ranges))
+        if len(self.ranges) > MAX_SACK_RANGES:
+            raise InvalidMessageError(f"at most {MAX_SACK_RANGES} ranges")
+        low = self.acked + 1
+        for first, last in self.ranges:
+            _u(first, 64, "range first")
+            _u(last, 64, "range last")
+            if not low < first <= last:
+                raise InvalidMessageError("ranges must ascend beyond acked with gaps between")
+            low = last + 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -429,7 +447,8 @@ _FRAME_HEAD: Final = struct.Struct(">IQQQQBH")
 _BEGIN_HEAD: Final = struct.Struct(f">QI{MAC_SIZE}sQH")
 _FLOW: Final = struct.Struct(">QQ")
 _HFRAME_HEAD: Final = struct.Struct(">QQQQBH")
-_ACK: Final = struct.Struct(">QQBQ")
+_ACK: Final = struct.Struct(">QQBQB")
+_RANGE: Final = struct.Struct(">QQ")
 _PREPARE: Final = struct.Struct(f">QI{MAC_SIZE}s")
 _PREPARE_REPLY: Final = struct.Struct(">QBQ")
 _LOCATION_HEAD: Final = struct.Struct(f">I{MAC_SIZE}sQQBH")
@@ -458,7 +477,9 @@ def _encode_hframe(m: HandoverFrame) -> bytes:
 
 
 def _encode_ack(m: HandoverAck) -> bytes:
-    return _ACK.pack(m.handover, m.acked, _ACK_RESUMED if m.resumed else 0, m.version)
+    head = _ACK.pack(m.handover, m.acked, _ACK_RESUMED if m.resumed else 0, m.version,
+                     len(m.ranges))
+    return head + b"".join(_RANGE.pack(first, last) for first, last in m.ranges)
 
 
 def _encode_prepare(m: Prepare) -> bytes:
@@ -551,10 +572,16 @@ def _decode_hframe(body: bytes) -> Message:
 
 
 def _decode_ack(body: bytes) -> Message:
-    handover, acked, flags, version = _fixed(body, _ACK, exact=True)
+    handover, acked, flags, version, count = _fixed(body, _ACK, exact=False)
     if flags & ~_ACK_RESUMED:
         raise _BodyError(f"unknown ack flags {flags:#x}")
-    return HandoverAck(handover=handover, acked=acked, resumed=bool(flags), version=version)
+    if count > MAX_SACK_RANGES:
+        raise _BodyError(f"{count} ranges, the limit is {MAX_SACK_RANGES}")
+    if len(body) != _ACK.size + count * _RANGE.size:
+        raise _BodyError(f"body of {len(body)} bytes does not hold {count} ranges exactly")
+    ranges = tuple(_RANGE.iter_unpack(body[_ACK.size :]))
+    return HandoverAck(handover=handover, acked=acked, resumed=bool(flags), version=version,
+                       ranges=ranges)
 
 
 def _decode_prepare(body: bytes) -> Message:

@@ -31,8 +31,8 @@ if [[ ! -x $VENV/bin/python ]]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v -e '^WARNING: Location' -e 'Running pip as the' >&2 || true
-"$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" # fail loudly if the install did not work
+"$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client, tmdht.vnet" # fail loudly if the install did not work
 # Byte-compile the project (an editable install writes no .pyc, nor does Python at import time
 # when PYTHONDONTWRITEBYTECODE is set, as on these machines): every process would otherwise
 # compile its sources at start, and the QEMU proxies' start-up counts in a migration's time.
-"$VENV/bin/python" -m compileall -q tmdht node client cli lab >/dev/null
+"$VENV/bin/python" -m compileall -q tmdht node client cli lab vnet >/dev/null

@@ -40,7 +40,7 @@ __all__ = [
     "transition",
 ]
 
-_MAX_RTO: Final = 1.0
+_MAX_RTO: Final = 0.25
 
 
 class PortState(enum.Enum):
@@ -316,7 +316,8 @@ class OutboundHandover:
 
     def due(self, now: float, limit: int = 256) -> list[tuple[int, HeldFrame | None]]:
         """Items whose retransmission timer ran out (oldest first, at most ``limit``): resend
-        them. Each item's timer doubles, up to 1 s."""
+        them. Each item's timer doubles, up to 0.25 s (a handover is short: a lost item is
+        asked for again soon rather than late)."""
         out = []
         for hseq, entry in self._unacked.items():
             if entry.sent_at + entry.rto <= now:

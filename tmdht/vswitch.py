@@ -45,13 +45,20 @@ from __future__ import annotations
 import bisect
 import collections
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final, NamedTuple, TypeAlias
+from typing import Any, Final, NamedTuple, TypeAlias
 
 from tmdht import tunnel
 from tmdht.errors import DecodeError, TmdhtError, UsageError
-from tmdht.ethernet import BROADCAST, MacAddress, frame_addresses, is_group, rarp_announce
+from tmdht.ethernet import (
+    BROADCAST,
+    MacAddress,
+    format_mac,
+    frame_addresses,
+    is_group,
+    rarp_announce,
+)
 from tmdht.ethernet import sender_ipv4 as snoop_ipv4
 from tmdht.fdb import ForwardingTable
 from tmdht.handover import (
@@ -127,7 +134,7 @@ class SwitchConfig:
     """Held frames older than this are dropped (a VM paused for long, a destination that never
     resumes)."""
     handover_rto: float = 0.03
-    """First retransmission timeout of a handover item (doubles per retry, up to 1 s)."""
+    """First retransmission timeout of a handover item (doubles per retry, up to 0.25 s)."""
     ack_delay: float = 0.004
     """The destination acknowledges at most this long after a handover item arrived ..."""
     ack_every: int = 16
@@ -140,6 +147,9 @@ class SwitchConfig:
     """After a destination's location changes, frames to it carry a fence for this long."""
     accounting_timeout: float = 5.0
     """Longest wait after a stop for the stranded-frames accounting (then none is assumed)."""
+    claim_timeout: float = 2.0
+    """A destination that resumed before the directory said the MAC's version claims it after
+    this long without the answer (a version it may share with the old location)."""
     prepare_retry: float = 0.2
     prepare_attempts: int = 50
     lookup_ttl: float = 60.0
@@ -340,6 +350,9 @@ class _Port:
     flows: FlowOrder
     version: int = 0
     claimed: bool = False
+    located: bool = False
+    """The directory answered (or the source told) what version the MAC had."""
+    claim_deadline: float | None = None
     lost: list[HeldFrame] = field(default_factory=list)
     queued: list[HeldFrame] = field(default_factory=list)
     accounted: bool = True
@@ -428,7 +441,8 @@ class VirtualSwitch:
                                 max_bytes=self.config.hold_bytes),
                      FlowOrder(self.config.flows_per_port))
         if incoming:
-            port.predecessor = _Predecessor(self._new_handover_id())
+            port.predecessor = _Predecessor(self._new_handover_id(),
+                                            next_try=now + self.config.prepare_retry)
         first_in_network = not any(p.vnet == vnet for p in self._ports.values())
         self._ports[name] = port
         self._by_mac[key] = port
@@ -768,32 +782,42 @@ class VirtualSwitch:
             base = max(base, entry.version)
         key = (port.vnet, port.mac)
         self._location_changed(key, now)
-        self._claim(port, base, now)
+        if port.located or (pred is not None and pred.replied):
+            self._claim(port, base, now)
+        else:
+            # Claiming now could reuse the version of the location it comes from (a restarted
+            # agent knows nothing yet): ask, and claim on the answer or after a timeout.
+            port.claim_deadline = now + self.config.claim_timeout
+            self.stats.lookups += 1
+            self._actions.append(Lookup(port.vnet, port.mac))
         self._release_held(port, now)
         if port.inbound is not None:
             self._ack(port, now)
-        # Announce: every agent of the network (and the source) learns the new location, and
-        # every switch and guest on the way sees a frame from the VM's MAC.
-        location = self._location_message(port)
-        for agent in self._members.get(port.vnet, ()):
-            self._send(agent, location)
+        # Announce: every agent of the network (_claim told them) and the source learn the new
+        # location, and every switch and guest on the way sees a frame from the VM's MAC.
         if pred is not None and pred.agent is not None and \
                 pred.agent not in self._members.get(port.vnet, ()):
-            self._send(pred.agent, location)
+            self._send(pred.agent, self._location_message(port))
         announce = rarp_announce(port.mac)
         self._forward_local_frame(port, BROADCAST, announce, now)
         self._actions.append(Notice(port.name, "resumed_here", f"version {port.version}"))
 
     def _claim(self, port: _Port, base: int, now: float) -> None:
+        """Make this agent the MAC's location at a version above ``base``: directory record,
+        and a LOCATION to every agent of the network."""
         port.version = base + 1 if base >= port.version else port.version
         port.claimed = True
+        port.claim_deadline = None
         self.fdb.forget(port.vnet, port.mac)
         self._actions.append(Publish(port.vnet, port.mac, port.version))
+        location = self._location_message(port)
+        for agent in self._members.get(port.vnet, ()):
+            self._send(agent, location)
 
-    def _location_message(self, port: _Port, flags: LocationFlags = LocationFlags(0)
-                          ) -> tunnel.Location:
+    def _location_message(self, port: _Port) -> tunnel.Location:
         return tunnel.Location(vnet=port.vnet, mac=port.mac, agent=self.agent_id,
-                               version=port.version, flags=flags, host=self.config.host,
+                               version=port.version, flags=LocationFlags(0),
+                               host=self.config.host,
                                port=self.config.port)
 
     def _hello(self, vnet: int, *, leaving: bool = False) -> tunnel.Hello:
@@ -850,9 +874,9 @@ class VirtualSwitch:
                 self._location_changed((m.vnet, src), now)
         item = HeldFrame(m.origin, m.seq, m.flags, m.frame, m.fence, now)
         if is_group(dst):
-            for port in list(self._ports.values()):
-                if port.vnet == m.vnet:
-                    self._deliver(port, item, now)
+            for member in list(self._ports.values()):
+                if member.vnet == m.vnet:
+                    self._deliver(member, item, now)
             return
         port = self._by_mac.get((m.vnet, dst))
         if port is not None:
@@ -965,6 +989,8 @@ class VirtualSwitch:
             return
         if self.fdb.learn(m.vnet, m.mac, m.agent, m.version, now):
             self._location_changed(key, now)
+            self._actions.append(Notice("-", "location", f"vnet {m.vnet} {format_mac(m.mac)} "
+                                        f"at agent {m.agent:016x} version {m.version}"))
 
     def _on_hello(self, sender: int, m: tunnel.Hello, now: float) -> None:
         peer = self._peers[sender]
@@ -976,8 +1002,7 @@ class VirtualSwitch:
             members.discard(sender)
             return
         if sender not in members:
-            members.add(sender)
-            self._send(sender, self._hello(m.vnet))
+            self._new_member(m.vnet, sender)
 
     def _on_prepare(self, sender: int, m: tunnel.Prepare, now: float) -> None:
         port = self._by_mac.get((m.vnet, m.mac))
@@ -1120,6 +1145,7 @@ class VirtualSwitch:
                 self._location_changed(key, now)
         if port is None:
             return
+        port.located = True
         known = record.version if record is not None else 0
         if port.state is PortState.INCOMING:
             pred = port.predecessor
@@ -1152,8 +1178,15 @@ class VirtualSwitch:
                                                          (member.host, member.port))
             peer.site = member.site
             if member.agent not in known:
-                known.add(member.agent)
-                self._send(member.agent, self._hello(vnet))
+                self._new_member(vnet, member.agent)
+
+    def _new_member(self, vnet: int, agent: int) -> None:
+        """An agent joined one of our networks: greet it, tell it where our MACs are."""
+        self._members[vnet].add(agent)
+        self._send(agent, self._hello(vnet))
+        for port in self._ports.values():
+            if port.vnet == vnet and port.claimed and port.state is PortState.RUNNING:
+                self._send(agent, self._location_message(port))
 
     # -- timers -------------------------------------------------------------------------------
 
@@ -1184,8 +1217,10 @@ class VirtualSwitch:
                 times.append(port.ack_due)
             if port.accounting_deadline is not None:
                 times.append(port.accounting_deadline)
+            if port.claim_deadline is not None:
+                times.append(port.claim_deadline)
             pred = port.predecessor
-            if pred is not None and pred.agent is not None and not pred.replied \
+            if pred is not None and not pred.replied and port.state is PortState.INCOMING \
                     and pred.attempts < self.config.prepare_attempts:
                 times.append(pred.next_try)
             for fence in port.parked.values():
@@ -1218,13 +1253,24 @@ class VirtualSwitch:
                     port.inbound = None
             if port.ack_due is not None and port.ack_due <= now:
                 self._ack(port, now)
+            if port.claim_deadline is not None and port.claim_deadline <= now:
+                self._actions.append(Notice(port.name, "claim_without_directory"))
+                entry = self.fdb.lookup(port.vnet, port.mac, now)
+                self._claim(port, max(port.version, entry.version if entry else 0), now)
             if port.accounting_deadline is not None and port.accounting_deadline <= now:
                 self._actions.append(Notice(port.name, "accounting_timeout"))
                 self.port_accounted(port.name, lost=(), queued=(), migration=False, now=now)
             pred = port.predecessor
-            if pred is not None and pred.agent is not None and not pred.replied \
-                    and pred.next_try <= now:
-                self._prepare(port, now)
+            if pred is not None and not pred.replied and port.state is PortState.INCOMING \
+                    and pred.next_try <= now and pred.attempts < self.config.prepare_attempts:
+                if pred.agent is None:
+                    # Where the VM comes from is not in the directory yet: ask again.
+                    pred.attempts += 1
+                    pred.next_try = now + self.config.prepare_retry
+                    self.stats.lookups += 1
+                    self._actions.append(Lookup(port.vnet, port.mac))
+                else:
+                    self._prepare(port, now)
             for origin in [o for o, f in port.parked.items() if f.deadline <= now]:
                 self._fence_due(port, origin, now)
             expired = port.held.expire(now - self.config.hold_timeout)
@@ -1259,8 +1305,6 @@ class VirtualSwitch:
 
     def status(self) -> dict[str, object]:
         """A JSON-friendly view of the ports and peers."""
-        from tmdht.ethernet import format_mac  # noqa: PLC0415 - only for status pages
-
         return {
             "agent": f"{self.agent_id:016x}",
             "ports": [{
@@ -1271,11 +1315,12 @@ class VirtualSwitch:
                     "retained": len(p.out.retained), "resumed": p.out.resumed},
             } for p in self._ports.values()],
             "networks": {str(v): sorted(f"{a:016x}" for a in m) for v, m in self._members.items()},
-            "fdb_entries": len(self.fdb),
+            "fdb": [{"vnet": vnet, "mac": format_mac(mac), "agent": f"{entry.agent:016x}",
+                     "version": entry.version} for vnet, mac, entry in self.fdb.entries()[-256:]],
         }
 
 
-_HANDLERS = {
+_HANDLERS: Final[dict[type, Callable[[VirtualSwitch, int, Any, float], None]]] = {
     tunnel.Frame: VirtualSwitch._on_frame,
     tunnel.Location: VirtualSwitch._on_location,
     tunnel.Hello: VirtualSwitch._on_hello,

@@ -46,6 +46,7 @@ def test_broadcast_reaches_every_port_and_unicast_is_learned() -> None:
 def test_unknown_unicast_is_flooded_then_looked_up() -> None:
     net = Net()
     peer, source, other = net.add("peer", "c"), net.add("source", "a"), net.add("other", "b")
+    net.drop = lambda a, b, m: isinstance(m, tunnel.Location)  # nobody announces itself
     net.attach(peer, "p", VNET, P)
     net.attach(source, "m", VNET, M)
     net.attach(other, "o", VNET, mac_of(3))

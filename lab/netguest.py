@@ -181,8 +181,9 @@ class NetGuestSpec(GuestSpec):
         return str(ipaddress.IPv4Interface(self.ip).ip)
 
     def kernel_cmdline(self) -> str:
-        """The lab's command line plus ``tmdht.ip=``."""
-        return f"{GuestSpec.kernel_cmdline(self)} tmdht.ip={self.ip}"
+        """The lab's command line plus ``tmdht.ip=`` and ``no_timer_check`` (on a loaded host
+        TCG is too slow for the kernel's early IO-APIC timer check, which then panics)."""
+        return f"{GuestSpec.kernel_cmdline(self)} no_timer_check tmdht.ip={self.ip}"
 
 
 def _check_mac(mac: str) -> str:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from tmdht.errors import UsageError
-from tmdht.tunnel import FrameFlags
 
 __all__ = [
     "FlowOrder",
@@ -102,7 +101,8 @@ class HeldFrame:
     """The agent the frame entered the network at."""
     seq: int
     """The origin's sequence number of the frame."""
-    flags: FrameFlags
+    flags: int
+    """:class:`tmdht.tunnel.FrameFlags` bits."""
     frame: bytes
     fence: int = 0
     """See :attr:`tmdht.tunnel.Frame.fence`."""

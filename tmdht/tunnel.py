@@ -70,7 +70,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeVar
 
 from blake3 import blake3
 from cryptography.exceptions import InvalidTag
@@ -216,6 +216,25 @@ def _check_frame(frame: bytes) -> None:
         raise InvalidMessageError(f"a frame is {MIN_FRAME}..{MAX_FRAME} bytes")
 
 
+_KNOWN_FRAME_FLAGS: Final = int(FrameFlags.FLOODED | FrameFlags.FORWARDED)
+
+
+def _check_frame_flags(flags: int) -> None:
+    if not isinstance(flags, int) or flags & ~_KNOWN_FRAME_FLAGS or flags < 0:
+        raise InvalidMessageError(f"unknown frame flags {flags!r}")
+
+
+_M = TypeVar("_M")
+
+
+def _unchecked(cls: type[_M], **fields: object) -> _M:
+    """A message built without ``__post_init__``, for values already proven valid."""
+    msg = object.__new__(cls)
+    for name, value in fields.items():
+        object.__setattr__(msg, name, value)
+    return msg
+
+
 def _check_text(text: str, limit: int, what: str) -> None:
     try:
         raw = text.encode("ascii")
@@ -242,8 +261,8 @@ class Frame:
     fence: int
     """0, or the last seq the origin sent to this destination before its location changed: the
     receiver delivers this frame only after that one (or a timeout)."""
-    flags: FrameFlags
-    """:class:`FrameFlags`."""
+    flags: int
+    """:class:`FrameFlags` bits (a plain int: the forwarding path tests them per frame)."""
     frame: bytes
     """The Ethernet frame."""
 
@@ -251,10 +270,16 @@ class Frame:
         _u(self.vnet, 32, "vnet")
         for name in ("origin", "seq", "src_version", "fence"):
             _u(getattr(self, name), 64, name)
-        _u(int(self.flags), 8, "flags")
-        if self.flags & ~(FrameFlags.FLOODED | FrameFlags.FORWARDED):
-            raise InvalidMessageError(f"unknown frame flags {int(self.flags):#x}")
+        _check_frame_flags(self.flags)
         _check_frame(self.frame)
+
+    @classmethod
+    def trusted(cls, vnet: int, origin: int, seq: int, src_version: int, fence: int, flags: int,
+                frame: bytes) -> Frame:
+        """A FRAME built without validation, for the forwarding path: every field comes from a
+        validated port or message (a bad one makes :meth:`TunnelCodec.encode` fail)."""
+        return _unchecked(cls, vnet=vnet, origin=origin, seq=seq, src_version=src_version,
+                          fence=fence, flags=flags, frame=frame)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -293,7 +318,8 @@ class HandoverFrame:
     """Position in the handover (>= 1), so the destination delivers in order and acknowledges."""
     origin: int
     seq: int
-    flags: FrameFlags
+    flags: int
+    """:class:`FrameFlags` bits."""
     frame: bytes
 
     def __post_init__(self) -> None:
@@ -303,9 +329,7 @@ class HandoverFrame:
             raise InvalidMessageError("a handover frame's hseq is >= 1 (0 is the BEGIN)")
         _u(self.origin, 64, "origin")
         _u(self.seq, 64, "seq")
-        _u(int(self.flags), 8, "flags")
-        if self.flags & ~(FrameFlags.FLOODED | FrameFlags.FORWARDED):
-            raise InvalidMessageError(f"unknown frame flags {int(self.flags):#x}")
+        _check_frame_flags(self.flags)
         _check_frame(self.frame)
 
 
@@ -531,6 +555,8 @@ def _fixed(body: bytes, layout: struct.Struct, *, exact: bool) -> tuple[Any, ...
 def _tail_frame(body: bytes, at: int, length: int) -> bytes:
     if len(body) - at != length:
         raise _BodyError(f"frame length {length} does not match the {len(body) - at} bytes left")
+    if not MIN_FRAME <= length <= MAX_FRAME:
+        raise _BodyError(f"a frame is {MIN_FRAME}..{MAX_FRAME} bytes, got {length}")
     return body[at:]
 
 
@@ -550,8 +576,11 @@ def _read_short(body: bytes, at: int, what: str) -> tuple[str, int]:
 def _decode_frame(body: bytes) -> Message:
     vnet, origin, seq, src_version, fence, flags, length = _fixed(body, _FRAME_HEAD, exact=False)
     frame = _tail_frame(body, _FRAME_HEAD.size, length)
-    return Frame(vnet=vnet, origin=origin, seq=seq, src_version=src_version, fence=fence,
-                 flags=FrameFlags(flags), frame=frame)
+    if flags & ~_KNOWN_FRAME_FLAGS:
+        raise _BodyError(f"unknown frame flags {flags:#x}")
+    # Every field was just range-checked by the Struct formats and the checks above.
+    return _unchecked(Frame, vnet=vnet, origin=origin, seq=seq, src_version=src_version,
+                      fence=fence, flags=flags, frame=frame)
 
 
 def _decode_begin(body: bytes) -> Message:
@@ -567,8 +596,12 @@ def _decode_begin(body: bytes) -> Message:
 def _decode_hframe(body: bytes) -> Message:
     handover, hseq, origin, seq, flags, length = _fixed(body, _HFRAME_HEAD, exact=False)
     frame = _tail_frame(body, _HFRAME_HEAD.size, length)
-    return HandoverFrame(handover=handover, hseq=hseq, origin=origin, seq=seq,
-                         flags=FrameFlags(flags), frame=frame)
+    if flags & ~_KNOWN_FRAME_FLAGS:
+        raise _BodyError(f"unknown frame flags {flags:#x}")
+    if hseq < 1:
+        raise _BodyError("a handover frame's hseq is >= 1")
+    return _unchecked(HandoverFrame, handover=handover, hseq=hseq, origin=origin, seq=seq,
+                      flags=flags, frame=frame)
 
 
 def _decode_ack(body: bytes) -> Message:

@@ -94,6 +94,8 @@ __all__ = [
 ]
 
 _U64: Final = (1 << 64) - 1
+_FLOODED: Final = int(FrameFlags.FLOODED)
+_FORWARDED: Final = int(FrameFlags.FORWARDED)
 _GOLDEN: Final = 0x9E3779B97F4A7C15
 
 
@@ -147,6 +149,9 @@ class SwitchConfig:
     """After a destination's location changes, frames to it carry a fence for this long."""
     accounting_timeout: float = 5.0
     """Longest wait after a stop for the stranded-frames accounting (then none is assumed)."""
+    handover_wait: float = 2.0
+    """How long a destination whose VM resumed waits for the handover its source accepted
+    before delivering without it (the source crashed, or never finished stopping)."""
     claim_timeout: float = 2.0
     """A destination that resumed before the directory said the MAC's version claims it after
     this long without the answer (a version it may share with the old location)."""
@@ -327,6 +332,8 @@ class _Predecessor:
     attempts: int = 0
     next_try: float = 0.0
     replied: bool = False
+    accepted: bool = False
+    """The source will hand the VM's frames over."""
 
 
 @dataclass(slots=True)
@@ -353,11 +360,13 @@ class _Port:
     located: bool = False
     """The directory answered (or the source told) what version the MAC had."""
     claim_deadline: float | None = None
+    gate_deadline: float | None = None
+    """A destination that resumed before its handover began holds frames until it begins (the
+    source's frames are older than anything arriving directly) or until this deadline."""
     lost: list[HeldFrame] = field(default_factory=list)
     queued: list[HeldFrame] = field(default_factory=list)
     accounted: bool = True
     accounting_deadline: float | None = None
-    migration_stop: bool = False
     successor: tuple[int, int] | None = None  # (agent, handover id)
     out: OutboundHandover | None = None
     inbound: InboundHandover | None = None
@@ -517,42 +526,40 @@ class VirtualSwitch:
         seq = self._next_seq()
         vnet = port.vnet
         if is_group(dst):
-            held = HeldFrame(self.agent_id, seq, FrameFlags(0), frame, 0, now)
+            held = HeldFrame(self.agent_id, seq, 0, frame, 0, now)
             for other in list(self._ports.values()):
                 if other is not port and other.vnet == vnet:
                     self._deliver(other, held, now)
-            self._flood(vnet, seq, port.version, FrameFlags(0), frame, exclude=None)
+            self._flood(vnet, seq, port.version, 0, frame, exclude=None)
             return
         key = (vnet, dst)
         fence = self._fence(key, now)
         self._sent(key, seq)
         local = self._by_mac.get(key)
         if local is not None and local.state is not PortState.MOVED:
-            self._deliver(local, HeldFrame(self.agent_id, seq, FrameFlags(0), frame, fence, now),
+            self._deliver(local, HeldFrame(self.agent_id, seq, 0, frame, fence, now),
                           now)
             return
         entry = self.fdb.lookup(vnet, dst, now)
         if entry is not None and entry.agent != self.agent_id and entry.agent in self._peers:
-            self._send(entry.agent, tunnel.Frame(
-                vnet=vnet, origin=self.agent_id, seq=seq, src_version=port.version, fence=fence,
-                flags=FrameFlags(0), frame=frame))
+            self._send(entry.agent, tunnel.Frame.trusted(
+                vnet, self.agent_id, seq, port.version, fence, 0, frame))
             self.stats.frames_sent += 1
             return
-        self._flood(vnet, seq, port.version, FrameFlags.FLOODED, frame, exclude=None)
+        self._flood(vnet, seq, port.version, _FLOODED, frame, exclude=None)
         self._maybe_lookup(vnet, dst, now)
 
-    def _flood(self, vnet: int, seq: int, src_version: int, flags: FrameFlags, frame: bytes,
+    def _flood(self, vnet: int, seq: int, src_version: int, flags: int, frame: bytes,
                *, exclude: int | None) -> None:
         members = self._members.get(vnet, ())
         if not members:
             return
-        message = tunnel.Frame(vnet=vnet, origin=self.agent_id, seq=seq, src_version=src_version,
-                               fence=0, flags=flags, frame=frame)
+        message = tunnel.Frame.trusted(vnet, self.agent_id, seq, src_version, 0, flags, frame)
         for agent in members:
             if agent != exclude:
                 self._send(agent, message)
                 self.stats.frames_sent += 1
-        if flags & FrameFlags.FLOODED:
+        if flags & _FLOODED:
             self.stats.flooded += 1
 
     def _maybe_lookup(self, vnet: int, mac: bytes, now: float) -> None:
@@ -590,9 +597,10 @@ class VirtualSwitch:
 
     def _deliver(self, port: _Port, item: HeldFrame, now: float) -> None:
         state = port.state
-        if state is PortState.RUNNING:
+        if state is PortState.RUNNING and port.gate_deadline is None:
             self._deliver_running(port, item, now)
-        elif state in (PortState.PAUSED, PortState.INCOMING):
+        elif state in (PortState.RUNNING, PortState.PAUSED, PortState.INCOMING):
+            # (RUNNING here: resumed, waiting for its handover to begin)
             if port.held.push(item):
                 self.stats.held += 1
             else:
@@ -654,32 +662,30 @@ class VirtualSwitch:
         port = self._port(name)
         if not self._event(port, PortEvent.STOP):
             return
-        items = [HeldFrame(f.origin, f.seq, FrameFlags(0), f.frame, 0, now) for f in unsent]
+        items = [HeldFrame(f.origin, f.seq, 0, f.frame, 0, now) for f in unsent]
         port.flows.roll_back(items)
         dropped = port.held.push_front(items)
         self.stats.dropped["hold_overflow"] += dropped
         self.stats.held += len(items) - dropped
         port.lost, port.queued = [], []
         port.accounted = False
-        port.migration_stop = False
         port.accounting_deadline = now + self.config.accounting_timeout
 
     def port_accounted(self, name: str, *, lost: Iterable[PortFrame],
-                       queued: Iterable[PortFrame], migration: bool, now: float) -> None:
+                       queued: Iterable[PortFrame], now: float) -> None:
         """Which frames written to the stopped VM it never received: ``lost`` (read by QEMU
         but dropped as it stopped: only a re-delivery brings them) and ``queued`` (still unread
-        in the socket: QEMU delivers them if the VM resumes *here*), each oldest first.
-        ``migration``: the stop is a migration's switch-over (not a pause)."""
+        in the socket: QEMU delivers them if the VM resumes *here*), each oldest first."""
         port = self._port(name)
         if port.accounted or port.state not in (PortState.PAUSED, PortState.HANDING_OVER):
+            port.accounting_deadline = None
             return
-        port.lost = [HeldFrame(f.origin, f.seq, FrameFlags(0), f.frame, 0, now) for f in lost]
-        port.queued = [HeldFrame(f.origin, f.seq, FrameFlags(0), f.frame, 0, now)
+        port.lost = [HeldFrame(f.origin, f.seq, 0, f.frame, 0, now) for f in lost]
+        port.queued = [HeldFrame(f.origin, f.seq, 0, f.frame, 0, now)
                        for f in queued]
         port.flows.roll_back(port.lost + port.queued)
         port.accounted = True
         port.accounting_deadline = None
-        port.migration_stop = migration
         self._actions.append(Notice(name, "accounted",
                                     f"{len(port.lost)} lost, {len(port.queued)} unread"))
         self._maybe_start_handover(port, now)
@@ -790,7 +796,10 @@ class VirtualSwitch:
             port.claim_deadline = now + self.config.claim_timeout
             self.stats.lookups += 1
             self._actions.append(Lookup(port.vnet, port.mac))
-        self._release_held(port, now)
+        if pred is not None and pred.accepted and port.inbound is None:
+            port.gate_deadline = now + self.config.handover_wait
+        else:
+            self._release_held(port, now)
         if port.inbound is not None:
             self._ack(port, now)
         # Announce: every agent of the network (_claim told them) and the source learn the new
@@ -863,9 +872,10 @@ class VirtualSwitch:
         except DecodeError:
             self.stats.dropped["malformed"] += 1
             return
-        if sender not in self._members.get(m.vnet, set()) and m.vnet in self._members:
-            self._members[m.vnet].add(sender)
-        forwarded = bool(m.flags & FrameFlags.FORWARDED)
+        members = self._members.get(m.vnet)
+        if members is not None and sender not in members:
+            members.add(sender)
+        forwarded = bool(m.flags & _FORWARDED)
         if not forwarded and sender == m.origin and not is_group(src):
             local_src = self._by_mac.get((m.vnet, src))
             if local_src is not None:
@@ -880,20 +890,20 @@ class VirtualSwitch:
             return
         port = self._by_mac.get((m.vnet, dst))
         if port is not None:
-            if m.flags & FrameFlags.FLOODED and port.state is PortState.MOVED:
+            if m.flags & _FLOODED and port.state is PortState.MOVED:
                 return  # its new host got a copy of the flood
             self._deliver(port, item, now)  # held when incoming; duplicates go at release
             if port.state in (PortState.MOVED, PortState.HANDING_OVER) and not \
-                    m.flags & FrameFlags.FLOODED:
+                    m.flags & _FLOODED:
                 self._redirect(m.origin, port, now)
             return
-        if m.flags & FrameFlags.FLOODED:
+        if m.flags & _FLOODED:
             return
         entry = self.fdb.lookup(m.vnet, dst, now)
         if not forwarded and entry is not None and entry.agent not in (self.agent_id, sender):
             self._send(entry.agent, tunnel.Frame(
                 vnet=m.vnet, origin=m.origin, seq=m.seq, src_version=m.src_version,
-                fence=m.fence, flags=m.flags | FrameFlags.FORWARDED, frame=m.frame))
+                fence=m.fence, flags=m.flags | _FORWARDED, frame=m.frame))
             self.stats.forwarded += 1
             self._redirect_to(m.origin, m.vnet, dst, entry.agent, entry.version, now)
             return
@@ -904,9 +914,15 @@ class VirtualSwitch:
         """Another agent sent a frame from one of our ports' MACs."""
         if version > port.version and port.state in (PortState.PAUSED, PortState.HANDING_OVER):
             port.moved_to = agent
-            if port.out is None:
+            if port.out is None and not self._handover_pending(port, agent):
                 self._moved_elsewhere(port)
                 self._actions.append(Withdraw(port.vnet, port.mac))
+
+    @staticmethod
+    def _handover_pending(port: _Port, agent: int) -> bool:
+        """The VM resumed at the successor while this port still accounts for its stop: the
+        handover starts once the accounting is done (the successor waits for it)."""
+        return port.successor is not None and port.successor[0] == agent and not port.accounted
 
     def _moved_elsewhere(self, port: _Port) -> None:
         """The VM resumed elsewhere without a handover from here (its destination never asked):
@@ -923,7 +939,7 @@ class VirtualSwitch:
             return
         self._send(port.moved_to, tunnel.Frame(
             vnet=port.vnet, origin=item.origin, seq=item.seq, src_version=0, fence=item.fence,
-            flags=item.flags | FrameFlags.FORWARDED, frame=item.frame))
+            flags=item.flags | _FORWARDED, frame=item.frame))
         self.stats.forwarded += 1
 
     def _redirect(self, origin: int, port: _Port, now: float) -> None:
@@ -976,7 +992,8 @@ class VirtualSwitch:
             if m.version > port.version:
                 if port.state in (PortState.PAUSED, PortState.HANDING_OVER, PortState.MOVED):
                     port.moved_to = m.agent
-                    if port.out is None and port.state is PortState.PAUSED:
+                    if port.out is None and port.state is PortState.PAUSED and not \
+                            self._handover_pending(port, m.agent):
                         self._moved_elsewhere(port)
                     self._actions.append(Withdraw(port.vnet, port.mac))
                 elif port.state is PortState.RUNNING:
@@ -1030,6 +1047,7 @@ class VirtualSwitch:
             if pred is not None and pred.handover == m.handover and pred.agent == sender:
                 pred.replied = True
                 if m.status is PrepareStatus.ACCEPTED:
+                    pred.accepted = True
                     pred.version = max(pred.version, m.version)
                 return
 
@@ -1039,7 +1057,7 @@ class VirtualSwitch:
             self.stats.dropped["unknown_handover"] += 1
             return
         pred = port.predecessor
-        pred.agent, pred.replied = sender, True
+        pred.agent, pred.replied, pred.accepted = sender, True, True
         pred.version = max(pred.version, m.version)
         inbound = port.inbound
         if inbound is None or inbound.handover != m.handover or inbound.source != sender:
@@ -1048,6 +1066,8 @@ class VirtualSwitch:
                 gap_timeout=self.config.gap_timeout)
         port.flows.merge(m.flows)
         self._inbound_items(port, inbound.receive(0, None, now), now)
+        if port.gate_deadline is not None:
+            self._ungate(port, now)
         self._ack(port, now)
 
     def _on_handover_frame(self, sender: int, m: tunnel.HandoverFrame, now: float) -> None:
@@ -1091,6 +1111,11 @@ class VirtualSwitch:
             if item is None:
                 continue
             self._deliver(port, item, now)
+
+    def _ungate(self, port: _Port, now: float) -> None:
+        """The handover began (or will not): deliver what waited, in flow order."""
+        port.gate_deadline = None
+        self._release_held(port, now)
 
     def _ack(self, port: _Port, now: float) -> None:
         inbound = port.inbound
@@ -1219,6 +1244,8 @@ class VirtualSwitch:
                 times.append(port.accounting_deadline)
             if port.claim_deadline is not None:
                 times.append(port.claim_deadline)
+            if port.gate_deadline is not None:
+                times.append(port.gate_deadline)
             pred = port.predecessor
             if pred is not None and not pred.replied and port.state is PortState.INCOMING \
                     and pred.attempts < self.config.prepare_attempts:
@@ -1253,13 +1280,18 @@ class VirtualSwitch:
                     port.inbound = None
             if port.ack_due is not None and port.ack_due <= now:
                 self._ack(port, now)
+            if port.gate_deadline is not None and port.gate_deadline <= now:
+                self._actions.append(Notice(port.name, "handover_missing",
+                                            f"delivering {len(port.held)} held frames without it"))
+                self._ungate(port, now)
             if port.claim_deadline is not None and port.claim_deadline <= now:
                 self._actions.append(Notice(port.name, "claim_without_directory"))
                 entry = self.fdb.lookup(port.vnet, port.mac, now)
                 self._claim(port, max(port.version, entry.version if entry else 0), now)
             if port.accounting_deadline is not None and port.accounting_deadline <= now:
+                port.accounting_deadline = None
                 self._actions.append(Notice(port.name, "accounting_timeout"))
-                self.port_accounted(port.name, lost=(), queued=(), migration=False, now=now)
+                self.port_accounted(port.name, lost=(), queued=(), now=now)
             pred = port.predecessor
             if pred is not None and not pred.replied and port.state is PortState.INCOMING \
                     and pred.next_try <= now and pred.attempts < self.config.prepare_attempts:

@@ -112,7 +112,8 @@ class VnetAgent:
         self._keys = load_keys(config, env)
         self.agent_id = secrets.randbits(64) or 1
         self.codec = tunnel.TunnelCodec(self.agent_id, self._keys)
-        self.counters = AgentCounters()
+        self.counters = AgentCounters(
+            port_overflow=lambda: sum(p.io.overflow for p in self._ports.values()))
         self.switch: VirtualSwitch | None = None
         self.directory: VnetDirectory | None = None
         self.metrics = VnetMetrics(
@@ -129,6 +130,7 @@ class VnetAgent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._pump_scheduled = False
         self._ready = False
         self._stopped = asyncio.Event()
         self._started_at = time.time()
@@ -294,6 +296,17 @@ class VnetAgent:
                     log.info("port %s: %s %s", action.port, action.event, action.detail)
         self._arm_timer()
 
+    def _pump_soon(self) -> None:
+        """Pump once the loop has handed over every input that is ready (many datagrams or
+        frames, one batch of writes to each port)."""
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_pump)
+
+    def _scheduled_pump(self) -> None:
+        self._pump_scheduled = False
+        self._pump()
+
     def _arm_timer(self) -> None:
         switch = self.switch
         if switch is None:
@@ -340,7 +353,7 @@ class VnetAgent:
             log.debug("dropped datagram from %s: %s", address, exc)
             return
         self.switch.receive(envelope, address, self._now())
-        self._pump()
+        self._pump_soon()
 
     def _directory_call(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         self._spawn(coro, f"directory-{name}")
@@ -459,14 +472,16 @@ class VnetAgent:
     def _port_frames(self, name: str, frames: list[bytes]) -> None:
         if self.switch is not None and name in self._ports:
             self.switch.port_frames(name, frames, self._now())
-            self._pump()
+            self._pump_soon()
 
     def _port_event(self, name: str, event: str) -> None:
         entry = self._ports.get(name)
         if entry is None:
             return
         if event == "STOP" and self.switch is not None:
-            # At once (not via the queue): nothing more may be written to the stopped VM.
+            # At once (not via the queue): nothing more may be written to the stopped VM. Frames
+            # the switch already meant for it go to the port first: they come back as unsent.
+            self._pump()
             unsent = entry.io.stop_writing() if isinstance(entry.io, QemuPort) else []
             self.switch.port_stopped(name, unsent, self._now())
             self._pump()
@@ -493,7 +508,7 @@ class VnetAgent:
                 mode = "exact" if accounting.exact else "socket_only"
                 self.counters.accountings[mode] = self.counters.accountings.get(mode, 0) + 1
                 switch.port_accounted(name, lost=accounting.lost, queued=accounting.queued,
-                                      migration=accounting.migration, now=self._now())
+                                      now=self._now())
                 self._pump()
             elif event == "RESUME":
                 if switch.port_state(name) is PortState.INCOMING:

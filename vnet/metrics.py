@@ -34,6 +34,8 @@ class AgentCounters:
     """Stops accounted, by how exactly (``exact``, ``socket_only``)."""
     ports_closed: int = 0
     """Ports removed because their QEMU went away."""
+    port_overflow: Callable[[], int] = lambda: 0
+    """Frames dropped because a VM read slower than they came (its port's queue was full)."""
 
 
 @dataclass
@@ -107,6 +109,7 @@ class _AgentCollector(Collector):
                     frames.add_metric([direction], value)
                 for reason, value in sorted(stats.dropped.items()):
                     dropped.add_metric([reason], value)
+                dropped.add_metric(["port_queue_full"], s.agent.port_overflow())
                 for outcome, value in (("started", stats.handovers_started),
                                        ("completed", stats.handovers_completed),
                                        ("aborted", stats.handovers_aborted)):

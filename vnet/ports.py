@@ -16,8 +16,11 @@ them. Two counts make that exact:
   stops the vCPUs, queues what it read because the VM no longer runs, then purges that queue).
 
 Both are accounted oldest-last among the frames written, which the port keeps in a bounded log.
-Without a virtio NIC (or if the counts disagree, e.g. a guest using several receive buffers per
-frame) only the queued frames are known.
+For the receive index to count every frame written, the port writes only frames the NIC accepts:
+it mirrors the NIC's receive filter (``query-rx-filter``: unicast, multicast and broadcast
+modes and tables, refreshed on ``NIC_RX_FILTER_CHANGED``) and drops the rest itself (the guest
+would never see them). Without a virtio NIC (or if the counts disagree, e.g. a guest using
+several receive buffers per frame) only the queued frames are known.
 
 :class:`TapPort` attaches a Linux tap device (a host's own interface on the virtual network);
 it never stops.
@@ -29,6 +32,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import socket
@@ -51,9 +55,13 @@ log = logging.getLogger("tmdht.vnet.ports")
 _LENGTH: Final = struct.Struct(">I")
 _MAX_STREAM_FRAME: Final = 69632  # QEMU's NET_BUFSIZE: nothing longer comes from it
 _READ_BYTES: Final = 1 << 18
+_WRITE_BATCH: Final = 64
 _LOG_FRAMES: Final = 16384
 _LOG_BYTES: Final = 4 << 20
 _SEND_BUFFER: Final = 1 << 20
+MAX_QUEUED_FRAMES: Final = 4096
+"""Frames a port queues for a VM that reads slower than they come (then it drops the newest,
+as a NIC's full receive ring does; counted)."""
 _U16: Final = 1 << 16
 _TUNSETIFF: Final = 0x400454CA
 _IFF_TAP: Final = 0x0002
@@ -65,6 +73,59 @@ class PortError(TmdhtError):
 
 
 @dataclass(frozen=True, slots=True)
+class RxFilter:
+    """A NIC's receive filter as ``query-rx-filter`` reports it (QEMU's virtio-net applies it
+    before a frame reaches the guest's ring)."""
+
+    promiscuous: bool = True
+    unicast: str = "all"
+    multicast: str = "all"
+    main_mac: bytes = b""
+    unicast_table: frozenset[bytes] = frozenset()
+    multicast_table: frozenset[bytes] = frozenset()
+    vlans: frozenset[int] | None = None
+    """VLAN ids let through when tagged (None: every one)."""
+
+    @classmethod
+    def from_qmp(cls, info: dict[str, Any]) -> RxFilter:
+        """From one element of ``query-rx-filter``'s answer."""
+        def macs(key: str) -> frozenset[bytes]:
+            return frozenset(parse_mac(str(m)) for m in info.get(key) or ())
+
+        unicast = "all" if info.get("unicast-overflow") else str(info.get("unicast", "normal"))
+        multicast = "all" if info.get("multicast-overflow") else str(
+            info.get("multicast", "normal"))
+        vlans = None if info.get("vlan", "all") == "all" else frozenset(
+            int(v) for v in info.get("vlan-table") or ())
+        return cls(promiscuous=bool(info.get("promiscuous")), unicast=unicast,
+                   multicast=multicast, main_mac=parse_mac(str(info.get("main-mac"))),
+                   unicast_table=macs("unicast-table"), multicast_table=macs("multicast-table"),
+                   vlans=vlans)
+
+    def accepts(self, frame: bytes) -> bool:
+        """Whether QEMU hands ``frame`` to the guest.
+
+        Broadcasts always pass: QEMU 7.2 reports ``broadcast-allowed`` inverted (it is
+        virtio-net's ``nobcast``: false while broadcasts arrive), and guests do not turn them
+        off.
+        """
+        if self.promiscuous:
+            return True
+        if self.vlans is not None and frame[12:14] == b"\x81\x00" and \
+                int.from_bytes(frame[14:16], "big") & 0x0FFF not in self.vlans:
+            return False
+        dst = frame[:6]
+        if dst == b"\xff\xff\xff\xff\xff\xff":
+            return True
+        if dst[0] & 1:
+            return self.multicast == "all" or (
+                self.multicast == "normal" and dst in self.multicast_table)
+        if dst == self.main_mac:
+            return True
+        return self.unicast == "all" or (self.unicast == "normal" and dst in self.unicast_table)
+
+
+@dataclass(frozen=True, slots=True)
 class Accounting:
     """What a stopped VM did not receive of what was written to it (see the module docstring)."""
 
@@ -72,8 +133,6 @@ class Accounting:
     """Read by QEMU, never delivered: only a re-delivery brings them to the VM."""
     queued: list[PortFrame]
     """Unread in the socket: QEMU delivers them if the VM resumes where it stopped."""
-    migration: bool
-    """The stop was a migration's switch-over (QEMU's run state said so)."""
     exact: bool
     """Both counts were available and consistent."""
 
@@ -104,12 +163,16 @@ class QemuPort:
         self._out: collections.deque[tuple[PortFrame, memoryview]] = collections.deque()
         self._writing = False
         self._stopped = False
+        self._holding = False  # writes held for a moment (a quiet rebase)
         self._written_bytes = 0
         self._written_frames = 0
         self._log: collections.deque[tuple[int, PortFrame]] = collections.deque()
         self._log_bytes = 0
         self._unread_at_stop: int | None = None
         self._virtio_path: str | None = None
+        self._rx_filter: RxFilter | None = None
+        self._filter_task: asyncio.Task[None] | None = None
+        self._used_at_stop: asyncio.Task[int | None] | None = None
         self._used_base: int | None = None
         self._closed = False
         self.run_state = "unknown"
@@ -118,7 +181,10 @@ class QemuPort:
         """The NIC's MAC as QEMU reports it (if it could tell)."""
         self.frames_in = 0
         self.frames_out = 0
-        self.bytes_unsent = 0
+        self.overflow = 0
+        """Frames dropped because the VM did not read fast enough."""
+        self.filtered = 0
+        """Frames not written because the NIC's receive filter would drop them."""
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -159,14 +225,54 @@ class QemuPort:
             nets = [p for p in nets if p.split("/")[-2:-1] == [self.nic_id]]
         if len(nets) == 1:
             self._virtio_path = nets[0]
-            with contextlib.suppress(QmpError, KeyError, TypeError, ValueError):
+            with contextlib.suppress(QmpError, KeyError, TypeError, ValueError, TmdhtError):
                 device = nets[0].rsplit("/", 1)[0]
                 mac = await self._qmp.execute("qom-get", path=device, property="mac",
                                               timeout=timeout)
                 self.mac = parse_mac(str(mac))
+            await self._refresh_filter(timeout)
         elif len(nets) > 1:
             log.warning("port %s: %d virtio NICs, none chosen (give --nic-id): stranded frames "
                         "are counted from the socket only", self.name, len(nets))
+
+    async def _refresh_filter(self, timeout: float = 30.0) -> None:
+        """Read the NIC's receive filter (this also re-arms NIC_RX_FILTER_CHANGED)."""
+        if self._qmp is None or self.mac is None:
+            return
+        try:
+            nics = await self._qmp.execute("query-rx-filter", timeout=timeout)
+            mine = [n for n in nics or () if parse_mac(str(n.get("main-mac"))) == self.mac]
+            self._rx_filter = RxFilter.from_qmp(mine[0]) if len(mine) == 1 else None
+        except (QmpError, TmdhtError, KeyError, TypeError, ValueError) as exc:
+            log.warning("port %s: no receive filter (%s): every frame is written", self.name,
+                        exc)
+            self._rx_filter = None
+
+    async def _filter_changed(self) -> None:
+        """The guest changed its receive filter: mirror it, and count again from a quiet
+        moment (frames written around the change may have been judged by the old filter)."""
+        await self._refresh_filter()
+        await self._quiet_rebase()
+
+    async def _quiet_rebase(self, drain_polls: int = 50) -> None:
+        """Hold writes until QEMU has read every byte written, then :meth:`rebase`."""
+        if self._stopped or self._sock is None or self._used_base is None:
+            return
+        self._holding = True
+        try:
+            for _ in range(drain_polls):  # bounded: ~50 ms at most
+                try:
+                    if unread_by_peer(self._sock) == 0 and not self._partial():
+                        break
+                except SockDiagError:
+                    break
+                await asyncio.sleep(0.001)  # QEMU reads on its own schedule: poll briefly
+            if not self._stopped:
+                await self.rebase()
+        finally:
+            self._holding = False
+            if not self._stopped:
+                self._flush()
 
     async def _used_index(self, timeout: float = 30.0) -> int | None:
         if self._qmp is None or self._virtio_path is None:
@@ -193,6 +299,12 @@ class QemuPort:
     async def close(self) -> None:
         """Disconnect (idempotent); ``on_closed`` is not called for a close asked for."""
         self._closed = True
+        for task in (self._filter_task, self._used_at_stop):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._filter_task = self._used_at_stop = None
         if self._sock is not None and self._loop is not None:
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self._sock.fileno())
@@ -212,6 +324,10 @@ class QemuPort:
     def _qmp_event(self, name: str, data: dict[str, Any]) -> None:
         if name == "STOP" and not self._stopped:
             self._freeze()
+        if name == "NIC_RX_FILTER_CHANGED" and self._loop is not None and (
+                self._filter_task is None or self._filter_task.done()):
+            self._filter_task = self._loop.create_task(self._filter_changed())
+            return
         self._on_event(name)
 
     # -- reading ------------------------------------------------------------------------------
@@ -253,10 +369,18 @@ class QemuPort:
 
     def write(self, frames: Sequence[PortFrame]) -> None:
         """Queue frames for the VM and write what the socket takes."""
+        rx_filter = self._rx_filter
+        writing = not (self._stopped or self._holding)
         for item in frames:
+            if rx_filter is not None and not rx_filter.accepts(item.frame):
+                self.filtered += 1
+                continue
+            if len(self._out) >= MAX_QUEUED_FRAMES and not self._stopped:
+                self.overflow += 1
+                continue
             data = _LENGTH.pack(len(item.frame)) + item.frame
             self._out.append((item, memoryview(data)))
-        if not self._stopped:
+        if writing:
             self._flush()
 
     def _flush(self) -> None:
@@ -265,23 +389,30 @@ class QemuPort:
             return
         out = self._out
         while out:
-            item, view = out[0]
+            if (self._stopped or self._holding) and not self._partial():
+                break  # only the frame begun before the stop (or the hold) is finished
+            batch = [out[0][1]] if self._stopped or self._holding else [
+                view for _, view in itertools.islice(out, _WRITE_BATCH)]
             try:
-                sent = sock.send(view)
+                sent = sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self._gone(f"write failed: {exc}")
                 return
             self._written_bytes += sent
-            if sent < len(view):
-                out[0] = (item, view[sent:])
-                break
-            out.popleft()
-            self._logged(item)
-            if self._stopped:
-                break  # only the frame begun before the stop is finished
-        want_writer = bool(out) and (not self._stopped or self._partial())
+            while sent and out:
+                item, view = out[0]
+                if sent < len(view):
+                    out[0] = (item, view[sent:])
+                    sent = 0
+                    break
+                sent -= len(view)
+                out.popleft()
+                self._logged(item)
+            if self._partial():
+                break  # the socket is full
+        want_writer = bool(out) and (not (self._stopped or self._holding) or self._partial())
         if want_writer != self._writing and self._loop is not None:
             if want_writer:
                 self._loop.add_writer(sock.fileno(), self._flush)
@@ -319,6 +450,10 @@ class QemuPort:
         if self._partial():
             unread += len(self._out[0][1])  # its remainder: written later, read by nobody running
         self._unread_at_stop = unread
+        # Ask for the receive index at once: QEMU answers when it finished stopping (it needs
+        # its big lock), and every frame it delivered is in the count by then.
+        if self._loop is not None and self._virtio_path is not None:
+            self._used_at_stop = self._loop.create_task(self._used_index())
 
     def stop_writing(self) -> list[PortFrame]:
         """The VM stopped: write nothing more (but the frame begun); return the frames not
@@ -344,20 +479,16 @@ class QemuPort:
             log_items.append((written_bytes, self._out[0][0]))
         consumed_bytes = written_bytes - unread
         queued = [item for end, item in log_items if end > consumed_bytes]
-        migration = False
-        if self._qmp is not None:
-            with contextlib.suppress(QmpError, AttributeError):
-                status = await self._qmp.execute("query-status")
-                migration = str(status.get("status")) in ("finish-migrate", "postmigrate")
-        used = await self._used_index()
+        task, self._used_at_stop = self._used_at_stop, None
+        used = await task if task is not None else None
         if used is None or self._used_base is None:
-            return Accounting([], queued, migration, exact=False)
+            return Accounting([], queued, exact=False)
         delivered = (used - self._used_base) % _U16
         undelivered = (written_frames - delivered) % _U16
         if undelivered > len(log_items):
             log.warning("port %s: %d frames written, %d delivered: more undelivered than logged",
                         self.name, written_frames, delivered)
-            return Accounting([], queued, migration, exact=False)
+            return Accounting([], queued, exact=False)
         # The VM received everything but the last `undelivered` frames written. The socket's
         # count can only be higher if frames unread at the stop were delivered after all (they
         # were not: a stopped VM takes nothing): trust the smaller, never deliver twice.
@@ -365,7 +496,7 @@ class QemuPort:
         missing = [item for _, item in log_items[len(log_items) - undelivered:]]
         queued = missing[len(missing) - min(len(queued), len(missing)):]
         lost = missing[: len(missing) - len(queued)]
-        return Accounting(lost, queued, migration, exact=exact)
+        return Accounting(lost, queued, exact=exact)
 
     def resume_writing(self) -> None:
         """The VM runs here again: write what comes (QEMU delivers its unread bytes itself)."""
@@ -391,6 +522,7 @@ class TapPort:
         self.run_state = "running"
         self.frames_in = 0
         self.frames_out = 0
+        self.overflow = 0
 
     async def open(self) -> None:
         """Open (or create) the tap device; raises PortError."""
@@ -437,8 +569,12 @@ class TapPort:
             self._on_frames(frames)
 
     def write(self, frames: Sequence[PortFrame]) -> None:
-        """Write frames to the device (queued while it is busy)."""
-        self._out.extend(item.frame for item in frames)
+        """Write frames to the device (queued while it is busy, up to a bound)."""
+        for item in frames:
+            if len(self._out) >= MAX_QUEUED_FRAMES:
+                self.overflow += 1
+            else:
+                self._out.append(item.frame)
         self._flush()
 
     def _flush(self) -> None:

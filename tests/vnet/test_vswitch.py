@@ -162,7 +162,7 @@ def test_unread_frames_are_left_to_qemu_when_the_vm_resumes_where_it_stopped() -
     net, peer, source, _dest = three_sites()
     for n in range(1, 6):
         net.send_from(peer, "p", frame(M, P, n))
-    net.stop(source, "m", lost=0, queued=2, migration=False)
+    net.stop(source, "m", lost=0, queued=2)
     for n in range(6, 9):
         net.send_from(peer, "p", frame(M, P, n))
     vm = source.vms["m"]
@@ -174,7 +174,7 @@ def test_unread_frames_are_left_to_qemu_when_the_vm_resumes_where_it_stopped() -
 
 def test_hold_buffer_overflow_is_counted() -> None:
     net, peer, source, _dest = three_sites(hold_frames=5)
-    net.stop(source, "m", lost=0, queued=0, migration=False)
+    net.stop(source, "m", lost=0, queued=0)
     for n in range(1, 9):
         net.send_from(peer, "p", frame(M, P, n))
     assert source.switch.stats.dropped["hold_overflow"] == 3
@@ -184,7 +184,7 @@ def test_hold_buffer_overflow_is_counted() -> None:
 
 def test_held_frames_expire_and_are_counted() -> None:
     net, peer, source, _dest = three_sites(hold_timeout=1.0)
-    net.stop(source, "m", lost=0, queued=0, migration=False)
+    net.stop(source, "m", lost=0, queued=0)
     for n in range(1, 4):
         net.send_from(peer, "p", frame(M, P, n))
     net.advance(1.5, 0.1)
@@ -307,3 +307,46 @@ def test_duplicate_mac_and_unknown_port_are_refused() -> None:
         source.switch.port_resumed("nope", net.now)
     with pytest.raises(SwitchError):
         source.switch.add_port("bcast", VNET, BROADCAST, now=net.now)
+
+
+def test_a_destination_resumed_before_the_source_accounted_waits_for_the_handover() -> None:
+    """QEMU answers the source's receive-index query only once it finished stopping, and the
+    destination may resume first: it holds everything until the handover begins, so the
+    source's older frames still come first."""
+    net, peer, source, dest = three_sites()
+    net.attach(dest, "m", VNET, M, incoming=True)
+    for n in range(1, 11):
+        net.send_from(peer, "p", frame(M, P, n))
+    vm = source.vms["m"]
+    vm.running = False
+    source.switch.port_stopped("m", [], net.now)  # stopped, not accounted for yet
+    net.settle()
+    for n in range(11, 21):
+        net.send_from(peer, "p", frame(M, P, n))
+    net.resume(dest, "m")  # the peer learns the new location and sends there directly
+    for n in range(21, 31):
+        net.send_from(peer, "p", frame(M, P, n))
+    assert numbers(dest.vms["m"].received) == []
+    assert source.switch.port_state("m") is PortState.PAUSED
+    stranded = vm.written[-2:]  # QEMU read 9 and 10 while it stopped: lost
+    for item in stranded:
+        vm.received.remove(item.frame)
+    source.switch.port_accounted("m", lost=stranded, queued=[], now=net.now)
+    net.settle()
+    net.advance(1.0)
+    assert numbers(vm.received) + numbers(dest.vms["m"].received) == list(range(1, 31))
+    assert source.switch.port_state("m") is PortState.MOVED
+
+
+def test_a_destination_gives_up_waiting_for_a_handover_that_never_comes() -> None:
+    net, peer, source, dest = three_sites(handover_wait=0.5)
+    net.attach(dest, "m", VNET, M, incoming=True)
+    source.switch.port_stopped("m", [], net.now)
+    net.settle()
+    del net.by_address[source.address]  # the source agent dies before it accounted
+    net.resume(dest, "m")
+    net.send_from(peer, "p", frame(M, P, 1))
+    assert numbers(dest.vms["m"].received) == []
+    net.advance(1.0, 0.05)
+    assert numbers(dest.vms["m"].received) == [1]
+    assert any(n.event == "handover_missing" for n in dest.notices)

@@ -55,8 +55,6 @@ class Vm:
     written: list[PortFrame] = field(default_factory=list)
     received: list[bytes] = field(default_factory=list)
     running: bool = True
-    swallow_next: int = 0
-    """While stopping, QEMU reads this many more written frames and drops them (lost)."""
 
 
 @dataclass
@@ -128,8 +126,7 @@ class Net:
         agent.switch.port_frames(port, [data], self.now)
         self.settle()
 
-    def stop(self, agent: Agent, port: str, *, lost: int = 0, queued: int = 0,
-             migration: bool = True) -> None:
+    def stop(self, agent: Agent, port: str, *, lost: int = 0, queued: int = 0) -> None:
         """The VM stops: the last ``lost + queued`` frames written never reached it."""
         vm = agent.vms[port]
         vm.running = False
@@ -139,7 +136,7 @@ class Net:
         for item in stranded:
             vm.received.remove(item.frame)
         agent.switch.port_accounted(port, lost=stranded[:lost], queued=stranded[lost:],
-                                    migration=migration, now=self.now)
+                                    now=self.now)
         self.settle()
 
     def resume(self, agent: Agent, port: str) -> None:

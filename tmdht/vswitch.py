@@ -536,7 +536,7 @@ class VirtualSwitch:
         fence = self._fence(key, now)
         self._sent(key, seq)
         local = self._by_mac.get(key)
-        if local is not None and local.state is not PortState.MOVED:
+        if local is not None and local.state not in (PortState.MOVED, PortState.INCOMING):
             self._deliver(local, HeldFrame(self.agent_id, seq, 0, frame, fence, now),
                           now)
             return
@@ -878,7 +878,7 @@ class VirtualSwitch:
         forwarded = bool(m.flags & _FORWARDED)
         if not forwarded and sender == m.origin and not is_group(src):
             local_src = self._by_mac.get((m.vnet, src))
-            if local_src is not None:
+            if local_src is not None and local_src.state is not PortState.INCOMING:
                 self._foreign_claim(local_src, sender, m.src_version, now)
             elif self.fdb.learn(m.vnet, src, sender, m.src_version, now):
                 self._location_changed((m.vnet, src), now)
@@ -988,6 +988,8 @@ class VirtualSwitch:
             return
         if m.agent not in self._peers:
             self._peers[m.agent] = _Peer(m.agent, (m.host, m.port))
+        if port is not None and port.state is PortState.INCOMING:
+            port = None  # the VM still runs elsewhere: where is news for the forwarding table
         if port is not None:
             if m.version > port.version:
                 if port.state in (PortState.PAUSED, PortState.HANDING_OVER, PortState.MOVED):
@@ -1166,7 +1168,8 @@ class VirtualSwitch:
         if record is not None and record.agent != self.agent_id and not record.gone:
             if record.agent not in self._peers:
                 self._peers[record.agent] = _Peer(record.agent, (record.host, record.port))
-            if port is None and self.fdb.learn(vnet, mac, record.agent, record.version, now):
+            if (port is None or port.state is PortState.INCOMING) and \
+                    self.fdb.learn(vnet, mac, record.agent, record.version, now):
                 self._location_changed(key, now)
         if port is None:
             return

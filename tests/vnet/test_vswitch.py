@@ -350,3 +350,19 @@ def test_a_destination_gives_up_waiting_for_a_handover_that_never_comes() -> Non
     net.advance(1.0, 0.05)
     assert numbers(dest.vms["m"].received) == [1]
     assert any(n.event == "handover_missing" for n in dest.notices)
+
+
+def test_frames_from_the_destination_site_reach_the_vm_at_the_source_until_it_moves() -> None:
+    """A port waiting for an incoming VM does not capture frames for that MAC: the VM still
+    runs at the source, and the destination's other ports reach it there."""
+    net, _peer, source, dest = three_sites()
+    net.attach(dest, "g", VNET, mac_of(3))
+    net.attach(dest, "m", VNET, M, incoming=True)
+    net.send_from(dest, "g", frame(M, mac_of(3), 1))
+    assert numbers(source.vms["m"].received) == [1]
+    net.stop(source, "m")
+    net.send_from(dest, "g", frame(M, mac_of(3), 2))  # to the source, handed back over
+    net.resume(dest, "m")
+    net.send_from(dest, "g", frame(M, mac_of(3), 3))  # local now
+    net.advance(1.0)
+    assert numbers(dest.vms["m"].received) == [2, 3]

@@ -71,6 +71,7 @@ def summarize(runs: list[dict[str, Any]], rates: list[float]) -> list[dict[str, 
                 "duplicates": sum((s["guest_duplicates"] or 0) + s["echo_duplicates"]
                                   for s in stream),
                 "lost_round_trip_median": median([s["lost_round_trip"] for s in stream]),
+                "missing_at_switchover": [s.get("missing_at_switchover") for s in stream],
                 "stop_to_resume_ms": median([r["migration"]["stop_to_resume_ms"] for r in mine]),
                 "downtime_ms": median([r["migration"]["downtime_ms"] for r in mine]),
                 "max_echo_rtt_ms": median([s["max_echo_rtt_ms"] for s in stream]),
@@ -82,13 +83,16 @@ def summarize(runs: list[dict[str, Any]], rates: list[float]) -> list[dict[str, 
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    head = (f"{'setup':7} {'rate/s':>6} {'runs':>4} {'lost (each run)':>18} {'reord':>5} "
+    head = (f"{'setup':7} {'rate/s':>6} {'runs':>4} {'lost (each run)':>18} "
+            f"{'at switch-over':>15} {'reord':>5} "
             f"{'dups':>4} {'stop->resume':>12} {'ping ms':>7} {'TCP Mbit/s':>10} {'load':>5}")
     print(head)
     print("-" * len(head))
     for r in rows:
         lost = ",".join("?" if v is None else str(v) for v in r["lost_to_guest"])
-        print(f"{r['mode']:7} {r['rate']:>6.0f} {r['runs']:>4} {lost:>18} {r['reordered']:>5} "
+        near = ",".join("?" if v is None else str(v) for v in r["missing_at_switchover"])
+        print(f"{r['mode']:7} {r['rate']:>6.0f} {r['runs']:>4} {lost:>18} {near:>15} "
+              f"{r['reordered']:>5} "
               f"{r['duplicates']:>4} {fmt(r['stop_to_resume_ms'], 'ms'):>12} "
               f"{fmt(r['ping_rtt_ms']):>7} {fmt(r['tcp_mbit']):>10} {fmt(r['load']):>5}")
 
@@ -203,7 +207,9 @@ def main() -> int:
                     runs.append(result)
                     if "stream" in result:
                         s = result["stream"]
-                        print(f"run {mode:6} {rate:6.0f}/s #{rep}: lost {s['lost_to_guest']}, "
+                        print(f"run {mode:6} {rate:6.0f}/s #{rep}: lost {s['lost_to_guest']} "
+                              f"(echoes missing around the switch-over "
+                              f"{s.get('missing_at_switchover')}), "
                               f"reordered {s['guest_reordered']}, dups {s['guest_duplicates']}, "
                               f"stop->resume {result['migration']['stop_to_resume_ms']} ms, "
                               f"load {result['load']:.1f}", file=sys.stderr)

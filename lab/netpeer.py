@@ -129,8 +129,9 @@ class Peer:
             if ping_every and seq % ping_every == 0:
                 self.ping(seq // ping_every)
         time.sleep(1.5)  # stragglers (frames held during a switch-over come late)
-        for _ in range(10):
-            self.udp.send(_HEAD.pack(REPORT_SEQ, 0))
+        for _ in range(40):  # up to 20 s: a loaded guest may still work through a burst
+            with contextlib.suppress(OSError):
+                self.udp.send(_HEAD.pack(REPORT_SEQ, 0))
             deadline = time.monotonic() + 0.5
             while self.report is None and time.monotonic() < deadline:
                 time.sleep(0.01)

@@ -82,8 +82,11 @@ def _finish_peer(proc: Any, out: Path, timeout: float) -> dict[str, Any]:
     return doc
 
 
-def _stream_summary(peer: dict[str, Any], stop_ns: int | None) -> dict[str, Any]:
-    """Loss, order and duplicates of a stream run, from M's counts and the echoes."""
+def _stream_summary(peer: dict[str, Any], stop_ns: int | None,
+                    resume_ns: int | None = None) -> dict[str, Any]:
+    """Loss, order and duplicates of a stream run, from M's counts and the echoes. Echoes
+    missing for datagrams sent from 1 s before the stop to 1 s after the resume count as lost
+    at the switch-over (``missing_at_switchover``); M's own count is the total."""
     sent = int(peer["sent"])
     echoes = [seq for seq, _ in peer["echoes"] if 1 <= seq <= sent]
     seen: set[int] = set()
@@ -99,6 +102,10 @@ def _stream_summary(peer: dict[str, Any], stop_ns: int | None) -> dict[str, Any]
     missing = sorted(set(range(1, sent + 1)) - seen)
     report = parse_report(peer.get("report"))
     send_ns = peer["send_ns"]
+    window_missing = None
+    if stop_ns is not None and resume_ns is not None:
+        low, high = stop_ns - 1_000_000_000, resume_ns + 1_000_000_000
+        window_missing = sum(1 for seq in missing if low <= send_ns[seq - 1] <= high)
     at_stop = None
     if stop_ns is not None:
         at_stop = next((i + 1 for i, t in enumerate(send_ns) if t >= stop_ns), None)
@@ -112,6 +119,7 @@ def _stream_summary(peer: dict[str, Any], stop_ns: int | None) -> dict[str, Any]
         "lost_to_guest": None if "received" not in report else sent - report["received"],
         "echoed": len(seen),
         "lost_round_trip": len(missing),
+        "missing_at_switchover": window_missing,
         "missing": missing[:2000],
         "echo_reordered": reordered,
         "echo_duplicates": duplicates,
@@ -256,7 +264,7 @@ def run_migration_scenario(mode: str, tools: HostTools, initramfs: Path, work: P
                                else (resume_ns - stop_ns) / 1e6,
                                "send_report": wait_report(send_report, 30).get("ok"),
                                "receive_report": wait_report(receive_report, 30).get("ok")}
-        result["stream"] = _stream_summary(peer_doc, stop_ns)
+        result["stream"] = _stream_summary(peer_doc, stop_ns, resume_ns)
         result["timeline"] = _timeline(peer_doc, stop_ns, window)
         if resume_ns is not None:
             result["timeline"]["resume_ns"] = resume_ns

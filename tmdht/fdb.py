@@ -72,8 +72,12 @@ class ForwardingTable:
         agent with a higher id.
         """
         key = (vnet, mac)
-        expires = now + (self.ttl if ttl is None else ttl)
+        lifetime = self.ttl if ttl is None else ttl
         entry = self._entries.get(key)
+        if entry is not None and entry.agent == agent and entry.version == version and \
+                entry.expires - now > lifetime / 2:
+            return False  # the same news again (every frame of a flow brings it): nothing to do
+        expires = now + lifetime
         if entry is not None and entry.expires > now:
             if version < entry.version or (version == entry.version and agent < entry.agent):
                 return False

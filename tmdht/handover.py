@@ -282,7 +282,10 @@ class OutboundHandover:
 
     def full(self) -> bool:
         """No room for another frame (the caller counts it as an overflow)."""
-        return len(self._unacked) + len(self._retained) >= self.max_items
+        # Retained frames include the unacknowledged ones until the destination resumed; the
+        # BEGIN (item 0) is no frame.
+        unacked = len(self._unacked) - (1 if 0 in self._unacked else 0)
+        return max(unacked, len(self._retained)) >= self.max_items
 
     def add(self, item: HeldFrame, now: float) -> int:
         """Number ``item`` for sending now; returns its hseq (check :meth:`full` first)."""

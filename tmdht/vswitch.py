@@ -619,6 +619,9 @@ class VirtualSwitch:
         fence = port.parked.get(origin)
         if fence is not None:
             if item.seq > fence.fence:
+                if len(fence.frames) >= self.config.hold_frames:
+                    self.stats.dropped["hold_overflow"] += 1
+                    return
                 bisect.insort(fence.frames, item, key=lambda f: f.seq)
                 return
             self._write(port, item)  # one of the frames the fence waits for
@@ -1314,14 +1317,15 @@ class VirtualSwitch:
 
     def _fence_due(self, port: _Port, origin: int, now: float) -> None:
         """A fenced frame waited ``fence_timeout``. While the handover still brings items (or
-        waits for a lost one to be resent) it waits on, up to ``fence_timeout + gap_timeout``
-        in all; then it is delivered with what follows it."""
+        waits for a lost one to be resent) it waits on: a loaded source agent may be slow to
+        pass the old path's frames on, and giving up early would drop them as late (up to
+        ``hold_timeout``). Then it is delivered with what follows it."""
         fence = port.parked[origin]
         inbound = port.inbound
         progressing = inbound is not None and (
             inbound.next_timer() is not None
             or now - inbound.last_activity < self.config.fence_timeout)
-        if progressing and now - fence.since < self.config.fence_timeout + self.config.gap_timeout:
+        if progressing and now - fence.since < self.config.hold_timeout:
             fence.deadline = now + min(self.config.fence_timeout, 0.05)
             return
         self.stats.fence_timeouts += 1

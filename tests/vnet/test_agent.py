@@ -177,3 +177,74 @@ def test_source_agent_killed_mid_migration_loses_at_most_what_it_held(sites: Sit
     lost = set(range(1, 91)) - set(got)
     assert got == sorted(set(got))  # in order, no duplicates
     assert lost <= set(range(31, 61)) and len(lost) <= held
+
+
+def test_the_operator_commands(sites: Sites) -> None:
+    """``tmdht vnet attach|status|detach`` as README.md shows them, against a running agent."""
+    import json
+    import subprocess
+    import sys
+
+    agent = sites.agent("a")
+    vm = sites.vm("vm1", M_MAC)
+    control = str(agent.control)
+
+    def tmdht(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "tmdht.cli", "vnet", *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+
+    done = tmdht("attach", "vm1", "--vnet", "42", "--net-socket", str(vm.net), "--qmp-socket",
+                 str(vm.qmp), "--control-socket", control)
+    assert done.returncode == 0, done.stderr
+    assert "attached vm1: vnet 42, mac 52:54:00:00:00:01, running" in done.stdout
+    status = json.loads(tmdht("status", "--control-socket", control, "--json").stdout)
+    assert [(p["name"], p["state"]) for p in status["ports"]] == [("vm1", "running")]
+    again = tmdht("attach", "vm1", "--vnet", "42", "--net-socket", str(vm.net), "--qmp-socket",
+                  str(vm.qmp), "--control-socket", control)
+    assert again.returncode == 1 and "attached already" in again.stderr
+    assert tmdht("detach", "vm1", "--control-socket", control).returncode == 0
+    assert json.loads(tmdht("status", "--control-socket", control, "--json").stdout)[
+        "ports"] == []
+    missing = tmdht("status", "--control-socket", str(sites.root / "nothing.sock"))
+    assert missing.returncode == 2 and "no vnet agent" in missing.stderr
+    assert json.loads((agent.data_dir / "ports.json").read_text()) == []
+
+
+def test_the_directory_lives_in_the_store_ring(cluster: LocalCluster) -> None:
+    """Records on the node: the newest location wins, an old one cannot come back, members
+    of a network are listed, answers come from the node's RECORD_PUT/RECORD_GET."""
+    import asyncio
+
+    from tmdht.auth import parse_cluster_keys
+    from tmdht.vnet.directory import VnetDirectory
+
+    keys = parse_cluster_keys(cluster.key_file.read_text())
+    mac = parse_mac("52:54:00:aa:bb:cc")
+
+    def directory(agent: int, site: str) -> VnetDirectory:
+        return VnetDirectory(seeds=[cluster.seed], keys=keys, host="127.0.0.1", replicas=1,
+                             lease=5.0, agent_id=agent, public_host="127.0.0.1",
+                             tunnel_port=7000 + agent, site=site)
+
+    async def main() -> None:
+        a, b = directory(1, "a"), directory(2, "b")
+        await a.start()
+        await b.start()
+        try:
+            assert await a.lookup(99, mac) is None
+            assert await a.publish(99, mac, 1)
+            assert await b.publish(99, mac, 2)
+            assert not await a.publish(99, mac, 1)  # stale: B's version 2 stays
+            record = await a.lookup(99, mac)
+            assert record is not None and (record.agent, record.version, record.port) == (
+                2, 2, 7002)
+            await a.join(99)
+            await b.join(99)
+            members = sorted((m.agent, m.site) for m in await a.members(99))
+            assert members == [(1, "a"), (2, "b")]
+            assert b.stats.puts >= 2 and a.stats.stale_puts == 1
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from vnet.vnet_harness import Net, frame, mac_of, number_of
+from support.vnet_harness import Net, frame, mac_of, number_of
 
 from tmdht import tunnel
 from tmdht.ethernet import BROADCAST

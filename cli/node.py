@@ -55,6 +55,33 @@ def setup_logging(fmt: str, level: str) -> None:
         logging.getLogger("rpcudp").setLevel(logging.WARNING)
 
 
+def service_config(config_class: Any, config_file: Path | None, seeds: tuple[str, ...],
+                   flags: dict[str, Any]) -> Any:
+    """A service's config (``config_class.from_sources``) from its TOML file, the environment
+    and the flags (repeated ``--seed`` joined), with logging set up as it says."""
+    toml_text = None
+    if config_file is not None:
+        try:
+            toml_text = config_file.read_text()
+        except OSError as exc:
+            raise UsageError(f"{config_file}: {exc.strerror}") from None
+    if seeds:
+        flags["seeds"] = ",".join(seeds)
+    config = config_class.from_sources(
+        toml_text=toml_text, env=os.environ, flags=flags, source=str(config_file or "config")
+    )
+    setup_logging(config.log_format, config.log_level)
+    return config
+
+
+def print_ready_line(status: dict[str, Any]) -> None:
+    """``READY {json}`` on stdout: how a supervisor or a test learns a service's addresses."""
+    from tmdht.node.local import READY_PREFIX  # noqa: PLC0415 - keep `tmdht --help` light
+
+    sys.stdout.write(READY_PREFIX + json.dumps(status) + "\n")
+    sys.stdout.flush()
+
+
 @click.group()
 def node() -> None:
     """Store node service."""
@@ -115,28 +142,12 @@ def node_run(
     **flags: Any,
 ) -> None:
     """Run a store node until SIGTERM or SIGINT."""
-    from tmdht.node.local import READY_PREFIX  # noqa: PLC0415 - keep `tmdht --help` light
-    from tmdht.node.service import StoreNode  # noqa: PLC0415
+    from tmdht.node.service import StoreNode  # noqa: PLC0415 - keep `tmdht --help` light
 
-    toml_text = None
-    if config_file is not None:
-        try:
-            toml_text = config_file.read_text()
-        except OSError as exc:
-            raise UsageError(f"{config_file}: {exc.strerror}") from None
-    if seeds:
-        flags["seeds"] = ",".join(seeds)
-    config = NodeConfig.from_sources(
-        toml_text=toml_text, env=os.environ, flags=flags, source=str(config_file or "config")
-    )
-    setup_logging(config.log_format, config.log_level)
-
-    def announce(status: dict[str, Any]) -> None:
-        sys.stdout.write(READY_PREFIX + json.dumps(status) + "\n")
-        sys.stdout.flush()
+    config = service_config(NodeConfig, config_file, seeds, flags)
 
     async def main() -> None:
-        await StoreNode(config, on_ready=announce if ready_line else None).run()
+        await StoreNode(config, on_ready=print_ready_line if ready_line else None).run()
 
     run_async(main(), event_loop)
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +10,7 @@ import click
 from rich.table import Table
 
 from tmdht.cli.main import run_async, stdout
-from tmdht.cli.node import setup_logging
+from tmdht.cli.node import print_ready_line, service_config
 from tmdht.errors import UsageError
 from tmdht.vnet_config import VnetConfig
 
@@ -55,27 +53,12 @@ def vnet() -> None:
 def vnet_run(config_file: Path | None, seeds: tuple[str, ...], ready_line: bool,
              **flags: Any) -> None:
     """Run the agent until SIGTERM or SIGINT."""
-    from tmdht.node.local import READY_PREFIX  # noqa: PLC0415 - keep `tmdht --help` light
-    from tmdht.vnet.agent import VnetAgent  # noqa: PLC0415
+    from tmdht.vnet.agent import VnetAgent  # noqa: PLC0415 - keep `tmdht --help` light
 
-    toml_text = None
-    if config_file is not None:
-        try:
-            toml_text = config_file.read_text()
-        except OSError as exc:
-            raise UsageError(f"{config_file}: {exc.strerror}") from None
-    if seeds:
-        flags["seeds"] = ",".join(seeds)
-    config = VnetConfig.from_sources(toml_text=toml_text, env=os.environ, flags=flags,
-                                     source=str(config_file or "config"))
-    setup_logging(config.log_format, config.log_level)
-
-    def announce(status: dict[str, Any]) -> None:
-        sys.stdout.write(READY_PREFIX + json.dumps(status) + "\n")
-        sys.stdout.flush()
+    config = service_config(VnetConfig, config_file, seeds, flags)
 
     async def main() -> None:
-        await VnetAgent(config, on_ready=announce if ready_line else None).run()
+        await VnetAgent(config, on_ready=print_ready_line if ready_line else None).run()
 
     run_async(main())
 

@@ -35,6 +35,7 @@ from typing import Final
 from tmdht.lab.errors import GuestError, GuestTimeoutError, LabSetupError, UsageError
 from tmdht.lab.guest import Guest, GuestSpec
 from tmdht.lab.host import HostTools, find_program
+from tmdht.lab.initramfs import pack_cpio
 
 __all__ = [
     "NET_MODULES",
@@ -66,7 +67,6 @@ PROBE_TCP_PORT: Final = 5001
 """The guest's TCP sink port (``vnetprobe tcp-sink``)."""
 
 _FIXED_MTIME: Final = 946684800
-_CPIO_TIMEOUT_S: Final = 60.0
 _GCC_TIMEOUT_S: Final = 120.0
 _MAC_PATTERN: Final = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _command_ids = itertools.count(1)
@@ -127,19 +127,8 @@ def build_net_initramfs(tools: HostTools, *, modules_root: Path = Path("/lib/mod
             path.chmod(0o755 if path.is_dir() or member in ("init", "bin/busybox",
                                                            "bin/vnetprobe") else 0o644)
             os.utime(path, (_FIXED_MTIME, _FIXED_MTIME))
-        names = "".join(f"{name}\0" for name in [".", *members])
-        try:
-            done = subprocess.run(
-                [str(cpio), "--create", "--format=newc", "--null", "--owner=0:0",
-                 "--reproducible", "--quiet"],
-                input=names.encode(), cwd=staging, capture_output=True,
-                timeout=_CPIO_TIMEOUT_S, check=False)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise LabSetupError(f"cannot run {cpio}: {exc}") from exc
-        if done.returncode != 0:
-            raise LabSetupError(f"{cpio} failed ({done.returncode}): "
-                                f"{done.stderr.decode(errors='replace').strip()}")
-    return gzip.compress(done.stdout, compresslevel=6, mtime=0)
+        archive = pack_cpio(staging, [".", *members], cpio)
+    return gzip.compress(archive, compresslevel=6, mtime=0)
 
 
 def ensure_net_initramfs(directory: Path, tools: HostTools) -> Path:

@@ -9,8 +9,6 @@ list in TOML, comma-separated in the environment).
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,10 @@ from tmdht.config import (
     _positive_float,
     _positive_int,
     _seeds,
+    config_dict,
+    merge_sources,
     parse_size,
+    parse_values,
 )
 from tmdht.errors import ConfigError
 from tmdht.tunnel import MAX_SITE_BYTES
@@ -109,34 +110,13 @@ class VnetConfig:
                      flags: Mapping[str, Any] | None = None,
                      source: str = "config") -> VnetConfig:
         """Merge file, environment and flags (each later source wins) and validate."""
-        values: dict[str, Any] = {}
-        if toml_text is not None:
-            try:
-                doc = tomllib.loads(toml_text)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{source}: {exc}") from None
-            table = doc.get("vnet", doc)
-            if not isinstance(table, dict):
-                raise ConfigError(f"{source}: [vnet] must be a table")
-            values.update(_known(table, source))
-        for key, value in (env or {}).items():
-            if key.startswith(ENV_PREFIX) and key != f"{ENV_PREFIX}CONFIG":
-                values.update(_known({key[len(ENV_PREFIX):].lower(): value}, f"${key}"))
-        values.update({k: v for k, v in (flags or {}).items() if v is not None})
-        return cls.build(values)
+        return cls.build(merge_sources("vnet", ENV_PREFIX, _PARSERS, toml_text=toml_text,
+                                       env=env, flags=flags, source=source))
 
     @classmethod
     def build(cls, values: Mapping[str, Any]) -> VnetConfig:
         """Validate raw values (strings from env, TOML values, flags) into a config."""
-        parsed: dict[str, Any] = {}
-        for name, value in values.items():
-            parser = _PARSERS.get(name)
-            if parser is None:
-                raise ConfigError(f"unknown setting {name!r}")
-            try:
-                parsed[name] = parser(value)
-            except ConfigError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
+        parsed = parse_values(values, _PARSERS)
         if "data_dir" not in parsed:
             raise ConfigError("data_dir is required")
         config = cls(**parsed)
@@ -148,22 +128,7 @@ class VnetConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view (for logs and status)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Path):
-                value = str(value)
-            elif f.name == "seeds":
-                value = [f"{h}:{p}" for h, p in value]
-            out[f.name] = value
-        return out
-
-
-def _known(table: Mapping[str, Any], source: str) -> dict[str, Any]:
-    unknown = sorted(set(table) - set(_PARSERS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-    return dict(table)
+        return config_dict(self)
 
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {

@@ -41,6 +41,7 @@ from tmdht.vnet.control import ControlServer, PortSpec
 from tmdht.vnet.directory import VnetDirectory
 from tmdht.vnet.metrics import AgentCounters, VnetMetrics
 from tmdht.vnet.ports import QemuPort, TapPort
+from tmdht.vnet.tasks import TaskSet
 from tmdht.vnet_config import VnetConfig
 from tmdht.vswitch import (
     EncryptPolicy,
@@ -127,7 +128,7 @@ class VnetAgent:
         self._http: HealthServer | None = None
         self._control: ControlServer | None = None
         self._ports: dict[str, _Port] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log, "tmdht-vnet")
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._pump_scheduled = False
@@ -218,10 +219,7 @@ class VnetAgent:
         for entry in list(self._ports.values()):
             await self._close_port(entry)
         self._ports.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         if self.directory is not None:
             await self.directory.close()
             self.directory = None
@@ -248,16 +246,7 @@ class VnetAgent:
             await self.stop()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=f"tmdht-vnet-{name}")
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("task %s failed: %r", name, t.exception(), exc_info=t.exception())
-
-        task.add_done_callback(done)
-        return task
+        return self._tasks.spawn(coro, name)
 
     # -- the switch ---------------------------------------------------------------------------
 

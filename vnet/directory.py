@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from tmdht.vdirectory import (
     network_key,
     newest_location,
 )
+from tmdht.vnet.tasks import TaskSet
 from tmdht.vswitch import LocationRecord, MemberRecord
 
 __all__ = ["DirectoryError", "DirectoryStats", "VnetDirectory"]
@@ -97,7 +98,7 @@ class VnetDirectory:
         self._members: list[Member] = []
         self._owned: dict[tuple[int, bytes], int] = {}  # (vnet, mac) -> version renewed
         self._networks: set[int] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log, "tmdht-vnet-directory")
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -114,34 +115,20 @@ class VnetDirectory:
             if not self._members:
                 raise DirectoryError("no store node answered at "
                                      + ", ".join(f"{h}:{p}" for h, p in self.seeds))
-            self._spawn(self._follow(self._overlay.subscribe(replay=False)), "membership")
+            self._tasks.spawn(self._follow(self._overlay.subscribe(replay=False)), "membership")
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
         """Stop renewing and close (idempotent)."""
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         if self._overlay is not None:
             await self._overlay.stop()
             self._overlay = None
         if self._client is not None:
             await self._client.close()
             self._client = None
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=f"tmdht-vnet-{name}")
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("directory task %s failed: %r", name, t.exception())
-
-        task.add_done_callback(done)
 
     async def refresh(self) -> None:
         """Crawl the ring again."""

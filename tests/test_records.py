@@ -88,7 +88,7 @@ RECORD_MESSAGES = st.one_of(
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(RECORD_MESSAGES)
 def test_record_messages_round_trip_in_the_smallest_datagram(message: wire.Message) -> None:
     datagram = wire.encode(message, max_datagram=wire.MIN_DATAGRAM, auth=AUTH, now=NOW)
@@ -98,7 +98,7 @@ def test_record_messages_round_trip_in_the_smallest_datagram(message: wire.Messa
     assert decoded == message
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(RECORD_MESSAGES, st.data())
 def test_bad_record_bodies_raise_decode_error(message: wire.Message,
                                               data: st.DataObject) -> None:

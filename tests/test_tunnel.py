@@ -85,7 +85,7 @@ def codecs(keys: list[ClusterKey] | None = KEYS) -> tuple[TunnelCodec, TunnelCod
     return TunnelCodec(11, keys), TunnelCodec(22, keys)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(MESSAGES, st.booleans())
 def test_round_trip(message: tunnel.Message, encrypt: bool) -> None:
     sender, receiver = codecs()
@@ -97,14 +97,14 @@ def test_round_trip(message: tunnel.Message, encrypt: bool) -> None:
     assert len(datagram) >= DATAGRAM_OVERHEAD
 
 
-@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(MESSAGES)
 def test_open_mode_round_trip(message: tunnel.Message) -> None:
     sender, receiver = codecs(None)
     assert receiver.decode(sender.encode(message, now=NOW), now=NOW).message == message
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(MESSAGES, st.booleans(), st.data())
 def test_any_corruption_raises_decode_error(message: tunnel.Message, encrypt: bool,
                                             data: st.DataObject) -> None:
@@ -116,7 +116,7 @@ def test_any_corruption_raises_decode_error(message: tunnel.Message, encrypt: bo
         receiver.decode(bytes(datagram), now=NOW)
 
 
-@settings(max_examples=1000)
+@settings(max_examples=1000, deadline=None)
 @given(st.binary(max_size=400))
 def test_random_bytes_raise_only_decode_error(data: bytes) -> None:
     for receiver in (codecs()[1], codecs(None)[1]):
@@ -124,7 +124,7 @@ def test_random_bytes_raise_only_decode_error(data: bytes) -> None:
             receiver.decode(data, now=NOW)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(MESSAGES, st.data())
 def test_bodies_of_authentic_datagrams_decode_or_raise_decode_error(
         message: tunnel.Message, data: st.DataObject) -> None:

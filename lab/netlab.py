@@ -274,6 +274,8 @@ class NetLab:
         """A persistent tap device in a site (bridge mode: a port of the site's bridge)."""
         namespace = self.sites[site].namespace
         run("ip", "-n", namespace, "tuntap", "add", "dev", name, "mode", "tap")
+        # A long queue: the host's stack must not drop what a busy agent reads a little late.
+        run("ip", "-n", namespace, "link", "set", name, "txqueuelen", "10000")
         if self.mode == "bridge":
             run("ip", "-n", namespace, "link", "set", name, "master", f"{_PREFIX}br")
         run("ip", "-n", namespace, "link", "set", name, "up")

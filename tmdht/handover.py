@@ -39,7 +39,10 @@ __all__ = [
     "transition",
 ]
 
-_MAX_RTO: Final = 0.25
+_MAX_RTO: Final = 1.0
+_RETRY_CAP: Final = 0.25
+"""Resent items' timers double up to this (or the current timeout, if longer): a lost item is
+asked for again soon rather than late."""
 
 
 class PortState(enum.Enum):
@@ -243,6 +246,7 @@ class _Unacked:
     item: HeldFrame | None  # None: the BEGIN (hseq 0)
     sent_at: float
     rto: float
+    resent: bool = False
 
 
 class OutboundHandover:
@@ -255,7 +259,14 @@ class OutboundHandover:
     def __init__(self, handover: int, successor: int, *, rto: float, max_items: int) -> None:
         self.handover = handover
         self.successor = successor
+        self.min_rto = rto
         self.rto = rto
+        """The retransmission timeout of a new item: the smoothed acknowledgement time plus
+        four deviations (RFC 6298, Karn: resent items give no sample), at least ``rto``, at
+        most 1 s. A loaded destination is slow to acknowledge; a fixed short timeout would
+        resend the whole window again and again."""
+        self._srtt: float | None = None
+        self._rttvar = 0.0
         self.max_items = max_items
         self.next_hseq = 1
         self.acked = -1
@@ -297,35 +308,50 @@ class OutboundHandover:
         return hseq
 
     def acked_up_to(self, acked: int, resumed: bool,
-                    ranges: Iterable[tuple[int, int]] = ()) -> None:
+                    ranges: Iterable[tuple[int, int]] = (), now: float | None = None) -> None:
         """The destination has items 0..``acked`` and those in ``ranges`` (selectively
-        acknowledged: not resent); ``resumed``: its VM runs."""
+        acknowledged: not resent); ``resumed``: its VM runs. ``now`` (when the acknowledgement
+        arrived) feeds the retransmission timeout."""
+        newest: _Unacked | None = None
         if acked > self.acked:
             self.acked = acked
             while self._unacked and next(iter(self._unacked)) <= acked:
-                self._unacked.popitem(last=False)
+                _, entry = self._unacked.popitem(last=False)
+                newest = entry
         for first, last in ranges:
             if last - first < len(self._unacked):
-                for hseq in range(first, last + 1):
-                    self._unacked.pop(hseq, None)
+                hseqs: Iterable[int] = range(first, last + 1)
             else:
-                for hseq in [h for h in self._unacked if first <= h <= last]:
-                    del self._unacked[hseq]
+                hseqs = [h for h in self._unacked if first <= h <= last]
+            for hseq in hseqs:
+                entry = self._unacked.pop(hseq, None)
+                if entry is not None and (newest is None or entry.sent_at > newest.sent_at):
+                    newest = entry
+        if now is not None and newest is not None and not newest.resent:
+            self._sample(now - newest.sent_at)
         if resumed:
             self.resumed = True
         if self.resumed:
             while self._retained and self._retained[0][0] <= self.acked:
                 self._retained.popleft()
 
+    def _sample(self, seconds: float) -> None:
+        if self._srtt is None:
+            self._srtt, self._rttvar = seconds, seconds / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - seconds)
+            self._srtt = 0.875 * self._srtt + 0.125 * seconds
+        self.rto = min(_MAX_RTO, max(self.min_rto, self._srtt + 4 * self._rttvar))
+
     def due(self, now: float, limit: int = 256) -> list[tuple[int, HeldFrame | None]]:
         """Items whose retransmission timer ran out (oldest first, at most ``limit``): resend
-        them. Each item's timer doubles, up to 0.25 s (a handover is short: a lost item is
-        asked for again soon rather than late)."""
+        them. Each item's timer doubles, up to 0.25 s or the current timeout if longer."""
         out = []
         for hseq, entry in self._unacked.items():
             if entry.sent_at + entry.rto <= now:
                 entry.sent_at = now
-                entry.rto = min(entry.rto * 2, _MAX_RTO)
+                entry.resent = True
+                entry.rto = min(entry.rto * 2, max(_RETRY_CAP, self.rto))
                 out.append((hseq, entry.item))
                 self.retransmissions += 1
                 if len(out) >= limit:

@@ -86,7 +86,7 @@ class VnetConfig:
     """First retransmission timeout of handed-over frames."""
     fence_timeout: float = 0.25
     """Longest wait of a frame for the frames that went to a VM's old location before it."""
-    gap_timeout: float = 1.0
+    gap_timeout: float = 3.0
     """A handed-over frame lost for good is skipped after this."""
     log_format: str = "json"
     """``json`` or ``text``."""

@@ -136,12 +136,13 @@ class SwitchConfig:
     """Held frames older than this are dropped (a VM paused for long, a destination that never
     resumes)."""
     handover_rto: float = 0.03
-    """First retransmission timeout of a handover item (doubles per retry, up to 0.25 s)."""
+    """Least retransmission timeout of a handover item (it follows the acknowledgement time
+    and doubles per retry, up to 1 s)."""
     ack_delay: float = 0.004
     """The destination acknowledges at most this long after a handover item arrived ..."""
     ack_every: int = 16
     """... or after this many items, whichever comes first."""
-    gap_timeout: float = 1.0
+    gap_timeout: float = 3.0
     """A gap in a handover (an item lost for good: its source crashed) is skipped after this."""
     fence_timeout: float = 0.25
     """Longest wait of a fenced frame for the frames before it."""
@@ -1141,7 +1142,7 @@ class VirtualSwitch:
             out = port.out
             if out is None or out.handover != m.handover or out.successor != sender:
                 continue
-            out.acked_up_to(m.acked, m.resumed, m.ranges)
+            out.acked_up_to(m.acked, m.resumed, m.ranges, now)
             if m.resumed and port.state is PortState.HANDING_OVER:
                 port.moved_to = sender
                 self._event(port, PortEvent.SUCCESSOR_RESUMED)

@@ -166,3 +166,15 @@ def test_unread_bytes_of_the_peer() -> None:
         assert unread_by_peer(ours) == 1000
         theirs.recv(300)
         assert unread_by_peer(ours) == 700
+
+
+def test_the_retransmission_timeout_follows_the_acknowledgement_time() -> None:
+    out = OutboundHandover(handover=1, successor=2, rto=0.03, max_items=100)
+    out.begin(0.0)
+    for hseq in range(1, 6):
+        out.add(held(9, hseq), 0.1 * hseq)
+        out.acked_up_to(hseq, False, now=0.1 * hseq + 0.4)  # a slow destination: 400 ms
+    assert 0.4 < out.rto <= 1.0
+    out.add(held(9, 6), 1.0)
+    assert out.due(1.2) == []  # no spurious resend at the old 30 ms
+    assert [h for h, _ in out.due(1.0 + out.rto + 0.001)] == [6]

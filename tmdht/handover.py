@@ -267,6 +267,7 @@ class OutboundHandover:
         resend the whole window again and again."""
         self._srtt: float | None = None
         self._rttvar = 0.0
+        self._highest = -1  # highest item the destination said it has
         self.max_items = max_items
         self.next_hseq = 1
         self.acked = -1
@@ -313,12 +314,14 @@ class OutboundHandover:
         acknowledged: not resent); ``resumed``: its VM runs. ``now`` (when the acknowledgement
         arrived) feeds the retransmission timeout."""
         newest: _Unacked | None = None
+        self._highest = max(self._highest, acked)
         if acked > self.acked:
             self.acked = acked
             while self._unacked and next(iter(self._unacked)) <= acked:
                 _, entry = self._unacked.popitem(last=False)
                 newest = entry
         for first, last in ranges:
+            self._highest = max(self._highest, last)
             if last - first < len(self._unacked):
                 hseqs: Iterable[int] = range(first, last + 1)
             else:
@@ -345,10 +348,19 @@ class OutboundHandover:
 
     def due(self, now: float, limit: int = 256) -> list[tuple[int, HeldFrame | None]]:
         """Items whose retransmission timer ran out (oldest first, at most ``limit``): resend
-        them. Each item's timer doubles, up to 0.25 s or the current timeout if longer."""
+        them. Each item's timer doubles, up to 0.25 s or the current timeout if longer.
+
+        Items below the highest one the destination has are gaps: resent. Items above it may
+        just be queued at a busy destination: only the oldest of them is resent (a probe), so
+        an overloaded destination is not buried under the window again."""
         out = []
+        probed = False
         for hseq, entry in self._unacked.items():
             if entry.sent_at + entry.rto <= now:
+                if hseq > self._highest:
+                    if probed:
+                        continue
+                    probed = True
                 entry.sent_at = now
                 entry.resent = True
                 entry.rto = min(entry.rto * 2, max(_RETRY_CAP, self.rto))

@@ -178,3 +178,12 @@ def test_the_retransmission_timeout_follows_the_acknowledgement_time() -> None:
     out.add(held(9, 6), 1.0)
     assert out.due(1.2) == []  # no spurious resend at the old 30 ms
     assert [h for h, _ in out.due(1.0 + out.rto + 0.001)] == [6]
+
+
+def test_a_busy_destination_gets_one_probe_not_the_whole_window_again() -> None:
+    out = OutboundHandover(handover=1, successor=2, rto=0.03, max_items=100)
+    out.begin(0.0)
+    for hseq in range(1, 11):
+        out.add(held(9, hseq), 0.0)
+    out.acked_up_to(2, False, [(5, 5)], now=0.01)  # 3 and 4 are gaps, 6..10 may be queued
+    assert [h for h, _ in out.due(0.05)] == [3, 4, 6]

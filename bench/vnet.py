@@ -39,7 +39,10 @@ from typing import Any
 
 from tmdht.lab import HostTools
 from tmdht.lab.netguest import ensure_net_initramfs
+from tmdht.lab.netlab import Services
 from tmdht.lab.netscenario import run_migration_scenario
+from tmdht.node.local import read_ready_line
+from tmdht.vnet.control import control_request
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("bridge", "vnet")
@@ -209,7 +212,8 @@ def main() -> int:
                     began = time.monotonic()
                     try:
                         result = run_migration_scenario(
-                            mode, tools, initramfs, work, rate=rate,
+                            mode, tools, initramfs, work,
+                            Services(read_ready_line, control_request), rate=rate,
                             migrate_after=args.migrate_after,
                             throughput_seconds=args.throughput_seconds if rate == rates[0]
                             else 0.0, tag=f"{rep}{mode[0]}")

@@ -51,11 +51,11 @@ def vnet() -> None:
 @click.option("--status-file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--ready-line", is_flag=True, help="Print 'READY {json}' on stdout once serving.")
 def vnet_run(config_file: Path | None, seeds: tuple[str, ...], ready_line: bool,
-             **flags: Any) -> None:
+             **flags: object) -> None:
     """Run the agent until SIGTERM or SIGINT."""
     from tmdht.vnet.agent import VnetAgent  # noqa: PLC0415 - keep `tmdht --help` light
 
-    config = service_config(VnetConfig, config_file, seeds, flags)
+    config = service_config(VnetConfig.from_sources, config_file, seeds, flags)
 
     async def main() -> None:
         await VnetAgent(config, on_ready=print_ready_line if ready_line else None).run()

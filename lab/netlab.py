@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -43,17 +43,16 @@ __all__ = [
     "GUEST_NET",
     "PEER_ADDRESS",
     "NetLab",
+    "Services",
     "Site",
     "netns_tools",
     "run",
-    "wait_ready_line",
 ]
 
 GUEST_NET: Final = "10.77.0.0/24"
 PEER_ADDRESS: Final = "10.77.0.100"
 WAN_NET: Final = "10.99.0.0/24"
 _PREFIX: Final = "vnet-"
-_READY: Final = "READY "
 
 
 def run(*args: str, check: bool = True, timeout: float = 60.0) -> str:
@@ -67,16 +66,16 @@ def run(*args: str, check: bool = True, timeout: float = 60.0) -> str:
     return done.stdout
 
 
-def wait_ready_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> dict[str, Any]:
-    """The ``READY {json}`` line a tmdht service prints once it serves."""
-    from tmdht.node.local import read_ready_line  # noqa: PLC0415
+@dataclasses.dataclass(frozen=True)
+class Services:
+    """How the lab talks to the tmdht services it starts as processes. The caller hands them in
+    (the lab layer imports only the core; e.g. ``Services(tmdht.node.local.read_ready_line,
+    tmdht.vnet.control.control_request)``)."""
 
-    try:
-        return read_ready_line(proc, timeout, what)
-    except LabError:
-        raise
-    except (TmdhtError, OSError, subprocess.SubprocessError) as exc:
-        raise LabError(f"{what}: {exc}") from exc
+    read_ready_line: Callable[[subprocess.Popen[bytes], float, str], dict[str, Any]]
+    """Block until a service process printed ``READY {json}`` (bounded); its status."""
+    agent_request: Callable[[Path, dict[str, Any]], dict[str, Any]]
+    """One request to a vnet agent's control socket; its answer."""
 
 
 def netns_tools(tools: HostTools, namespace: str, directory: Path) -> HostTools:
@@ -109,13 +108,14 @@ class Site:
 class NetLab:
     """Sites as namespaces; ``mode`` is ``vnet`` or ``bridge`` (see the module docstring)."""
 
-    def __init__(self, mode: str, sites: Sequence[str] = ("a", "b", "c"), *,
-                 work: Path | None = None, tag: str = "") -> None:
+    def __init__(self, mode: str, services: Services, sites: Sequence[str] = ("a", "b", "c"),
+                 *, work: Path | None = None, tag: str = "") -> None:
         if mode not in ("vnet", "bridge"):
             raise LabError(f"unknown lab mode {mode!r}")
         if os.geteuid() != 0:
             raise LabSetupError("network labs need root (network namespaces)")
         self.mode = mode
+        self.services = services
         self.tag = tag or f"{os.getpid() % 1000:03d}"
         self.hub = f"{_PREFIX}w{self.tag}"
         self.sites = {name: Site(name, f"{_PREFIX}{name}{self.tag}", f"10.99.0.{i + 1}")
@@ -210,7 +210,12 @@ class NetLab:
         proc = self.spawn(self.sites[site].namespace,
                           [sys.executable, "-m", "tmdht.cli", *args, "--ready-line"], name=name,
                           stdout=True)
-        return wait_ready_line(proc, timeout, name)
+        try:
+            return self.services.read_ready_line(proc, timeout, name)
+        except LabError:
+            raise
+        except (TmdhtError, OSError, subprocess.SubprocessError) as exc:
+            raise LabError(f"{name}: {exc}") from exc
 
     # -- the data planes --------------------------------------------------------------------
 
@@ -248,9 +253,7 @@ class NetLab:
 
     def agent_request(self, site: str, request: dict[str, Any]) -> dict[str, Any]:
         """A control request to a site's agent."""
-        from tmdht.vnet.control import control_request  # noqa: PLC0415
-
-        return control_request(self.sites[site].control, request)
+        return self.services.agent_request(self.sites[site].control, request)
 
     def agent_metrics(self, site: str) -> dict[str, float]:
         """A site's agent's metrics (``name{label=value}`` -> value)."""

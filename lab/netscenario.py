@@ -40,7 +40,7 @@ from tmdht.lab.netguest import (
     stream_nic_args,
     tap_nic_args,
 )
-from tmdht.lab.netlab import NetLab, netns_tools, write_json
+from tmdht.lab.netlab import NetLab, Services, netns_tools, write_json
 from tmdht.lab.netpeer import parse_report
 
 __all__ = ["M_MAC", "M_SPEC", "run_migration_scenario"]
@@ -161,7 +161,8 @@ def _event_ns(guest: Guest, name: str, wall_minus_mono: float,
     return None
 
 
-def run_migration_scenario(mode: str, tools: HostTools, initramfs: Path, work: Path, *,
+def run_migration_scenario(mode: str, tools: HostTools, initramfs: Path, work: Path,
+                           services: Services, *,
                            rate: float = 2000.0, stream_seconds: float = 120.0,
                            migrate_after: float = 3.0, tail_seconds: float = 3.0,
                            ping_rate: float = 100.0,
@@ -175,7 +176,7 @@ def run_migration_scenario(mode: str, tools: HostTools, initramfs: Path, work: P
     catalog = work / "empty.catalog"
     TemplateCatalog.from_digests([]).save(catalog)
     result: dict[str, Any] = {"mode": mode, "rate": rate}
-    with NetLab(mode, work=work, tag=tag) as lab, ExitStack() as guests:
+    with NetLab(mode, services, work=work, tag=tag) as lab, ExitStack() as guests:
         tools_a = netns_tools(tools, lab.sites["a"].namespace, work)
         tools_b = netns_tools(tools, lab.sites["b"].namespace, work)
         if mode == "vnet":

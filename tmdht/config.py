@@ -9,13 +9,18 @@ TOML, comma-separated in the environment). Sizes accept ``KiB``/``MiB``/``GiB`` 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from tmdht.errors import ConfigError
+from tmdht.pages import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = [
     "ENV_PREFIX",
@@ -28,7 +33,7 @@ __all__ = [
 ]
 
 ENV_PREFIX: Final = "TMDHT_NODE_"
-MIN_DATAGRAM: Final = 4096 + 512
+MIN_DATAGRAM: Final = PAGE_SIZE + 512
 MAX_DATAGRAM: Final = 65507
 
 
@@ -125,6 +130,19 @@ def _seeds(value: Any) -> tuple[tuple[str, int], ...]:
     return tuple(parse_address(str(s)) for s in items if str(s).strip())
 
 
+def _ip_literal(value: Any) -> str:
+    text = str(value).strip()
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not an IP address (peers cannot use a name)") from None
+    return text
+
+
+def _optional_ip_literal(value: Any) -> str | None:
+    return None if value in (None, "") else _ip_literal(value)
+
+
 def _choice(*options: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value).lower()
@@ -206,7 +224,7 @@ class NodeConfig:
         *,
         toml_text: str | None = None,
         env: Mapping[str, str] | None = None,
-        flags: Mapping[str, Any] | None = None,
+        flags: Mapping[str, object] | None = None,
         source: str = "config",
     ) -> NodeConfig:
         """Merge file, environment and flags (each later source wins) and validate."""
@@ -215,7 +233,7 @@ class NodeConfig:
             source=source))
 
     @classmethod
-    def build(cls, values: Mapping[str, Any]) -> NodeConfig:
+    def build(cls, values: Mapping[str, object]) -> NodeConfig:
         """Validate raw values (strings from env, TOML values, flags) into a config."""
         parsed = parse_values(values, _PARSERS)
         if "data_dir" not in parsed:
@@ -225,25 +243,25 @@ class NodeConfig:
             raise ConfigError(f"max_datagram must be between {MIN_DATAGRAM} and {MAX_DATAGRAM}")
         return config
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-friendly view (for logs and status)."""
         return config_dict(self)
 
 
-def merge_sources(table_name: str, env_prefix: str, parsers: Mapping[str, Any], *,
+def merge_sources(table_name: str, env_prefix: str, parsers: Mapping[str, object], *,
                   toml_text: str | None, env: Mapping[str, str] | None,
-                  flags: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
+                  flags: Mapping[str, object] | None, source: str) -> dict[str, object]:
     """Raw values of a service's config from its TOML file (keys under ``[table_name]`` or at
     the top level), ``<env_prefix><FIELD>`` variables and flags (``None``: not given), later
     sources winning. Unknown keys are refused (ConfigError naming where they came from)."""
 
-    def known(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    def known(table: Mapping[str, object], where: str) -> dict[str, object]:
         unknown = sorted(set(table) - set(parsers))
         if unknown:
             raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")
         return dict(table)
 
-    values: dict[str, Any] = {}
+    values: dict[str, object] = {}
     if toml_text is not None:
         try:
             doc = tomllib.loads(toml_text)
@@ -260,7 +278,7 @@ def merge_sources(table_name: str, env_prefix: str, parsers: Mapping[str, Any], 
     return values
 
 
-def parse_values(values: Mapping[str, Any], parsers: Mapping[str, Callable[[Any], Any]]
+def parse_values(values: Mapping[str, object], parsers: Mapping[str, Callable[[Any], Any]]
                  ) -> dict[str, Any]:
     """Each raw value through its field's parser (ConfigError names the field)."""
     parsed: dict[str, Any] = {}
@@ -275,9 +293,9 @@ def parse_values(values: Mapping[str, Any], parsers: Mapping[str, Callable[[Any]
     return parsed
 
 
-def config_dict(config: Any) -> dict[str, Any]:
+def config_dict(config: DataclassInstance) -> dict[str, object]:
     """A config dataclass as JSON-friendly values (paths as strings, seeds as host:port)."""
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, Path):
@@ -290,8 +308,8 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "data_dir": _path,
-    "host": str,
-    "advertise_host": lambda v: None if v in (None, "") else str(v),
+    "host": _ip_literal,
+    "advertise_host": _optional_ip_literal,
     "kademlia_port": _port,
     "data_port": _port,
     "metrics_port": _port,

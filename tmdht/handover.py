@@ -327,9 +327,10 @@ class OutboundHandover:
             else:
                 hseqs = [h for h in self._unacked if first <= h <= last]
             for hseq in hseqs:
-                entry = self._unacked.pop(hseq, None)
-                if entry is not None and (newest is None or entry.sent_at > newest.sent_at):
-                    newest = entry
+                acked_entry = self._unacked.pop(hseq) if hseq in self._unacked else None
+                if acked_entry is not None and (
+                        newest is None or acked_entry.sent_at > newest.sent_at):
+                    newest = acked_entry
         if now is not None and newest is not None and not newest.resent:
             self._sample(now - newest.sent_at)
         if resumed:

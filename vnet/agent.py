@@ -26,22 +26,23 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
 from tmdht import __version__, tunnel
-from tmdht.auth import AuthenticationError, ClusterKey, ReplayError, parse_cluster_keys
-from tmdht.client.dataplane import tune_socket_buffers
-from tmdht.errors import ConfigError, DecodeError, LimitExceededError, TmdhtError, UsageError
+from tmdht.aio.http import HealthServer
+from tmdht.aio.sockets import tune_socket_buffers
+from tmdht.aio.tasks import TaskSet
+from tmdht.auth import AuthenticationError, ReplayError
+from tmdht.errors import DecodeError, LimitExceededError, TmdhtError, UsageError
 from tmdht.ethernet import MacAddress, format_mac, parse_mac
 from tmdht.handover import PortState
-from tmdht.node.http import HealthServer
+from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterCredentials
 from tmdht.vnet.control import ControlServer, PortSpec
 from tmdht.vnet.directory import VnetDirectory
 from tmdht.vnet.metrics import AgentCounters, VnetMetrics
 from tmdht.vnet.ports import QemuPort, TapPort
-from tmdht.vnet.tasks import TaskSet
 from tmdht.vnet_config import VnetConfig
 from tmdht.vswitch import (
     EncryptPolicy,
@@ -57,30 +58,22 @@ from tmdht.vswitch import (
     WriteFrames,
 )
 
-__all__ = ["CLUSTER_KEY_ENV", "PORTS_FILE", "VnetAgent", "load_keys"]
+__all__ = ["PORTS_FILE", "VnetAgent", "load_credentials"]
 
 log = logging.getLogger("tmdht.vnet")
 
-CLUSTER_KEY_ENV = "TMDHT_CLUSTER_KEY"
 PORTS_FILE = "ports.json"
 
 
-def load_keys(config: VnetConfig, env: dict[str, str] | None = None) -> list[ClusterKey] | None:
-    """The cluster keys (file or $TMDHT_CLUSTER_KEY); None only if told to run open."""
-    env = dict(os.environ) if env is None else env
-    if config.cluster_key_file is not None:
-        try:
-            text = config.cluster_key_file.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cluster key file {config.cluster_key_file}: {exc.strerror}"
-                              ) from None
-        return parse_cluster_keys(text)
-    if env.get(CLUSTER_KEY_ENV):
-        return parse_cluster_keys(env[CLUSTER_KEY_ENV])
-    if config.insecure_open:
-        return None
-    raise ConfigError("no cluster key: set cluster_key_file or $TMDHT_CLUSTER_KEY "
-                      "(or insecure_open = true for local development only)")
+def load_credentials(config: VnetConfig, env: Mapping[str, str] | None = None
+                     ) -> ClusterCredentials:
+    """The cluster keys (``cluster_key_file`` or $TMDHT_CLUSTER_KEY); open mode only if
+    ``insecure_open``."""
+    return ClusterCredentials.load(
+        key_file=config.cluster_key_file, env=os.environ if env is None else env,
+        insecure_open=config.insecure_open,
+        how=f"set cluster_key_file or ${CLUSTER_KEY_ENV} "
+            "(or insecure_open = true for local development only)")
 
 
 class _Tunnel(asyncio.DatagramProtocol):
@@ -107,12 +100,13 @@ class _Port:
 class VnetAgent:
     """One host's agent. ``async with VnetAgent(config) as agent:`` or :meth:`run`."""
 
-    def __init__(self, config: VnetConfig, *, env: dict[str, str] | None = None,
+    def __init__(self, config: VnetConfig, *, env: Mapping[str, str] | None = None,
                  on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.config = config
-        self._keys = load_keys(config, env)
+        self.credentials = load_credentials(config, env)
         self.agent_id = secrets.randbits(64) or 1
-        self.codec = tunnel.TunnelCodec(self.agent_id, self._keys)
+        self.codec = tunnel.TunnelCodec(
+            self.agent_id, None if self.credentials.is_open else self.credentials.keys)
         self.counters = AgentCounters(
             port_overflow=lambda: sum(p.io.overflow for p in self._ports.values()))
         self.switch: VirtualSwitch | None = None
@@ -128,7 +122,7 @@ class VnetAgent:
         self._http: HealthServer | None = None
         self._control: ControlServer | None = None
         self._ports: dict[str, _Port] = {}
-        self._tasks = TaskSet(log, "tmdht-vnet")
+        self._tasks = TaskSet(log)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._pump_scheduled = False
@@ -149,7 +143,7 @@ class VnetAgent:
     async def start(self) -> None:
         """Start every part; on failure stop what was started and re-raise."""
         cfg = self.config
-        if self._keys is None:
+        if self.credentials.is_open:
             log.warning("RUNNING OPEN: tunnels are neither authenticated nor encrypted")
         try:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +170,7 @@ class VnetAgent:
                 fence_timeout=cfg.fence_timeout, gap_timeout=cfg.gap_timeout,
                 lookup_ttl=2 * cfg.lease))
             self.directory = VnetDirectory(
-                seeds=cfg.seeds, keys=self._keys, host=cfg.host, replicas=cfg.replicas,
+                seeds=cfg.seeds, credentials=self.credentials, host=cfg.host, replicas=cfg.replicas,
                 lease=cfg.lease, agent_id=self.agent_id, public_host=cfg.public_host,
                 tunnel_port=port, site=cfg.site)
             await self.directory.start()
@@ -219,7 +213,7 @@ class VnetAgent:
         for entry in list(self._ports.values()):
             await self._close_port(entry)
         self._ports.clear()
-        await self._tasks.close()
+        await self._tasks.cancel_all()
         if self.directory is not None:
             await self.directory.close()
             self.directory = None
@@ -246,7 +240,7 @@ class VnetAgent:
             await self.stop()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        return self._tasks.spawn(coro, name)
+        return self._tasks.spawn(coro, f"tmdht-vnet-{name}")
 
     # -- the switch ---------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 The agent joins the store cluster's Kademlia overlay as a *client* (it crawls the ring and
 follows membership, never becoming a member), places each record key on its R closest nodes
-(:func:`tmdht.placement.closest`, as clients place pages) and talks RECORD_PUT/RECORD_GET to
-their data planes. Writes go to every replica; reads ask every replica and keep the newest
+(:func:`tmdht.placement.closest`) and asks their data planes RECORD_PUT/RECORD_GET through the
+shared request engine (:class:`tmdht.aio.dataplane.DataPlaneClient`: retries and adaptive
+timeouts are its). Writes go to every replica; reads ask every replica and keep the newest
 version. Records the agent owns are renewed every lease / 3 (a restarted node is refilled, a
 node that took over a key range gets them); a crashed agent's records expire with their lease.
 Nothing here blocks forwarding: the switch floods while a lookup is on its way.
@@ -14,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from tmdht import wire
-from tmdht.auth import Authenticator, ClusterKey, keyring_from
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.aio.overlay import MembershipSubscription, Overlay
+from tmdht.aio.tasks import TaskSet
 from tmdht.errors import DecodeError, TmdhtError
-from tmdht.node.overlay import Member, MembershipEventKind, Overlay, OverlayConfig
+from tmdht.net.credentials import ClusterCredentials
+from tmdht.net.membership import Member, MembershipEventKind
+from tmdht.net.overlay import OverlayConfig
 from tmdht.placement import closest
 from tmdht.records import RecordStatus
 from tmdht.vdirectory import (
@@ -34,7 +37,6 @@ from tmdht.vdirectory import (
     network_key,
     newest_location,
 )
-from tmdht.vnet.tasks import TaskSet
 from tmdht.vswitch import LocationRecord, MemberRecord
 
 __all__ = ["DirectoryError", "DirectoryStats", "VnetDirectory"]
@@ -57,30 +59,16 @@ class DirectoryStats:
     get_failures: int = 0
 
 
-class _Answer:
-    """Collects the one datagram answering a record request."""
-
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.address = address
-        self.done: asyncio.Future[wire.Message] = asyncio.get_running_loop().create_future()
-
-    def add(self, part: int, parts: int, message: wire.Message) -> None:
-        if not self.done.done():
-            self.done.set_result(message)
-
-    def abort(self) -> None:
-        if not self.done.done():
-            self.done.cancel()
-
-
 class VnetDirectory:
     """Location and member records of one agent (see the module docstring)."""
 
-    def __init__(self, *, seeds: Sequence[tuple[str, int]], keys: list[ClusterKey] | None,
+    def __init__(self, *, seeds: Sequence[tuple[str, int]], credentials: ClusterCredentials,
                  host: str, replicas: int, lease: float, agent_id: int, public_host: str,
                  tunnel_port: int, site: str, timeout: float = 0.3, attempts: int = 3) -> None:
+        """``timeout`` and ``attempts`` are the request engine's (seconds to a node's first
+        answer, the floor of its adaptive timeout; times a request is sent)."""
         self.seeds = tuple(seeds)
-        self._keys = keys
+        self.credentials = credentials
         self.host = host
         self.replicas = replicas
         self.lease = lease
@@ -91,38 +79,39 @@ class VnetDirectory:
         self.timeout = timeout
         self.attempts = attempts
         self.stats = DirectoryStats()
-        self.auth = (Authenticator.open_mode() if keys is None
-                     else Authenticator.keyed(keyring_from(keys)))
         self._overlay: Overlay | None = None
         self._client: DataPlaneClient | None = None
         self._members: list[Member] = []
         self._owned: dict[tuple[int, bytes], int] = {}  # (vnet, mac) -> version renewed
         self._networks: set[int] = set()
-        self._tasks = TaskSet(log, "tmdht-vnet-directory")
+        self._tasks = TaskSet(log)
 
     # -- life cycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the socket, crawl the ring; raises DirectoryError if no node answers."""
         try:
-            self._client = await DataPlaneClient.open(self.auth, host=self.host)
-            keys = self._keys or []
+            self._client = await DataPlaneClient.open(
+                self.credentials.authenticator(), host=self.host, timeout=self.timeout,
+                attempts=self.attempts)
+            credentials = self.credentials
             self._overlay = await Overlay.start(OverlayConfig(
                 data_port=0, join=False, host=self.host, seeds=self.seeds,
-                cluster_key=keys[0].secret if keys else None,
-                accepted_cluster_keys=tuple(k.secret for k in keys[1:])))
+                cluster_key=credentials.overlay_key,
+                accepted_cluster_keys=credentials.accepted_overlay_keys))
             await self.refresh()
             if not self._members:
                 raise DirectoryError("no store node answered at "
                                      + ", ".join(f"{h}:{p}" for h, p in self.seeds))
-            self._tasks.spawn(self._follow(self._overlay.subscribe(replay=False)), "membership")
+            self._tasks.spawn(self._follow(self._overlay.subscribe(replay=False)),
+                              "tmdht-vnet-directory-membership")
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
         """Stop renewing and close (idempotent)."""
-        await self._tasks.close()
+        await self._tasks.cancel_all()
         if self._overlay is not None:
             await self._overlay.stop()
             self._overlay = None
@@ -135,7 +124,7 @@ class VnetDirectory:
         if self._overlay is not None:
             self._members = sorted(await self._overlay.crawl(), key=lambda m: m.node_id)
 
-    async def _follow(self, subscription: Any) -> None:
+    async def _follow(self, subscription: MembershipSubscription) -> None:
         try:
             async for event in subscription:
                 if event.kind in (MembershipEventKind.JOINED, MembershipEventKind.LEFT,
@@ -157,32 +146,16 @@ class VnetDirectory:
 
     # -- requests -----------------------------------------------------------------------------
 
-    async def _ask(self, member: Member, build: Callable[[int], wire.Message]
-                   ) -> wire.Message | None:
-        client = self._client
-        if client is None:
-            return None
-        address = member.data_address
-        for _attempt in range(self.attempts):
-            answer = _Answer(address)
-            request_id = client.send_request(address, build, answer)
-            try:
-                return await asyncio.wait_for(asyncio.shield(answer.done), self.timeout)
-            except (TimeoutError, asyncio.CancelledError):
-                continue
-            finally:
-                client.forget(request_id)
-        return None
-
     async def put(self, key: bytes, entry_id: int, version: int, value: bytes) -> bool:
         """Write an entry on every replica; True if at least one stored or renewed it."""
         self.stats.puts += 1
-        ttl_ms = int(self.lease * 1000)
+        client = self._client
+        if client is None:  # closed: nothing is written
+            self.stats.put_failures += 1
+            return False
+        entry = wire.RecordEntry(entry_id, version, int(self.lease * 1000), value)
         answers = await asyncio.gather(*(
-            self._ask(member, lambda rid: wire.RecordPut(request_id=rid, key=key,
-                                                         entry_id=entry_id, version=version,
-                                                         ttl_ms=ttl_ms, value=value))
-            for member in self._replicas(key)))
+            client.put_record(member.data_address, key, entry) for member in self._replicas(key)))
         ok = False
         for answer in answers:
             if isinstance(answer, wire.RecordPutResult):
@@ -198,9 +171,12 @@ class VnetDirectory:
         """The entries under a key, merged over the replicas (newest version per entry id);
         None if no replica answered."""
         self.stats.gets += 1
+        client = self._client
+        if client is None:  # closed: nobody is asked
+            self.stats.get_failures += 1
+            return None
         answers = await asyncio.gather(*(
-            self._ask(member, lambda rid: wire.RecordGet(request_id=rid, key=key))
-            for member in self._replicas(key)))
+            client.get_records(member.data_address, key) for member in self._replicas(key)))
         merged: dict[int, wire.RecordEntry] = {}
         answered = False
         for answer in answers:

@@ -215,14 +215,15 @@ def test_the_directory_lives_in_the_store_ring(cluster: LocalCluster) -> None:
     of a network are listed, answers come from the node's RECORD_PUT/RECORD_GET."""
     import asyncio
 
-    from tmdht.auth import parse_cluster_keys
+    from tmdht.net.credentials import ClusterCredentials
     from tmdht.vnet.directory import VnetDirectory
 
-    keys = parse_cluster_keys(cluster.key_file.read_text())
+    credentials = ClusterCredentials.from_file(cluster.key_file)
     mac = parse_mac("52:54:00:aa:bb:cc")
 
     def directory(agent: int, site: str) -> VnetDirectory:
-        return VnetDirectory(seeds=[cluster.seed], keys=keys, host="127.0.0.1", replicas=1,
+        return VnetDirectory(seeds=[cluster.seed], credentials=credentials, host="127.0.0.1",
+                             replicas=1,
                              lease=5.0, agent_id=agent, public_host="127.0.0.1",
                              tunnel_port=7000 + agent, site=site)
 

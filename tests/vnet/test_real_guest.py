@@ -12,7 +12,10 @@ import pytest
 
 from tmdht.lab import HostTools
 from tmdht.lab.netguest import ensure_net_initramfs
+from tmdht.lab.netlab import Services
 from tmdht.lab.netscenario import run_migration_scenario
+from tmdht.node.local import read_ready_line
+from tmdht.vnet.control import control_request
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
@@ -21,7 +24,8 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 def test_a_migrating_guest_loses_no_frame(tmp_path: Path, build_dir: Path,
                                           lab_tools: HostTools) -> None:
     initramfs = ensure_net_initramfs(build_dir / "lab", lab_tools)
-    result = run_migration_scenario("vnet", lab_tools, initramfs, tmp_path / "run", rate=300,
+    result = run_migration_scenario("vnet", lab_tools, initramfs, tmp_path / "run",
+                                    Services(read_ready_line, control_request), rate=300,
                                     migrate_after=1.5, tail_seconds=2.0, latency_seconds=1.0,
                                     tag="t")
     stream = result["stream"]

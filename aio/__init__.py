@@ -10,5 +10,6 @@ do, and neither imports the other. What both need to do IO the same way lives he
   (:mod:`tmdht.aio.kademlia`: what is kept from the package and how it is fixed);
 - :mod:`tmdht.aio.sockets` — UDP sockets with tuned kernel buffers;
 - :mod:`tmdht.aio.http` — a service's ``/metrics``, ``/healthz`` and ``/readyz`` endpoint;
+  :mod:`tmdht.aio.service` — a service stops on SIGTERM/SIGINT;
 - :mod:`tmdht.aio.tasks` — background tasks with an owner.
 """

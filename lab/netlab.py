@@ -257,7 +257,6 @@ class NetLab:
 
     def agent_metrics(self, site: str) -> dict[str, float]:
         """A site's agent's metrics (``name{label=value}`` -> value)."""
-        from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
 
         agent = self.sites[site].agent
         if agent is None:
@@ -266,12 +265,7 @@ class NetLab:
         text = self.exec(site, sys.executable, "-c",
                          "import urllib.request,sys;sys.stdout.write(urllib.request.urlopen("
                          f"'http://{host}:{port}/metrics',timeout=5).read().decode())")
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return out
+        return parse_metrics(text)
 
     def tap(self, site: str, name: str) -> str:
         """A persistent tap device in a site (bridge mode: a port of the site's bridge)."""
@@ -313,6 +307,18 @@ class NetLab:
                 break
             time.sleep(0.05)  # a poll interval: the state is in another process
         raise LabError(f"agent {site} did not learn {mac} at {where} within {timeout} s")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as ``name{label=value,...}`` (labels sorted) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
 
 
 def write_json(path: Path, doc: Any) -> None:

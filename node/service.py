@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypedDict
@@ -28,6 +27,7 @@ from tmdht import __version__, wire
 from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.aio.http import HealthServer
 from tmdht.aio.overlay import Overlay
+from tmdht.aio.service import stop_on_signals
 from tmdht.aio.tasks import TaskSet
 from tmdht.config import NodeConfig
 from tmdht.errors import OverlayError, TmdhtError
@@ -247,22 +247,15 @@ class StoreNode:
                 hard,
                 OPEN_FILES_WANTED,
             )
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT)
-        previous = {s: signal.getsignal(s) for s in signals}
-        for s in signals:
-            loop.add_signal_handler(s, self._stopped.set)
-        try:
-            await self.start()
-            notify_supervisor(f"READY=1\nSTATUS={self._status_line()}")
-            await self._stopped.wait()
-            log.info("shutting down")
-            notify_supervisor("STOPPING=1\nSTATUS=draining and closing the page store")
-        finally:
-            for s in signals:
-                loop.remove_signal_handler(s)
-                signal.signal(s, previous[s])
-            await self.stop()
+        with stop_on_signals(self._stopped):
+            try:
+                await self.start()
+                notify_supervisor(f"READY=1\nSTATUS={self._status_line()}")
+                await self._stopped.wait()
+                log.info("shutting down")
+                notify_supervisor("STOPPING=1\nSTATUS=draining and closing the page store")
+            finally:
+                await self.stop()
 
     def _check_socket_buffers(self) -> None:
         """Export every UDP socket's granted and requested buffers; warn about short ones."""

@@ -155,7 +155,12 @@ class SwitchConfig:
     before delivering without it (the source crashed, or never finished stopping)."""
     claim_timeout: float = 2.0
     """A destination that resumed before the directory said the MAC's version claims it after
-    this long without the answer (a version it may share with the old location)."""
+    this long without the answer (then with at least ``version_floor``)."""
+    version_floor: int = 0
+    """Lowest version this switch claims a location with. The agent passes its start time in
+    milliseconds since the epoch: a restarted agent that finds no record of a MAC (its old
+    location's lease expired) or no answer still outranks what earlier agents announced,
+    rather than claiming a version the peers already hold for the old location."""
     prepare_retry: float = 0.2
     prepare_attempts: int = 50
     lookup_ttl: float = 60.0
@@ -176,6 +181,8 @@ class SwitchConfig:
             raise UsageError("agent_id must be a non-zero u64")
         if not 0 < self.port < 65536:
             raise UsageError(f"tunnel port {self.port} out of range")
+        if not 0 <= self.version_floor < _U64:
+            raise UsageError("version_floor must be a u64 below the largest")
         if self.hold_frames < 1 or self.hold_bytes < 1:
             raise UsageError("hold_frames and hold_bytes must be >= 1")
         for name in ("hold_timeout", "handover_rto", "gap_timeout", "fence_timeout",
@@ -818,7 +825,8 @@ class VirtualSwitch:
     def _claim(self, port: _Port, base: int, now: float) -> None:
         """Make this agent the MAC's location at a version above ``base``: directory record,
         and a LOCATION to every agent of the network."""
-        port.version = base + 1 if base >= port.version else port.version
+        port.version = max(base + 1 if base >= port.version else port.version,
+                           self.config.version_floor)
         port.claimed = True
         port.claim_deadline = None
         self.fdb.forget(port.vnet, port.mac)

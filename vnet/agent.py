@@ -23,8 +23,6 @@ import json
 import logging
 import os
 import secrets
-import signal
-import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
@@ -32,7 +30,8 @@ from typing import Any
 
 from tmdht import __version__, tunnel
 from tmdht.aio.http import HealthServer
-from tmdht.aio.sockets import tune_socket_buffers
+from tmdht.aio.service import stop_on_signals
+from tmdht.aio.sockets import open_udp_socket
 from tmdht.aio.tasks import TaskSet
 from tmdht.auth import AuthenticationError, ReplayError
 from tmdht.errors import DecodeError, LimitExceededError, TmdhtError, UsageError
@@ -63,6 +62,8 @@ __all__ = ["PORTS_FILE", "VnetAgent", "load_credentials"]
 log = logging.getLogger("tmdht.vnet")
 
 PORTS_FILE = "ports.json"
+TUNNEL_SOCKET_BUFFER = 8 << 20
+"""Bytes asked for the tunnel socket's kernel buffers: a burst of held frames at a handover."""
 
 
 def load_credentials(config: VnetConfig, env: Mapping[str, str] | None = None
@@ -148,12 +149,8 @@ class VnetAgent:
         try:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
             loop = asyncio.get_running_loop()
-            sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET,
-                                 socket.SOCK_DGRAM)
+            sock, _ = open_udp_socket(cfg.host, cfg.tunnel_port, TUNNEL_SOCKET_BUFFER)
             try:
-                sock.bind((cfg.host, cfg.tunnel_port))
-                tune_socket_buffers(sock, 8 << 20)
-                sock.setblocking(False)
                 self._transport, _ = await loop.create_datagram_endpoint(
                     lambda: _Tunnel(self), sock=sock)
             except BaseException:
@@ -168,7 +165,7 @@ class VnetAgent:
                 hold_frames=cfg.hold_frames, hold_bytes=cfg.hold_bytes,
                 hold_timeout=cfg.hold_timeout, handover_rto=cfg.handover_rto,
                 fence_timeout=cfg.fence_timeout, gap_timeout=cfg.gap_timeout,
-                lookup_ttl=2 * cfg.lease))
+                lookup_ttl=2 * cfg.lease, version_floor=int(time.time() * 1000)))
             self.directory = VnetDirectory(
                 seeds=cfg.seeds, credentials=self.credentials, host=cfg.host, replicas=cfg.replicas,
                 lease=cfg.lease, agent_id=self.agent_id, public_host=cfg.public_host,
@@ -224,20 +221,13 @@ class VnetAgent:
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT (or a fatal error), then stop."""
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT)
-        previous = {s: signal.getsignal(s) for s in signals}
-        for s in signals:
-            loop.add_signal_handler(s, self._stopped.set)
-        try:
-            await self.start()
-            await self._stopped.wait()
-            log.info("shutting down")
-        finally:
-            for s in signals:
-                loop.remove_signal_handler(s)
-                signal.signal(s, previous[s])
-            await self.stop()
+        with stop_on_signals(self._stopped):
+            try:
+                await self.start()
+                await self._stopped.wait()
+                log.info("shutting down")
+            finally:
+                await self.stop()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         return self._tasks.spawn(coro, f"tmdht-vnet-{name}")

@@ -96,14 +96,15 @@ class Net:
         self.by_address[address] = agent
         return agent
 
-    def restart(self, name: str) -> Agent:
+    def restart(self, name: str, agent_id: int | None = None) -> Agent:
         """The agent process died and a new one (new id, empty state) took its address."""
         old = self.agents[name]
         old.alive = False
         del self.by_address[old.address]
-        agent_id = next(self._ids)
+        agent_id = agent_id if agent_id is not None else next(self._ids)
         config = SwitchConfig(agent_id=agent_id, host=old.address[0], port=old.address[1],
-                              site=old.switch.config.site, **self.config)  # type: ignore[arg-type]
+                              site=old.switch.config.site, version_floor=int(self.now * 1000),
+                              **self.config)  # type: ignore[arg-type]
         agent = Agent(name, VirtualSwitch(config), tunnel.TunnelCodec(agent_id, KEY), old.address,
                       vms=old.vms)
         self.agents[name] = agent

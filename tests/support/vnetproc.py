@@ -12,8 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from tmdht.lab.netlab import parse_metrics
 from tmdht.node.local import read_ready_line
 from tmdht.vnet.control import control_request
 
@@ -61,12 +60,7 @@ class AgentProcess:
         host, port = self.status["metrics"]
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as answer:
             text = answer.read().decode()
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return out
+        return parse_metrics(text)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

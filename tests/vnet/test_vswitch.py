@@ -214,6 +214,27 @@ def test_a_restarted_destination_gets_every_retained_frame_again() -> None:
     assert got == list(range(1, 17))
 
 
+def test_a_restarted_destination_outranks_a_location_whose_record_expired() -> None:
+    """Source and destination agents die; the destination's restarts after the source's record
+    expired: it finds no record, and its claim still wins at the peer that knew the old
+    location (its version floor)."""
+    net, peer, source, dest = three_sites()
+    net.attach(dest, "m", VNET, M, incoming=True)
+    net.send_from(peer, "p", frame(M, P, 1))
+    net.stop(source, "m", lost=0, queued=0)
+    net.agents["source"].alive = False  # both agents die
+    del net.by_address[source.address]
+    dest = net.restart("dest", agent_id=1)  # ids are random: a lower one loses version ties
+    net.directory.pop((VNET, bytes(M)))  # the source's lease ran out meanwhile
+    net.attach(dest, "m", VNET, M, incoming=True)
+    net.resume(dest, "m")
+    net.advance(3.0)
+    net.send_from(peer, "p", frame(M, P, 2))
+    net.advance(1.0)
+    assert numbers(dest.vms["m"].received)[-1:] == [2]
+    assert net.directory[(VNET, bytes(M))].agent == dest.switch.agent_id
+
+
 def test_a_dead_source_loses_only_what_it_held() -> None:
     net, peer, source, dest = three_sites(gap_timeout=0.2)
     net.attach(dest, "m", VNET, M, incoming=True)

@@ -237,7 +237,10 @@ class NodeConfig:
         """Validate raw values (strings from env, TOML values, flags) into a config."""
         parsed = parse_values(values, _PARSERS)
         if "data_dir" not in parsed:
-            raise ConfigError("data_dir is required")
+            raise ConfigError(
+                "data_dir is required (--data-dir DIR, data_dir under [node] in the config file, "
+                "or $TMDHT_NODE_DATA_DIR)"
+            )
         config = cls(**parsed)
         if not MIN_DATAGRAM <= config.max_datagram <= MAX_DATAGRAM:
             raise ConfigError(f"max_datagram must be between {MIN_DATAGRAM} and {MAX_DATAGRAM}")

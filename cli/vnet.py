@@ -17,7 +17,10 @@ from tmdht.vnet_config import VnetConfig
 
 @click.group()
 def vnet() -> None:
-    """Virtual network agent: VMs' Ethernet frames between hosts, kept while they migrate."""
+    """Virtual network agent: run, attach, detach, status.
+
+    The agent carries VMs' Ethernet frames between hosts and keeps them while the VMs migrate.
+    """
 
 
 @vnet.command("run", context_settings={"auto_envvar_prefix": None})

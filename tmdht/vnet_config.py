@@ -118,10 +118,13 @@ class VnetConfig:
         """Validate raw values (strings from env, TOML values, flags) into a config."""
         parsed = parse_values(values, _PARSERS)
         if "data_dir" not in parsed:
-            raise ConfigError("data_dir is required")
+            raise ConfigError("data_dir is required (--data-dir DIR, data_dir under [vnet] in the "
+                              "config file, or $TMDHT_VNET_DATA_DIR)")
         config = cls(**parsed)
         if not config.seeds:
-            raise ConfigError("seeds are required: the MAC directory lives in the store cluster")
+            raise ConfigError("seeds are required (--seed HOST:PORT of a store node, seeds under "
+                              "[vnet], or $TMDHT_VNET_SEEDS): the MAC directory lives in the "
+                              "store cluster")
         if config.lease < 3 * 0.1:
             raise ConfigError("lease must be at least 0.3 s")
         return config

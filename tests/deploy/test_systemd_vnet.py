@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support.deploy import unit_entries
 
 from tmdht.cli.vnet import vnet_run
 from tmdht.vnet_config import VnetConfig
@@ -23,18 +24,7 @@ MAX_EXPOSURE = 3.0  # it keeps CAP_NET_ADMIN (tap ports) and /dev/net/tun
 
 
 def entries() -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    section = ""
-    for raw in UNIT.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        out.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
-    return out
+    return unit_entries(UNIT.read_text())
 
 
 def exec_start() -> list[str]:

@@ -1,4 +1,5 @@
-"""Live migration over an emulated WAN: plain QEMU, QEMU multifd+zstd, tmdht, tmdht+zstd.
+"""Live migration over an emulated WAN: plain QEMU, QEMU multifd+zstd, tmdht, tmdht+zstd,
+tmdht over mutual TLS (``tmdht-tls``; the other tmdht variants run ``--insecure-plaintext``).
 
 Two network namespaces joined by a veth pair stand for two data centers; tc netem on both ends
 adds 10 ms each way (20 ms RTT) and caps the rate (100 Mbit/s and 1 Gbit/s by default). The
@@ -33,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from migration.helpers import make_fifo, read_ready, wait_report  # noqa: E402
+from support.tls import ScratchCA  # noqa: E402
 
 from tmdht.catalog import TemplateCatalog  # noqa: E402
 from tmdht.images import open_image  # noqa: E402
@@ -50,7 +52,7 @@ from tmdht.node.local import LocalCluster  # noqa: E402
 
 SPEC = GuestSpec(name="wanderer", workload="mixed", seed=21)
 SRC_ADDR, DST_ADDR = "10.233.0.1", "10.233.0.2"
-VARIANTS = ("qemu", "qemu-multifd-zstd", "tmdht", "tmdht-zstd")
+VARIANTS = ("qemu", "qemu-multifd-zstd", "tmdht", "tmdht-zstd", "tmdht-tls")
 MAX_BANDWIDTH = 10 << 30  # QEMU's own cap out of the way: the link is the limit
 FAST_NODE_ARGS = ["--replication-interval", "5", "--log-format", "text"]
 
@@ -152,7 +154,8 @@ def mine_catalog(build_dir: Path, path: Path, tools: HostTools) -> TemplateCatal
 
 def migrate_once(variant: str, wan: Wan, src_tools: HostTools, dst_tools: HostTools,
                  initramfs: Path, work: Path, catalog: Path, cluster: LocalCluster,
-                 timeout: float) -> dict[str, Any]:
+                 timeout: float, tls: tuple[Path, Path] | None = None) -> dict[str, Any]:
+    """One migration; ``tls``: the (receiver, sender) credential directories of tmdht-tls."""
     with Guest(SPEC, tools=src_tools, initramfs=initramfs) as source, \
             Guest(SPEC, incoming="defer", tools=dst_tools, initramfs=initramfs) as dest:
         source.wait_counter(3, timeout=90)
@@ -178,9 +181,14 @@ def migrate_once(variant: str, wan: Wan, src_tools: HostTools, dst_tools: HostTo
             dest.migrate_incoming("exec:" + tmdht(
                 "qemu", "receive", "--listen", f"{DST_ADDR}:0", "--seed", f"{host}:{port}",
                 "--cluster-key-file", cluster.key_file, "--ready-file", fifo,
-                "--report", receive_report, "--accept-timeout", "120"))
+                "--report", receive_report, "--accept-timeout", "120",
+                # the namespaces' veth is not loopback: TLS, or plaintext said out loud
+                *(["--tls-creds", tls[0]] if variant == "tmdht-tls" and tls
+                  else ["--insecure-plaintext"])))
             _host, port = read_ready(fifo, timeout=60)
             extra = ["--compress"] if variant == "tmdht-zstd" else []
+            extra += (["--tls-creds", str(tls[1])] if variant == "tmdht-tls" and tls
+                      else ["--insecure-plaintext"])
             uri = "exec:" + tmdht("qemu", "send", "--catalog", catalog, "--to",
                                   f"{DST_ADDR}:{port}", "--report", send_report, *extra)
         before = wan.bytes()
@@ -258,7 +266,16 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in ("wan_bytes", "total_time_ms", "downtime_ms", "qemu_transferred_bytes"):
             values = sorted(r[key] for r in mine if r[key] is not None)
             entry[key] = values[len(values) // 2] if values else None
+        for side in ("send", "receive"):  # the proxies' own CPU seconds (their reports)
+            cpu = sorted(r["proxy"][side].get("cpu_s", 0.0) for r in mine if "proxy" in r)
+            if cpu:
+                entry[f"{side}_cpu_s"] = cpu[len(cpu) // 2]
         out.append(entry)
+    plain_tmdht = next((e for e in out if e["variant"] == "tmdht"), None)
+    for entry in out:
+        if entry["variant"] == "tmdht-tls" and plain_tmdht and plain_tmdht["total_time_ms"]:
+            entry["time_vs_tmdht"] = entry["total_time_ms"] / plain_tmdht["total_time_ms"]
+            entry["wan_vs_tmdht"] = entry["wan_bytes"] / plain_tmdht["wan_bytes"]
     base = next((e for e in out if e["variant"] == "qemu"), None)
     for entry in out:
         if base and base["wan_bytes"]:
@@ -296,6 +313,11 @@ def main() -> int:
         work = Path(tmp)
         catalog_path = work / "templates.tmc"
         catalog = mine_catalog(args.build_dir, catalog_path, tools)
+        ca = ScratchCA(work / "ca")  # tmdht-tls: QEMU tls-creds-x509 directories
+        tls = (ca.creds(work / "tls-receiver", server=ca.issue(
+                   "receiver", "/O=bench/CN=receiver", server=True, names=f"IP:{DST_ADDR}")),
+               ca.creds(work / "tls-sender", client=ca.issue(
+                   "sender", "/O=bench/CN=sender", server=False)))
         results["catalog_templates"] = len(catalog)
         src_tools = replace(tools, qemu=wrapper(work, "qemu-src", wan.src, str(tools.qemu)))
         dst_tools = replace(tools, qemu=wrapper(work, "qemu-dst", wan.dst, str(tools.qemu)))
@@ -320,7 +342,7 @@ def main() -> int:
                     for variant in variants:
                         print(f"{rate} rep {rep + 1}: {variant} ...", file=sys.stderr, flush=True)
                         row = migrate_once(variant, wan, src_tools, dst_tools, initramfs, work,
-                                           catalog_path, cluster, args.timeout)
+                                           catalog_path, cluster, args.timeout, tls)
                         row["rep"] = rep
                         rows.append(row)
                         print(f"  wan {row['wan_bytes'] / (1 << 20):.1f} MiB, total "

@@ -30,7 +30,7 @@ from tmdht.aio.overlay import Overlay
 from tmdht.aio.service import stop_on_signals
 from tmdht.aio.tasks import TaskSet
 from tmdht.config import NodeConfig
-from tmdht.errors import OverlayError, TmdhtError
+from tmdht.errors import ConfigError, OverlayError, TmdhtError
 from tmdht.files import atomic_write
 from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterCredentials
 from tmdht.net.membership import Member, MembershipEventKind
@@ -248,7 +248,7 @@ class StoreNode:
                 hard,
                 OPEN_FILES_WANTED,
             )
-        with stop_on_signals(self._stopped):
+        with stop_on_signals(self._stopped, reload=self.reload_keys):
             try:
                 await self.start()
                 notify_supervisor(f"READY=1\nSTATUS={self._status_line()}")
@@ -257,6 +257,39 @@ class StoreNode:
                 notify_supervisor("STOPPING=1\nSTATUS=draining and closing the page store")
             finally:
                 await self.stop()
+
+    def reload_keys(self) -> bool:
+        """Re-read the cluster key file (SIGHUP, ``systemctl reload``) and use its keys from now
+        on, on both planes: a rotation step without a restart. A file that cannot be read or
+        parsed changes nothing: the node keeps its keys, logs why and returns False."""
+        path = self.config.cluster_key_file
+        why = ""
+        if path is None:
+            why = "the keys did not come from a file (cluster_key_file)"
+        elif self.credentials.is_open or self.auth.keyring is None:
+            why = "the node runs open (insecure_open): restart it to use a key"
+        if why:
+            log.warning("cluster key reload refused: %s; keeping %s", why,
+                        self.credentials.describe())
+            self.metrics.key_reloads.labels("failed").inc()
+            return False
+        assert path is not None and self.auth.keyring is not None
+        try:
+            credentials = ClusterCredentials.from_file(path)
+        except ConfigError as exc:
+            log.warning("cluster key reload failed: %s; keeping %s", exc,
+                        self.credentials.describe())
+            self.metrics.key_reloads.labels("failed").inc()
+            return False
+        self.auth.keyring.replace(list(credentials.keys))
+        key = credentials.overlay_key
+        assert key is not None
+        if self.overlay is not None:
+            self.overlay.set_cluster_keys(key, credentials.accepted_overlay_keys)
+        self.credentials = credentials
+        self.metrics.key_reloads.labels("ok").inc()
+        log.info("cluster keys reloaded from %s: %s", path, credentials.describe())
+        return True
 
     def _check_socket_buffers(self) -> None:
         """Export every UDP socket's granted and requested buffers; warn about short ones."""

@@ -85,6 +85,7 @@ class DataPlaneClient:
         self._waiting: dict[int, asyncio.Future[OperationResult]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._burst: list[tuple[bytes, Address]] = []
 
     @classmethod
     async def open(
@@ -235,8 +236,19 @@ class DataPlaneClient:
         return self._loop.time() if self._loop is not None else time.monotonic()
 
     def _on_datagram(self, data: bytes, addr: Address) -> None:
-        assert self._loop is not None
-        self.engine.receive_datagram(data, addr, self._loop.time())
+        """Datagrams the loop reads in one wake-up are collected and go into the engine as
+        one burst (decoded in one native call) once the loop has read them all."""
+        burst = self._burst
+        burst.append((data, addr))
+        if len(burst) == 1:
+            assert self._loop is not None
+            self._loop.call_soon(self._on_burst)
+
+    def _on_burst(self) -> None:
+        burst, self._burst = self._burst, []
+        if self._loop is None or self._transport is None or not burst:
+            return
+        self.engine.receive_datagrams(burst, self._loop.time())
         self._service()
 
     def _on_timer(self) -> None:

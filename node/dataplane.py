@@ -42,6 +42,7 @@ from tmdht.aio.sockets import SocketBuffers, open_udp_socket
 from tmdht.auth import AuthenticationError, Authenticator, ReplayError
 from tmdht.errors import DecodeError, LimitExceededError, TmdhtError, UsageError
 from tmdht.net.address import Address
+from tmdht.net.burst import encode_pages_answer
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
 from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
@@ -319,27 +320,19 @@ class DataPlaneServer(asyncio.DatagramProtocol):
 
     def _get_pages(self, msg: wire.GetPages, address: Address, arrived: float) -> None:
         digests = msg.digests
-        views = self._reading().views(digests)
-        found: list[tuple[PageDigest, ByteView]] = []
-        missing: list[PageDigest] = []
-        for digest, view in zip(digests, views, strict=True):
-            if view is None:
-                missing.append(digest)
-            else:
-                found.append((digest, view))
-        datagrams = wire.encode_pages_buffers(
+        datagrams, found = encode_pages_answer(  # sealed natively where built
             msg.request_id,
-            found,
-            missing,
+            digests,
+            self._reading().views(digests),
             max_datagram=self.max_datagram,
             auth=self.auth,
             now=self.clock(),
         )
         self._send_buffers(address, datagrams)  # now: the views end with the snapshot
         self._request_pages[wire.GetPages].inc(len(digests))
-        self._pages_served.inc(len(found))
-        if missing:
-            self._misses.inc(len(missing))
+        self._pages_served.inc(found)
+        if found < len(digests):
+            self._misses.inc(len(digests) - found)
         self._latency[wire.GetPages].observe(time.perf_counter() - arrived)
 
     def _has(self, msg: wire.Has, address: Address, arrived: float) -> None:

@@ -418,6 +418,11 @@ class Authenticator:
         """The replay window, if replays are checked."""
         return self._replay
 
+    def next_nonce(self) -> int:
+        """The nonce for the next datagram sealed (for a native sealer doing :meth:`seal`'s
+        work; :meth:`seal` takes its own)."""
+        return self._nonce_source()
+
     def seal(self, payload: ByteView, now: float) -> bytes:
         """Return ``payload`` followed by the auth block stamped with ``now`` and its tag."""
         timestamp_ms = int(now * 1000)

@@ -7,7 +7,8 @@ future. Windows, retries, hedging, failover and verification are the engine's (s
 :mod:`tmdht.net.engine`).
 
 The client library (:mod:`tmdht.client.store`) resolves and publishes pages with it; a store
-node's replication job (:mod:`tmdht.node.replication`) asks its peers HAS and PUT with it.
+node's replication job (:mod:`tmdht.node.replication`) asks its peers HAS and PUT with it; a vnet
+agent's MAC directory (:mod:`tmdht.vnet.directory`) keeps its records with RECORD_PUT/GET.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from tmdht.net.operations import (
     Operation,
     OperationResult,
     PutOutcome,
+    RecordRead,
+    RecordWrite,
     Store,
 )
 
@@ -192,6 +195,20 @@ class DataPlaneClient:
         if not isinstance(info, wire.NodeInfo):
             raise NodeUnreachableError(address, "NODE_INFO")
         return info
+
+    async def put_record(
+        self, address: Address, key: bytes, entry: wire.RecordEntry
+    ) -> wire.RecordPutResult | None:
+        """Keep a soft-state record entry on one node (RECORD_PUT); None if it did not
+        answer (or refused the request)."""
+        answer = await self._run(RecordWrite(address, key, entry))
+        return answer if isinstance(answer, wire.RecordPutResult) else None
+
+    async def get_records(self, address: Address, key: bytes) -> wire.Records | None:
+        """The live record entries one node holds under ``key`` (RECORD_GET); None if it did
+        not answer (or refused the request)."""
+        answer = await self._run(RecordRead(address, key))
+        return answer if isinstance(answer, wire.Records) else None
 
     async def _expect(self, kind: type[R], operation: Operation) -> R:
         result = await self._run(operation)

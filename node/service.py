@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -27,7 +26,9 @@ from typing import Any, TypedDict
 
 from tmdht import __version__, wire
 from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.aio.http import HealthServer
 from tmdht.aio.overlay import Overlay
+from tmdht.aio.service import stop_on_signals
 from tmdht.aio.tasks import TaskSet
 from tmdht.config import NodeConfig
 from tmdht.errors import ConfigError, OverlayError, TmdhtError
@@ -36,7 +37,6 @@ from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterCredentials
 from tmdht.net.membership import Member, MembershipEventKind
 from tmdht.net.overlay import OverlayConfig
 from tmdht.node.dataplane import DataPlaneServer
-from tmdht.node.http import HealthServer
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.replication import Replicator
 from tmdht.node.storage import PageStore
@@ -48,6 +48,7 @@ from tmdht.node.system import (
     read_sysctl,
 )
 from tmdht.ratelimit import RateLimitConfig
+from tmdht.records import RecordStore
 
 __all__ = ["DRAIN_TIMEOUT", "NodeStatus", "StoreNode"]
 
@@ -141,6 +142,7 @@ class StoreNode:
                 node_info=self._node_info,
                 on_stored=self._stored,
                 rate_limit=RateLimitConfig(rate=cfg.rate_limit, burst=cfg.rate_limit_burst),
+                records=RecordStore(),
             )
             self.http = HealthServer(
                 cfg.host, cfg.metrics_port, self.metrics.registry, self._health
@@ -251,23 +253,15 @@ class StoreNode:
                 hard,
                 OPEN_FILES_WANTED,
             )
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        previous = {s: signal.getsignal(s) for s in signals}
-        for s in signals[:2]:
-            loop.add_signal_handler(s, self._stopped.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
-        try:
-            await self.start()
-            notify_supervisor(f"READY=1\nSTATUS={self._status_line()}")
-            await self._stopped.wait()
-            log.info("shutting down")
-            notify_supervisor("STOPPING=1\nSTATUS=draining and closing the page store")
-        finally:
-            for s in signals:
-                loop.remove_signal_handler(s)
-                signal.signal(s, previous[s])
-            await self.stop()
+        with stop_on_signals(self._stopped, reload=self.reload_keys):
+            try:
+                await self.start()
+                notify_supervisor(f"READY=1\nSTATUS={self._status_line()}")
+                await self._stopped.wait()
+                log.info("shutting down")
+                notify_supervisor("STOPPING=1\nSTATUS=draining and closing the page store")
+            finally:
+                await self.stop()
 
     def reload_keys(self) -> bool:
         """Re-read the cluster key file (SIGHUP, ``systemctl reload``) and use its keys from now

@@ -1,9 +1,10 @@
 """The request engine: every data-plane request to store nodes, as one sans-IO state machine.
 
 A client (and a node's replication job) asks store nodes for pages (GET), whether they hold some
-(HAS), to store pages (PUT) and who they are (NODE_INFO). :class:`RequestEngine` does all of it
-without a socket or a clock, in the manner of aioquic's connection: operations go in with
-:meth:`~RequestEngine.submit`, datagrams with :meth:`~RequestEngine.receive_datagram` (or a
+(HAS), to store pages (PUT) and who they are (NODE_INFO); a vnet agent keeps soft-state records
+on them (RECORD_PUT, RECORD_GET: the virtual network's MAC directory). :class:`RequestEngine`
+does all of it without a socket or a clock, in the manner of aioquic's connection: operations go
+in with :meth:`~RequestEngine.submit`, datagrams with :meth:`~RequestEngine.receive_datagram` (or a
 burst with :meth:`~RequestEngine.receive_datagrams`), the passing of time with
 :meth:`~RequestEngine.handle_timer`; what to send comes out of
 :meth:`~RequestEngine.datagrams_to_send`, when to wake it up out of
@@ -41,8 +42,9 @@ A GET operation (:class:`Fetch`) has, per digest, a replica list (closest first)
   ``avoid_for`` seconds (asked last) and reported (:class:`NodeFailed`: the caller may probe it
   and :meth:`~RequestEngine.reinstate` it).
 
-The results are :class:`GetResult`, :class:`HasResult`, :class:`PutOutcome` and
-:class:`tmdht.wire.NodeInfo` (None: the node did not answer), in :class:`OperationDone` events
+The results are :class:`GetResult`, :class:`HasResult`, :class:`PutOutcome`,
+:class:`tmdht.wire.NodeInfo`, :class:`tmdht.wire.RecordPutResult` and
+:class:`tmdht.wire.Records` (None: the node did not answer), in :class:`OperationDone` events
 (the types are in :mod:`tmdht.net.operations`).
 
 Two seams are left on purpose. :meth:`~RequestEngine.receive_datagrams` takes a whole burst (what
@@ -77,11 +79,14 @@ from tmdht.net.operations import (
     GetResult,
     HasQuery,
     HasResult,
+    InfoQuery,
     NodeFailed,
     Operation,
     OperationDone,
     OperationResult,
     PutOutcome,
+    RecordRead,
+    RecordWrite,
     Store,
 )
 from tmdht.net.window import CongestionWindow, RequestWindow, RttEstimator
@@ -328,19 +333,29 @@ class _Put(_Items):
             self.open.discard(digest)
 
 
-class _Info(_Request):
-    __slots__ = ("answered",)
+class _Ask(_Request):
+    """A request answered by one datagram of one type (NODE_INFO, RECORD_PUT, RECORD_GET)."""
+
+    __slots__ = ("answer", "answered", "build")
     small = True
 
-    def __init__(self, op: _SingleOp, address: Address) -> None:
+    def __init__(
+        self,
+        op: _SingleOp,
+        address: Address,
+        build: Callable[[int], wire.Message],
+        answer: type[wire.NodeInfo | wire.RecordPutResult | wire.Records],
+    ) -> None:
         super().__init__(op, address)
+        self.build = build
+        self.answer = answer
         self.answered = False
 
     def message(self, request_id: int) -> wire.Message:
-        return wire.NodeInfoRequest(request_id=request_id)
+        return self.build(request_id)
 
     def absorb(self, engine: RequestEngine, message: _Answer) -> None:
-        if isinstance(message, wire.NodeInfo):
+        if isinstance(message, self.answer):
             assert isinstance(self.op, _SingleOp)
             self.op.result = message
             self.answered = True
@@ -430,7 +445,7 @@ class RequestEngine:
             self._check_single(op)
         else:
             op = self._single(op_id, None)
-            self._add(_Info(op, operation.address))
+            self._add(_ask(op, operation))
         self._settle()
         return op_id
 
@@ -911,6 +926,27 @@ class RequestEngine:
         op.done = True
         self._ops.pop(op.op_id, None)
         self._events.append(OperationDone(op.op_id, op.result))
+
+
+def _ask(op: _SingleOp, operation: InfoQuery | RecordWrite | RecordRead) -> _Ask:
+    """The one request of a NODE_INFO, RECORD_PUT or RECORD_GET operation."""
+    if isinstance(operation, InfoQuery):
+        return _Ask(op, operation.address, lambda rid: wire.NodeInfoRequest(request_id=rid),
+                    wire.NodeInfo)
+    if isinstance(operation, RecordWrite):
+        key, entry = operation.key, operation.entry
+        return _Ask(
+            op,
+            operation.address,
+            lambda rid: wire.RecordPut(
+                request_id=rid, key=key, entry_id=entry.entry_id, version=entry.version,
+                ttl_ms=entry.ttl_ms, value=entry.value,
+            ),
+            wire.RecordPutResult,
+        )
+    key = operation.key
+    return _Ask(op, operation.address, lambda rid: wire.RecordGet(request_id=rid, key=key),
+                wire.Records)
 
 
 def _result(op: _Op) -> OperationResult:

@@ -83,29 +83,31 @@ def wire_bytes(packet: bytes | memoryview) -> tuple[int, int]:
     if len(packet) < VNET_HDR_LEN:
         return 0, 0
     length = len(packet) - VNET_HDR_LEN
-    gso_type, gso_size = packet[1], int.from_bytes(packet[6:8], "little")
+    gso_type, gso_size = packet[1], int.from_bytes(packet[4:6], "little")
     if gso_type == _GSO_NONE or gso_size == 0 or length <= _WIRE_MTU:
         return length, 1
-    headers = _header_length(packet[VNET_HDR_LEN:])
+    headers = _header_length(packet, VNET_HDR_LEN)
     if headers is None or headers >= length:
         return length, 1
     segments = -(-(length - headers) // gso_size)
     return length + (segments - 1) * headers, segments
 
 
-def _header_length(ip: bytes | memoryview) -> int | None:
-    """IP + TCP (or UDP) header bytes of an IPv4/IPv6 packet, None if it is neither."""
-    if len(ip) < 1:
+def _header_length(packet: bytes | memoryview, at: int) -> int | None:
+    """IP + TCP (or UDP) header bytes of the IPv4/IPv6 packet at ``packet[at:]`` (not copied:
+    packets are up to 64 KiB), None if it is neither."""
+    size = len(packet) - at
+    if size < 1:
         return None
-    version = ip[0] >> 4
-    if version == 4 and len(ip) >= 20:
-        ihl, proto = (ip[0] & 0x0F) * 4, ip[9]
-    elif version == 6 and len(ip) >= 40:
-        ihl, proto = 40, ip[6]
+    version = packet[at] >> 4
+    if version == 4 and size >= 20:
+        ihl, proto = (packet[at] & 0x0F) * 4, packet[at + 9]
+    elif version == 6 and size >= 40:
+        ihl, proto = 40, packet[at + 6]
     else:
         return None
-    if proto == 6 and len(ip) >= ihl + 20:
-        return ihl + (ip[ihl + 12] >> 4) * 4
+    if proto == 6 and size >= ihl + 20:
+        return ihl + (packet[at + ihl + 12] >> 4) * 4
     if proto == 17:
         return ihl + 8
     return None
@@ -527,11 +529,9 @@ class Wan:
         for role in self.ROLES:
             (self.cgroup / role).mkdir()
         self.wrappers = {
-            "qemu-src": self.wrapper("qemu-src", self.src, SOURCE_CPU, "src-qemu"),
-            "qemu-dst": self.wrapper("qemu-dst", self.dst, DEST_CPU, "dst-qemu"),
             "sender": self.wrapper("sender", self.src, SOURCE_CPU, "sender"),
             "receiver": self.wrapper("receiver", self.dst, DEST_CPU, "receiver"),
-            "nodes": self.wrapper("nodes", self.dst, DEST_CPU, "nodes"),
+            "nodes": self.wrapper("nodes", self.dst, DEST_CPU, "nodes", self.python),
             "relay": self.wrapper("relay", None, DEST_CPU, "relay"),
             "check-src": self.wrapper("check-src", self.src, SOURCE_CPU, "check"),
             "check-dst": self.wrapper("check-dst", self.dst, DEST_CPU, "check"),
@@ -547,9 +547,11 @@ class Wan:
         for ns in (self.src, self.dst):
             run("ip", "netns", "del", ns, check=False)
 
-    def wrapper(self, name: str, namespace: str | None, cpu: int, role: str) -> Path:
+    def wrapper(self, name: str, namespace: str | None, cpu: int, role: str,
+                program: str | Path | None = None) -> Path:
         """A script that runs its arguments in ``namespace`` on ``cpu``, accounted to ``role``
-        (every step execs: the program keeps the script's PID). ``nsenter --net`` switches
+        (every step execs: the program keeps the script's PID); ``program`` comes before the
+        script's arguments when given. ``nsenter --net`` switches
         only the network namespace (``ip netns exec`` would also remount /sys, hiding the
         cgroups from the programs' own children, e.g. QEMU's ``exec:`` proxies)."""
         path = self.work / f"wrap-{name}"
@@ -558,6 +560,8 @@ class Wan:
             steps += ["nsenter", f"--net=/run/netns/{namespace}"]
         if self.pin:
             steps += ["taskset", "-c", str(cpu)]
+        if program is not None:
+            steps.append(str(program))
         path.write_text("#!/bin/sh\n"
                         f"echo $$ > {shlex.quote(str(self.cgroup / role / 'cgroup.procs'))}\n"
                         f"exec {shlex.join(steps)} \"$@\"\n")
@@ -570,6 +574,13 @@ class Wan:
         """CPU seconds used so far by each role (exited processes included)."""
         return {role: int((self.cgroup / role / "cpuacct.usage").read_text()) / 1e9
                 for role in self.ROLES}
+
+    def cpu_user_system(self, role: str) -> tuple[float, float]:
+        """(user, system) CPU seconds of ``role`` so far. The relay's system time includes the
+        destination kernel's receive path: a tun write runs it in the writer's context."""
+        group = self.cgroup / role
+        return (int((group / "cpuacct.usage_user").read_text()) / 1e9,
+                int((group / "cpuacct.usage_sys").read_text()) / 1e9)
 
     # the relay and the shaping
 
@@ -676,6 +687,7 @@ class Wan:
             _reap(echo)
         sink, port = self._start_server("sink")
         before = self.counters()
+        user0, sys0 = self.cpu_user_system("relay")
         try:
             self._client("source", "--host", DST_ADDR, "--port", str(port),
                          "--seconds", str(seconds), timeout=seconds + 60)
@@ -684,6 +696,7 @@ class Wan:
         finally:
             _reap(sink)
         after = self.counters()
+        user1, sys1 = self.cpu_user_system("relay")
         relay_cpu = after["cpu"]["relay"] - before["cpu"]["relay"]
         moved = sum(after["relay"][d]["bytes"] - before["relay"][d]["bytes"]
                     for d in ("up", "down"))
@@ -694,7 +707,8 @@ class Wan:
             "rtt_ms_min": min(rtts), "rtt_ms_median": statistics.median(rtts),
             "rtt_ms_max": max(rtts), "bulk_mbit_s": mbit, "bulk_bytes": bulk.get("bytes", 0),
             "bulk_seconds": bulk.get("seconds", 0.0), "relay_dropped_packets": dropped,
-            "relay_cpu_s": relay_cpu,
+            "relay_cpu_s": relay_cpu, "relay_user_s": user1 - user0,
+            "relay_system_s": sys1 - sys0, "relay_bytes": moved,
             "relay_cpu_s_per_gb": relay_cpu / (moved / 1e9) if moved else None,
         }
 
@@ -739,16 +753,19 @@ def parse_settings(rates: str, rtts: str) -> list[Setting]:
 def check_table(rows: list[tuple[Setting, dict[str, Any]]]) -> str:
     """The self-check as a text table."""
     lines = [f"{'link':>12} {'RTT set':>8} {'RTT min':>8} {'median':>8} {'max':>8} "
-             f"{'TCP bulk':>12} {'drops':>6} {'relay CPU':>11}",
+             f"{'TCP bulk':>12} {'drops':>6} {'relay CPU s per GB':>19}",
              f"{'':>12} {'ms':>8} {'ms':>8} {'ms':>8} {'ms':>8} {'Mbit/s':>12} {'':>6} "
-             f"{'s per GB':>11}"]
+             f"{'all (user+sys)':>19}"]
     for setting, check in rows:
         per_gb = check["relay_cpu_s_per_gb"]
+        gb = check.get("relay_bytes", 0) / 1e9
+        split = (f"({check['relay_user_s'] / gb:.2f}+{check['relay_system_s'] / gb:.2f})"
+                 if gb and "relay_user_s" in check else "")
         lines.append(
             f"{rate_label(setting.rate):>12} {setting.rtt_ms:8g} {check['rtt_ms_min']:8.2f} "
             f"{check['rtt_ms_median']:8.2f} {check['rtt_ms_max']:8.2f} "
             f"{check['bulk_mbit_s']:12.0f} {check['relay_dropped_packets']:6d} "
-            f"{per_gb if per_gb is not None else float('nan'):11.2f}")
+            f"{per_gb if per_gb is not None else float('nan'):7.2f} {split:>11}")
     return "\n".join(lines)
 
 

@@ -57,6 +57,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -561,6 +562,8 @@ def tables(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
+    """``STEM-time.png`` (time against link rate, one panel per RTT and guest), ``STEM-wan.png``
+    (WAN bytes per variant) and ``STEM-downtime.png`` (downtime per variant)."""
     try:
         import matplotlib  # noqa: PLC0415
     except ImportError:
@@ -574,78 +577,104 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     summary = results["summary"]
     guests = list(dict.fromkeys((e["memory_mib"], e["dirty"]) for e in summary))
     rtts = sorted({e["rtt_ms"] for e in summary})
-    rates = list(dict.fromkeys(s["rate"] for s in results["settings"]))
-    colors = dict(zip(VARIANTS, ("#777777", "#d08c2c", "#a05cb0", "#3b7dc4", "#3a9a4a"),
-                      strict=True))
-    link_x = {rate: i for i, rate in enumerate(rates)}
+    rates = list(dict.fromkeys(s["rate"] for s in results["settings"]
+                               if any(e["rate"] == s["rate"] for e in summary)))
+    style = dict(zip(VARIANTS, (("#555555", "o"), ("#d08c2c", "s"), ("#a05cb0", "^"),
+                                ("#3b7dc4", "D"), ("#3a9a4a", "v")), strict=True))
+    index = {(e["memory_mib"], e["dirty"], e["rate"], e["rtt_ms"], e["variant"]): e
+             for e in summary}
+    width = 0.8 / len(VARIANTS)
+
+    def offset(i: int) -> float:
+        return (i - len(VARIANTS) / 2 + 0.5) * width
+
+    def panels(title: str) -> tuple[Any, Any]:
+        fig, axes = plt.subplots(len(guests), len(rtts), squeeze=False,
+                                 figsize=(4.2 * len(rtts), 2.9 * len(guests) + 0.6))
+        fig.suptitle(textwrap.fill(title, 48 * len(rtts)), fontsize=9)
+        for row, (memory, dirty) in enumerate(guests):
+            for col, rtt in enumerate(rtts):
+                ax = axes[row][col]
+                ax.set_title(f"{GuestConfig(memory, dirty).label}, RTT {rtt:g} ms", fontsize=9)
+                ax.set_xticks(range(len(rates)), [rate_label(r) for r in rates], fontsize=8)
+                ax.set_xlim(-0.5, len(rates) - 0.5)
+        return fig, axes
+
+    def not_converged(ax: Any, x: float, e: dict[str, Any] | None) -> None:
+        if e is not None and not e["converged"]:
+            ax.plot([x], [0], marker="x", color="#cc0000", transform=ax.get_xaxis_transform(),
+                    clip_on=False, markersize=7, zorder=5)
+
     paths = []
-
-    def point(memory: int, dirty: int, rate: str, rtt: float, variant: str
-              ) -> dict[str, Any] | None:
-        return next((e for e in summary if (e["memory_mib"], e["dirty"], e["rate"], e["rtt_ms"],
-                                            e["variant"]) == (memory, dirty, rate, rtt, variant)),
-                    None)
-
-    # total time against link rate, one panel per RTT (rows: guests)
-    fig, axes = plt.subplots(len(guests), len(rtts), figsize=(4.5 * len(rtts), 3.2 * len(guests)),
-                             squeeze=False)
+    fig, axes = panels("Migration time, start to destination loaded (median, bars min-max; "
+                       "red x: did not converge)")
     for row, (memory, dirty) in enumerate(guests):
         for col, rtt in enumerate(rtts):
             ax = axes[row][col]
-            for variant in VARIANTS:
+            for i, variant in enumerate(VARIANTS):
                 xs, ys, lo, hi = [], [], [], []
                 for rate in rates:
-                    e = point(memory, dirty, rate, rtt, variant)
+                    e = index.get((memory, dirty, rate, rtt, variant))
+                    not_converged(ax, link_x_of(rates, rate) + offset(i), e)
                     if e is None or e["total_s"]["median"] is None:
                         continue
-                    xs.append(link_x[rate])
+                    xs.append(link_x_of(rates, rate) + offset(i))
                     ys.append(e["total_s"]["median"])
                     lo.append(e["total_s"]["median"] - e["total_s"]["min"])
                     hi.append(e["total_s"]["max"] - e["total_s"]["median"])
+                color, marker = style[variant]
                 if xs:
-                    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=variant,
-                                color=colors[variant])
-            ax.set_xticks(range(len(rates)), [rate_label(r) for r in rates])
-            ax.set_title(f"{GuestConfig(memory, dirty).label}, RTT {rtt:g} ms", fontsize=9)
-            ax.set_ylabel("migration time (s)")
+                    ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, capsize=2, label=variant,
+                                color=color, linewidth=1, markersize=5)
+            ax.set_ylabel("seconds", fontsize=8)
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-            ax.tick_params(axis="y", which="minor", labelsize=7)
+            ax.tick_params(axis="y", which="both", labelsize=7)
             ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("migration time, start to destination loaded (median, min-max; no point: "
-                 "did not converge)", fontsize=10)
     fig.tight_layout()
     paths.append(_save(fig, out_dir / f"{stem}-time.png", plt))
 
-    # WAN bytes and downtime per variant, grouped by link (one panel per guest, median RTT)
-    for key, label, name in (("wan_up_mib", "WAN MiB, source to destination", "wan"),
-                             ("switchover_ms", "downtime: source paused to destination "
-                              "loaded (ms)", "downtime")):
-        fig, axes = plt.subplots(len(guests), len(rtts),
-                                 figsize=(4.5 * len(rtts), 3.2 * len(guests)), squeeze=False)
-        width = 0.8 / len(VARIANTS)
+    for key, scale, unit, name, title in (
+            ("wan_up_mib", 1.0, "MiB", "wan",
+             "WAN bytes, source to destination (median; red x: did not converge)"),
+            ("switchover_ms", 1.0, "ms", "downtime",
+             "Downtime: source paused to destination loaded (median, bars min-max; "
+             "red x: did not converge)")):
+        fig, axes = panels(title)
         for row, (memory, dirty) in enumerate(guests):
             for col, rtt in enumerate(rtts):
                 ax = axes[row][col]
                 for i, variant in enumerate(VARIANTS):
                     bar_x: list[float] = []
                     bar_y: list[float] = []
+                    err: list[list[float]] = [[], []]
                     for rate in rates:
-                        e = point(memory, dirty, rate, rtt, variant)
-                        if e is not None and e[key]["median"] is not None:
-                            bar_x.append(link_x[rate] + (i - len(VARIANTS) / 2 + 0.5) * width)
-                            bar_y.append(e[key]["median"])
-                    ax.bar(bar_x, bar_y, width, label=variant, color=colors[variant])
-                ax.set_xticks(range(len(rates)), [rate_label(r) for r in rates])
-                ax.set_title(f"{GuestConfig(memory, dirty).label}, RTT {rtt:g} ms", fontsize=9)
-                ax.set_ylabel(label)
+                        e = index.get((memory, dirty, rate, rtt, variant))
+                        x = link_x_of(rates, rate) + offset(i)
+                        if key == "switchover_ms":
+                            not_converged(ax, x, e)
+                        if e is None or e[key]["median"] is None:
+                            continue
+                        bar_x.append(x)
+                        bar_y.append(e[key]["median"] * scale)
+                        err[0].append((e[key]["median"] - e[key]["min"]) * scale)
+                        err[1].append((e[key]["max"] - e[key]["median"]) * scale)
+                    ax.bar(bar_x, bar_y, width, yerr=err if key == "switchover_ms" else None,
+                           label=variant, color=style[variant][0], capsize=1.5,
+                           error_kw={"linewidth": 0.7})
+                ax.set_ylabel(unit, fontsize=8)
+                ax.tick_params(axis="y", labelsize=7)
                 ax.grid(alpha=0.3, axis="y")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         paths.append(_save(fig, out_dir / f"{stem}-{name}.png", plt))
     return paths
+
+
+def link_x_of(rates: list[str], rate: str) -> int:
+    return rates.index(rate)
 
 
 def _save(fig: Any, path: Path, plt: Any) -> Path:
@@ -684,17 +713,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--build-dir", type=Path, default=REPO / "build")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--name", help="results file stem (default: migrate, migrate-quick)")
+    parser.add_argument("--report", nargs="+", type=Path, metavar="JSON",
+                        help="run nothing: merge these results files, print their tables and "
+                             "plot them (as --name, default migrate-report)")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.name = args.name or ("migrate-quick" if args.quick else "migrate")
+    args.name = args.name or ("migrate-report" if args.report else
+                              "migrate-quick" if args.quick else "migrate")
     return args
+
+
+def report(paths: list[Path], out: Path, name: str) -> int:
+    """Tables and plots of earlier results files, merged (settings: the first file's check)."""
+    merged: dict[str, Any] = {"conditions": [], "settings": [], "guests": [], "runs": []}
+    seen = set()
+    for path in paths:
+        doc = json.loads(path.read_text())
+        merged["conditions"].append(doc["conditions"])
+        merged["guests"] += doc["guests"]
+        merged["runs"] += doc["runs"]
+        for setting in doc["settings"]:
+            if (setting["rate"], setting["rtt_ms"]) not in seen:
+                seen.add((setting["rate"], setting["rtt_ms"]))
+                merged["settings"].append(setting)
+    merged["summary"] = summarize(merged["runs"])
+    print_results(merged)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(merged, indent=1) + "\n")
+    for path in plot(merged, out, name):
+        print(f"wrote {path}")
+    return 0
+
+
+def print_results(results: dict[str, Any]) -> None:
+    print("The emulation's self-check (TCP ping-pong RTT; plain TCP bulk throughput; the relay's "
+          "CPU per GB forwarded during the bulk transfer):")
+    print(check_table([(Setting(s["rate"], s["rtt_ms"]), s["check"])
+                       for s in results["settings"]]))
+    print(tables(results))
+    print(counter_agreement(results["runs"]))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return report(args.report, args.out, args.name)
     if os.geteuid() != 0:
         log("needs root (network namespaces, tun devices, cgroups)")
         return 2
@@ -786,10 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         results["conditions"]["seconds"] = time.monotonic() - started
         results["conditions"]["loadavg_end"] = os.getloadavg()
     out_json.write_text(json.dumps(results, indent=1) + "\n")
-    print(check_table([(Setting(s["rate"], s["rtt_ms"]), s["check"])
-                       for s in results["settings"]]))
-    print(tables(results))
-    print(counter_agreement(results["runs"]))
+    print_results(results)
     for path in plot(results, args.out, args.name):
         print(f"wrote {path}")
     print(f"wrote {out_json} ({results['conditions']['seconds'] / 60:.1f} min)")

@@ -57,6 +57,7 @@ CPUACCT = Path("/sys/fs/cgroup/cpuacct")
 DEFAULT_BUFFER = 64 << 20
 DEFAULT_TCP_BUFFER = 64 << 20
 SOURCE_CPU, DEST_CPU = 0, 1
+RELAY_NICE = -10
 
 _TUNSETIFF = 0x400454CA
 _TUNSETOFFLOAD = 0x400454D0
@@ -532,7 +533,9 @@ class Wan:
             "sender": self.wrapper("sender", self.src, SOURCE_CPU, "sender"),
             "receiver": self.wrapper("receiver", self.dst, DEST_CPU, "receiver"),
             "nodes": self.wrapper("nodes", self.dst, DEST_CPU, "nodes", self.python),
-            "relay": self.wrapper("relay", None, DEST_CPU, "relay"),
+            # The relay is the network: it should not queue behind the site's processes (netem
+            # runs in softirq context); niced up, it still sleeps while no packet moves.
+            "relay": self.wrapper("relay", None, DEST_CPU, "relay", nice=RELAY_NICE),
             "check-src": self.wrapper("check-src", self.src, SOURCE_CPU, "check"),
             "check-dst": self.wrapper("check-dst", self.dst, DEST_CPU, "check"),
         }
@@ -548,7 +551,7 @@ class Wan:
             run("ip", "netns", "del", ns, check=False)
 
     def wrapper(self, name: str, namespace: str | None, cpu: int, role: str,
-                program: str | Path | None = None) -> Path:
+                program: str | Path | None = None, *, nice: int = 0) -> Path:
         """A script that runs its arguments in ``namespace`` on ``cpu``, accounted to ``role``
         (every step execs: the program keeps the script's PID); ``program`` comes before the
         script's arguments when given. ``nsenter --net`` switches
@@ -560,6 +563,8 @@ class Wan:
             steps += ["nsenter", f"--net=/run/netns/{namespace}"]
         if self.pin:
             steps += ["taskset", "-c", str(cpu)]
+        if nice:
+            steps += ["nice", "-n", str(nice)]
         if program is not None:
             steps.append(str(program))
         path.write_text("#!/bin/sh\n"

@@ -390,6 +390,8 @@ def _wan_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
             out[f"relay_{direction}_{key}"] = a[key] - b[key]
         out[f"if_{direction}_bytes"] = (after["interface"][direction]
                                         - before["interface"][direction])
+    for key, value in after.get("drops", {}).items():  # tbf and tun queue overflows
+        out[f"dropped_{key}"] = value - before["drops"][key]
     return out
 
 
@@ -827,6 +829,7 @@ def main(argv: list[str] | None = None) -> int:
                       shm=shm, converge_grace=args.converge_grace, timeout=args.timeout,
                       verify=not args.no_verify)
         done = 0
+        eta_from = time.monotonic()  # the ETA counts migrations (and boots), not the set-up
         for config in guests:
             with contextlib.ExitStack() as guest_stack:
                 log(f"booting the {config.label} guest ...")
@@ -846,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
                             row |= {"memory_mib": config.memory_mib, "dirty": config.dirty,
                                     "rate": setting.rate, "rtt_ms": setting.rtt_ms, "rep": rep}
                             results["runs"].append(row)
-                            log(_progress(done, total, started, config, setting, rep, row))
+                            log(_progress(done, total, eta_from, config, setting, rep, row))
                             results["summary"] = summarize(results["runs"])
                             out_json.write_text(json.dumps(results, indent=1) + "\n")
         results["conditions"]["seconds"] = time.monotonic() - started

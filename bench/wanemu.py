@@ -657,10 +657,22 @@ class Wan:
             out[name] = int(doc[0]["stats64"]["tx"]["bytes"])
         return out
 
+    def drops(self) -> dict[str, int]:
+        """Packets lost so far at each end's egress: tbf queue overflows (``qdisc``) and the tun's
+        own queue (``tun``: the relay did not read fast enough)."""
+        out = {}
+        for name, ns in (("up", self.src), ("down", self.dst)):
+            link = json.loads(run("ip", "-n", ns, "-s", "-j", "link", "show", "dev", TUN))
+            out[f"tun_{name}"] = int(link[0]["stats64"]["tx"]["dropped"])
+            qdiscs = json.loads(run("ip", "netns", "exec", ns, "tc", "-s", "-j", "qdisc", "show",
+                                    "dev", TUN))
+            out[f"qdisc_{name}"] = sum(int(q.get("drops", 0)) for q in qdiscs)
+        return out
+
     def counters(self) -> dict[str, Any]:
-        """Relay counters and interface counters in one snapshot."""
+        """Relay, interface, drop and CPU counters in one snapshot."""
         return {"relay": self.relay_command("stats"), "interface": self.interface_bytes(),
-                "cpu": self.cpu_seconds()}
+                "drops": self.drops(), "cpu": self.cpu_seconds()}
 
     # the self-check
 
@@ -707,11 +719,12 @@ class Wan:
                     for d in ("up", "down"))
         dropped = sum(after["relay"][d]["dropped_packets"] - before["relay"][d]["dropped_packets"]
                       for d in ("up", "down"))
+        dropped += sum(after["drops"][k] - before["drops"][k] for k in after["drops"])
         mbit = bulk["bytes"] * 8 / bulk["seconds"] / 1e6 if bulk.get("seconds") else 0.0
         return {
             "rtt_ms_min": min(rtts), "rtt_ms_median": statistics.median(rtts),
             "rtt_ms_max": max(rtts), "bulk_mbit_s": mbit, "bulk_bytes": bulk.get("bytes", 0),
-            "bulk_seconds": bulk.get("seconds", 0.0), "relay_dropped_packets": dropped,
+            "bulk_seconds": bulk.get("seconds", 0.0), "dropped_packets": dropped,
             "relay_cpu_s": relay_cpu, "relay_user_s": user1 - user0,
             "relay_system_s": sys1 - sys0, "relay_bytes": moved,
             "relay_cpu_s_per_gb": relay_cpu / (moved / 1e9) if moved else None,
@@ -769,7 +782,7 @@ def check_table(rows: list[tuple[Setting, dict[str, Any]]]) -> str:
         lines.append(
             f"{rate_label(setting.rate):>12} {setting.rtt_ms:8g} {check['rtt_ms_min']:8.2f} "
             f"{check['rtt_ms_median']:8.2f} {check['rtt_ms_max']:8.2f} "
-            f"{check['bulk_mbit_s']:12.0f} {check['relay_dropped_packets']:6d} "
+            f"{check['bulk_mbit_s']:12.0f} {check.get('dropped_packets', check.get('relay_dropped_packets', 0)):6d} "
             f"{per_gb if per_gb is not None else float('nan'):7.2f} {split:>11}")
     return "\n".join(lines)
 

@@ -76,7 +76,7 @@ def test_report_merges_result_files(tmp_path: Path, capsys: pytest.CaptureFixtur
     monkeypatch.setattr(migrate, "plot", lambda results, out, name: [])
     setting = {"rate": "1gbit", "rtt_ms": 20.0,
                "check": {"rtt_ms_min": 20.5, "rtt_ms_median": 20.6, "rtt_ms_max": 21.0,
-                         "bulk_mbit_s": 930.0, "relay_dropped_packets": 0,
+                         "bulk_mbit_s": 930.0, "dropped_packets": 0,
                          "relay_cpu_s_per_gb": 1.8}}
     for index, part in enumerate((RUNS[:3], RUNS[3:])):
         (tmp_path / f"{index}.json").write_text(json.dumps(

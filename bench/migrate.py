@@ -291,13 +291,15 @@ def switchover(source: Guest, dest: Guest) -> tuple[float | None, float | None]:
     return (stops[-1].timestamp if stops else None, loaded[-1].timestamp if loaded else None)
 
 
-def memory_identical(ctx: Context, source: Guest, dest: Guest) -> bool:
-    """Save both guests' memory (/dev/shm) and compare page by page (VGA window excepted)."""
+def memory_differences(ctx: Context, source: Guest, dest: Guest) -> list[int]:
+    """Save both guests' memory (/dev/shm), compare page by page (VGA window excepted) and
+    return the page numbers that differ."""
     a, b = ctx.shm / "source.raw", ctx.shm / "dest.raw"
     try:
         source.pmemsave(a, timeout=300)
         dest.pmemsave(b, timeout=300)
-        return not differing_pages(a, b)
+        differing: list[int] = differing_pages(a, b)
+        return differing
     finally:
         a.unlink(missing_ok=True)
         b.unlink(missing_ok=True)
@@ -367,7 +369,10 @@ def migrate_once(ctx: Context, variant: str, spec: GuestSpec, source: Guest,
         if converged and row.get("dest_status") == "completed":
             last = source.counter or 0
             if ctx.verify:
-                row["identical"] = memory_identical(ctx, source, dest)
+                differing = memory_differences(ctx, source, dest)
+                row["identical"] = not differing
+                row["differing_pages"] = len(differing)
+                row["differing_sample"] = differing[:16]
             dest.cont()
             try:
                 dest.wait_counter(last + 1, timeout=60)

@@ -538,8 +538,8 @@ def tables(results: dict[str, Any]) -> str:
                 lines.append(f"   self-check at {rtt:g} ms: RTT {check['rtt_ms_median']:.1f} ms, "
                              f"TCP bulk {check['bulk_mbit_s']:.0f} Mbit/s")
         lines.append(
-            f"{'guest':22} {'RTT':>3} {'variant':17} {'WAN MiB up':>18} {'down':>4} "
-            f"{'xplain':>6} {'time s':>17} {'xplain':>6} {'switchover ms':>16} {'QEMU':>5} "
+            f"{'guest':21} {'RTT':>3} {'variant':17} {'WAN MiB':>7} {'down':>4} {'xplain':>6} "
+            f"{'time s [min-max]':>17} {'xplain':>6} {'switchover ms':>17} {'QEMU':>5} "
             f"{'rnd':>3} {'conv':>4} {'same':>4} {'up':>4} {'dirt':>4} | CPU s: "
             f"{'srcQEMU(vcpu)':>13} {'sender':>6} {'dstQEMU':>7} {'recv':>5} {'nodes':>5} "
             f"{'relay':>5}")
@@ -549,11 +549,11 @@ def tables(results: dict[str, Any]) -> str:
             guest = GuestConfig(e["memory_mib"], e["dirty"]).label
             cpu = {role: e[f"cpu_{role}"]["median"] for role in ROLES_SHOWN}
             lines.append(
-                f"{guest:22} {e['rtt_ms']:3g} {e['variant']:17} "
-                f"{_range(e['wan_up_mib'], '.1f'):>18} {_fmt(e['wan_down_mib']['median']):>4} "
+                f"{guest:21} {e['rtt_ms']:3g} {e['variant']:17} "
+                f"{_fmt(e['wan_up_mib']['median']):>7} {_fmt(e['wan_down_mib']['median']):>4} "
                 f"{_fmt(e.get('wan_up_mib_vs_plain'), '.2f'):>6} "
                 f"{_range(e['total_s'], '.1f'):>17} {_fmt(e.get('total_s_vs_plain'), '.2f'):>6} "
-                f"{_range(e['switchover_ms'], '.0f'):>16} "
+                f"{_range(e['switchover_ms'], '.0f'):>17} "
                 f"{_fmt(e['qemu_downtime_ms']['median'], '.0f'):>5} "
                 f"{_fmt(e['rounds']['median'], '.0f'):>3} {e['converged']}/{e['runs']:<2} "
                 f"{e['identical']}/{e['converged']:<2} {e['resumed']}/{e['converged']:<2} "

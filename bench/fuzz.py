@@ -41,10 +41,12 @@ from typing import Any
 from tmdht import wire
 from tmdht.auth import AUTH_OVERHEAD, Authenticator
 from tmdht.catalog import TemplateCatalog
+from tmdht.catalog_file import TemplateDigests
 from tmdht.config import NodeConfig
 from tmdht.dedup_stream import DedupDecoder, DedupEncoder
 from tmdht.errors import ConfigError, DecodeError
 from tmdht.images import RamBlock
+from tmdht.migration_stream import Need, SenderRewriter
 from tmdht.node._kademlia_compat import decode_datagram, encode_request, encode_response
 from tmdht.node.overlay import NodeInfo, parse_contacts, parse_node_info
 from tmdht.pages import PAGE_SIZE, ZERO_PAGE, PageDigest, digest_page
@@ -176,6 +178,88 @@ def qemu_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exceptio
     return seeds, _incremental(QemuStreamParser), DecodeError
 
 
+def _qemu_seeds() -> list[bytes]:
+    seeds, _run, _allowed = qemu_target()
+    return seeds
+
+
+def _migration_seeds() -> tuple[list[bytes], TemplateCatalog]:
+    """Forward streams (hello, RAW, PAGE, ZPAGE, TEMPLATE, BACKREF, DEVICE, END, FALLBACK) of a
+    small synthetic migration, plain and compressed, whole and cut."""
+    pool = _pages(4, 5)
+    pool.append(bytes(4095) + b"\x01")  # compresses: a ZPAGE
+    catalog = TemplateCatalog.from_digests([digest_page(p) for p in pool[:2]])
+    w = QemuStreamWriter()
+    infos = [RamBlockInfo("pc.ram", 8 * PAGE_SIZE), RamBlockInfo("vga.rom", PAGE_SIZE)]
+    out = [w.header(), w.configuration("pc-q35-7.2")]
+    out += [w.section_start(2, "ram", 0, 4), w.mem_size(infos), w.eos(), w.footer(2)]
+    out.append(w.section_part(2, end=True))
+    for i, page in enumerate([pool[0], pool[2], pool[0], pool[4], pool[1], pool[3]]):
+        out.append(w.page("pc.ram", i * PAGE_SIZE, page))
+    out += [w.zero("pc.ram", 7 * PAGE_SIZE), w.page("vga.rom", 0, pool[2]), w.eos(), w.footer(2)]
+    out.append(b"\x04\x00\x00\x00\x05\x06timer\x00\x00\x00\x00\x00\x00\x00\x02\x01\x02\x03\x7e")
+    stream = b"".join(out)
+    seeds = []
+    for compress in (False, True):
+        sender = SenderRewriter(catalog.catalog_id, lambda ds: [catalog.contains(d) for d in ds],
+                                compress=compress, backref_window=4, flow_window=1 << 20)
+        wire = sender.start() + sender.feed(stream) + sender.finish()
+        # pool[1] (body 4) is a template the "cluster" below lacks: its FALLBACK is valid
+        seeds += [wire + sender.fallback(Need((4,))), wire, wire[: len(wire) // 2]]
+    return seeds, catalog
+
+
+def native_qemu_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
+    """The native sender's QEMU stream parser (and the records it writes)."""
+    from tmdht.native import NativeSender  # noqa: PLC0415
+
+    catalog = TemplateCatalog.from_digests([digest_page(p) for p in _pages(3, 4)[:2]])
+    templates = TemplateDigests(catalog.catalog_id, catalog.digests.tobytes())
+
+    def run(data: bytes) -> object:
+        sender = NativeSender(templates, backref_window=2, compress=len(data) % 2 == 0)
+        sender.start()
+        half = len(data) // 2
+        out = sender.feed(data[:half]) + sender.feed(data[half:])
+        return out + sender.finish()
+
+    return _qemu_seeds(), run, DecodeError
+
+
+def _receive(receiver: Any, pages: dict[bytes, bytes], data: bytes) -> object:
+    half = len(data) // 3
+    out = []
+    for piece in (data[:half], data[half:]):
+        receiver.feed(piece)
+        indices, digests = receiver.wanted_batch(64)
+        known = [(i, pages.get(digests[32 * k : 32 * k + 32])) for k, i in enumerate(indices)]
+        receiver.supply_batch([i for i, p in known if p], [p for _, p in known if p])
+        receiver.unavailable([i for i, p in known if not p])
+        receiver.requests()
+        out += receiver.output()
+        receiver.ack(4096)
+    receiver.close()
+    return out
+
+
+def migration_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
+    """The reference receiver (forward-stream decoder, rebuild, verification)."""
+    from tmdht.native import ReferenceReceiver  # noqa: PLC0415
+
+    seeds, _catalog = _migration_seeds()
+    pages = {digest_page(p): p for p in _pages(4, 5)[:1]}
+    return seeds, lambda data: _receive(ReferenceReceiver(), pages, data), DecodeError
+
+
+def native_migration_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
+    """The native receiver (forward-stream decoder, rebuild, verification)."""
+    from tmdht.native import NativeReceiver  # noqa: PLC0415
+
+    seeds, _catalog = _migration_seeds()
+    pages = {digest_page(p): p for p in _pages(4, 5)[:1]}
+    return seeds, lambda data: _receive(NativeReceiver(), pages, data), DecodeError
+
+
 def config_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
     seeds = [
         b'[node]\ndata_dir = "/var/lib/tmdht"\nseeds = ["10.0.0.1:7400", "[::1]:7500"]\n'
@@ -218,6 +302,9 @@ TARGETS: dict[str, Callable[[], tuple[list[bytes], Callable[[bytes], object], ty
     "dedup_stream": dedup_target,
     "catalog": catalog_target,
     "qemu_stream": qemu_target,
+    "native_qemu_stream": native_qemu_target,
+    "migration_stream": migration_target,
+    "native_migration_stream": native_migration_target,
     "config": config_target,
     "overlay": overlay_target,
 }
@@ -306,7 +393,10 @@ def fuzz_one(name: str, inputs: int, seed: int, time_limit: float, crash_dir: st
         t0 = time.perf_counter()
         signal.setitimer(signal.ITIMER_REAL, time_limit)
         try:
-            run(data)
+            try:
+                run(data)
+            finally:  # disarmed before any handler runs: a late alarm must not escape one
+                signal.setitimer(signal.ITIMER_REAL, 0)
             result.accepted += 1
         except Hang:
             result.hangs += 1
@@ -315,11 +405,11 @@ def fuzz_one(name: str, inputs: int, seed: int, time_limit: float, crash_dir: st
             result.rejected += 1
             messages.add(f"{type(exc).__name__}: {_DIGITS.sub('N', str(exc))[:120]}")
             kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
-        except Exception as exc:  # noqa: BLE001 - anything else is exactly what we look for
+        except BaseException as exc:  # anything else is what we look for (a native panic too)
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
             result.crashes += 1
             _save(crash_dir, name, f"{type(exc).__name__}: {exc}"[:300], data, result)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
         slowest = max(slowest, time.perf_counter() - t0)
     result.inputs = inputs
     result.seconds = round(time.perf_counter() - started, 2)

@@ -1,5 +1,5 @@
 """``python -m tmdht.cli``: the same as the ``tmdht`` command."""
 
-from tmdht.cli.main import main
+from tmdht.cli import main
 
 main()

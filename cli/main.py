@@ -6,20 +6,18 @@ Every option can also come from the environment: ``TMDHT_<COMMAND>_<OPTION>`` (c
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
 import logging
 import sys
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
 
+from tmdht.cli.proxy import run_async as run_async  # noqa: PLC0414 - re-exported
 from tmdht.errors import TmdhtError, UsageError
 
-T = TypeVar("T")
 log = logging.getLogger("tmdht.cli")
 
 stdout = Console(highlight=False)
@@ -106,23 +104,22 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from tmdht import __version__  # noqa: PLC0415
+    from tmdht.native import describe  # noqa: PLC0415
+
+    click.echo(f"{ctx.find_root().info_name}, version {__version__}\n{describe()}")
+    ctx.exit()
+
+
 @click.group(cls=TmdhtGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="tmdht")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version,
+              help="Show the version and which migration pipeline (native or pure-Python) runs.")
 def cli() -> None:
     """tmdht: template-page deduplication for live VM migration."""
-
-
-def run_async(main: Coroutine[Any, Any, T], loop: str = "uvloop") -> T:
-    """Run a command's coroutine on uvloop, every tmdht process's event loop, unless ``loop`` is
-    ``"asyncio"`` (bench/node.py measures one against the other) or uvloop is not installed."""
-    if loop == "uvloop":
-        try:
-            import uvloop  # noqa: PLC0415
-        except ImportError:
-            log.warning("uvloop is not installed; using asyncio's event loop")
-        else:
-            return uvloop.run(main)
-    return asyncio.run(main)
 
 
 def main() -> None:

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Coroutine, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import click
 
 from tmdht.cli.access import cluster_options, store_kwargs
-from tmdht.cli.main import parse_size, run_async, stderr
+from tmdht.cli.main import parse_size
+from tmdht.cli.proxy import run_proxy, setup_logging
 from tmdht.config import parse_address
 from tmdht.errors import ConfigError, UsageError
 
@@ -42,48 +40,6 @@ def _address(text: str, what: str, *, any_port: bool = False) -> tuple[str, int]
     except ConfigError as exc:
         raise UsageError(f"{what}: {exc}") from None
     return host, port
-
-
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    for noisy in ("kademlia", "rpcudp"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-@contextmanager
-def _progress(enabled: bool, description: str) -> Iterator[Any]:
-    """A live bar of QEMU bytes on stderr; yields ``update(done, total)``."""
-    if not enabled:
-        yield lambda done, total=None: None
-        return
-    from rich.progress import (  # noqa: PLC0415
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TransferSpeedColumn,
-    )
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), console=stderr, transient=False) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int | None = None) -> None:
-            bar.update(task, completed=done, total=max(total, done) if total else None)
-
-        yield update
-
-
-def _metrics_server(port: int | None, metrics: Any) -> Any:
-    if port is None:
-        return None
-    from tmdht.client.migration import serve_metrics  # noqa: PLC0415
-
-    return serve_metrics(port, metrics)
 
 
 @click.group()
@@ -115,40 +71,13 @@ def send(catalog: Path, to: str, compress: bool, backref_window: int, flow_windo
     """Read QEMU's migration stream on stdin, send it deduplicated to a receiver."""
     from tmdht.client.migration import SenderConfig, run_sender  # noqa: PLC0415
 
-    _setup_logging(log_level)
+    setup_logging(log_level)
     config = SenderConfig(catalog=catalog, to=_address(to, "--to"), compress=compress,
                           backref_window=backref_window, flow_window=parse_size(flow_window),
                           connect_timeout=connect_timeout, done_timeout=done_timeout)
-    _run_proxy("send", progress, metrics_port, report_path,
-               lambda metrics, update: run_sender(config, metrics=metrics, on_progress=update))
-
-
-def _run_proxy(role: str, progress: bool, metrics_port: int | None, report_path: Path | None,
-               start: Callable[[Any, Callable[..., None]], Coroutine[Any, Any, Any]]) -> None:
-    """Run one proxy, ``start(metrics, on_progress)``, with its metrics server and progress bar;
-    write its report (a failure's too) to ``report_path``."""
-    from tmdht.client.migration import (  # noqa: PLC0415 - IO stack on demand
-        MigrationFailed,
-        MigrationMetrics,
-        MigrationReport,
-        write_report,
-    )
-
-    metrics = MigrationMetrics()
-    server = _metrics_server(metrics_port, metrics)
-    try:
-        with _progress(progress, role) as update:
-            try:
-                report = run_async(start(metrics, update))
-            except MigrationFailed as exc:
-                failed = MigrationReport(role, ok=False, error=str(exc))
-                write_report(exc.report or failed, report_path)
-                raise
-        write_report(report, report_path)
-    finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+    run_proxy("send", progress, metrics_port, report_path,
+               lambda metrics, update: run_sender(config, metrics=metrics, on_progress=update),
+               run_in_loop=False)
 
 
 @qemu.command()
@@ -177,18 +106,18 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
             resolve_parallel: int, resolve_timeout: float, progress: bool,
             metrics_port: int | None, report_path: Path | None, log_level: str) -> None:
     """Accept a sender, rebuild QEMU's migration stream on stdout (resolving via the cluster)."""
-    from tmdht.catalog import TemplateCatalog  # noqa: PLC0415
+    from tmdht.catalog_file import read_template_digests  # noqa: PLC0415
     from tmdht.client.migration import (  # noqa: PLC0415 - IO stack on demand
         ReceiverConfig,
         run_receiver,
         save_report,
     )
 
-    _setup_logging(log_level)
+    setup_logging(log_level)
     store = None if no_cluster else store_kwargs(seeds, cluster_key_file, insecure_open)
     config = ReceiverConfig(
         listen=_address(listen, "--listen", any_port=True), store=store,
-        expected_catalog_id=TemplateCatalog.load(catalog).catalog_id if catalog else None,
+        expected_catalog_id=read_template_digests(catalog).catalog_id if catalog else None,
         ready_file=ready_file, accept_timeout=accept_timeout, resolve_batch=resolve_batch,
         resolve_parallel=resolve_parallel, resolve_timeout=resolve_timeout)
 
@@ -196,7 +125,7 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
         sys.stderr.write(f"READY {address[0]}:{address[1]}\n")
         sys.stderr.flush()
 
-    _run_proxy("receive", progress, metrics_port, report_path,
+    run_proxy("receive", progress, metrics_port, report_path,
                lambda metrics, update: run_receiver(
                    config, metrics=metrics, on_listening=listening, on_progress=update,
                    on_verified=lambda r: save_report(r, report_path)))

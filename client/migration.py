@@ -1,10 +1,14 @@
 """The migration proxies: QEMU's stream in, a dedup stream over TCP, QEMU's stream out.
 
 The sender (source host) reads QEMU's outgoing migration stream on stdin — QEMU runs it as
-``migrate "exec:tmdht qemu send ..."`` — and drives :class:`tmdht.migration_stream.SenderRewriter`.
-The receiver (destination host) listens for the sender, rebuilds QEMU's stream with
-:class:`tmdht.migration_stream.ReceiverRebuilder` and writes it to stdout — QEMU runs it as
-``-incoming "exec:tmdht qemu receive ..."``. Both are thin asyncio skins over those cores.
+``migrate "exec:tmdht qemu send ..."`` — and drives a sender core. The receiver (destination
+host) listens for the sender, rebuilds QEMU's stream with a receiver core and writes it to
+stdout — QEMU runs it as ``-incoming "exec:tmdht qemu receive ..."``. The cores come from
+:mod:`tmdht.native`: the Rust module, or the pure-Python reference (``SenderRewriter`` and
+``ReceiverRebuilder`` in :mod:`tmdht.migration_stream`).
+Both proxies are thin skins over them, called once per chunk: the receiver on asyncio (it
+resolves through the async client), the sender on a plain selector loop — it starts inside
+QEMU's migration time, and asyncio alone took half of its start-up budget to import.
 
 The receiver resolves template digests through the store cluster in windows ahead of the point
 where it writes (``resolve_parallel`` batches of ``resolve_batch`` digests in flight), and asks
@@ -20,11 +24,13 @@ state, so the destination never resumes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import fcntl
+import importlib.util
 import json
 import logging
 import os
+import selectors
 import socket
 import stat
 import sys
@@ -32,22 +38,46 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-from tmdht.catalog import TemplateCatalog
+from tmdht.catalog_file import read_template_digests
 from tmdht.errors import DecodeError, IntegrityError, TmdhtError
 from tmdht.migration_stream import (
     Ack,
     Done,
     MigrationCounts,
     Need,
-    ReceiverRebuilder,
     ReverseDecoder,
-    SenderRewriter,
     encode,
 )
+from tmdht.native import (
+    MigrationReceiver,
+    MigrationSender,
+    make_receiver,
+    make_sender,
+    tune_allocator,
+)
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+else:
+    def _lazy(name: str) -> ModuleType:
+        """``name`` imported on first use: the sender (QEMU's exec: command, whose start-up
+        counts in QEMU's migration time) runs without asyncio, the receiver with it."""
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.loader is not None
+        spec.loader = importlib.util.LazyLoader(spec.loader)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    asyncio = _lazy("asyncio")
 
 __all__ = [
     "MigrationFailed",
@@ -62,6 +92,9 @@ __all__ = [
 log = logging.getLogger("tmdht.migration")
 
 CHUNK = 256 << 10
+PIPE_SIZE = 1 << 20
+"""Pipe buffer asked for on QEMU's side of each proxy (F_SETPIPE_SZ; the default 64 KiB made
+QEMU and the proxy take turns in 16 pages)."""
 RESOLVE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -77,9 +110,20 @@ class MigrationFailed(TmdhtError):
 
 
 class MigrationMetrics:
-    """Prometheus metrics of one proxy (the dashboard queries these names)."""
+    """Prometheus metrics of one proxy (the dashboard queries these names).
+
+    The proxies make one only when metrics are asked for (``--metrics-port``, or a caller's
+    registry): importing prometheus_client alone took longer than the sender's start-up budget.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        from prometheus_client import (  # noqa: PLC0415 - only when metrics are asked for
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+        )
+
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.pages = Counter("tmdht_migration_pages_total",
@@ -233,6 +277,7 @@ class _PipeOut:
         mode = os.fstat(self.fd).st_mode
         if stat.S_ISREG(mode):
             return
+        _enlarge_pipe(self.fd)
         loop = asyncio.get_running_loop()
         pipe = os.fdopen(os.dup(self.fd), "wb", buffering=0)
         transport, protocol = await loop.connect_write_pipe(
@@ -260,20 +305,11 @@ class _PipeOut:
             os.close(self.fd)  # QEMU sees EOF on its channel
 
 
-async def _open_stdin(fd: int) -> Callable[[], Any]:
-    """An async ``read()`` of at most CHUNK bytes from ``fd`` (pipe, socket, or regular file)."""
-    if stat.S_ISREG(os.fstat(fd).st_mode):
-        async def read_file() -> bytes:
-            return os.read(fd, CHUNK)
-        return read_file
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=CHUNK)
-    pipe = os.fdopen(os.dup(fd), "rb", buffering=0)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-
-    async def read_pipe() -> bytes:
-        return await reader.read(CHUNK)
-    return read_pipe
+def _enlarge_pipe(fd: int) -> None:
+    """Ask for a PIPE_SIZE buffer if ``fd`` is a pipe (best effort: the system may cap it)."""
+    with contextlib.suppress(OSError):
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -284,7 +320,7 @@ class _Wan:
     """The sender-receiver connection with byte counting."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 report: MigrationReport, metrics: MigrationMetrics) -> None:
+                 report: MigrationReport, metrics: MigrationMetrics | None) -> None:
         self.reader = reader
         self.writer = writer
         self._report = report
@@ -294,12 +330,14 @@ class _Wan:
         if data:
             self.writer.write(data)
             self._report.wan_sent_bytes += len(data)
-            self._metrics.wan_bytes.inc(len(data))
+            if self._metrics is not None:
+                self._metrics.wan_bytes.inc(len(data))
 
     async def recv(self) -> bytes:
         data = await self.reader.read(CHUNK)
         self._report.wan_received_bytes += len(data)
-        self._metrics.wan_bytes.inc(len(data))
+        if self._metrics is not None:
+            self._metrics.wan_bytes.inc(len(data))
         return data
 
     async def close(self) -> None:
@@ -311,94 +349,136 @@ class _Wan:
 # -- the sender --------------------------------------------------------------------------------
 
 
-async def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
-                     metrics: MigrationMetrics | None = None,
-                     on_progress: Callable[[int, int], None] | None = None) -> MigrationReport:
+SEND_AHEAD = 4 << 20
+"""Wire bytes the sender queues for the socket before it reads more of QEMU's stream."""
+
+
+def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
+               metrics: MigrationMetrics | None = None,
+               on_progress: Callable[[int, int], None] | None = None) -> MigrationReport:
     """Forward QEMU's stream on ``stdin_fd`` to the receiver; returns the report.
 
     Raises :class:`MigrationFailed` (with the report attached as ``report``) on any failure.
+    ``metrics`` None: no Prometheus metrics (and no prometheus_client import).
+
+    A selector loop over QEMU's pipe and the connection, without asyncio: the sender is QEMU's
+    exec: command, and importing asyncio alone took half its start-up budget. The per-page work
+    is one call per chunk into the sender core.
     """
-    metrics = metrics or MigrationMetrics()
     report = MigrationReport("send")
     started = time.monotonic()
-    catalog = TemplateCatalog.load(config.catalog)
-    rewriter = SenderRewriter(
-        catalog.catalog_id, lambda digests: catalog.contains_many(digests).tolist(),
-        compress=config.compress, backref_window=config.backref_window,
-        flow_window=config.flow_window)
-    wan: _Wan | None = None
+    tune_allocator()
+    rewriter = make_sender(read_template_digests(config.catalog), compress=config.compress,
+                           backref_window=config.backref_window, flow_window=config.flow_window)
+    sock: socket.socket | None = None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(*config.to),
-                                                config.connect_timeout)
-        _tune(writer.get_extra_info("socket"))
-        wan = _Wan(reader, writer, report, metrics)
-        read_qemu = await _open_stdin(stdin_fd)
-        window = asyncio.Event()
-        verdict: asyncio.Future[Done] = asyncio.get_running_loop().create_future()
-
-        async def pump_reverse() -> None:
-            assert wan is not None
-            decoder = ReverseDecoder()
-            while not verdict.done():
-                data = await wan.recv()
-                if not data:
-                    raise MigrationFailed("the receiver closed the connection")
-                decoder.feed(data)
-                for record in decoder.records():
-                    if isinstance(record, Ack):
-                        rewriter.acknowledge(record)
-                        if rewriter.window_open:
-                            window.set()
-                    elif isinstance(record, Need):
-                        wan.send(rewriter.fallback(record))
-                    else:
-                        verdict.set_result(record)
-                        return
-
-        async def pump_qemu() -> None:
-            assert wan is not None
-            wan.send(rewriter.start())
-            while True:
-                while not rewriter.window_open:
-                    window.clear()
-                    await window.wait()
-                data = await read_qemu()
-                if not data:
-                    break
-                wan.send(rewriter.feed(data))
-                metrics.sync(rewriter.counts)
-                if on_progress is not None:
-                    on_progress(rewriter.counts.qemu_bytes, rewriter.ram_bytes)
-                await wan.writer.drain()
-            wan.send(rewriter.finish())
-            await wan.writer.drain()
-            done = await asyncio.wait_for(asyncio.shield(verdict), config.done_timeout)
-            if not done.ok:
-                raise MigrationFailed(f"the receiver refused the stream: {done.message}")
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(pump_qemu())
-                group.create_task(pump_reverse())
-        except* (TmdhtError, OSError, ConnectionError, TimeoutError) as failures:
-            raise _first(failures) from None
+        sock = socket.create_connection(config.to, timeout=config.connect_timeout)
+        _tune(sock)
+        sock.setblocking(False)
+        _pump_sender(config, rewriter, sock, stdin_fd, report, metrics, on_progress)
         report.ok = True
     except (TmdhtError, OSError, ConnectionError, TimeoutError) as exc:
         report.error = _describe(exc)
         raise MigrationFailed(report.error, report) from exc
     finally:
-        if wan is not None:
-            await wan.close()
+        if sock is not None:
+            sock.close()
         report.counts = rewriter.counts
         report.duration_s = time.monotonic() - started
         _finish_metrics(metrics, report)
     return report
 
 
-def _first(group: BaseExceptionGroup[Any]) -> BaseException:
-    while isinstance(group, BaseExceptionGroup):
-        group = group.exceptions[0]
-    return group
+def _pump_sender(config: SenderConfig, rewriter: MigrationSender, sock: socket.socket, fd: int,
+                 report: MigrationReport, metrics: MigrationMetrics | None,
+                 on_progress: Callable[[int, int], None] | None) -> None:
+    """Read QEMU while the flow window is open and the socket keeps up; answer ACK and NEED;
+    return once the receiver's verdict is in (MigrationFailed if it refused the stream)."""
+    _enlarge_pipe(fd)
+    out = bytearray()
+    decoder = ReverseDecoder()
+    verdict: Done | None = None
+    deadline: float | None = None  # for the verdict, once QEMU's stream ended
+
+    def queue(data: bytes) -> None:
+        if data:
+            out.extend(data)
+            report.wan_sent_bytes += len(data)
+            if metrics is not None:
+                metrics.wan_bytes.inc(len(data))
+
+    def read_qemu() -> None:
+        nonlocal deadline
+        data = os.read(fd, CHUNK)
+        if not data:
+            queue(rewriter.finish())
+            deadline = time.monotonic() + config.done_timeout
+            return
+        queue(rewriter.feed(data))
+        if metrics is not None:
+            metrics.sync(rewriter.counts)
+        if on_progress is not None:
+            on_progress(rewriter.counts.qemu_bytes, rewriter.ram_bytes)
+
+    queue(rewriter.start())
+    regular_file = stat.S_ISREG(os.fstat(fd).st_mode)  # always readable; epoll refuses files
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        reading_qemu = False
+        while True:
+            if out:
+                with contextlib.suppress(BlockingIOError):
+                    del out[: sock.send(out)]
+            if verdict is not None and not out:
+                break
+            want_qemu = deadline is None and rewriter.window_open and len(out) < SEND_AHEAD
+            poll = False
+            if regular_file:
+                if want_qemu:
+                    read_qemu()
+                poll = want_qemu and deadline is None
+                want_qemu = False
+            if want_qemu != reading_qemu:
+                if want_qemu:
+                    selector.register(fd, selectors.EVENT_READ)
+                else:
+                    selector.unregister(fd)
+                reading_qemu = want_qemu
+            selector.modify(sock, (selectors.EVENT_READ if verdict is None else 0)
+                            | (selectors.EVENT_WRITE if out else 0))
+            timeout = 0.0 if poll else None
+            if deadline is not None:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    raise TimeoutError("no verdict from the receiver")
+            for key, mask in selector.select(timeout):
+                if key.fileobj is not sock:
+                    read_qemu()
+                    continue
+                if mask & selectors.EVENT_READ and verdict is None:
+                    try:
+                        data = sock.recv(CHUNK)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        raise MigrationFailed("the receiver closed the connection")
+                    report.wan_received_bytes += len(data)
+                    if metrics is not None:
+                        metrics.wan_bytes.inc(len(data))
+                    decoder.feed(data)
+                    for record in decoder.records():
+                        if isinstance(record, Ack):
+                            rewriter.acknowledge(record)
+                        elif isinstance(record, Need):
+                            queue(rewriter.fallback(record))
+                        else:
+                            verdict = record
+                            break
+    assert verdict is not None
+    if not verdict.ok:
+        raise MigrationFailed(f"the receiver refused the stream: {verdict.message}")
+    if deadline is None:
+        raise MigrationFailed("the receiver ended the migration before QEMU's stream did")
 
 
 def _describe(exc: BaseException) -> str:
@@ -407,7 +487,9 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _finish_metrics(metrics: MigrationMetrics, report: MigrationReport) -> None:
+def _finish_metrics(metrics: MigrationMetrics | None, report: MigrationReport) -> None:
+    if metrics is None:
+        return
     metrics.sync(report.counts)
     metrics.duration.set(report.duration_s)
     metrics.migrations.labels("completed" if report.ok else "failed").inc()
@@ -428,9 +510,9 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
     """
     from tmdht.client.store import TemplateStoreClient  # noqa: PLC0415 - heavy, receiver only
 
-    metrics = metrics or MigrationMetrics()
     report = MigrationReport("receive")
-    rebuilder = ReceiverRebuilder(config.expected_catalog_id)
+    tune_allocator()
+    rebuilder = make_receiver(config.expected_catalog_id)
     listener = socket.create_server(config.listen, reuse_port=False)
     listener.setblocking(False)
     bound = listener.getsockname()[:2]
@@ -448,7 +530,8 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
     tasks: set[asyncio.Task[Any]] = set()
     try:
         if config.store is not None:
-            store = TemplateStoreClient(**config.store, registry=metrics.registry)
+            store = TemplateStoreClient(
+                **config.store, registry=None if metrics is None else metrics.registry)
             store_task = asyncio.create_task(store.start())
         loop = asyncio.get_running_loop()
         try:
@@ -500,13 +583,14 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
             await wan.close()
         await out.close()
         _fill_receiver_report(report, rebuilder, started)
-        metrics.fallback_pages.inc(report.fallback_pages)
-        metrics.cluster_pages.inc(report.cluster_pages)
+        if metrics is not None:
+            metrics.fallback_pages.inc(report.fallback_pages)
+            metrics.cluster_pages.inc(report.cluster_pages)
         _finish_metrics(metrics, report)
     return report
 
 
-def _fill_receiver_report(report: MigrationReport, rebuilder: ReceiverRebuilder,
+def _fill_receiver_report(report: MigrationReport, rebuilder: MigrationReceiver,
                           started: float) -> None:
     stats = rebuilder.stats
     report.counts = stats.end if rebuilder.end_seen else MigrationCounts(
@@ -518,9 +602,9 @@ def _fill_receiver_report(report: MigrationReport, rebuilder: ReceiverRebuilder,
     report.duration_s = time.monotonic() - started
 
 
-async def _receive(config: ReceiverConfig, rebuilder: ReceiverRebuilder, wan: _Wan,
+async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _Wan,
                    out: _PipeOut, store: Any, report: MigrationReport,
-                   metrics: MigrationMetrics, tasks: set[asyncio.Task[Any]],
+                   metrics: MigrationMetrics | None, tasks: set[asyncio.Task[Any]],
                    on_progress: Callable[[int], None] | None,
                    on_verified: Callable[[], None]) -> None:
     """The receiver's loop: decode, resolve ahead, write in order, acknowledge."""
@@ -540,34 +624,39 @@ async def _receive(config: ReceiverConfig, rebuilder: ReceiverRebuilder, wan: _W
         finally:
             kick.set()
 
-    async def resolve(batch: list[tuple[int, bytes]]) -> None:
+    async def resolve(indices: list[int], digests: bytes) -> None:
         nonlocal skip_cluster_until
-        indices = [i for i, _ in batch]
         if store is None or time.monotonic() < skip_cluster_until:
             rebuilder.unavailable(indices)
             return
+        keys = [digests[i : i + 32] for i in range(0, len(digests), 32)]
         began = time.perf_counter()
         try:
-            found, _missing = await asyncio.wait_for(
-                store.resolve([d for _, d in batch]), config.resolve_timeout)
+            found, _missing = await asyncio.wait_for(store.resolve(keys), config.resolve_timeout)
         except (TmdhtError, OSError, TimeoutError) as exc:
-            log.warning("resolve of %d digests failed (%s): asking the sender", len(batch), exc)
+            log.warning("resolve of %d digests failed (%s): asking the sender", len(keys), exc)
             found = {}
         elapsed = time.perf_counter() - began
-        metrics.resolve_latency.observe(elapsed)
+        if metrics is not None:
+            metrics.resolve_latency.observe(elapsed)
         report.resolve_batches += 1
         report.resolve_seconds_total += elapsed
         report.resolve_seconds_max = max(report.resolve_seconds_max, elapsed)
-        lost = []
-        for index, digest in batch:
-            page = found.get(digest)
+        got: list[int] = []
+        pages: list[bytes] = []
+        lost: list[int] = []
+        for index, key in zip(indices, keys, strict=True):
+            page = found.get(key)
             if page is None:
                 lost.append(index)
             else:
-                rebuilder.supply(index, page)
+                got.append(index)
+                pages.append(page)
+        if got:
+            rebuilder.supply_batch(got, pages)
         if lost:
             rebuilder.unavailable(lost)
-            if len(lost) == len(batch):
+            if len(lost) == len(indices):
                 skip_cluster_until = time.monotonic() + config.skip_cluster_for
 
     def resolved(task: asyncio.Task[None]) -> None:
@@ -581,10 +670,14 @@ async def _receive(config: ReceiverConfig, rebuilder: ReceiverRebuilder, wan: _W
         if reader.done() and reader.exception() is not None:
             raise reader.exception()  # type: ignore[misc]
         while len(resolving) < config.resolve_parallel:
-            batch = rebuilder.wanted(config.resolve_batch)
-            if not batch:
+            # Full batches only while others are in flight (their answers wake this loop);
+            # a partial one when nothing is, or once the stream is complete.
+            if resolving and not reader.done() and rebuilder.to_resolve < config.resolve_batch:
                 break
-            task = asyncio.create_task(resolve(batch))
+            indices, digests = rebuilder.wanted_batch(config.resolve_batch)
+            if not indices:
+                break
+            task = asyncio.create_task(resolve(indices, digests))
             resolving.add(task)
             tasks.add(task)
             task.add_done_callback(resolved)

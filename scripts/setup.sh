@@ -25,6 +25,19 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The Rust toolchain builds tmdht._native (native/, PyO3) during the pip install below. rustup
+# puts it in ~/.cargo/bin, which a non-interactive shell (CI) may not have on PATH. Debian 12's
+# own cargo (rustc 1.63) is too old for pyo3 0.30 and blake3 1.8 (1.85), so it is not installed
+# here: without a toolchain tmdht installs and runs its pure-Python path, and says so below.
+RUST_MIN=1.85
+CARGO_BIN=${CARGO_HOME:-$HOME/.cargo}/bin
+if ! command -v cargo >/dev/null && [[ -x $CARGO_BIN/cargo ]]; then
+    export PATH="$CARGO_BIN:$PATH"
+fi
+rust=$(cargo --version 2>/dev/null | awk '{print $2}' || true)
+rust_ok=0
+if [[ -n $rust ]] && printf '%s\n%s\n' "$RUST_MIN" "$rust" | sort -C -V; then rust_ok=1; fi
+
 if [[ ! -x $VENV/bin/python ]]; then
     echo "setup: creating virtualenv $VENV" >&2
     python3 -m venv "$VENV"
@@ -32,6 +45,18 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 "$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v -e '^WARNING: Location' -e 'Running pip as the' >&2 || true
 "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" # fail loudly if the install did not work
+if ! "$VENV/bin/python" -c "import tmdht._native" 2>/dev/null; then
+    if ((rust_ok)); then
+        echo "setup: tmdht._native did not build with cargo $rust; run" \
+             "'cargo build --release --manifest-path native/Cargo.toml' to see why" >&2
+        exit 1
+    fi
+    why="no Rust toolchain (cargo) found"
+    [[ -n $rust ]] && why="Rust $rust is older than $RUST_MIN"
+    echo "setup: warning: $why, so tmdht._native is not built: the migration proxies run" \
+         "the pure-Python path (several times slower); install Rust >= $RUST_MIN (rustup)" \
+         "and re-run to build it" >&2
+fi
 # Byte-compile the project (an editable install writes no .pyc, nor does Python at import time
 # when PYTHONDONTWRITEBYTECODE is set, as on these machines): every process would otherwise
 # compile its sources at start, and the QEMU proxies' start-up counts in a migration's time.

@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 view=build/typecheck/tmdht
 rm -rf build/typecheck && mkdir -p "$view"
-for f in tmdht/*.py tmdht/py.typed; do ln -s "$PWD/$f" "$view/"; done
+for f in tmdht/*.py tmdht/*.pyi tmdht/py.typed; do ln -s "$PWD/$f" "$view/"; done
 for pkg in node client cli lab; do ln -s "$PWD/$pkg" "$view/$pkg"; done
 cd build/typecheck && exec mypy --config-file ../../pyproject.toml -p tmdht "$@"

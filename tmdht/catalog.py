@@ -1,24 +1,8 @@
-"""The template catalog: which page contents are templates. This module owns its file format.
+"""The template catalog in memory: which page contents are templates.
 
-====================  ========  ==================================================
-field                 size      meaning
-====================  ========  ==================================================
-magic                 8         ``TMDHTCAT``
-format version        u16       1
-page size             u32       4096
-digest algorithm      u8        1 = BLAKE3-256
-digest size           u8        32
-threshold             u32       mining threshold
-template count        u64       n (at most MAX_TEMPLATES)
-metadata length       u32       m (at most MAX_METADATA)
-metadata              m         UTF-8 JSON: corpus statistics (see CorpusStats)
-digests               n * 32    strictly ascending
-counts                n * u64   occurrences of each template in the corpus
-checksum              32        BLAKE3-256 of everything before it
-====================  ========  ==================================================
-
-All integers are big-endian. The *catalog id* is BLAKE3-256 of the digest list: a dedup stream
-names the catalog it was encoded against by this id, so a receiver can tell.
+The file format is owned by :mod:`tmdht.catalog_file` (readable without numpy, for the migration
+sender's start-up). The *catalog id* is BLAKE3-256 of the digest list: a dedup stream names the
+catalog it was encoded against by this id, so a receiver can tell.
 
 Membership tests (what a sender asks for every page) are a binary search of the first 64 bits of
 the digest in a numpy array, confirmed on the whole digest.
@@ -28,33 +12,31 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from blake3 import blake3
 
-from tmdht.errors import DecodeError, LimitExceededError, UnknownFormatError, UsageError
+from tmdht.catalog_file import (
+    CATALOG_MAGIC,
+    MAX_TEMPLATES,
+    encode_catalog,
+    parse_catalog,
+    read_catalog_bytes,
+)
+from tmdht.errors import DecodeError, LimitExceededError, UsageError
 from tmdht.mining import ImageCoverage, MiningResult
-from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST
+from tmdht.pages import DIGEST_SIZE, ZERO_DIGEST
 
 __all__ = [
     "CATALOG_MAGIC",
     "CorpusStats",
     "TemplateCatalog",
 ]
-
-CATALOG_MAGIC: Final = b"TMDHTCAT"
-CATALOG_VERSION: Final = 1
-ALGORITHM_BLAKE3: Final = 1
-MAX_TEMPLATES: Final = 1 << 32
-MAX_METADATA: Final = 16 << 20
-_HEADER = struct.Struct(">8sHIBBIQI")
-_CHECKSUM_SIZE: Final = 32
 
 
 @dataclass(frozen=True)
@@ -197,65 +179,19 @@ class TemplateCatalog:
 
     def to_bytes(self) -> bytes:
         """Encode the catalog file."""
-        meta = self.stats.to_json()
-        if len(meta) > MAX_METADATA:
-            raise LimitExceededError("catalog metadata too large")
-        header = _HEADER.pack(
-            CATALOG_MAGIC,
-            CATALOG_VERSION,
-            PAGE_SIZE,
-            ALGORITHM_BLAKE3,
-            DIGEST_SIZE,
-            self.threshold,
-            len(self),
-            len(meta),
-        )
-        body = b"".join((header, meta, self.digests.tobytes(), self.counts.astype(">u8").tobytes()))
-        return body + blake3(body).digest()
+        return encode_catalog(self.threshold, self.stats.to_json(), self.digests.tobytes(),
+                              self.counts.astype(">u8").tobytes())
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> TemplateCatalog:
         """Decode a catalog file; raises DecodeError (or a subclass) on any bad input."""
-        view = memoryview(data).cast("B")
-        if view.nbytes < _HEADER.size + _CHECKSUM_SIZE:
-            if bytes(view[:8]) == CATALOG_MAGIC:
-                raise DecodeError("catalog file is truncated")
-            raise UnknownFormatError("not a tmdht template catalog")
-        magic, version, page_size, algorithm, digest_size, threshold, n, meta_len = (
-            _HEADER.unpack_from(view, 0)
-        )
-        if magic != CATALOG_MAGIC:
-            raise UnknownFormatError("not a tmdht template catalog")
-        if version != CATALOG_VERSION:
-            raise DecodeError(f"catalog format version {version} is not supported (only 1)")
-        if (page_size, algorithm, digest_size) != (PAGE_SIZE, ALGORITHM_BLAKE3, DIGEST_SIZE):
-            raise DecodeError(
-                f"catalog for page size {page_size}, algorithm {algorithm}, digest {digest_size}"
-                " bytes: this build handles 4096-byte pages and BLAKE3-256 only"
-            )
-        if n > MAX_TEMPLATES:
-            raise LimitExceededError(f"catalog claims {n} templates")
-        if meta_len > MAX_METADATA:
-            raise LimitExceededError(f"catalog metadata of {meta_len} bytes")
-        if threshold < 2:
-            raise DecodeError(f"catalog threshold {threshold}")
-        expected = _HEADER.size + meta_len + n * (DIGEST_SIZE + 8) + _CHECKSUM_SIZE
-        if view.nbytes != expected:
-            raise DecodeError(
-                f"catalog file is {view.nbytes} bytes, its header says {expected}"
-                + (" (truncated)" if view.nbytes < expected else "")
-            )
-        body = view[: expected - _CHECKSUM_SIZE]
-        if blake3(body, max_threads=blake3.AUTO).digest() != bytes(view[-_CHECKSUM_SIZE:]):
-            raise DecodeError("catalog checksum mismatch: the file is damaged")
-        at = _HEADER.size
-        stats = CorpusStats.from_json(bytes(view[at : at + meta_len]))
-        at += meta_len
-        digests = np.frombuffer(view, dtype=np.uint8, count=n * DIGEST_SIZE, offset=at)
-        at += n * DIGEST_SIZE
-        counts = np.frombuffer(view, dtype=">u8", count=n, offset=at).astype(np.uint64)
+        parsed = parse_catalog(data)
+        stats = CorpusStats.from_json(bytes(parsed.metadata))
+        digests = np.frombuffer(parsed.digests, dtype=np.uint8)
+        counts = np.frombuffer(parsed.counts, dtype=">u8").astype(np.uint64)
         return cls(
-            digests.reshape(-1, DIGEST_SIZE).copy(), counts, threshold=threshold, stats=stats
+            digests.reshape(-1, DIGEST_SIZE).copy(), counts, threshold=parsed.threshold,
+            stats=stats,
         )
 
     def save(self, path: Path | str) -> None:
@@ -274,13 +210,7 @@ class TemplateCatalog:
     @classmethod
     def load(cls, path: Path | str) -> TemplateCatalog:
         """Read a catalog file. Raises UsageError if it is missing, DecodeError if damaged."""
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise UsageError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise UsageError(f"{path}: is a directory, not a catalog") from None
+        data = read_catalog_bytes(path)
         try:
             return cls.from_bytes(data)
         except DecodeError as exc:

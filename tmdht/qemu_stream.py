@@ -460,6 +460,8 @@ class QemuStreamParser:
                 raise DecodeError(f"RAM block {name!r} of {length} bytes does not fit MEM_SIZE")
             if any(b.name == name for b in blocks):
                 raise DecodeError(f"RAM block {name!r} announced twice")
+            if not name:  # a page record could not name it (its idstr length byte would be 0)
+                raise DecodeError("RAM block with an empty name")
             blocks.append(RamBlockInfo(name, length))
             remaining -= length
         self._blocks = {b.name: b.length for b in blocks}

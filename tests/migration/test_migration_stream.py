@@ -1,12 +1,19 @@
-"""The migration wire format and the sans-IO rewriter/rebuilder, on synthetic QEMU streams."""
+"""The migration wire format and the sans-IO rewriter/rebuilder, on synthetic QEMU streams.
+
+The rewriter/rebuilder tests run on both implementations (the pure-Python reference and the
+native module): the ``cores`` fixture below is parametrized over them.
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.cores import CORES, REFERENCE, Cores
 from support.synthetic import page_pool, qemu_stream
 
 from tmdht.catalog import TemplateCatalog
@@ -26,9 +33,7 @@ from tmdht.migration_stream import (
     MigrationCounts,
     Need,
     RawBytes,
-    ReceiverRebuilder,
     ReverseDecoder,
-    SenderRewriter,
     Template,
     encode,
 )
@@ -38,6 +43,24 @@ POOL = page_pool(24, seed=9)
 CATALOG = TemplateCatalog.from_digests([digest_page(p) for p in POOL[:12]])
 BLOCKS = [("pc.ram", 64 * PAGE_SIZE), ("vga.vram", 8 * PAGE_SIZE), ("pc.bios", 3 * PAGE_SIZE)]
 HELLO = Hello(CATALOG.catalog_id, 16, 1 << 20, 0)
+_cores = [REFERENCE]  # the implementation the current test runs on (set by the fixture)
+
+
+@pytest.fixture(scope="module", params=CORES, autouse=True)
+def cores(request: pytest.FixtureRequest) -> Iterator[Cores]:
+    """Every test of this module runs on each implementation (module scope: hypothesis tests
+    may not take function-scoped fixtures)."""
+    _cores[0] = request.param
+    yield request.param
+    _cores[0] = REFERENCE
+
+
+def new_sender(**options: object) -> Any:
+    return _cores[0].sender(CATALOG, **options)
+
+
+def new_receiver(expected_catalog_id: bytes | None = None) -> Any:
+    return _cores[0].receiver(expected_catalog_id)
 
 # -- records -----------------------------------------------------------------------------------
 
@@ -88,7 +111,7 @@ def test_forward_records_round_trip(records: list[object], totals: MigrationCoun
     assert decoded == [*records, end]
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(reverse_records, max_size=6), st.integers(1, 100))
 def test_reverse_records_round_trip(records: list[object], chunk: int) -> None:
     data = b"".join(encode(r) for r in records)  # type: ignore[arg-type]
@@ -101,7 +124,7 @@ def test_reverse_records_round_trip(records: list[object], chunk: int) -> None:
     assert out == records
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=600))
 def test_random_bytes_only_raise_decode_error(data: bytes) -> None:
     for prefix in (b"", encode(HELLO)):
@@ -112,7 +135,7 @@ def test_random_bytes_only_raise_decode_error(data: bytes) -> None:
             decoder.close()
         except DecodeError:
             pass
-        rebuilder = ReceiverRebuilder()
+        rebuilder = new_receiver()
         try:
             rebuilder.feed(prefix + data)
             rebuilder.output()
@@ -191,10 +214,8 @@ def synthetic(seed: int, rounds: int = 3) -> bytes:
 
 
 def send(stream: bytes, *, chunk: int, compress: bool = False,
-         backref_window: int = 16) -> tuple[SenderRewriter, bytes]:
-    sender = SenderRewriter(CATALOG.catalog_id, lambda ds: CATALOG.contains_many(ds).tolist(),
-                            compress=compress, backref_window=backref_window,
-                            flow_window=1 << 30)
+         backref_window: int = 16) -> tuple[Any, bytes]:
+    sender = new_sender(compress=compress, backref_window=backref_window, flow_window=1 << 30)
     out = [sender.start()]
     for i in range(0, len(stream), chunk):
         out.append(sender.feed(stream[i : i + chunk]))
@@ -203,11 +224,11 @@ def send(stream: bytes, *, chunk: int, compress: bool = False,
 
 
 def receive(wire: bytes, *, chunk: int, lose: frozenset[bytes] = frozenset(),
-            sender: SenderRewriter | None = None) -> tuple[ReceiverRebuilder, bytes]:
+            sender: Any = None) -> tuple[Any, bytes]:
     """Feed the wire in chunks, resolving from POOL but for ``lose``; those pages are asked of
     ``sender`` (its FALLBACK records arrive after the whole stream, at a record boundary)."""
     pages = {digest_page(p): p for p in POOL}
-    rebuilder = ReceiverRebuilder(CATALOG.catalog_id)
+    rebuilder = new_receiver(CATALOG.catalog_id)
     out: list[bytes] = []
     needs: list[bytes] = []
     for i in range(0, len(wire), chunk):
@@ -273,7 +294,7 @@ def test_a_wrong_page_withholds_the_device_state() -> None:
     at = wire.index(bad_page)
     assert at < device_at
     tampered = wire[:at] + bytes([wire[at] ^ 1]) + wire[at + 1 :]
-    rebuilder = ReceiverRebuilder(CATALOG.catalog_id)
+    rebuilder = new_receiver(CATALOG.catalog_id)
     pages = {digest_page(p): p for p in POOL}
     rebuilder.feed(tampered)
     for index, digest in rebuilder.wanted(10_000):
@@ -294,8 +315,7 @@ def test_device_state_is_held_until_end() -> None:
 
 def test_flow_window_and_acknowledgements() -> None:
     stream = synthetic(2, rounds=2)
-    sender = SenderRewriter(CATALOG.catalog_id, lambda ds: CATALOG.contains_many(ds).tolist(),
-                            flow_window=4096)
+    sender = new_sender(flow_window=4096)
     sender.start()
     sender.feed(stream[:50_000])
     assert not sender.window_open
@@ -311,7 +331,7 @@ def test_flow_window_and_acknowledgements() -> None:
 
 def test_sender_refuses_a_truncated_qemu_stream() -> None:
     stream = synthetic(4, rounds=2)
-    sender = SenderRewriter(CATALOG.catalog_id, lambda ds: CATALOG.contains_many(ds).tolist())
+    sender = new_sender()
     sender.start()
     sender.feed(stream[: len(stream) // 2])
     with pytest.raises(DecodeError):
@@ -320,6 +340,6 @@ def test_sender_refuses_a_truncated_qemu_stream() -> None:
 
 def test_receiver_refuses_another_catalog() -> None:
     _sender, wire = send(synthetic(1, rounds=1), chunk=10_000)
-    rebuilder = ReceiverRebuilder(bytes(32))
+    rebuilder = new_receiver(bytes(32))
     with pytest.raises(DecodeError, match="catalog"):
         rebuilder.feed(wire)

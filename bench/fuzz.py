@@ -47,8 +47,14 @@ from tmdht.dedup_stream import DedupDecoder, DedupEncoder
 from tmdht.errors import ConfigError, DecodeError
 from tmdht.images import RamBlock
 from tmdht.migration_stream import Need, SenderRewriter
-from tmdht.node._kademlia_compat import decode_datagram, encode_request, encode_response
-from tmdht.node.overlay import NodeInfo, parse_contacts, parse_node_info
+from tmdht.net.overlay import (
+    PeerInfo,
+    decode_datagram,
+    encode_request,
+    encode_response,
+    parse_contacts,
+    parse_peer_info,
+)
 from tmdht.pages import PAGE_SIZE, ZERO_PAGE, PageDigest, digest_page
 from tmdht.qemu_stream import QemuStreamParser, QemuStreamWriter, RamBlockInfo
 
@@ -276,7 +282,7 @@ def config_target() -> tuple[list[bytes], Callable[[bytes], object], type[Except
 
 def overlay_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
     msg_id = bytes(range(20))
-    info = NodeInfo(bytes(20), "127.0.0.1", 7401, 7402, "0.1.0").to_wire()
+    info = PeerInfo(bytes(20), "127.0.0.1", 7401, 7402, "0.1.0").to_wire()
     seeds = [
         encode_request(msg_id, "ping", [bytes(20)]),
         encode_request(msg_id, "find_node", [bytes(20), bytes(range(1, 21))]),
@@ -289,7 +295,7 @@ def overlay_target() -> tuple[list[bytes], Callable[[bytes], object], type[Excep
         message = decode_datagram(data)
         value = getattr(message, "value", None)
         if isinstance(value, dict):
-            return parse_node_info(value)
+            return parse_peer_info(value)
         if isinstance(value, list):
             return parse_contacts(value)
         return message

@@ -38,8 +38,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tmdht import wire
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.auth import Authenticator, ClusterKey, KeyRing, load_key
-from tmdht.client.dataplane import DataPlaneClient
 from tmdht.node.dataplane import DataPlaneServer
 from tmdht.node.local import LocalCluster
 from tmdht.node.metrics import NodeMetrics

@@ -329,15 +329,15 @@ def cluster_with(catalog_path: Path, build_dir: Path, work: Path) -> Iterator[An
     sys.path.insert(0, str(REPO / "tests"))
     from support.cluster import FAST_NODE_ARGS  # noqa: PLC0415
 
-    from tmdht.cli.templates import publish_files  # noqa: PLC0415
+    from tmdht.cli.jobs import publish_files  # noqa: PLC0415
+    from tmdht.net.credentials import ClusterAccess, ClusterCredentials  # noqa: PLC0415
     from tmdht.node.local import LocalCluster  # noqa: PLC0415
 
     captures = capture_guests(build_dir, default_specs(), tools=HostTools.discover())
     with LocalCluster(work / "cluster", 3, extra_args=FAST_NODE_ARGS) as local:
-        key = local.key_file.read_text().strip()
+        access = ClusterAccess((local.seed,), ClusterCredentials.from_file(local.key_file))
         publish_files(TemplateCatalog.load(catalog_path),
-                      [c.stream_path for c in captures[:CORPUS]],
-                      {"seeds": [local.seed], "cluster_key": key})
+                      [c.stream_path for c in captures[:CORPUS]], access)
         yield local
 
 

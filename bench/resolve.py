@@ -510,14 +510,10 @@ def _wait_quiet(cluster: LocalCluster, limit: float) -> float:
 
 
 def _client_counters(store: Any) -> dict[str, float]:
-    m, s = store.metrics, store.stats
-    out = {"retries": s.retries, "timeouts": s.timeouts, "datagrams_received": s.datagrams_received,
-           "unexpected": s.unexpected, "verification_failures": s.verification_failures}
-    for name in ("hedges", "failovers", "batches"):
-        counter = getattr(m, name, None)
-        with contextlib.suppress(AttributeError):
-            out[name] = counter._value.get()  # type: ignore[union-attr]
-    return out
+    s = store.stats
+    return {"retries": s.retries, "timeouts": s.timeouts, "datagrams_received": s.datagrams_received,
+            "unexpected": s.unexpected, "verification_failures": s.verification_failures,
+            "hedges": s.hedges, "failovers": s.failovers, "batches": s.batches}
 
 
 async def _measure_tmdht(cluster: LocalCluster, pages: list[bytes], digests: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
@@ -533,7 +529,7 @@ async def _measure_tmdht(cluster: LocalCluster, pages: list[bytes], digests: lis
     async with TemplateStoreClient([cluster.seed], **kw) as store:
         out["client"] = {"window": store.window, "timeout": store.timeout, "hedge_after": store.hedge_after,
                          "max_datagram": store.max_datagram, "get_batch_digests": store._dataplane.get_batch_size(),
-                         "socket_buffers": list(store._dataplane.buffers), "members": len(store.members)}
+                         "socket_buffers": [store._dataplane.buffers.receive, store._dataplane.buffers.send], "members": len(store.members)}
         cpu = CpuMeter(lambda: [n.pid for n in cluster.nodes if n.running])
         ports = [store._dataplane.address[1]]
         node_ports = [n.address("data")[1] for n in cluster.nodes]

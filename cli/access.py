@@ -11,9 +11,9 @@ import click
 
 from tmdht.config import parse_address
 from tmdht.errors import ConfigError, UsageError
+from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterAccess, ClusterCredentials
 
 F = TypeVar("F", bound=Callable[..., Any])
-CLUSTER_KEY_ENV = "TMDHT_CLUSTER_KEY"
 
 
 def cluster_options(func: F) -> F:
@@ -35,26 +35,27 @@ def cluster_options(func: F) -> F:
     return func
 
 
-def store_kwargs(
+def cluster_credentials(cluster_key_file: Path | None, insecure_open: bool) -> ClusterCredentials:
+    """The keys the options name (UsageError if there is none or it cannot be read)."""
+    try:
+        return ClusterCredentials.load(
+            key_file=cluster_key_file,
+            env=os.environ,
+            insecure_open=insecure_open,
+            how=f"--cluster-key-file FILE or ${CLUSTER_KEY_ENV} (or --insecure-open)",
+        )
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cluster_access(
     seeds: tuple[str, ...], cluster_key_file: Path | None, insecure_open: bool
-) -> dict[str, Any]:
-    """Arguments for TemplateStoreClient from the options (UsageError if incomplete)."""
+) -> ClusterAccess:
+    """The cluster the options name (UsageError if incomplete)."""
     if not seeds:
         raise UsageError("say which cluster: --seed HOST:PORT (a node's Kademlia port)")
     try:
-        addresses = [parse_address(s) for s in seeds]
+        addresses = tuple(parse_address(s) for s in seeds)
     except ConfigError as exc:
         raise UsageError(f"--seed: {exc}") from None
-    key: str | None = None
-    if cluster_key_file is not None:
-        try:
-            key = cluster_key_file.read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"{cluster_key_file}: {exc.strerror}") from None
-    elif os.environ.get(CLUSTER_KEY_ENV):
-        key = os.environ[CLUSTER_KEY_ENV].strip()
-    elif not insecure_open:
-        raise UsageError(
-            f"no cluster key: --cluster-key-file FILE or ${CLUSTER_KEY_ENV} (or --insecure-open)"
-        )
-    return {"seeds": addresses, "cluster_key": key, "open_mode": key is None}
+    return ClusterAccess(addresses, cluster_credentials(cluster_key_file, insecure_open))

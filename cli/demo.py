@@ -18,13 +18,13 @@ from typing import Any
 import click
 from rich.table import Table
 
-from tmdht.cli.codec import encode_file, rebuild_from_cluster
+from tmdht.cli.jobs import encode_file, mine_files, publish_files, rebuild_from_cluster
 from tmdht.cli.main import human_bytes, stderr, stdout
-from tmdht.cli.templates import mine_files, publish_files
 from tmdht.errors import IntegrityError
 from tmdht.images import dump_raw, open_image
 from tmdht.lab.guest import GuestSpec
 from tmdht.mining import MiningConfig
+from tmdht.net.credentials import ClusterAccess, ClusterCredentials
 
 CORPUS = ("idle-1", "files-2", "compute-3")
 TARGET = "mixed-4"
@@ -73,11 +73,9 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
 
     stderr.print(f"starting a {nodes}-node store cluster in {out / 'cluster'} ...")
     with LocalCluster(out / "cluster", nodes, extra_args=["--log-format", "text"]) as cluster:
-        access = {
-            "seeds": [cluster.seed],
-            "cluster_key": cluster.key_file.read_text().strip(),
-            "open_mode": False,
-        }
+        access = ClusterAccess(
+            (cluster.seed,), ClusterCredentials.from_file(cluster.key_file)
+        )
         published = publish_files(catalog, corpus, access)
         target = captures[TARGET]
         rows: list[dict[str, Any]] = []
@@ -86,9 +84,9 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
             ("raw dump", target.dump_path),
         ):
             stream = out / f"{TARGET}.{image.stem}.tmds"
-            encoded = encode_file(image, catalog, stream)
+            encoded = encode_file(image, catalog, stream).to_json()
             rebuilt = out / f"{TARGET}.{image.stem}.rebuilt"
-            result = rebuild_from_cluster(stream, rebuilt, access, catalog.catalog_id)
+            result, _ = rebuild_from_cluster(stream, rebuilt, access, catalog.catalog_id)
             reference = out / f"{TARGET}.{image.stem}.raw"
             with open_image(image) as img:
                 dump_raw(img, reference)
@@ -98,7 +96,7 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
                 {
                     "source": label,
                     **encoded,
-                    "rebuild_seconds": result["seconds"],
+                    "rebuild_seconds": result.seconds,
                     "byte_identical": True,
                 }
             )
@@ -143,7 +141,7 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
             for c in mined.images
         ],
         "mining_seconds": mine_seconds,
-        "publish": published,
+        "publish": published.to_json(),
         "cluster": nodes_info,
         "results": rows,
         "migrations": [_migration_doc(m) for m in migrations],
@@ -158,8 +156,8 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
         f"(coverage {', '.join(f'{c.coverage:.0%}' for c in mined.images)}) in {mine_seconds:.1f} s"
     )
     stdout.print(
-        f"cluster: {nodes} nodes, R=3; published {published['published']:,} templates "
-        f"({published['replica_writes']:,} replica writes) in {published['seconds']:.1f} s"
+        f"cluster: {nodes} nodes, R=3; published {published.published:,} templates "
+        f"({published.replica_writes:,} replica writes) in {published.seconds:.1f} s"
     )
     table = Table(
         title=f"{TARGET}: encoded against the catalog, rebuilt through the cluster, compared"

@@ -8,9 +8,10 @@ from typing import Any
 import click
 from rich.table import Table
 
-from tmdht.cli.access import cluster_options, store_kwargs
+from tmdht.cli.access import cluster_access, cluster_options
 from tmdht.cli.main import emit_json, run_async, stdout
 from tmdht.errors import UsageError
+from tmdht.pages import DIGEST_SIZE
 
 
 @click.command()
@@ -35,12 +36,12 @@ def get(
         wanted = [bytes.fromhex(d) for d in digests]
     except ValueError:
         raise UsageError("a digest is 64 hex characters") from None
-    if any(len(d) != 32 for d in wanted):
+    if any(len(d) != DIGEST_SIZE for d in wanted):
         raise UsageError("a digest is 64 hex characters")
 
     async def main() -> tuple[list[dict[str, Any]], dict[bytes, bytes]]:
-        async with TemplateStoreClient(
-            **store_kwargs(seeds, cluster_key_file, insecure_open)
+        async with TemplateStoreClient.connect(
+            cluster_access(seeds, cluster_key_file, insecure_open)
         ) as store:
             found, _ = await store.resolve(wanted)
             rows = []

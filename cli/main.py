@@ -10,6 +10,7 @@ import importlib
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import click
@@ -76,7 +77,7 @@ class TmdhtGroup(click.Group):
             raise click.ClickException(f"{where}{exc.strerror or exc}") from None
 
 
-def emit_json(doc: dict[str, Any]) -> None:
+def emit_json(doc: Mapping[str, object]) -> None:
     """Print a machine-readable summary on stdout."""
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 

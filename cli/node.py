@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import signal
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
 
+from tmdht.cli.access import cluster_access
 from tmdht.cli.main import human_bytes, run_async, stderr, stdout
-from tmdht.config import NodeConfig, parse_address
-from tmdht.errors import ConfigError, UsageError
+from tmdht.config import NodeConfig
+from tmdht.errors import UsageError
+from tmdht.net.address import format_address
+
+if TYPE_CHECKING:
+    from tmdht.client.store import MemberStatus
+    from tmdht.node.service import NodeStatus
 
 
 class JsonFormatter(logging.Formatter):
@@ -36,9 +39,6 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
-def hostport(address: tuple[str, int]) -> str:
-    """('127.0.0.1', 80) -> '127.0.0.1:80'."""
-    return f"{address[0]}:{address[1]}"
 
 
 def setup_logging(fmt: str, level: str) -> None:
@@ -112,7 +112,7 @@ def node_run(
     ready_line: bool,
     seeds: tuple[str, ...],
     event_loop: str,
-    **flags: Any,
+    **flags: object,
 ) -> None:
     """Run a store node until SIGTERM or SIGINT."""
     from tmdht.node.local import READY_PREFIX  # noqa: PLC0415 - keep `tmdht --help` light
@@ -131,7 +131,7 @@ def node_run(
     )
     setup_logging(config.log_format, config.log_level)
 
-    def announce(status: dict[str, Any]) -> None:
+    def announce(status: NodeStatus) -> None:
         sys.stdout.write(READY_PREFIX + json.dumps(status) + "\n")
         sys.stdout.flush()
 
@@ -177,14 +177,14 @@ def cluster_up(nodes: int, root: Path, replicas: int, insecure_open: bool) -> No
         for name in ("node", "id", "kademlia", "data", "metrics", "pid"):
             table.add_column(name)
         for n in local.nodes:
-            metrics = f"http://{hostport(n.address('metrics'))}/metrics"
+            metrics = f"http://{format_address(n.address('metrics'))}/metrics"
             table.add_row(
-                str(n.index), n.status["node_id"][:16], hostport(n.address("kademlia")),
-                hostport(n.address("data")), metrics, str(n.pid),
+                str(n.index), n.status["node_id"][:16], format_address(n.address("kademlia")),
+                format_address(n.address("data")), metrics, str(n.pid),
             )  # fmt: skip
         stdout.print(table)
         key = "none (open)" if insecure_open else str(local.key_file)
-        stdout.print(f"seed: {hostport(local.seed)}   key: {key}")
+        stdout.print(f"seed: {format_address(local.seed)}   key: {key}")
         stdout.print("Ctrl-C stops the cluster.")
         # Block until a node exits (without reaping it: Popen does that) or a signal arrives.
         os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
@@ -201,16 +201,6 @@ def cluster_up(nodes: int, root: Path, replicas: int, insecure_open: bool) -> No
             signal.signal(s, handler)
 
 
-def _fetch_health(host: str, port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=2) as response:
-            return "ready" if response.status == 200 else f"HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        return "not ready" if exc.code == 503 else f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError):
-        return "unreachable"
-
-
 @cluster.command("status")
 @click.option("--seed", required=True, help="host:port of any node's Kademlia port.")
 @click.option(
@@ -224,81 +214,54 @@ def cluster_status(
     seed: str, cluster_key_file: Path | None, insecure_open: bool, as_json: bool
 ) -> None:
     """Members of a cluster: pages, bytes and health of each node."""
-    from tmdht.client.dataplane import DataPlaneClient, NodeUnreachableError  # noqa: PLC0415
-    from tmdht.node.overlay import Overlay, OverlayConfig  # noqa: PLC0415
-    from tmdht.node.service import load_cluster_keys  # noqa: PLC0415
+    from tmdht.client.errors import ClusterUnreachable  # noqa: PLC0415 - IO stack on demand
+    from tmdht.client.store import TemplateStoreClient  # noqa: PLC0415
 
-    try:
-        seed_address = parse_address(seed)
-    except ConfigError as exc:
-        raise UsageError(f"--seed: {exc}") from None
-    cfg = NodeConfig(
-        data_dir=Path("."), cluster_key_file=cluster_key_file, insecure_open=insecure_open
-    )
-    keys = load_cluster_keys(cfg)
+    access = cluster_access((seed,), cluster_key_file, insecure_open)
 
-    async def gather() -> list[dict[str, Any]]:
-        from tmdht.auth import Authenticator, keyring_from  # noqa: PLC0415
-
-        auth = (
-            Authenticator.open_mode() if keys is None else Authenticator.keyed(keyring_from(keys))
-        )
-        overlay = await Overlay.start(
-            OverlayConfig(
-                data_port=0,
-                join=False,
-                seeds=(seed_address,),
-                cluster_key=None if keys is None else keys[0].secret,
-                accepted_cluster_keys=tuple(k.secret for k in (keys or [])[1:]),
-            )
-        )
+    async def gather() -> list[MemberStatus]:
         try:
-            members = await overlay.crawl()
-        finally:
-            await overlay.stop()
-        rows = []
-        async with await DataPlaneClient.open(auth, attempts=3, timeout=0.5) as client:
-            for m in members:
-                row: dict[str, Any] = {
-                    "node_id": m.node_id.hex(), "kademlia": f"{m.host}:{m.port}",
-                    "data": f"{m.data_host}:{m.data_port}", "metrics_port": m.metrics_port,
-                }  # fmt: skip
-                try:
-                    info = await client.node_info(m.data_address)
-                    row.update(
-                        pages=info.pages_stored,
-                        bytes=info.bytes_stored,
-                        capacity=info.capacity_bytes,
-                        version=info.version,
-                    )
-                except NodeUnreachableError:
-                    row.update(pages=None, bytes=None, capacity=None, version=m.version)
-                row["health"] = (
-                    await asyncio.to_thread(_fetch_health, m.host, m.metrics_port)
-                    if m.metrics_port
-                    else "unknown"
-                )
-                rows.append(row)
-        return rows
+            async with TemplateStoreClient.connect(access, timeout=0.5) as store:
+                return await store.cluster_status()
+        except ClusterUnreachable:
+            return []
 
-    rows = run_async(gather())
-    if not rows:
+    statuses = run_async(gather())
+    if not statuses:
         raise UsageError(f"no cluster answered at {seed}")
     if as_json:
-        click.echo(json.dumps({"members": rows}, indent=2))
+        click.echo(json.dumps({"members": [_status_doc(s) for s in statuses]}, indent=2))
         return
-    table = Table(title=f"{len(rows)} members")
+    table = Table(title=f"{len(statuses)} members")
     for name in ("id", "kademlia", "data", "pages", "bytes", "capacity", "health"):
         table.add_column(
             name, justify="right" if name in ("pages", "bytes", "capacity") else "left"
         )
-    for r in rows:
+    for status in statuses:
+        m, info = status.member, status.info
         table.add_row(
-            r["node_id"][:16], r["kademlia"], r["data"],
-            "-" if r["pages"] is None else f"{r['pages']:,}",
-            "-" if r["bytes"] is None else human_bytes(r["bytes"]),
-            "-" if r["capacity"] is None else human_bytes(r["capacity"]),
-            r["health"],
+            m.node_id.hex()[:16], format_address((m.host, m.port)), format_address(m.data_address),
+            "-" if info is None else f"{info.pages_stored:,}",
+            "-" if info is None else human_bytes(info.bytes_stored),
+            "-" if info is None else human_bytes(info.capacity_bytes),
+            status.health,
         )  # fmt: skip
     stdout.print(table)
-    stdout.print(f"total: {sum(r['pages'] or 0 for r in rows):,} page copies")
+    total = sum(s.info.pages_stored for s in statuses if s.info is not None)
+    stdout.print(f"total: {total:,} page copies")
+
+
+def _status_doc(status: MemberStatus) -> dict[str, object]:
+    """One member as ``cluster status --json`` prints it."""
+    m, info = status.member, status.info
+    return {
+        "node_id": m.node_id.hex(),
+        "kademlia": f"{m.host}:{m.port}",
+        "data": f"{m.data_host}:{m.data_port}",
+        "metrics_port": m.metrics_port,
+        "pages": info.pages_stored if info else None,
+        "bytes": info.bytes_stored if info else None,
+        "capacity": info.capacity_bytes if info else None,
+        "version": info.version if info else m.version,
+        "health": status.health,
+    }

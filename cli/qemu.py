@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from tmdht.cli.access import cluster_options, store_kwargs
+from tmdht.cli.access import cluster_access, cluster_options
 from tmdht.cli.main import parse_size
 from tmdht.cli.proxy import run_proxy, setup_logging
 from tmdht.config import parse_address
@@ -114,7 +114,7 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
     )
 
     setup_logging(log_level)
-    store = None if no_cluster else store_kwargs(seeds, cluster_key_file, insecure_open)
+    store = None if no_cluster else cluster_access(seeds, cluster_key_file, insecure_open)
     config = ReceiverConfig(
         listen=_address(listen, "--listen", any_port=True), store=store,
         expected_catalog_id=read_template_digests(catalog).catalog_id if catalog else None,

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.table import Table
 
-from tmdht import __version__
 from tmdht.catalog import TemplateCatalog
-from tmdht.cli.access import cluster_options, store_kwargs
-from tmdht.cli.main import emit_json, human_bytes, parse_size, run_async, stdout
-from tmdht.cli.progress import page_progress
-from tmdht.images import open_image
-from tmdht.mining import ImageCoverage, MiningConfig, MiningResult, TemplateMiner
-from tmdht.pages import PAGE_SIZE, digest_page, is_zero_page
-
-PUBLISH_BATCH = 2048
+from tmdht.cli.access import cluster_access, cluster_options
+from tmdht.cli.jobs import mine_files, publish_files
+from tmdht.cli.main import emit_json, human_bytes, parse_size, stdout
+from tmdht.mining import ImageCoverage, MiningConfig
+from tmdht.pages import PAGE_SIZE
 
 
 @click.group()
@@ -88,30 +81,6 @@ def mine(
         f"wrote {output} (catalog {catalog.catalog_id.hex()[:16]}, "
         f"{human_bytes(output.stat().st_size)})"
     )
-
-
-def mine_files(
-    images: tuple[Path, ...] | list[Path], config: MiningConfig
-) -> tuple[TemplateCatalog, MiningResult, float]:
-    """Mine a catalog from image files, with a progress bar; returns it, the result, seconds."""
-    with contextlib.ExitStack() as stack:
-        opened = [stack.enter_context(open_image(p)) for p in images]  # all checked before work
-        total_pages = sum(i.page_count for i in opened)
-        miner = stack.enter_context(TemplateMiner(config, expected_pages=total_pages))
-        started = time.perf_counter()
-        with page_progress() as progress:
-            task = progress.add_task("mining", total=total_pages * PAGE_SIZE)
-            for image in opened:
-                progress.update(task, description=f"mining {image.name}")
-                miner.add_image(
-                    image.name,
-                    image.iter_pages(),
-                    lambda n: progress.advance(task, n * PAGE_SIZE),
-                )
-        result = miner.finish()
-        elapsed = time.perf_counter() - started
-    catalog = TemplateCatalog.from_mining(result, {"tool": f"tmdht {__version__}"})
-    return catalog, result, elapsed
 
 
 @templates.command()
@@ -191,72 +160,14 @@ def publish(
 ) -> None:
     """Store the template pages of CATALOG, read from IMAGES, in the cluster."""
     catalog = TemplateCatalog.load(catalog_path)
-    doc = publish_files(catalog, images, store_kwargs(seeds, cluster_key_file, insecure_open))
+    doc = publish_files(catalog, images, cluster_access(seeds, cluster_key_file, insecure_open))
     if as_json:
-        emit_json(doc)
+        emit_json(doc.to_json())
         return
     stdout.print(
-        f"published {doc['published']:,} of {doc['templates']:,} templates "
-        f"({doc['replica_writes']:,} replica writes: {doc['stored']:,} new, {doc['present']:,} "
-        f"already there) in {doc['seconds']:.1f} s = {doc['pages_per_s']:,.0f} pages/s"
+        f"published {doc.published:,} of {doc.templates:,} templates "
+        f"({doc.replica_writes:,} replica writes: {doc.stored:,} new, {doc.present:,} "
+        f"already there) in {doc.seconds:.1f} s = {doc.pages_per_s:,.0f} pages/s"
     )
-    if doc["not_found"]:
-        stdout.print(f"[yellow]{doc['not_found']:,} templates are in none of the images[/]")
-
-
-def publish_files(
-    catalog: TemplateCatalog, images: tuple[Path, ...] | list[Path], store_args: dict[str, Any]
-) -> dict[str, Any]:
-    """Find the catalog's template pages in the images and put them into the cluster."""
-    from tmdht.client.store import TemplateStoreClient  # noqa: PLC0415 - IO stack on demand
-
-    async def main() -> dict[str, Any]:
-        started = time.perf_counter()
-        published: set[bytes] = set()
-        stored = present = 0
-        async with TemplateStoreClient(**store_args) as store:
-            with contextlib.ExitStack() as stack, page_progress() as progress:
-                opened = [stack.enter_context(open_image(p)) for p in images]
-                task = progress.add_task(
-                    "publishing", total=sum(i.page_count for i in opened) * PAGE_SIZE
-                )
-                for image in opened:
-                    pages = image.iter_pages()
-                    while batch := list(itertools.islice(pages, PUBLISH_BATCH)):
-                        progress.advance(task, len(batch) * PAGE_SIZE)
-                        chosen = _templates_in(batch, catalog, published)
-                        if chosen:
-                            summary = await store.put_many(chosen)
-                            stored += summary.stored
-                            present += summary.present
-                            published.update(d for d, _ in chosen)
-                    del batch, pages
-        seconds = time.perf_counter() - started
-        return {
-            "catalog_id": catalog.catalog_id.hex(),
-            "templates": len(catalog),
-            "published": len(published),
-            "not_found": len(catalog) - len(published),
-            "replica_writes": stored + present,
-            "stored": stored,
-            "present": present,
-            "seconds": seconds,
-            "pages_per_s": len(published) / seconds if seconds else 0.0,
-        }
-
-    return run_async(main())
-
-
-def _templates_in(
-    batch: list[memoryview], catalog: TemplateCatalog, done: set[bytes]
-) -> list[tuple[bytes, bytes]]:
-    """(digest, page) of the batch's template pages not yet published."""
-    candidates = [(digest_page(p), p) for p in batch if not is_zero_page(p)]
-    if not candidates:
-        return []
-    member = catalog.contains_many([d for d, _ in candidates])
-    chosen: dict[bytes, bytes] = {}
-    for (digest, page), is_template in zip(candidates, member.tolist(), strict=True):
-        if is_template and digest not in done:
-            chosen[digest] = bytes(page)
-    return list(chosen.items())
+    if doc.not_found:
+        stdout.print(f"[yellow]{doc.not_found:,} templates are in none of the images[/]")

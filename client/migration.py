@@ -42,7 +42,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from tmdht.catalog_file import read_template_digests
+from tmdht.client.errors import MigrationFailed
 from tmdht.errors import DecodeError, IntegrityError, TmdhtError
+from tmdht.files import atomic_write
 from tmdht.migration_stream import (
     Ack,
     Done,
@@ -61,8 +63,12 @@ from tmdht.native import (
 
 if TYPE_CHECKING:
     import asyncio
+    from wsgiref.simple_server import WSGIServer
 
     from prometheus_client import CollectorRegistry
+
+    from tmdht.client.store import TemplateStoreClient
+    from tmdht.net.credentials import ClusterAccess
 else:
     def _lazy(name: str) -> ModuleType:
         """``name`` imported on first use: the sender (QEMU's exec: command, whose start-up
@@ -96,14 +102,6 @@ PIPE_SIZE = 1 << 20
 """Pipe buffer asked for on QEMU's side of each proxy (F_SETPIPE_SZ; the default 64 KiB made
 QEMU and the proxy take turns in 16 pages)."""
 RESOLVE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-
-class MigrationFailed(TmdhtError):
-    """The migration through the proxies failed (the other side, the stream, or verification)."""
-
-    def __init__(self, message: str, report: MigrationReport | None = None) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 # -- metrics and reports -----------------------------------------------------------------------
@@ -191,7 +189,7 @@ class MigrationReport:
     def wan_bytes(self) -> int:
         return self.wan_sent_bytes + self.wan_received_bytes
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         doc = asdict(self)
         doc["wan_bytes"] = self.wan_bytes
         doc["qemu_bytes"] = self.counts.qemu_bytes
@@ -245,8 +243,8 @@ class ReceiverConfig:
 
     listen: tuple[str, int]
     """Address to listen on for the sender (port 0: any free port)."""
-    store: dict[str, Any] | None
-    """Arguments of TemplateStoreClient (None: no cluster, every template from the sender)."""
+    store: ClusterAccess | None
+    """The cluster to resolve templates through (None: every template from the sender)."""
     expected_catalog_id: bytes | None = None
     """Refuse a sender that used another catalog."""
     ready_file: Path | None = None
@@ -522,16 +520,16 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
     if config.ready_file is not None:
         with open(config.ready_file, "w", encoding="utf-8") as ready:
             ready.write(f"READY {address[0]}:{address[1]}\n")
-    store: Any = None
-    store_task: asyncio.Task[Any] | None = None
+    store: TemplateStoreClient | None = None
+    store_task: asyncio.Task[None] | None = None
     out = _PipeOut(stdout_fd)
     wan: _Wan | None = None
     started = time.monotonic()
     tasks: set[asyncio.Task[Any]] = set()
     try:
         if config.store is not None:
-            store = TemplateStoreClient(
-                **config.store, registry=None if metrics is None else metrics.registry)
+            store = TemplateStoreClient.connect(
+                config.store, registry=None if metrics is None else metrics.registry)
             store_task = asyncio.create_task(store.start())
         loop = asyncio.get_running_loop()
         try:
@@ -544,7 +542,7 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
         reader, writer = await asyncio.open_connection(sock=conn)
         wan = _Wan(reader, writer, report, metrics)
         await out.open()
-        if store_task is not None:
+        if store is not None and store_task is not None:
             try:
                 await store_task
             except (TmdhtError, OSError) as exc:
@@ -603,7 +601,7 @@ def _fill_receiver_report(report: MigrationReport, rebuilder: MigrationReceiver,
 
 
 async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _Wan,
-                   out: _PipeOut, store: Any, report: MigrationReport,
+                   out: _PipeOut, store: TemplateStoreClient | None, report: MigrationReport,
                    metrics: MigrationMetrics | None, tasks: set[asyncio.Task[Any]],
                    on_progress: Callable[[int], None] | None,
                    on_verified: Callable[[], None]) -> None:
@@ -719,12 +717,12 @@ def write_report(report: MigrationReport, path: Path | None) -> None:
 def save_report(report: MigrationReport, path: Path | None) -> None:
     """Write the JSON report (atomically: readers never see half of it)."""
     if path is not None:
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
-        partial.replace(path)
+        atomic_write(path, json.dumps(report.to_json(), indent=2) + "\n", durable=False)
 
 
-def serve_metrics(port: int, metrics: MigrationMetrics, host: str = "127.0.0.1") -> Any:
+def serve_metrics(
+    port: int, metrics: MigrationMetrics, host: str = "127.0.0.1"
+) -> WSGIServer | None:
     """Serve /metrics on ``port`` (0: any) from a thread; returns the server (call shutdown())."""
     from prometheus_client import start_http_server  # noqa: PLC0415
 

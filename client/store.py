@@ -10,12 +10,11 @@ How a batch is resolved:
    bounded cache.
 2. The membership view (a client-mode Kademlia overlay: crawled at start, kept current by its
    membership events) gives every digest its replica list, closest first — one hop, computed
-   locally (:func:`tmdht.placement.replica_indices`).
-3. Digests are grouped per node and sent as pipelined batches (:class:`DataPlaneClient`).
-   A batch whose node is slow is *hedged*: after ``hedge_after`` seconds the same digests go to
-   the next replica too, and the first answer wins. What a node misses, serves corrupt, or
-   never answers goes to the next replica (*failover*); a node that did not answer is avoided
-   for a while and probed through the overlay.
+   locally (:func:`tmdht.placement.replica_rows`).
+3. The request engine (:mod:`tmdht.net.engine`, through :class:`DataPlaneClient`) sends the
+   digests per node as pipelined batches, hedges a slow node's batch to the next replica, and
+   fails over what a node misses, serves corrupt or never answers; a node that did not answer
+   is avoided for a while and probed through the overlay.
 4. Digests that every replica in the view failed are retried once after re-crawling the ring
    (the view may have been stale), then reported unavailable.
 """
@@ -28,67 +27,69 @@ import contextlib
 import logging
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 
 from tmdht import wire
-from tmdht.auth import Authenticator, ClusterKey, keyring_from, load_key, parse_cluster_keys
-from tmdht.client.dataplane import DataPlaneClient
-from tmdht.client.resolver import Resolver
-from tmdht.errors import TmdhtError, UsageError
-from tmdht.node.overlay import Member, MembershipEventKind, Overlay, OverlayConfig, OverlayError
-from tmdht.pages import ZERO_DIGEST, ZERO_PAGE, digest_page
+from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.aio.overlay import MembershipSubscription, Overlay
+from tmdht.aio.tasks import TaskSet
+from tmdht.client.errors import ClusterUnreachable, PagesUnavailable, PublishFailed
+from tmdht.client.metrics import ClientMetrics
+from tmdht.errors import NodeUnreachableError, OverlayError, TmdhtError, UsageError
+from tmdht.net.address import Address, format_address
+from tmdht.net.credentials import ClusterAccess, ClusterCredentials
+from tmdht.net.membership import Member, MembershipEventKind
+from tmdht.net.operations import EngineStats
+from tmdht.net.overlay import OverlayConfig
+from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST, ZERO_PAGE, digest_page
 from tmdht.placement import replica_rows
 
 __all__ = [
     "BlockingTemplateStoreClient",
     "ClientMetrics",
+    "ClientOptions",
+    "MemberStatus",
     "PagesUnavailable",
     "PublishFailed",
     "PutSummary",
+    "StoreOptions",
     "TemplateStoreClient",
 ]
 
 log = logging.getLogger("tmdht.client")
 
 T = TypeVar("T")
-RESOLVE_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    1.0,
-    5.0,
-)
+HEALTH_TIMEOUT = 2.0
+"""Seconds to wait for a member's /readyz in :meth:`TemplateStoreClient.cluster_status`."""
 
 
-class PagesUnavailable(TmdhtError):
-    """No replica could serve these digests (every replica down, or the page missing)."""
+class StoreOptions(TypedDict, total=False):
+    """:class:`TemplateStoreClient`'s settings as keyword arguments (see its constructor)."""
 
-    def __init__(self, digests: Iterable[bytes]) -> None:
-        self.digests = frozenset(digests)
-        first = min(self.digests).hex()[:16] if self.digests else "-"
-        super().__init__(
-            f"{len(self.digests)} pages unavailable from every replica (first {first})"
-        )
+    replicas: int
+    host: str
+    max_datagram: int
+    timeout: float
+    attempts: int
+    window: int
+    hedge_after: float
+    avoid_for: float
+    cache_pages: int
+    registry: CollectorRegistry | None
 
 
-class PublishFailed(TmdhtError):
-    """Some pages could not be stored on any replica."""
+class ClientOptions(StoreOptions, total=False):
+    """The settings and how the cluster's keys are given (see :class:`TemplateStoreClient`)."""
 
-    def __init__(self, digests: Iterable[bytes], reason: str) -> None:
-        self.digests = frozenset(digests)
-        super().__init__(f"{len(self.digests)} pages not stored: {reason}")
+    cluster_key: bytes | str | None
+    open_mode: bool
+    credentials: ClusterCredentials | None
 
 
 @dataclass
@@ -105,54 +106,17 @@ class PutSummary:
     """Pages written to fewer than R replicas (the nodes' replication job completes them)."""
 
 
-class ClientMetrics:
-    """Client-side Prometheus metrics, in a registry the caller may pass."""
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    """One member of the cluster as :meth:`TemplateStoreClient.cluster_status` found it."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.resolved = Counter(
-            "tmdht_client_pages_resolved_total",
-            "Pages resolved (verified), cache and zero pages included.",
-            registry=r,
-        )
-        self.unavailable = Counter(
-            "tmdht_client_unavailable_pages_total", "Pages no replica could serve.", registry=r
-        )
-        self.batches = Counter(
-            "tmdht_client_batches_total", "GET batches sent to nodes.", registry=r
-        )
-        self.retries = Counter(
-            "tmdht_client_retries_total", "Requests re-sent after lost datagrams.", registry=r
-        )
-        self.failovers = Counter(
-            "tmdht_client_failovers_total",
-            "Pages asked of a further replica after a miss or failure.",
-            registry=r,
-        )
-        self.hedges = Counter(
-            "tmdht_client_hedges_total", "Batches hedged to a second replica.", registry=r
-        )
-        self.verification_failures = Counter(
-            "tmdht_client_verification_failures_total",
-            "Pages that did not match their digest.",
-            registry=r,
-        )
-        self.cache_hits = Counter(
-            "tmdht_client_cache_hits_total", "Pages served from the client cache.", registry=r
-        )
-        self.published = Counter(
-            "tmdht_client_pages_published_total", "Replica writes of pages.", registry=r
-        )
-        self.latency = Histogram(
-            "tmdht_client_resolve_duration_seconds",
-            "Time to resolve one get_many call.",
-            buckets=RESOLVE_BUCKETS,
-            registry=r,
-        )
-        self.members = Gauge(
-            "tmdht_client_members", "Store nodes in the client's view.", registry=r
-        )
+    member: Member
+    """Its ids and addresses, from the ring."""
+    info: wire.NodeInfo | None
+    """Its NODE_INFO answer (pages, bytes, capacity, version); None: it did not answer."""
+    health: str
+    """``ready``, ``not ready``, ``unreachable``, ``HTTP <code>``, or ``unknown`` (no metrics
+    port advertised)."""
 
 
 class _Cache:
@@ -182,10 +146,11 @@ class TemplateStoreClient:
 
     def __init__(
         self,
-        seeds: Sequence[tuple[str, int]],
+        seeds: Sequence[Address],
         *,
         cluster_key: bytes | str | None = None,  # a key file's text, or a raw 32-byte key
         open_mode: bool = False,
+        credentials: ClusterCredentials | None = None,
         replicas: int = 3,
         host: str = "0.0.0.0",  # clients reach nodes on other hosts too
         max_datagram: int = 32768,
@@ -197,24 +162,20 @@ class TemplateStoreClient:
         cache_pages: int = 0,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        """``credentials``, or ``cluster_key`` (a key file's text: one key, or ``id:hex`` lines
+        during a rotation; or a raw 32-byte key), or ``open_mode=True`` for an open cluster."""
         if not seeds:
             raise UsageError("at least one seed (a node's Kademlia host:port) is needed")
-        if cluster_key is None and not open_mode:
-            raise UsageError("a cluster key is needed (or open_mode=True for an open cluster)")
+        if credentials is None:
+            if cluster_key is not None:
+                credentials = ClusterCredentials.from_key(cluster_key)
+            elif open_mode:
+                credentials = ClusterCredentials.open_mode()
+            else:
+                raise UsageError("a cluster key is needed (or open_mode=True for an open cluster)")
         self.seeds = tuple(seeds)
-        # A key file's text: one key, or ``id:hex`` lines during a rotation (the first is used to
-        # send, all are accepted) -- the same format the nodes read.
-        self._keys: list[ClusterKey] = []
-        if isinstance(cluster_key, str):
-            self._keys = parse_cluster_keys(cluster_key)
-        elif cluster_key is not None:
-            self._keys = [ClusterKey(1, load_key(cluster_key))]
-        self._key = self._keys[0].secret if self._keys else None
-        self.auth = (
-            Authenticator.keyed(keyring_from(self._keys))
-            if self._keys
-            else Authenticator.open_mode()
-        )
+        self.credentials = credentials
+        self.auth = credentials.authenticator()
         self.replicas = replicas
         self.host = host
         self.max_datagram = max_datagram
@@ -224,14 +185,19 @@ class TemplateStoreClient:
         self.hedge_after = hedge_after
         self.avoid_for = avoid_for
         self.metrics = ClientMetrics(registry)
+        self.metrics.watch(lambda: self._dataplane.stats if self._dataplane else None)
         self._cache = _Cache(cache_pages)
         self._overlay: Overlay | None = None
         self._dataplane: DataPlaneClient | None = None
         self._members: list[Member] = []
         self._ids: list[bytes] = []
-        self._avoid: dict[bytes, float] = {}  # node id -> monotonic time until which it is avoided
-        self._resolver: Resolver | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._addresses: list[Address] = []
+        self._tasks = TaskSet(log)
+
+    @classmethod
+    def connect(cls, access: ClusterAccess, **options: Unpack[StoreOptions]) -> TemplateStoreClient:
+        """A client of the cluster ``access`` names (start it, or use ``async with``)."""
+        return cls(access.seeds, credentials=access.credentials, **options)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -252,14 +218,9 @@ class TemplateStoreClient:
                 timeout=self.timeout,
                 attempts=self.attempts,
                 window=self.window,
-                on_retry=self.metrics.retries.inc,
-            )
-            self._resolver = Resolver(
-                self._dataplane,
-                self.metrics,
                 hedge_after=self.hedge_after,
-                avoided=self._avoided,
-                failed=self._node_failed,
+                avoid_for=self.avoid_for,
+                on_node_failed=self._node_failed,
             )
             self._overlay = await Overlay.start(
                 OverlayConfig(
@@ -267,45 +228,28 @@ class TemplateStoreClient:
                     join=False,
                     host=self.host,
                     seeds=self.seeds,
-                    cluster_key=self._key,
-                    accepted_cluster_keys=tuple(k.secret for k in self._keys[1:]),
+                    cluster_key=self.credentials.overlay_key,
+                    accepted_cluster_keys=self.credentials.accepted_overlay_keys,
                 )
             )
             await self.refresh()
             if not self._members:
-                raise TmdhtError(
-                    f"no store node answered at {', '.join(f'{h}:{p}' for h, p in self.seeds)}"
-                )
+                raise ClusterUnreachable(self.seeds)
             subscription = self._overlay.subscribe(replay=False)
-            self._spawn(self._follow(subscription))
+            self._tasks.spawn(self._follow(subscription), "client-membership")
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
-        """Stop the background task, the overlay and the socket (idempotent)."""
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop the background tasks, the overlay and the socket (idempotent)."""
+        await self._tasks.cancel_all()
         if self._overlay is not None:
             await self._overlay.stop()
             self._overlay = None
         if self._dataplane is not None:
             await self._dataplane.close()
             self._dataplane = None
-            self._resolver = None
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("client background task failed: %r", t.exception())
-
-        task.add_done_callback(done)
 
     async def refresh(self) -> list[Member]:
         """Crawl the ring again and replace the membership view."""
@@ -318,9 +262,10 @@ class TemplateStoreClient:
     def _set_members(self, members: Iterable[Member]) -> None:
         self._members = sorted(members, key=lambda m: m.node_id)
         self._ids = [m.node_id for m in self._members]
+        self._addresses = [m.data_address for m in self._members]
         self.metrics.members.set(len(self._members))
 
-    async def _follow(self, subscription: Any) -> None:
+    async def _follow(self, subscription: MembershipSubscription) -> None:
         try:
             async for event in subscription:
                 if event.kind in (
@@ -339,12 +284,16 @@ class TemplateStoreClient:
         return list(self._members)
 
     @property
-    def stats(self) -> Any:
-        """Transport counters (datagrams, retries, timeouts, verification failures)."""
-        assert self._dataplane is not None
-        return self._dataplane.stats
+    def stats(self) -> EngineStats:
+        """Request counters (datagrams, retries, timeouts, verification failures, hedges, ...)."""
+        return self._running().stats
 
-    # -- placement ---------------------------------------------------------------------------
+    def _running(self) -> DataPlaneClient:
+        if self._dataplane is None:
+            raise TmdhtError("client is closed")
+        return self._dataplane
+
+    # -- placement and failed nodes ----------------------------------------------------------
 
     def _replica_lists(self, digests: Sequence[bytes]) -> list[list[Member]]:
         """Per digest, the members to try in order: the R closest, avoided nodes last.
@@ -352,37 +301,29 @@ class TemplateStoreClient:
         Members, not indices: the view may change (membership events) while an operation
         awaits, and an operation keeps the members it started with.
         """
-        view, rows = self._replica_rows(digests)
-        return [[view[i] for i in row] for row in rows]
-
-    def _replica_rows(self, digests: Sequence[bytes]) -> tuple[list[Member], list[list[int]]]:
-        """The view (a snapshot: it may change while an operation awaits) and per digest the
-        indices into it of the members to try in order: the R closest, avoided nodes last."""
         view, ids = self._members, self._ids
         if not view:
-            return view, [[] for _ in digests]
+            return [[] for _ in digests]
+        dataplane = self._running()
         rows = replica_rows(digests, ids, self.replicas)
-        if not self._avoid:
-            return view, rows
-        now = time.monotonic()
-        avoided = {i for i, m in enumerate(view) if self._avoid.get(m.node_id, 0) > now}
-        if avoided:
-            rows = [
-                [i for i in row if i not in avoided] + [i for i in row if i in avoided]
-                for row in rows
-            ]
-        return view, rows
+        avoided = {i for i, m in enumerate(view) if dataplane.avoided(m.data_address)}
+        return [
+            [view[i] for i in row if i not in avoided] + [view[i] for i in row if i in avoided]
+            for row in rows
+        ]
 
-    def _node_failed(self, member: Member) -> None:
-        self._avoid[member.node_id] = time.monotonic() + self.avoid_for
-        if self._overlay is not None:
-            self._spawn(self._probe(member.node_id))
+    def _node_failed(self, address: Address) -> None:
+        """The engine failed a node (it is avoided meanwhile): probe it through the overlay."""
+        member = next((m for m in self._members if m.data_address == address), None)
+        if member is not None and self._overlay is not None:
+            self._tasks.spawn(self._probe(member), "client-probe")
 
-    async def _probe(self, node_id: bytes) -> None:
+    async def _probe(self, member: Member) -> None:
         assert self._overlay is not None
         with contextlib.suppress(OverlayError):
-            await self._overlay.probe(node_id)
-            self._avoid.pop(node_id, None)  # it answered: use it again
+            await self._overlay.probe(member.node_id)
+            if self._dataplane is not None:
+                self._dataplane.reinstate(member.data_address)  # it answered: use it again
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -395,14 +336,13 @@ class TemplateStoreClient:
 
     async def resolve(self, digests: Sequence[bytes]) -> tuple[dict[bytes, bytes], set[bytes]]:
         """Resolve what can be resolved: (pages by digest, digests no replica could serve)."""
-        if self._dataplane is None:
-            raise TmdhtError("client is closed")
+        self._running()
         started = time.perf_counter()
         found: dict[bytes, bytes] = {}
         wanted: list[bytes] = []
         for digest in dict.fromkeys(bytes(d) for d in digests):
-            if len(digest) != 32:
-                raise UsageError(f"a digest is 32 bytes, got {len(digest)}")
+            if len(digest) != DIGEST_SIZE:
+                raise UsageError(f"a digest is {DIGEST_SIZE} bytes, got {len(digest)}")
             if digest == ZERO_DIGEST:
                 found[digest] = ZERO_PAGE
                 continue
@@ -427,26 +367,24 @@ class TemplateStoreClient:
         self.metrics.latency.observe(time.perf_counter() - started)
         return found, unavailable
 
-    def _avoided(self, member: Member) -> bool:
-        if not self._avoid:  # the common case, checked per digest: no clock read
-            return False
-        return self._avoid.get(member.node_id, 0.0) > time.monotonic()
-
     async def _fetch(self, digests: list[bytes], found: dict[bytes, bytes]) -> set[bytes]:
         """Resolve ``digests`` into ``found``; returns what no replica served."""
-        assert self._resolver is not None
-        view, rows = self._replica_rows(digests)
-        pages, unavailable = await self._resolver.resolve(digests, rows, view)
-        found.update(pages)
-        return unavailable
+        if not digests:
+            return set()
+        dataplane = self._running()
+        nodes, ids = self._addresses, self._ids
+        rows = replica_rows(digests, ids, self.replicas) if ids else [[] for _ in digests]
+        result = await dataplane.fetch(digests, rows, nodes)
+        found.update(result.pages)
+        return result.unresolved
 
     async def replicas_holding(self, digests: Sequence[bytes]) -> list[list[tuple[bytes, bool]]]:
         """Per digest, its replicas (closest first) and whether each holds it (HAS)."""
-        assert self._dataplane is not None
+        dataplane = self._running()
         rows = self._replica_lists(list(digests))
         nodes = list({m.node_id: m for row in rows for m in row}.values())
         answers = await asyncio.gather(
-            *(self._dataplane.has(m.data_address, list(digests)) for m in nodes)
+            *(dataplane.has(m.data_address, list(digests)) for m in nodes)
         )
         held = {m.node_id: a.held for m, a in zip(nodes, answers, strict=True)}
         return [
@@ -456,7 +394,7 @@ class TemplateStoreClient:
 
     async def has_many(self, digests: Sequence[bytes]) -> list[bool]:
         """Whether any replica holds each digest (the zero page counts as held)."""
-        assert self._dataplane is not None
+        dataplane = self._running()
         unique = [d for d in dict.fromkeys(bytes(d) for d in digests) if d != ZERO_DIGEST]
         held: set[bytes] = {ZERO_DIGEST}
         lists = dict(zip(unique, self._replica_lists(unique), strict=True))
@@ -467,7 +405,7 @@ class TemplateStoreClient:
                 if step < len(lists[digest]):
                     groups.setdefault(lists[digest][step], []).append(digest)
             results = await asyncio.gather(
-                *(self._dataplane.has(n.data_address, ds) for n, ds in groups.items())
+                *(dataplane.has(n.data_address, ds) for n, ds in groups.items())
             )
             for result in results:
                 held |= result.held
@@ -476,17 +414,34 @@ class TemplateStoreClient:
                 break
         return [bytes(d) in held for d in digests]
 
+    async def cluster_status(self) -> list[MemberStatus]:
+        """Every member of a fresh crawl of the ring, with its NODE_INFO answer (pages, bytes,
+        capacity) and its health (``/readyz`` on its metrics port)."""
+        dataplane = self._running()
+        members = await self.refresh()
+
+        async def one(member: Member) -> MemberStatus:
+            try:
+                info: wire.NodeInfo | None = await dataplane.node_info(member.data_address)
+            except NodeUnreachableError:
+                info = None
+            health = "unknown"
+            if member.metrics_port:
+                health = await asyncio.to_thread(_fetch_health, member.host, member.metrics_port)
+            return MemberStatus(member, info, health)
+
+        return list(await asyncio.gather(*(one(m) for m in members)))
+
     # -- writes ------------------------------------------------------------------------------
 
     async def put_many(self, pages: Iterable[bytes | tuple[bytes, bytes]]) -> PutSummary:
         """Store pages on their R replicas; raises PublishFailed for pages stored nowhere."""
-        if self._dataplane is None:
-            raise TmdhtError("client is closed")
+        dataplane = self._running()
         items: dict[bytes, bytes] = {}
         for item in pages:
             digest, page = item if isinstance(item, tuple) else (digest_page(item), item)
-            if len(page) != 4096:
-                raise UsageError(f"a page is 4096 bytes, got {len(page)}")
+            if len(page) != PAGE_SIZE:
+                raise UsageError(f"a page is {PAGE_SIZE} bytes, got {len(page)}")
             if digest != ZERO_DIGEST:
                 items[bytes(digest)] = bytes(page)
         summary = PutSummary(pages=len(items))
@@ -498,13 +453,14 @@ class TemplateStoreClient:
                 per_node.setdefault(node, []).append((digest, items[digest]))
         nodes = list(per_node)
         outcomes = await asyncio.gather(
-            *(self._dataplane.put_pages(n.data_address, per_node[n]) for n in nodes)
+            *(dataplane.put_pages(n.data_address, per_node[n]) for n in nodes)
         )
         copies: collections.Counter[bytes] = collections.Counter()
         rejected: dict[bytes, str] = {}
         for node, outcome in zip(nodes, outcomes, strict=True):
             if outcome.unanswered:
-                self._node_failed(node)
+                dataplane.avoid(node.data_address)
+                self._node_failed(node.data_address)
             for digest, status in outcome.status.items():
                 if status == wire.PutStatus.STORED:
                     summary.stored += 1
@@ -524,10 +480,22 @@ class TemplateStoreClient:
         return summary
 
 
+def _fetch_health(host: str, port: int) -> str:
+    """A member's /readyz verdict (blocking: run it in a thread)."""
+    url = f"http://{format_address((host, port))}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT) as response:
+            return "ready" if response.status == 200 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        return "not ready" if exc.code == 503 else f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError):
+        return "unreachable"
+
+
 class BlockingTemplateStoreClient:
     """The same client for callers without an event loop: a loop runs on a thread it owns."""
 
-    def __init__(self, seeds: Sequence[tuple[str, int]], **kw: Any) -> None:
+    def __init__(self, seeds: Sequence[Address], **kw: Unpack[ClientOptions]) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="tmdht-client", daemon=True

@@ -12,7 +12,7 @@ busybox and the lab's ``/init``, talks QMP to it and reads its serial console.
 Host requirements: the Debian packages in :data:`APT_PACKAGES`.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tmdht.lab.console import SerialConsole
 from tmdht.lab.errors import (
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 _LAZY_FROM_CAPTURE = frozenset({"GuestCapture", "capture_guests", "default_specs", "load_capture"})
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     """Import :mod:`tmdht.lab.capture` on first use, so ``python -m tmdht.lab.capture`` runs it
     without importing it twice."""
     if name in _LAZY_FROM_CAPTURE:

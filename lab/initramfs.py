@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
+from tmdht.files import atomic_write
 from tmdht.lab.errors import LabSetupError
 from tmdht.lab.host import find_busybox, find_program
 
@@ -166,13 +167,5 @@ def ensure_initramfs(directory: Path, busybox: Path | None = None,
     if path.is_file() and path.stat().st_size == len(data):
         return path
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".initramfs-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
     return path

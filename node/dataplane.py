@@ -35,18 +35,19 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NotRequired, TypedDict, Unpack, cast
 
 from tmdht import wire
+from tmdht.aio.sockets import SocketBuffers, open_udp_socket
 from tmdht.auth import AuthenticationError, Authenticator, ReplayError
-from tmdht.client.dataplane import Address, tune_socket_buffers
 from tmdht.errors import DecodeError, LimitExceededError, TmdhtError, UsageError
+from tmdht.net.address import Address
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
 from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
 from tmdht.ratelimit import RateLimitConfig, SourceRateLimiter
 
-__all__ = ["DataPlaneServer"]
+__all__ = ["DataPlaneServer", "ServerSettings"]
 
 log = logging.getLogger("tmdht.node.dataplane")
 
@@ -69,6 +70,20 @@ DEFAULT_SNAPSHOT_MAX_AGE = 0.01
 """Seconds a read snapshot serves GETs before it is released: LMDB cannot reuse pages freed by
 writes after it began, so this bounds that dead space to ~10 ms of writes, while a busy node
 still begins a transaction only every 10 ms instead of for every request."""
+
+
+class ServerSettings(TypedDict):
+    """:class:`DataPlaneServer`'s constructor arguments, for :meth:`DataPlaneServer.start`."""
+
+    store: PageStore
+    auth: Authenticator
+    max_datagram: int
+    metrics: NodeMetrics
+    node_info: Callable[[int], wire.NodeInfo]
+    on_stored: NotRequired[Callable[[Sequence[bytes]], None] | None]
+    clock: NotRequired[Callable[[], float]]
+    rate_limit: NotRequired[RateLimitConfig | None]
+    snapshot_max_age: NotRequired[float]
 
 
 @dataclass
@@ -118,7 +133,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self.metrics = metrics
         self.node_info = node_info
         self.clock = clock
-        self.buffers = (0, 0)
+        self.buffers = SocketBuffers(0, 0, 0, None)
         self.limiter = SourceRateLimiter(rate_limit)
         self._snapshot = store.snapshot()
         self._snapshot_max_age = snapshot_max_age
@@ -142,15 +157,18 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self._idle.set()
 
     @classmethod
-    async def start(cls, host: str, port: int, **kw: Any) -> DataPlaneServer:
+    async def start(
+        cls, host: str, port: int, **settings: Unpack[ServerSettings]
+    ) -> DataPlaneServer:
         """Bind ``host:port`` (0: any free port) and serve."""
-        server = cls(**kw)
+        server = cls(**settings)
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.bind((host, port))
-            server.buffers = tune_socket_buffers(sock)
-            sock.setblocking(False)
+            sock, server.buffers = open_udp_socket(host, port)
+        except BaseException:
+            server._end_snapshot()
+            raise
+        try:
             await loop.create_datagram_endpoint(lambda: server, sock=sock)
         except BaseException:
             sock.close()

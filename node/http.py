@@ -34,7 +34,7 @@ class HealthServer:
         host: str,
         port: int,
         registry: CollectorRegistry,
-        health: Callable[[], tuple[bool, dict[str, Any]]],
+        health: Callable[[], tuple[bool, dict[str, object]]],
     ) -> None:
         metrics_app = make_wsgi_app(registry)
 

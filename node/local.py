@@ -20,15 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tmdht.errors import TmdhtError
+from tmdht.node.errors import ClusterError
 
 __all__ = ["READY_PREFIX", "ClusterError", "LocalCluster", "NodeProcess", "read_ready_line"]
 
 READY_PREFIX = "READY "
-
-
-class ClusterError(TmdhtError):
-    """A local node failed to start or stop."""
 
 
 def read_ready_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from prometheus_client.utils import floatToGoString
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from tmdht.node.overlay import OverlayStats
+    from tmdht.aio.overlay import OverlayStats
 
 __all__ = [
     "LoopCounter",
@@ -141,6 +141,21 @@ class NodeMetrics:
             registry=r,
         )
         self.ready = Gauge("tmdht_ready", "1 when the node serves requests.", registry=r)
+        # Linux caps a socket buffer request at net.core.rmem_max/wmem_max without an error:
+        # granted < requested means bursts of datagrams beyond the grant are dropped.
+        self.socket_buffer = Gauge(
+            "tmdht_socket_buffer_bytes",
+            "Socket buffer size the kernel granted, by socket (kademlia, data, replication) "
+            "and direction (receive, send).",
+            ["socket", "direction"],
+            registry=r,
+        )
+        self.socket_buffer_requested = Gauge(
+            "tmdht_socket_buffer_requested_bytes",
+            "Socket buffer size the node asked for, by socket and direction.",
+            ["socket", "direction"],
+            registry=r,
+        )
 
     def watch_overlay(self, stats: Callable[[], OverlayStats | None]) -> None:
         """Export the overlay's datagram counters, read from ``stats()`` at scrape time."""

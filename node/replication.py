@@ -29,27 +29,23 @@ from dataclasses import dataclass
 from typing import Final
 
 from tmdht import wire
-from tmdht.client.dataplane import Address, DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.net.address import Address
+from tmdht.net.membership import Member
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageStore
 from tmdht.placement import replica_indices
 
-__all__ = ["Replicator", "SweepReport", "Target"]
+__all__ = ["Replicator", "SweepReport", "sweep_log_level"]
 
 log = logging.getLogger("tmdht.node.replication")
 
 CHUNK: Final = 1024
 """Digests examined per step of a sweep."""
+PUSH_BATCH: Final = 256
+"""Pages read from the store and PUT to a replica per step (bounds memory and each burst)."""
 FRESH_DELAY: Final = 1.0
 """Seconds between a client's PUT and the check that its pages are on their replicas."""
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A member as placement sees it."""
-
-    node_id: bytes
-    data_address: Address
 
 
 @dataclass
@@ -65,6 +61,14 @@ class SweepReport:
     seconds: float = 0.0
 
 
+def sweep_log_level(report: SweepReport, previous: SweepReport | None) -> int:
+    """INFO for a sweep that moved or dropped pages or found a different number of pages short
+    of replicas than the last one; DEBUG for the quiet ones (every few seconds on an idle node).
+    """
+    changed = previous is None or report.under_replicated != previous.under_replicated
+    return logging.INFO if report.copied or report.dropped or changed else logging.DEBUG
+
+
 class Replicator:
     """The replication job of one node."""
 
@@ -74,7 +78,7 @@ class Replicator:
         store: PageStore,
         client: DataPlaneClient,
         self_id: bytes,
-        members: Callable[[], Sequence[Target]],
+        members: Callable[[], Sequence[Member]],
         replicas: int,
         rate: int,
         interval: float,
@@ -128,6 +132,7 @@ class Replicator:
     async def run(self) -> None:
         """Push fresh pages as they come; sweep on membership changes and every ``interval``."""
         next_sweep = self.clock() + self.interval
+        previous: SweepReport | None = None
         while True:
             wait = min(next_sweep, self._fresh_due()) - self.clock()
             with contextlib.suppress(TimeoutError):
@@ -139,7 +144,10 @@ class Replicator:
             report = await self.sweep()
             next_sweep = self.clock() + self.interval
             if report.complete:
-                log.info(
+                level = sweep_log_level(report, previous)
+                previous = report
+                log.log(
+                    level,
                     "replication sweep: %d pages examined, %d copied, %d under-replicated, "
                     "%d surplus dropped in %.2f s",
                     report.examined,
@@ -231,8 +239,8 @@ class Replicator:
         held = set(has.held)
         lacking = sorted(has.lacking)
         copied = 0
-        for start in range(0, len(lacking), 256):
-            batch = lacking[start : start + 256]
+        for start in range(0, len(lacking), PUSH_BATCH):
+            batch = lacking[start : start + PUSH_BATCH]
             pages = self.store.get_many(batch)
             items = [(d, p) for d, p in zip(batch, pages, strict=True) if p is not None]
             outcome = await self.client.put_pages(address, items)

@@ -21,68 +21,53 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, TypedDict
 
 from tmdht import __version__, wire
-from tmdht.auth import Authenticator, ClusterKey, keyring_from, parse_cluster_keys
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.aio.overlay import Overlay
+from tmdht.aio.tasks import TaskSet
 from tmdht.config import NodeConfig
-from tmdht.errors import ConfigError, TmdhtError
+from tmdht.errors import OverlayError, TmdhtError
+from tmdht.files import atomic_write
+from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterCredentials
+from tmdht.net.membership import Member, MembershipEventKind
+from tmdht.net.overlay import OverlayConfig
 from tmdht.node.dataplane import DataPlaneServer
 from tmdht.node.http import HealthServer
 from tmdht.node.metrics import NodeMetrics
-from tmdht.node.overlay import MembershipEventKind, Overlay, OverlayConfig, OverlayError
-from tmdht.node.replication import Replicator, Target
+from tmdht.node.replication import Replicator
 from tmdht.node.storage import PageStore
+from tmdht.node.system import (
+    OPEN_FILES_WANTED,
+    buffer_grants,
+    notify_supervisor,
+    raise_open_files_limit,
+    read_sysctl,
+)
 from tmdht.ratelimit import RateLimitConfig
 
-__all__ = ["CLUSTER_KEY_ENV", "StoreNode", "load_cluster_key", "load_cluster_keys"]
+__all__ = ["DRAIN_TIMEOUT", "NodeStatus", "StoreNode"]
 
 log = logging.getLogger("tmdht.node")
 
-CLUSTER_KEY_ENV = "TMDHT_CLUSTER_KEY"
 DRAIN_TIMEOUT = 10.0
 
 
-def load_cluster_keys(
-    config: NodeConfig, env: dict[str, str] | None = None
-) -> list[ClusterKey] | None:
-    """The cluster keys from ``cluster_key_file`` or $TMDHT_CLUSTER_KEY; None only if open.
+class NodeStatus(TypedDict):
+    """Where a running node listens and who it is: its status file, its READY line."""
 
-    The first key is the one the node sends with; every key listed is accepted (a rotation, see
-    :func:`tmdht.auth.parse_cluster_keys`). Raises ConfigError when there is no key and the node
-    was not told to run open.
-    """
-    env = dict(os.environ) if env is None else env
-    if config.cluster_key_file is not None:
-        try:
-            text = config.cluster_key_file.read_text()
-        except OSError as exc:
-            raise ConfigError(
-                f"cluster key file {config.cluster_key_file}: {exc.strerror}"
-            ) from None
-        try:
-            return parse_cluster_keys(text)
-        except ConfigError as exc:
-            raise ConfigError(f"cluster key file {config.cluster_key_file}: {exc}") from None
-    if env.get(CLUSTER_KEY_ENV):
-        try:
-            return parse_cluster_keys(env[CLUSTER_KEY_ENV])
-        except ConfigError as exc:
-            raise ConfigError(f"${CLUSTER_KEY_ENV}: {exc}") from None
-    if config.insecure_open:
-        return None
-    raise ConfigError(
-        "no cluster key: set cluster_key_file or $TMDHT_CLUSTER_KEY "
-        "(or insecure_open = true for local development only)"
-    )
-
-
-def load_cluster_key(config: NodeConfig, env: dict[str, str] | None = None) -> bytes | None:
-    """The secret of the key the node sends with (see :func:`load_cluster_keys`)."""
-    keys = load_cluster_keys(config, env)
-    return None if keys is None else keys[0].secret
+    node_id: str
+    """160-bit node id, hex."""
+    pid: int
+    kademlia: tuple[str, int]
+    """(host, port) of its Kademlia socket."""
+    data: tuple[str, int]
+    """(host, port) of its data plane."""
+    metrics: tuple[str, int]
+    """(host, port) of its /metrics, /healthz and /readyz."""
+    version: str
 
 
 class StoreNode:
@@ -92,27 +77,28 @@ class StoreNode:
         self,
         config: NodeConfig,
         *,
-        env: dict[str, str] | None = None,
-        on_ready: Callable[[dict[str, Any]], None] | None = None,
+        env: Mapping[str, str] | None = None,
+        on_ready: Callable[[NodeStatus], None] | None = None,
     ) -> None:
         """``on_ready(status)`` is called once every part runs (e.g. to print a READY line)."""
         self.config = config
         self._on_ready = on_ready
         self.metrics = NodeMetrics()
-        self._keys = load_cluster_keys(config, env)
-        self._key = None if self._keys is None else self._keys[0].secret
-        self.auth = (
-            Authenticator.open_mode()
-            if self._keys is None
-            else Authenticator.keyed(keyring_from(self._keys))
+        self.credentials = ClusterCredentials.load(
+            key_file=config.cluster_key_file,
+            env=os.environ if env is None else env,
+            insecure_open=config.insecure_open,
+            how=f"set cluster_key_file or ${CLUSTER_KEY_ENV} "
+            "(or insecure_open = true for local development only)",
         )
+        self.auth = self.credentials.authenticator()
         self.store: PageStore | None = None
         self.dataplane: DataPlaneServer | None = None
         self.overlay: Overlay | None = None
         self.client: DataPlaneClient | None = None
         self.replicator: Replicator | None = None
         self.http: HealthServer | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(log, on_failure=self._task_failed)
         self._ready = False
         self._stopped = asyncio.Event()
         self._started_at = time.time()
@@ -129,13 +115,14 @@ class StoreNode:
     async def start(self) -> None:
         """Start every part; on failure, stop what was started and re-raise."""
         cfg = self.config
-        if self._keys is None:
+        keys = self.credentials.keys
+        if not keys:
             log.warning("RUNNING OPEN: cluster traffic is NOT authenticated (insecure_open = true)")
-        elif len(self._keys) > 1:
+        elif len(keys) > 1:
             log.info(
                 "key rotation: sending with key id %d, also accepting key ids %s",
-                self._keys[0].key_id,
-                ", ".join(str(k.key_id) for k in self._keys[1:]),
+                keys[0].key_id,
+                ", ".join(str(k.key_id) for k in keys[1:]),
             )
         try:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -167,8 +154,8 @@ class StoreNode:
                     metrics_port=self.http.port,
                     rpc_timeout=cfg.rpc_timeout,
                     refresh_interval=cfg.refresh_interval,
-                    cluster_key=self._key,
-                    accepted_cluster_keys=tuple(k.secret for k in (self._keys or [])[1:]),
+                    cluster_key=self.credentials.overlay_key,
+                    accepted_cluster_keys=self.credentials.accepted_overlay_keys,
                 )
             )
             self.client = await DataPlaneClient.open(
@@ -178,7 +165,7 @@ class StoreNode:
                 store=self.store,
                 client=self.client,
                 self_id=self.overlay.node_id,
-                members=self._targets,
+                members=self._members,
                 replicas=cfg.replicas,
                 rate=cfg.replication_rate,
                 interval=cfg.replication_interval,
@@ -186,6 +173,7 @@ class StoreNode:
                 metrics=self.metrics,
                 on_unanswered=self._suspect,
             )
+            self._check_socket_buffers()
             self._spawn(self.replicator.run(), "replication")
             self._spawn(self._watch_membership(), "membership")
             self.metrics.info.labels(self.overlay.node_id.hex(), __version__).set(1)
@@ -209,20 +197,12 @@ class StoreNode:
             await self.stop()
             raise
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Start an owned background task; a crash is logged and stops the node."""
-        task = asyncio.create_task(coro, name=f"tmdht-{name}")
-        self._tasks.add(task)
+        self._tasks.spawn(coro, f"tmdht-{name}")
 
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error(
-                    "background task %s failed: %r", name, t.exception(), exc_info=t.exception()
-                )
-                self._stopped.set()
-
-        task.add_done_callback(done)
+    def _task_failed(self, name: str, exc: BaseException) -> None:
+        self._stopped.set()
 
     async def stop(self) -> None:
         """Graceful shutdown (idempotent)."""
@@ -230,10 +210,7 @@ class StoreNode:
         self.metrics.ready.set(0)
         if self.dataplane is not None:
             await self.dataplane.drain(DRAIN_TIMEOUT)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self.overlay is not None:
             await self.overlay.stop()
             self.overlay = None
@@ -252,7 +229,22 @@ class StoreNode:
         self._stopped.set()
 
     async def run(self) -> None:
-        """Start, serve until SIGTERM/SIGINT (or a fatal error), then stop gracefully."""
+        """Start, serve until SIGTERM/SIGINT (or a fatal error), then stop gracefully.
+
+        As a service process it also raises its open-files limit (warning when the hard limit
+        is lower than it wants) and tells systemd (``Type=notify``) when it is ready and when it
+        stops.
+        """
+        soft, hard = raise_open_files_limit()
+        if soft < OPEN_FILES_WANTED:
+            log.warning(
+                "open files limit is %d (hard limit %d), below the %d a node asks for: raise "
+                "the hard limit (systemd LimitNOFILE=, docker run --ulimit nofile=, dockerd "
+                "--default-ulimit) if the node runs out of file descriptors",
+                soft,
+                hard,
+                OPEN_FILES_WANTED,
+            )
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT)
         previous = {s: signal.getsignal(s) for s in signals}
@@ -260,13 +252,52 @@ class StoreNode:
             loop.add_signal_handler(s, self._stopped.set)
         try:
             await self.start()
+            notify_supervisor(f"READY=1\nSTATUS={self._status_line()}")
             await self._stopped.wait()
             log.info("shutting down")
+            notify_supervisor("STOPPING=1\nSTATUS=draining and closing the page store")
         finally:
             for s in signals:
                 loop.remove_signal_handler(s)
                 signal.signal(s, previous[s])
             await self.stop()
+
+    def _check_socket_buffers(self) -> None:
+        """Export every UDP socket's granted and requested buffers; warn about short ones."""
+        assert self.dataplane is not None and self.client is not None
+        assert self.overlay is not None
+        sockets = {
+            "kademlia": self.overlay.socket_buffers,
+            "data": self.dataplane.buffers,
+            "replication": self.client.buffers,
+        }
+        grants = [
+            grant
+            for name, buffers in sockets.items()
+            for grant in buffer_grants(name, buffers.requested, (buffers.receive, buffers.send))
+        ]
+        for grant in grants:
+            self.metrics.socket_buffer.labels(grant.socket, grant.direction).set(grant.granted)
+            self.metrics.socket_buffer_requested.labels(grant.socket, grant.direction).set(
+                grant.requested
+            )
+        short = [f"{g.socket} {g.direction} {g.granted} < {g.requested}" for g in grants if g.short]
+        if short:
+            log.warning(
+                "socket buffers smaller than asked (%s; net.core.rmem_max=%s, wmem_max=%s): "
+                "bursts beyond them are dropped; raise the sysctls on the host "
+                "(deploy/systemd/90-tmdht.conf)",
+                ", ".join(short),
+                read_sysctl("net.core.rmem_max"),
+                read_sysctl("net.core.wmem_max"),
+            )
+
+    def _status_line(self) -> str:
+        assert self.overlay is not None and self.store is not None
+        return (
+            f"serving as {self.overlay.node_id.hex()[:16]}, {self.store.page_count} pages, "
+            f"{len(self.overlay.members())} members"
+        )
 
     # -- views -------------------------------------------------------------------------------
 
@@ -293,10 +324,8 @@ class StoreNode:
             except OverlayError:  # RpcTimeoutError, UnknownPeerError: try again / give up
                 continue
 
-    def _targets(self) -> list[Target]:
-        if self.overlay is None:
-            return []
-        return [Target(m.node_id, m.data_address) for m in self.overlay.members()]
+    def _members(self) -> list[Member]:
+        return [] if self.overlay is None else self.overlay.members()
 
     async def _watch_membership(self) -> None:
         assert self.overlay is not None and self.replicator is not None
@@ -327,8 +356,8 @@ class StoreNode:
         m.watch_overlay(lambda: self.overlay.stats() if self.overlay is not None else None)
         m.routing_table.set_function(of_overlay(lambda o: o.stats().routing_contacts))
 
-    def _health(self) -> tuple[bool, dict[str, Any]]:
-        details: dict[str, Any] = {"uptime_seconds": round(time.time() - self._started_at, 1)}
+    def _health(self) -> tuple[bool, dict[str, object]]:
+        details: dict[str, object] = {"uptime_seconds": round(time.time() - self._started_at, 1)}
         if self.overlay is not None:
             details["node_id"] = self.overlay.node_id.hex()
             details["members"] = len(self.overlay.members())
@@ -352,23 +381,21 @@ class StoreNode:
             flags=wire.NodeFlags(0) if self._ready else wire.NodeFlags.DRAINING,
         )
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> NodeStatus:
         """Bound addresses and identity, as written to the status file."""
         assert self.overlay is not None and self.dataplane is not None and self.http is not None
         host = self.config.public_host
-        return {
-            "node_id": self.overlay.node_id.hex(),
-            "pid": os.getpid(),
-            "kademlia": [host, self.overlay.port],
-            "data": [host, self.dataplane.address[1]],
-            "metrics": [host, self.http.port],
-            "version": __version__,
-        }
+        return NodeStatus(
+            node_id=self.overlay.node_id.hex(),
+            pid=os.getpid(),
+            kademlia=(host, self.overlay.port),
+            data=(host, self.dataplane.address[1]),
+            metrics=(host, self.http.port),
+            version=__version__,
+        )
 
     def _write_status(self) -> None:
         path = self.config.status_file
         if path is None:
             return
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.status()) + "\n")
-        tmp.replace(path)
+        atomic_write(path, json.dumps(self.status()) + "\n", durable=False)

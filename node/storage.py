@@ -64,9 +64,10 @@ from tmdht.errors import (
     ConfigError,
     IntegrityError,
     TmdhtError,
-    UnknownFormatError,
     UsageError,
 )
+from tmdht.files import fsync_dir
+from tmdht.node.errors import StorageError, StoreFormatError
 from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST, ByteView, digest_page
 
 if TYPE_CHECKING:
@@ -161,17 +162,6 @@ class StoreStats:
     """LMDB's map size, the hard limit behind the capacity."""
 
 
-class StorageError(TmdhtError):
-    """The store failed for a reason other than a full store or bad input (an LMDB or OS error).
-
-    The store's committed contents are unchanged by the failed call.
-    """
-
-
-class StoreFormatError(UnknownFormatError):
-    """The data dir is not a page store of a format this code reads (version, foreign LMDB)."""
-
-
 def _slab_value_size(slab_pages: int) -> int:
     return slab_pages * (PAGE_SIZE + DIGEST_SIZE)
 
@@ -239,15 +229,6 @@ def _page_view(page: object) -> memoryview | None:
 def _is_out_of_space(exc: lmdb.Error) -> bool:
     """True when LMDB failed for lack of room (its map, the disk, a quota, a file size limit)."""
     return isinstance(exc, lmdb.MapFullError | lmdb.DiskError) or (exc.code in _OUT_OF_SPACE_ERRNOS)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _partial_key(used: int, slab_id: int) -> bytes:
@@ -557,8 +538,8 @@ class PageStore:
             if created:
                 # LMDB syncs its files, not the directory entries naming them: without this a
                 # power loss right after creation could lose the whole (acknowledged) store.
-                _fsync_dir(key)
-                _fsync_dir(key.parent)
+                fsync_dir(key)
+                fsync_dir(key.parent)
             return cls(env, key, capacity_bytes, found_slab_pages, dbs)
         except BaseException as exc:
             if env is not None:

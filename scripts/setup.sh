@@ -42,8 +42,12 @@ if [[ ! -x $VENV/bin/python ]]; then
     echo "setup: creating virtualenv $VENV" >&2
     python3 -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-"$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v -e '^WARNING: Location' -e 'Running pip as the' >&2 || true
+# Every package (pip and the build backend included) at the version and hashes
+# requirements/dev.txt pins (`bash scripts/lock.sh` refreshes it), then the project itself built
+# by those pinned tools: build isolation would fetch whatever setuptools is newest that day.
+"$VENV/bin/python" -m pip install -q --require-hashes -r requirements/dev.txt
+"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 \
+    | { grep -v -e '^WARNING: Location' -e 'Running pip as the' >&2 || true; }
 "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" # fail loudly if the install did not work
 if ! "$VENV/bin/python" -c "import tmdht._native" 2>/dev/null; then
     if ((rust_ok)); then

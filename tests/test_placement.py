@@ -23,12 +23,16 @@ def test_xor_distance_is_a_metric(a: bytes, b: bytes, c: bytes) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(ids20, min_size=1, max_size=12, unique=True), st.integers(1, 5), st.integers(0, 2**32))
+@given(
+    st.lists(ids20, min_size=1, max_size=12, unique=True), st.integers(1, 5), st.integers(0, 2**32)
+)
 def test_batch_placement_matches_brute_force(nodes: list[bytes], replicas: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     digests = [rng.bytes(32) for _ in range(50)]
     got = replica_indices(digests, nodes, replicas)
-    arr = replica_indices(np.frombuffer(b"".join(digests), np.uint8).reshape(-1, 32), nodes, replicas)
+    arr = replica_indices(
+        np.frombuffer(b"".join(digests), np.uint8).reshape(-1, 32), nodes, replicas
+    )
     for i, d in enumerate(digests):
         want = sorted(range(len(nodes)), key=lambda j: distance(d, nodes[j]))[:replicas]
         assert got[i].tolist() == want == arr[i].tolist()

@@ -40,9 +40,15 @@ def make_ids(rng: random.Random, count: int, clustered: bool) -> list[bytes]:
 def cases(draw: st.DrawFn, max_nodes: int = 90) -> Case:
     rng = random.Random(draw(st.integers(0, 2**32 - 1)))
     count = draw(st.integers(1, max_nodes))
-    zones, racks, hosts = draw(st.integers(1, 6)), draw(st.integers(1, 3)), draw(st.integers(1, count))
+    zones, racks, hosts = (
+        draw(st.integers(1, 6)),
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, count)),
+    )
     domains = [
-        FailureDomain(f"z{rng.randrange(zones)}", f"r{rng.randrange(racks)}", f"h{rng.randrange(hosts)}")
+        FailureDomain(
+            f"z{rng.randrange(zones)}", f"r{rng.randrange(racks)}", f"h{rng.randrange(hosts)}"
+        )
         for _ in range(count)
     ]
     ids = make_ids(rng, count, draw(st.booleans()))
@@ -62,22 +68,36 @@ def shared_levels(a: FailureDomain, b: FailureDomain) -> int:
     return same
 
 
-def oracle(key: bytes, ids: list[bytes], domains: list[FailureDomain] | None, replicas: int) -> list[int]:
+def oracle(
+    key: bytes, ids: list[bytes], domains: list[FailureDomain] | None, replicas: int
+) -> list[int]:
     """The rule as the module docstring states it, by brute force."""
     target = int.from_bytes(key[:20], "big")
-    rank = {i: r for r, i in enumerate(sorted(range(len(ids)), key=lambda i: int.from_bytes(ids[i], "big") ^ target))}
+    rank = {
+        i: r
+        for r, i in enumerate(
+            sorted(range(len(ids)), key=lambda i: int.from_bytes(ids[i], "big") ^ target)
+        )
+    }
     chosen: list[int] = []
     for _ in range(min(replicas, len(ids))):
+
         def sharing(i: int) -> int:
             if domains is None:
                 return 0
             return max((shared_levels(domains[i], domains[c]) for c in chosen), default=0)
-        chosen.append(min((i for i in rank if i not in chosen), key=lambda i: (sharing(i), rank[i])))
+
+        chosen.append(
+            min((i for i in rank if i not in chosen), key=lambda i: (sharing(i), rank[i]))
+        )
     return sorted(chosen, key=rank.__getitem__)
 
 
 def placed_ids(case: Case, ids: list[bytes], domains: list[FailureDomain]) -> list[list[bytes]]:
-    return [[ids[i] for i in row] for row in Ring(ids, domains).replica_indices(case.digests, case.replicas).tolist()]
+    return [
+        [ids[i] for i in row]
+        for row in Ring(ids, domains).replica_indices(case.digests, case.replicas).tolist()
+    ]
 
 
 @settings(max_examples=300, deadline=None)
@@ -91,7 +111,10 @@ def test_every_path_follows_the_rule(case: Case) -> None:
     assert [ring.place(d, case.replicas) for d in case.digests] == want
     assert ring.replica_rows(case.digests[:5], case.replicas) == want[:5]
     assert replica_rows(case.digests, case.ids, case.replicas, domains=case.domains) == want
-    assert replica_indices(case.digests, case.ids, case.replicas, domains=case.domains).tolist() == want
+    assert (
+        replica_indices(case.digests, case.ids, case.replicas, domains=case.domains).tolist()
+        == want
+    )
 
 
 @settings(max_examples=150, deadline=None)
@@ -111,7 +134,9 @@ def test_replicas_spread_over_as_many_domains_as_the_ring_has(case: Case) -> Non
     for depth in (1, 2, 3):
         in_ring = len({d.path[:depth] for d in case.domains})
         for row in rows:
-            assert len({case.domains[i].path[:depth] for i in row}) == min(len(row), in_ring), LEVELS[depth - 1]
+            assert len({case.domains[i].path[:depth] for i in row}) == min(len(row), in_ring), (
+                LEVELS[depth - 1]
+            )
 
 
 @settings(max_examples=150, deadline=None)
@@ -144,7 +169,9 @@ def test_domains_that_all_differ_place_like_plain_xor(case: Case, kind: str) -> 
 
 @settings(max_examples=150, deadline=None)
 @given(cases(), st.integers(1, 3), st.integers(0, 2**16))
-def test_losing_a_whole_domain_never_loses_every_replica(case: Case, depth: int, which: int) -> None:
+def test_losing_a_whole_domain_never_loses_every_replica(
+    case: Case, depth: int, which: int
+) -> None:
     labels = sorted({d.path[:depth] for d in case.domains})
     if len(labels) < 2 or case.replicas < 2:
         return
@@ -156,7 +183,9 @@ def test_losing_a_whole_domain_never_loses_every_replica(case: Case, depth: int,
 
 @settings(max_examples=150, deadline=None)
 @given(cases(), st.integers(0, 2**32 - 1))
-def test_a_join_or_a_leave_moves_only_the_keys_whose_replica_set_holds_that_node(case: Case, seed: int) -> None:
+def test_a_join_or_a_leave_moves_only_the_keys_whose_replica_set_holds_that_node(
+    case: Case, seed: int
+) -> None:
     rng = random.Random(seed)
     before = placed_ids(case, case.ids, case.domains)
     # A node joins, in an existing domain or a new one.
@@ -171,7 +200,9 @@ def test_a_join_or_a_leave_moves_only_the_keys_whose_replica_set_holds_that_node
     if len(case.ids) == 1:
         return
     gone = rng.randrange(len(case.ids))
-    after = placed_ids(case, case.ids[:gone] + case.ids[gone + 1 :], case.domains[:gone] + case.domains[gone + 1 :])
+    after = placed_ids(
+        case, case.ids[:gone] + case.ids[gone + 1 :], case.domains[:gone] + case.domains[gone + 1 :]
+    )
     for old, new in zip(before, after, strict=True):
         assert case.ids[gone] in old or new == old
 
@@ -190,7 +221,10 @@ def test_ids_sharing_their_first_64_bits_are_placed_exactly() -> None:
 def test_a_large_ring_places_most_keys_in_the_window_and_the_rest_exactly() -> None:
     rng = random.Random(3)
     ids = make_ids(rng, 1000, clustered=False)
-    domains = [FailureDomain(f"z{rng.randrange(3)}", f"r{rng.randrange(4)}", f"h{i // 2}") for i in range(1000)]
+    domains = [
+        FailureDomain(f"z{rng.randrange(3)}", f"r{rng.randrange(4)}", f"h{i // 2}")
+        for i in range(1000)
+    ]
     digests = [rng.randbytes(32) for _ in range(60)]
     # The last: one node alone in its zone is every key's second replica, far outside the window.
     for doms in (None, domains, [FailureDomain("z0")] * 999 + [FailureDomain("z1")]):
@@ -202,9 +236,13 @@ def test_fewer_domains_than_replicas_fill_with_the_closest_remaining_nodes() -> 
     rng = random.Random(11)
     ids = make_ids(rng, 12, clustered=False)
     domains = [FailureDomain(f"z{i % 2}", f"r{i % 4}") for i in range(12)]  # 2 zones, 4 racks
-    for row in Ring(ids, domains).replica_indices([rng.randbytes(32) for _ in range(100)], 5).tolist():
+    for row in (
+        Ring(ids, domains).replica_indices([rng.randbytes(32) for _ in range(100)], 5).tolist()
+    ):
         assert {domains[i].zone for i in row} == {"z0", "z1"}
-        assert len({domains[i].path[:2] for i in row}) == 4  # every rack before a second copy in one
+        assert (
+            len({domains[i].path[:2] for i in row}) == 4
+        )  # every rack before a second copy in one
 
 
 def test_bad_arguments_are_refused() -> None:

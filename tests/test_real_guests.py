@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
 
 from tmdht.catalog import TemplateCatalog
-from tmdht.cli.codec import encode_file, rebuild_from_images
+from tmdht.client.rebuild import ImagePages, encode_image, rebuild_stream
 from tmdht.images import ImageFormat, open_image
 from tmdht.lab import GuestCapture
 from tmdht.mining import MiningConfig, TemplateMiner
@@ -68,16 +70,17 @@ def test_fourth_guest_encodes_smaller_and_rebuilds_exactly(
                 miner.add_image(path.name, img.iter_pages())
         catalog = TemplateCatalog.from_mining(miner.finish())
     target = guest_captures[3].dump_path
-    doc = encode_file(target, catalog, tmp_path / "g4.tmds")
-    assert doc["template_pages"] > 0.3 * (doc["pages"] - doc["zero_pages"])
+    doc = encode_image(target, catalog, tmp_path / "g4.tmds")
+    assert doc.template_pages > 0.3 * (doc.pages - doc.zero_pages)
     # Smaller by about the template share: each template page costs 33 bytes instead of 4097.
-    expected = (
-        doc["image_bytes"]
-        - doc["template_pages"] * (PAGE_SIZE - 33)
-        - doc["zero_pages"] * PAGE_SIZE
-    )
-    assert doc["stream_bytes"] <= expected + 64 * 1024
-    rebuild_from_images(tmp_path / "g4.tmds", corpus, tmp_path / "g4.raw", catalog.catalog_id)
+    expected = doc.image_bytes - doc.template_pages * (PAGE_SIZE - 33) - doc.zero_pages * PAGE_SIZE
+    assert doc.stream_bytes <= expected + 64 * 1024
+    with contextlib.ExitStack() as stack:
+        images = [stack.enter_context(open_image(p)) for p in corpus]
+        rebuild = rebuild_stream(
+            tmp_path / "g4.tmds", tmp_path / "g4.raw", ImagePages(images), catalog.catalog_id
+        )
+        asyncio.run(rebuild)
     assert _same(tmp_path / "g4.raw", target)
 
 

@@ -50,7 +50,9 @@ def test_converged_tables_are_the_packages_tables(sim: ModuleType) -> None:
             built = tables.table(own)
             assert [b.range for b in built.buckets] == [b.range for b in real.buckets]
             assert [list(b.nodes) for b in built.buckets] == [list(b.nodes) for b in real.buckets]
-            assert sorted(tables.contacts(own).tolist()) == sorted(int(n.ip) for b in real.buckets for n in b.nodes.values())
+            assert sorted(tables.contacts(own).tolist()) == sorted(
+                int(n.ip) for b in real.buckets for n in b.nodes.values()
+            )
     finally:
         loop.close()
 

@@ -2,8 +2,11 @@
 
 This package contains no networking code and no event loop: it is the sans-IO core (page
 hashing, template mining and the catalog format, the wire and dedup-stream codecs, the QEMU
-migration stream parser, replica placement, configuration types and errors). The store node
-(:mod:`tmdht.node`) and the client library (:mod:`tmdht.client`) do the IO.
+migration stream parser, replica placement, configuration types and errors), with the cluster
+layer both sides of the network need (:mod:`tmdht.net`: credentials, membership, the overlay's
+format, the request engine) and the live-migration cores (:mod:`tmdht.migration`). The store
+node (:mod:`tmdht.node`) and the client library (:mod:`tmdht.client`) do the IO, on the asyncio
+skins they share (:mod:`tmdht.aio`); neither imports the other.
 """
 
 from tmdht.errors import (

@@ -68,7 +68,13 @@ from typing import Final
 
 from blake3 import blake3
 
-from tmdht.errors import ConfigError, DecodeError, UsageError
+from tmdht.errors import (
+    AuthenticationError,
+    ClockSkewError,
+    ConfigError,
+    ReplayError,
+    UsageError,
+)
 from tmdht.pages import ByteView
 
 __all__ = [
@@ -111,18 +117,6 @@ _OPEN_KEY_ID: Final = 0
 _ZERO_TAG: Final = bytes(TAG_SIZE)
 _U64_MAX: Final = (1 << 64) - 1
 _TAG_KEY_CONTEXT: Final = "tmdht 2024-06 data-plane datagram tag v1"
-
-
-class AuthenticationError(DecodeError):
-    """A datagram is not authentic: bad or missing tag, unknown key id, open/keyed mismatch."""
-
-
-class ReplayError(DecodeError):
-    """An authentic datagram was refused as a replay (nonce seen, or too old to tell)."""
-
-
-class ClockSkewError(ReplayError):
-    """An authentic datagram's timestamp is outside ``now +- window`` (clock skew or replay)."""
 
 
 def load_key(material: str | bytes) -> bytes:

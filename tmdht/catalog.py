@@ -11,7 +11,6 @@ the digest in a numpy array, confirmed on the whole digest.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from tmdht.catalog_file import (
     read_catalog_bytes,
 )
 from tmdht.errors import DecodeError, LimitExceededError, UsageError
+from tmdht.files import atomic_write
 from tmdht.mining import ImageCoverage, MiningResult
 from tmdht.pages import DIGEST_SIZE, ZERO_DIGEST
 
@@ -196,16 +196,7 @@ class TemplateCatalog:
 
     def save(self, path: Path | str) -> None:
         """Write the catalog atomically (temp file, fsync, rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with tmp.open("wb") as f:
-                f.write(self.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: Path | str) -> TemplateCatalog:

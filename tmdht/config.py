@@ -9,6 +9,7 @@ TOML, comma-separated in the environment). Sizes accept ``KiB``/``MiB``/``GiB`` 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from tmdht.errors import ConfigError
+from tmdht.pages import PAGE_SIZE
 
 __all__ = [
     "ENV_PREFIX",
@@ -25,7 +27,7 @@ __all__ = [
 ]
 
 ENV_PREFIX: Final = "TMDHT_NODE_"
-MIN_DATAGRAM: Final = 4096 + 512
+MIN_DATAGRAM: Final = PAGE_SIZE + 512
 MAX_DATAGRAM: Final = 65507
 
 
@@ -122,6 +124,19 @@ def _seeds(value: Any) -> tuple[tuple[str, int], ...]:
     return tuple(parse_address(str(s)) for s in items if str(s).strip())
 
 
+def _ip_literal(value: Any) -> str:
+    text = str(value).strip()
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not an IP address (peers cannot use a name)") from None
+    return text
+
+
+def _optional_ip_literal(value: Any) -> str | None:
+    return None if value in (None, "") else _ip_literal(value)
+
+
 def _choice(*options: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value).lower()
@@ -203,7 +218,7 @@ class NodeConfig:
         *,
         toml_text: str | None = None,
         env: Mapping[str, str] | None = None,
-        flags: Mapping[str, Any] | None = None,
+        flags: Mapping[str, object] | None = None,
         source: str = "config",
     ) -> NodeConfig:
         """Merge file, environment and flags (each later source wins) and validate."""
@@ -224,7 +239,7 @@ class NodeConfig:
         return cls.build(values)
 
     @classmethod
-    def build(cls, values: Mapping[str, Any]) -> NodeConfig:
+    def build(cls, values: Mapping[str, object]) -> NodeConfig:
         """Validate raw values (strings from env, TOML values, flags) into a config."""
         parsed: dict[str, Any] = {}
         for name, value in values.items():
@@ -242,9 +257,9 @@ class NodeConfig:
             raise ConfigError(f"max_datagram must be between {MIN_DATAGRAM} and {MAX_DATAGRAM}")
         return config
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         """JSON-friendly view (for logs and status)."""
-        out: dict[str, Any] = {}
+        out: dict[str, object] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Path):
@@ -264,8 +279,8 @@ def _known(table: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "data_dir": _path,
-    "host": str,
-    "advertise_host": lambda v: None if v in (None, "") else str(v),
+    "host": _ip_literal,
+    "advertise_host": _optional_ip_literal,
     "kademlia_port": _port,
     "data_port": _port,
     "metrics_port": _port,

@@ -16,8 +16,10 @@ in memory: it becomes the catalog, which senders hold in memory anyway.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -27,6 +29,7 @@ import numpy.typing as npt
 from blake3 import blake3
 
 from tmdht.errors import UsageError
+from tmdht.images import open_image
 from tmdht.pages import DIGEST_SIZE, is_zero_page
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "MiningConfig",
     "MiningResult",
     "TemplateMiner",
+    "mine_images",
 ]
 
 ROW_DTYPE: Final = np.dtype([("d", ">u8", (4,)), ("img", "<u4")])
@@ -291,6 +295,31 @@ class TemplateMiner:
                 rows = np.fromfile(path, dtype=ROW_DTYPE)
                 path.unlink()
                 yield rows
+
+
+def mine_images(
+    paths: Sequence[Path | str],
+    config: MiningConfig | None = None,
+    *,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[str, int], None] | None = None,
+) -> MiningResult:
+    """Mine memory image files (any format :func:`tmdht.images.open_image` reads).
+
+    Every file is opened, and its format checked, before any work; ``on_start(pages)`` then
+    says how many pages there are, and ``on_progress(image name, n)`` reports n more pages of
+    that image counted.
+    """
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(open_image(p)) for p in paths]
+        total = sum(i.page_count for i in opened)
+        if on_start is not None:
+            on_start(total)
+        miner = stack.enter_context(TemplateMiner(config, expected_pages=total))
+        for image in opened:
+            report = None if on_progress is None else functools.partial(on_progress, image.name)
+            miner.add_image(image.name, image.iter_pages(), report)
+        return miner.finish()
 
 
 def _count_rows(

@@ -28,6 +28,7 @@ __all__ = [
     "is_zero_page",
     "iter_page_views",
     "page_digest",
+    "page_matches",
 ]
 
 PAGE_SIZE: Final = 4096
@@ -79,6 +80,11 @@ def is_zero_page(page: ByteView) -> bool:
     return view[:16] == _ZERO_HEAD and view.tobytes() == ZERO_PAGE
 
 
+def page_matches(digest: bytes, page: ByteView) -> bool:
+    """True if ``page``'s BLAKE3 digest is ``digest`` (the check every received page passes)."""
+    return blake3(page).digest() == digest
+
+
 def check_page(digest: bytes, page: ByteView) -> None:
     """Raise IntegrityError unless ``page`` is 4096 bytes whose digest is ``digest``."""
     view = memoryview(page)
@@ -86,7 +92,7 @@ def check_page(digest: bytes, page: ByteView) -> None:
         raise IntegrityError(
             f"page for {digest.hex()[:16]} is {view.nbytes} bytes, not {PAGE_SIZE}"
         )
-    if blake3(view).digest() != digest:
+    if not page_matches(digest, view):
         raise IntegrityError(f"page content does not match digest {digest.hex()[:16]}")
 
 

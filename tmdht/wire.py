@@ -90,7 +90,15 @@ from itertools import chain
 from typing import Any, Final, NamedTuple, TypeAlias, TypeVar, cast
 
 from tmdht.auth import AUTH_OVERHEAD, Authenticator
-from tmdht.errors import DecodeError, LimitExceededError, UsageError
+from tmdht.errors import (
+    DecodeError,
+    EncodeError,
+    InvalidMessageError,
+    LimitExceededError,
+    MessageDecodeError,
+    MessageTooLargeError,
+    UsageError,
+)
 from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ByteView, PageDigest
 
 __all__ = [
@@ -224,35 +232,6 @@ class NodeFlags(IntFlag):
 
 
 _NO_FLAGS: Final = NodeFlags(0)
-
-
-class EncodeError(UsageError):
-    """The caller asked to build or encode something the format cannot carry."""
-
-
-class InvalidMessageError(EncodeError):
-    """A message field is out of range (raised by the message's constructor)."""
-
-
-class MessageTooLargeError(EncodeError):
-    """A message does not fit in one datagram of the configured size."""
-
-
-class MessageDecodeError(DecodeError):
-    """An authentic datagram with a readable header has an invalid type, part or body.
-
-    Unlike other DecodeErrors, the sender is known and authenticated: if ``message_type`` is a
-    request, a node may answer ``Error(request_id=..., code=...)``.
-    """
-
-    def __init__(self, reason: str, *, request_id: int, message_type: int, code: ErrorCode):
-        super().__init__(reason)
-        self.request_id = request_id
-        """The request id from the header."""
-        self.message_type = message_type
-        """The type byte from the header (possibly unknown)."""
-        self.code = code
-        """The code a node should answer a request with."""
 
 
 # --- messages ------------------------------------------------------------------------------------

@@ -28,11 +28,18 @@ def _click_config(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[Any
     """What the click command builds from ``argv`` (run_proxy intercepted)."""
     seen: list[tuple[Any, ...]] = []
     captured: list[Any] = []
-    monkeypatch.setattr("tmdht.client.migration.run_sender",
-                        lambda config, **__: captured.append(config))
+    monkeypatch.setattr(
+        "tmdht.client.migration.run_sender", lambda config, **__: captured.append(config)
+    )
 
-    def fake_run_proxy(role: str, progress: bool, metrics_port: int | None,
-                       report_path: Path | None, start: Any, **_: Any) -> None:
+    def fake_run_proxy(
+        role: str,
+        progress: bool,
+        metrics_port: int | None,
+        report_path: Path | None,
+        start: Any,
+        **_: Any,
+    ) -> None:
         start(None, lambda *a: None)
         seen.append((captured[0], report_path))
 
@@ -44,15 +51,19 @@ def _click_config(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[Any
     return config, report, level
 
 
-@pytest.mark.parametrize("extra", [
-    [],
-    ["--compress"],
-    ["--backref-window", "64", "--flow-window", "8MiB"],
-    ["--flow-window=1G", "--connect-timeout=2.5", "--done-timeout", "9"],
-    ["--report", "r.json", "--log-level", "info", "--compress"],
-])
-def test_fast_path_builds_what_click_builds(monkeypatch: pytest.MonkeyPatch, catalog: Path,
-                                            extra: list[str]) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--compress"],
+        ["--backref-window", "64", "--flow-window", "8MiB"],
+        ["--flow-window=1G", "--connect-timeout=2.5", "--done-timeout", "9"],
+        ["--report", "r.json", "--log-level", "info", "--compress"],
+    ],
+)
+def test_fast_path_builds_what_click_builds(
+    monkeypatch: pytest.MonkeyPatch, catalog: Path, extra: list[str]
+) -> None:
     argv = ["qemu", "send", "--catalog", str(catalog), "--to", "127.0.0.1:7000", *extra]
     for key in [k for k in os.environ if k.startswith("TMDHT_QEMU_SEND_")]:
         monkeypatch.delenv(key)
@@ -61,18 +72,21 @@ def test_fast_path_builds_what_click_builds(monkeypatch: pytest.MonkeyPatch, cat
     assert fast == _click_config(monkeypatch, argv)
 
 
-@pytest.mark.parametrize("extra", [
-    ["--help"],
-    ["--progress"],
-    ["--metrics-port", "0"],
-    ["--unknown"],
-    ["--backref-window", "0"],
-    ["--backref-window", "x"],
-    ["--flow-window", "lots"],
-    ["--to", "nowhere"],
-    ["positional"],
-    ["--report"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--help"],
+        ["--progress"],
+        ["--metrics-port", "0"],
+        ["--unknown"],
+        ["--backref-window", "0"],
+        ["--backref-window", "x"],
+        ["--flow-window", "lots"],
+        ["--to", "nowhere"],
+        ["positional"],
+        ["--report"],
+    ],
+)
 def test_fast_path_hands_anything_else_to_click(catalog: Path, extra: list[str]) -> None:
     argv = ["qemu", "send", "--catalog", str(catalog), *extra]
     if "--to" not in extra:
@@ -81,20 +95,30 @@ def test_fast_path_hands_anything_else_to_click(catalog: Path, extra: list[str])
 
 
 def test_fast_path_leaves_environment_settings_and_other_commands_to_click(
-        monkeypatch: pytest.MonkeyPatch, catalog: Path, tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, catalog: Path, tmp_path: Path
+) -> None:
     argv = ["qemu", "send", "--catalog", str(catalog), "--to", "127.0.0.1:7000"]
     assert parse_send(["qemu", "receive", *argv[2:]]) is None
-    assert parse_send(["qemu", "send", "--catalog", str(tmp_path / "missing"), "--to",
-                       "127.0.0.1:7000"]) is None
+    assert (
+        parse_send(
+            ["qemu", "send", "--catalog", str(tmp_path / "missing"), "--to", "127.0.0.1:7000"]
+        )
+        is None
+    )
     monkeypatch.setenv("TMDHT_QEMU_SEND_COMPRESS", "1")
     assert parse_send(argv) is None
 
 
 @pytest.mark.parametrize("native", ["0", "1"])
 def test_version_names_the_pipeline(native: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "tmdht.cli", "--version"], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "TMDHT_NATIVE": native},
-                          check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tmdht.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TMDHT_NATIVE": native},
+        check=True,
+    )
     first, second = proc.stdout.splitlines()
     assert "version 0.1.0" in first
     if native == "0":
@@ -108,12 +132,20 @@ def test_version_names_the_pipeline(native: str) -> None:
 
 def test_without_the_module_the_reference_runs() -> None:
     """Where tmdht._native was not built, importing tmdht.native falls back and says why."""
-    code = ("import sys; sys.modules['tmdht._native'] = None\n"
-            "import tmdht.native as n\n"
-            "print(n.implementation()); print(n.describe())\n"
-            "print(type(n.make_receiver()).__name__)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=True, env={**os.environ, "TMDHT_NATIVE": "1"})
+    code = (
+        "import sys; sys.modules['tmdht._native'] = None\n"
+        "import tmdht.native as n\n"
+        "print(n.implementation()); print(n.describe())\n"
+        "print(type(n.make_receiver()).__name__)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "TMDHT_NATIVE": "1"},
+    )
     implementation, description, receiver = proc.stdout.splitlines()
     assert implementation == "reference"
     assert "not built" in description

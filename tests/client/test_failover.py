@@ -17,8 +17,8 @@ from support.cluster import (
     once_underway,
 )
 
-from tmdht.client.dataplane import DataPlaneClient
-from tmdht.client.store import PagesUnavailable, TemplateStoreClient
+from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.client import PagesUnavailable, TemplateStoreClient
 from tmdht.node.local import LocalCluster
 
 pytestmark = pytest.mark.slow

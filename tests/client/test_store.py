@@ -10,7 +10,7 @@ import lmdb
 import pytest
 from support.cluster import FAST_NODE_ARGS, eventually, make_pages
 
-from tmdht.client.store import BlockingTemplateStoreClient, PagesUnavailable, TemplateStoreClient
+from tmdht.client import BlockingTemplateStoreClient, PagesUnavailable, TemplateStoreClient
 from tmdht.node.local import LocalCluster
 from tmdht.pages import PAGE_SIZE, ZERO_DIGEST, ZERO_PAGE
 from tmdht.placement import replica_indices

@@ -175,7 +175,7 @@ def node_defaults() -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def exported_metrics() -> set[str]:
     """Names of every sample a store node or a client can export (from their registries)."""
-    from tmdht.client.store import ClientMetrics
+    from tmdht.client.metrics import ClientMetrics
     from tmdht.node.metrics import NodeMetrics
 
     suffixes = {

@@ -4,6 +4,7 @@ image's healthcheck command runs for real against a node started with the image'
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import subprocess
@@ -17,7 +18,8 @@ import pytest
 
 from tmdht.node.local import read_ready_line
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = REPO_ROOT / "deploy"
 CONTAINER = DEPLOY / "container"
 IMAGE_CONFIG = CONTAINER / "node.toml"
 NODES = ("node1", "node2", "node3")
@@ -46,6 +48,47 @@ def test_hadolint_passes(pip_tool: Callable[[str, str], str]) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def dockerignore_excludes(patterns: list[str], path: str) -> bool:
+    """Whether Docker leaves ``path`` (relative to the context) out: the last pattern matching
+    it or one of its parent directories wins, ``!`` re-includes (Docker's own rule)."""
+    excluded = False
+    parts = path.split("/")
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        glob = pattern.removeprefix("!").strip("/")
+        candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if glob.startswith("**/"):
+            candidates += ["/".join(parts[i:]) for i in range(len(parts))]
+            glob = glob[3:]
+        if any(fnmatch.fnmatchcase(c, glob) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_one_dockerignore_every_builder_reads_keeps_the_context_small(
+    dockerfile: list[tuple[str, str]],
+) -> None:
+    """The classic builder and docker-compose 1.x read only the context root's .dockerignore;
+    BuildKit would prefer a Dockerfile.dockerignore and ignore the root one, so none exists."""
+    assert not list(DEPLOY.rglob("*.dockerignore"))
+    patterns = [
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    sources = [a.split()[:-1] for i, a in dockerfile if i == "COPY" and "--from" not in a]
+    for source in (s.rstrip("/") for group in sources for s in group):
+        for path in [
+            source,
+            *(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / source).rglob("*.py")),
+        ]:
+            assert not dockerignore_excludes(patterns, path), f"{path} is left out of the context"
+    for left_out in (".git/HEAD", "build/venv/bin/python", "tests/conftest.py", "bench/node.py",
+                     "deploy/container/cluster.key", "node/__pycache__/service.cpython-311.pyc",
+                     "requirements/dev.txt", "tmdht/_native.cpython-311-x86_64-linux-gnu.so"):  # fmt: skip
+        assert dockerignore_excludes(patterns, left_out), f"{left_out} is sent to the builder"
 
 
 def test_docker_compose_validates_the_file(debian_tool: Callable[[str], str]) -> None:
@@ -117,6 +160,9 @@ def test_compose_runs_three_nodes_consistently(
         mounts = [v.split(":") for v in service["volumes"]]
         assert [[f"{name}-data", volume]] == mounts and f"{name}-data" in compose["volumes"]
         assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+        # An open-files limit above dockerd's hard limit keeps the container from starting;
+        # the node raises its own soft limit and warns instead.
+        assert "ulimits" not in service
         stop = service["stop_grace_period"]
         assert stop.endswith("s") and int(stop[:-1]) >= 20
         assert "ports" not in service  # peers talk on the compose network only

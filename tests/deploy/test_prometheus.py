@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from support.cluster import FAST_NODE_ARGS, cluster_auth, make_pages
 
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.node.local import LocalCluster
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"

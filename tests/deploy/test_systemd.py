@@ -7,11 +7,15 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.deploy import PLACEHOLDER, fill_sample
+
+from tmdht.errors import ConfigError
 
 UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "tmdht-node@.service"
 SAMPLE = UNIT.with_name("node.toml")
@@ -106,6 +110,10 @@ def test_hardening_exposure_is_low(unit_dir: Path, debian_tool: Callable[[str], 
 def test_unit_has_the_required_settings() -> None:
     one = {key: values[-1] for key, values in ENTRIES.items()}
     assert one["Service.DynamicUser"] == "yes"
+    # One user per instance: instances sharing one could signal or trace each other.
+    assert "%i" in one["Service.User"]
+    # Readiness: the node sends READY=1 (tmdht.node.system.notify_supervisor).
+    assert one["Service.Type"] == "notify" and one["Service.NotifyAccess"] == "main"
     assert one["Service.StateDirectory"] == "tmdht/%i"
     assert one["Service.ProtectSystem"] == "strict"
     assert one["Service.NoNewPrivileges"] == "yes"
@@ -136,15 +144,35 @@ def test_exec_start_uses_real_flags_and_the_units_paths(node_run_flags: set[str]
     assert ENTRIES["Unit.ConditionPathExists"] == ["/etc/tmdht/%i.toml"]
 
 
-def test_sample_config_is_accepted(
+def test_sample_config_names_no_address_anyone_could_have(
+    node_config: Callable[..., Any],
+) -> None:
+    """Anything run from the sample unmodified would send datagrams to whatever holds its
+    addresses (on the machine these tests first ran on, 192.0.2.0/24 was the LAN itself): every
+    address is a placeholder, and the node refuses the file until it is replaced."""
+    doc = tomllib.loads(SAMPLE.read_text())["node"]
+    assert doc["advertise_host"].startswith(PLACEHOLDER)
+    for seed in doc["seeds"]:
+        host, _, _ = seed.rpartition(":")
+        assert host.startswith(PLACEHOLDER) and host.endswith(".invalid"), seed  # RFC 6761
+    with pytest.raises(ConfigError, match="advertise_host"):
+        node_config(SAMPLE.read_text(), flags={"data_dir": "/var/lib/tmdht/a"})
+    with pytest.raises(AssertionError, match="placeholders"):
+        fill_sample(SAMPLE.read_text(), advertise_host="127.0.0.1")
+
+
+def test_sample_config_is_accepted_once_filled_in(
     node_config: Callable[..., Any], node_defaults: dict[str, Any]
 ) -> None:
     flags = dict(zip(exec_start()[3::2], exec_start()[4::2], strict=True))
+    text = fill_sample(
+        SAMPLE.read_text(), advertise_host="127.0.0.1", seeds=["127.0.0.1:7400", "localhost:7400"]
+    )
     config = node_config(
-        SAMPLE.read_text(),
+        text,
         flags={"data_dir": flags["--data-dir"], "cluster_key_file": flags["--cluster-key-file"]},
     )
-    assert config.host == "0.0.0.0" and config.advertise_host
+    assert config.host == "0.0.0.0" and config.advertise_host == "127.0.0.1"
     for port in ("kademlia_port", "data_port", "metrics_port"):
         assert getattr(config, port) == node_defaults[port]
     assert {host for host, _ in config.seeds} and {p for _, p in config.seeds} == {
@@ -156,8 +184,8 @@ def test_sample_config_is_accepted(
 
 
 def test_sysctl_lets_sockets_get_the_buffers_they_ask_for() -> None:
-    from tmdht.client.dataplane import SOCKET_BUFFER
-    from tmdht.node.overlay import OverlayConfig
+    from tmdht.aio.sockets import SOCKET_BUFFER
+    from tmdht.net.overlay import OverlayConfig
 
     values = {}
     for raw in SYSCTL.read_text().splitlines():

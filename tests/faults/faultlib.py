@@ -13,7 +13,7 @@ from pathlib import Path
 
 from support.cluster import eventually, expected_replicas, holders
 
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.node.local import LocalCluster
 
 _SS_LINE = re.compile(r"^\S+\s+\d+\s+\d+\s+\S*:(\d+)\s+.*pid=(\d+),")
@@ -118,5 +118,7 @@ async def placed(
         last["wrong"] = len(wrong)
         return not wrong
 
-    await eventually(check, timeout, f"{len(digests)} pages on their {r} closest of {live} ({last})")
+    await eventually(
+        check, timeout, f"{len(digests)} pages on their {r} closest of {live} ({last})"
+    )
     return time.monotonic() - started

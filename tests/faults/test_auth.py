@@ -15,10 +15,12 @@ import pytest
 from support.cluster import FAST_NODE_ARGS, eventually, holders, make_pages, metric, scrape
 
 from tmdht import wire
+from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.aio.overlay import Overlay
 from tmdht.auth import Authenticator, ClusterKey, KeyRing, keyring_from, parse_cluster_keys
-from tmdht.client.dataplane import DataPlaneClient, NodeUnreachableError
+from tmdht.errors import NodeUnreachableError
+from tmdht.net.overlay import OverlayConfig
 from tmdht.node.local import LocalCluster
-from tmdht.node.overlay import Overlay, OverlayConfig
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +95,9 @@ def test_a_client_with_a_wrong_key_or_none_gets_nothing(cluster: LocalCluster) -
         async with await DataPlaneClient.open(auth_for(cluster.key_file.read_text())) as client:
             got = await client.get_pages(cluster.nodes[1].address("data"), DIGESTS)
             assert not got.unanswered
-            has = await client.has(cluster.nodes[1].address("data"), [d for d, _ in make_pages(5, tag=72)])
+            has = await client.has(
+                cluster.nodes[1].address("data"), [d for d, _ in make_pages(5, tag=72)]
+            )
             assert not has.held
 
     run(main())

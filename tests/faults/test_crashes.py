@@ -23,7 +23,7 @@ from support.cluster import (
 )
 
 from tmdht import wire
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.client.store import TemplateStoreClient
 from tmdht.node.local import LocalCluster
 from tmdht.node.storage import PageStore
@@ -97,7 +97,9 @@ def test_sigkill_during_puts_then_during_gets(cluster: LocalCluster) -> None:
             await asyncio.to_thread(cluster.kill_node, 2)
             got = await resolving
             assert got == [p for _, p in pages]
-            print(f"got {N:,} pages with node 2 killed mid-way in {time.monotonic() - started:.1f} s")
+            print(
+                f"got {N:,} pages with node 2 killed mid-way in {time.monotonic() - started:.1f} s"
+            )
 
         # Recovery: both restart, and every acknowledged page is back on its R closest nodes.
         started = time.monotonic()
@@ -105,8 +107,10 @@ def test_sigkill_during_puts_then_during_gets(cluster: LocalCluster) -> None:
         cluster.restart_node(2)
         async with await DataPlaneClient.open(cluster_auth(cluster)) as client:
             seconds = await placed(client, cluster, in_order, [0, 1, 2, 3], 90)
-        print(f"R copies of every acknowledged page {seconds:.1f} s after the restarts "
-              f"({time.monotonic() - started:.1f} s with the restarts)")
+        print(
+            f"R copies of every acknowledged page {seconds:.1f} s after the restarts "
+            f"({time.monotonic() - started:.1f} s with the restarts)"
+        )
 
     run(main())
 
@@ -140,14 +144,14 @@ def test_sigstop_during_gets_clients_hedge_and_the_view_recovers(cluster: LocalC
                 second = time.monotonic() - started
             finally:
                 node.proc.send_signal(signal.SIGCONT)
-            print(f"get_many of {len(digests):,} with node {victim} SIGSTOPped mid-way: "
-                  f"{hung:.2f} s; with it hung throughout: {second:.2f} s")
+            print(
+                f"get_many of {len(digests):,} with node {victim} SIGSTOPped mid-way: "
+                f"{hung:.2f} s; with it hung throughout: {second:.2f} s"
+            )
 
             # After SIGCONT every node lists all 4 members again and the node serves again.
             async def recovered() -> bool:
-                return all(
-                    metric(scrape(cluster, i), "tmdht_known_peers") == 3 for i in range(4)
-                )
+                return all(metric(scrape(cluster, i), "tmdht_known_peers") == 3 for i in range(4))
 
             started = time.monotonic()
             await eventually(recovered, 30, "every node sees 3 peers after SIGCONT")

@@ -13,7 +13,7 @@ from faults.faultlib import Partition, Tmpfs, placed
 from support.cluster import FAST_NODE_ARGS, cluster_auth, eventually, make_pages, metric, scrape
 
 from tmdht import wire
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.client.store import TemplateStoreClient
 from tmdht.node.local import LocalCluster
 
@@ -70,8 +70,10 @@ def test_partition_majority_serves_then_heals_to_r_copies(tmp_path: Path) -> Non
                 ) as client:
                     got = await client.get_pages(cluster.nodes[3].address("data"), digests[:10])
                     assert got.unanswered == set(digests[:10])
-                print(f"partition: majority alone after {left:.1f} s, R copies among it "
-                      f"{seconds:.1f} s later")
+                print(
+                    f"partition: majority alone after {left:.1f} s, R copies among it "
+                    f"{seconds:.1f} s later"
+                )
             healed = time.monotonic()
 
             async def whole() -> bool:
@@ -80,8 +82,10 @@ def test_partition_majority_serves_then_heals_to_r_copies(tmp_path: Path) -> Non
             await eventually(whole, 60, "every node lists the other 4 after healing")
             async with await DataPlaneClient.open(cluster_auth(cluster)) as client:
                 seconds = await placed(client, cluster, digests, list(range(5)), 90)
-            print(f"healed: ring whole and every page on its R closest of 5 "
-                  f"{time.monotonic() - healed:.1f} s after the split ended (placement {seconds:.1f} s)")
+            print(
+                f"healed: ring whole and every page on its R closest of 5 "
+                f"{time.monotonic() - healed:.1f} s after the split ended (placement {seconds:.1f} s)"
+            )
 
         run(main(), timeout=240)
 
@@ -101,7 +105,9 @@ def test_disk_full_rejects_puts_and_keeps_serving_gets(tmp_path: Path) -> None:
                     outcome = await client.put_pages(target, pages)
                     assert not outcome.unanswered  # a full disk answers, it does not time out
                     statuses |= set(outcome.status.values())
-                    stored += [(d, p) for d, p in pages if outcome.status[d] == wire.PutStatus.STORED]
+                    stored += [
+                        (d, p) for d, p in pages if outcome.status[d] == wire.PutStatus.STORED
+                    ]
                     if set(outcome.status.values()) == {wire.PutStatus.REJECTED_FULL}:
                         full_batch = batch
                         break

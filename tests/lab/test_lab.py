@@ -82,7 +82,8 @@ def test_init_script_runs_every_workload() -> None:
 def test_guest_spec_builds_the_kernel_command_line() -> None:
     spec = GuestSpec(name="a", workload="files", seed=3)
     assert spec.kernel_cmdline() == (
-        "console=ttyS0 quiet panic=-1 tmdht.workload=files tmdht.seed=3")
+        "console=ttyS0 quiet panic=-1 tmdht.workload=files tmdht.seed=3"
+    )
     assert spec.ram_bytes == 128 << 20
     no_kaslr = GuestSpec(name="b", workload="idle", seed=0, memory_mib=256, kaslr=False)
     assert no_kaslr.kernel_cmdline().endswith(" nokaslr")
@@ -125,11 +126,21 @@ def test_distribution_skips_missing_files_and_stops_at_the_budget(tmp_path: Path
     assert distribution_files(names, budget=29) == [tmp_path / "a"]
 
 
-@pytest.mark.parametrize("changes", [
-    {"name": "has space"}, {"name": ""}, {"workload": "bitcoin"}, {"seed": -1},
-    {"seed": True}, {"memory_mib": 16}, {"kaslr": "yes"}, {"dirty_mib_s": 5},
-    {"workload": "server", "dirty_mib_s": -1}, {"workload": "server", "dirty_mib_s": 1.5},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"name": "has space"},
+        {"name": ""},
+        {"workload": "bitcoin"},
+        {"seed": -1},
+        {"seed": True},
+        {"memory_mib": 16},
+        {"kaslr": "yes"},
+        {"dirty_mib_s": 5},
+        {"workload": "server", "dirty_mib_s": -1},
+        {"workload": "server", "dirty_mib_s": 1.5},
+    ],
+)
 def test_guest_spec_rejects_bad_values(changes: dict[str, Any]) -> None:
     arguments: dict[str, Any] = {"name": "ok", "workload": "idle", "seed": 1, **changes}
     with pytest.raises(UsageError):
@@ -160,12 +171,19 @@ def _send(sock: socket.socket, *messages: dict[str, object]) -> None:
 def test_qmp_client_commands_errors_and_events() -> None:
     ours, qemu = socket.socketpair()
     with qemu:
-        _send(qemu,
-              {"QMP": {"version": {"qemu": {"major": 7}}, "capabilities": []}},
-              {"return": {}, "id": 1},
-              {"event": "STOP", "data": {}, "timestamp": {"seconds": 5, "microseconds": 0}},
-              {"error": {"class": "CommandNotFound", "desc": "The command nope has not been "
-                         "found"}, "id": 2})
+        _send(
+            qemu,
+            {"QMP": {"version": {"qemu": {"major": 7}}, "capabilities": []}},
+            {"return": {}, "id": 1},
+            {"event": "STOP", "data": {}, "timestamp": {"seconds": 5, "microseconds": 0}},
+            {
+                "error": {
+                    "class": "CommandNotFound",
+                    "desc": "The command nope has not been found",
+                },
+                "id": 2,
+            },
+        )
         with QmpClient(ours, timeout=5) as client:
             assert client.greeting["version"]["qemu"]["major"] == 7
             with pytest.raises(QmpCommandError) as caught:
@@ -180,12 +198,16 @@ def test_qmp_client_commands_errors_and_events() -> None:
                 client.execute("slow", timeout=0.2)
             assert time.monotonic() - started < 2
             # The late answer to id 3 is skipped; id 4 gets its own.
-            _send(qemu, {"return": "late", "id": 3},
-                  {"event": "MIGRATION", "data": {"status": "completed"}},
-                  {"return": 42, "id": 4})
+            _send(
+                qemu,
+                {"return": "late", "id": 3},
+                {"event": "MIGRATION", "data": {"status": "completed"}},
+                {"return": 42, "id": 4},
+            )
             assert client.execute("fast", timeout=5) == 42
-            event = client.wait_event("MIGRATION", timeout=1,
-                                      predicate=lambda e: e.data["status"] == "completed")
+            event = client.wait_event(
+                "MIGRATION", timeout=1, predicate=lambda e: e.data["status"] == "completed"
+            )
             assert event.data == {"status": "completed"}
             with pytest.raises(QmpTimeoutError):
                 client.wait_event("MIGRATION", timeout=0.1)
@@ -214,8 +236,9 @@ def test_serial_console_tracks_counter_lines() -> None:
     with guest:
         console = SerialConsole(ours)
         try:
-            guest.sendall(b"noise\r\ntmdht-ready workload=idle seed=1\r\ntmdht-counter 1\r\n"
-                          b"tmdht-coun")
+            guest.sendall(
+                b"noise\r\ntmdht-ready workload=idle seed=1\r\ntmdht-counter 1\r\ntmdht-coun"
+            )
             console.pump(1.0)
             assert (console.counter, console.first_counter) == (1, 1)
             assert console.ready_line == "tmdht-ready workload=idle seed=1"
@@ -237,8 +260,9 @@ def test_serial_console_tracks_counter_lines() -> None:
 @pytest.fixture(scope="module")
 def running_guest(lab_tools: HostTools, lab_initramfs: Path) -> Iterator[Guest]:
     """An idle guest that printed its first counter line."""
-    with Guest(GuestSpec(name="probe", workload="idle", seed=7), tools=lab_tools,
-               initramfs=lab_initramfs) as guest:
+    with Guest(
+        GuestSpec(name="probe", workload="idle", seed=7), tools=lab_tools, initramfs=lab_initramfs
+    ) as guest:
         guest.wait_counter(0, timeout=60)
         yield guest
 
@@ -271,9 +295,11 @@ def test_elf_dump_of_a_running_guest(running_guest: Guest, tmp_path: Path) -> No
 
 
 def test_guest_is_killed_and_reaped_when_the_block_raises(
-        lab_tools: HostTools, lab_initramfs: Path) -> None:
-    guest = Guest(GuestSpec(name="doomed", workload="idle", seed=1), tools=lab_tools,
-                  initramfs=lab_initramfs)
+    lab_tools: HostTools, lab_initramfs: Path
+) -> None:
+    guest = Guest(
+        GuestSpec(name="doomed", workload="idle", seed=1), tools=lab_tools, initramfs=lab_initramfs
+    )
     with pytest.raises(RuntimeError, match="boom"), guest:
         pid = guest.pid
         workdir = guest.workdir
@@ -288,15 +314,20 @@ def test_guest_is_killed_and_reaped_when_the_block_raises(
 
 
 def test_qemu_start_failure_is_a_guest_error(lab_tools: HostTools, lab_initramfs: Path) -> None:
-    guest = Guest(GuestSpec(name="broken", workload="idle", seed=1), tools=lab_tools,
-                  initramfs=lab_initramfs, extra_args=("-no-such-option",))
+    guest = Guest(
+        GuestSpec(name="broken", workload="idle", seed=1),
+        tools=lab_tools,
+        initramfs=lab_initramfs,
+        extra_args=("-no-such-option",),
+    )
     with pytest.raises(GuestError, match="no-such-option"):
         guest.start()
     assert guest.returncode is not None
 
 
-def test_guest_accepts_a_relative_initramfs_path(lab_tools: HostTools, lab_initramfs: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guest_accepts_a_relative_initramfs_path(
+    lab_tools: HostTools, lab_initramfs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(lab_initramfs.parent)
     spec = GuestSpec(name="relative", workload="idle", seed=1)
     with Guest(spec, tools=lab_tools, initramfs=Path(lab_initramfs.name)) as guest:
@@ -324,11 +355,14 @@ def test_server_guest_fills_memory_and_dirties_at_its_pace(lab_tools: HostTools,
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_live_migration_between_two_qemus(lab_tools: HostTools, lab_initramfs: Path,
-                                          transport: str) -> None:
+def test_live_migration_between_two_qemus(
+    lab_tools: HostTools, lab_initramfs: Path, transport: str
+) -> None:
     spec = GuestSpec(name="traveller", workload="mixed", seed=11)
-    with Guest(spec, tools=lab_tools, initramfs=lab_initramfs) as source, \
-            Guest(spec, incoming="defer", tools=lab_tools, initramfs=lab_initramfs) as dest:
+    with (
+        Guest(spec, tools=lab_tools, initramfs=lab_initramfs) as source,
+        Guest(spec, incoming="defer", tools=lab_tools, initramfs=lab_initramfs) as dest,
+    ):
         assert dest.status() == "inmigrate"
         source.wait_counter(2, timeout=60)
         if transport == "unix":
@@ -381,8 +415,9 @@ def test_capture_default_guests(guest_captures: list[GuestCapture], build_dir: P
         assert metadata["counter_at_capture"] >= 4
 
 
-def test_capture_cache_hit_does_not_boot(guest_captures: list[GuestCapture], build_dir: Path,
-                                         lab_tools: HostTools) -> None:
+def test_capture_cache_hit_does_not_boot(
+    guest_captures: list[GuestCapture], build_dir: Path, lab_tools: HostTools
+) -> None:
     def no_boot(spec: GuestSpec, **_kwargs: object) -> Guest:
         raise AssertionError(f"cache miss: would boot {spec.name}")
 
@@ -402,8 +437,12 @@ class _FailingGuest:
     def __enter__(self) -> _FailingGuest:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         return None
 
     def wait_counter(self, min_value: int, timeout: float) -> int:
@@ -420,8 +459,9 @@ class _FailingGuest:
         raise AssertionError("not reached")
 
 
-def test_failed_capture_leaves_nothing_that_looks_valid(tmp_path: Path,
-                                                        lab_tools: HostTools) -> None:
+def test_failed_capture_leaves_nothing_that_looks_valid(
+    tmp_path: Path, lab_tools: HostTools
+) -> None:
     specs = [GuestSpec(name="half", workload="idle", seed=1)]
     with pytest.raises(CaptureError, match="half"):
         capture_guests(tmp_path, specs, tools=lab_tools, guest_factory=_FailingGuest)
@@ -437,14 +477,19 @@ def test_stream_and_dump_show_the_same_memory(guest_captures: list[GuestCapture]
         assert stream.blocks[0].name == "pc.ram"
         assert stream.blocks[0].length == dump.size == capture.ram_bytes
         # zip stops at the dump's end: the stream's later blocks (VGA RAM, ROMs) are not in it.
-        differing = {index for index, (ours, theirs)
-                     in enumerate(zip(stream.iter_pages(), dump.iter_pages(), strict=False))
-                     if ours != theirs}
+        differing = {
+            index
+            for index, (ours, theirs) in enumerate(
+                zip(stream.iter_pages(), dump.iter_pages(), strict=False)
+            )
+            if ours != theirs
+        }
     assert differing <= set(vga_window)
 
 
-def test_partial_captures_of_dead_processes_are_removed(tmp_path: Path,
-                                                        lab_tools: HostTools) -> None:
+def test_partial_captures_of_dead_processes_are_removed(
+    tmp_path: Path, lab_tools: HostTools
+) -> None:
     guests = tmp_path / "guests"
     dead = guests / ".partial-idle-1-0123456789abcdef-999999999-x1y2"  # beyond any pid_max
     ours = guests / f".partial-idle-1-0123456789abcdef-{os.getpid()}-x1y2"

@@ -7,6 +7,7 @@ Source QEMU ``migrate "exec:tmdht qemu send ..."``, destination QEMU ``migrate-i
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -27,7 +28,8 @@ from migration.helpers import (
 from support.cluster import FAST_NODE_ARGS
 
 from tmdht.catalog import TemplateCatalog
-from tmdht.cli.templates import publish_files
+from tmdht.client import TemplateStoreClient
+from tmdht.client.publish import PublishSummary, publish_templates
 from tmdht.images import open_image
 from tmdht.lab import Guest, GuestCapture, GuestSpec, HostTools, MigrationError, QmpError
 from tmdht.mining import MiningConfig, TemplateMiner
@@ -59,10 +61,13 @@ def cluster(catalog_path: Path, guest_captures: list[GuestCapture],
     root = tmp_path_factory.mktemp("cluster")
     with LocalCluster(root, 3, extra_args=FAST_NODE_ARGS) as local:
         key = local.key_file.read_text().strip()
-        doc = publish_files(TemplateCatalog.load(catalog_path),
-                            [c.stream_path for c in guest_captures[:3]],
-                            {"seeds": [local.seed], "cluster_key": key})
-        assert doc["not_found"] == 0
+
+        async def publish() -> PublishSummary:
+            async with TemplateStoreClient([local.seed], cluster_key=key) as store:
+                return await publish_templates(store, TemplateCatalog.load(catalog_path),
+                                               [c.stream_path for c in guest_captures[:3]])
+
+        assert asyncio.run(publish()).not_found == 0
         yield local
 
 

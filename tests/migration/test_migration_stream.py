@@ -62,12 +62,14 @@ def new_sender(**options: object) -> Any:
 def new_receiver(expected_catalog_id: bytes | None = None) -> Any:
     return _cores[0].receiver(expected_catalog_id)
 
+
 # -- records -----------------------------------------------------------------------------------
 
 prefixes = st.one_of(
     st.integers(0, (1 << 40) - 1).map(lambda o: ((o << 12) | 0x28).to_bytes(8, "big")),
     st.tuples(st.integers(0, (1 << 40) - 1), st.binary(min_size=1, max_size=255)).map(
-        lambda t: ((t[0] << 12) | 0x08).to_bytes(8, "big") + bytes((len(t[1]),)) + t[1]),
+        lambda t: ((t[0] << 12) | 0x08).to_bytes(8, "big") + bytes((len(t[1]),)) + t[1]
+    ),
 )
 digests = st.binary(min_size=32, max_size=32)
 indices = st.integers(0, (1 << 32) - 1)
@@ -79,8 +81,7 @@ forward_records = st.one_of(
     st.builds(Template, prefixes, digests),
     st.builds(BackRef, prefixes, indices),
     st.builds(Fallback, indices, st.just(True), st.binary(min_size=1, max_size=PAGE_SIZE)),
-    st.builds(Fallback, indices, st.just(False),
-              st.binary(min_size=PAGE_SIZE, max_size=PAGE_SIZE)),
+    st.builds(Fallback, indices, st.just(False), st.binary(min_size=PAGE_SIZE, max_size=PAGE_SIZE)),
 )
 counts = st.builds(MigrationCounts, *[st.integers(0, (1 << 64) - 1)] * 7)
 reverse_records = st.one_of(
@@ -102,8 +103,9 @@ def decode_forward(data: bytes, chunk: int) -> tuple[Hello | None, list[object]]
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(forward_records, max_size=8), counts, digests, st.integers(1, 5000))
-def test_forward_records_round_trip(records: list[object], totals: MigrationCounts,
-                                    digest: bytes, chunk: int) -> None:
+def test_forward_records_round_trip(
+    records: list[object], totals: MigrationCounts, digest: bytes, chunk: int
+) -> None:
     end = End(totals, digest)
     data = encode(HELLO) + b"".join(encode(r) for r in records) + encode(end)  # type: ignore[arg-type]
     hello, decoded = decode_forward(data, chunk)
@@ -161,16 +163,19 @@ def test_truncated_stream_raises_decode_error_on_close() -> None:
             decoder.close()
 
 
-@pytest.mark.parametrize("bad", [
-    Template(b"\x00" * 7, bytes(32)),                 # short prefix
-    Template((0x18).to_bytes(8, "big"), bytes(32)),   # not a PAGE header
-    Template((0x08).to_bytes(8, "big") + b"\x00", bytes(32)),  # empty idstr
-    Template((0x08).to_bytes(8, "big") + b"\x05ab", bytes(32)),  # idstr length lies
-    CompressedPage((0x28).to_bytes(8, "big"), bytes(PAGE_SIZE)),
-    Fallback(1, False, b"short"),
-    Need(()),
-    RawBytes(b""),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Template(b"\x00" * 7, bytes(32)),  # short prefix
+        Template((0x18).to_bytes(8, "big"), bytes(32)),  # not a PAGE header
+        Template((0x08).to_bytes(8, "big") + b"\x00", bytes(32)),  # empty idstr
+        Template((0x08).to_bytes(8, "big") + b"\x05ab", bytes(32)),  # idstr length lies
+        CompressedPage((0x28).to_bytes(8, "big"), bytes(PAGE_SIZE)),
+        Fallback(1, False, b"short"),
+        Need(()),
+        RawBytes(b""),
+    ],
+)
 def test_encode_refuses_records_outside_the_format(bad: object) -> None:
     with pytest.raises(ValueError):
         encode(bad)  # type: ignore[arg-type]
@@ -184,8 +189,12 @@ def test_limits_are_checked_when_decoding() -> None:
     with pytest.raises(DecodeError):
         list(_fed(ReverseDecoder(), b"\x11" + (MAX_NEED + 1).to_bytes(2, "big")))
     with pytest.raises(DecodeError):  # nothing but FALLBACK after END
-        list(_fed(ForwardDecoder(), encode(HELLO) + encode(End(MigrationCounts(), bytes(32)))
-                  + encode(RawBytes(b"x"))))
+        list(
+            _fed(
+                ForwardDecoder(),
+                encode(HELLO) + encode(End(MigrationCounts(), bytes(32))) + encode(RawBytes(b"x")),
+            )
+        )
 
 
 def _fed(decoder: ForwardDecoder | ReverseDecoder, data: bytes) -> list[object]:
@@ -205,16 +214,20 @@ def synthetic(seed: int, rounds: int = 3) -> bytes:
             name, length = rng.choice(BLOCKS)
             index = rng.randrange(length // PAGE_SIZE)
             x = rng.random()
-            data = None if x < 0.2 else (POOL[rng.randrange(len(POOL))] if x < 0.8
-                                         else rng.randbytes(PAGE_SIZE))
+            data = (
+                None
+                if x < 0.2
+                else (POOL[rng.randrange(len(POOL))] if x < 0.8 else rng.randbytes(PAGE_SIZE))
+            )
             records.append((name, index, data))
         plan.append(records)
     stream, _memory = qemu_stream(BLOCKS, plan)
     return stream
 
 
-def send(stream: bytes, *, chunk: int, compress: bool = False,
-         backref_window: int = 16) -> tuple[Any, bytes]:
+def send(
+    stream: bytes, *, chunk: int, compress: bool = False, backref_window: int = 16
+) -> tuple[Any, bytes]:
     sender = new_sender(compress=compress, backref_window=backref_window, flow_window=1 << 30)
     out = [sender.start()]
     for i in range(0, len(stream), chunk):
@@ -223,8 +236,9 @@ def send(stream: bytes, *, chunk: int, compress: bool = False,
     return sender, b"".join(out)
 
 
-def receive(wire: bytes, *, chunk: int, lose: frozenset[bytes] = frozenset(),
-            sender: Any = None) -> tuple[Any, bytes]:
+def receive(
+    wire: bytes, *, chunk: int, lose: frozenset[bytes] = frozenset(), sender: Any = None
+) -> tuple[Any, bytes]:
     """Feed the wire in chunks, resolving from POOL but for ``lose``; those pages are asked of
     ``sender`` (its FALLBACK records arrive after the whole stream, at a record boundary)."""
     pages = {digest_page(p): p for p in POOL}
@@ -251,8 +265,9 @@ def receive(wire: bytes, *, chunk: int, lose: frozenset[bytes] = frozenset(),
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000), st.integers(300, 9000), st.integers(100, 9000), st.booleans())
-def test_rebuilt_stream_is_exactly_what_qemu_sent(seed: int, chunk_in: int, chunk_wire: int,
-                                                  compress: bool) -> None:
+def test_rebuilt_stream_is_exactly_what_qemu_sent(
+    seed: int, chunk_in: int, chunk_wire: int, compress: bool
+) -> None:
     stream = synthetic(seed)
     sender, wire = send(stream, chunk=chunk_in, compress=compress)
     rebuilder, out = receive(wire, chunk=chunk_wire)
@@ -260,8 +275,9 @@ def test_rebuilt_stream_is_exactly_what_qemu_sent(seed: int, chunk_in: int, chun
     assert rebuilder.verified
     counts = sender.counts
     assert counts.qemu_bytes == len(stream)
-    assert counts.pages == (counts.template_pages + counts.backref_pages + counts.full_pages
-                            + counts.compressed_pages)
+    assert counts.pages == (
+        counts.template_pages + counts.backref_pages + counts.full_pages + counts.compressed_pages
+    )
     assert rebuilder.stats.end == counts
 
 
@@ -282,8 +298,10 @@ def test_lost_templates_come_from_the_sender() -> None:
     rebuilder, out = receive(wire, chunk=777, lose=lose, sender=sender)
     assert out == stream
     assert rebuilder.stats.fallback_pages > 0
-    assert rebuilder.stats.cluster_pages + rebuilder.stats.fallback_pages == \
-        sender.counts.template_pages
+    assert (
+        rebuilder.stats.cluster_pages + rebuilder.stats.fallback_pages
+        == sender.counts.template_pages
+    )
 
 
 def test_a_wrong_page_withholds_the_device_state() -> None:

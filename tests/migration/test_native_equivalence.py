@@ -32,15 +32,19 @@ from tmdht.migration_stream import (
 )
 from tmdht.pages import PAGE_SIZE, digest_page
 
-pytestmark = pytest.mark.skipif(not native_available(),
-                                reason="tmdht._native is not built (no Rust toolchain)")
+pytestmark = pytest.mark.skipif(
+    not native_available(), reason="tmdht._native is not built (no Rust toolchain)"
+)
 
 POOL = page_pool(24, seed=31)
 CATALOG = TemplateCatalog.from_digests([digest_page(p) for p in POOL[:12]])
 PAGES = {digest_page(p): p for p in POOL}
 BLOCK_NAMES = ["pc.ram", "vga.vram", "pc.bios", "a'b", "\x01x"]
-EXAMPLES = settings(max_examples=120, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EXAMPLES = settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def outcome(call: Callable[[], Any]) -> tuple[str, Any]:
@@ -60,8 +64,7 @@ class Lockstep:
 
     def __call__(self, method: str, *args: Any) -> Any:
         assert not self.failed
-        ref, nat = (outcome(lambda o=o: _normalize(getattr(o, method)(*args)))
-                    for o in self.pair)
+        ref, nat = (outcome(lambda o=o: _normalize(getattr(o, method)(*args))) for o in self.pair)
         assert ref == nat, f"{method}{_short(args)}: reference {ref!r:.300} != native {nat!r:.300}"
         if ref[0] == "error":
             self.failed = True
@@ -81,8 +84,11 @@ def _normalize(value: Any) -> Any:
 
 
 def _short(args: tuple[Any, ...]) -> str:
-    return "(" + ", ".join(f"<{len(a)} bytes>" if isinstance(a, bytes) else repr(a)[:40]
-                           for a in args) + ")"
+    return (
+        "("
+        + ", ".join(f"<{len(a)} bytes>" if isinstance(a, bytes) else repr(a)[:40] for a in args)
+        + ")"
+    )
 
 
 # -- inputs --------------------------------------------------------------------------------------
@@ -101,8 +107,11 @@ def make_stream(seed: int) -> bytes:
         for _ in range(rng.randint(0, 40)):
             name, length = rng.choice(blocks)
             x = rng.random()
-            data = None if x < 0.2 else (POOL[rng.randrange(len(POOL))] if x < 0.8
-                                         else rng.randbytes(PAGE_SIZE))
+            data = (
+                None
+                if x < 0.2
+                else (POOL[rng.randrange(len(POOL))] if x < 0.8 else rng.randbytes(PAGE_SIZE))
+            )
             records.append((name, rng.randrange(length // PAGE_SIZE), data))
         rounds.append(records)
     stream, _memory = qemu_stream(blocks, rounds)
@@ -123,7 +132,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
         elif op == 1 and n:
             out[rng.randrange(n)] = rng.randrange(256)
         elif op == 2 and n:
-            del out[rng.randrange(n):]
+            del out[rng.randrange(n) :]
         elif op == 3:
             at = rng.randrange(n + 1)
             out[at:at] = rng.randbytes(rng.choice((1, 4, 9, 64)))
@@ -154,8 +163,7 @@ def senders(**options: Any) -> Lockstep:
     return Lockstep(REFERENCE.sender(CATALOG, **options), NATIVE.sender(CATALOG, **options))
 
 
-def drive_sender(both: Lockstep, stream: bytes, rng: random.Random, *,
-                 bad_answers: bool) -> bytes:
+def drive_sender(both: Lockstep, stream: bytes, rng: random.Random, *, bad_answers: bool) -> bytes:
     """Feed ``stream`` in random pieces, answering with ACKs now and then (valid ones, or with
     ``bad_answers`` also ones beyond what was sent); returns the wire bytes."""
     wire = [both("start")]
@@ -192,8 +200,9 @@ def template_indices(wire: bytes) -> list[int]:
 
 @EXAMPLES
 @given(streams, st.integers(0, 2**32), st.booleans(), st.sampled_from([1, 3, 16, 32768]))
-def test_sender_writes_the_same_records(stream_seed: int, seed: int, compress: bool,
-                                        window: int) -> None:
+def test_sender_writes_the_same_records(
+    stream_seed: int, seed: int, compress: bool, window: int
+) -> None:
     stream = make_stream(stream_seed)
     rng = random.Random(seed)
     both = senders(compress=compress, backref_window=window, flow_window=1 << 30)
@@ -202,16 +211,21 @@ def test_sender_writes_the_same_records(stream_seed: int, seed: int, compress: b
     kept = template_indices(wire)
     assert both.same("retained") <= len(kept)
     for start in range(0, len(kept), 5):  # NEED what is still kept, as a receiver would
-        both("fallback", Need(tuple(i for i in kept[start : start + 5] if rng.random() < 0.9
-                                    or i == kept[start])))
+        both(
+            "fallback",
+            Need(
+                tuple(i for i in kept[start : start + 5] if rng.random() < 0.9 or i == kept[start])
+            ),
+        )
         if both.failed:  # an index acknowledged meanwhile: the same error on both sides
             return
 
 
 @EXAMPLES
 @given(streams, st.integers(0, 2**32), st.booleans())
-def test_sender_fails_the_same_way_on_damaged_streams(stream_seed: int, seed: int,
-                                                      compress: bool) -> None:
+def test_sender_fails_the_same_way_on_damaged_streams(
+    stream_seed: int, seed: int, compress: bool
+) -> None:
     stream = make_stream(stream_seed)
     rng = random.Random(seed)
     both = senders(compress=compress, backref_window=8)
@@ -222,8 +236,7 @@ def test_sender_fails_the_same_way_on_damaged_streams(stream_seed: int, seed: in
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=3000), st.integers(1, 3000), st.booleans())
-def test_sender_fails_the_same_way_on_random_bytes(data: bytes, chunk: int,
-                                                   header: bool) -> None:
+def test_sender_fails_the_same_way_on_random_bytes(data: bytes, chunk: int, header: bool) -> None:
     both = senders()
     data = (b"QEVM\x00\x00\x00\x03" if header else b"") + data
     for i in range(0, len(data), chunk):
@@ -249,8 +262,9 @@ def receivers(expected: bytes | None = CATALOG.catalog_id) -> Lockstep:
     return Lockstep(REFERENCE.receiver(expected), NATIVE.receiver(expected))
 
 
-def drive_receiver(both: Lockstep, wire: bytes, rng: random.Random, sender: Any = None,
-                   lose: float = 0.0) -> bytes:
+def drive_receiver(
+    both: Lockstep, wire: bytes, rng: random.Random, sender: Any = None, lose: float = 0.0
+) -> bytes:
     """Feed ``wire`` in random pieces, resolving or losing template pages at random moments
     (lost ones come from ``sender`` as FALLBACK records), and collect the output."""
     out = []
@@ -262,8 +276,12 @@ def drive_receiver(both: Lockstep, wire: bytes, rng: random.Random, sender: Any 
             both("feed", pieces[step])
             if both.failed:
                 return b"".join(out)
-        elif not pending and not any(needs) and not both.same("waiting") \
-                and not both.same("queued_bytes"):
+        elif (
+            not pending
+            and not any(needs)
+            and not both.same("waiting")
+            and not both.same("queued_bytes")
+        ):
             break
         batch = both("wanted", rng.choice((1, 5, 1000)))
         pending += batch
@@ -302,18 +320,25 @@ def drive_receiver(both: Lockstep, wire: bytes, rng: random.Random, sender: Any 
 
 
 def valid_wire(stream: bytes, seed: int, compress: bool, window: int) -> tuple[bytes, Any]:
-    sender = REFERENCE.sender(CATALOG, compress=compress, backref_window=window,
-                              flow_window=1 << 30)
+    sender = REFERENCE.sender(
+        CATALOG, compress=compress, backref_window=window, flow_window=1 << 30
+    )
     rng = random.Random(seed)
     wire = [sender.start(), *(sender.feed(p) for p in chunks(rng, stream)), sender.finish()]
     return b"".join(wire), sender
 
 
 @EXAMPLES
-@given(streams, st.integers(0, 2**32), st.booleans(), st.sampled_from([1, 4, 32768]),
-       st.sampled_from([0.0, 0.3, 1.0]))
-def test_receiver_rebuilds_the_same_stream(stream_seed: int, seed: int, compress: bool,
-                                           window: int, lose: float) -> None:
+@given(
+    streams,
+    st.integers(0, 2**32),
+    st.booleans(),
+    st.sampled_from([1, 4, 32768]),
+    st.sampled_from([0.0, 0.3, 1.0]),
+)
+def test_receiver_rebuilds_the_same_stream(
+    stream_seed: int, seed: int, compress: bool, window: int, lose: float
+) -> None:
     stream = make_stream(stream_seed)
     wire, sender = valid_wire(stream, seed, compress, window)
     both = receivers()
@@ -325,8 +350,9 @@ def test_receiver_rebuilds_the_same_stream(stream_seed: int, seed: int, compress
 
 @EXAMPLES
 @given(streams, st.integers(0, 2**32), st.booleans())
-def test_receiver_fails_the_same_way_on_damaged_streams(stream_seed: int, seed: int,
-                                                        compress: bool) -> None:
+def test_receiver_fails_the_same_way_on_damaged_streams(
+    stream_seed: int, seed: int, compress: bool
+) -> None:
     stream = make_stream(stream_seed)
     wire, sender = valid_wire(stream, seed, compress, 4)
     rng = random.Random(seed)
@@ -338,8 +364,7 @@ def test_receiver_fails_the_same_way_on_damaged_streams(stream_seed: int, seed: 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=3000), st.integers(0, 2**32), st.booleans())
-def test_receiver_fails_the_same_way_on_random_bytes(data: bytes, seed: int,
-                                                     hello: bool) -> None:
+def test_receiver_fails_the_same_way_on_random_bytes(data: bytes, seed: int, hello: bool) -> None:
     wire, _ = valid_wire(qemu_stream([("pc.ram", PAGE_SIZE)], [[]])[0], 0, False, 4)
     both = receivers(None)
     drive_receiver(both, (wire[:54] if hello else b"") + data, random.Random(seed))
@@ -349,8 +374,10 @@ def test_receiver_fails_the_same_way_on_random_bytes(data: bytes, seed: int,
 
 def test_receiver_flow_window_overrun_fails_the_same_way() -> None:
     rng = random.Random(5)
-    stream = qemu_stream([("pc.ram", 320 * PAGE_SIZE)],
-                         [[("pc.ram", i, rng.randbytes(PAGE_SIZE)) for i in range(320)]])[0]
+    stream = qemu_stream(
+        [("pc.ram", 320 * PAGE_SIZE)],
+        [[("pc.ram", i, rng.randbytes(PAGE_SIZE)) for i in range(320)]],
+    )[0]
     sender = REFERENCE.sender(CATALOG, flow_window=4096)
     wire = sender.start() + sender.feed(stream) + sender.finish()
     both = receivers()
@@ -374,8 +401,9 @@ def test_compressed_page_declaring_a_huge_size_is_a_decode_error() -> None:
     assert failure == ("error", "DecodeError", f"compressed page declares {1 << 40} bytes")
 
 
-def run_pipeline(cores: Any, stream: bytes, rng: random.Random, *, window: int, flow: int,
-                 lose: float) -> tuple[bytes, Any]:
+def run_pipeline(
+    cores: Any, stream: bytes, rng: random.Random, *, window: int, flow: int, lose: float
+) -> tuple[bytes, Any]:
     """Sender and receiver of one implementation joined as the proxies join them: QEMU bytes
     only while the flow window is open, ACKs back, lost templates fetched with NEED/FALLBACK
     (delivered between the sender's records), resolves answered late and out of order."""
@@ -418,10 +446,12 @@ def run_pipeline(cores: Any, stream: bytes, rng: random.Random, *, window: int, 
 
 
 @pytest.mark.parametrize("cores", [REFERENCE, NATIVE], ids=["reference", "native"])
-@pytest.mark.parametrize(("window", "flow", "lose"), [(64, 1 << 20, 0.3), (4, 300_000, 0.0),
-                                                     (1000, 4 << 20, 0.7)])
-def test_flow_controlled_pipeline_is_exact_past_many_windows(cores: Any, window: int, flow: int,
-                                                             lose: float) -> None:
+@pytest.mark.parametrize(
+    ("window", "flow", "lose"), [(64, 1 << 20, 0.3), (4, 300_000, 0.0), (1000, 4 << 20, 0.7)]
+)
+def test_flow_controlled_pipeline_is_exact_past_many_windows(
+    cores: Any, window: int, flow: int, lose: float
+) -> None:
     """Thousands of pages through a small window and flow window: the native receiver's slab
     (window + flow lag slots) wraps around many times; every byte must come out right."""
     rng = random.Random(window)
@@ -432,8 +462,11 @@ def test_flow_controlled_pipeline_is_exact_past_many_windows(cores: Any, window:
         for _ in range(1500):
             name, length = rng.choice(blocks)
             x = rng.random()
-            data = None if x < 0.15 else (POOL[rng.randrange(len(POOL))] if x < 0.7
-                                          else rng.randbytes(PAGE_SIZE))
+            data = (
+                None
+                if x < 0.15
+                else (POOL[rng.randrange(len(POOL))] if x < 0.7 else rng.randbytes(PAGE_SIZE))
+            )
             records.append((name, rng.randrange(length // PAGE_SIZE), data))
         rounds.append(records)
     stream = qemu_stream(blocks, rounds)[0]

@@ -23,9 +23,10 @@ from support.cluster import (
 )
 
 from tmdht import wire
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.aio.overlay import Overlay
+from tmdht.net.overlay import OverlayConfig
 from tmdht.node.local import LocalCluster
-from tmdht.node.overlay import Overlay, OverlayConfig
 
 pytestmark = pytest.mark.slow
 

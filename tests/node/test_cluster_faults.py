@@ -17,7 +17,7 @@ from support.cluster import (
 )
 
 from tmdht import wire
-from tmdht.client.dataplane import DataPlaneClient
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.node.local import LocalCluster
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,9 @@ def run(coro: object) -> object:
     return asyncio.run(asyncio.wait_for(coro, 180))  # type: ignore[arg-type]
 
 
-async def placed(client: DataPlaneClient, cluster: LocalCluster, live: list[int], timeout: float) -> float:
+async def placed(
+    client: DataPlaneClient, cluster: LocalCluster, live: list[int], timeout: float
+) -> float:
     """Wait until every page is on exactly its R closest live nodes; returns the seconds taken."""
     want = expected_replicas(cluster, DIGESTS, live, 3)
     started = time.monotonic()

@@ -17,8 +17,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tmdht import wire
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.auth import Authenticator, ClusterKey, KeyRing
-from tmdht.client.dataplane import DataPlaneClient
 from tmdht.errors import UsageError
 from tmdht.node.dataplane import DataPlaneServer
 from tmdht.node.metrics import NodeMetrics
@@ -263,12 +263,9 @@ def test_lost_parts_are_reasked(tmp_path: Path) -> None:
     """A client that loses answer datagrams re-asks for exactly what it did not hear about."""
 
     async def main() -> None:
-        retried = []
         async with (
             node(tmp_path, max_datagram=wire.MIN_DATAGRAM) as (server, _),
-            await DataPlaneClient.open(
-                keyed(), timeout=0.1, on_retry=lambda: retried.append(1)
-            ) as client,
+            await DataPlaneClient.open(keyed(), timeout=0.1) as client,
         ):
             data = pages(40)
             await client.put_pages(server.address, data)
@@ -286,7 +283,6 @@ def test_lost_parts_are_reasked(tmp_path: Path) -> None:
             got = await client.get_pages(server.address, [d for d, _ in data])
             assert got.pages == dict(data) and not got.unanswered
             assert client.stats.retries > 0
-            assert len(retried) == client.stats.retries  # what the client's metric counts
 
     run(main)
 
@@ -310,7 +306,9 @@ def test_group_commit_batches_concurrent_puts(tmp_path: Path) -> None:
     async def main() -> None:
         async with (
             node(tmp_path) as (server, metrics),
-            await DataPlaneClient.open(keyed(), window=64) as client,
+            # A timeout well above a commit's time on a busy machine: a retried PUT would be
+            # counted twice below.
+            await DataPlaneClient.open(keyed(), window=64, timeout=2.0) as client,
         ):
             data = pages(2000, seed=3)
             chunks = [data[i : i + 7] for i in range(0, len(data), 7)]

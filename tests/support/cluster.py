@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.auth import Authenticator, ClusterKey, KeyRing, load_key
-from tmdht.client.dataplane import DataPlaneClient
 from tmdht.client.store import TemplateStoreClient
 from tmdht.node.local import LocalCluster
 from tmdht.pages import digest_page

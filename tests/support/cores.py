@@ -43,8 +43,9 @@ class Cores:
     def sender(self, catalog: TemplateCatalog, **options: Any) -> Any:
         if self.name == "native":
             return NativeSender(templates_of(catalog), native=_module(), **options)
-        return SenderRewriter(catalog.catalog_id,
-                              lambda ds: catalog.contains_many(ds).tolist(), **options)
+        return SenderRewriter(
+            catalog.catalog_id, lambda ds: catalog.contains_many(ds).tolist(), **options
+        )
 
     def receiver(self, expected_catalog_id: bytes | None = None) -> Any:
         if self.name == "native":
@@ -65,6 +66,11 @@ REFERENCE = Cores("reference")
 NATIVE = Cores("native")
 CORES = [
     pytest.param(REFERENCE, id="reference"),
-    pytest.param(NATIVE, id="native", marks=pytest.mark.skipif(
-        not native_available(), reason="tmdht._native is not built (no Rust toolchain)")),
+    pytest.param(
+        NATIVE,
+        id="native",
+        marks=pytest.mark.skipif(
+            not native_available(), reason="tmdht._native is not built (no Rust toolchain)"
+        ),
+    ),
 ]

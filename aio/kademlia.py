@@ -13,7 +13,7 @@ Fixed here by subclassing (the package's files are not copied):
   records the head so the overlay can probe it from a task it owns. Its bucket search also puts
   an id equal to a bucket's upper bound in the bucket the split put it in.
 - :class:`OverlayProtocol` replaces rpcudp's datagram handling: every datagram is size-checked,
-  optionally authenticated, decoded by :func:`decode_datagram` (which raises only
+  optionally authenticated, decoded by :func:`tmdht.net.overlay.decode_datagram` (which raises only
   :class:`~tmdht.errors.DecodeError`) and answered synchronously through an explicit table of
   handlers. rpcudp instead spawned two unowned tasks per datagram, unpacked network bytes
   unguarded, resolved calls to ``(ok, value)`` tuples and turned any unknown attribute into a
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import hmac
 import logging
 import os
 import random
@@ -35,177 +34,40 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
-import umsgpack
-from blake3 import blake3
 from kademlia.crawling import NodeSpiderCrawl
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable as _PackageRoutingTable
 
-from tmdht.errors import DecodeError, LimitExceededError, TmdhtError
+from tmdht.errors import (
+    DecodeError,
+    OverlayClosedError,
+    RpcTimeoutError,
+    TmdhtError,
+    UnauthenticatedError,
+)
+from tmdht.net.address import Address
+from tmdht.net.overlay import (
+    ID_BITS,
+    ID_SIZE,
+    Request,
+    Response,
+    decode_datagram,
+    encode_request,
+    encode_response,
+)
 
 __all__ = [
-    "ID_BITS",
-    "ID_SIZE",
-    "MAX_BODY_SIZE",
-    "TAG_SIZE",
-    "Address",
     "NodeLookup",
-    "OverlayClosedError",
-    "OverlayError",
     "OverlayProtocol",
     "ProtocolStats",
-    "Request",
     "RequestHandler",
-    "Response",
     "RoutingTable",
-    "RpcTimeoutError",
-    "UnauthenticatedError",
-    "decode_datagram",
-    "derive_tag_key",
-    "encode_request",
-    "encode_response",
-    "random_id_in",
 ]
 
-log = logging.getLogger("tmdht.node.overlay")
+log = logging.getLogger("tmdht.aio.overlay")
 
-ID_SIZE: Final = 20
-"""Bytes in a node id or key (160 bits, the package's ID space)."""
-ID_BITS: Final = ID_SIZE * 8
 _ID_LIMIT: Final = 1 << ID_BITS
-
-_REQUEST: Final = 0x00
-_RESPONSE: Final = 0x01
-_HEADER_SIZE: Final = 1 + ID_SIZE
-MAX_BODY_SIZE: Final = 8192
-"""Largest msgpack body accepted or sent: rpcudp's own cap on a request."""
-TAG_SIZE: Final = 16
-"""Bytes of the keyed BLAKE3 tag appended to every datagram when a cluster key is set."""
-_TAG_CONTEXT: Final = "tmdht 2024-06 overlay datagram tag v1"
-
-Address = tuple[str, int]
-"""(IP literal, UDP port) of a kademlia socket."""
-
-
-class OverlayError(TmdhtError):
-    """The overlay could not do what was asked (no answer, stopped, unknown peer)."""
-
-
-class RpcTimeoutError(OverlayError):
-    """A peer did not answer one RPC within the RPC timeout."""
-
-
-class OverlayClosedError(OverlayError):
-    """The overlay is stopped (or stopping): no RPC can be sent any more."""
-
-
-class UnauthenticatedError(DecodeError):
-    """A datagram's cluster tag is missing or wrong: it was not sent by a cluster member."""
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """A decoded RPC request (rpcudp type byte 0x00)."""
-
-    msg_id: bytes
-    """20 random bytes chosen by the caller; the answer carries them back."""
-    method: str
-    """Name of the remote procedure (``ping``, ``find_node``, ``node_info``)."""
-    args: tuple[Any, ...]
-    """Positional arguments as decoded; the handler validates them."""
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    """A decoded RPC answer (rpcudp type byte 0x01)."""
-
-    msg_id: bytes
-    """The id of the request this answers."""
-    value: Any
-    """The answer as decoded; the caller validates it."""
-
-
-def derive_tag_key(cluster_key: bytes) -> bytes:
-    """The overlay's own 32-byte tag key, derived so it never equals another plane's key."""
-    return bytes(blake3(cluster_key, derive_key_context=_TAG_CONTEXT).digest())
-
-
-def _tag(body: bytes, tag_key: bytes) -> bytes:
-    return bytes(blake3(body, key=tag_key).digest(length=TAG_SIZE))
-
-
-def _frame(kind: int, msg_id: bytes, payload: object, tag_key: bytes | None) -> bytes:
-    body: bytes = umsgpack.packb(payload)
-    if len(body) > MAX_BODY_SIZE:
-        raise LimitExceededError(f"overlay message body of {len(body)} bytes > {MAX_BODY_SIZE}")
-    datagram = bytes((kind,)) + msg_id + body
-    return datagram + _tag(datagram, tag_key) if tag_key is not None else datagram
-
-
-def encode_request(
-    msg_id: bytes, method: str, args: Sequence[object], tag_key: bytes | None = None
-) -> bytes:
-    """One request datagram in rpcudp's framing: ``0x00 | msg_id | msgpack([method, args])``."""
-    return _frame(_REQUEST, msg_id, [method, list(args)], tag_key)
-
-
-def encode_response(msg_id: bytes, value: object, tag_key: bytes | None = None) -> bytes:
-    """One answer datagram in rpcudp's framing: ``0x01 | msg_id | msgpack(value)``."""
-    return _frame(_RESPONSE, msg_id, value, tag_key)
-
-
-# umsgpack raises its own UnpackException family on bad input, but also ValueError/TypeError from
-# ext and timestamp decoding and RecursionError on deeply nested arrays (8 KiB of 0x91 bytes).
-_UNPACK_FAILURES: Final = (umsgpack.UnpackException, RecursionError, ValueError, TypeError)
-
-
-def decode_datagram(
-    datagram: bytes, tag_key: bytes | None = None, other_tag_keys: Sequence[bytes] = ()
-) -> Request | Response:
-    """Decode one datagram from the network; raise only :class:`DecodeError` on bad bytes.
-
-    The size is checked before anything is parsed, the tag (when a key is set) before msgpack is
-    touched, and the request shape before a handler sees it. The tag carries no key id, so during
-    a key rotation the tag is checked against ``tag_key`` and then each of ``other_tag_keys``
-    (the keys still, or already, accepted): one more BLAKE3 of <= 8 KiB per extra key, paid only
-    by datagrams that the sending key does not open.
-    """
-    limit = _HEADER_SIZE + MAX_BODY_SIZE + (TAG_SIZE if tag_key is not None else 0)
-    if len(datagram) > limit:
-        raise LimitExceededError(f"datagram of {len(datagram)} bytes > {limit}")
-    if tag_key is not None:
-        datagram, tag = datagram[:-TAG_SIZE], datagram[-TAG_SIZE:]
-        if len(tag) != TAG_SIZE or not any(
-            hmac.compare_digest(tag, _tag(datagram, key)) for key in (tag_key, *other_tag_keys)
-        ):
-            raise UnauthenticatedError("datagram without a valid cluster tag")
-    if len(datagram) <= _HEADER_SIZE:
-        raise DecodeError(f"datagram of {len(datagram)} bytes has no body")
-    kind, msg_id = datagram[0], bytes(datagram[1:_HEADER_SIZE])
-    if kind not in (_REQUEST, _RESPONSE):
-        raise DecodeError(f"unknown datagram type 0x{kind:02x}")
-    try:
-        payload = umsgpack.unpackb(bytes(datagram[_HEADER_SIZE:]))
-    except _UNPACK_FAILURES as exc:
-        raise DecodeError(f"bad msgpack body: {type(exc).__name__}") from None
-    if kind == _RESPONSE:
-        return Response(msg_id, payload)
-    if (
-        not isinstance(payload, list)
-        or len(payload) != 2
-        or not isinstance(payload[0], str)
-        or not isinstance(payload[1], list)
-    ):
-        raise DecodeError("a request body must be [method: str, args: list]")
-    return Request(msg_id, payload[0], tuple(payload[1]))
-
-
-def random_id_in(prefix: int, bits: int, rng: random.Random | None = None) -> bytes:
-    """A random 160-bit id whose first ``bits`` bits are ``prefix``."""
-    free = ID_BITS - bits
-    low = (rng or random).getrandbits(free) if free else 0
-    return ((prefix << free) | low).to_bytes(ID_SIZE, "big")
 
 
 # The package ships no type information, so its classes are Any to mypy; strict mode refuses to
@@ -214,13 +76,14 @@ class RoutingTable(_PackageRoutingTable):  # type: ignore[misc, unused-ignore]
     """The package's k-bucket table without its IO.
 
     When a bucket is full and may not split, the paper pings the bucket's least recently seen
-    contact. The package does it with an unowned ``ensure_future``; this table calls
-    ``on_full_bucket(head)`` and the owner decides whether and how to probe.
+    contact. The package does it with an unowned ``ensure_future``; this table records the head
+    and its owner (:class:`tmdht.net.membership.PeerBook`) takes it with
+    :meth:`take_full_heads` and decides whether and how to probe.
     """
 
-    def __init__(self, ksize: int, node: Node, on_full_bucket: Callable[[Node], None]) -> None:
+    def __init__(self, ksize: int, node: Node) -> None:
         """Create an empty table for ``node``; no protocol is needed since it does no IO."""
-        self._on_full_bucket = on_full_bucket
+        self._full_heads: list[Node] = []
         super().__init__(None, ksize, node)
 
     def add_contact(self, node: Node) -> bool:
@@ -234,8 +97,13 @@ class RoutingTable(_PackageRoutingTable):  # type: ignore[misc, unused-ignore]
         if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
             self.split_bucket(index)
             return self.add_contact(node)
-        self._on_full_bucket(bucket.head())
+        self._full_heads.append(bucket.head())
         return False
+
+    def take_full_heads(self) -> list[Node]:
+        """The heads of buckets found full since the last call (to probe)."""
+        heads, self._full_heads = self._full_heads, []
+        return heads
 
     def get_bucket_for(self, node: Node) -> int:
         """Index of the bucket whose (inclusive) range holds the node: a binary search.
@@ -308,7 +176,7 @@ class NodeLookup(NodeSpiderCrawl):  # type: ignore[misc, unused-ignore]
         return await self.find()
 
 
-RequestHandler = Callable[[Address, tuple[Any, ...]], object]
+RequestHandler = Callable[[Address, tuple[object, ...]], object]
 """Answers one request synchronously; raises DecodeError if the arguments are bad."""
 
 
@@ -369,7 +237,7 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
         # Bounding outstanding calls bounds the replies that can arrive at once, so they fit in
         # the receive buffer even when the event loop is busy for a while.
         self._slots = asyncio.Semaphore(max_in_flight)
-        self._outstanding: dict[bytes, asyncio.Future[Any]] = {}
+        self._outstanding: dict[bytes, asyncio.Future[object]] = {}
         self._closed = asyncio.get_running_loop().create_future()
         self.stats = ProtocolStats()
 
@@ -441,7 +309,7 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
             self.transport.sendto(encode_response(request.msg_id, value, self._tag_key), addr)
             self.stats.requests_answered += 1
 
-    async def call(self, addr: Address, method: str, args: Sequence[object]) -> Any:
+    async def call(self, addr: Address, method: str, args: Sequence[object]) -> object:
         """Send one request and return the decoded answer (unvalidated).
 
         Raises :class:`RpcTimeoutError` if no answer comes within the RPC timeout (counted from
@@ -453,7 +321,7 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
                 raise OverlayClosedError("overlay is stopped")
             msg_id = os.urandom(ID_SIZE)
             datagram = encode_request(msg_id, method, args, self._tag_key)
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
             self._outstanding[msg_id] = future
             self.stats.in_flight_peak = max(self.stats.in_flight_peak, len(self._outstanding))
             try:

@@ -1,4 +1,4 @@
-"""Tests of the overlay (tmdht.node.overlay) on real UDP sockets on 127.0.0.1, port 0 everywhere.
+"""Tests of the overlay (tmdht.aio.overlay) on real UDP sockets on 127.0.0.1, port 0 everywhere.
 
 pytest-asyncio is not a dependency: each test runs one coroutine with ``asyncio.run`` under a
 deadline. Nothing sleeps to synchronise: tests wait for membership events or answers, each wait
@@ -18,37 +18,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import asyncio_dgram
 import pytest
-import umsgpack
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from kademlia.node import Node
+from support.overlay import BAD_DATAGRAMS, BAD_NODE_INFO, info_answer
 
-from tmdht.errors import ConfigError, DecodeError, UsageError
-from tmdht.node._kademlia_compat import (
+from tmdht.aio.overlay import MembershipSubscription, Overlay
+from tmdht.errors import OverlayClosedError, RpcTimeoutError, UnknownPeerError, UsageError
+from tmdht.net.identity import NODE_FILE
+from tmdht.net.membership import MembershipEventKind
+from tmdht.net.overlay import (
+    OverlayConfig,
     Request,
     Response,
     decode_datagram,
-    derive_tag_key,
     encode_request,
     encode_response,
 )
-from tmdht.node.overlay import (
-    NODE_FILE,
-    MembershipEventKind,
-    MembershipSubscription,
-    NodeInfo,
-    Overlay,
-    OverlayClosedError,
-    OverlayConfig,
-    PeerBook,
-    RpcTimeoutError,
-    UnknownPeerError,
-    load_or_create_node_id,
-    parse_contacts,
-    parse_node_info,
-    xor_distance,
-)
+from tmdht.placement import distance
 
 LOCAL = "127.0.0.1"
 DEADLINE = 20.0
@@ -126,43 +112,32 @@ async def next_event(
                 return
 
 
-class FakePeer(asyncio.DatagramProtocol):
-    """A UDP peer that answers each request with whatever ``answer(request)`` returns (bytes)."""
-
-    def __init__(self, answer: Callable[[Request], bytes | None]) -> None:
-        self.answer = answer
-        self.transport: asyncio.DatagramTransport | None = None
-        self.requests: list[Request] = []
-        self.closed = asyncio.get_running_loop().create_future()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed.set_result(None)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        message = decode_datagram(data)
-        assert isinstance(message, Request)
-        self.requests.append(message)
-        reply = self.answer(message)
-        if reply is not None and self.transport is not None:
-            self.transport.sendto(reply, addr)
-
-
 @contextlib.asynccontextmanager
 async def fake_peer(
     answer: Callable[[Request], bytes | None],
-) -> AsyncIterator[tuple[FakePeer, tuple[str, int]]]:
-    loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: FakePeer(answer), local_addr=(LOCAL, 0)
-    )
+) -> AsyncIterator[tuple[list[Request], tuple[str, int]]]:
+    """A scripted UDP peer: every request it receives (listed), answered with ``answer``."""
+    stream = await asyncio_dgram.bind((LOCAL, 0))
+    requests: list[Request] = []
+
+    async def serve() -> None:
+        while True:
+            data, addr = await stream.recv()
+            message = decode_datagram(data)
+            assert isinstance(message, Request)
+            requests.append(message)
+            reply = answer(message)
+            if reply is not None:
+                await stream.send(reply, addr)
+
+    server = asyncio.create_task(serve())
     try:
-        yield protocol, transport.get_extra_info("sockname")[:2]
+        yield requests, stream.sockname[:2]
     finally:
-        transport.close()
-        await protocol.closed  # the socket is closed once connection_lost has run
+        # Closing ends the server's recv() with TransportClosed once connection_lost has run,
+        # which closes the socket: the port is free when the server task is done.
+        stream.close()
+        await asyncio.gather(server, return_exceptions=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,6 +163,25 @@ def test_four_overlays_form_a_ring_from_one_seed(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_a_node_whose_seed_was_not_up_yet_joins_within_seconds(tmp_path: Path) -> None:
+    """Nodes started together (a StatefulSet, compose, systemd instances) find their seeds not
+    listening yet: the lonely node asks again within seconds, not after the refresh interval."""
+
+    async def scenario() -> None:
+        async with fake_peer(lambda request: None) as (silent, address):
+            lonely = await Overlay.start(config(tmp_path, 1, [address]))
+        try:
+            assert [m.node_id for m in lonely.members()] == [lonely.node_id] and silent
+            async with await Overlay.start(config(tmp_path, 0, port=address[1])) as seed:
+                started = time.monotonic()
+                await until_members(lonely, {lonely.node_id, seed.node_id}, timeout=10)
+                assert time.monotonic() - started < FAST["refresh_interval"] / 2
+        finally:
+            await lonely.stop()
+
+    run(scenario)
+
+
 def test_node_id_persists_across_restart(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with await Overlay.start(config(tmp_path, 0)) as first:
@@ -201,41 +195,6 @@ def test_node_id_persists_across_restart(tmp_path: Path) -> None:
         assert Overlay(config(None, 1)).node_id != Overlay(config(None, 1)).node_id
 
     run(scenario)
-
-
-def test_damaged_node_file_is_refused_not_replaced(tmp_path: Path) -> None:
-    path = tmp_path / NODE_FILE
-    for text in (
-        "{not json",
-        '{"format": 1, "node_id": "abcd"}',
-        '{"format": 9, "node_id": ""}',
-        "[]",
-    ):
-        path.write_text(text)
-        with pytest.raises(ConfigError):
-            load_or_create_node_id(tmp_path)
-        assert path.read_text() == text
-    path.unlink()
-    created = load_or_create_node_id(tmp_path)
-    assert load_or_create_node_id(tmp_path) == created
-    assert [p.name for p in tmp_path.iterdir()] == [NODE_FILE]  # the temp file is gone
-
-
-def test_config_is_validated() -> None:
-    bad: list[dict[str, Any]] = [
-        {"data_port": 0},
-        {"data_port": 70000},
-        {"data_port": 1, "host": "localhost"},
-        {"data_port": 1, "seeds": (("10.0.0.1", 0),)},
-        {"data_port": 1, "rpc_timeout": 0},
-        {"data_port": 1, "max_failures": 0},
-        {"data_port": 1, "ksize": 65},
-        {"data_port": 1, "cluster_key": b"short"},
-    ]
-    for values in bad:
-        with pytest.raises(ConfigError):
-            OverlayConfig(**values)
-    assert OverlayConfig(data_port=0, join=False).data_port == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,88 +276,8 @@ def test_briefly_slow_node_is_not_evicted(tmp_path: Path) -> None:
     run(scenario)
 
 
-def test_peer_book_counts_failures_and_refuses_the_dead() -> None:
-    me, other, alive = b"\x00" * 20, b"\x80" + b"\x01" * 19, b"\x40" + b"\x02" * 19
-    book = PeerBook(
-        me,
-        ksize=20,
-        max_failures=3,
-        silence_timeout=10,
-        info_max_age=1000,
-        dead_ttl=100,
-        dead_retry_interval=5,
-        max_peers=100,
-    )
-    addr = (LOCAL, 4000)
-    info = NodeInfo(other, "", 7000, 0, "1")
-
-    assert [e.kind for e in book.got_info(info, addr, now=0)] == [MembershipEventKind.JOINED]
-    book.got_info(NodeInfo(alive, "", 7001, 0, "1"), (LOCAL, 4001), now=0)
-    assert book.failed(other, addr, now=1) == []
-    assert book.failed(other, addr, now=2) == []
-    assert [m.suspect for m in book.members()] == [False, True]
-    # A suspect is neither queried in lookups nor handed to others.
-    assert book.mentioned(Node(other, *addr), now=2) is None
-    assert [n.id for n in book.neighbors(other, 20, exclude=None)] == [alive]
-    events = book.failed(other, addr, now=3)
-    assert [e.kind for e in events] == [MembershipEventKind.LEFT]
-    assert [m.node_id for m in book.members()] == [alive]
-    assert other not in {n.id for n in book.router.contacts()}
-
-    # Peers keep listing it: refused every time, re-probed in the background at most every 5 s.
-    book.take_wanted()
-    assert book.mentioned(Node(other, *addr), now=4) is None
-    assert other not in book.take_wanted()
-    assert book.mentioned(Node(other, *addr), now=8.5) is None
-    assert book.take_wanted() == {other: addr}
-
-    # It answers again: a member again once it has told us its (maybe new) info.
-    assert book.heard(other, addr, now=9) == []
-    assert book.take_wanted() == {other: addr}
-    assert [e.kind for e in book.got_info(info, addr, now=9)] == [MembershipEventKind.JOINED]
-
-    # A healthy member is not moved by one datagram from another address; its known one is probed.
-    assert book.heard(other, (LOCAL, 5000), now=10) == []
-    assert book.peer_address(other) == addr
-    assert book.take_wanted() == {other: addr}
-
-    # Once suspect, it may move: the next datagram from elsewhere is believed (it restarted).
-    book.failed(other, addr, now=10.5)
-    events = book.heard(other, (LOCAL, 5000), now=11)
-    assert [(e.kind, e.member.port, e.member.suspect) for e in events] == [
-        (MembershipEventKind.UPDATED, 5000, False)
-    ]
-    assert book.take_wanted() == {other: (LOCAL, 5000)}  # its info is asked again
-    addr = (LOCAL, 5000)
-
-    # Dead records expire.
-    for now in (11, 12, 13):
-        book.failed(other, addr, now=now)
-    book.tick(now=200)
-    assert book.peer_address(other) is None
-
-
 # ----------------------------------------------------------------------------------------------
 # Hostile input
-
-
-BAD_DATAGRAMS = [
-    b"",
-    b"\x00",
-    b"\x00" + b"m" * 20,  # header only
-    b"\x02" + b"m" * 20 + umsgpack.packb(["ping", [b"x" * 20]]),  # unknown type byte
-    b"\x00" + b"m" * 20 + b"\xc1",  # reserved msgpack code
-    b"\x00" + b"m" * 20 + b"\x91" * 8000 + b"\xc0",  # nesting deeper than the recursion limit
-    b"\x00" + b"m" * 20 + b"\xdd\xff\xff\xff\xff",  # array header announcing 4 G items
-    b"\x00" + b"m" * 20 + b"\xd9\x03\xff\xfe\xfd",  # invalid utf-8 in a str
-    b"\x00" + b"m" * 20 + b"\xd4\x05\x00",  # ext type
-    b"\x00" + b"m" * 20 + umsgpack.packb({"ping": 1}),  # body not [method, args]
-    b"\x00" + b"m" * 20 + umsgpack.packb(["ping", [1]]),  # sender id not 20 bytes
-    b"\x00" + b"m" * 20 + umsgpack.packb(["find_node", [b"x" * 20, b"short"]]),
-    b"\x00" + b"m" * 20 + umsgpack.packb(["find_node", [b"x" * 20]]),  # missing argument
-    b"\x00" + b"m" * 20 + umsgpack.packb(["node_info", [b"x" * 20, b"extra"]]),
-    b"\x00" + b"m" * 30000,  # larger than any overlay message
-]
 
 
 def test_malformed_datagrams_are_dropped_and_counted(tmp_path: Path) -> None:
@@ -429,66 +308,6 @@ def test_malformed_datagrams_are_dropped_and_counted(tmp_path: Path) -> None:
     run(scenario)
 
 
-@settings(max_examples=400, deadline=None)
-@given(st.binary(max_size=300))
-def test_decoding_random_bytes_raises_only_decode_error(data: bytes) -> None:
-    for datagram in (data, b"\x00" + b"m" * 20 + data, b"\x01" + b"m" * 20 + data):
-        with contextlib.suppress(DecodeError):  # anything else fails the test
-            decode_datagram(datagram)
-
-
-@given(
-    st.lists(
-        st.one_of(st.binary(max_size=40), st.integers(0, 2**32), st.text(max_size=20)), max_size=8
-    )
-)
-def test_encode_decode_round_trip(args: list[Any]) -> None:
-    key = derive_tag_key(b"k" * 32)
-    assert decode_datagram(encode_request(b"i" * 20, "find_node", args)) == Request(
-        b"i" * 20, "find_node", tuple(args)
-    )
-    assert decode_datagram(encode_response(b"i" * 20, args, key), key) == Response(b"i" * 20, args)
-
-
-def _info(node_id: bytes, **changes: Any) -> dict[str, Any]:
-    return {**NodeInfo(node_id, "", 7000, 0, "1").to_wire(), **changes}
-
-
-BAD_NODE_INFO: list[Any] = [
-    None,
-    [1, 2],
-    "node",
-    _info(b"x" * 20, v=2),
-    _info(b"x" * 20, v=True),
-    _info(b"x" * 19),
-    _info(b"x" * 20, data_port=0),
-    _info(b"x" * 20, data_port=70000),
-    _info(b"x" * 20, data_port=True),
-    _info(b"x" * 20, data_port="7000"),
-    _info(b"x" * 20, metrics_port=-1),
-    _info(b"x" * 20, data_host="example.com"),
-    _info(b"x" * 20, version="v" * 1000),
-    _info(b"x" * 20, version=b"1"),
-]
-
-
-def test_parsers_refuse_bad_answers() -> None:
-    for raw in BAD_NODE_INFO:
-        with pytest.raises(DecodeError):
-            parse_node_info(raw)
-    assert parse_node_info(_info(b"x" * 20, data_host="10.0.0.7")).data_host == "10.0.0.7"
-    for raw in (
-        [[b"x" * 20, "10.0.0.1"]],
-        [[b"x" * 20, "host", 1]],
-        [[b"x" * 20, "10.0.0.1", 0]],
-        [[b"x", "10.0.0.1", 1]],
-        {"a": 1},
-        [[b"x" * 20, "10.0.0.1", 1]] * 65,
-    ):
-        with pytest.raises(DecodeError):
-            parse_contacts(raw)
-
-
 def test_bad_answers_from_a_peer_do_not_crash_the_node(tmp_path: Path) -> None:
     async def scenario() -> None:
         fake_id = b"\x7f" * 20
@@ -512,7 +331,7 @@ def test_bad_answers_from_a_peer_do_not_crash_the_node(tmp_path: Path) -> None:
 
         def bad_find_node(request: Request) -> bytes:
             if request.method == "node_info":
-                return encode_response(request.msg_id, _info(fake_id))
+                return encode_response(request.msg_id, info_answer(fake_id))
             value = next(garbage)
             if isinstance(value, bytes):
                 return b"\x01" + request.msg_id + value  # not msgpack
@@ -520,12 +339,12 @@ def test_bad_answers_from_a_peer_do_not_crash_the_node(tmp_path: Path) -> None:
 
         async with (
             await Overlay.start(config(tmp_path, 1)) as node,
-            fake_peer(bad_find_node) as (peer, addr),
+            fake_peer(bad_find_node) as (requests, addr),
         ):
             assert [m.node_id for m in await node.bootstrap([addr])] == [fake_id]
             for _ in range(3):
                 await node.crawl()
-            assert any(r.method == "find_node" for r in peer.requests)
+            assert any(r.method == "find_node" for r in requests)
             assert node.stats().bad_replies >= 1
             assert node.running
 
@@ -546,7 +365,7 @@ def test_closest_returns_the_xor_closest_members(tmp_path: Path) -> None:
             for overlay in overlays:
                 for count in (1, 3, 6, 10):
                     key = rng.randbytes(20)
-                    brute = sorted(everyone, key=lambda node_id: xor_distance(node_id, key))[:count]
+                    brute = sorted(everyone, key=lambda node_id: distance(node_id, key))[:count]
                     assert [m.node_id for m in await overlay.closest(key, count)] == brute
             with pytest.raises(UsageError):
                 await overlays[0].closest(b"short", 3)

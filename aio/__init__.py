@@ -1,0 +1,13 @@
+"""The asyncio skins both the store node and the client library stand on.
+
+The core (:mod:`tmdht`, :mod:`tmdht.net`) does no IO; :mod:`tmdht.node` and :mod:`tmdht.client`
+do, and neither imports the other. What both need to do IO the same way lives here, once:
+
+- :mod:`tmdht.aio.dataplane` — :class:`~tmdht.aio.dataplane.DataPlaneClient`, the UDP skin over
+  the sans-IO request engine (:mod:`tmdht.net.engine`);
+- :mod:`tmdht.aio.overlay` — :class:`~tmdht.aio.overlay.Overlay`, ring membership and routing
+  on the kademlia package, over the sans-IO :class:`~tmdht.net.membership.PeerBook`
+  (:mod:`tmdht.aio.kademlia`: what is kept from the package and how it is fixed);
+- :mod:`tmdht.aio.sockets` — UDP sockets with tuned kernel buffers;
+- :mod:`tmdht.aio.tasks` — background tasks with an owner.
+"""

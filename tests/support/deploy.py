@@ -1,0 +1,37 @@
+"""The shipped sample configs, filled in for a test: every address in them is a placeholder that
+cannot work (``REPLACE-...``), so a test must say which addresses to use instead, and never
+runs anything from the file as it is."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from tmdht.config import NodeConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SYSTEMD_SAMPLE = REPO_ROOT / "deploy" / "systemd" / "node.toml"
+PLACEHOLDER = "REPLACE-"
+PLACEHOLDER_KEYS = frozenset({"advertise_host", "seeds"})
+"""The settings of the sample that name addresses: each must be replaced to use the file."""
+
+
+def fill_sample(text: str, **settings: Any) -> str:
+    """The sample ``text`` with each ``key = value`` line of ``settings`` rewritten.
+
+    Every placeholder must be replaced (else AssertionError, before anything can use the file),
+    every key must already be in the sample once, and the result must be a valid node config.
+    """
+    missing = PLACEHOLDER_KEYS - set(settings)
+    assert not missing, f"the sample's placeholders {sorted(missing)} need real values"
+    for key, value in settings.items():
+        pattern = re.compile(rf"^{re.escape(key)}\s*=.*$", re.M)
+        assert len(pattern.findall(text)) == 1, f"{key} is not set once in the sample"
+        text = pattern.sub(lambda _, k=key, v=value: f"{k} = {json.dumps(v)}", text)
+    live = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    left = [line for line in live if PLACEHOLDER in line]
+    assert not left, f"placeholders left: {left}"
+    NodeConfig.from_sources(toml_text=text, flags={"data_dir": "/nonexistent"})
+    return text

@@ -1,0 +1,261 @@
+"""The sender's core: QEMU's outgoing migration stream in, the forward stream out.
+
+Sans-IO: :mod:`tmdht.client.migration` feeds it what QEMU writes and sends what it returns. See
+:mod:`tmdht.migration.format` for the records and the flow control it implements.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import zstandard
+
+from tmdht.errors import DecodeError
+from tmdht.migration.format import (
+    FLAG_COMPRESS,
+    MAX_RAW,
+    Ack,
+    BackRef,
+    CompressedPage,
+    DeviceState,
+    End,
+    Fallback,
+    FullPage,
+    Hello,
+    MigrationCounts,
+    Need,
+    RawBytes,
+    StreamDigest,
+    Template,
+    encode,
+)
+from tmdht.pages import PAGE_SIZE, ByteView, digest_page
+from tmdht.qemu_stream import (
+    DeviceStateStart,
+    QemuStreamParser,
+    RamMemSize,
+    RamPage,
+    RamZero,
+)
+
+__all__ = ["SenderRewriter"]
+
+
+def _split(kind: type[RawBytes] | type[DeviceState], data: bytes) -> list[bytes]:
+    return [encode(kind(data[i : i + MAX_RAW])) for i in range(0, len(data), MAX_RAW)]
+
+
+@dataclass
+class _Tally:
+    qemu_bytes: int = 0
+    pages: int = 0
+    zero_pages: int = 0
+    template_pages: int = 0
+    backref_pages: int = 0
+    full_pages: int = 0
+    compressed_pages: int = 0
+
+    def freeze(self) -> MigrationCounts:
+        return MigrationCounts(
+            self.qemu_bytes,
+            self.pages,
+            self.zero_pages,
+            self.template_pages,
+            self.backref_pages,
+            self.full_pages,
+            self.compressed_pages,
+        )
+
+
+class SenderRewriter:
+    """Turns QEMU's migration stream into the forward stream.
+
+    ``feed(qemu_bytes)`` returns wire bytes (whole records); :meth:`finish` the END record once
+    QEMU's stream ended. :meth:`acknowledge` and :meth:`fallback` answer the receiver.
+    ``is_template`` decides membership of many digests at once (a catalog's ``contains_many``).
+    """
+
+    def __init__(
+        self,
+        catalog_id: bytes,
+        is_template: Callable[[Sequence[bytes]], Sequence[bool]],
+        *,
+        compress: bool = False,
+        backref_window: int = 32768,
+        flow_window: int = 64 << 20,
+    ) -> None:
+        self.hello = Hello(
+            catalog_id, backref_window, flow_window, FLAG_COMPRESS if compress else 0
+        )
+        encode(self.hello)  # validates
+        self._is_template = is_template
+        self._compressor = zstandard.ZstdCompressor(level=3) if compress else None
+        self._parser = QemuStreamParser()
+        self._pending = bytearray()
+        self._pending_base = 0  # stream offset of self._pending[0]
+        self._device = False
+        self._digest = StreamDigest()
+        self._tally = _Tally()
+        self._next_index = 0
+        self._recent: dict[bytes, int] = {}  # digest -> latest body index holding it
+        self._recent_order: deque[tuple[int, bytes]] = deque()
+        self._retained: dict[int, bytes] = {}  # TEMPLATE body index -> page, until acked
+        self._retained_order: deque[int] = deque()
+        self._acked_index = 0
+        self._acked_bytes = 0
+        self._finished = False
+        self.ram_bytes = 0
+        """Total RAM announced by QEMU (0 until its MEM_SIZE record)."""
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def counts(self) -> MigrationCounts:
+        """Totals so far."""
+        return self._tally.freeze()
+
+    @property
+    def unacknowledged(self) -> int:
+        """QEMU bytes sent but not yet acknowledged."""
+        return self._tally.qemu_bytes - self._acked_bytes
+
+    @property
+    def window_open(self) -> bool:
+        """True while the sender may read more of QEMU's stream."""
+        return self.unacknowledged < self.hello.flow_window
+
+    @property
+    def retained(self) -> int:
+        """TEMPLATE pages kept for possible fallback."""
+        return len(self._retained)
+
+    def start(self) -> bytes:
+        """The hello."""
+        return encode(self.hello)
+
+    # -- the QEMU stream -------------------------------------------------------------------
+
+    def feed(self, data: ByteView) -> bytes:
+        """Wire bytes for the next piece of QEMU's stream (DecodeError if it is malformed)."""
+        if self._finished:
+            raise DecodeError("QEMU bytes after the end")
+        self._parser.feed(data)
+        self._pending += data
+        self._tally.qemu_bytes += memoryview(data).nbytes
+        # Walk the events: a page record spans [end of the previous event, its body's end).
+        pages: list[tuple[int, int]] = []  # (header start, body start), absolute offsets
+        device_at = -1
+        previous = self._parser.position
+        for event in self._parser.events():
+            if isinstance(event, RamPage):
+                pages.append((previous, event.stream_offset))
+            elif isinstance(event, RamZero):
+                self._tally.zero_pages += 1
+            elif isinstance(event, RamMemSize):
+                self.ram_bytes = event.total
+            elif isinstance(event, DeviceStateStart):
+                device_at = event.stream_offset
+            previous = self._parser.position
+        end = self._parser.position
+        out = self._encode(pages, device_at, end)
+        del self._pending[: end - self._pending_base]
+        self._pending_base = end
+        return out
+
+    def _view(self, start: int, end: int) -> bytes:
+        return bytes(self._pending[start - self._pending_base : end - self._pending_base])
+
+    def _encode(self, pages: list[tuple[int, int]], device_at: int, end: int) -> bytes:
+        """Records for [start of pending, end): verbatim runs between the pages."""
+        bodies = [self._view(body, body + PAGE_SIZE) for _, body in pages]
+        digests = [digest_page(p) for p in bodies]
+        templates = self._is_template(digests) if digests else []
+        out: list[bytes] = []
+        mark = self._pending_base
+
+        def verbatim(upto: int) -> None:
+            nonlocal mark
+            if upto > mark:
+                data = self._view(mark, upto)
+                self._digest.verbatim(data)
+                out.extend(_split(DeviceState if self._device else RawBytes, data))
+                mark = upto
+
+        for (header, body), page, digest, template in zip(
+            pages, bodies, digests, templates, strict=True
+        ):
+            verbatim(header)
+            out.append(self._page(self._view(header, body), page, digest, bool(template)))
+            mark = body + PAGE_SIZE
+        if device_at >= 0:
+            verbatim(device_at)
+            self._device = True
+        verbatim(end)
+        return b"".join(out)
+
+    def _page(self, prefix: bytes, page: bytes, digest: bytes, template: bool) -> bytes:
+        tally = self._tally
+        tally.pages += 1
+        index = self._next_index
+        self._next_index += 1
+        self._digest.page(prefix, digest)
+        earlier = self._recent.get(digest)
+        self._remember(index, digest)
+        if earlier is not None:
+            tally.backref_pages += 1
+            return encode(BackRef(prefix, earlier))
+        if template:
+            tally.template_pages += 1
+            self._retained[index] = page
+            self._retained_order.append(index)
+            return encode(Template(prefix, digest))
+        if self._compressor is not None:
+            payload = self._compressor.compress(page)
+            if len(payload) < PAGE_SIZE - 64:
+                tally.compressed_pages += 1
+                return encode(CompressedPage(prefix, payload))
+        tally.full_pages += 1
+        return encode(FullPage(prefix, page))
+
+    def _remember(self, index: int, digest: bytes) -> None:
+        self._recent[digest] = index
+        self._recent_order.append((index, digest))
+        window = self.hello.backref_window
+        while self._recent_order and self._recent_order[0][0] <= index - window:
+            old, old_digest = self._recent_order.popleft()
+            if self._recent.get(old_digest) == old:
+                del self._recent[old_digest]
+
+    def finish(self) -> bytes:
+        """QEMU's stream ended: the END record (DecodeError if it ended too early)."""
+        self._parser.close()
+        self._finished = True
+        return encode(End(self._tally.freeze(), self._digest.digest()))
+
+    # -- the receiver's messages -----------------------------------------------------------
+
+    def acknowledge(self, ack: Ack) -> None:
+        """Drop kept pages the receiver rebuilt; open the flow window."""
+        if ack.index > self._next_index or ack.qemu_bytes > self._tally.qemu_bytes:
+            raise DecodeError("ACK beyond what was sent")
+        self._acked_index = max(self._acked_index, ack.index)
+        self._acked_bytes = max(self._acked_bytes, ack.qemu_bytes)
+        while self._retained_order and self._retained_order[0] < self._acked_index:
+            self._retained.pop(self._retained_order.popleft(), None)
+
+    def fallback(self, need: Need) -> bytes:
+        """FALLBACK records for the pages of TEMPLATE records the receiver could not resolve."""
+        out = []
+        for index in need.indices:
+            page = self._retained.get(index)
+            if page is None:
+                raise DecodeError(f"NEED for body {index}, which is no kept template page")
+            if self._compressor is not None:
+                payload = self._compressor.compress(page)
+                if len(payload) < PAGE_SIZE:
+                    out.append(encode(Fallback(index, True, payload)))
+                    continue
+            out.append(encode(Fallback(index, False, page)))
+        return b"".join(out)

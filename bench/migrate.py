@@ -59,6 +59,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ from tmdht.lab import Guest, GuestSpec, HostTools, capture_guests, default_specs
 from tmdht.lab.initramfs import ensure_initramfs  # noqa: E402
 from tmdht.lab.migrate import make_fifo, read_ready, wait_report  # noqa: E402
 from tmdht.mining import MiningConfig, TemplateMiner  # noqa: E402
+from tmdht.native import describe as native_describe  # noqa: E402
 from tmdht.node.local import LocalCluster  # noqa: E402
 
 VARIANTS = ("qemu", "qemu-multifd-zstd", "qemu-xbzrle", "tmdht", "tmdht-zstd")
@@ -570,13 +572,15 @@ def tables(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     """``STEM-time.png`` (time against link rate, one panel per RTT and guest), ``STEM-wan.png``
-    (WAN bytes per variant) and ``STEM-downtime.png`` (downtime per variant)."""
+    (WAN bytes per variant) and ``STEM-downtime.png`` (downtime per variant).
+
+    A point whose repetitions did not all converge is labelled ``converged/runs`` above it; one
+    where none converged gets a red x on the axis (its time and downtime do not exist; its WAN
+    bytes, counted until it was cancelled, are drawn hatched)."""
     try:
         import matplotlib  # noqa: PLC0415
-    except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"], check=True,
-                       timeout=600)
-        import matplotlib  # noqa: PLC0415
+    except ImportError as exc:  # a dev dependency (pyproject's [dev] extra)
+        raise SystemExit("plots need matplotlib: pip install -e '.[dev]'") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
     import matplotlib.ticker  # noqa: PLC0415
@@ -586,19 +590,28 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     rtts = sorted({e["rtt_ms"] for e in summary})
     rates = list(dict.fromkeys(s["rate"] for s in results["settings"]
                                if any(e["rate"] == s["rate"] for e in summary)))
+    variants = [v for v in VARIANTS if any(e["variant"] == v for e in summary)]
     style = dict(zip(VARIANTS, (("#555555", "o"), ("#d08c2c", "s"), ("#a05cb0", "^"),
                                 ("#3b7dc4", "D"), ("#3a9a4a", "v")), strict=True))
     index = {(e["memory_mib"], e["dirty"], e["rate"], e["rtt_ms"], e["variant"]): e
              for e in summary}
-    width = 0.8 / len(VARIANTS)
+    width = 0.8 / len(variants)
 
     def offset(i: int) -> float:
-        return (i - len(VARIANTS) / 2 + 0.5) * width
+        return (i - len(variants) / 2 + 0.5) * width
+
+    def points(memory: int, dirty: int, rtt: float) -> Iterator[tuple[str, float, dict[str, Any]]]:
+        """(variant, x, summary entry) of one panel, missing points left out."""
+        for i, variant in enumerate(variants):
+            for rate in rates:
+                e = index.get((memory, dirty, rate, rtt, variant))
+                if e is not None:
+                    yield variant, link_x_of(rates, rate) + offset(i), e
 
     def panels(title: str) -> tuple[Any, Any]:
         fig, axes = plt.subplots(len(guests), len(rtts), squeeze=False,
-                                 figsize=(4.2 * len(rtts), 2.9 * len(guests) + 0.6))
-        fig.suptitle(textwrap.fill(title, 48 * len(rtts)), fontsize=9)
+                                 figsize=(4.2 * len(rtts) + 0.4, 2.9 * len(guests) + 0.7))
+        fig.suptitle(textwrap.fill(title, 50 * len(rtts)), fontsize=9)
         for row, (memory, dirty) in enumerate(guests):
             for col, rtt in enumerate(rtts):
                 ax = axes[row][col]
@@ -607,76 +620,90 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
                 ax.set_xlim(-0.5, len(rates) - 0.5)
         return fig, axes
 
-    def not_converged(ax: Any, x: float, e: dict[str, Any] | None) -> None:
-        if e is not None and not e["converged"]:
+    def convergence(ax: Any, x: float, y: float | None, e: dict[str, Any]) -> None:
+        if not e["converged"]:
             ax.plot([x], [0], marker="x", color="#cc0000", transform=ax.get_xaxis_transform(),
                     clip_on=False, markersize=7, zorder=5)
+        elif e["converged"] < e["runs"] and y is not None:
+            ax.annotate(f"{e['converged']}/{e['runs']}", (x, y), xytext=(0, 4),
+                        textcoords="offset points", ha="center", fontsize=6, color="#cc0000")
+
+    def finish(fig: Any, axes: Any, name: str) -> Path:
+        """One legend for the figure, under its title (panels stay free of it)."""
+        for ax in (ax for row in axes for ax in row):
+            handles, labels = ax.get_legend_handles_labels()
+            if handles:
+                fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
+                           bbox_to_anchor=(0.5, 1 - 0.45 / fig.get_figheight()), frameon=False)
+                break
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))
+        return _save(fig, out_dir / f"{stem}-{name}.png", plt)
 
     paths = []
-    fig, axes = panels("Migration time, start to destination loaded (median, bars min-max; "
-                       "red x: did not converge)")
+    fig, axes = panels("Migration time, start to destination loaded (median, bars min-max over "
+                       "converged runs; k/n: converged of runs; red x: none converged)")
     for row, (memory, dirty) in enumerate(guests):
         for col, rtt in enumerate(rtts):
             ax = axes[row][col]
-            for i, variant in enumerate(VARIANTS):
-                xs, ys, lo, hi = [], [], [], []
-                for rate in rates:
-                    e = index.get((memory, dirty, rate, rtt, variant))
-                    not_converged(ax, link_x_of(rates, rate) + offset(i), e)
-                    if e is None or e["total_s"]["median"] is None:
-                        continue
-                    xs.append(link_x_of(rates, rate) + offset(i))
-                    ys.append(e["total_s"]["median"])
-                    lo.append(e["total_s"]["median"] - e["total_s"]["min"])
-                    hi.append(e["total_s"]["max"] - e["total_s"]["median"])
+            lines: dict[str, tuple[list[float], list[float], list[float], list[float]]] = {}
+            for variant, x, e in points(memory, dirty, rtt):
+                spread = e["total_s"]
+                convergence(ax, x, spread["max"], e)
+                if spread["median"] is None:
+                    continue
+                xs, ys, lo, hi = lines.setdefault(variant, ([], [], [], []))
+                xs.append(x)
+                ys.append(spread["median"])
+                lo.append(spread["median"] - spread["min"])
+                hi.append(spread["max"] - spread["median"])
+            for variant, (xs, ys, lo, hi) in lines.items():
                 color, marker = style[variant]
-                if xs:
-                    ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, capsize=2, label=variant,
-                                color=color, linewidth=1, markersize=5)
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, capsize=2, label=variant,
+                            color=color, linewidth=1, markersize=5)
             ax.set_ylabel("seconds", fontsize=8)
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            if lines:
+                ax.set_yscale("log")
+                ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                ax.set_ylim(top=ax.get_ylim()[1] * 1.5)  # room for the k/n labels
             ax.tick_params(axis="y", which="both", labelsize=7)
             ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(_save(fig, out_dir / f"{stem}-time.png", plt))
+    paths.append(finish(fig, axes, "time"))
 
-    for key, scale, unit, name, title in (
-            ("wan_up_mib", 1.0, "MiB", "wan",
-             "WAN bytes, source to destination (median; red x: did not converge)"),
-            ("switchover_ms", 1.0, "ms", "downtime",
-             "Downtime: source paused to destination loaded (median, bars min-max; "
-             "red x: did not converge)")):
+    for key, unit, name, title in (
+            ("wan_up_mib", "MiB", "wan",
+             "WAN bytes, source to destination (median over all runs; hatched: none converged, "
+             "bytes until cancelled; k/n: converged of runs)"),
+            ("switchover_ms", "ms", "downtime",
+             "Downtime: source paused to destination loaded (median, bars min-max over "
+             "converged runs; k/n: converged of runs; red x: none converged)")):
         fig, axes = panels(title)
         for row, (memory, dirty) in enumerate(guests):
             for col, rtt in enumerate(rtts):
                 ax = axes[row][col]
-                for i, variant in enumerate(VARIANTS):
-                    bar_x: list[float] = []
-                    bar_y: list[float] = []
-                    err: list[list[float]] = [[], []]
-                    for rate in rates:
-                        e = index.get((memory, dirty, rate, rtt, variant))
-                        x = link_x_of(rates, rate) + offset(i)
-                        if key == "switchover_ms":
-                            not_converged(ax, x, e)
-                        if e is None or e[key]["median"] is None:
-                            continue
-                        bar_x.append(x)
-                        bar_y.append(e[key]["median"] * scale)
-                        err[0].append((e[key]["median"] - e[key]["min"]) * scale)
-                        err[1].append((e[key]["max"] - e[key]["median"]) * scale)
-                    ax.bar(bar_x, bar_y, width, yerr=err if key == "switchover_ms" else None,
-                           label=variant, color=style[variant][0], capsize=1.5,
-                           error_kw={"linewidth": 0.7})
+                labelled: set[str] = set()
+                for variant, x, e in points(memory, dirty, rtt):
+                    spread = e[key]
+                    convergence(ax, x, spread["max" if key == "switchover_ms" else "median"], e)
+                    if spread["median"] is None:
+                        continue
+                    errors = None
+                    if key == "switchover_ms":
+                        errors = [[spread["median"] - spread["min"]],
+                                  [spread["max"] - spread["median"]]]
+                    ax.bar([x], [spread["median"]], width, yerr=errors,
+                           label=None if variant in labelled else variant,
+                           color=style[variant][0], capsize=1.5, error_kw={"linewidth": 0.7},
+                           hatch="///" if not e["converged"] else None,
+                           edgecolor="white" if not e["converged"] else None)
+                    labelled.add(variant)
                 ax.set_ylabel(unit, fontsize=8)
                 ax.tick_params(axis="y", labelsize=7)
                 ax.grid(alpha=0.3, axis="y")
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(_save(fig, out_dir / f"{stem}-{name}.png", plt))
+                if labelled:
+                    ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the k/n labels
+        paths.append(finish(fig, axes, name))
     return paths
 
 
@@ -792,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
             "guests": [g.__dict__ for g in guests], "reps": args.reps,
             "converge_grace_s": args.converge_grace, "pinned": not args.no_pin,
             "multifd_channels": MULTIFD_CHANNELS, "downtime_limit_ms": DOWNTIME_LIMIT_MS,
-            "max_bandwidth": MAX_BANDWIDTH,
+            "max_bandwidth": MAX_BANDWIDTH, "pipeline": native_describe(),
         },
         "settings": [], "guests": [], "runs": [], "summary": [],
     }

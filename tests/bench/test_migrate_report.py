@@ -92,3 +92,16 @@ def test_report_merges_result_files(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_xbzrle_cache_is_a_power_of_two_covering_the_working_set(working_mib: int,
                                                                  cache: int) -> None:
     assert migrate.xbzrle_cache_bytes(working_mib) == cache << 20
+
+
+def test_plots_are_written_with_points_that_did_not_converge(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    runs = [*RUNS, *(run("qemu-xbzrle", rep, seconds=None, wan_mib=400) for rep in range(3))]
+    runs += [dict(r, rate="100mbit") for r in runs]
+    results = {"settings": [{"rate": "100mbit", "rtt_ms": 20.0, "check": {}},
+                            {"rate": "1gbit", "rtt_ms": 20.0, "check": {}}],
+               "runs": runs, "summary": migrate.summarize(runs)}
+    paths = migrate.plot(results, tmp_path, "t")
+    assert [p.name for p in paths] == ["t-time.png", "t-wan.png", "t-downtime.png"]
+    for path in paths:
+        assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -608,17 +608,25 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
                 if e is not None:
                     yield variant, link_x_of(rates, rate) + offset(i), e
 
-    def panels(title: str) -> tuple[Any, Any]:
+    fig_width = max(4.2 * len(rtts) + 0.4, 6.0)
+    legend_columns = min(len(variants), int(fig_width // 1.5))
+    legend_rows = -(-len(variants) // legend_columns)
+
+    def panels(title: str) -> tuple[Any, Any, float]:
+        """The figure, its panels and the height of its top band (title, legend), inches."""
+        text = textwrap.fill(title, int(fig_width * 12))
+        title_band = 0.1 + 0.17 * (text.count("\n") + 1)
+        top = title_band + 0.22 * legend_rows
         fig, axes = plt.subplots(len(guests), len(rtts), squeeze=False,
-                                 figsize=(4.2 * len(rtts) + 0.4, 2.9 * len(guests) + 0.7))
-        fig.suptitle(textwrap.fill(title, 50 * len(rtts)), fontsize=9)
+                                 figsize=(fig_width, 2.9 * len(guests) + top))
+        fig.suptitle(text, fontsize=9, y=1 - 0.08 / fig.get_figheight(), va="top")
         for row, (memory, dirty) in enumerate(guests):
             for col, rtt in enumerate(rtts):
                 ax = axes[row][col]
                 ax.set_title(f"{GuestConfig(memory, dirty).label}, RTT {rtt:g} ms", fontsize=9)
                 ax.set_xticks(range(len(rates)), [rate_label(r) for r in rates], fontsize=8)
                 ax.set_xlim(-0.5, len(rates) - 0.5)
-        return fig, axes
+        return fig, axes, top
 
     def convergence(ax: Any, x: float, y: float | None, e: dict[str, Any]) -> None:
         if not e["converged"]:
@@ -628,19 +636,21 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
             ax.annotate(f"{e['converged']}/{e['runs']}", (x, y), xytext=(0, 4),
                         textcoords="offset points", ha="center", fontsize=6, color="#cc0000")
 
-    def finish(fig: Any, axes: Any, name: str) -> Path:
+    def finish(fig: Any, axes: Any, top: float, name: str) -> Path:
         """One legend for the figure, under its title (panels stay free of it)."""
         for ax in (ax for row in axes for ax in row):
             handles, labels = ax.get_legend_handles_labels()
             if handles:
-                fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
-                           bbox_to_anchor=(0.5, 1 - 0.45 / fig.get_figheight()), frameon=False)
+                legend_top = top - 0.22 * legend_rows
+                fig.legend(handles, labels, loc="upper center", ncol=legend_columns, fontsize=8,
+                           bbox_to_anchor=(0.5, 1 - legend_top / fig.get_figheight()),
+                           frameon=False)
                 break
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))
+        fig.tight_layout(rect=(0, 0, 1, 1 - (top - 0.1) / fig.get_figheight()))
         return _save(fig, out_dir / f"{stem}-{name}.png", plt)
 
     paths = []
-    fig, axes = panels("Migration time, start to destination loaded (median, bars min-max over "
+    fig, axes, top = panels("Migration time, start to destination loaded (median, bars min-max over "
                        "converged runs; k/n: converged of runs; red x: none converged)")
     for row, (memory, dirty) in enumerate(guests):
         for col, rtt in enumerate(rtts):
@@ -669,7 +679,7 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
                 ax.set_ylim(top=ax.get_ylim()[1] * 1.5)  # room for the k/n labels
             ax.tick_params(axis="y", which="both", labelsize=7)
             ax.grid(alpha=0.3, which="both")
-    paths.append(finish(fig, axes, "time"))
+    paths.append(finish(fig, axes, top, "time"))
 
     for key, unit, name, title in (
             ("wan_up_mib", "MiB", "wan",
@@ -678,7 +688,7 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
             ("switchover_ms", "ms", "downtime",
              "Downtime: source paused to destination loaded (median, bars min-max over "
              "converged runs; k/n: converged of runs; red x: none converged)")):
-        fig, axes = panels(title)
+        fig, axes, top = panels(title)
         for row, (memory, dirty) in enumerate(guests):
             for col, rtt in enumerate(rtts):
                 ax = axes[row][col]
@@ -703,7 +713,7 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
                 ax.grid(alpha=0.3, axis="y")
                 if labelled:
                     ax.set_ylim(top=ax.get_ylim()[1] * 1.08)  # room for the k/n labels
-        paths.append(finish(fig, axes, name))
+        paths.append(finish(fig, axes, top, name))
     return paths
 
 

@@ -582,7 +582,9 @@ class Wan:
 
     def cpu_user_system(self, role: str) -> tuple[float, float]:
         """(user, system) CPU seconds of ``role`` so far. The relay's system time includes the
-        destination kernel's receive path: a tun write runs it in the writer's context."""
+        destination kernel's receive path: a tun write runs it in the writer's context. The
+        split is the kernel's approximation (cpuacct charges a whole slice to the mode it was
+        in when charged): the two need not add up to ``cpu_seconds``, which is exact."""
         group = self.cgroup / role
         return (int((group / "cpuacct.usage_user").read_text()) / 1e9,
                 int((group / "cpuacct.usage_sys").read_text()) / 1e9)
@@ -773,7 +775,7 @@ def check_table(rows: list[tuple[Setting, dict[str, Any]]]) -> str:
     lines = [f"{'link':>12} {'RTT set':>8} {'RTT min':>8} {'median':>8} {'max':>8} "
              f"{'TCP bulk':>12} {'drops':>6} {'relay CPU s per GB':>19}",
              f"{'':>12} {'ms':>8} {'ms':>8} {'ms':>8} {'ms':>8} {'Mbit/s':>12} {'':>6} "
-             f"{'all (user+sys)':>19}"]
+             f"{'all (user+sys~)':>19}"]
     for setting, check in rows:
         per_gb = check["relay_cpu_s_per_gb"]
         gb = check.get("relay_bytes", 0) / 1e9

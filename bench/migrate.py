@@ -586,7 +586,7 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     import matplotlib.ticker  # noqa: PLC0415
 
     summary = results["summary"]
-    guests = list(dict.fromkeys((e["memory_mib"], e["dirty"]) for e in summary))
+    guests = sorted({(e["memory_mib"], e["dirty"]) for e in summary})
     rtts = sorted({e["rtt_ms"] for e in summary})
     rates = list(dict.fromkeys(s["rate"] for s in results["settings"]
                                if any(e["rate"] == s["rate"] for e in summary)))

@@ -43,6 +43,7 @@ def cluster_credentials(cluster_key_file: Path | None, insecure_open: bool) -> C
             env=os.environ,
             insecure_open=insecure_open,
             how=f"--cluster-key-file FILE or ${CLUSTER_KEY_ENV} (or --insecure-open)",
+            key_file_label="--cluster-key-file",
         )
     except ConfigError as exc:
         raise UsageError(str(exc)) from None

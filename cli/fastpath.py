@@ -92,22 +92,18 @@ def run_fast(argv: list[str]) -> bool:
     if parsed is None:
         return False
     config, report_path, log_level = parsed
+    from tmdht.cli.exits import exit_code_for, one_line  # noqa: PLC0415
     from tmdht.cli.proxy import run_proxy, setup_logging  # noqa: PLC0415
     from tmdht.client.migration import run_sender  # noqa: PLC0415
-    from tmdht.errors import TmdhtError, UsageError  # noqa: PLC0415
+    from tmdht.errors import TmdhtError  # noqa: PLC0415
 
     setup_logging(log_level)
     try:
         run_proxy("send", False, None, report_path,
                   lambda metrics, update: run_sender(config, metrics=metrics, on_progress=update),
                   run_in_loop=False)
-    except UsageError as exc:
-        _fail(str(exc), 2)
-    except TmdhtError as exc:
-        _fail(str(exc), 1)
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        _fail(f"{where}{exc.strerror or exc}", 1)
+    except (TmdhtError, OSError) as exc:  # the click commands' contract (cli/exits.py)
+        _fail(one_line(exc), exit_code_for(exc))
     except KeyboardInterrupt:
         sys.stderr.write("\nAborted!\n")
         sys.exit(1)

@@ -30,14 +30,12 @@ def get(
     as_json: bool,
 ) -> None:
     """Resolve DIGESTs (64 hex characters each): which replicas hold them, and the pages."""
-    from tmdht.client.store import TemplateStoreClient  # noqa: PLC0415 - IO stack on demand
+    from tmdht.client.store import (  # noqa: PLC0415 - IO stack on demand
+        PagesUnavailable,
+        TemplateStoreClient,
+    )
 
-    try:
-        wanted = [bytes.fromhex(d) for d in digests]
-    except ValueError:
-        raise UsageError("a digest is 64 hex characters") from None
-    if any(len(d) != DIGEST_SIZE for d in wanted):
-        raise UsageError("a digest is 64 hex characters")
+    wanted = [_digest(d) for d in digests]
 
     async def main() -> tuple[list[dict[str, Any]], dict[bytes, bytes]]:
         async with TemplateStoreClient.connect(
@@ -66,11 +64,30 @@ def get(
             table.add_column(name)
         for r in rows:
             holders = " ".join(
-                f"{x['node_id'][:12]}{'+' if x['holds'] else '-'}" for x in r["replicas"]
+                f"{x['node_id'][:12]}{HOLDS_MARK[x['holds']]}" for x in r["replicas"]
             )
             table.add_row(
                 r["digest"][:16], "yes (verified)" if r["resolved"] else "[red]no[/]", holders
             )
         stdout.print(table)
-    if not all(r["resolved"] for r in rows):
-        raise click.exceptions.Exit(1)
+        stdout.print(REPLICA_LEGEND)
+    missing = sum(1 for r in rows if not r["resolved"])
+    if missing:
+        raise PagesUnavailable(d for d in wanted if d not in found)
+
+
+def _digest(text: str) -> bytes:
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        digest = b""
+    if len(digest) != DIGEST_SIZE:
+        raise UsageError(f"{text!r} is not a digest (64 hex characters)")
+    return digest
+
+
+HOLDS_MARK = {True: "+", False: "-", None: "?"}
+REPLICA_LEGEND = (
+    "replicas: the nodes that should hold the page (its R closest by XOR distance), by node id "
+    "prefix, closest first: + holds it, - does not, ? did not answer"
+)

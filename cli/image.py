@@ -9,13 +9,13 @@ import click
 from rich.table import Table
 
 from tmdht.cli.main import emit_json, human_bytes, stdout
-from tmdht.images import dump_raw, open_image
-from tmdht.pages import is_zero_page
+from tmdht.images import MemoryImage, dump_raw, open_image
+from tmdht.pages import PAGE_SIZE, is_zero_page
 
 
 @click.group()
 def image() -> None:
-    """Memory images (raw dumps, ELF cores, QEMU migration streams)."""
+    """Memory images (raw dumps, ELF cores, QEMU migration streams): info, dump."""
 
 
 @image.command("info")
@@ -32,9 +32,16 @@ def image_info(path: Path, as_json: bool) -> None:
             "pages": img.page_count,
             "zero_pages": zeros,
             "blocks": [
-                {"name": b.name, "bytes": b.length, "pages": b.page_count} for b in img.blocks
+                {
+                    "name": b.name,
+                    "bytes": b.length,
+                    "pages": b.page_count,
+                    "partial_page_bytes": b.length % PAGE_SIZE,
+                }
+                for b in img.blocks
             ],
         }
+        notes = partial_page_notes(img)
     if as_json:
         emit_json(doc)
         return
@@ -46,6 +53,24 @@ def image_info(path: Path, as_json: bool) -> None:
         table.add_row(b["name"], f"{b['bytes']:,}", f"{b['pages']:,}")
     stdout.print(table)
     stdout.print(f"{doc['pages']:,} pages, {zeros:,} of them zero")
+    for note in notes:
+        stdout.print(f"[yellow]note: {note}[/]")
+
+
+def partial_page_notes(img: MemoryImage) -> list[str]:
+    """What happens to blocks whose size is not a whole number of pages (a raw file of odd
+    size, say): their last page is read padded with zeros; dump and rebuild keep the size."""
+    notes = []
+    for b in img.blocks:
+        tail = b.length % PAGE_SIZE
+        if tail:
+            notes.append(
+                f"{b.name} is {b.length:,} bytes, not a whole number of {PAGE_SIZE}-byte pages: "
+                f"its last page holds {tail:,} bytes and is read padded with "
+                f"{PAGE_SIZE - tail:,} zero bytes (image dump and rebuild write {b.length:,} "
+                "bytes back)"
+            )
+    return notes
 
 
 @image.command("dump")

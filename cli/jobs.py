@@ -34,9 +34,14 @@ CACHE_PAGES = 65536
 
 
 def mine_files(
-    images: tuple[Path, ...] | list[Path], config: MiningConfig
+    images: tuple[Path, ...] | list[Path],
+    config: MiningConfig,
+    names: dict[Path, str] | None = None,
 ) -> tuple[TemplateCatalog, MiningResult, float]:
-    """Mine a catalog from image files, with a progress bar; returns it, the result, seconds."""
+    """Mine a catalog from image files, with a progress bar; returns it, the result, seconds.
+
+    Each image is recorded in the catalog under ``names[path]``, else under its path as given.
+    """
     started = time.perf_counter()
     with page_progress() as progress:
         task = progress.add_task("mining")
@@ -47,6 +52,7 @@ def mine_files(
         result = mine_images(
             images,
             config,
+            names=[(names or {}).get(p) for p in images],
             on_start=lambda pages: progress.update(task, total=pages * PAGE_SIZE),
             on_progress=advance,
         )

@@ -16,8 +16,9 @@ from typing import Any
 import click
 from rich.console import Console
 
+from tmdht.cli.exits import EXIT_FAILED, EXIT_UNUSABLE_INPUT, exit_code_for, one_line
 from tmdht.cli.proxy import run_async as run_async  # noqa: PLC0414 - re-exported
-from tmdht.errors import TmdhtError, UsageError
+from tmdht.errors import TmdhtError
 
 log = logging.getLogger("tmdht.cli")
 
@@ -27,10 +28,21 @@ if not stdout.is_terminal:
     stdout.width = 120  # logs and pipes: don't squeeze tables into 80 columns
 
 
-class InputError(click.ClickException):
-    """The user named something unusable (a missing file, a wrong kind of file): exit code 2."""
+class CommandFailed(click.ClickException):
+    """An error on its way out: ``Error: <one line>`` on stderr, exit code 1."""
 
-    exit_code = 2
+    exit_code = EXIT_FAILED
+
+
+class UnusableInput(CommandFailed):
+    """The same with exit code 2."""
+
+    exit_code = EXIT_UNUSABLE_INPUT
+
+
+def command_failed(message: str, exit_code: int) -> CommandFailed:
+    """The ClickException that prints ``message`` and exits with ``exit_code`` (1 or 2)."""
+    return (UnusableInput if exit_code == EXIT_UNUSABLE_INPUT else CommandFailed)(message)
 
 
 # Subcommands, imported only when used: ``tmdht qemu send`` runs as QEMU's ``exec:`` migration
@@ -68,13 +80,12 @@ class TmdhtGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except UsageError as exc:
-            raise InputError(str(exc)) from None
-        except TmdhtError as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            where = f"{exc.filename}: " if exc.filename else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+        except (TmdhtError, OSError) as exc:
+            raise command_failed(one_line(exc), exit_code_for(exc)) from None
+        except click.UsageError as exc:  # click's own: usage, hint and error on three lines
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            message = f"{exc.format_message()} (see {where} --help)"
+            raise command_failed(" ".join(message.split()), exc.exit_code) from None
 
 
 def emit_json(doc: Mapping[str, object]) -> None:
@@ -125,4 +136,7 @@ def cli() -> None:
 
 def main() -> None:
     """Console script entry point."""
+    # Library warnings ("[node id] no seed answered") would come before the error line and
+    # repeat it; only errors get through. `node run` and the QEMU proxies set up their own logs.
+    logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s")
     cli(auto_envvar_prefix="TMDHT")

@@ -57,7 +57,7 @@ def setup_logging(fmt: str, level: str) -> None:
 
 @click.group()
 def node() -> None:
-    """Store node service."""
+    """Store node service: run."""
 
 
 # Flags of `node run`; every one may also come from the config file and TMDHT_NODE_* variables.
@@ -121,9 +121,11 @@ def node_run(
     toml_text = None
     if config_file is not None:
         try:
-            toml_text = config_file.read_text()
+            toml_text = config_file.read_text(encoding="utf-8")
         except OSError as exc:
             raise UsageError(f"{config_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{config_file}: not a TOML config file (binary content)") from None
     if seeds:
         flags["seeds"] = ",".join(seeds)
     config = NodeConfig.from_sources(
@@ -143,7 +145,7 @@ def node_run(
 
 @click.group()
 def cluster() -> None:
-    """Local clusters for development, and cluster status."""
+    """Clusters: up (a local one for development), status (of any)."""
 
 
 @cluster.command("up")
@@ -157,9 +159,17 @@ def cluster() -> None:
 )
 @click.option("--replicas", default=3, show_default=True)
 @click.option("--insecure-open", is_flag=True, help="No cluster key (development only).")
-def cluster_up(nodes: int, root: Path, replicas: int, insecure_open: bool) -> None:
-    """Start a local N-node cluster as separate processes; Ctrl-C stops them all."""
-    from tmdht.node.local import LocalCluster  # noqa: PLC0415
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Start a node that dies again, with its data dir (default: the others keep serving).",
+)
+def cluster_up(nodes: int, root: Path, replicas: int, insecure_open: bool, restart: bool) -> None:
+    """Start a local N-node cluster as separate processes; Ctrl-C stops them all.
+
+    A node that dies is reported (how, and its log); the others keep serving.
+    """
+    from tmdht.node.local import ClusterError, LocalCluster  # noqa: PLC0415
 
     local = LocalCluster(root, nodes, replicas=replicas, open_mode=insecure_open)
     stderr.print(f"starting {nodes} nodes in {root} ...")
@@ -184,14 +194,36 @@ def cluster_up(nodes: int, root: Path, replicas: int, insecure_open: bool) -> No
             )  # fmt: skip
         stdout.print(table)
         key = "none (open)" if insecure_open else str(local.key_file)
-        stdout.print(f"seed: {format_address(local.seed)}   key: {key}")
+        seed = local.seed
+        stdout.print(f"seed: {format_address(seed)}   key: {key}")
         stdout.print("Ctrl-C stops the cluster.")
-        # Block until a node exits (without reaping it: Popen does that) or a signal arrives.
-        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
-        dead = [n for n in local.nodes if not n.running]
-        if dead:
-            code = dead[0].proc.returncode if dead[0].proc else "?"
-            stderr.print(f"[red]node {dead[0].index} exited (code {code}); stopping the cluster[/]")
+        while True:
+            try:
+                exited = local.wait_for_exit()
+            except ClusterError:
+                raise ClusterError(
+                    f"every node of {root} has exited; nothing left to serve"
+                ) from None
+            for n in exited:
+                _note(local.describe_exit(n), "red")
+                if restart:
+                    try:
+                        local.restart_node(n.index)
+                    except ClusterError as exc:
+                        _note(f"node {n.index} not restarted: {exc}", "red")
+                    else:
+                        _note(
+                            f"node {n.index} restarted with its data dir {n.data_dir} (pid "
+                            f"{n.pid}, kademlia {format_address(n.address('kademlia'))}, data "
+                            f"{format_address(n.address('data'))}, metrics "
+                            f"{format_address(n.address('metrics'))})"
+                        )
+            alive = [n for n in local.nodes if n.running]
+            if len(alive) < nodes:
+                _note(f"{len(alive)} of {nodes} nodes serving; Ctrl-C stops them")
+            if alive and not any(n.address("kademlia") == seed for n in alive):
+                seed = local.seed
+                _note(f"seed now: {format_address(seed)}")
     except Stop:
         pass
     finally:
@@ -199,6 +231,11 @@ def cluster_up(nodes: int, root: Path, replicas: int, insecure_open: bool) -> No
         local.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _note(text: str, style: str | None = None) -> None:
+    """One line on stderr, printed as is (log excerpts may hold brackets rich would parse)."""
+    stderr.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 @cluster.command("status")
@@ -220,15 +257,13 @@ def cluster_status(
     access = cluster_access((seed,), cluster_key_file, insecure_open)
 
     async def gather() -> list[MemberStatus]:
-        try:
-            async with TemplateStoreClient.connect(access, timeout=0.5) as store:
-                return await store.cluster_status()
-        except ClusterUnreachable:
-            return []
+        # ClusterUnreachable says why none answered (nothing there, or another cluster key).
+        async with TemplateStoreClient.connect(access, timeout=0.5) as store:
+            return await store.cluster_status()
 
     statuses = run_async(gather())
     if not statuses:
-        raise UsageError(f"no cluster answered at {seed}")
+        raise ClusterUnreachable(access.seeds)
     if as_json:
         click.echo(json.dumps({"members": [_status_doc(s) for s in statuses]}, indent=2))
         return

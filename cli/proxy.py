@@ -86,6 +86,7 @@ def run_proxy(role: str, progress: bool, metrics_port: int | None, report_path: 
         MigrationFailed,
         MigrationMetrics,
         MigrationReport,
+        save_report,
         serve_metrics,
         write_report,
     )
@@ -98,8 +99,11 @@ def run_proxy(role: str, progress: bool, metrics_port: int | None, report_path: 
                 report = (run_async(start(metrics, update)) if run_in_loop
                           else start(metrics, update))
             except MigrationFailed as exc:
-                failed = MigrationReport(role, ok=False, error=str(exc))
-                write_report(exc.report or failed, report_path)
+                failed = exc.report or MigrationReport(role, ok=False, error=str(exc))
+                if failed.counts.qemu_bytes:  # how far it got; else the error line says it all
+                    write_report(failed, report_path)
+                else:
+                    save_report(failed, report_path)
                 raise
         write_report(report, report_path)
     finally:

@@ -44,7 +44,7 @@ def _address(text: str, what: str, *, any_port: bool = False) -> tuple[str, int]
 
 @click.group()
 def qemu() -> None:
-    """Live-migrate an unpatched QEMU through tmdht (exec: migration proxies)."""
+    """Live-migrate an unpatched QEMU through tmdht: send, receive (exec: migration proxies)."""
 
 
 @qemu.command()

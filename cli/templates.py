@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +14,15 @@ from rich.table import Table
 from tmdht.catalog import TemplateCatalog
 from tmdht.cli.access import cluster_access, cluster_options
 from tmdht.cli.jobs import mine_files, publish_files
-from tmdht.cli.main import emit_json, human_bytes, parse_size, stdout
+from tmdht.cli.main import emit_json, human_bytes, parse_size, stderr, stdout
+from tmdht.errors import UsageError
 from tmdht.mining import ImageCoverage, MiningConfig
 from tmdht.pages import PAGE_SIZE
 
 
 @click.group()
 def templates() -> None:
-    """Template catalogs: mine, inspect."""
+    """Template catalogs: mine, info, list, publish."""
 
 
 @templates.command()
@@ -85,8 +89,15 @@ def mine(
 
 @templates.command()
 @click.argument("catalog", type=click.Path(path_type=Path))
+@click.option(
+    "--digests",
+    "digest_count",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Also list the first N template digests (as `tmdht templates list` does).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def info(catalog: Path, as_json: bool) -> None:
+def info(catalog: Path, digest_count: int, as_json: bool) -> None:
     """Show what a catalog holds and what it was mined from."""
     cat = TemplateCatalog.load(catalog)
     doc: dict[str, Any] = {
@@ -100,6 +111,8 @@ def info(catalog: Path, as_json: bool) -> None:
         "images": [_coverage_doc(i) for i in cat.stats.images],
         "extra": cat.stats.extra,
     }
+    if digest_count:
+        doc["digests"] = [d.hex() for d in itertools.islice(cat, digest_count)]
     if as_json:
         emit_json(doc)
         return
@@ -116,6 +129,28 @@ def info(catalog: Path, as_json: bool) -> None:
             sum(i.template_pages for i in cat.stats.images),
         )
         stdout.print(_coverage_table(cat.stats.images, totals, "Mined from"))
+    if digest_count:
+        stdout.print(f"first {min(digest_count, len(cat)):,} of {len(cat):,} template digests:")
+        for digest in doc["digests"]:
+            stdout.print(digest)
+    else:
+        stdout.print(
+            f"digests: tmdht templates list {catalog} (try one with tmdht get DIGEST --seed ...)"
+        )
+
+
+@templates.command("list")
+@click.argument("catalog", type=click.Path(path_type=Path))
+@click.option("-n", "--limit", type=click.IntRange(min=1), help="Only the first N digests.")
+def list_digests(catalog: Path, limit: int | None) -> None:
+    """Print the catalog's template digests, one hex digest a line (for `tmdht get`)."""
+    cat = TemplateCatalog.load(catalog)
+    try:
+        for digest in itertools.islice(cat, limit):
+            sys.stdout.write(digest.hex() + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader had enough (`| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the exit flush
 
 
 def _coverage_doc(c: ImageCoverage) -> dict[str, object]:
@@ -131,7 +166,7 @@ def _coverage_doc(c: ImageCoverage) -> dict[str, object]:
 
 def _coverage_table(rows: tuple[ImageCoverage, ...], totals: ImageCoverage, title: str) -> Table:
     table = Table(title=title)
-    for name in ("image", "pages", "zero", "non-zero", "template pages", "coverage"):
+    for name in ("image", "pages", "zero", "non-zero", "template pages", "of non-zero"):
         table.add_column(name, justify="left" if name == "image" else "right")
     for c in (*rows, totals):
         table.add_row(
@@ -161,13 +196,22 @@ def publish(
     """Store the template pages of CATALOG, read from IMAGES, in the cluster."""
     catalog = TemplateCatalog.load(catalog_path)
     doc = publish_files(catalog, images, cluster_access(seeds, cluster_key_file, insecure_open))
+    if doc.templates and not doc.published:
+        raise UsageError(
+            f"published nothing: none of the {doc.templates:,} templates of {catalog_path} "
+            "is in these images (publish from the images the catalog was mined from)"
+        )
     if as_json:
         emit_json(doc.to_json())
-        return
-    stdout.print(
-        f"published {doc.published:,} of {doc.templates:,} templates "
-        f"({doc.replica_writes:,} replica writes: {doc.stored:,} new, {doc.present:,} "
-        f"already there) in {doc.seconds:.1f} s = {doc.pages_per_s:,.0f} pages/s"
-    )
+    else:
+        stdout.print(
+            f"published {doc.published:,} of {doc.templates:,} templates "
+            f"({doc.replica_writes:,} replica writes: {doc.stored:,} new, "
+            f"{doc.present:,} already there) in {doc.seconds:.1f} s = "
+            f"{doc.pages_per_s:,.0f} pages/s"
+        )
     if doc.not_found:
-        stdout.print(f"[yellow]{doc.not_found:,} templates are in none of the images[/]")
+        stderr.print(
+            f"[yellow]warning: {doc.not_found:,} of {doc.templates:,} templates are in "
+            "none of the images: not published[/]"
+        )

@@ -14,12 +14,15 @@ __all__ = ["ClusterUnreachable", "MigrationFailed", "PagesUnavailable", "Publish
 
 
 class ClusterUnreachable(TmdhtError):
-    """No store node answered at any of the seeds."""
+    """No store node answered at any of the seeds (nothing there, unreachable, or a node with
+    another cluster key: it drops our datagrams silently)."""
 
-    def __init__(self, seeds: Iterable[tuple[str, int]]) -> None:
+    def __init__(self, seeds: Iterable[tuple[str, int]], reason: str | None = None) -> None:
+        """``reason``: the whole message, when probes found out why
+        (:func:`tmdht.client.probe.explain_silence`)."""
         self.seeds = tuple(seeds)
         where = ", ".join(f"{host}:{port}" for host, port in self.seeds)
-        super().__init__(f"no store node answered at {where}")
+        super().__init__(reason or f"no store node answered at {where}")
 
 
 class PagesUnavailable(TmdhtError):

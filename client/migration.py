@@ -89,6 +89,7 @@ __all__ = [
     "MigrationFailed",
     "MigrationMetrics",
     "MigrationReport",
+    "QemuPipeClosed",
     "ReceiverConfig",
     "SenderConfig",
     "run_receiver",
@@ -264,12 +265,18 @@ class ReceiverConfig:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+class QemuPipeClosed(TmdhtError):
+    """The destination QEMU closed its end of the migration pipe (it went away) mid-stream."""
+
+
 class _PipeOut:
     """Asynchronous writes to a pipe or socket fd (stdout), blocking writes to a regular file."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._writer: asyncio.StreamWriter | None = None
+        self.written = 0
+        """Bytes handed to QEMU so far."""
 
     async def open(self) -> None:
         mode = os.fstat(self.fd).st_mode
@@ -283,14 +290,27 @@ class _PipeOut:
         self._writer = asyncio.StreamWriter(transport, protocol, None, loop)
 
     async def write(self, chunks: Sequence[bytes]) -> None:
+        """Write ``chunks``; :class:`QemuPipeClosed` if QEMU closed the pipe."""
         if self._writer is None:
             data = b"".join(chunks)
             view = memoryview(data)
             while view:
                 view = view[os.write(self.fd, view):]
+            self.written += len(data)
             return
-        self._writer.writelines(chunks)
-        await self._writer.drain()
+        # A closed pipe closes the transport: uvloop then raises RuntimeError on write, asyncio
+        # drops the data and fails drain() with ConnectionResetError.
+        try:
+            if self._writer.transport.is_closing():
+                raise ConnectionResetError("the pipe transport is closed")
+            self._writer.writelines(chunks)
+            await self._writer.drain()
+        except (ConnectionError, RuntimeError):
+            raise QemuPipeClosed(
+                f"QEMU closed the migration pipe after {self.written:,} bytes of QEMU stream "
+                "had been written to it: the destination QEMU went away"
+            ) from None
+        self.written += sum(len(c) for c in chunks)
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -370,7 +390,12 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
                            backref_window=config.backref_window, flow_window=config.flow_window)
     sock: socket.socket | None = None
     try:
-        sock = socket.create_connection(config.to, timeout=config.connect_timeout)
+        try:
+            sock = socket.create_connection(config.to, timeout=config.connect_timeout)
+        except OSError as exc:  # TimeoutError included
+            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+            raise MigrationFailed(
+                f"cannot reach the receiver at {config.to[0]}:{config.to[1]} ({reason})") from None
         _tune(sock)
         sock.setblocking(False)
         _pump_sender(config, rewriter, sock, stdin_fd, report, metrics, on_progress)
@@ -482,6 +507,9 @@ def _pump_sender(config: SenderConfig, rewriter: MigrationSender, sock: socket.s
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, ConnectionError):  # "[Errno 104] Connection reset by peer" says little
+        return (f"the connection to the other proxy was lost ({exc.strerror or exc}): it failed "
+                "or was stopped, its own error says why")
     return str(exc) or type(exc).__name__
 
 

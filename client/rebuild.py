@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from tmdht.dedup_stream import (
     StreamStart,
     TemplatePage,
 )
-from tmdht.errors import UsageError
+from tmdht.errors import CatalogMismatchError, DecodeError, UsageError
 from tmdht.files import atomic_writer
 from tmdht.images import ImageWriter, MemoryImage, open_image
 from tmdht.pages import PAGE_SIZE, check_page, digest_page, is_zero_page
@@ -152,17 +153,26 @@ def encode_image(
 def stream_events(
     path: Path, *, verify: bool = True, expected_catalog_id: bytes | None = None
 ) -> Iterator[StreamEvent]:
-    """Decode a dedup stream file, read in chunks (UsageError if it does not exist)."""
+    """Decode a dedup stream file, read in chunks. UsageError if it is missing, a directory or
+    empty; a DecodeError or CatalogMismatchError names the file."""
     decoder = DedupDecoder(expected_catalog_id=expected_catalog_id, verify=verify)
     try:
         f = path.open("rb")
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a tmdht dedup stream") from None
     with f:
-        while chunk := f.read(READ_CHUNK):
-            decoder.feed(chunk)
-            yield from decoder.events()
-    decoder.close()
+        if f.seek(0, os.SEEK_END) == 0:
+            raise UsageError(f"{path}: empty file, not a tmdht dedup stream")
+        f.seek(0)
+        try:
+            while chunk := f.read(READ_CHUNK):
+                decoder.feed(chunk)
+                yield from decoder.events()
+            decoder.close()
+        except (DecodeError, CatalogMismatchError) as exc:
+            raise type(exc)(f"{path}: {exc}") from None  # say which file
 
 
 class PageSource(Protocol):

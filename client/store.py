@@ -41,6 +41,7 @@ from tmdht.aio.overlay import MembershipSubscription, Overlay
 from tmdht.aio.tasks import TaskSet
 from tmdht.client.errors import ClusterUnreachable, PagesUnavailable, PublishFailed
 from tmdht.client.metrics import ClientMetrics
+from tmdht.client.probe import explain_silence
 from tmdht.errors import NodeUnreachableError, OverlayError, TmdhtError, UsageError
 from tmdht.net.address import Address, format_address
 from tmdht.net.credentials import ClusterAccess, ClusterCredentials
@@ -234,7 +235,9 @@ class TemplateStoreClient:
             )
             await self.refresh()
             if not self._members:
-                raise ClusterUnreachable(self.seeds)
+                # Why: nothing there, or a node with another key (it drops us silently).
+                reason = await asyncio.to_thread(explain_silence, self.seeds)
+                raise ClusterUnreachable(self.seeds, reason)
             subscription = self._overlay.subscribe(replay=False)
             self._tasks.spawn(self._follow(subscription), "client-membership")
         except BaseException:
@@ -378,17 +381,25 @@ class TemplateStoreClient:
         found.update(result.pages)
         return result.unresolved
 
-    async def replicas_holding(self, digests: Sequence[bytes]) -> list[list[tuple[bytes, bool]]]:
-        """Per digest, its replicas (closest first) and whether each holds it (HAS)."""
+    async def replicas_holding(
+        self, digests: Sequence[bytes]
+    ) -> list[list[tuple[bytes, bool | None]]]:
+        """Per digest, its replicas (closest first) and whether each holds it (HAS): True,
+        False, or None when the node did not answer."""
         dataplane = self._running()
         rows = self._replica_lists(list(digests))
         nodes = list({m.node_id: m for row in rows for m in row}.values())
         answers = await asyncio.gather(
             *(dataplane.has(m.data_address, list(digests)) for m in nodes)
         )
-        held = {m.node_id: a.held for m, a in zip(nodes, answers, strict=True)}
+        by_node = {m.node_id: a for m, a in zip(nodes, answers, strict=True)}
+
+        def holds(node_id: bytes, digest: bytes) -> bool | None:
+            answer = by_node[node_id]
+            return None if digest in answer.unanswered else digest in answer.held
+
         return [
-            [(m.node_id, d in held[m.node_id]) for m in row]
+            [(m.node_id, holds(m.node_id, d)) for m in row]
             for d, row in zip(digests, rows, strict=True)
         ]
 

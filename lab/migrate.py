@@ -11,7 +11,6 @@ import json
 import os
 import select
 import shlex
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 from tmdht.lab.errors import MigrationError
 from tmdht.lab.guest import Guest, GuestSpec, MigrationStats
 from tmdht.lab.host import HostTools
+from tmdht.launch import tmdht_argv
 
 __all__ = [
     "MigrationOutcome",
@@ -33,8 +33,9 @@ __all__ = [
 
 
 def tmdht_command(*args: str | Path) -> str:
-    """A shell command line running ``tmdht ARGS`` with this interpreter (for ``exec:``)."""
-    return shlex.join([sys.executable, "-m", "tmdht.cli", *map(str, args)])
+    """A shell command line running ``tmdht ARGS`` with this interpreter (for ``exec:``); QEMU
+    runs it in its own working folder, which must not decide what the proxy imports."""
+    return shlex.join(tmdht_argv(*args))
 
 
 def make_fifo(path: Path) -> Path:

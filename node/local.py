@@ -1,6 +1,7 @@
 """A local cluster of store nodes as separate processes: ``tmdht cluster up``, tests, benchmarks.
 
-Each node is ``python -m tmdht.cli node run ... --ready-line`` with its own data directory under
+Each node is ``python -P -m tmdht.cli node run ... --ready-line`` (:func:`tmdht.launch.tmdht_argv`:
+the current folder cannot shadow the package) with its own data directory under
 the cluster directory, ports chosen by the kernel (port 0), and the first node as seed. A node
 prints one ``READY {json}`` line on stdout once it serves; the cluster blocks on that pipe (with a
 deadline) instead of polling. Processes are ended by PID: SIGTERM, a bounded wait, then SIGKILL.
@@ -8,6 +9,7 @@ deadline) instead of polling. Processes are ended by PID: SIGTERM, a bounded wai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -20,15 +22,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tmdht.launch import tmdht_argv
 from tmdht.node.errors import ClusterError
 
-__all__ = ["READY_PREFIX", "ClusterError", "LocalCluster", "NodeProcess", "read_ready_line"]
+__all__ = [
+    "READY_PREFIX",
+    "ClusterError",
+    "LocalCluster",
+    "NodeProcess",
+    "describe_exit_code",
+    "last_log_line",
+    "read_ready_line",
+]
 
 READY_PREFIX = "READY "
 
 
-def read_ready_line(proc: subprocess.Popen[bytes], timeout: float, what: str) -> dict[str, Any]:
-    """Block until ``proc`` prints its READY line (or exits, or the deadline passes)."""
+def read_ready_line(
+    proc: subprocess.Popen[bytes], timeout: float, what: str, log_path: Path | None = None
+) -> dict[str, Any]:
+    """Block until ``proc`` prints its READY line (or exits, or the deadline passes).
+
+    The error when it exits first or never gets ready names its log (``log_path``, where its
+    stderr goes) and the log's last line: the reason is nearly always there.
+    """
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     buffered = b""
@@ -37,13 +54,18 @@ def read_ready_line(proc: subprocess.Popen[bytes], timeout: float, what: str) ->
         for _ in range(100_000):  # bounded: each round reads at least one byte or times out
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise ClusterError(f"{what} did not become ready within {timeout:.0f} s")
+                raise ClusterError(
+                    f"{what} did not become ready within {timeout:.0f} s{_log_note(log_path)}"
+                )
             if not sel.select(remaining):
                 continue
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 proc.wait(timeout=5)
-                raise ClusterError(f"{what} exited with code {proc.returncode} before it was ready")
+                raise ClusterError(
+                    f"{what} {describe_exit_code(proc.returncode)} before it was ready"
+                    f"{_log_note(log_path)}"
+                )
             buffered += chunk
             while b"\n" in buffered:
                 line, buffered = buffered.split(b"\n", 1)
@@ -51,7 +73,54 @@ def read_ready_line(proc: subprocess.Popen[bytes], timeout: float, what: str) ->
                 if text.startswith(READY_PREFIX):
                     status: dict[str, Any] = json.loads(text[len(READY_PREFIX) :])
                     return status
-    raise ClusterError(f"{what}: no READY line")
+    raise ClusterError(f"{what}: no READY line{_log_note(log_path)}")
+
+
+def describe_exit_code(code: int | None) -> str:
+    """'exited with code 1', 'was killed by SIGKILL' (a Popen returncode)."""
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with code {code}"
+
+
+def last_log_line(path: Path, max_bytes: int = 16384) -> str | None:
+    """The last non-empty line of a node's log, for an error message; None if there is none.
+
+    JSON log lines (the node's default format) give their message and the last line of their
+    exception: ``"node failed: ... | ImportError: ..."``. A traceback's last line is the error.
+    """
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - max_bytes))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    if not lines:
+        return None
+    line = lines[-1]
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(doc, dict) or "msg" not in doc:
+        return line
+    exc = str(doc.get("exc") or "").strip().splitlines()
+    return f"{doc['msg']}" + (f" | {exc[-1].strip()}" if exc else "")
+
+
+def _log_note(log_path: Path | None) -> str:
+    if log_path is None:
+        return ""
+    last = last_log_line(log_path)
+    return f"; log {log_path}" + (f" ends: {last}" if last else " is empty")
 
 
 @dataclass
@@ -65,6 +134,8 @@ class NodeProcess:
     proc: subprocess.Popen[bytes] | None = None
     status: dict[str, Any] = field(default_factory=dict)
     _log: IO[bytes] | None = None
+    exit_reported: bool = False
+    """:meth:`LocalCluster.wait_for_exit` returned this process's exit already."""
 
     @property
     def pid(self) -> int:
@@ -155,14 +226,15 @@ class LocalCluster:
 
     def _make(self, index: int) -> NodeProcess:
         data_dir = self.root / f"node-{index}"
-        args = [
-            self.python, "-m", "tmdht.cli", "node", "run",
-            "--data-dir", str(data_dir),
+        args = tmdht_argv(
+            "node", "run",
+            "--data-dir", data_dir,
             "--host", self.host,
             "--kademlia-port", "0", "--data-port", "0", "--metrics-port", "0",
             "--replicas", str(self.replicas),
             "--ready-line",
-        ]  # fmt: skip
+            python=self.python,
+        )  # fmt: skip
         if self.open_mode:
             args.append("--insecure-open")
         else:
@@ -183,7 +255,15 @@ class LocalCluster:
         node._log = node.log_path.open("ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("TMDHT_")}
         node.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=node._log, env=env)
-        node.status = read_ready_line(node.proc, self.ready_timeout, f"node {node.index}")
+        node.exit_reported = False
+        try:
+            node.status = read_ready_line(
+                node.proc, self.ready_timeout, f"node {node.index}", node.log_path
+            )
+        except ClusterError:
+            self.stop_node(node.index)  # never ready: stopped (if it still runs) and reaped
+            node.exit_reported = True  # the error says how it ended
+            raise
 
     def stop_node(
         self, index: int, *, sig: int = signal.SIGTERM, timeout: float = 20.0
@@ -205,6 +285,48 @@ class LocalCluster:
             node._log.close()
             node._log = None
         return node.proc.returncode
+
+    def wait_for_exit(self, timeout: float | None = None) -> list[NodeProcess]:
+        """Block until a node exits (or ``timeout`` seconds pass: then []); return every node
+        that exited since the last call, reaped, its pipe and log closed, the others untouched.
+
+        Waits on the nodes' pidfds, so other children of this process are left alone. Raises
+        :class:`ClusterError` when no node is running and none is left to report.
+        """
+        exited = [n for n in self.nodes if self._unreported_exit(n)]
+        if not exited:
+            running = [n for n in self.nodes if n.running]
+            if not running:
+                raise ClusterError("no node is running")
+            with selectors.DefaultSelector() as sel, contextlib.ExitStack() as fds:
+                for n in running:
+                    try:
+                        fd = os.pidfd_open(n.pid)
+                    except ProcessLookupError:  # reaped already: poll() below reports it
+                        continue
+                    fds.callback(os.close, fd)
+                    sel.register(fd, selectors.EVENT_READ, n)
+                if len(sel.get_map()) == len(running):
+                    sel.select(timeout)
+            exited = [n for n in self.nodes if self._unreported_exit(n)]
+        for n in exited:
+            self.stop_node(n.index)  # reaps it (Popen) and closes its pipe and log
+            n.exit_reported = True
+        return exited
+
+    @staticmethod
+    def _unreported_exit(node: NodeProcess) -> bool:
+        return node.proc is not None and node.proc.poll() is not None and not node.exit_reported
+
+    def describe_exit(self, node: NodeProcess) -> str:
+        """'node 1 (pid 4242) was killed by SIGKILL; log DIR/node-1.log ends: ...'."""
+        code = None if node.proc is None else node.proc.returncode
+        pid = "" if node.proc is None else f" (pid {node.proc.pid})"
+        # Killed by a signal: the log ends wherever the node was, not with a reason.
+        log = (
+            f"; log {node.log_path}" if code is not None and code < 0 else _log_note(node.log_path)
+        )
+        return f"node {node.index}{pid} {describe_exit_code(code)}{log}"
 
     def kill_node(self, index: int) -> None:
         """SIGKILL one node (a crash)."""

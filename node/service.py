@@ -88,8 +88,9 @@ class StoreNode:
             key_file=config.cluster_key_file,
             env=os.environ if env is None else env,
             insecure_open=config.insecure_open,
-            how=f"set cluster_key_file or ${CLUSTER_KEY_ENV} "
-            "(or insecure_open = true for local development only)",
+            how=f"--cluster-key-file FILE (cluster_key_file in the config file) or "
+            f"${CLUSTER_KEY_ENV}; for local development only, --insecure-open "
+            "(insecure_open = true)",
         )
         self.auth = self.credentials.authenticator()
         self.store: PageStore | None = None

@@ -42,15 +42,39 @@ if [[ ! -x $VENV/bin/python ]]; then
     echo "setup: creating virtualenv $VENV" >&2
     python3 -m venv "$VENV"
 fi
-# Every package (pip and the build backend included) at the version and hashes
+# Python packages: every package (pip and the build backend included) at the version and hashes
 # requirements/dev.txt pins (`bash scripts/lock.sh` refreshes it), then the project itself built
-# by those pinned tools: build isolation would fetch whatever setuptools is newest that day.
-"$VENV/bin/python" -m pip install -q --require-hashes -r requirements/dev.txt
-"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 \
-    | { grep -v -e '^WARNING: Location' -e 'Running pip as the' >&2 || true; }
-"$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" # fail loudly if the install did not work
+# by those pinned tools (build isolation would fetch whatever setuptools is newest that day).
+# Only when what they come from changed (the install is editable: Python source edits need
+# none). The stamp is a digest of the inputs: the lock, the project metadata, this script, the
+# Rust crate built into tmdht._native by the install, the Python and cargo versions. pip's
+# output is kept in a log, shown on failure.
+stamp=$( {
+    "$VENV/bin/python" -VV
+    echo "cargo ${rust:-none}"
+    cat requirements/dev.txt pyproject.toml scripts/setup.sh
+    if [[ -d native ]]; then
+        find native -path native/target -prune -o -type f -print0 | LC_ALL=C sort -z | xargs -0 cat
+    fi
+} | sha256sum | cut -d' ' -f1)
+stamp_file=$VENV/.tmdht-setup-stamp
+if [[ $(cat "$stamp_file" 2>/dev/null) != "$stamp" ]] \
+    || ! "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" 2>/dev/null \
+    || { ((rust_ok)) && ! "$VENV/bin/python" -c "import tmdht._native" 2>/dev/null; }; then
+    echo "setup: installing Python packages into $VENV (log: $VENV/pip.log)" >&2
+    rm -f "$stamp_file"
+    if ! { "$VENV/bin/python" -m pip install -q --require-hashes -r requirements/dev.txt \
+            && "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .; } \
+            >"$VENV/pip.log" 2>&1; then
+        cat "$VENV/pip.log" >&2
+        exit 1
+    fi
+    "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" # fail loudly if it did not work
+    echo "$stamp" >"$stamp_file"
+fi
 if ! "$VENV/bin/python" -c "import tmdht._native" 2>/dev/null; then
     if ((rust_ok)); then
+        rm -f "$stamp_file"  # try the build again next time
         echo "setup: tmdht._native did not build with cargo $rust; run" \
              "'cargo build --release --manifest-path native/Cargo.toml' to see why" >&2
         exit 1
@@ -64,4 +88,4 @@ fi
 # Byte-compile the project (an editable install writes no .pyc, nor does Python at import time
 # when PYTHONDONTWRITEBYTECODE is set, as on these machines): every process would otherwise
 # compile its sources at start, and the QEMU proxies' start-up counts in a migration's time.
-"$VENV/bin/python" -m compileall -q tmdht node client cli lab >/dev/null
+"$VENV/bin/python" -m compileall -q tmdht node client cli lab aio >/dev/null

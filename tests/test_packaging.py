@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import tomllib
 import venv
 from pathlib import Path
 
@@ -67,3 +69,25 @@ def test_wheel_installs_and_imports_every_package(tmp_path: Path) -> None:
     assert "0.1.0" in version.stdout
     if shutil.which("cargo"):  # the wheel carries tmdht._native, built by setuptools-rust
         assert "migration pipeline: native" in version.stdout, version.stdout
+
+
+def test_setup_installs_nothing_when_nothing_changed() -> None:
+    """scripts/setup.sh (run by the test command before pytest) reinstalls the Python packages
+    only when what they come from changed (the lock requirements/dev.txt, pyproject.toml, the
+    script, the Rust crate): a second run is silent."""
+    venv = Path(sys.prefix)
+    if not (venv / ".tmdht-setup-stamp").exists():
+        pytest.skip("this interpreter's venv was not made by scripts/setup.sh")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup.sh")],
+        capture_output=True, text=True, timeout=600, check=True,
+        env={**os.environ, "TMDHT_VENV": str(venv)},
+    )  # fmt: skip
+    said = [line for line in proc.stderr.splitlines() if not line.startswith("setup: warning:")]
+    assert proc.stdout == "" and not said, proc.stderr  # (a missing Rust toolchain is said)
+
+
+def test_license_is_an_spdx_expression() -> None:
+    """A TOML table (``{ text = ... }``) made setuptools print a deprecation three times."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"

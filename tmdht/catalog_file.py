@@ -145,14 +145,17 @@ def parse_catalog(data: bytes | memoryview) -> CatalogFile:
 
 
 def read_catalog_bytes(path: Path | str) -> bytes:
-    """A catalog file's bytes; UsageError if it is missing or a directory."""
+    """A catalog file's bytes; UsageError if it is missing, a directory or empty."""
     path = Path(path)
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a directory, not a catalog") from None
+    if not data:
+        raise UsageError(f"{path}: empty file, not a tmdht template catalog")
+    return data
 
 
 def read_template_digests(path: Path | str) -> TemplateDigests:

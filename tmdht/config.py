@@ -251,7 +251,10 @@ class NodeConfig:
             except ConfigError as exc:
                 raise ConfigError(f"{name}: {exc}") from None
         if "data_dir" not in parsed:
-            raise ConfigError("data_dir is required")
+            raise ConfigError(
+                "data_dir is required (--data-dir DIR, data_dir under [node] in the config file, "
+                "or $TMDHT_NODE_DATA_DIR)"
+            )
         config = cls(**parsed)
         if not MIN_DATAGRAM <= config.max_datagram <= MAX_DATAGRAM:
             raise ConfigError(f"max_datagram must be between {MIN_DATAGRAM} and {MAX_DATAGRAM}")

@@ -301,24 +301,28 @@ def mine_images(
     paths: Sequence[Path | str],
     config: MiningConfig | None = None,
     *,
+    names: Sequence[str | None] | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[str, int], None] | None = None,
 ) -> MiningResult:
     """Mine memory image files (any format :func:`tmdht.images.open_image` reads).
 
-    Every file is opened, and its format checked, before any work; ``on_start(pages)`` then
-    says how many pages there are, and ``on_progress(image name, n)`` reports n more pages of
-    that image counted.
+    Each image is recorded under ``names[i]``, else under its path as given
+    (``build/guests/idle-1/stream.bin``, not only ``stream.bin``). Every file is opened, and its
+    format checked, before any work; ``on_start(pages)`` then says how many pages there are, and
+    ``on_progress(image name, n)`` reports n more pages of that image counted.
     """
+    labels = list(names or ())
+    labels += [None] * (len(paths) - len(labels))
     with contextlib.ExitStack() as stack:
         opened = [stack.enter_context(open_image(p)) for p in paths]
         total = sum(i.page_count for i in opened)
         if on_start is not None:
             on_start(total)
         miner = stack.enter_context(TemplateMiner(config, expected_pages=total))
-        for image in opened:
+        for path, label, image in zip(paths, labels, opened, strict=True):
             report = None if on_progress is None else functools.partial(on_progress, image.name)
-            miner.add_image(image.name, image.iter_pages(), report)
+            miner.add_image(label or str(path), image.iter_pages(), report)
         return miner.finish()
 
 

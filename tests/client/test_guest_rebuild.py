@@ -61,6 +61,13 @@ def test_mine_publish_encode_rebuild_through_the_cluster(
     (row,) = json.loads(proc.stdout)["pages"]
     assert row["resolved"] is False and len(row["replicas"]) == 3
     assert not any(r["holds"] for r in row["replicas"])
+    # A template digest as `templates list` prints it, next to the missing one: a table whose
+    # replica marks have a legend, and one error line for the page that was not found.
+    (first,) = tmdht("templates", "list", tmp_path / "c.tmc", "-n", "1").stdout.split()
+    proc = tmdht("get", first, missing, *access, expect=1)
+    table = " ".join(proc.stdout.split())
+    assert "yes (verified)" in table and "+ holds it, - does not, ? did not answer" in table
+    assert proc.stderr.strip() == f"Error: 1 pages unavailable from every replica (first {missing[:16]})"
 
 
 def test_cluster_commands_need_a_seed_and_a_key(cluster: LocalCluster, tmp_path: Path) -> None:

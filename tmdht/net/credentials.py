@@ -49,13 +49,17 @@ class ClusterCredentials:
             raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
-    def from_file(cls, path: Path) -> ClusterCredentials:
-        """The keys in a key file; ConfigError if it cannot be read or parsed."""
+    def from_file(cls, path: Path, label: str = "cluster key file") -> ClusterCredentials:
+        """The keys in a key file; ConfigError if it cannot be read or parsed, its message
+        starting ``{label} {path}:``."""
+        source = f"{label} {path}"
         try:
             text = path.read_text()
         except OSError as exc:
-            raise ConfigError(f"cluster key file {path}: {exc.strerror or exc}") from None
-        return cls.from_text(text, f"cluster key file {path}")
+            raise ConfigError(f"{source}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: not a key file (binary content)") from None
+        return cls.from_text(text, source)
 
     @classmethod
     def from_key(cls, key: bytes | str) -> ClusterCredentials:
@@ -72,12 +76,14 @@ class ClusterCredentials:
         env: Mapping[str, str] | None = None,
         insecure_open: bool = False,
         how: str = f"set cluster_key_file or ${CLUSTER_KEY_ENV}",
+        key_file_label: str = "cluster key file",
     ) -> ClusterCredentials:
         """The keys from ``key_file``, else from ``$TMDHT_CLUSTER_KEY`` in ``env``, else open
         mode if ``insecure_open``. Without a key and open mode, ConfigError: ``no cluster key:``
-        followed by ``how`` (how the caller's user gives one)."""
+        followed by ``how`` (how the caller's user gives one); errors about the file name it
+        as ``key_file_label`` (the caller's word for it: ``--cluster-key-file``)."""
         if key_file is not None:
-            return cls.from_file(key_file)
+            return cls.from_file(key_file, key_file_label)
         if env and env.get(CLUSTER_KEY_ENV):
             return cls.from_text(env[CLUSTER_KEY_ENV], f"${CLUSTER_KEY_ENV}")
         if insecure_open:

@@ -628,6 +628,15 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
                 ax.set_xlim(-0.5, len(rates) - 0.5)
         return fig, axes, top
 
+    def not_measured(ax: Any, memory: int, dirty: int, rtt: float) -> bool:
+        """Label a panel no run covers (merged files need not cover every guest and RTT)."""
+        if next(points(memory, dirty, rtt), None) is not None:
+            return False
+        ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center",
+                fontsize=8, color="#777777")
+        ax.set_yticks([])
+        return True
+
     def convergence(ax: Any, x: float, y: float | None, e: dict[str, Any]) -> None:
         if not e["converged"]:
             ax.plot([x], [0], marker="x", color="#cc0000", transform=ax.get_xaxis_transform(),
@@ -655,6 +664,8 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     for row, (memory, dirty) in enumerate(guests):
         for col, rtt in enumerate(rtts):
             ax = axes[row][col]
+            if not_measured(ax, memory, dirty, rtt):
+                continue
             lines: dict[str, tuple[list[float], list[float], list[float], list[float]]] = {}
             for variant, x, e in points(memory, dirty, rtt):
                 spread = e["total_s"]
@@ -692,6 +703,8 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
         for row, (memory, dirty) in enumerate(guests):
             for col, rtt in enumerate(rtts):
                 ax = axes[row][col]
+                if not_measured(ax, memory, dirty, rtt):
+                    continue
                 labelled: set[str] = set()
                 for variant, x, e in points(memory, dirty, rtt):
                     spread = e[key]

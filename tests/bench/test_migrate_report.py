@@ -105,3 +105,13 @@ def test_plots_are_written_with_points_that_did_not_converge(tmp_path: Path) -> 
     assert [p.name for p in paths] == ["t-time.png", "t-wan.png", "t-downtime.png"]
     for path in paths:
         assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_plots_label_panels_no_run_covers(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    other = [dict(r, memory_mib=1024, rtt_ms=80.0) for r in RUNS[:3]]  # 1 GiB only at 80 ms
+    runs = [*RUNS, *other]
+    results = {"settings": [{"rate": "1gbit", "rtt_ms": 20.0, "check": {}},
+                            {"rate": "1gbit", "rtt_ms": 80.0, "check": {}}],
+               "runs": runs, "summary": migrate.summarize(runs)}
+    assert len(migrate.plot(results, tmp_path, "t")) == 3

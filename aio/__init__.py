@@ -1,4 +1,4 @@
-"""The asyncio skins both the store node and the client library stand on.
+"""The asyncio skins the store node, the client library and the vnet agent stand on.
 
 The core (:mod:`tmdht`, :mod:`tmdht.net`) does no IO; :mod:`tmdht.node` and :mod:`tmdht.client`
 do, and neither imports the other. What both need to do IO the same way lives here, once:
@@ -9,5 +9,7 @@ do, and neither imports the other. What both need to do IO the same way lives he
   on the kademlia package, over the sans-IO :class:`~tmdht.net.membership.PeerBook`
   (:mod:`tmdht.aio.kademlia`: what is kept from the package and how it is fixed);
 - :mod:`tmdht.aio.sockets` — UDP sockets with tuned kernel buffers;
+- :mod:`tmdht.aio.http` — a service's ``/metrics``, ``/healthz`` and ``/readyz`` endpoint;
+  :mod:`tmdht.aio.service` — a service stops on SIGTERM/SIGINT;
 - :mod:`tmdht.aio.tasks` — background tasks with an owner.
 """

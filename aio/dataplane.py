@@ -7,7 +7,8 @@ future. Windows, retries, hedging, failover and verification are the engine's (s
 :mod:`tmdht.net.engine`).
 
 The client library (:mod:`tmdht.client.store`) resolves and publishes pages with it; a store
-node's replication job (:mod:`tmdht.node.replication`) asks its peers HAS and PUT with it.
+node's replication job (:mod:`tmdht.node.replication`) asks its peers HAS and PUT with it; a vnet
+agent's MAC directory (:mod:`tmdht.vnet.directory`) keeps its records with RECORD_PUT/GET.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from tmdht.net.operations import (
     Operation,
     OperationResult,
     PutOutcome,
+    RecordRead,
+    RecordWrite,
     Store,
 )
 
@@ -82,6 +85,7 @@ class DataPlaneClient:
         self._waiting: dict[int, asyncio.Future[OperationResult]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._burst: list[tuple[bytes, Address]] = []
 
     @classmethod
     async def open(
@@ -192,6 +196,20 @@ class DataPlaneClient:
             raise NodeUnreachableError(address, "NODE_INFO")
         return info
 
+    async def put_record(
+        self, address: Address, key: bytes, entry: wire.RecordEntry
+    ) -> wire.RecordPutResult | None:
+        """Keep a soft-state record entry on one node (RECORD_PUT); None if it did not
+        answer (or refused the request)."""
+        answer = await self._run(RecordWrite(address, key, entry))
+        return answer if isinstance(answer, wire.RecordPutResult) else None
+
+    async def get_records(self, address: Address, key: bytes) -> wire.Records | None:
+        """The live record entries one node holds under ``key`` (RECORD_GET); None if it did
+        not answer (or refused the request)."""
+        answer = await self._run(RecordRead(address, key))
+        return answer if isinstance(answer, wire.Records) else None
+
     async def _expect(self, kind: type[R], operation: Operation) -> R:
         result = await self._run(operation)
         assert isinstance(result, kind)
@@ -218,8 +236,19 @@ class DataPlaneClient:
         return self._loop.time() if self._loop is not None else time.monotonic()
 
     def _on_datagram(self, data: bytes, addr: Address) -> None:
-        assert self._loop is not None
-        self.engine.receive_datagram(data, addr, self._loop.time())
+        """Datagrams the loop reads in one wake-up are collected and go into the engine as
+        one burst (decoded in one native call) once the loop has read them all."""
+        burst = self._burst
+        burst.append((data, addr))
+        if len(burst) == 1:
+            assert self._loop is not None
+            self._loop.call_soon(self._on_burst)
+
+    def _on_burst(self) -> None:
+        burst, self._burst = self._burst, []
+        if self._loop is None or self._transport is None or not burst:
+            return
+        self.engine.receive_datagrams(burst, self._loop.time())
         self._service()
 
     def _on_timer(self) -> None:

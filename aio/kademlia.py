@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import logging
 import os
 import random
+import secrets
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -39,9 +42,11 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable as _PackageRoutingTable
 
+from tmdht.auth import ReplayWindow
 from tmdht.errors import (
     DecodeError,
     OverlayClosedError,
+    ReplayError,
     RpcTimeoutError,
     TmdhtError,
     UnauthenticatedError,
@@ -68,6 +73,11 @@ __all__ = [
 log = logging.getLogger("tmdht.aio.overlay")
 
 _ID_LIMIT: Final = 1 << ID_BITS
+_U64_MAX: Final = (1 << 64) - 1
+_REPLAY_CAPACITY: Final = 1 << 16
+"""Nonces the overlay's replay window remembers (its traffic is a few datagrams per second)."""
+_MAX_REMEMBERED: Final = 4096
+"""Peer addresses remembered as speaking stamped, or only unstamped, frames."""
 
 
 # The package ships no type information, so its classes are Any to mypy; strict mode refuses to
@@ -190,6 +200,11 @@ class ProtocolStats:
     """Datagrams (or request arguments) that did not decode; dropped."""
     dropped_unauthenticated: int = 0
     """Datagrams without a valid cluster tag; dropped."""
+    dropped_replayed: int = 0
+    """Stamped datagrams whose nonce was seen before or whose timestamp is outside the replay
+    window (and unstamped ones when stamps are required); dropped."""
+    unstamped_received: int = 0
+    """Unstamped (version 1) datagrams accepted: peers of the previous release."""
     dropped_unknown_method: int = 0
     """Requests for a procedure this node does not offer; dropped."""
     unexpected_responses: int = 0
@@ -222,10 +237,14 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
         max_in_flight: int,
         tag_key: bytes | None,
         other_tag_keys: Sequence[bytes] = (),
+        replay_window: float = 10.0,
+        require_stamped: bool = False,
     ) -> None:
         """Create the protocol; it is connected by ``loop.create_datagram_endpoint``.
 
         Datagrams are sent with ``tag_key``; ``other_tag_keys`` are accepted too (key rotation).
+        Stamped datagrams are checked by a replay window of ``replay_window`` seconds;
+        unstamped ones are refused with ``require_stamped``.
         """
         super().__init__(source_node, {}, router.ksize)
         self.router = router
@@ -240,6 +259,17 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
         self._outstanding: dict[bytes, asyncio.Future[object]] = {}
         self._closed = asyncio.get_running_loop().create_future()
         self.stats = ProtocolStats()
+        self._replay = ReplayWindow(window=replay_window, capacity=_REPLAY_CAPACITY)
+        self._require_stamped = require_stamped
+        self._nonces = itertools.count(secrets.randbits(64))
+        # Peers of the previous release (they send only unstamped frames and would drop ours).
+        self._legacy: dict[Address, None] = {}
+        self._stamped_peers: dict[Address, None] = {}
+
+    def set_tag_keys(self, tag_key: bytes, other_tag_keys: Sequence[bytes] = ()) -> None:
+        """Tag with ``tag_key`` and accept ``other_tag_keys`` too from now on (a key reload)."""
+        self._tag_key = tag_key
+        self._other_tag_keys = tuple(other_tag_keys)
 
     def __getattr__(self, name: str) -> Any:
         """Refuse unknown attributes; rpcudp would turn any name into a remote call."""
@@ -266,23 +296,50 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
         """Return once the transport has closed the socket."""
         await asyncio.shield(self._closed)
 
+    def _stamp(self) -> tuple[int, int]:
+        return int(time.time() * 1000), next(self._nonces) & _U64_MAX
+
+    def _remember(self, table: dict[Address, None], addr: Address) -> None:
+        table.pop(addr, None)
+        table[addr] = None
+        if len(table) > _MAX_REMEMBERED:
+            del table[next(iter(table))]  # the oldest
+
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         """Decode, then answer or resolve, synchronously: no task per datagram."""
         self.stats.datagrams_received += 1
         try:
-            message = decode_datagram(data, self._tag_key, self._other_tag_keys)
+            message = decode_datagram(
+                data,
+                self._tag_key,
+                self._other_tag_keys,
+                replay=self._replay,
+                now=time.time(),
+                require_stamped=self._require_stamped,
+            )
         except UnauthenticatedError:
             self.stats.dropped_unauthenticated += 1
             log.debug("dropped an unauthenticated datagram from %s", addr)
+            return
+        except ReplayError as exc:
+            self.stats.dropped_replayed += 1
+            log.debug("dropped a replayed datagram from %s: %s", addr, exc)
             return
         except DecodeError as exc:
             self.stats.dropped_malformed += 1
             log.debug("dropped a malformed datagram from %s: %s", addr, exc)
             return
+        peer = (addr[0], addr[1])
+        if message.stamped:
+            self._legacy.pop(peer, None)
+            self._remember(self._stamped_peers, peer)
+        else:
+            self.stats.unstamped_received += 1
+            self._remember(self._legacy, peer)
         if isinstance(message, Response):
             self._resolve(message)
         else:
-            self._answer(message, (addr[0], addr[1]))
+            self._answer(message, peer)
 
     def _resolve(self, response: Response) -> None:
         future = self._outstanding.get(response.msg_id)
@@ -306,7 +363,10 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
             log.debug("dropped a bad %s request from %s: %s", request.method, addr, exc)
             return
         if self.transport is not None:
-            self.transport.sendto(encode_response(request.msg_id, value, self._tag_key), addr)
+            stamp = self._stamp() if request.stamped else None  # answer in the request's version
+            self.transport.sendto(
+                encode_response(request.msg_id, value, self._tag_key, stamp), addr
+            )
             self.stats.requests_answered += 1
 
     async def call(self, addr: Address, method: str, args: Sequence[object]) -> object:
@@ -320,7 +380,10 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
             if self.transport is None or self._closed.done():
                 raise OverlayClosedError("overlay is stopped")
             msg_id = os.urandom(ID_SIZE)
-            datagram = encode_request(msg_id, method, args, self._tag_key)
+            stamped = addr not in self._legacy
+            datagram = encode_request(
+                msg_id, method, args, self._tag_key, self._stamp() if stamped else None
+            )
             future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
             self._outstanding[msg_id] = future
             self.stats.in_flight_peak = max(self.stats.in_flight_peak, len(self._outstanding))
@@ -331,6 +394,10 @@ class OverlayProtocol(KademliaProtocol):  # type: ignore[misc, unused-ignore]
                     return await future
             except TimeoutError:
                 self.stats.rpc_timeouts += 1
+                if stamped and addr not in self._stamped_peers:
+                    # Perhaps a peer of the previous release, which drops stamped frames: try
+                    # the next request unstamped (its first stamped frame undoes this).
+                    self._remember(self._legacy, addr)
                 raise RpcTimeoutError(
                     f"{method} to {addr[0]}:{addr[1]}: no answer in {self._wait_timeout:g} s"
                 ) from None

@@ -255,6 +255,8 @@ class Overlay:
             other_tag_keys=[derive_tag_key(k) for k in self.config.accepted_cluster_keys]
             if tag_key is not None
             else [],
+            replay_window=self.config.replay_window,
+            require_stamped=self.config.require_stamped,
         )
         try:
             transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
@@ -317,6 +319,19 @@ class Overlay:
         finally:
             self._stopped.set()
         self._log.info("overlay %s stopped", short_id(self.node_id))
+
+    def set_cluster_keys(self, cluster_key: bytes, accepted: Sequence[bytes] = ()) -> None:
+        """Tag with ``cluster_key`` and accept ``accepted`` too from now on (a key reload); an
+        overlay started open (no key) stays open: UsageError."""
+        if self.config.cluster_key is None:
+            raise UsageError("an overlay started without a cluster key cannot take one")
+        self.config = replace(
+            self.config, cluster_key=cluster_key, accepted_cluster_keys=tuple(accepted)
+        )
+        if self._protocol is not None:
+            self._protocol.set_tag_keys(
+                derive_tag_key(cluster_key), [derive_tag_key(k) for k in accepted]
+            )
 
     @property
     def running(self) -> bool:

@@ -1,6 +1,7 @@
 """Fuzz every decoder of bytes from outside: mutations of valid inputs, seeded and repeatable.
 
-Decoders: the data-plane wire codec (open-mode auth, so mutations reach the body parser instead
+Decoders: the native burst decoder of PAGES answers, differentially against the reference
+(``pages_burst``: any disagreement is a crash), the data-plane wire codec (open-mode auth, so mutations reach the body parser instead
 of all failing the tag check; each mutant is decoded as is and, when it still holds an open-mode
 auth block, once more with its body length pointed at that block, so insertions and deletions
 in a body or a page bulk reach the parsers too), the dedup stream decoder, the template catalog reader, the QEMU
@@ -128,6 +129,59 @@ def wire_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exceptio
             with contextlib.suppress(DecodeError):
                 wire.decode(relocated, max_datagram=wire.MAX_DATAGRAM, auth=auth, now=NOW)
         return wire.decode(data, max_datagram=wire.MAX_DATAGRAM, auth=auth, now=NOW)
+
+    return seeds, run, DecodeError
+
+
+def pages_burst_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
+    """The native burst decoder of PAGES answers (tmdht._native.decode_pages_burst through
+    tmdht.net.burst), differentially: each input (and its relocated twin) is decoded natively
+    and by the reference, open mode and keyed, and the two must agree (same message, or same
+    error class and message); a disagreement is a crash."""
+    from tmdht import _native  # noqa: PLC0415 - only this target needs the extension
+    from tmdht.auth import AuthenticationError, ClusterKey, KeyRing  # noqa: PLC0415
+    from tmdht.net.burst import decode_burst_native, decode_burst_reference  # noqa: PLC0415
+
+    ring = KeyRing(ClusterKey(7, bytes(range(32))))
+    opened, keyed = Authenticator.open_mode(), Authenticator(keyring=ring, replay=None)
+    pages = _pages(4, 6)
+    pairs = [(PageDigest(digest_page(p)), p) for p in pages]
+    missing = [PageDigest(bytes([i]) * 32) for i in range(3)]
+    seeds: list[bytes] = []
+    for auth in (opened, keyed):
+        for found, absent, mx in ((pairs[:1], missing, 32768), (pairs, [], 32768),
+                                  (pairs, missing, wire.MIN_DATAGRAM), ([], missing, 32768)):
+            seeds += wire.encode_pages_response(11, found, absent, max_datagram=mx, auth=auth,
+                                                now=NOW)
+    seeds += wire.encode_have_response(12, [True, False], max_datagram=32768, auth=opened, now=NOW)
+
+    def check(data: bytes) -> object:
+        """The message either mode accepted, else the error of the mode that got furthest."""
+        result: object = None
+        error: DecodeError | None = None
+        for auth in (opened, keyed):
+            (mine,) = decode_burst_native([data], auth=auth, now=NOW, native=_native)
+            (ref,) = decode_burst_reference([data], auth=auth, now=NOW)
+            if isinstance(mine, DecodeError) or isinstance(ref, DecodeError):
+                if type(mine) is not type(ref) or str(mine) != str(ref):
+                    raise AssertionError(f"native {mine!r} != reference {ref!r}")
+                assert isinstance(mine, DecodeError)
+                if error is None or not isinstance(mine, AuthenticationError):
+                    error = mine
+            elif mine != ref:
+                raise AssertionError("native and reference decoded different messages")
+            else:
+                result = mine
+        if result is None and error is not None:
+            raise error
+        return result
+
+    def run(data: bytes) -> object:
+        relocated = _relocate_open_auth_block(data)
+        if relocated is not None:
+            with contextlib.suppress(DecodeError):
+                check(relocated)
+        return check(data)
 
     return seeds, run, DecodeError
 
@@ -305,6 +359,7 @@ def overlay_target() -> tuple[list[bytes], Callable[[bytes], object], type[Excep
 
 TARGETS: dict[str, Callable[[], tuple[list[bytes], Callable[[bytes], object], type[Exception]]]] = {
     "wire": wire_target,
+    "pages_burst": pages_burst_target,
     "dedup_stream": dedup_target,
     "catalog": catalog_target,
     "qemu_stream": qemu_target,

@@ -21,7 +21,10 @@ variant (order rotated per repetition) a fresh destination QEMU receives it:
 - ``qemu-multifd-zstd``: multifd, 2 channels, zstd level 1;
 - ``qemu-xbzrle``: XBZRLE with its cache the next power of two above the guest's dirty working
   set, at least QEMU's default 64 MiB (QEMU's docs: large enough for the hot pages);
-- ``tmdht``, ``tmdht-zstd``: through ``tmdht qemu send/receive`` (``--compress``).
+- ``tmdht``, ``tmdht-zstd``: through ``tmdht qemu send/receive`` (``--compress``), with
+  ``--insecure-plaintext`` (the namespaces' addresses are not loopback);
+- ``tmdht-tls``: the same over mutual TLS (QEMU-style x509 credential directories from a scratch
+  CA made with openssl for this run).
 
 QEMU's bandwidth cap is raised to 10 GiB/s (the link is the limit), downtime limit 300 ms.
 A migration that has not converged ``--converge-grace`` seconds (and as long as its first
@@ -69,6 +72,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from migration.helpers import differing_pages  # noqa: E402
+from support.tls import ScratchCA  # noqa: E402
 from wanemu import (  # noqa: E402
     DEST_CPU,
     DST_ADDR,
@@ -92,7 +96,7 @@ from tmdht.mining import MiningConfig, TemplateMiner  # noqa: E402
 from tmdht.native import describe as native_describe  # noqa: E402
 from tmdht.node.local import LocalCluster  # noqa: E402
 
-VARIANTS = ("qemu", "qemu-multifd-zstd", "qemu-xbzrle", "tmdht", "tmdht-zstd")
+VARIANTS = ("qemu", "qemu-multifd-zstd", "qemu-xbzrle", "tmdht", "tmdht-zstd", "tmdht-tls")
 SEED = 41
 CORPUS_SERVERS = (GuestSpec(name="server-corpus-101", workload="server", seed=101),
                   GuestSpec(name="server-corpus-102", workload="server", seed=102))
@@ -205,6 +209,8 @@ class Context:
     converge_grace: float
     timeout: float
     verify: bool
+    tls: tuple[Path, Path]
+    """tmdht-tls: the receiver's and the sender's credential directories."""
 
 
 def _tmdht(wrapper: Path, *args: str | Path) -> str:
@@ -238,11 +244,18 @@ def start_incoming(ctx: Context, variant: str, dest: Guest, reports: Path) -> st
         ctx.wan.wrappers["receiver"], "qemu", "receive", "--listen", f"{DST_ADDR}:0",
         "--seed", f"{host}:{port}", "--cluster-key-file", ctx.cluster.key_file,
         "--catalog", ctx.catalog, "--ready-file", fifo, "--report", reports / "receive.json",
-        "--accept-timeout", "120"))
+        "--accept-timeout", "120", *_security(ctx, variant, 0)))
     _host, listen_port = read_ready(fifo, timeout=60)
     extra = ["--compress"] if variant == "tmdht-zstd" else []
+    extra += _security(ctx, variant, 1)
     return _tmdht(ctx.wan.wrappers["sender"], "qemu", "send", "--catalog", ctx.catalog, "--to",
                   f"{DST_ADDR}:{listen_port}", "--report", reports / "send.json", *extra)
+
+
+def _security(ctx: Context, variant: str, side: int) -> list[str | Path]:
+    """TLS for tmdht-tls (``side`` 0: receiver, 1: sender), plaintext said out loud otherwise:
+    the proxies refuse plaintext off loopback."""
+    return ["--tls-creds", ctx.tls[side]] if variant == "tmdht-tls" else ["--insecure-plaintext"]
 
 
 def follow(ctx: Context, source: Guest) -> tuple[dict[str, Any], bool, float | None]:
@@ -592,7 +605,8 @@ def plot(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
                                if any(e["rate"] == s["rate"] for e in summary)))
     variants = [v for v in VARIANTS if any(e["variant"] == v for e in summary)]
     style = dict(zip(VARIANTS, (("#555555", "o"), ("#d08c2c", "s"), ("#a05cb0", "^"),
-                                ("#3b7dc4", "D"), ("#3a9a4a", "v")), strict=True))
+                                ("#3b7dc4", "D"), ("#3a9a4a", "v"), ("#c44e52", "P")),
+                     strict=True))
     index = {(e["memory_mib"], e["dirty"], e["rate"], e["rtt_ms"], e["variant"]): e
              for e in summary}
     width = 0.8 / len(variants)
@@ -875,6 +889,11 @@ def main(argv: list[str] | None = None) -> int:
             work / "cluster", 3, extra_args=NODE_ARGS, python=str(wan.wrappers["nodes"])))
         log("publishing the templates into the 3-node cluster ...")
         results["conditions"]["publish"] = publish(wan, catalog_path, corpus, cluster)
+        ca = ScratchCA(work / "ca")  # tmdht-tls: QEMU tls-creds-x509 directories
+        tls = (ca.creds(work / "tls-receiver", server=ca.issue(
+                   "receiver", "/O=bench/CN=receiver", server=True, names=f"IP:{DST_ADDR}")),
+               ca.creds(work / "tls-sender", client=ca.issue(
+                   "sender", "/O=bench/CN=sender", server=False)))
         ctx = Context(wan=wan,
                       src_tools=replace(tools, qemu=wan.wrapper(
                           "qemu-src", wan.src, SOURCE_CPU, "src-qemu", tools.qemu)),
@@ -882,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
                           "qemu-dst", wan.dst, DEST_CPU, "dst-qemu", tools.qemu)),
                       initramfs=initramfs, catalog=catalog_path, cluster=cluster, work=work,
                       shm=shm, converge_grace=args.converge_grace, timeout=args.timeout,
-                      verify=not args.no_verify)
+                      verify=not args.no_verify, tls=tls)
         done = 0
         eta_from = time.monotonic()  # the ETA counts migrations (and boots), not the set-up
         for config in guests:

@@ -23,6 +23,10 @@ One run, the same distinct random 4 KiB pages for every system, all on loopback:
   keeps no values (a no-op storage), else kademlia would push every key to it on first
   contact and get() would answer from its own memory.
 
+The client's and the nodes' data path is native (tmdht._native: PAGES bursts decoded and
+verified in one call, answers sealed natively) where built; TMDHT_NATIVE=0 runs the pure-Python
+reference for comparison ("data_path" in the JSON says which ran).
+
 Every loop is bounded by a count and by --seconds. CPU seconds per page of this process, the
 node processes and redis-server are recorded next to wall-clock figures: on a 2-core machine
 shared with other work the wall-clock figures move with the load, CPU per page much less (the
@@ -689,7 +693,7 @@ def print_table(doc: dict[str, Any]) -> None:
     say(f"{t['nodes']} nodes, R={t['replicas']}, {t['publish']['pages']:,} distinct random 4 KiB pages, loopback, one client "
         f"process on uvloop, verification on; {doc['cpus']} CPUs, load average {doc['load_average']['start'][0]:.1f} at start, "
         f"{doc['load_average']['end'][0]:.1f} at end; datagrams of {t['client']['max_datagram']:,} bytes, "
-        f"{t['client']['get_batch_digests']} digests per GET")
+        f"{t['client']['get_batch_digests']} digests per GET; data path {doc.get('data_path', '?')}")
     loads = ", ".join(f"{doc['load_average'][k][0]:.1f}" for k in ("redis", "kademlia", "tmdht"))
     say(f"load average (1 min) at the start of the Redis, kademlia and tmdht phases: {loads}")
     say(f"{'figure':44}{'tmdht':>12}{'baseline':>12}  {'(of)':24}{'ratio':>9}{'target':>9}  met?")
@@ -808,7 +812,10 @@ def main() -> int:
     args.repeat = max(1, min(args.repeat, 10))
     args.latency_samples = max(100, min(args.latency_samples, 100_000))
     began = time.perf_counter()
+    from tmdht.net.burst import burst_implementation  # noqa: PLC0415 - after argument parsing
+
     doc: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "git": git_state(),
+                           "data_path": burst_implementation(),
                            "load_average": {"start": os.getloadavg()}, "targets": TARGETS}
     doc["setup"] = ensure_baselines(not args.no_install)
     say(f"generating {args.pages:,} random pages")

@@ -22,8 +22,9 @@ __all__ = ["parse_send", "run_fast"]
 
 _ENV_PREFIX = "TMDHT_QEMU_SEND_"
 _VALUED = {"--catalog", "--to", "--backref-window", "--flow-window", "--connect-timeout",
-           "--done-timeout", "--report", "--log-level"}
-_FLAGS = {"--compress"}
+           "--done-timeout", "--report", "--log-level", "--tls-creds", "--tls-hostname",
+           "--tls-authz"}
+_FLAGS = {"--compress", "--insecure-plaintext"}
 _MAX_BACKREF_WINDOW = 1 << 18
 
 
@@ -52,10 +53,12 @@ def parse_send(argv: list[str]) -> tuple[Any, Path | None, str] | None:
         else:
             return None  # unknown, repeated, --help, --progress, --metrics-port, positional
         i += 1
+    from tmdht.errors import TmdhtError  # noqa: PLC0415
+
     try:
         return _config(values, flags)
-    except (ValueError, OverflowError):
-        return None
+    except (ValueError, OverflowError, TmdhtError):
+        return None  # click says what is wrong
 
 
 def _config(values: dict[str, str], flags: set[str]) -> tuple[Any, Path | None, str] | None:
@@ -76,11 +79,21 @@ def _config(values: dict[str, str], flags: set[str]) -> tuple[Any, Path | None, 
     backref_window = int(values.get("--backref-window", "32768"))
     if not 1 <= backref_window <= _MAX_BACKREF_WINDOW:
         return None
+    tls = None
+    if "--tls-creds" in values:
+        from tmdht.client.tls import TlsConfig  # noqa: PLC0415
+
+        tls = TlsConfig(Path(values["--tls-creds"]),
+                        peer_subjects=(values["--tls-authz"],) if "--tls-authz" in values else (),
+                        hostname=values.get("--tls-hostname"))
+    elif "--tls-authz" in values or "--tls-hostname" in values:
+        return None  # click refuses them without --tls-creds
     config = SenderConfig(
         catalog=catalog, to=to, compress="--compress" in flags, backref_window=backref_window,
         flow_window=flow_window,
         connect_timeout=float(values.get("--connect-timeout", "30")),
-        done_timeout=float(values.get("--done-timeout", "120")))
+        done_timeout=float(values.get("--done-timeout", "120")),
+        tls=tls, insecure_plaintext="--insecure-plaintext" in flags)
     report = Path(values["--report"]) if "--report" in values else None
     return config, report, values.get("--log-level", "warning")
 

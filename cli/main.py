@@ -59,6 +59,7 @@ _COMMANDS: dict[str, str] = {
     "qemu": "tmdht.cli.qemu:qemu",
     "rebuild": "tmdht.cli.codec:rebuild",
     "templates": "tmdht.cli.templates:templates",
+    "vnet": "tmdht.cli.vnet:vnet",
 }
 
 

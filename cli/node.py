@@ -7,8 +7,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import click
 from rich.table import Table
@@ -21,7 +22,6 @@ from tmdht.net.address import format_address
 
 if TYPE_CHECKING:
     from tmdht.client.store import MemberStatus
-    from tmdht.node.service import NodeStatus
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,6 +53,48 @@ def setup_logging(fmt: str, level: str) -> None:
     if level != "debug":
         logging.getLogger("kademlia").setLevel(logging.WARNING)
         logging.getLogger("rpcudp").setLevel(logging.WARNING)
+
+
+class ServiceConfig(Protocol):
+    """What :func:`service_config` needs of a service's config: how it logs."""
+
+    @property
+    def log_format(self) -> str: ...
+
+    @property
+    def log_level(self) -> str: ...
+
+
+C = TypeVar("C", bound=ServiceConfig)
+
+
+def service_config(from_sources: Callable[..., C], config_file: Path | None,
+                   seeds: tuple[str, ...], flags: dict[str, object]) -> C:
+    """A service's config (its class's ``from_sources``) from its TOML file, the environment
+    and the flags (repeated ``--seed`` joined), with logging set up as it says."""
+    toml_text = None
+    if config_file is not None:
+        try:
+            toml_text = config_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"{config_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{config_file}: not a TOML config file (binary content)") from None
+    if seeds:
+        flags["seeds"] = ",".join(seeds)
+    config = from_sources(
+        toml_text=toml_text, env=os.environ, flags=flags, source=str(config_file or "config")
+    )
+    setup_logging(config.log_format, config.log_level)
+    return config
+
+
+def print_ready_line(status: Mapping[str, object]) -> None:
+    """``READY {json}`` on stdout: how a supervisor or a test learns a service's addresses."""
+    from tmdht.node.local import READY_PREFIX  # noqa: PLC0415 - keep `tmdht --help` light
+
+    sys.stdout.write(READY_PREFIX + json.dumps(status) + "\n")
+    sys.stdout.flush()
 
 
 @click.group()
@@ -115,30 +157,12 @@ def node_run(
     **flags: object,
 ) -> None:
     """Run a store node until SIGTERM or SIGINT."""
-    from tmdht.node.local import READY_PREFIX  # noqa: PLC0415 - keep `tmdht --help` light
-    from tmdht.node.service import StoreNode  # noqa: PLC0415
+    from tmdht.node.service import StoreNode  # noqa: PLC0415 - keep `tmdht --help` light
 
-    toml_text = None
-    if config_file is not None:
-        try:
-            toml_text = config_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"{config_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"{config_file}: not a TOML config file (binary content)") from None
-    if seeds:
-        flags["seeds"] = ",".join(seeds)
-    config = NodeConfig.from_sources(
-        toml_text=toml_text, env=os.environ, flags=flags, source=str(config_file or "config")
-    )
-    setup_logging(config.log_format, config.log_level)
-
-    def announce(status: NodeStatus) -> None:
-        sys.stdout.write(READY_PREFIX + json.dumps(status) + "\n")
-        sys.stdout.flush()
+    config = service_config(NodeConfig.from_sources, config_file, seeds, flags)
 
     async def main() -> None:
-        await StoreNode(config, on_ready=announce if ready_line else None).run()
+        await StoreNode(config, on_ready=print_ready_line if ready_line else None).run()
 
     run_async(main(), event_loop)
 

@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
 from tmdht.cli.access import cluster_access, cluster_options
 from tmdht.cli.main import parse_size
 from tmdht.cli.proxy import run_proxy, setup_logging
+from tmdht.client.tls import TlsConfig
 from tmdht.config import parse_address
 from tmdht.errors import ConfigError, UsageError
 
 log = logging.getLogger("tmdht.cli.qemu")
+F = TypeVar("F", bound=Callable[..., object])
 
 
 def _address(text: str, what: str, *, any_port: bool = False) -> tuple[str, int]:
@@ -45,6 +49,41 @@ def _address(text: str, what: str, *, any_port: bool = False) -> tuple[str, int]
 @click.group()
 def qemu() -> None:
     """Live-migrate an unpatched QEMU through tmdht: send, receive (exec: migration proxies)."""
+
+
+def tls_options(*, sender: bool) -> Callable[[F], F]:
+    """--tls-creds, --tls-authz (and the sender's --tls-hostname), --insecure-plaintext."""
+    peer = "receiver" if sender else "sender"
+
+    def decorate(command: F) -> F:
+        command = click.option(
+            "--insecure-plaintext", is_flag=True,
+            help="Allow a non-loopback address without TLS (guest memory in the clear).")(command)
+        if sender:
+            command = click.option(
+                "--tls-hostname", metavar="NAME",
+                help="Name the receiver's certificate must carry (default: the host of --to)."
+            )(command)
+        command = click.option(
+            "--tls-authz", "tls_authz", multiple=True, metavar="SUBJECT",
+            help=f"Accept only a {peer} certificate with this subject ('CN=host,O=Org'; "
+            "repeat to allow several).")(command)
+        return click.option(
+            "--tls-creds", type=click.Path(path_type=Path, file_okay=False),
+            help="Mutual TLS 1.3: a directory laid out like QEMU's tls-creds-x509 dir "
+            "(ca-cert.pem, server-cert.pem/server-key.pem, client-cert.pem/client-key.pem)."
+        )(command)
+
+    return decorate
+
+
+def _tls(creds: Path | None, authz: tuple[str, ...], hostname: str | None = None
+         ) -> TlsConfig | None:
+    if creds is None:
+        if authz or hostname:
+            raise UsageError("--tls-authz and --tls-hostname need --tls-creds")
+        return None
+    return TlsConfig(creds, peer_subjects=authz, hostname=hostname)
 
 
 @qemu.command()
@@ -65,16 +104,21 @@ def qemu() -> None:
 @click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the end-of-migration report here as JSON.")
 @click.option("--log-level", default="warning", show_default=True)
+@tls_options(sender=True)
 def send(catalog: Path, to: str, compress: bool, backref_window: int, flow_window: str,
          connect_timeout: float, done_timeout: float, progress: bool,
-         metrics_port: int | None, report_path: Path | None, log_level: str) -> None:
+         metrics_port: int | None, report_path: Path | None, log_level: str,
+         tls_creds: Path | None, tls_authz: tuple[str, ...], tls_hostname: str | None,
+         insecure_plaintext: bool) -> None:
     """Read QEMU's migration stream on stdin, send it deduplicated to a receiver."""
     from tmdht.client.migration import SenderConfig, run_sender  # noqa: PLC0415
 
     setup_logging(log_level)
     config = SenderConfig(catalog=catalog, to=_address(to, "--to"), compress=compress,
                           backref_window=backref_window, flow_window=parse_size(flow_window),
-                          connect_timeout=connect_timeout, done_timeout=done_timeout)
+                          connect_timeout=connect_timeout, done_timeout=done_timeout,
+                          tls=_tls(tls_creds, tls_authz, tls_hostname),
+                          insecure_plaintext=insecure_plaintext)
     run_proxy("send", progress, metrics_port, report_path,
                lambda metrics, update: run_sender(config, metrics=metrics, on_progress=update),
                run_in_loop=False)
@@ -100,11 +144,14 @@ def send(catalog: Path, to: str, compress: bool, backref_window: int, flow_windo
 @click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the end-of-migration report here as JSON.")
 @click.option("--log-level", default="warning", show_default=True)
+@tls_options(sender=False)
 def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
             insecure_open: bool, no_cluster: bool, catalog: Path | None,
             ready_file: Path | None, accept_timeout: float, resolve_batch: int,
             resolve_parallel: int, resolve_timeout: float, progress: bool,
-            metrics_port: int | None, report_path: Path | None, log_level: str) -> None:
+            metrics_port: int | None, report_path: Path | None, log_level: str,
+            tls_creds: Path | None, tls_authz: tuple[str, ...],
+            insecure_plaintext: bool) -> None:
     """Accept a sender, rebuild QEMU's migration stream on stdout (resolving via the cluster)."""
     from tmdht.catalog_file import read_template_digests  # noqa: PLC0415
     from tmdht.client.migration import (  # noqa: PLC0415 - IO stack on demand
@@ -119,7 +166,8 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
         listen=_address(listen, "--listen", any_port=True), store=store,
         expected_catalog_id=read_template_digests(catalog).catalog_id if catalog else None,
         ready_file=ready_file, accept_timeout=accept_timeout, resolve_batch=resolve_batch,
-        resolve_parallel=resolve_parallel, resolve_timeout=resolve_timeout)
+        resolve_parallel=resolve_parallel, resolve_timeout=resolve_timeout,
+        tls=_tls(tls_creds, tls_authz), insecure_plaintext=insecure_plaintext)
 
     def listening(address: tuple[str, int]) -> None:
         sys.stderr.write(f"READY {address[0]}:{address[1]}\n")

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from tmdht.catalog_file import read_template_digests
 from tmdht.client.errors import MigrationFailed
+from tmdht.client.tls import TlsConfig, TlsError, require_tls_or_loopback
 from tmdht.errors import DecodeError, IntegrityError, TmdhtError
 from tmdht.files import atomic_write
 from tmdht.migration_stream import (
@@ -63,6 +64,7 @@ from tmdht.native import (
 
 if TYPE_CHECKING:
     import asyncio
+    import ssl
     from wsgiref.simple_server import WSGIServer
 
     from prometheus_client import CollectorRegistry
@@ -185,6 +187,15 @@ class MigrationReport:
     resolve_seconds_total: float = 0.0
     resolve_seconds_max: float = 0.0
     duration_s: float = 0.0
+    tls_peer: str | None = None
+    """Subject of the peer's certificate when the connection ran TLS (None: plaintext)."""
+    tcp_sent_bytes: int = 0
+    """Bytes TCP delivered to the peer (TCP_INFO bytes_acked): TLS records and handshake
+    included; 0 where the kernel does not say."""
+    tcp_received_bytes: int = 0
+    """Bytes TCP received from the peer (TCP_INFO bytes_received)."""
+    cpu_s: float = 0.0
+    """CPU seconds (user + system) of the proxy process when the report was made."""
 
     @property
     def wan_bytes(self) -> int:
@@ -236,6 +247,14 @@ class SenderConfig:
     """Seconds to reach the receiver."""
     done_timeout: float = 120.0
     """Seconds to wait for the receiver's verdict after QEMU's stream ended."""
+    tls: TlsConfig | None = None
+    """Mutual TLS 1.3 with the receiver (None: plaintext)."""
+    insecure_plaintext: bool = False
+    """Allow plaintext to a non-loopback receiver (refused otherwise)."""
+
+    def __post_init__(self) -> None:
+        """Secure by default: no plaintext off loopback unless asked for (UsageError)."""
+        require_tls_or_loopback("--to", self.to, self.tls, self.insecure_plaintext)
 
 
 @dataclass(frozen=True)
@@ -260,6 +279,16 @@ class ReceiverConfig:
     """A resolve call slower than this sends its digests to the sender instead."""
     skip_cluster_for: float = 5.0
     """After a batch the cluster could not serve at all, ask the sender directly this long."""
+    tls: TlsConfig | None = None
+    """Mutual TLS 1.3 with the sender (None: plaintext)."""
+    insecure_plaintext: bool = False
+    """Allow plaintext on a non-loopback listening address (refused otherwise)."""
+    handshake_timeout: float = 30.0
+    """Seconds the sender has to complete the TLS handshake once connected."""
+
+    def __post_init__(self) -> None:
+        """Secure by default: no plaintext off loopback unless asked for (UsageError)."""
+        require_tls_or_loopback("--listen", self.listen, self.tls, self.insecure_plaintext)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -334,6 +363,27 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+_TCP_INFO_SIZE = 232
+_TCP_BYTES_ACKED = 120  # struct tcp_info: u64 tcpi_bytes_acked, then u64 tcpi_bytes_received
+
+
+def _tcp_totals(sock: Any, report: MigrationReport) -> None:
+    """Record the connection's bytes as TCP counted them (with TLS framing), best effort."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+        if len(info) >= _TCP_BYTES_ACKED + 16:
+            report.tcp_sent_bytes = int.from_bytes(
+                info[_TCP_BYTES_ACKED:_TCP_BYTES_ACKED + 8], sys.byteorder)
+            report.tcp_received_bytes = int.from_bytes(
+                info[_TCP_BYTES_ACKED + 8:_TCP_BYTES_ACKED + 16], sys.byteorder)
+
+
+TLS_READY = Ack(0, 0)
+"""With TLS the receiver's first record, sent once it accepted the sender's certificate: the
+sender reads nothing of QEMU's stream before it (in TLS 1.3 the client's handshake completes
+before the server has checked the client's certificate)."""
+
+
 class _Wan:
     """The sender-receiver connection with byte counting."""
 
@@ -388,7 +438,13 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
     tune_allocator()
     rewriter = make_sender(read_template_digests(config.catalog), compress=config.compress,
                            backref_window=config.backref_window, flow_window=config.flow_window)
+    context = None
+    if config.tls is not None:
+        from tmdht.client.tls import client_context  # noqa: PLC0415 - ssl only with TLS
+
+        context = client_context(config.tls)  # ConfigError: unusable credentials
     sock: socket.socket | None = None
+    decoder = ReverseDecoder()
     try:
         try:
             sock = socket.create_connection(config.to, timeout=config.connect_timeout)
@@ -397,29 +453,81 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
             raise MigrationFailed(
                 f"cannot reach the receiver at {config.to[0]}:{config.to[1]} ({reason})") from None
         _tune(sock)
+        if context is not None:
+            sock = _tls_connect(config, context, sock, decoder, report)
         sock.setblocking(False)
-        _pump_sender(config, rewriter, sock, stdin_fd, report, metrics, on_progress)
+        _pump_sender(config, rewriter, sock, stdin_fd, report, metrics, on_progress, decoder)
         report.ok = True
     except (TmdhtError, OSError, ConnectionError, TimeoutError) as exc:
         report.error = _describe(exc)
         raise MigrationFailed(report.error, report) from exc
     finally:
         if sock is not None:
+            _tcp_totals(sock, report)
             sock.close()
         report.counts = rewriter.counts
         report.duration_s = time.monotonic() - started
+        report.cpu_s = time.process_time()
         _finish_metrics(metrics, report)
     return report
 
 
+def _tls_connect(config: SenderConfig, context: ssl.SSLContext, sock: socket.socket,
+                 decoder: ReverseDecoder, report: MigrationReport) -> socket.socket:
+    """The TLS handshake (within the connect timeout), the pins, and the receiver's TLS_READY;
+    raises TlsError (the socket closed) before a byte of QEMU's stream is read."""
+    import ssl  # noqa: PLC0415 - only with TLS
+
+    from tmdht.client.tls import check_peer, describe_tls_error  # noqa: PLC0415
+
+    assert config.tls is not None
+    try:
+        tls = context.wrap_socket(sock, server_hostname=config.tls.hostname or config.to[0])
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        raise TlsError(describe_tls_error(exc, "the receiver")) from exc
+    try:
+        report.tls_peer = check_peer(tls.getpeercert(), config.tls, "receiver")
+        while True:
+            try:
+                data = tls.recv(CHUNK)
+            except ssl.SSLError as exc:
+                raise TlsError(describe_tls_error(exc, "the receiver")) from exc
+            if not data:
+                raise TlsError("the receiver closed the connection after the TLS handshake "
+                               "(it may have refused our certificate: see its log)")
+            report.wan_received_bytes += len(data)
+            decoder.feed(data)
+            first = next(iter(decoder.records()), None)
+            if first is None:
+                continue
+            if isinstance(first, Done):
+                raise TlsError(f"the receiver refused the connection: {first.message}")
+            if first != TLS_READY:
+                raise DecodeError(f"the receiver's first record is {first}, not TLS_READY")
+            return tls
+    except BaseException:
+        tls.close()
+        raise
+
+
 def _pump_sender(config: SenderConfig, rewriter: MigrationSender, sock: socket.socket, fd: int,
                  report: MigrationReport, metrics: MigrationMetrics | None,
-                 on_progress: Callable[[int, int], None] | None) -> None:
+                 on_progress: Callable[[int, int], None] | None,
+                 decoder: ReverseDecoder) -> None:
     """Read QEMU while the flow window is open and the socket keeps up; answer ACK and NEED;
     return once the receiver's verdict is in (MigrationFailed if it refused the stream)."""
     _enlarge_pipe(fd)
     out = bytearray()
-    decoder = ReverseDecoder()
+    blocked: tuple[type[BaseException], ...] = (BlockingIOError,)
+    pending: Callable[[], int] = lambda: 0  # noqa: E731
+    if config.tls is not None:
+        import ssl  # noqa: PLC0415 - only with TLS
+
+        # A TLS socket may want to write while reading (and read while writing); records it
+        # decrypted wait in the SSL object, not in the kernel, so drain pending() too.
+        blocked = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        pending = sock.pending  # type: ignore[attr-defined]
     verdict: Done | None = None
     deadline: float | None = None  # for the verdict, once QEMU's stream ended
 
@@ -450,7 +558,7 @@ def _pump_sender(config: SenderConfig, rewriter: MigrationSender, sock: socket.s
         reading_qemu = False
         while True:
             if out:
-                with contextlib.suppress(BlockingIOError):
+                with contextlib.suppress(*blocked):
                     del out[: sock.send(out)]
             if verdict is not None and not out:
                 break
@@ -478,13 +586,17 @@ def _pump_sender(config: SenderConfig, rewriter: MigrationSender, sock: socket.s
                 if key.fileobj is not sock:
                     read_qemu()
                     continue
-                if mask & selectors.EVENT_READ and verdict is None:
+                more = bool(mask & selectors.EVENT_READ)
+                while more and verdict is None:
                     try:
                         data = sock.recv(CHUNK)
-                    except BlockingIOError:
-                        continue
+                    except blocked:
+                        break
                     if not data:
-                        raise MigrationFailed("the receiver closed the connection")
+                        raise MigrationFailed(
+                            "the receiver closed the connection" if report.wan_received_bytes
+                            else "the receiver closed the connection before answering (a "
+                            "receiver with --tls-creds does that to a plaintext sender)")
                     report.wan_received_bytes += len(data)
                     if metrics is not None:
                         metrics.wan_bytes.inc(len(data))
@@ -497,6 +609,7 @@ def _pump_sender(config: SenderConfig, rewriter: MigrationSender, sock: socket.s
                         else:
                             verdict = record
                             break
+                    more = pending() > 0
     assert verdict is not None
     if not verdict.ok:
         raise MigrationFailed(f"the receiver refused the stream: {verdict.message}")
@@ -538,6 +651,11 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
 
     report = MigrationReport("receive")
     tune_allocator()
+    context = None
+    if config.tls is not None:
+        from tmdht.client.tls import server_context  # noqa: PLC0415
+
+        context = server_context(config.tls)  # ConfigError: unusable credentials
     rebuilder = make_receiver(config.expected_catalog_id)
     listener = socket.create_server(config.listen, reuse_port=False)
     listener.setblocking(False)
@@ -552,6 +670,8 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
     store_task: asyncio.Task[None] | None = None
     out = _PipeOut(stdout_fd)
     wan: _Wan | None = None
+    conn: socket.socket | None = None
+    probe: socket.socket | None = None  # a second fd of the connection, for TCP_INFO at the end
     started = time.monotonic()
     tasks: set[asyncio.Task[Any]] = set()
     try:
@@ -561,14 +681,16 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
             store_task = asyncio.create_task(store.start())
         loop = asyncio.get_running_loop()
         try:
-            conn, peer = await asyncio.wait_for(loop.sock_accept(listener), config.accept_timeout)
+            accepted, peer = await asyncio.wait_for(loop.sock_accept(listener),
+                                                    config.accept_timeout)
         finally:
             listener.close()
+        conn = accepted
         started = time.monotonic()
-        _tune(conn)
+        _tune(accepted)
+        probe = accepted.dup()
         log.info("sender connected from %s", peer)
-        reader, writer = await asyncio.open_connection(sock=conn)
-        wan = _Wan(reader, writer, report, metrics)
+        wan = await _open_wan(config, context, accepted, report, metrics)
         await out.open()
         if store is not None and store_task is not None:
             try:
@@ -590,6 +712,10 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
                        verified)
     except (TmdhtError, OSError, ConnectionError, TimeoutError) as exc:
         report.error = _describe(exc)
+        if (report.tls_peer is not None and not report.wan_received_bytes
+                and isinstance(exc, DecodeError)):
+            report.error = ("the sender closed the connection right after the TLS handshake "
+                            "(it may have refused our certificate: see its log)")
         if wan is not None and isinstance(exc, IntegrityError):
             with contextlib.suppress(OSError, ConnectionError, ValueError):
                 wan.send(encode(Done(False, report.error[:1000])))
@@ -607,6 +733,11 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
                 await store.close()
         if wan is not None:
             await wan.close()
+        if conn is not None:
+            conn.close()  # a no-op if the transport closed it
+        if probe is not None:
+            _tcp_totals(probe, report)
+            probe.close()
         await out.close()
         _fill_receiver_report(report, rebuilder, started)
         if metrics is not None:
@@ -614,6 +745,88 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
             metrics.cluster_pages.inc(report.cluster_pages)
         _finish_metrics(metrics, report)
     return report
+
+
+async def _first_byte(conn: socket.socket, timeout: float) -> int | None:
+    """The first byte the sender sent, left in the socket (None: it closed without one)."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+    fd = conn.fileno()
+
+    def wake() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await asyncio.wait_for(readable, timeout)
+    finally:
+        loop.remove_reader(fd)
+    data = conn.recv(1, socket.MSG_PEEK)
+    return data[0] if data else None
+
+
+async def _refuse_plaintext(conn: socket.socket) -> None:
+    """Tell a plaintext sender in its own protocol that TLS is required, and keep reading (and
+    dropping) what it sends until it closes (bounded): closing with unread bytes would reset
+    the connection and lose the message."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError, TimeoutError):
+        await asyncio.wait_for(loop.sock_sendall(conn, encode(Done(False, _REQUIRES_TLS))), 5)
+        conn.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(5):
+            for _ in range(100_000):
+                if not await loop.sock_recv(conn, CHUNK):
+                    break
+
+
+_TLS_HANDSHAKE = 0x16
+"""First byte of a TLS connection (a handshake record); a plaintext sender's is ``T``."""
+_REQUIRES_TLS = "this receiver requires TLS: run the sender with --tls-creds"
+
+
+async def _open_wan(config: ReceiverConfig, context: ssl.SSLContext | None,
+                    conn: socket.socket, report: MigrationReport,
+                    metrics: MigrationMetrics | None) -> _Wan:
+    """The connection as streams: plaintext, or TLS once the handshake and the pins passed and
+    TLS_READY is sent. A sender of the other kind fails here with a one-line reason, and a
+    plaintext sender is told so in its own protocol."""
+    loop = asyncio.get_running_loop()
+    first = await _first_byte(conn, config.handshake_timeout)
+    if context is None:
+        if first == _TLS_HANDSHAKE:
+            raise TlsError("the sender started a TLS handshake, but this receiver runs without "
+                           "TLS: give it --tls-creds too")
+        reader, writer = await asyncio.open_connection(sock=conn)
+        return _Wan(reader, writer, report, metrics)
+    if first != _TLS_HANDSHAKE:
+        await _refuse_plaintext(conn)
+        raise TlsError("the sender did not start a TLS handshake (a plaintext sender? it "
+                       "needs --tls-creds too)")
+    import ssl  # noqa: PLC0415 - only with TLS
+
+    from tmdht.client.tls import check_peer, describe_tls_error  # noqa: PLC0415
+
+    assert config.tls is not None
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    try:
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, conn, ssl=context, ssl_handshake_timeout=config.handshake_timeout)
+    except (ssl.SSLError, OSError, TimeoutError) as exc:
+        raise TlsError(describe_tls_error(exc, "the sender")) from exc
+    wan = _Wan(reader, asyncio.StreamWriter(transport, protocol, reader, loop), report, metrics)
+    try:
+        report.tls_peer = check_peer(transport.get_extra_info("peercert"), config.tls, "sender")
+    except TlsError as exc:
+        with contextlib.suppress(OSError, ConnectionError):
+            wan.send(encode(Done(False, str(exc))))
+            await asyncio.wait_for(wan.writer.drain(), 5)
+        await wan.close()
+        raise
+    log.info("TLS with the sender %s", report.tls_peer)
+    wan.send(encode(TLS_READY))
+    return wan
 
 
 def _fill_receiver_report(report: MigrationReport, rebuilder: MigrationReceiver,
@@ -626,6 +839,7 @@ def _fill_receiver_report(report: MigrationReport, rebuilder: MigrationReceiver,
     report.cluster_pages = stats.cluster_pages
     report.fallback_pages = stats.fallback_pages
     report.duration_s = time.monotonic() - started
+    report.cpu_s = time.process_time()
 
 
 async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _Wan,

@@ -52,6 +52,11 @@ class SerialConsole:
             self._closed = True
             self._sock.close()
 
+    def send_line(self, line: str) -> None:
+        """Write one line to the guest's console input (the net guests read commands there)."""
+        self._sock.settimeout(5.0)
+        self._sock.sendall(line.encode() + b"\n")
+
     @property
     def transcript(self) -> str:
         """The last output of the console (bounded), decoded leniently."""

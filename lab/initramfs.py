@@ -138,20 +138,27 @@ def build_initramfs(busybox: Path | None = None, cpio: Path | None = None, *,
             (staging / member).chmod(0o755)
             os.utime(staging / member, (_FIXED_MTIME, _FIXED_MTIME))
         os.utime(staging, (_FIXED_MTIME, _FIXED_MTIME))
-        names = "".join(f"{name}\0" for name in sorted([".", *members]))
-        try:
-            done = subprocess.run(
-                [str(cpio), "--create", "--format=newc", "--null", "--owner=0:0",
-                 "--reproducible", "--quiet"],
-                input=names.encode(), cwd=staging, capture_output=True,
-                timeout=_CPIO_TIMEOUT_S, check=False)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise LabSetupError(f"cannot run {cpio}: {exc}") from exc
-        if done.returncode != 0:
-            raise LabSetupError(f"{cpio} failed ({done.returncode}): "
-                                f"{done.stderr.decode(errors='replace').strip()}")
+        archive = pack_cpio(staging, sorted([".", *members]), cpio)
     # The distribution makes the server archive 24 MiB: level 6 packs it about as tight, faster.
-    return gzip.compress(done.stdout, compresslevel=6 if server else 9, mtime=0)
+    return gzip.compress(archive, compresslevel=6 if server else 9, mtime=0)
+
+
+def pack_cpio(staging: Path, members: list[str], cpio: Path) -> bytes:
+    """A newc cpio archive of ``members`` (paths relative to ``staging``, in this order) with
+    fixed owners (GNU cpio ``--reproducible``): the same files give the same bytes."""
+    names = "".join(f"{name}\0" for name in members)
+    try:
+        done = subprocess.run(
+            [str(cpio), "--create", "--format=newc", "--null", "--owner=0:0",
+             "--reproducible", "--quiet"],
+            input=names.encode(), cwd=staging, capture_output=True,
+            timeout=_CPIO_TIMEOUT_S, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise LabSetupError(f"cannot run {cpio}: {exc}") from exc
+    if done.returncode != 0:
+        raise LabSetupError(f"{cpio} failed ({done.returncode}): "
+                            f"{done.stderr.decode(errors='replace').strip()}")
+    return done.stdout
 
 
 def ensure_initramfs(directory: Path, busybox: Path | None = None,

@@ -3,8 +3,8 @@
 - :mod:`tmdht.node.service` — :class:`~tmdht.node.service.StoreNode`, what ``tmdht node run``
   runs: it owns the parts below and starts and stops them in order;
 - :mod:`tmdht.node.storage` — the LMDB page store; :mod:`tmdht.node.dataplane` — the UDP data
-  plane server; :mod:`tmdht.node.replication` — the replication job; :mod:`tmdht.node.metrics`,
-  :mod:`tmdht.node.http` — Prometheus metrics and health;
+  plane server; :mod:`tmdht.node.replication` — the replication job; :mod:`tmdht.node.metrics`
+  — Prometheus metrics (served with health by :mod:`tmdht.aio.http`);
 - :mod:`tmdht.node.local` — local clusters of node processes (development, tests, benchmarks).
 
 It stands on the core (:mod:`tmdht`, :mod:`tmdht.net`) and the shared asyncio skins

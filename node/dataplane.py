@@ -42,10 +42,12 @@ from tmdht.aio.sockets import SocketBuffers, open_udp_socket
 from tmdht.auth import AuthenticationError, Authenticator, ReplayError
 from tmdht.errors import DecodeError, LimitExceededError, TmdhtError, UsageError
 from tmdht.net.address import Address
+from tmdht.net.burst import encode_pages_answer
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
 from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
 from tmdht.ratelimit import RateLimitConfig, SourceRateLimiter
+from tmdht.records import RecordStore
 
 __all__ = ["DataPlaneServer", "ServerSettings"]
 
@@ -62,6 +64,8 @@ _TYPE_LABEL = {
     wire.PutPages: "put_pages",
     wire.Has: "has",
     wire.NodeInfoRequest: "node_info",
+    wire.RecordPut: "record_put",
+    wire.RecordGet: "record_get",
 }
 _DROP_REASONS = ("rate_limited", "malformed", "auth", "oversize", "replay", "unexpected")
 MAX_GROUP_PAGES = 4096
@@ -84,6 +88,7 @@ class ServerSettings(TypedDict):
     clock: NotRequired[Callable[[], float]]
     rate_limit: NotRequired[RateLimitConfig | None]
     snapshot_max_age: NotRequired[float]
+    records: NotRequired[RecordStore | None]
 
 
 @dataclass
@@ -118,11 +123,14 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         clock: Callable[[], float] = time.time,
         rate_limit: RateLimitConfig | None = None,
         snapshot_max_age: float = DEFAULT_SNAPSHOT_MAX_AGE,
+        records: RecordStore | None = None,
     ) -> None:
         """``on_stored(digests)`` hears of every page a PUT stored (replication pushes them on).
 
         ``rate_limit`` bounds the datagrams each source IP may send (default: RateLimitConfig()).
         ``snapshot_max_age`` bounds how long one read transaction serves GETs (seconds, >= 0).
+        ``records`` keeps the soft-state records of RECORD_PUT/RECORD_GET (the virtual network's
+        MAC directory); without it those requests are answered with ERROR UNKNOWN_TYPE.
         """
         if not snapshot_max_age >= 0:
             raise UsageError(f"snapshot_max_age must be >= 0 seconds, got {snapshot_max_age}")
@@ -133,6 +141,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self.metrics = metrics
         self.node_info = node_info
         self.clock = clock
+        self.records = records
         self.buffers = SocketBuffers(0, 0, 0, None)
         self.limiter = SourceRateLimiter(rate_limit)
         self._snapshot = store.snapshot()
@@ -311,27 +320,19 @@ class DataPlaneServer(asyncio.DatagramProtocol):
 
     def _get_pages(self, msg: wire.GetPages, address: Address, arrived: float) -> None:
         digests = msg.digests
-        views = self._reading().views(digests)
-        found: list[tuple[PageDigest, ByteView]] = []
-        missing: list[PageDigest] = []
-        for digest, view in zip(digests, views, strict=True):
-            if view is None:
-                missing.append(digest)
-            else:
-                found.append((digest, view))
-        datagrams = wire.encode_pages_buffers(
+        datagrams, found = encode_pages_answer(  # sealed natively where built
             msg.request_id,
-            found,
-            missing,
+            digests,
+            self._reading().views(digests),
             max_datagram=self.max_datagram,
             auth=self.auth,
             now=self.clock(),
         )
         self._send_buffers(address, datagrams)  # now: the views end with the snapshot
         self._request_pages[wire.GetPages].inc(len(digests))
-        self._pages_served.inc(len(found))
-        if missing:
-            self._misses.inc(len(missing))
+        self._pages_served.inc(found)
+        if found < len(digests):
+            self._misses.inc(len(digests) - found)
         self._latency[wire.GetPages].observe(time.perf_counter() - arrived)
 
     def _has(self, msg: wire.Has, address: Address, arrived: float) -> None:
@@ -356,6 +357,30 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             [wire.encode(info, max_datagram=self.max_datagram, auth=self.auth, now=self.clock())],
         )
         self._latency[wire.NodeInfoRequest].observe(time.perf_counter() - arrived)
+
+    def _record_put(self, msg: wire.RecordPut, address: Address, arrived: float) -> None:
+        if self.records is None:
+            self._send_error(address, msg.request_id, wire.ErrorCode.UNKNOWN_TYPE, "no records")
+            return
+        status, version = self.records.put(msg.key, msg.entry_id, msg.version,
+                                           msg.ttl_ms / 1000, msg.value, time.monotonic())
+        answer = wire.RecordPutResult(request_id=msg.request_id, status=status, version=version)
+        self._send(address, [wire.encode(answer, max_datagram=self.max_datagram, auth=self.auth,
+                                          now=self.clock())])
+        self._latency[wire.RecordPut].observe(time.perf_counter() - arrived)
+
+    def _record_get(self, msg: wire.RecordGet, address: Address, arrived: float) -> None:
+        if self.records is None:
+            self._send_error(address, msg.request_id, wire.ErrorCode.UNKNOWN_TYPE, "no records")
+            return
+        now = time.monotonic()
+        entries = tuple(
+            wire.RecordEntry(e.entry_id, e.version, max(0, int(e.ttl * 1000)), e.value)
+            for e in self.records.get(msg.key, now))
+        answer = wire.Records(request_id=msg.request_id, entries=entries)
+        self._send(address, [wire.encode(answer, max_datagram=self.max_datagram, auth=self.auth,
+                                          now=self.clock())])
+        self._latency[wire.RecordGet].observe(time.perf_counter() - arrived)
 
     def _put_pages(self, msg: wire.PutPages, address: Address, arrived: float) -> None:
         self._request_pages[wire.PutPages].inc(len(msg.pages))
@@ -438,4 +463,6 @@ _HANDLERS: dict[type, Callable[[DataPlaneServer, Any, Address, float], None]] = 
     wire.PutPages: DataPlaneServer._put_pages,
     wire.Has: DataPlaneServer._has,
     wire.NodeInfoRequest: DataPlaneServer._node_info,
+    wire.RecordPut: DataPlaneServer._record_put,
+    wire.RecordGet: DataPlaneServer._record_get,
 }

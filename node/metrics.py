@@ -132,6 +132,12 @@ class NodeMetrics:
             "Pages dropped after their grace period.",
             registry=r,
         )
+        self.key_reloads = Counter(
+            "tmdht_cluster_key_reloads_total",
+            "Cluster key file re-reads (SIGHUP), by outcome (ok, failed).",
+            ["outcome"],
+            registry=r,
+        )
         self.sweeps = Counter(
             "tmdht_replication_sweeps_total", "Completed replication sweeps.", registry=r
         )
@@ -342,6 +348,7 @@ class OverlayCollector(Collector):
             sock = stats.socket
             for reason, value in (
                 ("auth", sock.dropped_unauthenticated),
+                ("replay", sock.dropped_replayed),
                 ("malformed", sock.dropped_malformed),
                 ("unknown_method", sock.dropped_unknown_method),
                 ("unexpected_response", sock.unexpected_responses),

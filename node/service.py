@@ -19,23 +19,23 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypedDict
 
 from tmdht import __version__, wire
 from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.aio.http import HealthServer
 from tmdht.aio.overlay import Overlay
+from tmdht.aio.service import stop_on_signals
 from tmdht.aio.tasks import TaskSet
 from tmdht.config import NodeConfig
-from tmdht.errors import OverlayError, TmdhtError
+from tmdht.errors import ConfigError, OverlayError, TmdhtError
 from tmdht.files import atomic_write
 from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterCredentials
 from tmdht.net.membership import Member, MembershipEventKind
 from tmdht.net.overlay import OverlayConfig
 from tmdht.node.dataplane import DataPlaneServer
-from tmdht.node.http import HealthServer
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.replication import Replicator
 from tmdht.node.storage import PageStore
@@ -47,6 +47,7 @@ from tmdht.node.system import (
     read_sysctl,
 )
 from tmdht.ratelimit import RateLimitConfig
+from tmdht.records import RecordStore
 
 __all__ = ["DRAIN_TIMEOUT", "NodeStatus", "StoreNode"]
 
@@ -138,6 +139,7 @@ class StoreNode:
                 node_info=self._node_info,
                 on_stored=self._stored,
                 rate_limit=RateLimitConfig(rate=cfg.rate_limit, burst=cfg.rate_limit_burst),
+                records=RecordStore(),
             )
             self.http = HealthServer(
                 cfg.host, cfg.metrics_port, self.metrics.registry, self._health
@@ -246,22 +248,48 @@ class StoreNode:
                 hard,
                 OPEN_FILES_WANTED,
             )
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGTERM, signal.SIGINT)
-        previous = {s: signal.getsignal(s) for s in signals}
-        for s in signals:
-            loop.add_signal_handler(s, self._stopped.set)
+        with stop_on_signals(self._stopped, reload=self.reload_keys):
+            try:
+                await self.start()
+                notify_supervisor(f"READY=1\nSTATUS={self._status_line()}")
+                await self._stopped.wait()
+                log.info("shutting down")
+                notify_supervisor("STOPPING=1\nSTATUS=draining and closing the page store")
+            finally:
+                await self.stop()
+
+    def reload_keys(self) -> bool:
+        """Re-read the cluster key file (SIGHUP, ``systemctl reload``) and use its keys from now
+        on, on both planes: a rotation step without a restart. A file that cannot be read or
+        parsed changes nothing: the node keeps its keys, logs why and returns False."""
+        path = self.config.cluster_key_file
+        why = ""
+        if path is None:
+            why = "the keys did not come from a file (cluster_key_file)"
+        elif self.credentials.is_open or self.auth.keyring is None:
+            why = "the node runs open (insecure_open): restart it to use a key"
+        if why:
+            log.warning("cluster key reload refused: %s; keeping %s", why,
+                        self.credentials.describe())
+            self.metrics.key_reloads.labels("failed").inc()
+            return False
+        assert path is not None and self.auth.keyring is not None
         try:
-            await self.start()
-            notify_supervisor(f"READY=1\nSTATUS={self._status_line()}")
-            await self._stopped.wait()
-            log.info("shutting down")
-            notify_supervisor("STOPPING=1\nSTATUS=draining and closing the page store")
-        finally:
-            for s in signals:
-                loop.remove_signal_handler(s)
-                signal.signal(s, previous[s])
-            await self.stop()
+            credentials = ClusterCredentials.from_file(path)
+        except ConfigError as exc:
+            log.warning("cluster key reload failed: %s; keeping %s", exc,
+                        self.credentials.describe())
+            self.metrics.key_reloads.labels("failed").inc()
+            return False
+        self.auth.keyring.replace(list(credentials.keys))
+        key = credentials.overlay_key
+        assert key is not None
+        if self.overlay is not None:
+            self.overlay.set_cluster_keys(key, credentials.accepted_overlay_keys)
+        self.credentials = credentials
+        self.metrics.key_reloads.labels("ok").inc()
+        log.info("cluster keys reloaded from %s: %s", path, credentials.describe())
+        return True
 
     def _check_socket_buffers(self) -> None:
         """Export every UDP socket's granted and requested buffers; warn about short ones."""

@@ -8,11 +8,13 @@
 
 Layers (the source folders, as pyproject.toml maps them): ``core`` (tmdht/, sans-IO: the
 formats, the cluster layer tmdht.net, the migration cores), ``aio`` (aio/ -> tmdht.aio, the
-asyncio skins node and client share), ``node``, ``client``, ``cli``, ``lab``. Every import
+asyncio skins node and client share), ``node``, ``client``, ``vnet`` (the virtual network
+agent), ``cli``, ``lab``. Every import
 counts, including those inside functions (lazy imports) and under ``TYPE_CHECKING``.
 
-The rules: the core imports no other layer; aio imports only the core; node and client import
-the core and aio, and never each other; lab imports only the core; cli may import anything.
+The rules: the core imports no other layer; aio imports only the core; node, client and vnet
+import the core and aio, and never each other; lab imports only the core; cli may import
+anything.
 Only the standard library is needed (``ast``), so it runs without installing the project.
 """
 
@@ -30,6 +32,7 @@ LAYERS = {
     "aio": "aio",
     "node": "node",
     "client": "client",
+    "vnet": "vnet",
     "cli": "cli",
     "lab": "lab",
 }
@@ -39,8 +42,9 @@ ALLOWED = {
     "aio": {"core"},
     "node": {"core", "aio"},
     "client": {"core", "aio"},
+    "vnet": {"core", "aio"},
     "lab": {"core"},
-    "cli": {"core", "aio", "node", "client", "lab"},
+    "cli": {"core", "aio", "node", "client", "vnet", "lab"},
 }
 """Which other layers each layer may import."""
 

@@ -59,7 +59,7 @@ stamp=$( {
 } | sha256sum | cut -d' ' -f1)
 stamp_file=$VENV/.tmdht-setup-stamp
 if [[ $(cat "$stamp_file" 2>/dev/null) != "$stamp" ]] \
-    || ! "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" 2>/dev/null \
+    || ! "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client, tmdht.vnet" 2>/dev/null \
     || { ((rust_ok)) && ! "$VENV/bin/python" -c "import tmdht._native" 2>/dev/null; }; then
     echo "setup: installing Python packages into $VENV (log: $VENV/pip.log)" >&2
     rm -f "$stamp_file"
@@ -69,7 +69,7 @@ if [[ $(cat "$stamp_file" 2>/dev/null) != "$stamp" ]] \
         cat "$VENV/pip.log" >&2
         exit 1
     fi
-    "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client" # fail loudly if it did not work
+    "$VENV/bin/python" -c "import tmdht, tmdht.node, tmdht.client, tmdht.vnet" # fail loudly if it did not work
     echo "$stamp" >"$stamp_file"
 fi
 if ! "$VENV/bin/python" -c "import tmdht._native" 2>/dev/null; then
@@ -88,4 +88,4 @@ fi
 # Byte-compile the project (an editable install writes no .pyc, nor does Python at import time
 # when PYTHONDONTWRITEBYTECODE is set, as on these machines): every process would otherwise
 # compile its sources at start, and the QEMU proxies' start-up counts in a migration's time.
-"$VENV/bin/python" -m compileall -q tmdht node client cli lab aio >/dev/null
+"$VENV/bin/python" -m compileall -q tmdht node client cli lab aio vnet >/dev/null

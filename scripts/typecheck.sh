@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 view=build/typecheck/tmdht
 rm -rf build/typecheck && mkdir -p "$view"
 for f in tmdht/*; do [[ $f == */__pycache__ ]] || ln -s "$PWD/$f" "$view/"; done
-for pkg in aio node client cli lab; do ln -s "$PWD/$pkg" "$view/$pkg"; done
+for pkg in aio node client cli lab vnet; do ln -s "$PWD/$pkg" "$view/$pkg"; done
 cd build/typecheck && exec mypy --config-file ../../pyproject.toml -p tmdht "$@"

@@ -1,4 +1,4 @@
-"""The layers stay apart: node and client never import each other, the core imports no other
+"""The layers stay apart: node, client and vnet never import each other, the core imports no other
 layer, the shared asyncio skins (aio) only the core (scripts/import_graph.py --check)."""
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def test_the_graph_has_the_expected_edges() -> None:
     ).stdout
     edges = {line.split("  (")[0] for line in graph.splitlines()}
     assert {"node -> aio", "client -> aio", "aio -> core", "node -> core", "client -> core"} <= edges
-    assert not {"node -> client", "client -> node", "core -> aio", "aio -> node"} & edges
+    assert "vnet -> aio" in edges
+    assert not {"node -> client", "client -> node", "core -> aio", "aio -> node", "vnet -> node",
+                "vnet -> client", "lab -> vnet", "lab -> node"} & edges
 
 
 @pytest.mark.parametrize(
@@ -45,10 +47,12 @@ def test_the_graph_has_the_expected_edges() -> None:
         ("client/x.py", "from ..node import storage\n", "client -> node"),
         ("tmdht/net/x.py", "from tmdht import aio\n", "core -> aio"),
         ("aio/x.py", "if True:\n    from tmdht.client import errors\n", "aio -> client"),
+        ("vnet/x.py", "from tmdht.node.http import HealthServer\n", "vnet -> node"),
+        ("lab/x.py", "from tmdht.vnet import control\n", "lab -> vnet"),
     ],
 )
 def test_a_forbidden_import_is_caught(tmp_path: Path, where: str, code: str, broken: str) -> None:
-    for folder in ("tmdht/net", "aio", "node", "client", "cli", "lab"):
+    for folder in ("tmdht/net", "aio", "node", "client", "vnet", "cli", "lab"):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "__init__.py").write_text("")
     (tmp_path / where).write_text(code)

@@ -5,8 +5,8 @@ the reference's interface. Buffers are anything with the buffer protocol (bytes,
 memoryview, mmap), C-contiguous; do not resize one while a call that received it runs.
 """
 
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 from typing_extensions import Buffer
 
@@ -14,6 +14,28 @@ PAGE_SIZE: Final[int]
 
 def build_info() -> dict[str, str]:
     """Versions of the crate and the libraries inside it, and the build profile."""
+
+def decode_pages_burst(
+    datagrams: Sequence[Buffer], max_datagram: int, keys: Sequence[tuple[int, bytes]] | None
+) -> list[tuple[Any, ...] | None]:
+    """Decode and verify the PAGES datagrams of a burst (see tmdht.net.burst): per datagram
+    None (another type), (1, class, message), (0, key id, timestamp ms, nonce, request id, part,
+    parts, pages, corrupt, missing) or (3, key id, timestamp ms, nonce, request id, type, code,
+    reason)."""
+
+def encode_pages_answer(
+    request_id: int, digests: Sequence[bytes], views: Sequence[Buffer | None], *,
+    max_datagram: int, key_id: int, tag_key: bytes | None, timestamp_ms: int,
+    nonce: Callable[[], int],
+) -> tuple[list[list[Buffer]], int]:
+    """A GET's answer as sealed PAGES datagrams ([head, page view, ...] each), pages found."""
+
+def digest_pages(pages: Sequence[Buffer], *, threads: bool = True) -> list[bytes]:
+    """BLAKE3 digests, GIL released, across cores (rayon) when ``threads``."""
+
+def pages_match(digests: Sequence[bytes], pages: Sequence[Buffer], *,
+                threads: bool = True) -> list[bool]:
+    """Whether each page's BLAKE3 digest is its digest (GIL released)."""
 
 class Sender:
     """The sender's core: QEMU stream chunks in, forward-stream records out."""

@@ -249,6 +249,16 @@ class KeyRing:
         self._accepted[self._current.key_id] = (self._current, now + grace)
         self._current = new
 
+    def replace(self, keys: list[ClusterKey]) -> None:
+        """Send with ``keys[0]`` and accept exactly ``keys`` from now on (a re-read key file).
+        Raises UsageError (and changes nothing) on an empty list or a key id named twice."""
+        if not keys:
+            raise UsageError("a key ring needs at least one key")
+        if len({key.key_id for key in keys}) != len(keys):
+            raise UsageError("a key id is listed twice")
+        self._current = keys[0]
+        self._accepted = {key.key_id: (key, None) for key in keys[1:]}
+
     def key_for(self, key_id: int, now: float) -> ClusterKey | None:
         """The key named ``key_id`` if it is accepted at ``now``, else None (expired ones go)."""
         if key_id == self._current.key_id:
@@ -407,6 +417,11 @@ class Authenticator:
     def replay(self) -> ReplayWindow | None:
         """The replay window, if replays are checked."""
         return self._replay
+
+    def next_nonce(self) -> int:
+        """The nonce for the next datagram sealed (for a native sealer doing :meth:`seal`'s
+        work; :meth:`seal` takes its own)."""
+        return self._nonce_source()
 
     def seal(self, payload: ByteView, now: float) -> bytes:
         """Return ``payload`` followed by the auth block stamped with ``now`` and its tag."""

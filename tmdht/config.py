@@ -14,16 +14,22 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from tmdht.errors import ConfigError
 from tmdht.pages import PAGE_SIZE
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = [
     "ENV_PREFIX",
     "NodeConfig",
+    "config_dict",
+    "merge_sources",
     "parse_address",
     "parse_size",
+    "parse_values",
 ]
 
 ENV_PREFIX: Final = "TMDHT_NODE_"
@@ -222,34 +228,14 @@ class NodeConfig:
         source: str = "config",
     ) -> NodeConfig:
         """Merge file, environment and flags (each later source wins) and validate."""
-        values: dict[str, Any] = {}
-        if toml_text is not None:
-            try:
-                doc = tomllib.loads(toml_text)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{source}: {exc}") from None
-            table = doc.get("node", doc)
-            if not isinstance(table, dict):
-                raise ConfigError(f"{source}: [node] must be a table")
-            values.update(_known(table, f"{source}"))
-        for key, value in (env or {}).items():
-            if key.startswith(ENV_PREFIX) and key != f"{ENV_PREFIX}CONFIG":
-                values.update(_known({key[len(ENV_PREFIX) :].lower(): value}, f"${key}"))
-        values.update({k: v for k, v in (flags or {}).items() if v is not None})
-        return cls.build(values)
+        return cls.build(merge_sources(
+            "node", ENV_PREFIX, _PARSERS, toml_text=toml_text, env=env, flags=flags,
+            source=source))
 
     @classmethod
     def build(cls, values: Mapping[str, object]) -> NodeConfig:
         """Validate raw values (strings from env, TOML values, flags) into a config."""
-        parsed: dict[str, Any] = {}
-        for name, value in values.items():
-            parser = _PARSERS.get(name)
-            if parser is None:
-                raise ConfigError(f"unknown setting {name!r}")
-            try:
-                parsed[name] = parser(value)
-            except ConfigError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
+        parsed = parse_values(values, _PARSERS)
         if "data_dir" not in parsed:
             raise ConfigError(
                 "data_dir is required (--data-dir DIR, data_dir under [node] in the config file, "
@@ -262,22 +248,65 @@ class NodeConfig:
 
     def to_dict(self) -> dict[str, object]:
         """JSON-friendly view (for logs and status)."""
-        out: dict[str, object] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Path):
-                value = str(value)
-            elif f.name == "seeds":
-                value = [f"{h}:{p}" for h, p in value]
-            out[f.name] = value
-        return out
+        return config_dict(self)
 
 
-def _known(table: Mapping[str, Any], source: str) -> dict[str, Any]:
-    unknown = sorted(set(table) - set(_PARSERS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
-    return dict(table)
+def merge_sources(table_name: str, env_prefix: str, parsers: Mapping[str, object], *,
+                  toml_text: str | None, env: Mapping[str, str] | None,
+                  flags: Mapping[str, object] | None, source: str) -> dict[str, object]:
+    """Raw values of a service's config from its TOML file (keys under ``[table_name]`` or at
+    the top level), ``<env_prefix><FIELD>`` variables and flags (``None``: not given), later
+    sources winning. Unknown keys are refused (ConfigError naming where they came from)."""
+
+    def known(table: Mapping[str, object], where: str) -> dict[str, object]:
+        unknown = sorted(set(table) - set(parsers))
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+        return dict(table)
+
+    values: dict[str, object] = {}
+    if toml_text is not None:
+        try:
+            doc = tomllib.loads(toml_text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        table = doc.get(table_name, doc)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{table_name}] must be a table")
+        values.update(known(table, source))
+    for key, value in (env or {}).items():
+        if key.startswith(env_prefix) and key != f"{env_prefix}CONFIG":
+            values.update(known({key[len(env_prefix) :].lower(): value}, f"${key}"))
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return values
+
+
+def parse_values(values: Mapping[str, object], parsers: Mapping[str, Callable[[Any], Any]]
+                 ) -> dict[str, Any]:
+    """Each raw value through its field's parser (ConfigError names the field)."""
+    parsed: dict[str, Any] = {}
+    for name, value in values.items():
+        parser = parsers.get(name)
+        if parser is None:
+            raise ConfigError(f"unknown setting {name!r}")
+        try:
+            parsed[name] = parser(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    return parsed
+
+
+def config_dict(config: DataclassInstance) -> dict[str, object]:
+    """A config dataclass as JSON-friendly values (paths as strings, seeds as host:port)."""
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif f.name == "seeds":
+            value = [f"{h}:{p}" for h, p in value]
+        out[f.name] = value
+    return out
 
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {

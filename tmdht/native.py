@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Final, Protocol
 
+from blake3 import blake3
+
 from tmdht.catalog_file import TemplateDigests
 from tmdht.migration_stream import (
     FLAG_COMPRESS,
@@ -48,10 +50,12 @@ __all__ = [
     "NativeSender",
     "ReferenceReceiver",
     "describe",
+    "digest_pages",
     "implementation",
     "make_receiver",
     "make_sender",
     "native_module",
+    "pages_match",
     "tune_allocator",
 ]
 
@@ -96,6 +100,30 @@ def tune_allocator() -> bool:
     a chunk's size all the time, and each would page-fault anew). Process-wide; a no-op on the
     reference path. Returns whether it applied."""
     return bool(_NATIVE.tune_allocator()) if _NATIVE is not None else False
+
+
+# -- bulk hashing ------------------------------------------------------------------------------
+
+
+def digest_pages(pages: Sequence[ByteView], *, threads: bool = True) -> list[bytes]:
+    """BLAKE3 digests of ``pages`` in order. Native: one call, the GIL released, across cores
+    (rayon) when ``threads`` and there are 64 pages or more; reference: one blake3 per page."""
+    if _NATIVE is not None:
+        out: list[bytes] = _NATIVE.digest_pages(pages, threads=threads)
+        return out
+    return [blake3(page).digest() for page in pages]
+
+
+def pages_match(
+    digests: Sequence[bytes], pages: Sequence[ByteView], *, threads: bool = True
+) -> list[bool]:
+    """For each pair, whether the page's BLAKE3 digest is the digest (as :func:`digest_pages`)."""
+    if len(digests) != len(pages):
+        raise ValueError("one page per digest")
+    if _NATIVE is not None:
+        out: list[bool] = _NATIVE.pages_match(digests, pages, threads=threads)
+        return out
+    return [blake3(page).digest() == digest for digest, page in zip(digests, pages, strict=True)]
 
 
 # -- what the proxies use ----------------------------------------------------------------------

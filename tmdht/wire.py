@@ -53,6 +53,17 @@ Bodies and bulks (``u16`` counts; a digest is 32 bytes, a page 4096 bytes)::
     |                       | version length u8, version (UTF-8)                 |           |
     | 9 ERROR               | code u16 :class:`ErrorCode`, length u16,           |           |
     |                       | message (UTF-8)                                    |           |
+    | 11 RECORD_PUT         | key 32s, entry id u64, version u64, ttl ms u32,    |           |
+    |                       | value length u8, value                             |           |
+    | 12 RECORD_PUT_RESULT  | status u8 :class:`RecordStatus`, version u64       |           |
+    | 13 RECORD_GET         | key 32s                                            |           |
+    | 14 RECORDS            | count u16, count x (entry id u64, version u64,     |           |
+    |                       | ttl ms u32, value length u8, value)                |           |
+
+Records (types 11..14) are the small versioned soft-state entries of :mod:`tmdht.records` (the
+virtual network's MAC directory): a value is at most :data:`tmdht.records.MAX_VALUE_BYTES`, a
+lease at most :data:`tmdht.records.MAX_TTL` seconds, a RECORDS answer holds at most
+:data:`tmdht.records.MAX_ENTRIES_PER_KEY` entries (it always fits :data:`MIN_DATAGRAM`).
 
 A bulk is exactly as long as its body's page count says; types without a bulk have none (bytes
 after the auth block are refused). In a HAVE bitmap, entry ``i`` (the request's digest
@@ -100,6 +111,8 @@ from tmdht.errors import (
     UsageError,
 )
 from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ByteView, PageDigest
+from tmdht.records import KEY_SIZE as RECORD_KEY_SIZE
+from tmdht.records import MAX_ENTRIES_PER_KEY, MAX_TTL, MAX_VALUE_BYTES, RecordStatus
 
 __all__ = [
     "DATAGRAM_OVERHEAD",
@@ -129,6 +142,11 @@ __all__ = [
     "PutPages",
     "PutResult",
     "PutStatus",
+    "RecordEntry",
+    "RecordGet",
+    "RecordPut",
+    "RecordPutResult",
+    "Records",
     "Request",
     "Response",
     "check_max_datagram",
@@ -190,6 +208,10 @@ class MessageType(IntEnum):
     NODE_INFO_REQUEST = 7
     NODE_INFO = 8
     ERROR = 9
+    RECORD_PUT = 11
+    RECORD_PUT_RESULT = 12
+    RECORD_GET = 13
+    RECORDS = 14
 
 
 class PutStatus(IntEnum):
@@ -484,15 +506,120 @@ class Error:
         return cls(request_id=request_id, code=code, message=raw.decode("utf-8", "ignore"))
 
 
-Request: TypeAlias = GetPages | PutPages | Has | NodeInfoRequest
+def _check_record_key(key: bytes) -> None:
+    if not isinstance(key, bytes) or len(key) != RECORD_KEY_SIZE:
+        raise InvalidMessageError(f"a record key is {RECORD_KEY_SIZE} bytes")
+
+
+def _check_record_fields(entry_id: int, version: int, ttl_ms: int, value: bytes) -> None:
+    for name, number in (("entry id", entry_id), ("version", version)):
+        if not 0 <= number <= _U64_MAX:
+            raise InvalidMessageError(f"{name} {number} is not a u64")
+    if not 0 <= ttl_ms <= int(MAX_TTL * 1000):
+        raise InvalidMessageError(f"a record ttl is 0..{int(MAX_TTL * 1000)} ms, got {ttl_ms}")
+    if not isinstance(value, bytes) or len(value) > MAX_VALUE_BYTES:
+        raise InvalidMessageError(f"a record value is bytes, at most {MAX_VALUE_BYTES}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordPut:
+    """Request: keep this entry under ``key`` (higher versions win; see :mod:`tmdht.records`)."""
+
+    request_id: int
+    key: bytes
+    """32 bytes naming the record (placed like a page: on the R nodes closest to it)."""
+    entry_id: int
+    """u64 naming the entry under the key."""
+    version: int
+    """u64; a lower version than the node holds is refused."""
+    ttl_ms: int
+    """Lease in milliseconds (1..MAX_TTL s)."""
+    value: bytes
+    """At most :data:`tmdht.records.MAX_VALUE_BYTES` bytes."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_record_key(self.key)
+        _check_record_fields(self.entry_id, self.version, self.ttl_ms, self.value)
+        if self.ttl_ms < 1:
+            raise InvalidMessageError("a put's ttl is at least 1 ms")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordPutResult:
+    """Response to RECORD_PUT."""
+
+    request_id: int
+    status: RecordStatus
+    version: int
+    """The version the node holds after the put (0 if FULL)."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        if self.status not in _RECORD_STATUS_BY_VALUE:
+            raise InvalidMessageError(f"unknown record status {self.status!r}")
+        if not 0 <= self.version <= _U64_MAX:
+            raise InvalidMessageError(f"version {self.version} is not a u64")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordGet:
+    """Request: the live entries under ``key``."""
+
+    request_id: int
+    key: bytes
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_record_key(self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordEntry:
+    """One entry of a RECORDS answer."""
+
+    entry_id: int
+    version: int
+    ttl_ms: int
+    """Lease left, in milliseconds."""
+    value: bytes
+
+    def __post_init__(self) -> None:
+        _check_record_fields(self.entry_id, self.version, self.ttl_ms, self.value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Records:
+    """Response to RECORD_GET (always one datagram)."""
+
+    request_id: int
+    entries: tuple[RecordEntry, ...]
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        object.__setattr__(self, "entries", tuple(self.entries))
+        if len(self.entries) > MAX_ENTRIES_PER_KEY:
+            raise InvalidMessageError(
+                f"{len(self.entries)} entries, a key holds at most {MAX_ENTRIES_PER_KEY}")
+        if not all(isinstance(e, RecordEntry) for e in self.entries):
+            raise InvalidMessageError("entries must be RecordEntry")
+
+
+Request: TypeAlias = GetPages | PutPages | Has | NodeInfoRequest | RecordPut | RecordGet
 """A message a client sends to a node."""
-Response: TypeAlias = Pages | PutResult | Have | NodeInfo | Error
+Response: TypeAlias = (
+    Pages | PutResult | Have | NodeInfo | Error | RecordPutResult | Records
+)
 """A message a node sends back."""
 Message: TypeAlias = Request | Response
 """Any data-plane message."""
 
 _PUT_STATUS_BY_VALUE: Final[dict[int, PutStatus]] = {int(s): s for s in PutStatus}
 _ERROR_CODE_BY_VALUE: Final[dict[int, ErrorCode]] = {int(c): c for c in ErrorCode}
+_RECORD_STATUS_BY_VALUE: Final[dict[int, RecordStatus]] = {int(s): s for s in RecordStatus}
+_RECORD_PUT: Final = struct.Struct(f">{RECORD_KEY_SIZE}sQQIB")
+_RECORD_PUT_RESULT: Final = struct.Struct(">BQ")
+_RECORD_ENTRY: Final = struct.Struct(">QQIB")
 
 # --- encoding ------------------------------------------------------------------------------------
 
@@ -586,6 +713,26 @@ def _encode_error(msg: Error) -> _Body:
     return _Body([_ERROR_HEAD.pack(msg.code, len(raw)), raw], _ERROR_HEAD.size + len(raw))
 
 
+def _encode_record_put(msg: RecordPut) -> _Body:
+    head = _RECORD_PUT.pack(msg.key, msg.entry_id, msg.version, msg.ttl_ms, len(msg.value))
+    return _Body([head, msg.value], len(head) + len(msg.value))
+
+
+def _encode_record_put_result(msg: RecordPutResult) -> _Body:
+    return _Body([_RECORD_PUT_RESULT.pack(msg.status, msg.version)], _RECORD_PUT_RESULT.size)
+
+
+def _encode_record_get(msg: RecordGet) -> _Body:
+    return _Body([msg.key], RECORD_KEY_SIZE)
+
+
+def _encode_records(msg: Records) -> _Body:
+    chunks = [_U16.pack(len(msg.entries))]
+    for e in msg.entries:
+        chunks += [_RECORD_ENTRY.pack(e.entry_id, e.version, e.ttl_ms, len(e.value)), e.value]
+    return _Body(chunks, sum(map(len, chunks)))
+
+
 _STATUS_BYTE: Final[dict[int, bytes]] = {int(s): bytes((s,)) for s in PutStatus}
 
 # Message class -> (type byte, body encoder). Typed loosely: each encoder takes its own class.
@@ -599,6 +746,10 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[[Any], _Body]]]] = {
     NodeInfoRequest: (MessageType.NODE_INFO_REQUEST, _encode_node_info_request),
     NodeInfo: (MessageType.NODE_INFO, _encode_node_info),
     Error: (MessageType.ERROR, _encode_error),
+    RecordPut: (MessageType.RECORD_PUT, _encode_record_put),
+    RecordPutResult: (MessageType.RECORD_PUT_RESULT, _encode_record_put_result),
+    RecordGet: (MessageType.RECORD_GET, _encode_record_get),
+    Records: (MessageType.RECORDS, _encode_records),
 }
 
 
@@ -1014,6 +1165,45 @@ def _decode_error(data: bytes, start: int, end: int, head: _Head) -> Message:
     return Error(request_id=head.request_id, code=code, message=data[start:end].decode("utf-8"))
 
 
+def _decode_record_put(data: bytes, start: int, end: int, head: _Head) -> Message:
+    key, entry_id, version, ttl_ms, length = _read_counts(data, start, end, _RECORD_PUT)
+    _expect_length(end - start, _RECORD_PUT.size + length)
+    value = data[start + _RECORD_PUT.size : end]
+    return RecordPut(request_id=head.request_id, key=key, entry_id=entry_id, version=version,
+                     ttl_ms=ttl_ms, value=value)
+
+
+def _decode_record_put_result(data: bytes, start: int, end: int, head: _Head) -> Message:
+    status, version = _read_counts(data, start, end, _RECORD_PUT_RESULT)
+    _expect_length(end - start, _RECORD_PUT_RESULT.size)
+    if status not in _RECORD_STATUS_BY_VALUE:
+        raise _BodyError(f"unknown record status {status}")
+    return RecordPutResult(request_id=head.request_id, status=_RECORD_STATUS_BY_VALUE[status],
+                           version=version)
+
+
+def _decode_record_get(data: bytes, start: int, end: int, head: _Head) -> Message:
+    _expect_length(end - start, RECORD_KEY_SIZE)
+    return RecordGet(request_id=head.request_id, key=data[start:end])
+
+
+def _decode_records(data: bytes, start: int, end: int, head: _Head) -> Message:
+    (count,) = _read_counts(data, start, end, _U16)
+    if count > MAX_ENTRIES_PER_KEY:
+        raise _BodyError(f"{count} entries, a key holds at most {MAX_ENTRIES_PER_KEY}")
+    at = start + _U16.size
+    entries = []
+    for _ in range(count):
+        entry_id, version, ttl_ms, length = _read_counts(data, at, end, _RECORD_ENTRY)
+        at += _RECORD_ENTRY.size
+        if end - at < length:
+            raise _BodyError(f"a value of {length} bytes runs past the body")
+        entries.append(RecordEntry(entry_id, version, ttl_ms, data[at : at + length]))
+        at += length
+    _expect_length(end - start, at - start)
+    return Records(request_id=head.request_id, entries=tuple(entries))
+
+
 # Type byte -> (body decoder, single datagram: part must be 0 of 1, carries a bulk).
 _DECODERS: Final[dict[int, tuple[_BodyDecoder, bool, bool]]] = {
     MessageType.GET_PAGES: (_decode_get_pages, True, False),
@@ -1025,6 +1215,10 @@ _DECODERS: Final[dict[int, tuple[_BodyDecoder, bool, bool]]] = {
     MessageType.NODE_INFO_REQUEST: (_decode_node_info_request, True, False),
     MessageType.NODE_INFO: (_decode_node_info, True, False),
     MessageType.ERROR: (_decode_error, True, False),
+    MessageType.RECORD_PUT: (_decode_record_put, True, False),
+    MessageType.RECORD_PUT_RESULT: (_decode_record_put_result, True, False),
+    MessageType.RECORD_GET: (_decode_record_get, True, False),
+    MessageType.RECORDS: (_decode_records, True, False),
 }
 
 

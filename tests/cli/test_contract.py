@@ -146,6 +146,27 @@ def rows() -> Iterator[tuple[str, str, str, int, str]]:
     yield "cluster up", "wrong kind", "cluster up --dir {random}", UNUSABLE, (
         "Invalid value for '--dir': Directory '{random}' is a file"
     )
+    # `vnet run`: its config file, store nodes and key; the control commands: the agent's socket.
+    agent = "vnet run --data-dir {out}.d --tunnel-port 0 --metrics-port 0"
+    for bad, args, text in [
+        ("missing file", "--config {missing}", "{missing}: No such file or directory"),
+        ("empty", "--config {empty}", "data_dir is required (--data-dir DIR"),
+        ("wrong kind", "--config {catalog}", "{catalog}: not a TOML config file (binary content)"),
+        ("random bytes", "--config {random}", "{random}: not a TOML config file (binary content)"),
+        ("no seed", f"{agent.removeprefix('vnet run')}", "seeds are required (--seed HOST:PORT"),
+        ("missing key file", f"{agent.removeprefix('vnet run')} --seed {{seed}} "
+         "--cluster-key-file {missing}", "cluster key file {missing}: No such file or directory"),
+        ("no key", f"{agent.removeprefix('vnet run')} --seed {{seed}}",
+         "no cluster key: --cluster-key-file FILE (cluster_key_file in the config file) or "
+         "$TMDHT_CLUSTER_KEY; for local development only, --insecure-open"),
+    ]:  # fmt: skip
+        yield "vnet run", bad, f"vnet run {args}", UNUSABLE, text
+    for command in ("attach vm1 --vnet 1 --net-socket {missing} --qmp-socket {missing}",
+                    "detach vm1", "status"):
+        yield (f"vnet {command.split()[0]}", "no agent", f"vnet {command} --control-socket "
+               "{missing}", UNUSABLE, "no vnet agent at {missing}: No such file or directory")
+        yield (f"vnet {command.split()[0]}", "not a socket", f"vnet {command} --control-socket "
+               "{random}", UNUSABLE, "no vnet agent at {random}: Connection refused")
 
 
 ROWS = list(rows())

@@ -59,6 +59,9 @@ def _click_config(monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> tuple[Any
         ["--backref-window", "64", "--flow-window", "8MiB"],
         ["--flow-window=1G", "--connect-timeout=2.5", "--done-timeout", "9"],
         ["--report", "r.json", "--log-level", "info", "--compress"],
+        ["--tls-creds", "creds", "--tls-authz", "CN=dst,O=x", "--tls-hostname", "dst"],
+        ["--tls-creds=creds"],
+        ["--insecure-plaintext"],
     ],
 )
 def test_fast_path_builds_what_click_builds(
@@ -83,6 +86,10 @@ def test_fast_path_builds_what_click_builds(
         ["--backref-window", "x"],
         ["--flow-window", "lots"],
         ["--to", "nowhere"],
+        ["--to", "192.0.2.1:7000"],  # plaintext off loopback: click says why
+        ["--tls-authz", "CN=x"],  # without --tls-creds
+        ["--tls-creds", "c", "--tls-authz", "CN=a", "--tls-authz", "CN=b"],
+        ["--tls-creds", "c", "--tls-authz", "not a subject"],
         ["positional"],
         ["--report"],
     ],

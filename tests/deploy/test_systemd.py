@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.deploy import PLACEHOLDER, fill_sample
+from support.deploy import PLACEHOLDER, fill_sample, unit_entries
 
 from tmdht.errors import ConfigError
 
@@ -22,22 +22,6 @@ SAMPLE = UNIT.with_name("node.toml")
 SYSCTL = UNIT.with_name("90-tmdht.conf")
 INSTALLED_AS = "/opt/tmdht/bin/tmdht"
 MAX_EXPOSURE = 2.0  # systemd-analyze security: 0 is locked down, 10 is wide open
-
-
-def unit_entries(text: str) -> dict[str, list[str]]:
-    """'Section.Key' -> values, in order (repeated keys accumulate)."""
-    entries: dict[str, list[str]] = {}
-    section = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        entries.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
-    return entries
 
 
 ENTRIES = unit_entries(UNIT.read_text())

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,16 @@ from tmdht import wire
 from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.aio.overlay import Overlay
 from tmdht.auth import Authenticator, ClusterKey, KeyRing, keyring_from, parse_cluster_keys
+from tmdht.client.store import TemplateStoreClient
 from tmdht.errors import NodeUnreachableError
-from tmdht.net.overlay import OverlayConfig
+from tmdht.files import atomic_write
+from tmdht.net.overlay import (
+    OverlayConfig,
+    Response,
+    decode_datagram,
+    derive_tag_key,
+    encode_request,
+)
 from tmdht.node.local import LocalCluster
 
 pytestmark = pytest.mark.slow
@@ -43,6 +52,16 @@ def stranger() -> Authenticator:
 
 def dropped(cluster: LocalCluster, index: int, name: str, reason: str) -> float:
     return metric(scrape(cluster, index), name, reason=reason)
+
+
+async def answers(auth: Authenticator, cluster: LocalCluster, index: int) -> bool:
+    """Whether node ``index`` answers NODE_INFO to a client with ``auth``."""
+    async with await DataPlaneClient.open(auth, timeout=0.1, attempts=2) as client:
+        try:
+            await client.node_info(cluster.nodes[index].address("data"))
+        except NodeUnreachableError:
+            return False
+        return True
 
 
 async def crawl(seed: tuple[str, int], keys_text: str) -> set[bytes]:
@@ -198,13 +217,8 @@ def test_key_rotation_without_downtime(tmp_path: Path) -> None:
         only_old, only_new = auth_for(f"1:{old}"), auth_for(f"2:{new}")
         client_step1, client_step2 = auth_for(step1), auth_for(step2)
 
-        async def serves(auth: Authenticator, index: int) -> bool:
-            async with await DataPlaneClient.open(auth, timeout=0.1, attempts=2) as client:
-                try:
-                    await client.node_info(cluster.nodes[index].address("data"))
-                except NodeUnreachableError:
-                    return False
-                return True
+        def serves(auth: Authenticator, index: int) -> Awaitable[bool]:
+            return answers(auth, cluster, index)
 
         async def main() -> None:
             assert await crawl(cluster.seed, step1) == ids
@@ -233,3 +247,115 @@ def test_key_rotation_without_downtime(tmp_path: Path) -> None:
             assert await serves(client_step1, 0) and await serves(only_new, 0)
 
         run(main())
+
+
+def test_key_rotation_by_sighup_with_resolves_running(tmp_path: Path) -> None:
+    """SECURITY.md's three steps as edits of the key file, each followed by SIGHUP to every
+    node (what `systemctl reload` sends), while a client resolves pages the whole time: no
+    resolve fails, and after step 3 the old key is refused. A bad file keeps the old keys."""
+    old, new = secrets.token_hex(32), secrets.token_hex(32)
+    steps = [f"1:{old}\n2:{new}\n", f"2:{new}\n1:{old}\n", f"2:{new}\n"]
+    root = tmp_path / "sighup"
+    root.mkdir()
+    (root / "cluster.key").write_text(f"1:{old}\n")
+    with LocalCluster(root, 3, extra_args=[*FAST_NODE_ARGS, "--log-level", "info"]) as cluster:
+
+        def reloads(index: int, outcome: str) -> float:
+            return metric(scrape(cluster, index), "tmdht_cluster_key_reloads_total",
+                          outcome=outcome)
+
+        async def until(check: Callable[[], bool], what: str) -> None:
+            async def probe() -> bool:
+                return check()
+
+            await eventually(probe, 30, what)
+
+        async def hup_all(text: str, step: int) -> None:
+            atomic_write(cluster.key_file, text, durable=False)
+            for node in cluster.nodes:
+                assert node.proc is not None
+                node.proc.send_signal(signal.SIGHUP)
+            for i in range(3):
+                await until(lambda i=i: reloads(i, "ok") >= step, f"reload {step}")
+
+        def serves(auth: Authenticator, index: int) -> Awaitable[bool]:
+            return answers(auth, cluster, index)
+
+        async def main() -> None:
+            # Before step 1 the client may only send with the old key; from step 1 it sends
+            # with the new one (accepting both), as clients rotate with the nodes.
+            async with TemplateStoreClient(
+                seeds=[cluster.seed], cluster_key=f"1:{old}\n", cache_pages=0
+            ) as publisher:
+                await publisher.put_many(PAGES)
+            await hup_all(steps[0], 1)
+            resolved = 0
+            stop = asyncio.Event()
+
+            async def resolve_forever() -> None:
+                nonlocal resolved
+                async with TemplateStoreClient(
+                    seeds=[cluster.seed], cluster_key=f"2:{new}\n1:{old}\n", cache_pages=0
+                ) as store:
+                    while not stop.is_set():
+                        pages = await store.get_many(DIGESTS)
+                        assert pages == [page for _, page in PAGES]
+                        resolved += 1
+
+            resolver = asyncio.create_task(resolve_forever())
+            try:
+                await until(lambda: resolved >= 3, "resolves under way")
+                for step, text in enumerate(steps[1:], 2):
+                    before = resolved
+                    await hup_all(text, step)
+                    await until(lambda before=before: resolved >= before + 3,
+                                f"resolves after step {step}")
+                # Step 3 done: the old key is refused, the new one served.
+                only_old, only_new = auth_for(f"1:{old}"), auth_for(f"2:{new}")
+                for i in range(3):
+                    assert not await serves(only_old, i) and await serves(only_new, i)
+                # A bad file changes nothing: the node logs why and keeps serving.
+                atomic_write(cluster.key_file, "not a key\n", durable=False)
+                cluster.nodes[0].proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+                await until(lambda: reloads(0, "failed") >= 1, "failed reload")
+                assert await serves(only_new, 0) and not await serves(only_old, 0)
+                before = resolved
+                await until(lambda: resolved >= before + 3, "resolves after bad file")
+            finally:
+                stop.set()
+                await resolver  # re-raises a failed resolve
+            assert resolved >= 9
+
+        run(main())
+        log = cluster.nodes[0].log_path.read_text()
+        assert "cluster key reload failed: cluster key file" in log
+        assert "keeping key id 2 (accepting 2)" in log
+
+
+def test_replayed_overlay_datagram_is_dropped_counted_and_changes_nothing(
+    cluster: LocalCluster,
+) -> None:
+    """A stamped (version 2) overlay request answered once; the same bytes again are dropped
+    and counted as replay; a fresh request sent after it is answered, so the replay was seen
+    (datagrams on one loopback socket arrive in order) and got no answer."""
+    keys = parse_cluster_keys(cluster.key_file.read_text())
+    tag_key = derive_tag_key(keys[0].secret)
+    target = cluster.nodes[1].address("kademlia")
+    before = dropped(cluster, 1, "tmdht_overlay_bad_datagrams_total", "replay")
+
+    def ping(msg_id: bytes, nonce: int) -> bytes:
+        return encode_request(msg_id, "ping", [b""], tag_key, (int(time.time() * 1000), nonce))
+
+    first = ping(b"a" * 20, 7)
+    answers = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(10)
+        sock.bind(("127.0.0.1", 0))
+        sock.sendto(first, target)
+        answers.append(decode_datagram(sock.recv(65536), tag_key))
+        sock.sendto(first, target)  # the replay
+        sock.sendto(ping(b"b" * 20, 8), target)
+        answers.append(decode_datagram(sock.recv(65536), tag_key))
+    assert [a.msg_id for a in answers] == [b"a" * 20, b"b" * 20]
+    assert all(isinstance(a, Response) and a.stamped for a in answers)
+    assert dropped(cluster, 1, "tmdht_overlay_bad_datagrams_total", "replay") - before == 1

@@ -26,6 +26,7 @@ from migration.helpers import (
     wait_report,
 )
 from support.cluster import FAST_NODE_ARGS
+from support.tls import ScratchCA, openssl_available
 
 from tmdht.catalog import TemplateCatalog
 from tmdht.client import TemplateStoreClient
@@ -179,16 +180,30 @@ def test_migration_completes_when_every_store_node_dies(
             received["counts"]["template_pages"]
 
 
+def start_receiver(dest: Guest, tmp_path: Path, *extra: object) -> int:
+    """A receiver without a cluster under the destination QEMU; its port."""
+    fifo = make_fifo(tmp_path / "ready.fifo")
+    dest.migrate_incoming("exec:" + tmdht_command(
+        "qemu", "receive", "--listen", "127.0.0.1:0", "--no-cluster", "--ready-file", fifo,
+        "--accept-timeout", "60", *extra))
+    return read_ready(fifo, timeout=30)[1]
+
+
+def assert_source_failed_and_runs(source: Guest) -> None:
+    """The source's migration failed and its guest runs on."""
+    with pytest.raises(MigrationError):
+        source.wait_migration(timeout=60)
+    assert source.status() == "running"
+    before = source.wait_counter(0, timeout=5)
+    assert source.wait_counter(before + 2, timeout=30) >= before + 2
+
+
 def test_killed_sender_fails_the_migration_and_the_source_keeps_running(
         lab_tools: HostTools, lab_initramfs: Path, catalog_path: Path, tmp_path: Path) -> None:
     with Guest(SPEC, tools=lab_tools, initramfs=lab_initramfs) as source, \
             Guest(SPEC, incoming="defer", tools=lab_tools, initramfs=lab_initramfs) as dest:
         source.wait_counter(2, timeout=60)
-        fifo = make_fifo(tmp_path / "ready.fifo")
-        dest.migrate_incoming("exec:" + tmdht_command(
-            "qemu", "receive", "--listen", "127.0.0.1:0", "--no-cluster", "--ready-file", fifo,
-            "--accept-timeout", "60"))
-        _host, port = read_ready(fifo, timeout=30)
+        port = start_receiver(dest, tmp_path)
         source.set_migration_parameters(max_bandwidth=8 << 20, downtime_limit=300)
         source.migrate(sender_uri(catalog_path, port, tmp_path / "send.json"))
         wait_transferred(source, 4 << 20, timeout=60)
@@ -196,12 +211,50 @@ def test_killed_sender_fails_the_migration_and_the_source_keeps_running(
         assert senders, "no sender process under the source QEMU"
         for pid in senders:
             os.kill(pid, signal.SIGKILL)
-        with pytest.raises(MigrationError):
-            source.wait_migration(timeout=60)
-        assert source.status() == "running"
-        before = source.wait_counter(0, timeout=5)
-        assert source.wait_counter(before + 2, timeout=30) >= before + 2
+        assert_source_failed_and_runs(source)
         with pytest.raises((MigrationError, QmpError)):  # failed, or QEMU already exited
             dest.wait_migration(timeout=60)
         assert wait_exit(dest, timeout=30) != 0
         assert dest.console.first_counter is None  # the destination never ran the guest
+
+
+@pytest.fixture(scope="module")
+def refused_tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """(receiver, sender) credential directories of handshakes that must fail."""
+    root = tmp_path_factory.mktemp("pki")
+    ca, other = ScratchCA(root / "ca"), ScratchCA(root / "other", name="another CA")
+    receiver = ca.creds(root / "receiver",
+                        server=ca.issue("server", "/O=tmdht/CN=receiver", server=True))
+    client = ca.issue("client", "/O=tmdht/CN=sender", server=False)
+    return {
+        "wrong-ca": (receiver, ca.creds(root / "wrong-ca", client=client, ca=other.cert)),
+        "foreign-client-cert": (receiver, ca.creds(
+            root / "foreign", client=other.issue("client", "/O=tmdht/CN=sender", server=False))),
+    }
+
+
+@pytest.mark.skipif(not openssl_available(), reason="no openssl command")
+@pytest.mark.parametrize("case", ["wrong-ca", "foreign-client-cert"])
+def test_refused_tls_handshake_fails_the_migration_and_the_source_keeps_running(
+        case: str, refused_tls: dict[str, tuple[Path, Path]], lab_tools: HostTools,
+        lab_initramfs: Path, catalog_path: Path, tmp_path: Path) -> None:
+    receiver_creds, sender_creds = refused_tls[case]
+    with Guest(SPEC, tools=lab_tools, initramfs=lab_initramfs) as source, \
+            Guest(SPEC, incoming="defer", tools=lab_tools, initramfs=lab_initramfs) as dest:
+        source.wait_counter(2, timeout=60)
+        port = start_receiver(dest, tmp_path, "--tls-creds", receiver_creds,
+                              "--report", tmp_path / "receive.json")
+        source.migrate(sender_uri(catalog_path, port, tmp_path / "send.json",
+                                  "--tls-creds", str(sender_creds)))
+        assert_source_failed_and_runs(source)
+        # The receiver exited without writing a byte: QEMU 7.2's incoming exec: channel waits
+        # for data and never sees the bare hang-up, so the destination stays in "inmigrate",
+        # holding no guest state, until the operator stops it.
+        sent = wait_report(tmp_path / "send.json", timeout=30)
+        received = wait_report(tmp_path / "receive.json", timeout=30)
+        assert dest.status() == "inmigrate"
+        assert dest.query_migrate().get("status") in (None, "none", "setup")
+        assert dest.console.first_counter is None  # the destination never ran the guest
+        assert not sent["ok"] and "TLS handshake" in sent["error"]
+        assert sent["counts"]["qemu_bytes"] == 0  # refused before a byte of QEMU's stream
+        assert not received["ok"] and received["counts"]["pages"] == 0

@@ -23,8 +23,11 @@ from tmdht.net.operations import (
     HasResult,
     InfoQuery,
     PutOutcome,
+    RecordRead,
+    RecordWrite,
     Store,
 )
+from tmdht.records import RecordStatus, RecordStore
 
 FAST = EngineConfig(timeout=0.05, attempts=3, window=4, hedge_after=0.01)
 
@@ -313,6 +316,43 @@ def test_node_info_answers_or_reports_none() -> None:
     assert isinstance(info, wire.NodeInfo) and info.version == "sim"
     assert net.resolve(InfoQuery(node_address(2))) is None
     assert net.failed == [node_address(2)]
+
+
+def test_records_are_written_and_read_with_retries() -> None:
+    """RECORD_PUT and RECORD_GET go through the engine like NODE_INFO: one answer each, the
+    request re-sent when the answer is lost, None from a silent node."""
+    store = RecordStore()
+    lost: list[wire.Message] = []
+
+    def records_node(net: SimNet, address: Address, message: wire.Message) -> None:
+        if not lost:  # the first answer is lost
+            lost.append(message)
+            return
+        if isinstance(message, wire.RecordPut):
+            status, version = store.put(message.key, message.entry_id, message.version,
+                                        message.ttl_ms / 1000, message.value, net.now)
+            answer: wire.Message = wire.RecordPutResult(
+                request_id=message.request_id, status=status, version=version)
+        else:
+            assert isinstance(message, wire.RecordGet)
+            entries = tuple(wire.RecordEntry(e.entry_id, e.version, int(e.ttl * 1000), e.value)
+                            for e in store.get(message.key, net.now))
+            answer = wire.Records(request_id=message.request_id, entries=entries)
+        net.reply(address, [net.seal(address, answer)])
+
+    net = net_of({1: records_node, 2: silent})
+    key = bytes(range(32))
+    entry = wire.RecordEntry(7, 3, 5000, b"here")
+    written = net.resolve(RecordWrite(node_address(1), key, entry))
+    assert isinstance(written, wire.RecordPutResult)
+    assert (written.status, written.version) == (RecordStatus.STORED, 3)
+    assert net.engine.stats.retries == 1
+    stale = net.resolve(RecordWrite(node_address(1), key, wire.RecordEntry(7, 2, 5000, b"old")))
+    assert isinstance(stale, wire.RecordPutResult) and stale.status is RecordStatus.STALE
+    read = net.resolve(RecordRead(node_address(1), key))
+    assert isinstance(read, wire.Records)
+    assert [(e.entry_id, e.version, e.value) for e in read.entries] == [(7, 3, b"here")]
+    assert net.resolve(RecordRead(node_address(2), key)) is None
 
 
 def test_an_error_answer_fails_over_at_once() -> None:

@@ -12,9 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.overlay import BAD_NODE_INFO, info_answer
 
-from tmdht.errors import ConfigError, DecodeError
+from tmdht.auth import ReplayWindow
+from tmdht.errors import (
+    ClockSkewError,
+    ConfigError,
+    DecodeError,
+    ReplayError,
+    UnauthenticatedError,
+)
 from tmdht.net.identity import NODE_FILE, load_or_create_node_id
 from tmdht.net.overlay import (
+    STAMP_SIZE,
     OverlayConfig,
     Request,
     Response,
@@ -81,6 +89,47 @@ def test_encode_decode_round_trip(args: list[Any]) -> None:
         b"i" * 20, "find_node", tuple(args)
     )
     assert decode_datagram(encode_response(b"i" * 20, args, key), key) == Response(b"i" * 20, args)
+
+
+def test_stamped_frames_round_trip_and_replays_are_refused() -> None:
+    """Version 2 frames carry a replay stamp under the tag; version 1 frames still decode."""
+    key = derive_tag_key(b"k" * 32)
+    now = 1_800_000_000.0
+    stamp = (int(now * 1000), 5)
+    window = ReplayWindow(window=10)
+    request = encode_request(b"i" * 20, "ping", [b""], key, stamp)
+    assert request[0] == 0x02 and len(request) == len(encode_request(b"i" * 20, "ping", [b""],
+                                                                      key)) + STAMP_SIZE
+    assert decode_datagram(request, key, replay=window, now=now) == Request(
+        b"i" * 20, "ping", (b"",), stamped=True
+    )
+    with pytest.raises(ReplayError):
+        decode_datagram(request, key, replay=window, now=now + 1)  # the same nonce again
+    with pytest.raises(ClockSkewError):  # stale: outside the window
+        decode_datagram(encode_request(b"i" * 20, "ping", [b""], key, (stamp[0], 6)), key,
+                        replay=window, now=now + 11)
+    tampered = bytearray(request)
+    tampered[21] ^= 1  # the timestamp is under the tag
+    with pytest.raises(UnauthenticatedError):
+        decode_datagram(bytes(tampered), key, replay=window, now=now)
+    answer = encode_response(b"i" * 20, [1, 2], key, (stamp[0], 9))
+    assert answer[0] == 0x03
+    assert decode_datagram(answer, key, replay=window, now=now) == Response(
+        b"i" * 20, [1, 2], stamped=True
+    )
+    legacy = encode_request(b"j" * 20, "ping", [b""], key)
+    assert decode_datagram(legacy, key, replay=window, now=now).stamped is False
+    with pytest.raises(ReplayError):
+        decode_datagram(legacy, key, replay=window, now=now, require_stamped=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_decoding_random_stamped_bytes_raises_only_decode_error(data: bytes) -> None:
+    window = ReplayWindow(window=10)
+    for datagram in (b"\x02" + b"m" * 20 + data, b"\x03" + b"m" * 20 + data):
+        with contextlib.suppress(DecodeError):
+            decode_datagram(datagram, replay=window, now=1_800_000_000.0)
 
 
 def test_parsers_refuse_bad_answers() -> None:

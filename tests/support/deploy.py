@@ -35,3 +35,19 @@ def fill_sample(text: str, **settings: Any) -> str:
     assert not left, f"placeholders left: {left}"
     NodeConfig.from_sources(toml_text=text, flags={"data_dir": "/nonexistent"})
     return text
+
+
+def unit_entries(text: str) -> dict[str, list[str]]:
+    """'Section.Key' -> values, in order (repeated keys accumulate)."""
+    entries: dict[str, list[str]] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        entries.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return entries

@@ -12,7 +12,7 @@ BAD_DATAGRAMS = [
     b"",
     b"\x00",
     b"\x00" + b"m" * 20,  # header only
-    b"\x02" + b"m" * 20 + umsgpack.packb(["ping", [b"x" * 20]]),  # unknown type byte
+    b"\x04" + b"m" * 20 + umsgpack.packb(["ping", [b"x" * 20]]),  # unknown type byte (0x02/0x03: stamped frames)
     b"\x00" + b"m" * 20 + b"\xc1",  # reserved msgpack code
     b"\x00" + b"m" * 20 + b"\x91" * 8000 + b"\xc0",  # nesting deeper than the recursion limit
     b"\x00" + b"m" * 20 + b"\xdd\xff\xff\xff\xff",  # array header announcing 4 G items

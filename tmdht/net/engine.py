@@ -1,9 +1,10 @@
 """The request engine: every data-plane request to store nodes, as one sans-IO state machine.
 
 A client (and a node's replication job) asks store nodes for pages (GET), whether they hold some
-(HAS), to store pages (PUT) and who they are (NODE_INFO). :class:`RequestEngine` does all of it
-without a socket or a clock, in the manner of aioquic's connection: operations go in with
-:meth:`~RequestEngine.submit`, datagrams with :meth:`~RequestEngine.receive_datagram` (or a
+(HAS), to store pages (PUT) and who they are (NODE_INFO); a vnet agent keeps soft-state records
+on them (RECORD_PUT, RECORD_GET: the virtual network's MAC directory). :class:`RequestEngine`
+does all of it without a socket or a clock, in the manner of aioquic's connection: operations go
+in with :meth:`~RequestEngine.submit`, datagrams with :meth:`~RequestEngine.receive_datagram` (or a
 burst with :meth:`~RequestEngine.receive_datagrams`), the passing of time with
 :meth:`~RequestEngine.handle_timer`; what to send comes out of
 :meth:`~RequestEngine.datagrams_to_send`, when to wake it up out of
@@ -22,8 +23,8 @@ each. Per request:
   latest attempt is in and some items were in none (a part was lost), exactly those are asked
   again at once; at the node's adaptive timeout (:class:`~tmdht.net.window.RttEstimator`)
   likewise, up to ``attempts`` times. Answers to earlier attempts still count.
-- **Verification.** A page counts only once its BLAKE3 digest matches
-  (:func:`tmdht.pages.page_matches`); a wrong page is counted and treated as not served.
+- **Verification.** A page counts only once its BLAKE3 digest matches (checked by the burst
+  decoder, :mod:`tmdht.net.burst`); a wrong page is counted and treated as not served.
 
 A GET operation (:class:`Fetch`) has, per digest, a replica list (closest first), and on top:
 
@@ -37,16 +38,18 @@ A GET operation (:class:`Fetch`) has, per digest, a replica list (closest first)
   ``avoid_for`` seconds (asked last) and reported (:class:`NodeFailed`: the caller may probe it
   and :meth:`~RequestEngine.reinstate` it).
 
-The results are :class:`GetResult`, :class:`HasResult`, :class:`PutOutcome` and
-:class:`tmdht.wire.NodeInfo` (None: the node did not answer), in :class:`OperationDone` events
+The results are :class:`GetResult`, :class:`HasResult`, :class:`PutOutcome`,
+:class:`tmdht.wire.NodeInfo`, :class:`tmdht.wire.RecordPutResult` and
+:class:`tmdht.wire.Records` (None: the node did not answer), in :class:`OperationDone` events
 (the types are in :mod:`tmdht.net.operations`).
 
 Two seams are left on purpose. :meth:`~RequestEngine.receive_datagrams` takes a whole burst (what
-one wake-up of the socket read): a native burst decoder can replace the per-datagram
-``wire.decode`` and per-page ``page_matches`` there and hand the per-type handlers messages whose
-pages are already checked. :class:`~tmdht.net.window.RequestWindow` is the one client-wide bound
-on every kind of request: a congestion controller adapting it to timeouts and losses is a
-change to that class (``closed(..., lost=True)`` is the signal it needs).
+one wake-up of the socket read) and decodes it in one call to :func:`tmdht.net.burst.decode_burst`
+(natively where ``tmdht._native`` is built: auth tag, header and a BLAKE3 per page for every
+PAGES answer of the burst), so the per-type handlers get PAGES parts whose pages are already
+checked (:class:`~tmdht.net.burst.VerifiedPages`). :class:`~tmdht.net.window.RequestWindow` is
+the one client-wide bound on every kind of request: a congestion controller adapting it to
+timeouts and losses is a change to that class (``closed(..., lost=True)`` is the signal it needs).
 """
 
 from __future__ import annotations
@@ -57,12 +60,13 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final
+from typing import Final, TypeAlias
 
 from tmdht import wire
 from tmdht.auth import Authenticator
 from tmdht.errors import DecodeError, TmdhtError
 from tmdht.net.address import Address
+from tmdht.net.burst import VerifiedPages, decode_burst
 from tmdht.net.operations import (
     EngineConfig,
     EngineStats,
@@ -71,19 +75,25 @@ from tmdht.net.operations import (
     GetResult,
     HasQuery,
     HasResult,
+    InfoQuery,
     NodeFailed,
     Operation,
     OperationDone,
     OperationResult,
     PutOutcome,
+    RecordRead,
+    RecordWrite,
     Store,
 )
 from tmdht.net.window import RequestWindow, RttEstimator
-from tmdht.pages import PageDigest, page_matches
+from tmdht.pages import PageDigest
 
 __all__ = ["RESPONSE_DATAGRAMS_PER_REQUEST", "RequestEngine"]
 
 log = logging.getLogger("tmdht.net.engine")
+
+_Answer: TypeAlias = wire.Message | VerifiedPages
+"""A decoded datagram (PAGES parts come verified)."""
 
 RESPONSE_DATAGRAMS_PER_REQUEST: Final = 8
 """Bound on the datagrams one GET answer may take, so a window of requests fits the socket."""
@@ -168,7 +178,7 @@ class _Request:
         """The request for what is still open."""
         raise NotImplementedError
 
-    def absorb(self, engine: RequestEngine, message: wire.Message) -> None:
+    def absorb(self, engine: RequestEngine, message: _Answer) -> None:
         """Take in one datagram of the answer."""
         raise NotImplementedError
 
@@ -202,27 +212,28 @@ class _Get(_Request):
         assert isinstance(op, _FetchOp)
         self.open = {d for d in self.open if d in op.open}
 
-    def absorb(self, engine: RequestEngine, message: wire.Message) -> None:
-        if not isinstance(message, wire.Pages):
+    def absorb(self, engine: RequestEngine, message: _Answer) -> None:
+        if not isinstance(message, VerifiedPages):
             return
         op = self.op
         assert isinstance(op, _FetchOp)
-        found, open_, asking = op.result.pages, self.open, op.asking
+        found, open_, asking, op_open = op.result.pages, self.open, op.asking, op.open
+        for digest, page in message.pages:  # verified by the burst decoder
+            if digest in open_:
+                open_.discard(digest)
+                asking[digest] -= 1
+                if digest in op_open:  # else a hedge was faster
+                    found[digest] = page
+                    op_open.discard(digest)
         corrupt = 0
-        for digest, page in message.pages:
-            if digest not in open_:
-                continue
-            open_.discard(digest)
-            asking[digest] -= 1
-            if digest not in op.open:
-                continue  # a hedge was faster
-            if page_matches(digest, page):
-                found[digest] = page
-                op.open.discard(digest)
-            else:
-                corrupt += 1
-                engine._reroute(op, digest, _CORRUPT)
-        engine.stats.pages_received += len(message.pages)
+        for digest in message.corrupt:
+            if digest in open_:
+                open_.discard(digest)
+                asking[digest] -= 1
+                if digest in op_open:
+                    corrupt += 1
+                    engine._reroute(op, digest, _CORRUPT)
+        engine.stats.pages_received += len(message.pages) + len(message.corrupt)
         if corrupt:
             engine.stats.verification_failures += corrupt
             log.warning("node %s:%d served %d corrupt pages", *self.address, corrupt)
@@ -280,7 +291,7 @@ class _Has(_Items):
         batch = self.batches[request_id] = self.asked()
         return wire.Has(request_id=request_id, digests=tuple(PageDigest(d) for d in batch))
 
-    def absorb(self, engine: RequestEngine, message: wire.Message) -> None:
+    def absorb(self, engine: RequestEngine, message: _Answer) -> None:
         if not isinstance(message, wire.Have):
             return
         result = _result(self.op)
@@ -306,7 +317,7 @@ class _Put(_Items):
             request_id=request_id, pages=tuple((PageDigest(d), pages[d]) for d in self.asked())
         )
 
-    def absorb(self, engine: RequestEngine, message: wire.Message) -> None:
+    def absorb(self, engine: RequestEngine, message: _Answer) -> None:
         if not isinstance(message, wire.PutResult):
             return
         result = _result(self.op)
@@ -316,19 +327,29 @@ class _Put(_Items):
             self.open.discard(digest)
 
 
-class _Info(_Request):
-    __slots__ = ("answered",)
+class _Ask(_Request):
+    """A request answered by one datagram of one type (NODE_INFO, RECORD_PUT, RECORD_GET)."""
+
+    __slots__ = ("answer", "answered", "build")
     small = True
 
-    def __init__(self, op: _SingleOp, address: Address) -> None:
+    def __init__(
+        self,
+        op: _SingleOp,
+        address: Address,
+        build: Callable[[int], wire.Message],
+        answer: type[wire.NodeInfo | wire.RecordPutResult | wire.Records],
+    ) -> None:
         super().__init__(op, address)
+        self.build = build
+        self.answer = answer
         self.answered = False
 
     def message(self, request_id: int) -> wire.Message:
-        return wire.NodeInfoRequest(request_id=request_id)
+        return self.build(request_id)
 
-    def absorb(self, engine: RequestEngine, message: wire.Message) -> None:
-        if isinstance(message, wire.NodeInfo):
+    def absorb(self, engine: RequestEngine, message: _Answer) -> None:
+        if isinstance(message, self.answer):
             assert isinstance(self.op, _SingleOp)
             self.op.result = message
             self.answered = True
@@ -412,28 +433,29 @@ class RequestEngine:
             self._check_single(op)
         else:
             op = self._single(op_id, None)
-            self._add(_Info(op, operation.address))
+            self._add(_ask(op, operation))
         self._settle()
         return op_id
 
     def receive_datagram(self, data: bytes, address: Address, now: float) -> None:
         """One datagram from ``address`` (host, port)."""
-        self._now = now
-        self.stats.datagrams_received += 1
-        try:
-            message = wire.decode(
-                data, max_datagram=wire.MAX_DATAGRAM, auth=self.auth, now=self._wall()
-            )
-        except DecodeError as exc:
-            self.stats.bad_datagrams += 1
-            log.debug("dropped datagram from %s: %s", address, exc)
-            return
-        self._on_message(message, address)
+        self.receive_datagrams(((data, address),), now)
 
     def receive_datagrams(self, burst: Iterable[tuple[bytes, Address]], now: float) -> None:
-        """Datagrams read together (one wake-up of the socket), in arrival order."""
-        for data, address in burst:
-            self.receive_datagram(data, address, now)
+        """Datagrams read together (one wake-up of the socket), in arrival order: decoded in
+        one call (:func:`tmdht.net.burst.decode_burst`: natively where built, every page
+        verified), then handled one by one."""
+        self._now = now
+        burst = list(burst)
+        stats = self.stats
+        stats.datagrams_received += len(burst)
+        decoded = decode_burst([data for data, _ in burst], auth=self.auth, now=self._wall())
+        for (_, address), message in zip(burst, decoded, strict=True):
+            if isinstance(message, DecodeError):
+                stats.bad_datagrams += 1
+                log.debug("dropped datagram from %s: %s", address, message)
+                continue
+            self._on_message(message, address)
 
     def handle_timer(self, now: float) -> None:
         """Time passed: run every deadline up to ``now`` (hedges, timeouts)."""
@@ -709,7 +731,7 @@ class RequestEngine:
         request.timer = self._timer_seq
         heapq.heappush(self._timers, (deadline, self._timer_seq, request))
 
-    def _on_message(self, message: wire.Message, address: Address) -> None:
+    def _on_message(self, message: _Answer, address: Address) -> None:
         request = self._pending.get(message.request_id)
         if request is None or request.address != address:
             self.stats.unexpected += 1  # a late answer to a retried request, or a stranger
@@ -860,6 +882,27 @@ class RequestEngine:
         op.done = True
         self._ops.pop(op.op_id, None)
         self._events.append(OperationDone(op.op_id, op.result))
+
+
+def _ask(op: _SingleOp, operation: InfoQuery | RecordWrite | RecordRead) -> _Ask:
+    """The one request of a NODE_INFO, RECORD_PUT or RECORD_GET operation."""
+    if isinstance(operation, InfoQuery):
+        return _Ask(op, operation.address, lambda rid: wire.NodeInfoRequest(request_id=rid),
+                    wire.NodeInfo)
+    if isinstance(operation, RecordWrite):
+        key, entry = operation.key, operation.entry
+        return _Ask(
+            op,
+            operation.address,
+            lambda rid: wire.RecordPut(
+                request_id=rid, key=key, entry_id=entry.entry_id, version=entry.version,
+                ttl_ms=entry.ttl_ms, value=entry.value,
+            ),
+            wire.RecordPutResult,
+        )
+    key = operation.key
+    return _Ask(op, operation.address, lambda rid: wire.RecordGet(request_id=rid, key=key),
+                wire.Records)
 
 
 def _result(op: _Op) -> OperationResult:

@@ -28,6 +28,8 @@ __all__ = [
     "OperationDone",
     "OperationResult",
     "PutOutcome",
+    "RecordRead",
+    "RecordWrite",
     "Store",
 ]
 
@@ -121,7 +123,26 @@ class InfoQuery:
     address: Address
 
 
-Operation = Fetch | HasQuery | Store | InfoQuery
+@dataclass(frozen=True, slots=True)
+class RecordWrite:
+    """RECORD_PUT: keep ``entry`` under ``key`` on the node at ``address`` (soft state with a
+    lease; a lower version than the node holds is refused, see :mod:`tmdht.records`)."""
+
+    address: Address
+    key: bytes
+    entry: wire.RecordEntry
+    """Entry id, version, lease (``ttl_ms``) and value."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRead:
+    """RECORD_GET: the live entries under ``key`` on the node at ``address``."""
+
+    address: Address
+    key: bytes
+
+
+Operation = Fetch | HasQuery | Store | InfoQuery | RecordWrite | RecordRead
 
 
 @dataclass
@@ -160,13 +181,16 @@ class PutOutcome:
     unanswered: set[bytes] = field(default_factory=set)
 
 
-OperationResult = GetResult | HasResult | PutOutcome | wire.NodeInfo | None
+OperationResult = (
+    GetResult | HasResult | PutOutcome | wire.NodeInfo | wire.RecordPutResult | wire.Records | None
+)
 
 
 @dataclass(frozen=True, slots=True)
 class OperationDone:
     """An operation ended; ``result`` is its :class:`GetResult`, :class:`HasResult`,
-    :class:`PutOutcome` or NODE_INFO answer (None if the node did not answer)."""
+    :class:`PutOutcome`, or the NODE_INFO, RECORD_PUT or RECORD_GET answer (None if the node did
+    not answer)."""
 
     operation: int
     """The id :meth:`RequestEngine.submit` returned."""

@@ -7,6 +7,19 @@ module owns that format: :func:`decode_datagram` checks the size before anything
 tag before msgpack is touched and the request shape before a handler sees it, and raises only
 :class:`~tmdht.errors.DecodeError`. The answers peers send (``node_info``, ``find_node``) are
 validated by :func:`parse_peer_info` and :func:`parse_contacts` before use.
+
+Two frame versions share the port. Version 1 is rpcudp's (type ``0x00``/``0x01``). Version 2,
+the *stamped* frame (type ``0x02`` request / ``0x03`` answer), adds a replay stamp under the
+tag, checked like the data plane's (:class:`tmdht.auth.ReplayWindow`: a timestamp within +-10 s
+of the receiver's clock and a 64-bit nonce not seen in that window)::
+
+    | type (1) | msg id (20) | timestamp ms, u64 (8) | nonce, u64 (8) | msgpack body | tag (16) |
+
+A stamped datagram replayed is dropped and counted (``ReplayError``). Version 1 frames are still
+accepted, so nodes of the previous release keep working during a rolling upgrade (an answer
+goes out in its request's version; requests go out stamped, unstamped only to an address that
+has sent only unstamped frames); ``require_stamped`` refuses them once every node and client
+is upgraded.
 """
 
 from __future__ import annotations
@@ -17,13 +30,21 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from struct import Struct
 from typing import Final
 
 import umsgpack
 from blake3 import blake3
 from kademlia.node import Node
 
-from tmdht.errors import ConfigError, DecodeError, LimitExceededError, UnauthenticatedError
+from tmdht.auth import ReplayWindow
+from tmdht.errors import (
+    ConfigError,
+    DecodeError,
+    LimitExceededError,
+    ReplayError,
+    UnauthenticatedError,
+)
 
 __all__ = [
     "ID_BITS",
@@ -32,6 +53,7 @@ __all__ = [
     "MAX_CONTACTS",
     "NO_ID",
     "PROTOCOL_VERSION",
+    "STAMP_SIZE",
     "TAG_SIZE",
     "OverlayConfig",
     "PeerInfo",
@@ -54,7 +76,12 @@ ID_BITS: Final = ID_SIZE * 8
 
 _REQUEST: Final = 0x00
 _RESPONSE: Final = 0x01
+_STAMPED_REQUEST: Final = 0x02
+_STAMPED_RESPONSE: Final = 0x03
 _HEADER_SIZE: Final = 1 + ID_SIZE
+_STAMP: Final = Struct(">QQ")  # timestamp ms, nonce
+STAMP_SIZE: Final = _STAMP.size
+"""Bytes a version 2 (stamped) frame adds: timestamp and nonce."""
 MAX_BODY_SIZE: Final = 8192
 """Largest msgpack body accepted or sent: rpcudp's own cap on a request."""
 TAG_SIZE: Final = 16
@@ -127,6 +154,10 @@ class OverlayConfig:
     accepted_cluster_keys: tuple[bytes, ...] = ()
     """Other cluster keys whose tags are accepted too (during a key rotation); sends use
     ``cluster_key``."""
+    replay_window: float = 10.0
+    """Seconds a stamped datagram's timestamp may differ from this host's clock."""
+    require_stamped: bool = False
+    """Refuse unstamped (version 1) datagrams: once every node and client runs version 2."""
 
     def __post_init__(self) -> None:
         """Refuse values the overlay cannot run with; accept lists and str paths."""
@@ -157,6 +188,8 @@ class OverlayConfig:
             raise ConfigError(f"ksize must be <= {MAX_CONTACTS} (answers must fit a datagram)")
         if self.socket_buffer_bytes < 0 or self.max_crawl_lookups < 1 or self.max_peers < 1:
             raise ConfigError("socket_buffer_bytes >= 0, max_crawl_lookups/max_peers >= 1")
+        if not self.replay_window > 0:
+            raise ConfigError(f"replay_window must be > 0, got {self.replay_window!r}")
         if self.cluster_key is not None and len(self.cluster_key) < 16:
             raise ConfigError("cluster_key must be at least 16 bytes")
         object.__setattr__(self, "accepted_cluster_keys", tuple(self.accepted_cluster_keys))
@@ -193,6 +226,8 @@ class Request:
     """Name of the remote procedure (``ping``, ``find_node``, ``node_info``)."""
     args: tuple[object, ...]
     """Positional arguments as decoded; the handler validates them."""
+    stamped: bool = False
+    """Sent as a version 2 frame (with a replay stamp): answer it in one too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +238,8 @@ class Response:
     """The id of the request this answers."""
     value: object
     """The answer as decoded; the caller validates it."""
+    stamped: bool = False
+    """Arrived as a version 2 frame (with a replay stamp)."""
 
 
 def derive_tag_key(cluster_key: bytes) -> bytes:
@@ -214,24 +251,41 @@ def _tag(body: bytes, tag_key: bytes) -> bytes:
     return bytes(blake3(body, key=tag_key).digest(length=TAG_SIZE))
 
 
-def _frame(kind: int, msg_id: bytes, payload: object, tag_key: bytes | None) -> bytes:
+Stamp = tuple[int, int]
+"""(timestamp in ms since the Unix epoch, nonce): what makes a frame version 2."""
+
+
+def _frame(
+    kind: int, msg_id: bytes, payload: object, tag_key: bytes | None, stamp: Stamp | None
+) -> bytes:
     body: bytes = umsgpack.packb(payload)
     if len(body) > MAX_BODY_SIZE:
         raise LimitExceededError(f"overlay message body of {len(body)} bytes > {MAX_BODY_SIZE}")
-    datagram = bytes((kind,)) + msg_id + body
+    if stamp is None:
+        datagram = bytes((kind,)) + msg_id + body
+    else:
+        datagram = bytes((kind + _STAMPED_REQUEST,)) + msg_id + _STAMP.pack(*stamp) + body
     return datagram + _tag(datagram, tag_key) if tag_key is not None else datagram
 
 
 def encode_request(
-    msg_id: bytes, method: str, args: Sequence[object], tag_key: bytes | None = None
+    msg_id: bytes,
+    method: str,
+    args: Sequence[object],
+    tag_key: bytes | None = None,
+    stamp: Stamp | None = None,
 ) -> bytes:
-    """One request datagram in rpcudp's framing: ``0x00 | msg_id | msgpack([method, args])``."""
-    return _frame(_REQUEST, msg_id, [method, list(args)], tag_key)
+    """One request datagram: rpcudp's framing ``0x00 | msg_id | msgpack([method, args])``, or
+    with a ``stamp`` the version 2 frame (``0x02``, the stamp after the message id)."""
+    return _frame(_REQUEST, msg_id, [method, list(args)], tag_key, stamp)
 
 
-def encode_response(msg_id: bytes, value: object, tag_key: bytes | None = None) -> bytes:
-    """One answer datagram in rpcudp's framing: ``0x01 | msg_id | msgpack(value)``."""
-    return _frame(_RESPONSE, msg_id, value, tag_key)
+def encode_response(
+    msg_id: bytes, value: object, tag_key: bytes | None = None, stamp: Stamp | None = None
+) -> bytes:
+    """One answer datagram: ``0x01 | msg_id | msgpack(value)``, or with a ``stamp`` the
+    version 2 frame (``0x03``)."""
+    return _frame(_RESPONSE, msg_id, value, tag_key, stamp)
 
 
 # umsgpack raises its own UnpackException family on bad input, but also ValueError/TypeError from
@@ -240,9 +294,19 @@ _UNPACK_FAILURES: Final = (umsgpack.UnpackException, RecursionError, ValueError,
 
 
 def decode_datagram(
-    datagram: bytes, tag_key: bytes | None = None, other_tag_keys: Sequence[bytes] = ()
+    datagram: bytes,
+    tag_key: bytes | None = None,
+    other_tag_keys: Sequence[bytes] = (),
+    *,
+    replay: ReplayWindow | None = None,
+    now: float = 0.0,
+    require_stamped: bool = False,
 ) -> Request | Response:
     """Decode one datagram from the network; raise only :class:`DecodeError` on bad bytes.
+
+    A stamped (version 2) frame's stamp is checked by ``replay`` at wall-clock time ``now``
+    once the tag verified (``ReplayError``, ``ClockSkewError``); an unstamped one is refused
+    with ``require_stamped`` (``ReplayError``: it cannot be told from a replay).
 
     The size is checked before anything is parsed, the tag (when a key is set) before msgpack is
     touched, and the request shape before a handler sees it. The tag carries no key id, so during
@@ -250,7 +314,7 @@ def decode_datagram(
     (the keys still, or already, accepted): one more BLAKE3 of <= 8 KiB per extra key, paid only
     by datagrams that the sending key does not open.
     """
-    limit = _HEADER_SIZE + MAX_BODY_SIZE + (TAG_SIZE if tag_key is not None else 0)
+    limit = _HEADER_SIZE + STAMP_SIZE + MAX_BODY_SIZE + (TAG_SIZE if tag_key is not None else 0)
     if len(datagram) > limit:
         raise LimitExceededError(f"datagram of {len(datagram)} bytes > {limit}")
     if tag_key is not None:
@@ -262,14 +326,26 @@ def decode_datagram(
     if len(datagram) <= _HEADER_SIZE:
         raise DecodeError(f"datagram of {len(datagram)} bytes has no body")
     kind, msg_id = datagram[0], bytes(datagram[1:_HEADER_SIZE])
-    if kind not in (_REQUEST, _RESPONSE):
+    if kind not in (_REQUEST, _RESPONSE, _STAMPED_REQUEST, _STAMPED_RESPONSE):
         raise DecodeError(f"unknown datagram type 0x{kind:02x}")
+    body_at = _HEADER_SIZE
+    stamped = kind >= _STAMPED_REQUEST
+    if stamped:
+        body_at += STAMP_SIZE
+        if len(datagram) <= body_at:
+            raise DecodeError(f"stamped datagram of {len(datagram)} bytes has no body")
+        timestamp_ms, nonce = _STAMP.unpack_from(datagram, _HEADER_SIZE)
+        if replay is not None:
+            replay.check(0, nonce, timestamp_ms, now)
+        kind -= _STAMPED_REQUEST
+    elif require_stamped:
+        raise ReplayError("unstamped (version 1) datagram refused: stamps are required")
     try:
-        payload = umsgpack.unpackb(bytes(datagram[_HEADER_SIZE:]))
+        payload = umsgpack.unpackb(bytes(datagram[body_at:]))
     except _UNPACK_FAILURES as exc:
         raise DecodeError(f"bad msgpack body: {type(exc).__name__}") from None
     if kind == _RESPONSE:
-        return Response(msg_id, payload)
+        return Response(msg_id, payload, stamped)
     if (
         not isinstance(payload, list)
         or len(payload) != 2
@@ -277,7 +353,7 @@ def decode_datagram(
         or not isinstance(payload[1], list)
     ):
         raise DecodeError("a request body must be [method: str, args: list]")
-    return Request(msg_id, payload[0], tuple(payload[1]))
+    return Request(msg_id, payload[0], tuple(payload[1]), stamped)
 
 
 def random_id_in(prefix: int, bits: int, rng: random.Random | None = None) -> bytes:

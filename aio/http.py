@@ -1,7 +1,8 @@
-"""The node's HTTP endpoint: Prometheus ``/metrics``, liveness ``/healthz``, readiness ``/readyz``.
+"""A service's HTTP endpoint: Prometheus ``/metrics``, liveness ``/healthz``, readiness
+``/readyz`` (the store node's and the vnet agent's).
 
 prometheus-client's WSGI app behind a small router, served by its threading WSGI server on a
-thread the node owns and shuts down.
+thread the service owns and shuts down.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 __all__ = ["HealthServer"]
 
-log = logging.getLogger("tmdht.node.http")
+log = logging.getLogger("tmdht.aio.http")
 
 
 class _QuietHandler(WSGIRequestHandler):

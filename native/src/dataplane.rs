@@ -1,0 +1,396 @@
+//! The cluster data plane's hot datagrams: PAGES answers decoded and verified in bursts.
+//!
+//! The format and the reference implementation are `tmdht/wire.py` (layout), `tmdht/auth.py`
+//! (the auth block) and `tmdht/net/burst.py` (what a burst decode returns); this is their twin
+//! for PAGES datagrams of wire version 2, the only bulky answer a client receives. Per datagram,
+//! in the reference's order: size limits, the auth block (open mode or keyed BLAKE3 tag), then
+//! the header and body, then each page of the bulk against the digest the body names for it.
+//!
+//! The replay window stays in Python (it is state shared with every other datagram type): an
+//! authentic datagram comes back with its key id, timestamp and nonce, and the caller checks
+//! them before it trusts the rest, whether the body was good or not, exactly as
+//! `Authenticator.open` does before `wire.decode` reads the body.
+
+use crate::errors::Error;
+
+pub const PROTOCOL_VERSION: u8 = 2;
+pub const PAGES: u8 = 2;
+pub const HEADER_SIZE: usize = 20;
+pub const AUTH_OVERHEAD: usize = 34;
+pub const TAG_SIZE: usize = 16;
+pub const OVERHEAD: usize = HEADER_SIZE + AUTH_OVERHEAD;
+pub const DIGEST_SIZE: usize = 32;
+pub const PAGE_SIZE: usize = 4096;
+pub const MAX_DATAGRAM: usize = 65507;
+pub const MIN_DATAGRAM: usize = OVERHEAD + 4 + DIGEST_SIZE + PAGE_SIZE;
+const FLAG_OPEN: u8 = 0x01;
+/// `tmdht.wire.ErrorCode.MALFORMED`.
+pub const MALFORMED: u16 = 1;
+
+/// How datagrams are authenticated: open mode, or the tag keys accepted now (by key id).
+pub enum Keys {
+    Open,
+    Keyed(Vec<(u8, [u8; 32])>),
+}
+
+impl Keys {
+    fn tag_key(&self, key_id: u8) -> Option<&[u8; 32]> {
+        match self {
+            Keys::Open => None,
+            Keys::Keyed(keys) => keys.iter().find(|(id, _)| *id == key_id).map(|(_, k)| k),
+        }
+    }
+}
+
+/// The auth block of an authentic datagram: what the replay window checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub key_id: u8,
+    pub timestamp_ms: u64,
+    pub nonce: u64,
+}
+
+/// A decoded, verified PAGES part. Offsets index the datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PagesPart {
+    pub request_id: u64,
+    pub part: u16,
+    pub parts: u16,
+    /// Digests start here: `pages` of them (each paired with a page of the bulk), then `missing`.
+    pub digests_at: usize,
+    pub pages: usize,
+    pub missing: usize,
+    /// The bulk (pages) starts here.
+    pub bulk_at: usize,
+    /// Per page: its BLAKE3 digest is the one the body names for it.
+    pub matches: Vec<bool>,
+}
+
+/// Why an authentic datagram's header or body was refused (`MessageDecodeError`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct BodyError {
+    pub request_id: u64,
+    pub message_type: u8,
+    pub code: u16,
+    pub reason: String,
+}
+
+/// What became of one datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not a version-2 PAGES datagram: the caller decodes it with the reference.
+    Other,
+    /// Refused before or by the auth check (`DecodeError` / `LimitExceededError` /
+    /// `AuthenticationError`): no state may change.
+    Refused(Error, bool),
+    /// Authentic: check the stamp, then take the part or the body error.
+    Authentic(Stamp, Result<PagesPart, BodyError>),
+}
+
+fn u16_at(data: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([data[at], data[at + 1]])
+}
+
+fn u32_at(data: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(data[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(data: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(data[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn eq_constant_time(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The auth error: `true` in `Refused` marks an `AuthenticationError`.
+fn auth_error(message: impl Into<String>) -> Outcome {
+    Outcome::Refused(Error::decode(message), true)
+}
+
+/// Decode and verify one datagram (see the module docs). `max_datagram` is already checked.
+pub fn decode_pages(data: &[u8], max_datagram: usize, keys: &Keys) -> Outcome {
+    let size = data.len();
+    if size < 2 || data[0] != PROTOCOL_VERSION || data[1] != PAGES {
+        return Outcome::Other;
+    }
+    if size > max_datagram {
+        return Outcome::Refused(
+            Error::limit(format!("datagram of {size} bytes exceeds max_datagram {max_datagram}")),
+            false,
+        );
+    }
+    if size < OVERHEAD {
+        return Outcome::Refused(
+            Error::decode(format!(
+                "datagram of {size} bytes is shorter than the {OVERHEAD}-byte minimum"
+            )),
+            false,
+        );
+    }
+    // -- the auth block (tmdht.auth.Authenticator.open with end=bulk) --
+    let body_length = u32_at(data, 16) as usize;
+    let end = OVERHEAD + body_length;
+    if end > size {
+        return auth_error(format!(
+            "auth block ending at byte {end} lies outside the {size}-byte datagram"
+        ));
+    }
+    let block_at = end - AUTH_OVERHEAD;
+    let tag_at = end - TAG_SIZE;
+    let key_id = data[block_at];
+    let flags = data[block_at + 1];
+    let timestamp_ms = u64_at(data, block_at + 2);
+    let nonce = u64_at(data, block_at + 10);
+    match keys {
+        Keys::Open => {
+            if flags & FLAG_OPEN == 0 {
+                return auth_error(format!(
+                    "keyed datagram (key id {key_id}) refused: this node runs in open mode"
+                ));
+            }
+            if flags != FLAG_OPEN || key_id != 0 || data[tag_at..end].iter().any(|&b| b != 0) {
+                return auth_error("malformed open-mode auth block");
+            }
+        }
+        Keys::Keyed(_) => {
+            if flags & FLAG_OPEN != 0 {
+                return auth_error("open (unauthenticated) datagram refused");
+            }
+            if flags != 0 {
+                return auth_error(format!("unknown auth flags 0x{flags:02x}"));
+            }
+            let Some(key) = keys.tag_key(key_id) else {
+                return auth_error(format!("unknown or expired key id {key_id}"));
+            };
+            let mut hasher = blake3::Hasher::new_keyed(key);
+            hasher.update(&data[..tag_at]);
+            let mut tag = [0u8; TAG_SIZE];
+            hasher.finalize_xof().fill(&mut tag);
+            if !eq_constant_time(&tag, &data[tag_at..end]) {
+                return auth_error(format!("bad tag (key id {key_id})"));
+            }
+        }
+    }
+    let stamp = Stamp { key_id, timestamp_ms, nonce };
+    Outcome::Authentic(stamp, decode_body(data, end))
+}
+
+fn decode_body(data: &[u8], end: usize) -> Result<PagesPart, BodyError> {
+    let request_id = u64_at(data, 4);
+    let part = u16_at(data, 12);
+    let parts = u16_at(data, 14);
+    let flags = u16_at(data, 2);
+    let fail = |reason: String| BodyError { request_id, message_type: PAGES, code: MALFORMED, reason };
+    if flags != 0 {
+        return Err(fail(format!("reserved header flags 0x{flags:04x} are set")));
+    }
+    if part >= parts {
+        return Err(fail(format!("part {part} of {parts} is not valid for this message type")));
+    }
+    let start = HEADER_SIZE;
+    let body_end = end - AUTH_OVERHEAD;
+    if body_end - start < 4 {
+        return Err(fail(format!("body of {} bytes is too short for its counts", body_end - start)));
+    }
+    let pages = u16_at(data, start) as usize;
+    let missing = u16_at(data, start + 2) as usize;
+    let digests_at = start + 4;
+    let expected = (pages + missing) * DIGEST_SIZE;
+    if body_end - digests_at != expected {
+        return Err(fail(format!(
+            "body is {} bytes, its counts need {expected}",
+            body_end - digests_at
+        )));
+    }
+    let bulk_at = end;
+    let bulk = data.len() - bulk_at;
+    if bulk != pages * PAGE_SIZE {
+        return Err(fail(format!(
+            "bulk is {bulk} bytes, the body's {pages} pages need {}",
+            pages * PAGE_SIZE
+        )));
+    }
+    let matches = (0..pages)
+        .map(|i| {
+            let page = &data[bulk_at + i * PAGE_SIZE..bulk_at + (i + 1) * PAGE_SIZE];
+            let digest = &data[digests_at + i * DIGEST_SIZE..digests_at + (i + 1) * DIGEST_SIZE];
+            blake3::hash(page).as_bytes() == digest
+        })
+        .collect();
+    Ok(PagesPart { request_id, part, parts, digests_at, pages, missing, bulk_at, matches })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn datagram(pages: &[&[u8]], missing: usize, key: Option<(u8, [u8; 32])>) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(pages.len() as u16).to_be_bytes());
+        body.extend_from_slice(&(missing as u16).to_be_bytes());
+        for page in pages {
+            body.extend_from_slice(blake3::hash(page).as_bytes());
+        }
+        body.extend(std::iter::repeat_n(7u8, missing * DIGEST_SIZE));
+        let mut out = vec![PROTOCOL_VERSION, PAGES, 0, 0];
+        out.extend_from_slice(&42u64.to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&1u16.to_be_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        match key {
+            None => {
+                out.extend_from_slice(&[0, FLAG_OPEN]);
+                out.extend_from_slice(&5u64.to_be_bytes());
+                out.extend_from_slice(&9u64.to_be_bytes());
+                out.extend_from_slice(&[0; TAG_SIZE]);
+            }
+            Some((id, k)) => {
+                out.extend_from_slice(&[id, 0]);
+                out.extend_from_slice(&5u64.to_be_bytes());
+                out.extend_from_slice(&9u64.to_be_bytes());
+                let mut tag = [0u8; TAG_SIZE];
+                blake3::Hasher::new_keyed(&k).update(&out).finalize_xof().fill(&mut tag);
+                out.extend_from_slice(&tag);
+            }
+        }
+        for page in pages {
+            out.extend_from_slice(page);
+        }
+        out
+    }
+
+    #[test]
+    fn open_and_keyed_parts_verify_each_page() {
+        let a = vec![1u8; PAGE_SIZE];
+        let b = vec![2u8; PAGE_SIZE];
+        let data = datagram(&[&a, &b], 1, None);
+        let Outcome::Authentic(stamp, Ok(part)) = decode_pages(&data, MAX_DATAGRAM, &Keys::Open)
+        else {
+            panic!("not decoded")
+        };
+        assert_eq!(stamp, Stamp { key_id: 0, timestamp_ms: 5, nonce: 9 });
+        assert_eq!((part.request_id, part.pages, part.missing), (42, 2, 1));
+        assert_eq!(part.matches, vec![true, true]);
+        let key = [3u8; 32];
+        let mut data = datagram(&[&a, &b], 0, Some((4, key)));
+        let keys = Keys::Keyed(vec![(4, key)]);
+        assert!(matches!(decode_pages(&data, MAX_DATAGRAM, &keys), Outcome::Authentic(_, Ok(_))));
+        let last = data.len() - 1;
+        data[last] ^= 1; // a page byte: outside the tag, caught by its digest
+        let Outcome::Authentic(_, Ok(part)) = decode_pages(&data, MAX_DATAGRAM, &keys) else {
+            panic!("not decoded")
+        };
+        assert_eq!(part.matches, vec![true, false]);
+        data[30] ^= 1; // a digest byte: under the tag
+        assert!(matches!(decode_pages(&data, MAX_DATAGRAM, &keys), Outcome::Refused(_, true)));
+        assert!(matches!(decode_pages(&data, MAX_DATAGRAM, &Keys::Open), Outcome::Refused(_, true)));
+    }
+
+    #[test]
+    fn truncation_never_panics() {
+        let a = vec![1u8; PAGE_SIZE];
+        let data = datagram(&[&a], 2, None);
+        for cut in 0..data.len() {
+            let _ = decode_pages(&data[..cut], MAX_DATAGRAM, &Keys::Open);
+        }
+        assert!(matches!(decode_pages(&data, 100, &Keys::Open), Outcome::Refused(_, false)));
+    }
+}
+
+// -- the node's side: PAGES answers sealed natively ------------------------------------------
+
+/// `tmdht.wire.encode_pages_buffers`'s plan: (first page, end page, first missing, end missing)
+/// per part. Pages fill the parts first; missing digests fill the room left in the last page
+/// part, then parts of their own; an empty answer is one empty part.
+pub fn plan_parts(pages: usize, missing: usize, max_datagram: usize) -> Vec<(usize, usize, usize, usize)> {
+    let budget = max_datagram - OVERHEAD - 4;
+    let per_part = budget / (DIGEST_SIZE + PAGE_SIZE);
+    let mut plan = Vec::new();
+    let (mut page_at, mut missing_at) = (0, 0);
+    loop {
+        let page_end = pages.min(page_at + per_part);
+        let room = budget - (page_end - page_at) * (DIGEST_SIZE + PAGE_SIZE);
+        let missing_end = missing.min(missing_at + room / DIGEST_SIZE);
+        plan.push((page_at, page_end, missing_at, missing_end));
+        page_at = page_end;
+        missing_at = missing_end;
+        if page_at == pages && missing_at == missing {
+            return plan;
+        }
+    }
+}
+
+/// How a sender seals: open mode, or a key id and its tag key.
+pub enum Sealer<'a> {
+    Open,
+    Keyed(u8, &'a [u8; 32]),
+}
+
+/// The head of one PAGES datagram: header, body (the digests of its pages, then its missing
+/// digests) and the sealed auth block; its pages follow it on the wire, outside the tag.
+#[allow(clippy::too_many_arguments)]
+pub fn pages_head(
+    request_id: u64,
+    part: u16,
+    parts: u16,
+    found: &[&[u8]],
+    missing: &[&[u8]],
+    sealer: &Sealer<'_>,
+    timestamp_ms: u64,
+    nonce: u64,
+) -> Vec<u8> {
+    let body = 4 + (found.len() + missing.len()) * DIGEST_SIZE;
+    let mut out = Vec::with_capacity(OVERHEAD + body);
+    out.extend_from_slice(&[PROTOCOL_VERSION, PAGES, 0, 0]);
+    out.extend_from_slice(&request_id.to_be_bytes());
+    out.extend_from_slice(&part.to_be_bytes());
+    out.extend_from_slice(&parts.to_be_bytes());
+    out.extend_from_slice(&(body as u32).to_be_bytes());
+    out.extend_from_slice(&(found.len() as u16).to_be_bytes());
+    out.extend_from_slice(&(missing.len() as u16).to_be_bytes());
+    for digest in found.iter().chain(missing) {
+        out.extend_from_slice(digest);
+    }
+    match sealer {
+        Sealer::Open => {
+            out.extend_from_slice(&[0, FLAG_OPEN]);
+            out.extend_from_slice(&timestamp_ms.to_be_bytes());
+            out.extend_from_slice(&nonce.to_be_bytes());
+            out.extend_from_slice(&[0; TAG_SIZE]);
+        }
+        Sealer::Keyed(key_id, key) => {
+            out.extend_from_slice(&[*key_id, 0]);
+            out.extend_from_slice(&timestamp_ms.to_be_bytes());
+            out.extend_from_slice(&nonce.to_be_bytes());
+            let mut tag = [0u8; TAG_SIZE];
+            blake3::Hasher::new_keyed(key).update(&out).finalize_xof().fill(&mut tag);
+            out.extend_from_slice(&tag);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod sealing_tests {
+    use super::*;
+
+    #[test]
+    fn sealed_heads_decode_as_pages() {
+        let page = vec![9u8; PAGE_SIZE];
+        let digest = *blake3::hash(&page).as_bytes();
+        let key = [5u8; 32];
+        let plan = plan_parts(1, 0, 32768);
+        assert_eq!(plan, vec![(0, 1, 0, 0)]);
+        let mut data = pages_head(7, 0, 1, &[&digest], &[], &Sealer::Keyed(2, &key), 1, 2);
+        data.extend_from_slice(&page);
+        let keys = Keys::Keyed(vec![(2, key)]);
+        let Outcome::Authentic(_, Ok(part)) = decode_pages(&data, MAX_DATAGRAM, &keys) else {
+            panic!("not decoded")
+        };
+        assert_eq!(part.matches, vec![true]);
+        assert_eq!(plan_parts(0, 0, MIN_DATAGRAM), vec![(0, 0, 0, 0)]);
+        assert_eq!(plan_parts(3, 200, MIN_DATAGRAM).len(), 3 + 200usize.div_ceil((MIN_DATAGRAM - OVERHEAD - 4) / 32));
+    }
+}

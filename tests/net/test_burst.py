@@ -1,0 +1,240 @@
+"""The native burst decoder is the reference, datagram for datagram and error for error.
+
+Bursts of PAGES answers (keyed and open mode, with missing digests, several parts), other
+answers (HAVE, ERROR: the native decoder hands those to the reference), and their corruptions
+(tag bytes, page bytes, digest bytes, body lengths, truncations, bit flips, replays, appended
+bytes) go through :func:`decode_burst_reference` and :func:`decode_burst_native`, each with its
+own authenticator of the same keys: every datagram must come out as the same message or the
+same error class with the same message, and the replay windows must agree after the burst.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.cores import native_available
+
+from tmdht import wire
+from tmdht.auth import AuthenticationError, Authenticator, ClusterKey, KeyRing, ReplayError
+from tmdht.errors import DecodeError, LimitExceededError
+from tmdht.net.burst import (
+    VerifiedPages,
+    decode_burst,
+    decode_burst_native,
+    decode_burst_reference,
+    encode_pages_answer_native,
+    encode_pages_answer_reference,
+)
+from tmdht.pages import PAGE_SIZE, PageDigest, digest_page
+
+NOW = 1_700_000_000.0
+KEY = ClusterKey(3, bytes(range(32)))
+OTHER = ClusterKey(4, bytes(range(1, 33)))
+POOL = [random.Random(n).randbytes(PAGE_SIZE) for n in range(12)]
+DIGESTS = [PageDigest(digest_page(p)) for p in POOL]
+EXAMPLES = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+needs_native = pytest.mark.skipif(
+    not native_available(), reason="tmdht._native is not built (no Rust toolchain)"
+)
+
+
+def make_auth(mode: str) -> Authenticator:
+    if mode == "open":
+        return Authenticator.open_mode()
+    ring = KeyRing(KEY)
+    ring.accept(OTHER)
+    return Authenticator.keyed(ring)
+
+
+def pages_datagrams(mode: str, n_pages: int, n_missing: int, max_datagram: int) -> list[bytes]:
+    pages = [(DIGESTS[i], POOL[i]) for i in range(n_pages)]
+    missing = [PageDigest(bytes([i]) * 32) for i in range(n_missing)]
+    return wire.encode_pages_response(
+        77, pages, missing, max_datagram=max_datagram, auth=make_auth(mode), now=NOW
+    )
+
+
+def other_datagrams(mode: str) -> list[bytes]:
+    auth = make_auth(mode)
+    have = wire.encode_have_response(5, [True, False, True], max_datagram=8192, auth=auth, now=NOW)
+    error = wire.encode(
+        wire.Error(request_id=6, code=wire.ErrorCode.OVERLOADED, message="busy"),
+        max_datagram=8192, auth=auth, now=NOW,
+    )
+    return [*have, error]
+
+
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """One corruption a network, a faulty node or an attacker could make."""
+    out = bytearray(data)
+    body_length = int.from_bytes(out[16:20], "big")
+    tag_at = wire.HEADER_SIZE + body_length + 18
+    kind = rng.randrange(9)
+    if kind == 0:  # a tag byte
+        out[tag_at + rng.randrange(16)] ^= 1 << rng.randrange(8)
+    elif kind == 1 and len(out) > tag_at + 16:  # a page byte (outside the tag)
+        out[rng.randrange(tag_at + 16, len(out))] ^= 1 << rng.randrange(8)
+    elif kind == 2:  # a body byte (a digest or count, under the tag)
+        out[rng.randrange(wire.HEADER_SIZE, wire.HEADER_SIZE + max(body_length, 1))] ^= 1
+    elif kind == 3:  # truncation
+        del out[rng.randrange(len(out)) :]
+    elif kind == 4:  # bit flip anywhere
+        out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+    elif kind == 5:  # the body length moved
+        out[16:20] = rng.choice([0, body_length - 32, body_length + 4096, 1 << 31]).to_bytes(
+            4, "big", signed=False
+        ) if body_length >= 32 else (1 << 20).to_bytes(4, "big")
+    elif kind == 6:  # bytes appended to the bulk
+        out += bytes(rng.choice([1, 32, PAGE_SIZE]))
+    elif kind == 7:  # a header byte (flags, part, parts)
+        out[rng.randrange(2, wire.HEADER_SIZE)] ^= 1 << rng.randrange(8)
+    # kind 8: unchanged (a replay when it was already in the burst)
+    return bytes(out)
+
+
+def same(left: Any, right: Any) -> bool:
+    if isinstance(left, DecodeError) or isinstance(right, DecodeError):
+        return type(left) is type(right) and str(left) == str(right)
+    return bool(left == right)
+
+
+@needs_native
+@EXAMPLES
+@given(
+    mode=st.sampled_from(["keyed", "open"]),
+    n_pages=st.integers(0, 12),
+    n_missing=st.integers(0, 40),
+    max_datagram=st.sampled_from([wire.MIN_DATAGRAM, 16384, 32768, wire.MAX_DATAGRAM]),
+    seed=st.integers(0, 2**32),
+    mutants=st.integers(0, 12),
+    decode_limit=st.sampled_from([wire.MIN_DATAGRAM, 32768, wire.MAX_DATAGRAM]),
+)
+def test_native_burst_decoder_is_the_reference(
+    mode: str, n_pages: int, n_missing: int, max_datagram: int, seed: int, mutants: int,
+    decode_limit: int,
+) -> None:
+    from tmdht import _native
+
+    rng = random.Random(seed)
+    good = pages_datagrams(mode, n_pages, max(n_missing, 1 - n_pages), max_datagram)
+    good += other_datagrams(mode)
+    burst = list(good)
+    for _ in range(mutants):
+        burst.append(mutate(rng.choice(good), rng))
+    if mode == "keyed" and rng.random() < 0.3:  # a datagram of the other mode
+        burst.append(rng.choice(pages_datagrams("open", 1, 0, 32768)))
+    rng.shuffle(burst)
+    ref_auth, nat_auth = make_auth(mode), make_auth(mode)
+    reference = decode_burst_reference(burst, auth=ref_auth, now=NOW, max_datagram=decode_limit)
+    native = decode_burst_native(
+        burst, auth=nat_auth, now=NOW, max_datagram=decode_limit, native=_native
+    )
+    assert len(reference) == len(native) == len(burst)
+    for index, (left, right) in enumerate(zip(reference, native, strict=True)):
+        assert same(left, right), (index, left, right)
+    assert len(ref_auth.replay or ()) == len(nat_auth.replay or ())
+
+
+@needs_native
+def test_every_corruption_is_caught_the_same_way() -> None:
+    """The cases the issue names, one by one, on both decoders."""
+    from tmdht import _native
+
+    (datagram,) = pages_datagrams("keyed", 3, 2, 32768)
+    tag_at = len(datagram) - 3 * PAGE_SIZE - 16
+    bad_tag = bytearray(datagram)
+    bad_tag[tag_at] ^= 1
+    bad_page = bytearray(datagram)
+    bad_page[-1] ^= 1  # the last page no longer matches its digest
+    cases = [bytes(bad_tag), bytes(bad_page), datagram[:-1], datagram[:40], datagram + b"x"]
+    for decode in (decode_burst_reference, decode_burst_native):
+        kwargs = {"native": _native} if decode is decode_burst_native else {}
+        results = [  # each with fresh replay memory: they share one nonce
+            decode([case], auth=make_auth("keyed"), now=NOW, **kwargs)[0] for case in cases
+        ]
+        assert isinstance(results[0], AuthenticationError)
+        assert isinstance(results[1], VerifiedPages)
+        assert [d for d, _ in results[1].pages] == DIGESTS[:2]
+        assert results[1].corrupt == (DIGESTS[2],)
+        assert len(results[1].missing) == 2
+        assert isinstance(results[2], wire.MessageDecodeError)  # truncated bulk
+        assert isinstance(results[3], DecodeError)
+        assert isinstance(results[4], wire.MessageDecodeError)
+        replayed = decode([datagram, datagram], auth=make_auth("keyed"), now=NOW, **kwargs)
+        assert isinstance(replayed[0], VerifiedPages)
+        assert isinstance(replayed[1], ReplayError)
+        oversize = decode([datagram], auth=make_auth("keyed"), now=NOW,
+                          max_datagram=wire.MIN_DATAGRAM, **kwargs)
+        assert isinstance(oversize[0], LimitExceededError)
+
+
+def test_active_decoder_verifies_pages() -> None:
+    """Whichever implementation is active (TMDHT_NATIVE=0 runs the reference)."""
+    datagrams = pages_datagrams("keyed", 4, 0, 32768)
+    (result,) = decode_burst(datagrams, auth=make_auth("keyed"), now=NOW)
+    assert isinstance(result, VerifiedPages)
+    assert result.pages == tuple(zip(DIGESTS[:4], POOL[:4], strict=True))
+    assert result.corrupt == ()
+
+
+def counter_auth(mode: str) -> Authenticator:
+    """An authenticator whose nonces are 1, 2, 3, ... (two of them seal identically)."""
+    counter = iter(range(1, 1 << 20))
+    ring = None if mode == "open" else KeyRing(KEY)
+    return Authenticator(keyring=ring, replay=None, nonce_source=lambda: next(counter))
+
+
+@needs_native
+@EXAMPLES
+@given(
+    mode=st.sampled_from(["keyed", "open"]),
+    layout=st.lists(st.booleans(), min_size=1, max_size=300),
+    max_datagram=st.sampled_from([wire.MIN_DATAGRAM, 9000, 32768, wire.MAX_DATAGRAM]),
+    request_id=st.integers(0, 2**64 - 1),
+)
+def test_native_pages_encoder_is_the_reference(
+    mode: str, layout: list[bool], max_datagram: int, request_id: int
+) -> None:
+    """Byte for byte, the pages passed through as the very buffers given."""
+    from tmdht import _native
+
+    digests = [DIGESTS[i % 12] if held else PageDigest(i.to_bytes(32, "big"))
+               for i, held in enumerate(layout)]
+    views = [memoryview(POOL[i % 12]) if held else None for i, held in enumerate(layout)]
+    ref, ref_found = encode_pages_answer_reference(
+        request_id, digests, views, max_datagram=max_datagram, auth=counter_auth(mode), now=NOW
+    )
+    nat, nat_found = encode_pages_answer_native(
+        request_id, digests, views, max_datagram=max_datagram, auth=counter_auth(mode), now=NOW,
+        native=_native,
+    )
+    assert ref_found == nat_found == sum(layout)
+    assert [b"".join(d) for d in nat] == [b"".join(d) for d in ref]
+    assert [[id(v) for v in d[1:]] for d in nat] == [[id(v) for v in d[1:]] for d in ref]
+    decoded = decode_burst_reference(
+        [b"".join(d) for d in nat], auth=make_auth(mode), now=NOW, max_datagram=max_datagram
+    )
+    assert all(isinstance(m, VerifiedPages) and not m.corrupt for m in decoded)
+
+
+@needs_native
+def test_pages_encoders_refuse_bad_buffers_alike() -> None:
+    from tmdht import _native
+
+    cases = [
+        ([DIGESTS[0]], [b"short page"]),
+        ([PageDigest(b"short digest")], [None]),
+    ]
+    for digests, views in cases:
+        for encode, kwargs in ((encode_pages_answer_reference, {}),
+                               (encode_pages_answer_native, {"native": _native})):
+            with pytest.raises(wire.InvalidMessageError, match=r"is (32|4096) bytes"):
+                encode(1, digests, views, max_datagram=32768, auth=counter_auth("keyed"),
+                       now=NOW, **kwargs)

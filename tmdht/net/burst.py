@@ -1,0 +1,282 @@
+"""The data plane's hot datagrams, natively where built: a client's burst of PAGES answers
+decoded and verified page by page, and a node's PAGES answers encoded and sealed (sans-IO).
+
+The request engine hands :func:`decode_burst` what one wake-up of its socket read. Every
+datagram comes back as a message, or as the :class:`~tmdht.errors.DecodeError` it was refused
+with; a PAGES answer comes back as :class:`VerifiedPages`: its pages already checked against
+the digests the body names for them (BLAKE3), the pages that failed listed apart as
+``corrupt``. Nothing outside this module sees an unverified page.
+
+Two implementations of one function, chosen as :mod:`tmdht.native` chooses (``TMDHT_NATIVE=0``
+forces the reference):
+
+- the reference, :func:`decode_burst_reference`: :func:`tmdht.wire.decode` per datagram, then
+  :func:`tmdht.pages.page_matches` per page;
+- the native one: ``tmdht._native.decode_pages_burst`` decodes every version-2 PAGES datagram
+  of the burst in one call (size limits, auth block and tag, header, body, one BLAKE3 per page,
+  each datagram hashed and copied out in one pass while it is in cache) and this module
+  finishes each: the replay window check
+  (Python state shared with every datagram type, done before the body counts, as
+  :meth:`tmdht.auth.Authenticator.open` does) and the error classes. Other datagram types go
+  through the reference.
+
+A node answers a GET with :func:`encode_pages_answer`: the digests it was asked for and a view
+(or None) per digest in, PAGES datagrams as buffer lists out (``[head, page, ...]`` for
+``socket.sendmsg``, the pages uncopied), the heads sealed natively; the reference is
+:func:`tmdht.wire.encode_pages_buffers`, byte for byte.
+
+The two agree datagram for datagram: the same messages, the same error classes (the property
+tests in ``tests/net/test_burst.py`` hold them to it, corrupted tags, wrong digests and
+truncations included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Final, TypeAlias
+
+from tmdht import wire
+from tmdht.auth import AuthenticationError, Authenticator
+from tmdht.errors import DecodeError, LimitExceededError, UsageError
+from tmdht.native import native_module
+from tmdht.pages import ByteView, PageDigest, page_matches
+
+__all__ = [
+    "Decoded",
+    "VerifiedPages",
+    "burst_implementation",
+    "decode_burst",
+    "decode_burst_native",
+    "decode_burst_reference",
+    "encode_pages_answer",
+    "encode_pages_answer_native",
+    "encode_pages_answer_reference",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedPages:
+    """A PAGES part whose pages were checked against their digests."""
+
+    request_id: int
+    """The request's id."""
+    part: int
+    """Index of this part."""
+    parts: int
+    """Number of parts of the answer."""
+    pages: tuple[tuple[PageDigest, bytes], ...]
+    """(digest, page) pairs whose page has that BLAKE3 digest, in datagram order."""
+    corrupt: tuple[PageDigest, ...]
+    """Digests whose page in this part did not match (the node or the path is faulty)."""
+    missing: tuple[PageDigest, ...]
+    """Requested digests the node does not hold."""
+
+
+Decoded: TypeAlias = wire.Message | VerifiedPages | DecodeError
+"""What one datagram of a burst became."""
+
+
+def _verify(message: wire.Pages) -> VerifiedPages:
+    pages = message.pages
+    matches = [page_matches(digest, page) for digest, page in pages]
+    if all(matches):  # the common case: no second pass
+        return VerifiedPages(
+            message.request_id, message.part, message.parts, pages, (), message.missing
+        )
+    return VerifiedPages(
+        message.request_id,
+        message.part,
+        message.parts,
+        tuple(pair for pair, ok in zip(pages, matches, strict=True) if ok),
+        tuple(pair[0] for pair, ok in zip(pages, matches, strict=True) if not ok),
+        message.missing,
+    )
+
+
+def _decode_one(data: ByteView, auth: Authenticator, now: float, max_datagram: int) -> Decoded:
+    try:
+        message = wire.decode(data, max_datagram=max_datagram, auth=auth, now=now)
+    except DecodeError as exc:
+        return exc
+    return _verify(message) if isinstance(message, wire.Pages) else message
+
+
+def decode_burst_reference(
+    datagrams: Sequence[ByteView],
+    *,
+    auth: Authenticator,
+    now: float,
+    max_datagram: int = wire.MAX_DATAGRAM,
+) -> list[Decoded]:
+    """The reference: :func:`tmdht.wire.decode` and a digest check per page, per datagram."""
+    return [_decode_one(data, auth, now, max_datagram) for data in datagrams]
+
+
+_OK: Final = 0
+_REFUSED: Final = 1
+_BODY_ERROR: Final = 3
+_REFUSED_CLASSES: Final[tuple[type[DecodeError], ...]] = (
+    DecodeError,
+    LimitExceededError,
+    AuthenticationError,
+)
+
+
+def _keys(auth: Authenticator, now: float) -> list[tuple[int, bytes]] | None:
+    """The tag keys ``auth`` accepts at ``now`` (None: open mode)."""
+    keyring = auth.keyring
+    if keyring is None:
+        return None
+    keys = []
+    for key_id in keyring.accepted_ids(now):
+        key = keyring.key_for(key_id, now)
+        if key is not None:
+            keys.append((key_id, key.tag_key))
+    return keys
+
+
+def decode_burst_native(
+    datagrams: Sequence[ByteView],
+    *,
+    auth: Authenticator,
+    now: float,
+    max_datagram: int = wire.MAX_DATAGRAM,
+    native: ModuleType | None = None,
+) -> list[Decoded]:
+    """The native decoder: ``native`` (tests), else the module in use (ImportError if none)."""
+    module = native or native_module()
+    if module is None:
+        raise ImportError("tmdht._native is not in use")
+    wire.check_max_datagram(max_datagram)
+    raw = module.decode_pages_burst(datagrams, max_datagram, _keys(auth, now))
+    replay = auth.replay
+    out: list[Decoded] = []
+    for data, item in zip(datagrams, raw, strict=True):
+        if item is None:
+            out.append(_decode_one(data, auth, now, max_datagram))
+            continue
+        tag = item[0]
+        if tag == _REFUSED:
+            out.append(_REFUSED_CLASSES[item[1]](item[2]))
+            continue
+        if replay is not None:
+            try:
+                replay.check(item[1], item[3], item[2], now)
+            except DecodeError as exc:
+                out.append(exc)
+                continue
+        if tag == _OK:
+            out.append(VerifiedPages(item[4], item[5], item[6], item[7], item[8], item[9]))
+        else:
+            assert tag == _BODY_ERROR
+            request_id, message_type, code, reason = item[4:8]
+            out.append(
+                wire.MessageDecodeError(
+                    reason, request_id=request_id, message_type=message_type,
+                    code=wire.ErrorCode(code),
+                )
+            )
+    return out
+
+
+_Decoder: TypeAlias = Callable[..., list[Decoded]]
+_ACTIVE: Final[_Decoder] = (
+    decode_burst_native if native_module() is not None else decode_burst_reference
+)
+
+
+def decode_burst(
+    datagrams: Sequence[ByteView],
+    *,
+    auth: Authenticator,
+    now: float,
+    max_datagram: int = wire.MAX_DATAGRAM,
+) -> list[Decoded]:
+    """Decode a burst with the active implementation (see the module docstring)."""
+    return _ACTIVE(datagrams, auth=auth, now=now, max_datagram=max_datagram)
+
+
+def burst_implementation() -> str:
+    """``"native"`` or ``"reference"``."""
+    return "native" if _ACTIVE is decode_burst_native else "reference"
+
+
+# -- the node's side: a GET's answer ---------------------------------------------------------------
+
+
+def encode_pages_answer_reference(
+    request_id: int,
+    digests: Sequence[PageDigest],
+    views: Sequence[ByteView | None],
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+) -> tuple[list[list[ByteView]], int]:
+    """The reference: (PAGES datagrams as buffer lists, pages found) by
+    :func:`tmdht.wire.encode_pages_buffers`."""
+    found: list[tuple[PageDigest, ByteView]] = []
+    missing: list[PageDigest] = []
+    for digest, view in zip(digests, views, strict=True):
+        if view is None:
+            missing.append(digest)
+        else:
+            found.append((digest, view))
+    datagrams = wire.encode_pages_buffers(
+        request_id, found, missing, max_datagram=max_datagram, auth=auth, now=now
+    )
+    return datagrams, len(found)
+
+
+def encode_pages_answer_native(
+    request_id: int,
+    digests: Sequence[PageDigest],
+    views: Sequence[ByteView | None],
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+    native: ModuleType | None = None,
+) -> tuple[list[list[ByteView]], int]:
+    """The native encoder: the same datagrams, byte for byte (the same nonces drawn in order)."""
+    module = native or native_module()
+    if module is None:
+        raise ImportError("tmdht._native is not in use")
+    wire.check_max_datagram(max_datagram)
+    timestamp_ms = int(now * 1000)
+    if not 0 <= timestamp_ms < 1 << 64:
+        raise UsageError(f"now must be seconds since the Unix epoch, got {now}")
+    if not 0 <= request_id < 1 << 64:
+        raise wire.InvalidMessageError(f"request id {request_id} is not a u64")
+    keyring = auth.keyring
+    key = None if keyring is None else keyring.current
+    try:
+        datagrams, found = module.encode_pages_answer(
+            request_id, digests, views, max_datagram=max_datagram,
+            key_id=0 if key is None else key.key_id, tag_key=None if key is None else key.tag_key,
+            timestamp_ms=timestamp_ms, nonce=auth.next_nonce,
+        )
+    except ValueError as exc:
+        raise wire.InvalidMessageError(str(exc)) from None
+    return datagrams, found
+
+
+_ENCODER: Final = (
+    encode_pages_answer_native if native_module() is not None else encode_pages_answer_reference
+)
+
+
+def encode_pages_answer(
+    request_id: int,
+    digests: Sequence[PageDigest],
+    views: Sequence[ByteView | None],
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+) -> tuple[list[list[ByteView]], int]:
+    """A GET's answer with the active implementation: (PAGES datagrams, each ``[head, page,
+    ...]``, pages found). ``views[i]`` is the page of ``digests[i]`` or None."""
+    return _ENCODER(request_id, digests, views, max_datagram=max_datagram, auth=auth, now=now)

@@ -38,6 +38,7 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -419,8 +420,8 @@ def _owner(name: str) -> int | None:
 
 
 def remove_stale(log: IO[str] = sys.stderr) -> None:
-    """Remove namespaces and cgroups ``wanbench-*-PID`` whose PID no longer runs (a run that
-    was SIGKILLed could not clean up); never touches a live owner's."""
+    """Remove namespaces, cgroups and /dev/shm folders ``wanbench-*PID`` whose PID no longer
+    runs (a run that was SIGKILLed could not clean up); never touches a live owner's."""
     for name in run("ip", "netns", "list", check=False).split():
         owner = _owner(name)
         if name.startswith(PREFIX) and owner is not None and not _pid_alive(owner):
@@ -433,6 +434,11 @@ def remove_stale(log: IO[str] = sys.stderr) -> None:
             if owner is not None and not _pid_alive(owner):
                 _remove_cgroup(group)
                 print(f"removed stale cgroup {group}", file=log)
+    for folder in Path("/dev/shm").glob(f"{PREFIX}*"):  # bench/migrate.py's memory dumps
+        owner = _owner(folder.name)
+        if owner is not None and not _pid_alive(owner) and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"removed stale {folder}", file=log)
 
 
 def _kill_namespace(name: str) -> None:

@@ -173,7 +173,7 @@ def demo(build_dir: Path, nodes: int, threshold: int, as_json: bool) -> None:
         stdout.print(line, soft_wrap=True)
     stdout.print(
         "(loopback, no WAN emulation: the times are not a WAN comparison; bench/migrate.py "
-        "measures 100 Mbit/s and 1 Gbit/s links between network namespaces)"
+        "measures 100 Mbit/s, 1 Gbit/s and uncapped links with 0-80 ms RTT, one core per site)"
     )
     stdout.print(
         "store nodes export Prometheus metrics at /metrics on their metrics ports "

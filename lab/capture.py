@@ -125,7 +125,7 @@ def capture_key(spec: GuestSpec, tools: HostTools, initramfs: Path, *, with_elf:
     """The cache key of a capture and the inputs it hashes."""
     inputs: dict[str, Any] = {
         "format": CAPTURE_FORMAT,
-        "spec": asdict(spec),
+        "spec": spec.cache_inputs(),
         "init_script_sha256": hashlib.sha256(init_script().encode()).hexdigest(),
         "initramfs_sha256": file_sha256(initramfs),
         "busybox_sha256": file_sha256(tools.busybox),
@@ -286,12 +286,17 @@ def capture_guests(build_dir: Path, specs: Sequence[GuestSpec], *, with_elf: boo
     tools = HostTools.discover() if tools is None else tools
     build_dir = Path(build_dir).resolve()
     guests_dir = build_dir / "guests"
-    initramfs = ensure_initramfs(build_dir / "lab", tools.busybox, tools.cpio)
+    base_initramfs = ensure_initramfs(build_dir / "lab", tools.busybox, tools.cpio)
+    server_initramfs = base_initramfs
+    if any(spec.server for spec in specs):
+        server_initramfs = ensure_initramfs(build_dir / "lab", tools.busybox, tools.cpio,
+                                            server=True)
     _remove_stale_partials(guests_dir)
 
     results: dict[str, GuestCapture] = {}
-    missing: list[tuple[GuestSpec, Path, str, dict[str, Any]]] = []
+    missing: list[tuple[GuestSpec, Path, str, dict[str, Any], Path]] = []
     for spec in specs:
+        initramfs = server_initramfs if spec.server else base_initramfs
         key, inputs = capture_key(spec, tools, initramfs, with_elf=with_elf,
                                   counter_target=counter_target)
         final_dir = guests_dir / f"{spec.name}-{key[:16]}"
@@ -305,7 +310,7 @@ def capture_guests(build_dir: Path, specs: Sequence[GuestSpec], *, with_elf: boo
                     results[spec.name] = capture
                     continue
                 _discard(final_dir)
-        missing.append((spec, final_dir, key, inputs))
+        missing.append((spec, final_dir, key, inputs, initramfs))
 
     if missing:
         errors: list[tuple[str, BaseException]] = []
@@ -316,7 +321,7 @@ def capture_guests(build_dir: Path, specs: Sequence[GuestSpec], *, with_elf: boo
                     _capture_one, spec, final_dir, key, inputs, tools, initramfs,
                     with_elf=with_elf, counter_target=counter_target,
                     boot_timeout=boot_timeout, guest_factory=guest_factory)
-                for spec, final_dir, key, inputs in missing}
+                for spec, final_dir, key, inputs, initramfs in missing}
             for name, future in futures.items():
                 try:
                     results[name] = future.result()

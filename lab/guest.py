@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -35,7 +35,7 @@ from tmdht.lab.errors import (
     UsageError,
 )
 from tmdht.lab.host import APT_PACKAGES, HostTools
-from tmdht.lab.initramfs import WORKLOADS, ensure_initramfs
+from tmdht.lab.initramfs import SERVER_INIT, SERVER_WORKLOAD, WORKLOADS, ensure_initramfs
 from tmdht.lab.qmp import QmpClient
 
 __all__ = [
@@ -57,6 +57,7 @@ _NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _MIN_MEMORY_MIB: Final = 64
 _MAX_MEMORY_MIB: Final = 1 << 16
 _MAX_SEED: Final = (1 << 31) - 1
+_MAX_DIRTY_MIB_S: Final = 4096
 _MAX_UNIX_PATH: Final = 100
 _ACCEPT_SLICE_S: Final = 0.25
 _REAP_TIMEOUT_S: Final = 10.0
@@ -73,19 +74,24 @@ class GuestSpec:
     name: str
     """Short identifier (letters, digits, ``_.-``), used in file and directory names."""
     workload: str
-    """One of :data:`tmdht.lab.initramfs.WORKLOADS`."""
+    """One of :data:`tmdht.lab.initramfs.WORKLOADS`, or ``server`` (memory filled like a
+    server's, ``lab/server.sh``; booted from the server initramfs)."""
     seed: int
     """Seed of the workload's data (0 … 2**31-1)."""
     memory_mib: int = 128
     """Guest RAM in MiB (``-m``)."""
     kaslr: bool = True
     """Kernel address space randomisation; ``False`` boots with ``nokaslr``."""
+    dirty_mib_s: int = 0
+    """``server`` only: MiB/s of fresh content the guest keeps writing once its memory is
+    filled (0: none). Left out of capture keys while 0."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or _NAME_PATTERN.fullmatch(self.name) is None:
             raise UsageError(f"bad guest name {self.name!r}: 1-64 of letters, digits, '_.-'")
-        if self.workload not in WORKLOADS:
-            raise UsageError(f"unknown workload {self.workload!r}; known: {', '.join(WORKLOADS)}")
+        if self.workload not in (*WORKLOADS, SERVER_WORKLOAD):
+            known = ", ".join((*WORKLOADS, SERVER_WORKLOAD))
+            raise UsageError(f"unknown workload {self.workload!r}; known: {known}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
                 or not 0 <= self.seed <= _MAX_SEED:
             raise UsageError(f"seed must be an integer in [0, {_MAX_SEED}], not {self.seed!r}")
@@ -95,19 +101,41 @@ class GuestSpec:
                              f"not {self.memory_mib!r}")
         if not isinstance(self.kaslr, bool):
             raise UsageError(f"kaslr must be a bool, not {self.kaslr!r}")
+        if isinstance(self.dirty_mib_s, bool) or not isinstance(self.dirty_mib_s, int) \
+                or not 0 <= self.dirty_mib_s <= _MAX_DIRTY_MIB_S:
+            raise UsageError(f"dirty_mib_s must be in [0, {_MAX_DIRTY_MIB_S}], "
+                             f"not {self.dirty_mib_s!r}")
+        if self.dirty_mib_s and not self.server:
+            raise UsageError(f"dirty_mib_s needs the {SERVER_WORKLOAD} workload, "
+                             f"not {self.workload!r}")
 
     @property
     def ram_bytes(self) -> int:
         """Guest RAM in bytes."""
         return self.memory_mib << 20
 
+    @property
+    def server(self) -> bool:
+        """Whether the guest boots ``/init-server`` (it needs the server initramfs)."""
+        return self.workload == SERVER_WORKLOAD
+
     def kernel_cmdline(self) -> str:
         """The kernel command line (``-append``)."""
         words = ["console=ttyS0", "quiet", "panic=-1",
                  f"tmdht.workload={self.workload}", f"tmdht.seed={self.seed}"]
+        if self.server:
+            words += [f"rdinit=/{SERVER_INIT}", f"tmdht.dirty={self.dirty_mib_s}"]
         if not self.kaslr:
             words.append("nokaslr")
         return " ".join(words)
+
+    def cache_inputs(self) -> dict[str, Any]:
+        """The spec as capture keys hash it: every field, except ``dirty_mib_s`` while 0 (so
+        the keys of guests from before it existed stay the same)."""
+        inputs = asdict(self)
+        if not self.dirty_mib_s:
+            del inputs["dirty_mib_s"]
+        return inputs
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -266,7 +294,8 @@ class Guest:
             if self._initramfs is not None:
                 initramfs = self._initramfs.resolve()  # QEMU runs in the private directory
             else:
-                initramfs = ensure_initramfs(self._workdir, tools.busybox, tools.cpio)
+                initramfs = ensure_initramfs(self._workdir, tools.busybox, tools.cpio,
+                                             server=self.spec.server)
             if not initramfs.is_file():
                 raise UsageError(f"initramfs {initramfs} does not exist")
             serial_path = self._workdir / "serial.sock"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import socket
 import struct
 import sys
@@ -44,6 +45,13 @@ from tmdht.lab import (
 )
 from tmdht.lab.errors import UsageError
 from tmdht.lab.host import find_busybox
+from tmdht.lab.initramfs import (
+    DISTRIBUTION_BUDGET,
+    DISTRIBUTION_DIR,
+    distribution_files,
+    ensure_initramfs,
+    server_init_script,
+)
 
 # -- initramfs ---------------------------------------------------------------------------------
 
@@ -82,6 +90,42 @@ def test_guest_spec_builds_the_kernel_command_line() -> None:
     assert no_kaslr.ram_bytes == 256 << 20
 
 
+def test_server_spec_boots_its_own_init_and_keeps_old_capture_keys() -> None:
+    spec = GuestSpec(name="s", workload="server", seed=7, memory_mib=1024, dirty_mib_s=50)
+    assert spec.server
+    assert spec.kernel_cmdline() == ("console=ttyS0 quiet panic=-1 tmdht.workload=server "
+                                     "tmdht.seed=7 rdinit=/init-server tmdht.dirty=50")
+    assert spec.cache_inputs()["dirty_mib_s"] == 50
+    # A field added later must not change the keys of the guests cached before it existed.
+    plain = GuestSpec(name="a", workload="files", seed=3)
+    assert plain.cache_inputs() == {"name": "a", "workload": "files", "seed": 3,
+                                    "memory_mib": 128, "kaslr": True}
+    assert "dirty_mib_s" not in GuestSpec(name="s", workload="server", seed=1).cache_inputs()
+
+
+def test_server_initramfs_adds_its_init_and_the_distribution(lab_tools: HostTools) -> None:
+    plain = build_initramfs(lab_tools.busybox, lab_tools.cpio)
+    server = gzip.decompress(build_initramfs(lab_tools.busybox, lab_tools.cpio, server=True))
+    assert server_init_script().encode() in server
+    assert server_init_script().startswith("#!/bin/busybox sh\n")
+    files = distribution_files()
+    assert files, "no distribution candidate exists on this host"
+    assert sum(f.stat().st_size for f in files) <= DISTRIBUTION_BUDGET
+    for path in files:
+        assert f"{DISTRIBUTION_DIR}/{path.name}\0".encode() in server
+    assert gzip.decompress(plain) != server
+    assert b"init-server" not in gzip.decompress(plain)  # the default archive is unchanged
+
+
+def test_distribution_skips_missing_files_and_stops_at_the_budget(tmp_path: Path) -> None:
+    for name, size in (("a", 10), ("b", 20), ("c", 5)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    names = tuple(str(tmp_path / n) for n in ("a", "missing", "b", "c"))
+    assert distribution_files(names, budget=35) == [tmp_path / "a", tmp_path / "b",
+                                                     tmp_path / "c"]
+    assert distribution_files(names, budget=29) == [tmp_path / "a"]
+
+
 @pytest.mark.parametrize(
     "changes",
     [
@@ -92,6 +136,9 @@ def test_guest_spec_builds_the_kernel_command_line() -> None:
         {"seed": True},
         {"memory_mib": 16},
         {"kaslr": "yes"},
+        {"dirty_mib_s": 5},
+        {"workload": "server", "dirty_mib_s": -1},
+        {"workload": "server", "dirty_mib_s": 1.5},
     ],
 )
 def test_guest_spec_rejects_bad_values(changes: dict[str, Any]) -> None:
@@ -287,6 +334,24 @@ def test_guest_accepts_a_relative_initramfs_path(
         assert guest.status() == "running"
     with pytest.raises(UsageError, match="does not exist"):
         Guest(spec, tools=lab_tools, initramfs=Path("missing.cpio.gz")).start()
+
+
+def test_server_guest_fills_memory_and_dirties_at_its_pace(lab_tools: HostTools,
+                                                          build_dir: Path) -> None:
+    initramfs = ensure_initramfs(build_dir / "lab", lab_tools.busybox, lab_tools.cpio,
+                                 server=True)
+    spec = GuestSpec(name="server-test", workload="server", seed=5, dirty_mib_s=8)
+    with Guest(spec, tools=lab_tools, initramfs=initramfs) as guest:
+        guest.wait_counter(12, timeout=180)
+        ready = guest.console.ready_line
+        assert ready is not None and "workload=server" in ready and "dirty=8" in ready
+        fields = dict(word.split("=", 1) for word in ready.split()[1:])
+        assert int(fields["filled_mib"]) >= int(fields["available_mib"]) // 2
+        progress = [(int(m), int(t)) for m, t in
+                    re.findall(r"tmdht-dirtied mib=(\d+) cs=(\d+)", guest.console.transcript)]
+        assert len(progress) >= 2, guest.console.tail()
+        (mib0, cs0), (mib1, cs1) = progress[0], progress[-1]
+        assert (mib1 - mib0) / ((cs1 - cs0) / 100) > 8 * 0.6  # TCG on a busy host: roughly
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])

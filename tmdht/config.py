@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, Final
 
 from tmdht.errors import ConfigError, UsageError
 from tmdht.pages import PAGE_SIZE
-from tmdht.placement import FailureDomain
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
+
+    from tmdht.placement import FailureDomain
 
 __all__ = [
     "ENV_PREFIX",
@@ -158,6 +159,8 @@ def _label(value: Any) -> str:
     """A failure-domain label (zone, rack or host): short printable text."""
     if not isinstance(value, str):
         raise ConfigError(f"{value!r} is not a label (text)")
+    from tmdht.placement import FailureDomain  # noqa: PLC0415 (numpy: not in the sender's start-up)
+
     try:
         FailureDomain(zone=value)
     except UsageError as exc:
@@ -240,6 +243,8 @@ class NodeConfig:
 
     def failure_domain(self, hostname: str) -> FailureDomain:
         """This node's failure domain; ``hostname`` (the machine's name) if no host label."""
+        from tmdht.placement import FailureDomain  # noqa: PLC0415 (numpy: see _label)
+
         return FailureDomain(self.zone, self.rack, self.host_label or hostname)
 
     @classmethod

@@ -85,6 +85,13 @@ def test_one_dockerignore_every_builder_reads_keeps_the_context_small(
             *(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / source).rglob("*.py")),
         ]:
             assert not dockerignore_excludes(patterns, path), f"{path} is left out of the context"
+    package_dirs = set(
+        tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+            "package-dir"
+        ].values()
+    )
+    copied = {s.rstrip("/") for group in sources for s in group}
+    assert package_dirs <= copied, f"the Dockerfile does not copy {sorted(package_dirs - copied)}"
     for left_out in (".git/HEAD", "build/venv/bin/python", "tests/conftest.py", "bench/node.py",
                      "deploy/container/cluster.key", "node/__pycache__/service.cpython-311.pyc",
                      "requirements/dev.txt", "tmdht/_native.cpython-311-x86_64-linux-gnu.so"):  # fmt: skip

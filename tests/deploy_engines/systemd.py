@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,19 @@ INSTANCES = {"a": 7400, "b": 7410, "c": 7420}
 MAX_EXPOSURE = 2.0
 MACHINE = "tmdht-deploy"
 CONTAINER_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# What the Dockerfile copies to build the project: the same files make the wheel here.
-PROJECT_FILES = ("pyproject.toml", "README.md", "tmdht", "node", "client", "cli", "lab")
+# What the Dockerfile copies to build the project: the same files make the wheel here (the
+# source folders as pyproject.toml maps them to packages).
+PROJECT_FILES = (
+    "pyproject.toml",
+    "README.md",
+    *sorted(
+        set(
+            tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())[
+                "tool"
+            ]["setuptools"]["package-dir"].values()
+        )
+    ),
+)
 READYZ = (
     "import sys, urllib.request\n"
     "try:\n"

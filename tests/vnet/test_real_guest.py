@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,14 +21,41 @@ from tmdht.vnet.control import control_request
 pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 
+ATTEMPTS = 3
+"""Migrations tried before the test gives up on QEMU (see :func:`guest_wedged`)."""
+ANNOUNCE_ROUNDS = 5
+"""Frames QEMU itself sends from a migrated NIC (its self-announce rounds), not the guest."""
+
+
+def guest_wedged(result: dict[str, Any]) -> bool:
+    """The destination guest fell silent after a completed migration: its agent delivered the
+    stream to the NIC's socket but nothing came back beyond QEMU's own announce frames, and the
+    guest never sent its report. That is QEMU 7.2's TCG migration losing guest writes (fixed
+    upstream in 9.0, 03bfc2188f; bench/README.md): a lost write to a virtio ring wedges the NIC.
+    It is not the overlay's doing -- the frames reached QEMU -- so the test migrates again."""
+    destination = result["agents"]["b"]
+    return (
+        result["migration"]["status"] == "completed"
+        and result["stream"]["lost_to_guest"] is None
+        and destination["tmdht_vnet_frames_total{direction=to_ports}"] > 0
+        and destination["tmdht_vnet_frames_total{direction=from_ports}"] <= ANNOUNCE_ROUNDS
+    )
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_a_migrating_guest_loses_no_frame(tmp_path: Path, build_dir: Path,
                                           lab_tools: HostTools) -> None:
     initramfs = ensure_net_initramfs(build_dir / "lab", lab_tools)
-    result = run_migration_scenario("vnet", lab_tools, initramfs, tmp_path / "run",
-                                    Services(read_ready_line, control_request), rate=300,
-                                    migrate_after=1.5, tail_seconds=2.0, latency_seconds=1.0,
-                                    tag="t")
+    for attempt in range(ATTEMPTS):
+        result = run_migration_scenario("vnet", lab_tools, initramfs, tmp_path / f"run{attempt}",
+                                        Services(read_ready_line, control_request), rate=300,
+                                        migrate_after=1.5, tail_seconds=2.0,
+                                        latency_seconds=1.0, tag=f"t{attempt}")
+        if not guest_wedged(result):
+            break
+    else:
+        pytest.fail(f"the destination guest fell silent after all {ATTEMPTS} migrations "
+                    "(QEMU 7.2 TCG losing guest writes?)")
     stream = result["stream"]
     assert result["migration"]["status"] == "completed"
     assert stream["sent"] > 600 and stream["seq_at_stop"] is not None

@@ -25,10 +25,12 @@ import asyncio
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICKS
 
 
+def node_requests(cluster: LocalCluster) -> dict[str, float]:
+    """Data-plane requests every node served so far, by message type (their /metrics)."""
+    totals: dict[str, float] = {}
+    for node in cluster.nodes:
+        host, port = node.address("metrics")
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        for kind, value in re.findall(r'^tmdht_requests_total\{type="(\w+)"\} (\S+)$', text, re.M):
+            totals[kind] = totals.get(kind, 0.0) + float(value)
+    return totals
+
+
 def random_pages(count: int) -> list[tuple[bytes, bytes]]:
     out = []
     for _ in range(count):
@@ -61,7 +75,7 @@ def random_pages(count: int) -> list[tuple[bytes, bytes]]:
 
 
 async def run_publish(
-    cluster: LocalCluster, pages: int, batch: int, idle: float, key: str
+    cluster: LocalCluster, pages: int, batch: int, idle: float, key: str, settle: float
 ) -> dict[str, Any]:
     pids = [n.pid for n in cluster.nodes]
     async with TemplateStoreClient(
@@ -82,6 +96,7 @@ async def run_publish(
         errors: list[str] = []
         seconds = 0.0
         own0 = time.process_time()
+        requests0 = node_requests(cluster)
         cpu1 = cpu_seconds(pids)
         for start in range(0, pages, batch):
             chunk = random_pages(min(batch, pages - start))
@@ -95,6 +110,10 @@ async def run_publish(
             seconds += time.monotonic() - t
         node_cpu = cpu_seconds(pids) - cpu1
         client_cpu = time.process_time() - own0
+        await asyncio.sleep(settle)  # the nodes' fresh-page checks of the last batch
+        settled_cpu = cpu_seconds(pids) - cpu1
+        requests1 = node_requests(cluster)
+        served = {k: v - requests0.get(k, 0.0) for k, v in requests1.items()}
         stats = store.stats
         return {
             "members_seen": members,
@@ -110,6 +129,8 @@ async def run_publish(
             "errors": errors[:3],
             "publish_node_cpu_seconds": round(node_cpu, 2),
             "publish_client_cpu_seconds": round(client_cpu, 2),
+            "node_cpu_ms_per_page": round(1000 * settled_cpu / pages, 3),
+            "node_requests_per_page": {k: round(v / pages, 3) for k, v in sorted(served.items())},
             "retries": stats.retries,
             "timeouts": stats.timeouts,
             "requests": stats.requests,
@@ -121,7 +142,9 @@ def one_ring(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
         cluster = LocalCluster(Path(tmp), nodes, replicas=args.replicas, ready_timeout=120)
         with cluster:
             key = cluster.key_file.read_text().strip()
-            result = asyncio.run(run_publish(cluster, args.pages, args.batch, args.idle, key))
+            result = asyncio.run(
+                run_publish(cluster, args.pages, args.batch, args.idle, key, args.settle)
+            )
     cores = os.cpu_count() or 1
     result["nodes"] = nodes
     result["idle_cpu_share"] = round(
@@ -138,6 +161,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU sampling")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--settle", type=float, default=5.0,
+                        help="seconds after the publish whose node CPU still counts (the nodes'"
+                        " checks of fresh pages)")  # fmt: skip
     parser.add_argument("--out", default="bench/results/publish_scale.json")
     args = parser.parse_args()
     runs: dict[int, list[dict[str, Any]]] = {n: [] for n in args.nodes}
@@ -150,7 +176,8 @@ def main() -> None:
     base_idle = statistics.median(r["idle_cpu_share"] for r in runs[base])
     print(
         f"{'nodes':>5} {'pages/s':>9} {'vs ' + str(base):>7} {'failed':>7} {'under-R':>7} "
-        f"{'idle CPU':>9} {'allowed':>8} {'retries':>8} {'timeouts':>8}"
+        f"{'idle CPU':>9} {'allowed':>8} {'retries':>8} {'timeouts':>8} {'node ms/pg':>10} "
+        f"{'HAS/pg':>7} {'PUT/pg':>7}"
     )
     summary = []
     for n in args.nodes:
@@ -167,12 +194,20 @@ def main() -> None:
             "allowed_ratio": round(allowed, 3),
             "retries": statistics.median(r["retries"] for r in runs[n]),
             "timeouts": statistics.median(r["timeouts"] for r in runs[n]),
+            "node_cpu_ms_per_page": statistics.median(r["node_cpu_ms_per_page"] for r in runs[n]),
+            "node_has_per_page": statistics.median(
+                r["node_requests_per_page"].get("has", 0.0) for r in runs[n]
+            ),
+            "node_put_per_page": statistics.median(
+                r["node_requests_per_page"].get("put_pages", 0.0) for r in runs[n]
+            ),
         }
         summary.append(row)
         print(
             f"{n:>5} {rate:>9,.0f} {row['ratio']:>7.2f} {row['failed']:>7} "
             f"{row['under_replicated']:>7} {idle:>8.1%} {allowed:>8.2f} "
-            f"{row['retries']:>8} {row['timeouts']:>8}"
+            f"{row['retries']:>8} {row['timeouts']:>8} {row['node_cpu_ms_per_page']:>10.2f} "
+            f"{row['node_has_per_page']:>7.3f} {row['node_put_per_page']:>7.3f}"
         )
     doc = {
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "shared": True},

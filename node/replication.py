@@ -47,6 +47,11 @@ PUSH_BATCH: Final = 256
 """Pages read from the store and PUT to a replica per step (bounds memory and each burst)."""
 FRESH_DELAY: Final = 1.0
 """Seconds between a client's PUT and the check that its pages are on their replicas."""
+FRESH_MAX_DELAY: Final = 5.0
+"""Seconds a stored page may wait for that check while fewer than CHUNK pages are due: the
+checks of many commits go out together, as one HAS per replica. Checked one commit at a time,
+a node asked every other replica about a handful of digests after each small group commit, so
+with 32 nodes the HAS traffic of a publish outgrew its PUT traffic (bench/publish_scale.py)."""
 
 
 @dataclass
@@ -104,6 +109,7 @@ class Replicator:
         # Pages stored by clients, to check on their replicas once FRESH_DELAY has passed (the
         # client usually writes every replica itself; by then a HAS finds them all there).
         self._fresh: collections.deque[tuple[float, list[bytes]]] = collections.deque()
+        self._fresh_pages = 0  # digests in self._fresh
         self.sweeps = 0
         self._wake = asyncio.Event()
         self._changed = False
@@ -119,15 +125,26 @@ class Replicator:
     def pages_added(self, digests: Sequence[bytes]) -> None:
         """Pages a client stored here: see to their replicas soon, not at the next sweep."""
         self._fresh.append((self.clock() + FRESH_DELAY, list(digests)))
+        self._fresh_pages += len(digests)
         self._wake.set()
 
     def _fresh_due(self) -> float:
-        return self._fresh[0][0] if self._fresh else float("inf")
+        """When the fresh pages are checked (those stored FRESH_DELAY ago or earlier): as soon
+        as that is due with CHUNK pages waiting, else once the oldest has waited
+        FRESH_MAX_DELAY."""
+        if not self._fresh:
+            return float("inf")
+        oldest = self._fresh[0][0]
+        return oldest if self._fresh_pages >= CHUNK else oldest - FRESH_DELAY + FRESH_MAX_DELAY
 
     async def _push_fresh(self) -> None:
+        if self._fresh_due() > self.clock():
+            return
         batch: list[bytes] = []
         while self._fresh and self._fresh[0][0] <= self.clock():
-            batch.extend(self._fresh.popleft()[1])
+            digests = self._fresh.popleft()[1]
+            self._fresh_pages -= len(digests)
+            batch.extend(digests)
             if len(batch) >= CHUNK or not self._fresh or self._fresh[0][0] > self.clock():
                 await self._step(sorted(set(batch)), SweepReport())
                 batch = []

@@ -1,0 +1,117 @@
+"""The replication job's check of freshly stored pages: the pages of many small group commits are
+checked together, one HAS per replica, not one round of HAS per commit (which, with 32 nodes,
+made a publish's HAS traffic outgrow its PUT traffic)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from typing import cast
+
+from tmdht.aio.dataplane import DataPlaneClient
+from tmdht.net.address import Address
+from tmdht.net.membership import Member
+from tmdht.net.operations import HasResult
+from tmdht.node.metrics import NodeMetrics
+from tmdht.node.replication import CHUNK, FRESH_DELAY, FRESH_MAX_DELAY, Replicator
+from tmdht.node.storage import PageStore
+from tmdht.placement import FailureDomain
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class HoldsEverything:
+    """A data-plane client whose every replica holds every page it is asked about."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[Address, list[bytes]]] = []
+
+    async def has(self, address: Address, digests: Sequence[bytes]) -> HasResult:
+        self.asked.append((address, list(digests)))
+        return HasResult(held=set(digests))
+
+
+def replicator(nodes: int, clock: Clock, client: HoldsEverything) -> Replicator:
+    members = [
+        Member(
+            node_id=bytes([i]) * 20,
+            host="10.0.0.1",
+            port=1000 + i,
+            data_host="10.0.0.1",
+            data_port=2000 + i,
+            metrics_port=0,
+            version="test",
+            last_seen=0.0,
+            domain=FailureDomain(host=f"h{i}"),
+        )
+        for i in range(nodes)
+    ]
+    return Replicator(
+        store=cast(PageStore, object()),  # not touched: every replica holds every page
+        client=cast(DataPlaneClient, client),
+        self_id=members[0].node_id,
+        members=lambda: members,
+        replicas=3,
+        rate=1_000_000,
+        interval=60.0,
+        grace=600.0,
+        metrics=NodeMetrics(),
+        clock=clock,
+    )
+
+
+def commits(count: int, pages: int) -> list[list[bytes]]:
+    return [[os.urandom(32) for _ in range(pages)] for _ in range(count)]
+
+
+def test_small_commits_are_checked_together_once_the_oldest_waited_long_enough() -> None:
+    asyncio.run(small_commits())
+
+
+async def small_commits() -> None:
+    clock, client = Clock(), HoldsEverything()
+    job = replicator(32, clock, client)
+    groups = commits(100, 4)  # 100 group commits of 4 pages, 10 ms apart
+    for group in groups:
+        job.pages_added(group)
+        await job._push_fresh()  # the job wakes on every commit
+        clock.now += 0.01
+    clock.now += FRESH_DELAY
+    await job._push_fresh()
+    assert client.asked == []  # fewer than CHUNK pages: they wait for FRESH_MAX_DELAY
+    first = 1000.0
+    assert job._fresh_due() == first + FRESH_MAX_DELAY
+    clock.now = first + FRESH_MAX_DELAY
+    await job._push_fresh()
+    addresses = [address for address, _ in client.asked]
+    assert len(addresses) == len(set(addresses)) <= 31  # one HAS per replica, not per commit
+    asked = {digest for _, digests in client.asked for digest in digests}
+    assert asked == {digest for group in groups for digest in group}
+    assert job._fresh_due() == float("inf")
+
+
+def test_a_full_chunk_is_checked_after_fresh_delay() -> None:
+    asyncio.run(full_chunk())
+
+
+async def full_chunk() -> None:
+    clock, client = Clock(), HoldsEverything()
+    job = replicator(8, clock, client)
+    groups = commits(2, CHUNK // 2 + 1)
+    for group in groups:
+        job.pages_added(group)
+    assert job._fresh_due() == 1000.0 + FRESH_DELAY
+    await job._push_fresh()
+    assert client.asked == []  # not due yet
+    clock.now += FRESH_DELAY
+    await job._push_fresh()
+    assert client.asked  # checked without waiting FRESH_MAX_DELAY
+    asked = {digest for _, digests in client.asked for digest in digests}
+    assert asked == {digest for group in groups for digest in group}

@@ -22,7 +22,7 @@ from tmdht import wire
 from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.aio.overlay import MembershipSubscription, Overlay
 from tmdht.aio.tasks import TaskSet
-from tmdht.errors import DecodeError, TmdhtError
+from tmdht.errors import DecodeError, TmdhtError, UsageError
 from tmdht.net.credentials import ClusterCredentials
 from tmdht.net.membership import Member, MembershipEventKind
 from tmdht.net.overlay import OverlayConfig
@@ -85,6 +85,18 @@ class VnetDirectory:
         self._owned: dict[tuple[int, bytes], int] = {}  # (vnet, mac) -> version renewed
         self._networks: set[int] = set()
         self._tasks = TaskSet(log)
+        self._auth = credentials.authenticator()
+
+    def replace_credentials(self, credentials: ClusterCredentials) -> None:
+        """Use ``credentials`` (a re-read key file) from now on, on the data plane and the
+        overlay. UsageError, changing nothing, if this directory or they are open."""
+        key = credentials.overlay_key
+        if self._auth.keyring is None or key is None:
+            raise UsageError("an open-mode directory cannot take keys, nor give them up")
+        self._auth.keyring.replace(list(credentials.keys))
+        if self._overlay is not None:
+            self._overlay.set_cluster_keys(key, credentials.accepted_overlay_keys)
+        self.credentials = credentials
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -92,7 +104,7 @@ class VnetDirectory:
         """Open the socket, crawl the ring; raises DirectoryError if no node answers."""
         try:
             self._client = await DataPlaneClient.open(
-                self.credentials.authenticator(), host=self.host, timeout=self.timeout,
+                self._auth, host=self.host, timeout=self.timeout,
                 attempts=self.attempts)
             credentials = self.credentials
             self._overlay = await Overlay.start(OverlayConfig(

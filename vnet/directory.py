@@ -1,8 +1,9 @@
 """The agent's side of the MAC directory: records in the store cluster's ring.
 
 The agent joins the store cluster's Kademlia overlay as a *client* (it crawls the ring and
-follows membership, never becoming a member), places each record key on its R closest nodes
-(:func:`tmdht.placement.closest`) and asks their data planes RECORD_PUT/RECORD_GET through the
+follows membership, never becoming a member), places each record key on R nodes by the ring's
+placement rule (:class:`tmdht.placement.Ring`: the closest nodes in distinct failure domains, as
+for pages) and asks their data planes RECORD_PUT/RECORD_GET through the
 shared request engine (:class:`tmdht.aio.dataplane.DataPlaneClient`: retries and adaptive
 timeouts are its). Writes go to every replica; reads ask every replica and keep the newest
 version. Records the agent owns are renewed every lease / 3 (a restarted node is refilled, a
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from tmdht import wire
@@ -26,7 +27,7 @@ from tmdht.errors import DecodeError, TmdhtError, UsageError
 from tmdht.net.credentials import ClusterCredentials
 from tmdht.net.membership import Member, MembershipEventKind
 from tmdht.net.overlay import OverlayConfig
-from tmdht.placement import closest
+from tmdht.placement import Ring
 from tmdht.records import RecordStatus
 from tmdht.vdirectory import (
     LOCATION_ENTRY,
@@ -82,6 +83,7 @@ class VnetDirectory:
         self._overlay: Overlay | None = None
         self._client: DataPlaneClient | None = None
         self._members: list[Member] = []
+        self._ring = Ring([])
         self._owned: dict[tuple[int, bytes], int] = {}  # (vnet, mac) -> version renewed
         self._networks: set[int] = set()
         self._tasks = TaskSet(log)
@@ -134,14 +136,14 @@ class VnetDirectory:
     async def refresh(self) -> None:
         """Crawl the ring again."""
         if self._overlay is not None:
-            self._members = sorted(await self._overlay.crawl(), key=lambda m: m.node_id)
+            self._set_members(await self._overlay.crawl())
 
     async def _follow(self, subscription: MembershipSubscription) -> None:
         try:
             async for event in subscription:
                 if event.kind in (MembershipEventKind.JOINED, MembershipEventKind.LEFT,
                                   MembershipEventKind.UPDATED) and self._overlay is not None:
-                    self._members = sorted(self._overlay.members(), key=lambda m: m.node_id)
+                    self._set_members(self._overlay.members())
         finally:
             subscription.close()
 
@@ -150,11 +152,14 @@ class VnetDirectory:
         """Store nodes in the view."""
         return len(self._members)
 
+    def _set_members(self, members: Iterable[Member]) -> None:
+        self._members = sorted(members, key=lambda m: m.node_id)
+        self._ring = Ring([m.node_id for m in self._members], [m.domain for m in self._members])
+
     def _replicas(self, key: bytes) -> list[Member]:
-        members = self._members
-        if not members:
+        if not self._members:
             return []
-        return [members[i] for i in closest(key, [m.node_id for m in members], self.replicas)]
+        return [self._members[i] for i in self._ring.place(key, self.replicas)]
 
     # -- requests -----------------------------------------------------------------------------
 

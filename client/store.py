@@ -477,10 +477,16 @@ class TemplateStoreClient:
         holders: dict[bytes, set[bytes]] = {d: set() for d in digests}  # node ids that took it
         rejected: dict[bytes, str] = {}
         gone: set[bytes] = set()  # node ids that answered neither a PUT nor a probe
-        work: dict[Member, list[bytes]] = {}
+        # Grouped by id(): hashing a Member (a dataclass) runs Python code, R times a page.
+        members: dict[int, Member] = {}
+        grouped: dict[int, list[bytes]] = {}
         for digest, row in zip(digests, lists, strict=True):
             for node in row:
-                work.setdefault(node, []).append(digest)
+                key = id(node)
+                if key not in grouped:
+                    members[key], grouped[key] = node, []
+                grouped[key].append(digest)
+        work = {members[key]: pages_of for key, pages_of in grouped.items()}
         for round_ in range(PUT_ROUNDS):
             if not work:
                 break

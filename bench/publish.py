@@ -16,6 +16,13 @@ Per pass: pages/s, CPU per page of this process and of the nodes (or redis-serve
 group commits (count and pages per commit, from their metrics) and under-replicated pages; the
 load average at each pass. On a shared 2-core machine the wall-clock figures move with the load,
 CPU per page much less. Needs redis-server and redis-py (bench/resolve.py installs them).
+
+``--node-cpu`` instead measures one node's CPU per replica write in process, no other process
+involved: a DataPlaneServer (keyed auth, a fresh LMDB store with fsync) is fed pre-encoded
+PUT_PAGES datagrams straight into ``datagram_received``, --window requests at a time (what a
+client keeps in flight), each window waited for until answered; the event loop thread's CPU time
+(decode, queue, answer, send) and the whole process's (plus the writer thread: verification,
+LMDB, commit) are divided by the pages stored. --repeat runs, median reported.
 """
 
 from __future__ import annotations
@@ -144,6 +151,76 @@ async def run(cluster: LocalCluster, redis_client: Any, redis_pid: int, args: ar
     return {"rounds": rounds}
 
 
+async def node_cpu_run(pages: int, window: int, max_datagram: int) -> dict[str, float]:
+    """One in-process run of ``--node-cpu`` (see the module docstring)."""
+    import socket  # noqa: PLC0415
+
+    from tmdht import wire  # noqa: PLC0415
+    from tmdht.auth import Authenticator, ClusterKey, KeyRing  # noqa: PLC0415
+    from tmdht.node.dataplane import DataPlaneServer  # noqa: PLC0415
+    from tmdht.node.metrics import NodeMetrics  # noqa: PLC0415
+    from tmdht.node.storage import PageStore  # noqa: PLC0415
+
+    key = ClusterKey(1, bytes(range(32)))
+    client_auth = Authenticator.keyed(KeyRing(key))
+    per = wire.max_pages_per_datagram(max_datagram)
+    items = fresh_pages(pages)
+    now = time.time()
+    datagrams = [
+        wire.encode(wire.PutPages(request_id=i, pages=tuple(items[at : at + per])),
+                    max_datagram=max_datagram, auth=client_auth, now=now)
+        for i, at in enumerate(range(0, pages, per))
+    ]
+    with tempfile.TemporaryDirectory(prefix="tmdht-bench-publish-node-") as tmp, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+        sink.bind(("127.0.0.1", 0))
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        store = PageStore.open(Path(tmp), capacity_bytes=4 << 30)
+        metrics = NodeMetrics()
+        server = await DataPlaneServer.start(
+            "127.0.0.1", 0, store=store, auth=Authenticator.keyed(KeyRing(key)), max_datagram=max_datagram,
+            metrics=metrics, node_info=lambda rid: None,  # type: ignore[arg-type,return-value]
+        )
+        try:
+            address = sink.getsockname()
+            cpu, loop_cpu, wall = time.process_time(), time.thread_time(), time.perf_counter()
+            for start in range(0, len(datagrams), window):
+                for datagram in datagrams[start : start + window]:
+                    server.datagram_received(datagram, address)
+                await server._idle.wait()  # the group commits of this window are answered
+            cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
+            wall = time.perf_counter() - wall
+            stored = store.page_count
+            commits = metrics.registry.get_sample_value("tmdht_group_commit_pages_count") or 0
+        finally:
+            server.close()
+            store.close()
+    if stored != pages:
+        raise SystemExit(f"node CPU run stored {stored} of {pages} pages")
+    return {"pages": pages, "pages_per_datagram": per, "window": window, "pages_per_s": pages / wall,
+            "process_cpu_us_per_page": cpu / pages * 1e6, "loop_cpu_us_per_page": loop_cpu / pages * 1e6,
+            "group_commits": commits, "pages_per_group_commit": pages / commits if commits else float("nan")}
+
+
+def node_cpu(args: argparse.Namespace) -> int:
+    import uvloop  # noqa: PLC0415
+
+    max_datagram = args.max_datagram or 32768
+    runs = []
+    for _ in range(args.repeat):
+        runs.append(uvloop.run(node_cpu_run(args.pages, args.window or 64, max_datagram)))
+        say(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in runs[-1].items()}))
+    summary = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    say(f"node PUT path in process: {summary['pages_per_datagram']} pages per datagram, window {summary['window']}, "
+        f"{summary['pages_per_group_commit']:.0f} pages per group commit: CPU per replica write "
+        f"{summary['process_cpu_us_per_page']:.1f} us (event loop thread {summary['loop_cpu_us_per_page']:.1f} us), "
+        f"median of {len(runs)}, load {os.getloadavg()[0]:.1f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"git": git_state(), "mode": "node-cpu", "runs": runs, "summary": summary,
+                                    "load_average": os.getloadavg(), "shared_machine": True}, indent=2) + "\n")
+    return 0
+
+
 def median_of(rounds: list[dict[str, Any]], system: str, key: str) -> float:
     values = [r[system][key] for r in rounds if r[system].get(key) is not None]
     return statistics.median(values) if values else float("nan")
@@ -158,15 +235,19 @@ def main() -> int:
     parser.add_argument("--put-batch", type=int, default=4096, help="pages per put_many call")
     parser.add_argument("--redis-batch", type=int, default=256, help="keys per MSET")
     parser.add_argument("--max-datagram", type=int, default=0, help="datagram size of nodes and client (0: default)")
-    parser.add_argument("--window", type=int, default=0, help="client window (0: library default)")
+    parser.add_argument("--window", type=int, default=0,
+                        help="client window (0: library default); with --node-cpu, PUTs in flight (default 64)")
     parser.add_argument("--congestion-window", type=int, default=0, help="initial congestion window (0: default)")
     parser.add_argument("--timeout", type=float, default=0, help="client timeout floor, s (0: default)")
     parser.add_argument("--capacity", default="8GiB", help="--capacity of each node")
     parser.add_argument("--node-arg", action="append", default=[], help="extra flag for the nodes (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/publish.json"))
+    parser.add_argument("--node-cpu", action="store_true", help="one node's CPU per replica write, in process")
     args = parser.parse_args()
     args.pages = max(100, min(args.pages, 1_000_000))
     args.repeat = max(1, min(args.repeat, 20))
+    if args.node_cpu:
+        return node_cpu(args)
     ensure_baselines(install=True)
     import redis  # noqa: PLC0415
     import uvloop  # noqa: PLC0415

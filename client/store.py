@@ -74,6 +74,12 @@ PUT_ROUNDS = 4
 unanswered (to the node again if it is alive, else to the next members)."""
 PUT_RETRY_BACKOFF = 0.5
 """Seconds before the first retry round; doubled for each further one."""
+PUT_TIMEOUT = 0.5
+"""Seconds a PUT waits for its first answer at least (the floor of its adaptive timeout): a
+node answers once the group commit holding the pages is synced, which a busy disk delays by
+hundreds of ms. With the 0.2 s of reads, publish on a loaded 2-core host timed out 3-4 % of its
+PUTs, wrote their pages twice and halved its window (groups of 30-80 pages per commit instead of
+~160, ~30 % more node CPU per page; bench/publish.py)."""
 
 
 class StoreOptions(TypedDict, total=False):
@@ -83,6 +89,7 @@ class StoreOptions(TypedDict, total=False):
     host: str
     max_datagram: int
     timeout: float
+    put_timeout: float
     attempts: int
     window: int
     hedge_after: float
@@ -162,6 +169,7 @@ class TemplateStoreClient:
         host: str = "0.0.0.0",  # clients reach nodes on other hosts too
         max_datagram: int = 32768,
         timeout: float = 0.2,
+        put_timeout: float = PUT_TIMEOUT,
         attempts: int = 3,
         window: int = 16,
         hedge_after: float = 0.05,
@@ -187,6 +195,7 @@ class TemplateStoreClient:
         self.host = host
         self.max_datagram = max_datagram
         self.timeout = timeout
+        self.put_timeout = put_timeout
         self.attempts = attempts
         self.window = window
         self.hedge_after = hedge_after
@@ -224,6 +233,7 @@ class TemplateStoreClient:
                 host=self.host,
                 max_datagram=self.max_datagram,
                 timeout=self.timeout,
+                put_timeout=self.put_timeout,
                 attempts=self.attempts,
                 window=self.window,
                 hedge_after=self.hedge_after,

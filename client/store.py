@@ -74,12 +74,14 @@ PUT_ROUNDS = 4
 unanswered (to the node again if it is alive, else to the next members)."""
 PUT_RETRY_BACKOFF = 0.5
 """Seconds before the first retry round; doubled for each further one."""
-PUT_TIMEOUT = 0.5
+PUT_TIMEOUT = 1.0
 """Seconds a PUT waits for its first answer at least (the floor of its adaptive timeout): a
-node answers once the group commit holding the pages is synced, which a busy disk delays by
-hundreds of ms. With the 0.2 s of reads, publish on a loaded 2-core host timed out 3-4 % of its
-PUTs, wrote their pages twice and halved its window (groups of 30-80 pages per commit instead of
-~160, ~30 % more node CPU per page; bench/publish.py)."""
+node answers once the group commit holding the pages is synced, which a busy disk or a loaded
+host delays by hundreds of ms. With the 0.2 s of reads, publish on a loaded 2-core host timed
+out 2-5 % of its PUTs, wrote their pages twice and halved its window (30-80 pages per group
+commit instead of ~160, ~30 % more node CPU per page); 0.5 s still timed out 1-3 % at load 20+,
+1.0 s none in the runs of bench/publish.py. The price: a dead node costs a publish round a few
+seconds more before its pages move on."""
 
 
 class StoreOptions(TypedDict, total=False):

@@ -215,10 +215,15 @@ def node_cpu(args: argparse.Namespace) -> int:
         f"{summary['pages_per_group_commit']:.0f} pages per group commit: CPU per replica write "
         f"{summary['process_cpu_us_per_page']:.1f} us (event loop thread {summary['loop_cpu_us_per_page']:.1f} us), "
         f"median of {len(runs)}, load {os.getloadavg()[0]:.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"git": git_state(), "mode": "node-cpu", "runs": runs, "summary": summary,
-                                    "load_average": os.getloadavg(), "shared_machine": True}, indent=2) + "\n")
+    write_json(args.out, {"git": git_state(), "mode": "node-cpu", "runs": runs, "summary": summary,
+                          "load_average": os.getloadavg(), "shared_machine": True})
     return 0
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    say(f"wrote {path}")
 
 
 def median_of(rounds: list[dict[str, Any]], system: str, key: str) -> float:
@@ -292,9 +297,7 @@ def main() -> int:
     say(f"  Redis MSET {args.redis_batch:<5} {summary['redis_mset_pages_per_s']:>9,.0f} pages/s  "
         f"CPU/page {summary['redis_cpu_us_per_page']:.1f} us (no persistence)")
     say(f"  ratio (median of rounds) {summary['ratio_vs_redis']:.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    say(f"wrote {args.out}")
+    write_json(args.out, doc)
     return 0
 
 

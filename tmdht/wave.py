@@ -34,6 +34,7 @@ from typing import Final
 from blake3 import blake3
 
 from tmdht.errors import ConfigError
+from tmdht.net.credentials import read_key_file
 from tmdht.pages import DIGEST_SIZE
 
 __all__ = [
@@ -96,13 +97,7 @@ class WaveCredentials:
                   ) -> WaveCredentials:
         """The secret in ``path`` (64 hex digits); ConfigError naming the file, never the key."""
         source = f"{label} {path}"
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{source}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{source}: not a key file (binary content)") from None
-        return cls(wave_id, _parse_secret(text, source))
+        return cls(wave_id, _parse_secret(read_key_file(path, source), source))
 
     @classmethod
     def load(cls, wave_id: str, *, secret_file: Path | None = None,

@@ -5,7 +5,9 @@ exactly what QEMU sent."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import random
 import subprocess
 from collections.abc import Iterator
@@ -18,10 +20,12 @@ from support.cluster import FAST_NODE_ARGS
 from support.synthetic import qemu_stream
 
 from tmdht.catalog import TemplateCatalog
+from tmdht.client.store import TemplateStoreClient
+from tmdht.client.wave import open_wave_client
 from tmdht.launch import tmdht_argv
 from tmdht.node.local import LocalCluster
 from tmdht.pages import PAGE_SIZE, digest_page
-from tmdht.wave import WAVE_SECRET_ENV
+from tmdht.wave import WAVE_SECRET_ENV, WaveCredentials
 
 SHARED = 1500  # application pages every guest of the wave holds
 OWN = 300  # pages of each guest's own
@@ -109,7 +113,7 @@ def test_wave_secret_from_the_environment_and_another_waves_receiver(
     lab: tuple[Path, LocalCluster],
 ) -> None:
     root, cluster = lab
-    env = {**__import__("os").environ, WAVE_SECRET_ENV: bytes(range(9, 41)).hex()}
+    env = {**os.environ, WAVE_SECRET_ENV: bytes(range(9, 41)).hex()}
     # A receiver with another wave id refuses the sender before any page is written.
     code, _send, _recv, lines = migrate(root, cluster, 1, "--wave", "w2", tag="other",
                                         env=env, receiver_wave=("--wave", "w3"))
@@ -129,3 +133,36 @@ def test_without_a_wave_nothing_is_offered(lab: tuple[Path, LocalCluster]) -> No
     assert send["wave"] is None and send["wave_offers"] == 0 and recv["wave_hits"] == 0
     assert send["counts"]["full_pages"] >= SHARED + OWN - 10
     assert not any("wave" in line for line in lines), lines
+
+
+def test_wrong_pages_in_the_wave_store_are_never_written(lab: tuple[Path, LocalCluster]) -> None:
+    """What a receiver killed mid-wave (or anyone with the cluster key) may leave under a wave's
+    keys is checked against the offered digests: wrong pages come from the sender instead and
+    the rebuilt stream is still exactly QEMU's."""
+    root, cluster = lab
+    secret = root / "poisoned.key"
+    secret.write_text(bytes(range(11, 43)).hex() + "\n")
+    wave = WaveCredentials("poisoned", bytes(range(11, 43)))
+    guest = (root / "guest1.bin").read_bytes()
+    rng = random.Random(5)
+    shared = [rng.randbytes(PAGE_SIZE) for _ in range(SHARED)]
+    assert shared[0] in guest
+
+    async def poison() -> None:
+        async with TemplateStoreClient([cluster.seed], cluster_key=cluster.key_file.read_text(),
+                                       replicas=2) as store:
+            waves = await open_wave_client(store, wave)
+            try:
+                # Under the right keys, the wrong content (a half-written page, another page).
+                wrong = [(digest_page(p), bytes(PAGE_SIZE // 2) + p[PAGE_SIZE // 2:])
+                         for p in shared]
+                assert await waves.store(wrong) == SHARED
+            finally:
+                waves.close()
+
+    asyncio.run(asyncio.wait_for(poison(), 60))
+    code, send, recv, lines = migrate(root, cluster, 1, "--wave", "poisoned",
+                                      "--wave-secret-file", str(secret), tag="poisoned")
+    assert code == 0, lines  # and migrate() checked the output byte for byte
+    assert recv["wave_hits"] == 0
+    assert send["wave_bodies"] == send["wave_offers"]

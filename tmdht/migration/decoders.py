@@ -198,8 +198,8 @@ class ForwardDecoder(_Decoder):
 
     def _wave(self) -> object:
         assert self.hello is not None
-        if not self.hello.flags & FLAG_WAVE:
-            raise DecodeError("WAVE record in a stream without FLAG_WAVE")
+        if not self.hello.flags & FLAG_WAVE:  # as in a stream without waves (the native core)
+            raise DecodeError(f"unknown record type {RecordType.WAVE:#04x}")
         if self._wave_seen:
             raise DecodeError("a second WAVE record")
         record = WaveHello(self._take(DIGEST_SIZE))
@@ -207,8 +207,11 @@ class ForwardDecoder(_Decoder):
         return record
 
     def _offer(self) -> object:
+        assert self.hello is not None
+        if not self.hello.flags & FLAG_WAVE:
+            raise DecodeError(f"unknown record type {RecordType.OFFER:#04x}")
         if not self._wave_seen:
-            raise DecodeError("OFFER record outside a wave")
+            raise DecodeError("OFFER record before the WAVE record")
         prefix = self._prefix()
         return Offer(prefix, self._take(DIGEST_SIZE))
 

@@ -286,7 +286,8 @@ class SenderRewriter:
             if page is None:
                 page = self._offered.pop(index, None)
                 if page is None:
-                    raise DecodeError(f"NEED for body {index}, which is no kept page")
+                    raise DecodeError(f"NEED for body {index}, which is no kept template page"
+                                      + (" or offered page" if self._offer_window else ""))
                 self.wave.bodies += 1
             if self._compressor is not None:
                 payload = self._compressor.compress(page)

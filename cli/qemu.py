@@ -124,7 +124,7 @@ def _wave(wave: str | None, secret_file: Path | None) -> WaveCredentials | None:
               help="Write the end-of-migration report here as JSON.")
 @click.option("--log-level", default="warning", show_default=True)
 @wave_options
-@click.option("--offer-window", default="32MiB", show_default=True,
+@click.option("--offer-window", default="64MiB", show_default=True,
               help="With --wave: bytes of offered pages awaiting the receiver at most; beyond, "
               "pages are sent whole.")
 @tls_options(sender=True)

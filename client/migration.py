@@ -286,7 +286,7 @@ class SenderConfig:
     wave: WaveCredentials | None = None
     """Migrate in this wave: offer non-template pages by digest first (None: no wave, and the
     stream is exactly as without waves)."""
-    offer_window: int = 32 << 20
+    offer_window: int = 64 << 20
     """Bytes of offered pages kept unacknowledged at most; beyond, pages go whole."""
 
     def __post_init__(self) -> None:

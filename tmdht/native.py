@@ -178,7 +178,7 @@ class MigrationReceiver(Protocol):
 
 def make_sender(templates: TemplateDigests, *, compress: bool = False,
                 backref_window: int = 32768, flow_window: int = 64 << 20,
-                wave_tag: bytes | None = None, offer_window: int = 32 << 20) -> MigrationSender:
+                wave_tag: bytes | None = None, offer_window: int = 64 << 20) -> MigrationSender:
     """The sender core of the active implementation, replacing pages in ``templates``.
     In a wave (``wave_tag``) always the reference: the native core has no OFFER yet."""
     if wave_tag is not None:

@@ -101,7 +101,7 @@ class SenderRewriter:
         backref_window: int = 32768,
         flow_window: int = 64 << 20,
         wave_tag: bytes | None = None,
-        offer_window: int = 32 << 20,
+        offer_window: int = 64 << 20,
     ) -> None:
         flags = (FLAG_COMPRESS if compress else 0) | (FLAG_WAVE if wave_tag is not None else 0)
         self.hello = Hello(catalog_id, backref_window, flow_window, flags)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.cluster import FAST_NODE_ARGS, make_pages
+from support.cluster import FAST_NODE_ARGS, eventually, make_pages
 
 from tmdht.client.store import TemplateStoreClient
 from tmdht.client.wave import open_wave_client
@@ -73,12 +73,11 @@ def test_wave_pages_expire(cluster: LocalCluster) -> None:
             digests = [d for d, _ in pages]
             first = await short.fetch(digests)
             assert len(first) == len(pages) or time.monotonic() - stored_at >= 1
-            deadline = time.monotonic() + 15
-            for _ in range(100):  # poll the other processes, bounded by count and time
-                if not await short.fetch(digests) or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.2)
-            assert await short.fetch(digests) == {}
+
+            async def expired() -> bool:
+                return not await short.fetch(digests)
+
+            await eventually(expired, 15, "the wave pages expire")
         finally:
             short.close()
 

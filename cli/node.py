@@ -133,6 +133,12 @@ def node() -> None:
     default=None,
     help="Run without a cluster key (development only).",
 )
+@click.option(
+    "--require-stamped",
+    is_flag=True,
+    default=None,
+    help="Refuse unstamped (version 1) overlay datagrams: once every node and client is upgraded.",
+)
 @click.option("--replication-interval", type=float)
 @click.option("--replication-rate", type=int, help="Pages/s the replication job may move.")
 @click.option(

@@ -39,8 +39,10 @@ __all__ = [
     "CLIENT_KEY",
     "SERVER_CERT",
     "SERVER_KEY",
+    "WRITE_SLICE",
     "TlsConfig",
     "TlsError",
+    "check_files",
     "check_peer",
     "client_context",
     "describe_tls_error",
@@ -56,6 +58,11 @@ SERVER_CERT: Final = "server-cert.pem"
 SERVER_KEY: Final = "server-key.pem"
 CLIENT_CERT: Final = "client-cert.pem"
 CLIENT_KEY: Final = "client-key.pem"
+
+WRITE_SLICE: Final = 256 << 10
+"""Most bytes handed to one ``SSLSocket.send``: Python's ssl does not enable OpenSSL's partial
+writes, so one call returns only once everything it was given is in the socket (until then the
+caller cannot drop a byte of its queue); slices keep the queue draining as the socket does."""
 
 
 class TlsError(TmdhtError):
@@ -152,6 +159,12 @@ def _files(config: TlsConfig, cert: str, key: str) -> tuple[Path, Path, Path, Pa
         raise ConfigError(f"--tls-creds {folder}: missing {', '.join(missing)}")
     crl = folder / CA_CRL
     return paths[0], paths[1], paths[2], crl if crl.is_file() else None
+
+
+def check_files(config: TlsConfig, *, server: bool) -> None:
+    """ConfigError if the credential directory lacks a file this side needs (cheap: no ssl
+    import, nothing parsed; :func:`client_context`/:func:`server_context` check the rest)."""
+    _files(config, *((SERVER_CERT, SERVER_KEY) if server else (CLIENT_CERT, CLIENT_KEY)))
 
 
 def _context(config: TlsConfig, *, server: bool) -> ssl.SSLContext:

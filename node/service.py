@@ -162,6 +162,7 @@ class StoreNode:
                     refresh_interval=cfg.refresh_interval,
                     cluster_key=self.credentials.overlay_key,
                     accepted_cluster_keys=self.credentials.accepted_overlay_keys,
+                    require_stamped=cfg.require_stamped,
                     domain=cfg.failure_domain(socket.gethostname()),
                     peer_cache=cfg.data_dir / PEER_CACHE_FILE,
                 )

@@ -206,6 +206,10 @@ class NodeConfig:
     $TMDHT_CLUSTER_KEY works too."""
     insecure_open: bool = False
     """Run without a cluster key (local development only)."""
+    require_stamped: bool = False
+    """Refuse the overlay's unstamped (version 1, no replay protection) datagrams: set it once
+    every node and client of the cluster sends version 2 (SECURITY.md, "Replay protection on
+    the overlay")."""
     rpc_timeout: float = 1.0
     """Seconds before a Kademlia RPC counts as failed."""
     refresh_interval: float = 30.0
@@ -351,6 +355,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_datagram": parse_size,
     "cluster_key_file": _optional_path,
     "insecure_open": _bool,
+    "require_stamped": _bool,
     "rpc_timeout": _positive_float,
     "refresh_interval": _positive_float,
     "replication_interval": _positive_float,

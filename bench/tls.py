@@ -70,6 +70,14 @@ def _stream(pages: int, folder: Path) -> tuple[Path, Path]:
     return catalog, path
 
 
+def _relay_packets(wan: Wan | None) -> int:
+    """Packets the relay forwarded so far, both ways (TSO packets count once)."""
+    if wan is None:
+        return 0
+    stats = wan.relay_command("stats")
+    return sum(int(d.get("packets", 0)) for d in stats.values() if isinstance(d, dict))
+
+
 def _cpu(pid_usage: Any) -> float:
     return float(pid_usage.ru_utime + pid_usage.ru_stime)
 
@@ -91,6 +99,8 @@ def one_run(work: Path, catalog: Path, stream: Path, tls: tuple[Path, Path] | No
                    profile=work / f"{profile}-receiver.prof" if profile else None),
             stdout=sink, stderr=subprocess.DEVNULL)
         _host, port = read_ready(fifo, timeout=60)
+        relay_before = wan.cpu_seconds()["relay"] if wan else 0.0
+        packets_before = _relay_packets(wan)
         began = time.perf_counter()
         with stream.open("rb") as stdin:
             sender = subprocess.Popen(
@@ -102,11 +112,13 @@ def one_run(work: Path, catalog: Path, stream: Path, tls: tuple[Path, Path] | No
             _, send_status, send_usage = os.wait4(sender.pid, 0)
         _, recv_status, recv_usage = os.wait4(receiver.pid, 0)
         wall = time.perf_counter() - began
+        relay_cpu = wan.cpu_seconds()["relay"] - relay_before if wan else 0.0
+        packets = _relay_packets(wan) - packets_before
         sender.returncode = receiver.returncode = 0
     if send_status or recv_status or out.stat().st_size != stream.stat().st_size:
         raise SystemExit(f"migration failed (tls={bool(tls)})")
     sent = json.loads((work / "s.json").read_text())
-    return {"wall_s": wall, "sender_cpu_s": _cpu(send_usage),
+    return {"wall_s": wall, "relay_cpu_s": relay_cpu, "relay_packets": packets, "sender_cpu_s": _cpu(send_usage),
             "receiver_cpu_s": _cpu(recv_usage), "wan_sent_bytes": sent["wan_sent_bytes"],
             "tcp_sent_bytes": sent["tcp_sent_bytes"], "connect_s": sent.get("connect_s", 0.0)}
 
@@ -151,16 +163,19 @@ def _table(label: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
               for variant, rows in runs.items()}
     print(f"\n{label}")
     print(f"{'variant':<19} {'wall s':>7} {'(min-max)':>15} {'connect s':>9} {'send CPU':>8} "
-          f"{'recv CPU':>8} {'app bytes':>11} {'TCP bytes':>11}")
+          f"{'recv CPU':>8} {'relay CPU':>9} {'packets':>8} {'app bytes':>11} {'TCP bytes':>11}")
     for variant, m in medians.items():
         low, high = spread[variant]
         print(f"{variant:<19} {m['wall_s']:>7.3f} {f'({low:.3f}-{high:.3f})':>15} "
               f"{m['connect_s']:>9.3f} {m['sender_cpu_s']:>8.3f} "
-              f"{m['receiver_cpu_s']:>8.3f} {m['wan_sent_bytes']:>11.0f} "
+              f"{m['receiver_cpu_s']:>8.3f} {m['relay_cpu_s']:>9.3f} "
+              f"{m['relay_packets']:>8.0f} {m['wan_sent_bytes']:>11.0f} "
               f"{m['tcp_sent_bytes']:>11.0f}")
     for name, ratio in ratios.items():
         print(f"{name:<19} {ratio['wall_s']:>7.3f} {'':>15} {'':>9} "
               f"{ratio['sender_cpu_s']:>8.3f} {ratio['receiver_cpu_s']:>8.3f} "
+              f"{ratio.get('relay_cpu_s', float('nan')):>9.3f} "
+              f"{ratio.get('relay_packets', float('nan')):>8.3f} "
               f"{ratio['wan_sent_bytes']:>11.4f} {ratio['tcp_sent_bytes']:>11.4f}")
     return {"network": label, "runs": runs, "medians": medians, "ratios": ratios}
 

@@ -444,22 +444,21 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
     report = MigrationReport("send")
     started = time.monotonic()
     tune_allocator()
+    rewriter = make_sender(read_template_digests(config.catalog), compress=config.compress,
+                           backref_window=config.backref_window, flow_window=config.flow_window)
     if config.tls is not None:
         from tmdht.client.tls import check_files  # noqa: PLC0415
 
         check_files(config.tls, server=False)  # ConfigError before anything is sent
-    rewriter: MigrationSender | None = None
     sock: socket.socket | None = None
     decoder = ReverseDecoder()
     try:
-        # The round trips overlap the local start-up work: the SYN travels while the catalog
-        # loads (plaintext) or TLS's context is built; the ClientHello while the catalog loads.
+        # The SYN travels while TLS's context is built (importing ssl, loading the certificates):
+        # that work overlaps a round trip instead of preceding it.
         connecting = _Connecting(config.to, config.connect_timeout)
         try:
             context = None
-            if config.tls is None:
-                rewriter = _local(_make_rewriter, config)
-            else:
+            if config.tls is not None:
                 from tmdht.client.tls import client_context  # noqa: PLC0415 - ssl with TLS only
 
                 context = _local(client_context, config.tls)  # ConfigError: unusable files
@@ -468,16 +467,13 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
             connecting.close_unless_done()
         _tune(sock)
         if context is not None:
-            sock = _tls_hello(config, context, sock)
-            rewriter = _local(_make_rewriter, config)
-            _tls_finish(config, sock, decoder, report)
-        assert rewriter is not None
+            sock = _tls_connect(config, context, sock, decoder, report)
         sock.setblocking(False)
         report.connect_s = time.monotonic() - started
         _pump_sender(config, rewriter, sock, stdin_fd, report, metrics, on_progress, decoder)
         report.ok = True
     except _LocalFailure as failure:
-        raise failure.error from None  # the catalog or the credentials: the input (exit 2)
+        raise failure.error from None  # the credentials: the command's input (exit 2)
     except (TmdhtError, OSError, ConnectionError, TimeoutError) as exc:
         report.error = _describe(exc)
         raise MigrationFailed(report.error, report) from exc
@@ -485,8 +481,7 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
         if sock is not None:
             _tcp_totals(sock, report)
             sock.close()
-        if rewriter is not None:
-            report.counts = rewriter.counts
+        report.counts = rewriter.counts
         report.duration_s = time.monotonic() - started
         report.cpu_s = time.process_time()
         _finish_metrics(metrics, report)
@@ -494,8 +489,9 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
 
 
 class _LocalFailure(Exception):
-    """A start-up step that needs no peer failed: :func:`run_sender` raises ``error`` as it
-    was (not as a failed migration), as it did when those steps ran before connecting."""
+    """A start-up step that needs no peer failed while the connection was being made:
+    :func:`run_sender` raises ``error`` as it was (not as a failed migration), as it did when
+    the step ran before connecting."""
 
     def __init__(self, error: TmdhtError | OSError) -> None:
         super().__init__(str(error))
@@ -507,11 +503,6 @@ def _local(step: Callable[[_T], _R], argument: _T) -> _R:
         return step(argument)
     except (TmdhtError, OSError) as exc:
         raise _LocalFailure(exc) from exc
-
-
-def _make_rewriter(config: SenderConfig) -> MigrationSender:
-    return make_sender(read_template_digests(config.catalog), compress=config.compress,
-                       backref_window=config.backref_window, flow_window=config.flow_window)
 
 
 class _Connecting:
@@ -576,46 +567,19 @@ class _Connecting:
             self._sock = None
 
 
-def _tls_hello(config: SenderConfig, context: ssl.SSLContext, sock: socket.socket
-               ) -> ssl.SSLSocket:
-    """Start the handshake: the ClientHello goes out, the answer is not waited for (the caller
-    loads the catalog meanwhile); TlsError (the socket closed) if it fails already."""
-    import ssl  # noqa: PLC0415 - only with TLS
-
-    from tmdht.client.tls import describe_tls_error  # noqa: PLC0415
-
-    assert config.tls is not None
-    try:
-        tls = context.wrap_socket(sock, server_hostname=config.tls.hostname or config.to[0],
-                                  do_handshake_on_connect=False)
-    except (ssl.SSLError, OSError) as exc:
-        sock.close()
-        raise TlsError(describe_tls_error(exc, "the receiver")) from exc
-    tls.setblocking(False)
-    try:
-        tls.do_handshake()  # only completes against a peer that answered already
-    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-        pass
-    except (ssl.SSLError, OSError) as exc:
-        tls.close()
-        raise TlsError(describe_tls_error(exc, "the receiver")) from exc
-    tls.settimeout(config.connect_timeout)
-    return tls
-
-
-def _tls_finish(config: SenderConfig, tls: ssl.SSLSocket, decoder: ReverseDecoder,
-                report: MigrationReport) -> None:
-    """The rest of the TLS handshake (within the connect timeout), the pins, and the receiver's
-    TLS_READY; raises TlsError (the socket closed) before a byte of QEMU's stream is read."""
+def _tls_connect(config: SenderConfig, context: ssl.SSLContext, sock: socket.socket,
+                 decoder: ReverseDecoder, report: MigrationReport) -> socket.socket:
+    """The TLS handshake (within the connect timeout), the pins, and the receiver's TLS_READY;
+    raises TlsError (the socket closed) before a byte of QEMU's stream is read."""
     import ssl  # noqa: PLC0415 - only with TLS
 
     from tmdht.client.tls import check_peer, describe_tls_error  # noqa: PLC0415
 
     assert config.tls is not None
     try:
-        tls.do_handshake()
+        tls = context.wrap_socket(sock, server_hostname=config.tls.hostname or config.to[0])
     except (ssl.SSLError, OSError) as exc:
-        tls.close()
+        sock.close()
         raise TlsError(describe_tls_error(exc, "the receiver")) from exc
     try:
         report.tls_peer = check_peer(tls.getpeercert(), config.tls, "receiver")
@@ -636,7 +600,7 @@ def _tls_finish(config: SenderConfig, tls: ssl.SSLSocket, decoder: ReverseDecode
                 raise TlsError(f"the receiver refused the connection: {first.message}")
             if first != TLS_READY:
                 raise DecodeError(f"the receiver's first record is {first}, not TLS_READY")
-            return
+            return tls
     except BaseException:
         tls.close()
         raise

@@ -7,7 +7,10 @@ profile) and ``tls-socket`` (:class:`tmdht.client.tls_stream.TlsStream`, the pat
 sender is another process writing 256 KiB at a time. Reported: the receiver's CPU seconds
 (user + system) from the first byte to the last, medians over ``--repeat`` runs.
 
-    python bench/tls_receive.py [--mib 256] [--repeat 5]
+    python bench/tls_receive.py [--mib 256] [--repeat 5] [--mbit 100]
+
+``--mbit`` paces the sender (16 KiB writes at that average rate): at a link's pace records
+arrive a few at a time, so what each wake-up of the receiver costs shows.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ async def _receive(way: str, creds: Path, total: int) -> dict[str, float]:
     return {"cpu_s": _cpu() - cpu, "wall_s": time.perf_counter() - began, "bytes": got}
 
 
-def _send(port: int, creds: Path | None, total: int) -> None:
+def _send(port: int, creds: Path | None, total: int, mbit: float) -> None:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if creds is not None:
@@ -81,8 +84,14 @@ def _send(port: int, creds: Path | None, total: int) -> None:
         context.load_verify_locations(str(creds / "ca-cert.pem"))
         context.load_cert_chain(str(creds / "client-cert.pem"), str(creds / "client-key.pem"))
         sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
-    block = os.urandom(CHUNK)
-    for _ in range(total // CHUNK):
+    size = CHUNK if not mbit else 16 << 10  # paced: one TLS record's worth at a time
+    block = os.urandom(size)
+    began = time.perf_counter()
+    for index in range(total // size):
+        if mbit:  # hold the average rate: a link's pace, not loopback's
+            ahead = began + index * size * 8 / (mbit * 1e6) - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
         sock.sendall(block)
     sock.close()
 
@@ -91,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--mbit", type=float, default=0.0,
+                        help="pace the sender at this many Mbit/s (default: as fast as it can)")
     parser.add_argument("--role", choices=["receive", "send"], help=argparse.SUPPRESS)
     parser.add_argument("--way", choices=WAYS, help=argparse.SUPPRESS)
     parser.add_argument("--creds", type=Path, help=argparse.SUPPRESS)
@@ -105,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(uvloop.run(_receive(args.way, args.creds, total))), flush=True)
         return 0
     if args.role == "send":
-        _send(args.port, args.creds, total)
+        _send(args.port, args.creds, total, args.mbit)
         return 0
     load = os.getloadavg()
     runs: dict[str, list[dict[str, float]]] = {way: [] for way in WAYS}
@@ -121,11 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                 assert receiver.stdout is not None
                 port = receiver.stdout.readline().strip()
                 creds = [] if way == "plaintext" else ["--creds", str(send)]
-                subprocess.run([*me, "--role", "send", "--port", port, *creds], check=True,
-                               timeout=300)
+                subprocess.run([*me, "--role", "send", "--port", port, "--mbit",
+                                str(args.mbit), *creds], check=True, timeout=600)
                 runs[way].append(json.loads(receiver.stdout.readline()))
                 receiver.wait(60)
-    print(f"receiver CPU to read {args.mib} MiB on loopback, uvloop, {args.repeat} runs each "
+    pace = f"paced at {args.mbit:g} Mbit/s" if args.mbit else "unpaced"
+    print(f"receiver CPU to read {args.mib} MiB on loopback ({pace}), uvloop, {args.repeat} runs each "
           f"(medians; load average {load[0]:.1f}, shared machine)")
     medians = {way: {k: statistics.median(r[k] for r in rows) for k in ("cpu_s", "wall_s")}
                for way, rows in runs.items()}
@@ -133,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{way:<14} CPU {m['cpu_s']:.3f} s ({args.mib / m['cpu_s']:.0f} MiB per CPU s), "
               f"wall {m['wall_s']:.3f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"mib": args.mib, "repeat": args.repeat, "load": load,
+    args.out.write_text(json.dumps({"mib": args.mib, "mbit": args.mbit, "repeat": args.repeat,
+                                    "load": load,
                                     "runs": runs, "medians": medians}, indent=2) + "\n")
     return 0
 

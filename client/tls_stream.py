@@ -53,6 +53,8 @@ class TlsStream:
         self._flushing = False  # a writer callback is registered for the queued bytes
         self._drained: list[asyncio.Future[None]] = []
         self._error: BaseException | None = None
+        self._reader: asyncio.Future[None] | None = None  # a read waiting for readability
+        self._watching = False  # the reader callback is registered
 
     @classmethod
     async def accept(cls, conn: socket.socket, context: ssl.SSLContext, timeout: float,
@@ -67,13 +69,13 @@ class TlsStream:
             async with asyncio.timeout(timeout):
                 await stream._retry(sock.do_handshake)
         except TimeoutError:  # a silent peer: nothing to flush
-            sock.close()
+            stream.close()
             raise
         except (ssl.SSLError, OSError):
             await stream._linger()
             raise
         except BaseException:
-            sock.close()
+            stream.close()
             raise
         return stream
 
@@ -82,20 +84,40 @@ class TlsStream:
         return self._sock.getpeercert()
 
     async def _wait(self, writable: bool) -> None:
+        if not writable:
+            await self._readable()
+            return
         future: asyncio.Future[None] = self._loop.create_future()
-        if writable:
-            self._loop.add_writer(self._fd, _wake, future)
-        else:
-            self._loop.add_reader(self._fd, _wake, future)
+        self._loop.add_writer(self._fd, _wake, future)
         try:
             await future
         finally:
-            if writable:
-                self._loop.remove_writer(self._fd)
-                if self._flushing:  # the queue's callback was replaced meanwhile: restore it
-                    self._loop.add_writer(self._fd, self._flush)
-            else:
-                self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+            if self._flushing:  # the queue's callback was replaced meanwhile: restore it
+                self._loop.add_writer(self._fd, self._flush)
+
+    async def _readable(self) -> None:
+        """Wait until the socket is readable. The reader callback stays registered from one
+        wait to the next (the receiver reads again at once: no epoll_ctl and no uvloop poll
+        handle per wait) and unregisters itself when it fires with nobody waiting (a
+        level-triggered reader left on would spin while the receiver waits for QEMU)."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._reader = future
+        if not self._watching:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._watching = True
+        try:
+            await future
+        finally:
+            self._reader = None
+
+    def _on_readable(self) -> None:
+        reader = self._reader
+        if reader is None:
+            self._loop.remove_reader(self._fd)
+            self._watching = False
+        elif not reader.done():
+            reader.set_result(None)
 
     async def _retry(self, operation: Callable[[], Any]) -> Any:
         """Run a non-blocking ssl operation until it completes, waiting as OpenSSL asks."""
@@ -118,7 +140,7 @@ class TlsStream:
                     await self._wait(writable=False)
                     if not socket.socket.recv(sock, len(self._buffer)):  # raw bytes, dropped
                         break
-        sock.close()
+        self.close()
 
     async def read(self, limit: int) -> bytes:
         """Up to ``limit`` (at most ``chunk``) decrypted bytes, as many as have arrived; waits
@@ -184,6 +206,9 @@ class TlsStream:
 
     def close(self) -> None:
         """Close the connection (queued bytes not yet sent are dropped: drain first)."""
+        if self._watching:
+            self._watching = False
+            self._loop.remove_reader(self._fd)
         if self._flushing:
             self._flushing = False
             self._loop.remove_writer(self._fd)

@@ -45,6 +45,7 @@ from tmdht.aio.kademlia import (
 )
 from tmdht.aio.sockets import SocketBuffers, open_udp_socket
 from tmdht.aio.tasks import TaskSet
+from tmdht.domains import FailureDomain
 from tmdht.errors import (
     ConfigError,
     DecodeError,
@@ -80,7 +81,6 @@ from tmdht.net.overlay import (
     sender_id,
 )
 from tmdht.net.peercache import decode_peer_cache, encode_peer_cache, to_cache
-from tmdht.placement import FailureDomain
 
 __all__ = ["MembershipSubscription", "Overlay", "OverlayStats"]
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tmdht.domains import FailureDomain
 from tmdht.launch import tmdht_argv
 from tmdht.node.errors import ClusterError
-from tmdht.placement import FailureDomain
 
 __all__ = [
     "READY_PREFIX",

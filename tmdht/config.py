@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from tmdht.domains import FailureDomain
 from tmdht.errors import ConfigError, UsageError
 from tmdht.pages import PAGE_SIZE
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
-
-    from tmdht.placement import FailureDomain
 
 __all__ = [
     "ENV_PREFIX",
@@ -159,8 +158,6 @@ def _label(value: Any) -> str:
     """A failure-domain label (zone, rack or host): short printable text."""
     if not isinstance(value, str):
         raise ConfigError(f"{value!r} is not a label (text)")
-    from tmdht.placement import FailureDomain  # noqa: PLC0415 (numpy: not in the sender's start-up)
-
     try:
         FailureDomain(zone=value)
     except UsageError as exc:
@@ -247,8 +244,6 @@ class NodeConfig:
 
     def failure_domain(self, hostname: str) -> FailureDomain:
         """This node's failure domain; ``hostname`` (the machine's name) if no host label."""
-        from tmdht.placement import FailureDomain  # noqa: PLC0415 (numpy: see _label)
-
         return FailureDomain(self.zone, self.rack, self.host_label or hostname)
 
     @classmethod

@@ -46,12 +46,12 @@ from __future__ import annotations
 import bisect
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
+from tmdht.domains import MAX_LABEL_BYTES, FailureDomain
 from tmdht.errors import UsageError
 from tmdht.pages import DIGEST_SIZE, KEY_SIZE
 
@@ -73,47 +73,9 @@ SMALL_BATCH: Final = 16
 per call is more than sorting a few XOR distances per digest."""
 WINDOW: Final = 16
 """Neighbours on each side of a key, in sorted ID order, that placement examines first."""
-MAX_LABEL_BYTES: Final = 64
-"""Longest zone, rack or host label, in UTF-8 bytes."""
 _CACHED_RINGS: Final = 4
 _NO_LIMIT: Final = np.uint64(2**64 - 1)
 """Certificate limit on a side of the window that has no node beyond it."""
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class FailureDomain:
-    """Where a node can fail together with others: a host in a rack in a zone.
-
-    Labels are compared as given; a rack label means a rack of its zone, a host label a host of
-    its rack. An empty label is a label like any other (every node that leaves it empty shares
-    it), so a ring that only sets ``host`` spreads replicas over hosts.
-    """
-
-    zone: str = ""
-    """A zone (data center room, availability zone): the widest domain."""
-    rack: str = ""
-    """A rack (or power/switch domain) within the zone."""
-    host: str = ""
-    """A machine within the rack; several node processes on one machine share it."""
-
-    def __post_init__(self) -> None:
-        for name in ("zone", "rack", "host"):
-            label = getattr(self, name)
-            if not isinstance(label, str):
-                raise UsageError(f"a {name} label is a string, got {type(label).__name__}")
-            if len(label.encode()) > MAX_LABEL_BYTES or not label.isprintable():
-                raise UsageError(
-                    f"a {name} label is at most {MAX_LABEL_BYTES} printable UTF-8 bytes, "
-                    f"got {label!r:.80}"
-                )
-
-    @property
-    def path(self) -> tuple[str, str, str]:
-        """The labels from the widest domain to the narrowest."""
-        return (self.zone, self.rack, self.host)
-
-    def __str__(self) -> str:
-        return "/".join(self.path)
 
 
 def distance(a: bytes, b: bytes) -> int:

@@ -111,6 +111,17 @@ class ClusterCredentials:
         """The other secrets whose overlay tags are accepted (during a rotation)."""
         return tuple(k.secret for k in self.keys[1:])
 
+    def reloaded(self, key_file: Path | None) -> ClusterCredentials:
+        """The keys re-read from ``key_file`` for a rotation step without a restart (SIGHUP,
+        ``systemctl reload``). ConfigError saying why not -- the keys did not come from a file,
+        the process runs open, or the file cannot be read or parsed -- and the caller keeps
+        these keys."""
+        if key_file is None:
+            raise ConfigError("the keys did not come from a file (cluster_key_file)")
+        if self.is_open:
+            raise ConfigError("running open (insecure_open): restart with a key to use one")
+        return self.from_file(key_file)
+
     def describe(self) -> str:
         """For logs: the key ids (never the keys), or that the cluster runs open."""
         if not self.keys:

@@ -25,9 +25,9 @@ from typing import Any, Final, Protocol
 
 from kademlia.node import Node
 
+from tmdht.domains import FailureDomain
 from tmdht.net.address import Address
 from tmdht.net.overlay import NO_ID, PeerInfo
-from tmdht.placement import FailureDomain
 
 __all__ = [
     "NO_DOMAIN",

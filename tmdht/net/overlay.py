@@ -38,6 +38,7 @@ from blake3 import blake3
 from kademlia.node import Node
 
 from tmdht.auth import ReplayWindow
+from tmdht.domains import FailureDomain
 from tmdht.errors import (
     ConfigError,
     DecodeError,
@@ -46,7 +47,6 @@ from tmdht.errors import (
     UnauthenticatedError,
     UsageError,
 )
-from tmdht.placement import FailureDomain
 
 __all__ = [
     "ID_BITS",

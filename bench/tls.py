@@ -50,7 +50,7 @@ from wanemu import DST_ADDR, Setting, Wan, rate_label  # noqa: E402
 def _tmdht(*args: object, wrapper: Path | None = None, profile: Path | None = None,
            python_path: str = sys.executable) -> list[str]:
     python = [str(wrapper)] if wrapper else []
-    python.append(python_path)
+    python += [python_path, "-P"]  # -P: each installation's own tmdht, not the one in the cwd
     if profile is not None:
         python += ["-m", "cProfile", "-o", str(profile)]
     return [*python, "-m", "tmdht.cli", *map(str, args)]

@@ -616,18 +616,9 @@ def _pump_sender(config: SenderConfig, rewriter: MigrationSender, sock: socket.s
     out = bytearray()
     blocked: tuple[type[BaseException], ...] = (BlockingIOError,)
     pending: Callable[[], int] = lambda: 0  # noqa: E731
-    send_slice = SEND_AHEAD << 4  # plaintext: all of it, the kernel takes what fits
-    # TLS writes one 16 KiB record per write(2); with TCP_NODELAY each would leave as its own
-    # packet with a short tail segment. Corked, TCP packs a slice's records into full segments
-    # (uncorking sends the rest at once).
-    cork = False
     if config.tls is not None:
         import ssl  # noqa: PLC0415 - only with TLS
 
-        from tmdht.client.tls import WRITE_SLICE  # noqa: PLC0415
-
-        send_slice = WRITE_SLICE
-        cork = hasattr(socket, "TCP_CORK")
 
         # A TLS socket may want to write while reading (and read while writing); records it
         # decrypted wait in the SSL object, not in the kernel, so drain pending() too.
@@ -662,20 +653,9 @@ def _pump_sender(config: SenderConfig, rewriter: MigrationSender, sock: socket.s
         selector.register(sock, selectors.EVENT_READ)
         reading_qemu = False
         while True:
-            corked = cork and bool(out)
-            if corked:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-            while out:
-                try:  # both views released before ``out`` changes size
-                    with memoryview(out) as view, view[:send_slice] as offered:
-                        sent = sock.send(offered)
-                except blocked:
-                    break
-                del out[:sent]
-                if sent < send_slice:
-                    break  # the socket is full (plaintext sends partially)
-            if corked:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+            if out:
+                with contextlib.suppress(*blocked):
+                    del out[: sock.send(out)]
             if verdict is not None and not out:
                 break
             want_qemu = deadline is None and rewriter.window_open and len(out) < SEND_AHEAD

@@ -39,7 +39,6 @@ __all__ = [
     "CLIENT_KEY",
     "SERVER_CERT",
     "SERVER_KEY",
-    "WRITE_SLICE",
     "TlsConfig",
     "TlsError",
     "check_files",
@@ -58,11 +57,6 @@ SERVER_CERT: Final = "server-cert.pem"
 SERVER_KEY: Final = "server-key.pem"
 CLIENT_CERT: Final = "client-cert.pem"
 CLIENT_KEY: Final = "client-key.pem"
-
-WRITE_SLICE: Final = 256 << 10
-"""Most bytes handed to one ``SSLSocket.send``: Python's ssl does not enable OpenSSL's partial
-writes, so one call returns only once everything it was given is in the socket (until then the
-caller cannot drop a byte of its queue); slices keep the queue draining as the socket does."""
 
 
 class TlsError(TmdhtError):

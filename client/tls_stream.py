@@ -27,9 +27,11 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Final
 
-from tmdht.client.tls import WRITE_SLICE
-
 __all__ = ["TlsStream"]
+
+_WRITE_SLICE: Final = 256 << 10
+"""Most bytes handed to one ``SSL_write``: Python's ssl does not enable partial writes, so a
+call returns only once all it was given is in the socket (the receiver's writes are small)."""
 
 _DRAIN_ON_REFUSAL: Final = 5.0
 """Seconds a refused sender has to read our alert and close before we close anyway."""
@@ -178,7 +180,7 @@ class TlsStream:
     def _flush(self) -> None:
         try:
             while self._out:
-                sent = self._sock.send(self._out[:WRITE_SLICE])
+                sent = self._sock.send(self._out[:_WRITE_SLICE])
                 del self._out[:sent]
         except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
             if not self._flushing:

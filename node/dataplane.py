@@ -45,6 +45,7 @@ from tmdht.net.address import Address
 from tmdht.net.burst import encode_pages_answer
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
+from tmdht.node.wavestore import WavePutResult, WaveStore
 from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
 from tmdht.ratelimit import RateLimitConfig, SourceRateLimiter
 from tmdht.records import RecordStore
@@ -59,6 +60,8 @@ _STATUS = {
     PutResult.REJECTED_DIGEST: wire.PutStatus.REJECTED_DIGEST,
     PutResult.REJECTED_FULL: wire.PutStatus.REJECTED_FULL,
 }
+_STATUS_BY_ID = {id(result): status for result, status in _STATUS.items()}
+_PUT_STATUS_BY_ID = {id(status): status for status in wire.PutStatus}
 _TYPE_LABEL = {
     wire.GetPages: "get_pages",
     wire.PutPages: "put_pages",
@@ -66,6 +69,8 @@ _TYPE_LABEL = {
     wire.NodeInfoRequest: "node_info",
     wire.RecordPut: "record_put",
     wire.RecordGet: "record_get",
+    wire.WaveGet: "wave_get",
+    wire.WavePut: "wave_put",
 }
 _DROP_REASONS = ("rate_limited", "malformed", "auth", "oversize", "replay", "unexpected")
 MAX_GROUP_PAGES = 4096
@@ -89,6 +94,7 @@ class ServerSettings(TypedDict):
     rate_limit: NotRequired[RateLimitConfig | None]
     snapshot_max_age: NotRequired[float]
     records: NotRequired[RecordStore | None]
+    waves: NotRequired[WaveStore | None]
 
 
 @dataclass
@@ -124,6 +130,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         rate_limit: RateLimitConfig | None = None,
         snapshot_max_age: float = DEFAULT_SNAPSHOT_MAX_AGE,
         records: RecordStore | None = None,
+        waves: WaveStore | None = None,
     ) -> None:
         """``on_stored(digests)`` hears of every page a PUT stored (replication pushes them on).
 
@@ -131,6 +138,8 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         ``snapshot_max_age`` bounds how long one read transaction serves GETs (seconds, >= 0).
         ``records`` keeps the soft-state records of RECORD_PUT/RECORD_GET (the virtual network's
         MAC directory); without it those requests are answered with ERROR UNKNOWN_TYPE.
+        ``waves`` keeps wave pages (WAVE_GET/WAVE_PUT, :mod:`tmdht.node.wavestore`); without it
+        those requests are answered with ERROR UNKNOWN_TYPE too.
         """
         if not snapshot_max_age >= 0:
             raise UsageError(f"snapshot_max_age must be >= 0 seconds, got {snapshot_max_age}")
@@ -142,6 +151,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self.node_info = node_info
         self.clock = clock
         self.records = records
+        self.waves = waves
         self.buffers = SocketBuffers(0, 0, 0, None)
         self.limiter = SourceRateLimiter(rate_limit)
         self._snapshot = store.snapshot()
@@ -158,6 +168,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self._latency = {t: metrics.latency.labels(label) for t, label in _TYPE_LABEL.items()}
         self._pages_served = metrics.pages_served.labels()
         self._misses = metrics.misses.labels()
+        self._commit_pages = metrics.group_commit_pages.labels()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tmdht-writer")
         self._queue: collections.deque[_PendingPut] = collections.deque()
         self._commit: asyncio.Future[Any] | None = None
@@ -382,6 +393,42 @@ class DataPlaneServer(asyncio.DatagramProtocol):
                                           now=self.clock())])
         self._latency[wire.RecordGet].observe(time.perf_counter() - arrived)
 
+    def _wave_get(self, msg: wire.WaveGet, address: Address, arrived: float) -> None:
+        if self.waves is None:
+            self._send_error(address, msg.request_id, wire.ErrorCode.UNKNOWN_TYPE,
+                             "this node keeps no wave pages")
+            return
+        found = self.waves.get_many(msg.keys, self.clock())
+        pages = [(k, p) for k, p in zip(msg.keys, found, strict=True) if p is not None]
+        missing = tuple(k for k, p in zip(msg.keys, found, strict=True) if p is None)
+        per = wire.max_pages_per_datagram(self.max_datagram)
+        chunks = [pages[i : i + per] for i in range(0, len(pages), per)]
+        parts = len(chunks) + (1 if missing or not chunks else 0)
+        answers = [wire.WavePages(request_id=msg.request_id, pages=tuple(chunk), part=i,
+                                  parts=parts) for i, chunk in enumerate(chunks)]
+        if len(answers) < parts:
+            answers.append(wire.WavePages(request_id=msg.request_id, pages=(), missing=missing,
+                                          part=parts - 1, parts=parts))
+        now = self.clock()
+        self._send(address, [wire.encode(a, max_datagram=self.max_datagram, auth=self.auth,
+                                         now=now) for a in answers])
+        self._request_pages[wire.WaveGet].inc(len(msg.keys))
+        self._latency[wire.WaveGet].observe(time.perf_counter() - arrived)
+
+    def _wave_put(self, msg: wire.WavePut, address: Address, arrived: float) -> None:
+        if self.waves is None:
+            self._send_error(address, msg.request_id, wire.ErrorCode.UNKNOWN_TYPE,
+                             "this node keeps no wave pages")
+            return
+        results = self.waves.put_many(msg.pages, float(msg.ttl), self.clock())
+        statuses = [(cast(PageDigest, key), _WAVE_STATUS[r])
+                    for (key, _), r in zip(msg.pages, results, strict=True)]
+        self._send(address, wire.encode_put_response(
+            msg.request_id, statuses, max_datagram=self.max_datagram, auth=self.auth,
+            now=self.clock()))
+        self._request_pages[wire.WavePut].inc(len(msg.pages))
+        self._latency[wire.WavePut].observe(time.perf_counter() - arrived)
+
     def _put_pages(self, msg: wire.PutPages, address: Address, arrived: float) -> None:
         self._request_pages[wire.PutPages].inc(len(msg.pages))
         self._queue.append(_PendingPut(msg, address, arrived))
@@ -401,12 +448,15 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             group.append(item)
             pages += len(item.request.pages)
         items = items_of(group)
+        self._commit_pages.observe(len(items))
         loop = asyncio.get_running_loop()
         self._commit = loop.run_in_executor(self._writer, self.store.put_many, items)
         self._commit.add_done_callback(lambda fut: self._committed(fut, group))
 
     def _committed(self, fut: asyncio.Future[Any], group: list[_PendingPut]) -> None:
         self._commit = None
+        if self._queue:
+            self._start_commit()  # the writer syncs the next group while this one is answered
         try:
             results: list[PutResult] = fut.result()
         except (TmdhtError, OSError) as exc:  # the store failed the whole transaction
@@ -415,42 +465,57 @@ class DataPlaneServer(asyncio.DatagramProtocol):
                 self._send_error(
                     item.address, item.request.request_id, wire.ErrorCode.UNAVAILABLE, str(exc)
                 )
-            results = []
         else:
-            if self.on_stored is not None:
-                pairs = zip(items_of(group), results, strict=True)
-                stored = [d for (d, _), r in pairs if r is PutResult.STORED]
-                if stored:
-                    self.on_stored(stored)
-            it = iter(results)
-            for item in group:
-                statuses: list[tuple[PageDigest, wire.PutStatus]] = []
-                for digest, _ in item.request.pages:
-                    if digest == ZERO_DIGEST:
-                        status = wire.PutStatus.REJECTED_ZERO
-                    else:
-                        status = _STATUS[next(it)]
-                    statuses.append((digest, status))
-                    self.metrics.puts.labels(status.name.lower()).inc()
-                    if status not in (wire.PutStatus.STORED, wire.PutStatus.PRESENT):
-                        self.metrics.rejected.labels(
-                            status.name.lower().removeprefix("rejected_")
-                        ).inc()
-                self._send(
-                    item.address,
-                    wire.encode_put_response(
-                        item.request.request_id,
-                        statuses,
-                        max_datagram=self.max_datagram,
-                        auth=self.auth,
-                        now=self.clock(),
-                    ),
-                )
-                self._latency[wire.PutPages].observe(time.perf_counter() - item.arrived)
-        if self._queue:
-            self._start_commit()
-        else:
+            self._answer_group(group, results)
+        if self._commit is None:
             self._idle.set()
+
+    def _answer_group(self, group: list[_PendingPut], results: list[PutResult]) -> None:
+        """Answer each PUT of a committed group and count its pages by status.
+
+        Per page only C-level work: an enum member is looked up by ``id`` (hashing one calls
+        Python code) and the statuses are counted once per group, not per page.
+        """
+        statuses = list(map(_STATUS_BY_ID.__getitem__, map(id, results)))
+        if self.on_stored is not None:
+            new = wire.PutStatus.STORED
+            stored = [d for (d, _), s in zip(items_of(group), statuses, strict=True) if s is new]
+            if stored:
+                self.on_stored(stored)
+        counts = collections.Counter(map(id, statuses))
+        at = 0
+        for item in group:
+            digests = [d for d, _ in item.request.pages]
+            answer: list[wire.PutStatus]
+            if ZERO_DIGEST in digests:
+                answer = []
+                for digest in digests:
+                    if digest == ZERO_DIGEST:
+                        answer.append(wire.PutStatus.REJECTED_ZERO)
+                        counts[id(wire.PutStatus.REJECTED_ZERO)] += 1
+                    else:
+                        answer.append(statuses[at])
+                        at += 1
+            else:
+                answer = statuses[at : at + len(digests)]
+                at += len(digests)
+            self._send(
+                item.address,
+                wire.encode_put_response(
+                    item.request.request_id,
+                    list(zip(digests, answer, strict=True)),
+                    max_datagram=self.max_datagram,
+                    auth=self.auth,
+                    now=self.clock(),
+                ),
+            )
+            self._latency[wire.PutPages].observe(time.perf_counter() - item.arrived)
+        for key, count in counts.items():
+            status = _PUT_STATUS_BY_ID[key]
+            name = status.name.lower()
+            self.metrics.puts.labels(name).inc(count)
+            if status not in (wire.PutStatus.STORED, wire.PutStatus.PRESENT):
+                self.metrics.rejected.labels(name.removeprefix("rejected_")).inc(count)
 
 
 def items_of(group: list[_PendingPut]) -> list[tuple[PageDigest, bytes]]:
@@ -465,4 +530,12 @@ _HANDLERS: dict[type, Callable[[DataPlaneServer, Any, Address, float], None]] = 
     wire.NodeInfoRequest: DataPlaneServer._node_info,
     wire.RecordPut: DataPlaneServer._record_put,
     wire.RecordGet: DataPlaneServer._record_get,
+    wire.WaveGet: DataPlaneServer._wave_get,
+    wire.WavePut: DataPlaneServer._wave_put,
+}
+_WAVE_STATUS = {
+    WavePutResult.STORED: wire.PutStatus.STORED,
+    WavePutResult.REFRESHED: wire.PutStatus.PRESENT,
+    WavePutResult.FULL: wire.PutStatus.REJECTED_FULL,
+    WavePutResult.INVALID: wire.PutStatus.REJECTED_DIGEST,
 }

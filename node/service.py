@@ -47,6 +47,7 @@ from tmdht.node.dataplane import DataPlaneServer
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.replication import Replicator
 from tmdht.node.storage import PageStore
+from tmdht.node.wavestore import WaveStore
 from tmdht.ratelimit import RateLimitConfig
 from tmdht.records import RecordStore
 
@@ -98,6 +99,7 @@ class StoreNode:
         )
         self.auth = self.credentials.authenticator()
         self.store: PageStore | None = None
+        self.waves: WaveStore | None = None
         self.dataplane: DataPlaneServer | None = None
         self.overlay: Overlay | None = None
         self.client: DataPlaneClient | None = None
@@ -132,6 +134,10 @@ class StoreNode:
         try:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
             self.store = PageStore.open(cfg.data_dir / "pages", capacity_bytes=cfg.capacity)
+            if cfg.wave_capacity:
+                self.waves = WaveStore.open(cfg.data_dir / "waves",
+                                            capacity_bytes=cfg.wave_capacity,
+                                            max_ttl=cfg.wave_max_ttl)
             self.dataplane = await DataPlaneServer.start(
                 cfg.host,
                 cfg.data_port,
@@ -143,6 +149,7 @@ class StoreNode:
                 on_stored=self._stored,
                 rate_limit=RateLimitConfig(rate=cfg.rate_limit, burst=cfg.rate_limit_burst),
                 records=RecordStore(),
+                waves=self.waves,
             )
             self.http = HealthServer(
                 cfg.host, cfg.metrics_port, self.metrics.registry, self._health
@@ -235,6 +242,9 @@ class StoreNode:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self.waves is not None:
+            self.waves.close()
+            self.waves = None
         self._stopped.set()
 
     async def run(self) -> None:

@@ -59,11 +59,23 @@ Bodies and bulks (``u16`` counts; a digest is 32 bytes, a page 4096 bytes)::
     | 13 RECORD_GET         | key 32s                                            |           |
     | 14 RECORDS            | count u16, count x (entry id u64, version u64,     |           |
     |                       | ttl ms u32, value length u8, value)                |           |
+    | 15 WAVE_GET           | count u16 (>= 1), count x wave key                 |           |
+    | 16 WAVE_PAGES         | as PAGES, with wave keys for digests               | pages x   |
+    |                       |                                                    | page      |
+    | 17 WAVE_PUT           | ttl s u32 (>= 1), count u16 (>= 1), count x wave   | count x   |
+    |                       | key                                                | page      |
+    |                       | (answered by PUT_RESULT: STORED, PRESENT when      |           |
+    |                       | refreshed, REJECTED_FULL)                          |           |
 
 Records (types 11..14) are the small versioned soft-state entries of :mod:`tmdht.records` (the
 virtual network's MAC directory): a value is at most :data:`tmdht.records.MAX_VALUE_BYTES`, a
 lease at most :data:`tmdht.records.MAX_TTL` seconds, a RECORDS answer holds at most
 :data:`tmdht.records.MAX_ENTRIES_PER_KEY` entries (it always fits :data:`MIN_DATAGRAM`).
+
+Wave pages (types 15..17, :mod:`tmdht.wave`) are named by wave keys, not digests: neither the
+node nor this module can check them; the migration receiver checks each against the digest the
+sender offered. Their answers use a type of their own (WAVE_PAGES), so a wave answer is never
+taken for template pages.
 
 A bulk is exactly as long as its body's page count says; types without a bulk have none (bytes
 after the auth block are refused). In a HAVE bitmap, entry ``i`` (the request's digest
@@ -149,6 +161,9 @@ __all__ = [
     "Records",
     "Request",
     "Response",
+    "WaveGet",
+    "WavePages",
+    "WavePut",
     "check_max_datagram",
     "decode",
     "encode",
@@ -212,6 +227,9 @@ class MessageType(IntEnum):
     RECORD_PUT_RESULT = 12
     RECORD_GET = 13
     RECORDS = 14
+    WAVE_GET = 15
+    WAVE_PAGES = 16
+    WAVE_PUT = 17
 
 
 class PutStatus(IntEnum):
@@ -370,8 +388,8 @@ class PutResult:
         object.__setattr__(self, "results", tuple(self.results))
         _check_count(len(self.results), "results")
         _check_lengths([digest for digest, _ in self.results], DIGEST_SIZE, "digest")
-        for _, status in self.results:
-            if status not in _PUT_STATUS_BY_VALUE:
+        for _, status in self.results:  # a PutStatus member is valid without a hash lookup
+            if type(status) is not PutStatus and status not in _PUT_STATUS_BY_VALUE:
                 raise InvalidMessageError(f"unknown put status {status!r}")
 
 
@@ -605,10 +623,70 @@ class Records:
             raise InvalidMessageError("entries must be RecordEntry")
 
 
-Request: TypeAlias = GetPages | PutPages | Has | NodeInfoRequest | RecordPut | RecordGet
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaveGet:
+    """Request: the wave pages of these wave keys (see :mod:`tmdht.wave`)."""
+
+    request_id: int
+    keys: tuple[bytes, ...]
+    """1..:func:`max_digests_per_request` wave keys."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        object.__setattr__(self, "keys", tuple(self.keys))
+        _check_count(len(self.keys), "wave keys", at_least=1)
+        _check_lengths(self.keys, DIGEST_SIZE, "wave key")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WavePages:
+    """Response part to WAVE_GET: pages found (unverifiable here) and keys not held."""
+
+    request_id: int
+    pages: tuple[tuple[bytes, bytes], ...]
+    """(wave key, page) pairs; the migration receiver checks each page against its digest."""
+    missing: tuple[bytes, ...] = ()
+    part: int = 0
+    parts: int = 1
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_part(self.part, self.parts)
+        object.__setattr__(self, "pages", tuple(self.pages))
+        object.__setattr__(self, "missing", tuple(self.missing))
+        _check_count(len(self.pages), "pages")
+        _check_count(len(self.missing), "missing keys")
+        _check_lengths([key for key, _ in self.pages], DIGEST_SIZE, "wave key")
+        _check_lengths([page for _, page in self.pages], PAGE_SIZE, "page")
+        _check_lengths(self.missing, DIGEST_SIZE, "wave key")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WavePut:
+    """Request: keep these wave pages for ``ttl`` seconds (answered by PUT_RESULT)."""
+
+    request_id: int
+    ttl: int
+    """Seconds, 1..2**32-1 (the node caps it at its ``wave_max_ttl``)."""
+    pages: tuple[tuple[bytes, bytes], ...]
+    """(wave key, page) pairs, 1..:func:`max_pages_per_datagram`."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        if not 0 < self.ttl <= _U32_MAX:
+            raise InvalidMessageError(f"a wave ttl is 1..{_U32_MAX} s, got {self.ttl}")
+        object.__setattr__(self, "pages", tuple(self.pages))
+        _check_count(len(self.pages), "pages", at_least=1)
+        _check_lengths([key for key, _ in self.pages], DIGEST_SIZE, "wave key")
+        _check_lengths([page for _, page in self.pages], PAGE_SIZE, "page")
+
+
+Request: TypeAlias = (
+    GetPages | PutPages | Has | NodeInfoRequest | RecordPut | RecordGet | WaveGet | WavePut
+)
 """A message a client sends to a node."""
 Response: TypeAlias = (
-    Pages | PutResult | Have | NodeInfo | Error | RecordPutResult | Records
+    Pages | PutResult | Have | NodeInfo | Error | RecordPutResult | Records | WavePages
 )
 """A message a node sends back."""
 Message: TypeAlias = Request | Response
@@ -735,6 +813,22 @@ def _encode_records(msg: Records) -> _Body:
 
 _STATUS_BYTE: Final[dict[int, bytes]] = {int(s): bytes((s,)) for s in PutStatus}
 
+
+def _encode_wave_get(msg: WaveGet) -> _Body:
+    return _encode_digest_list(cast(tuple[PageDigest, ...], msg.keys))
+
+
+def _encode_wave_pages(msg: WavePages) -> _Body:
+    keys = cast(list[PageDigest], [k for k, _ in msg.pages])
+    return _pages_body(keys, [p for _, p in msg.pages], cast(tuple[PageDigest, ...], msg.missing))
+
+
+def _encode_wave_put(msg: WavePut) -> _Body:
+    chunks = [_U32.pack(msg.ttl), _U16.pack(len(msg.pages)), *(key for key, _ in msg.pages)]
+    return _Body(chunks, _U32.size + _U16.size + len(msg.pages) * DIGEST_SIZE,
+                 [p for _, p in msg.pages])
+
+
 # Message class -> (type byte, body encoder). Typed loosely: each encoder takes its own class.
 _ENCODERS: Final[dict[type, tuple[MessageType, Callable[[Any], _Body]]]] = {
     GetPages: (MessageType.GET_PAGES, _encode_get_pages),
@@ -750,6 +844,9 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[[Any], _Body]]]] = {
     RecordPutResult: (MessageType.RECORD_PUT_RESULT, _encode_record_put_result),
     RecordGet: (MessageType.RECORD_GET, _encode_record_get),
     Records: (MessageType.RECORDS, _encode_records),
+    WaveGet: (MessageType.WAVE_GET, _encode_wave_get),
+    WavePages: (MessageType.WAVE_PAGES, _encode_wave_pages),
+    WavePut: (MessageType.WAVE_PUT, _encode_wave_put),
 }
 
 
@@ -795,7 +892,8 @@ def encode(msg: Message, *, max_datagram: int, auth: Authenticator, now: float) 
     if entry is None:
         raise EncodeError(f"not a wire message: {type(msg).__name__}")
     message_type, encode_body = entry
-    part, parts = (msg.part, msg.parts) if isinstance(msg, Pages | PutResult | Have) else (0, 1)
+    part, parts = ((msg.part, msg.parts) if isinstance(msg, Pages | PutResult | Have | WavePages)
+                   else (0, 1))
     buffers = _seal(
         message_type,
         msg.request_id,
@@ -1003,7 +1101,7 @@ _DIGEST_TAILS: Final = tuple(
     struct.Struct(f"{DIGEST_SIZE}s" * count) for count in range(_DIGEST_RUN_LENGTH)
 )
 
-_M = TypeVar("_M", GetPages, Has, Pages, PutPages)
+_M = TypeVar("_M", GetPages, Has, Pages, PutPages, PutResult)
 
 
 def _unchecked(cls: type[_M], **fields: object) -> _M:
@@ -1091,14 +1189,17 @@ def _decode_put_result(data: bytes, start: int, end: int, head: _Head) -> Messag
     (count,) = _read_counts(data, start, end, _U16)
     start += _U16.size
     _expect_length(end - start, count * _RESULT_ENTRY)
-    results = []
-    for at in range(start, end, _RESULT_ENTRY):
-        status = _PUT_STATUS_BY_VALUE.get(data[at + DIGEST_SIZE])
-        if status is None:
-            raise _BodyError(f"unknown put status {data[at + DIGEST_SIZE]}")
-        results.append((cast(PageDigest, data[at : at + DIGEST_SIZE]), status))
-    return PutResult(
-        request_id=head.request_id, results=tuple(results), part=head.part, parts=head.parts
+    values = data[start + DIGEST_SIZE : end : _RESULT_ENTRY]  # the status byte of each entry
+    statuses = [_PUT_STATUS_BY_VALUE.get(value) for value in values]
+    if None in statuses:
+        raise _BodyError(f"unknown put status {values[statuses.index(None)]}")
+    digests = [data[at : at + DIGEST_SIZE] for at in range(start, end, _RESULT_ENTRY)]
+    return _unchecked(  # lengths from the format, statuses from the table, parts from decode()
+        PutResult,
+        request_id=head.request_id,
+        results=tuple(zip(cast(list[PageDigest], digests), statuses, strict=True)),
+        part=head.part,
+        parts=head.parts,
     )
 
 
@@ -1204,6 +1305,22 @@ def _decode_records(data: bytes, start: int, end: int, head: _Head) -> Message:
     return Records(request_id=head.request_id, entries=tuple(entries))
 
 
+def _decode_wave_get(data: bytes, start: int, end: int, head: _Head) -> Message:
+    return WaveGet(request_id=head.request_id, keys=_read_digest_list(data, start, end))
+
+
+def _decode_wave_pages(data: bytes, start: int, end: int, head: _Head) -> Message:
+    pages = cast(Pages, _decode_pages(data, start, end, head))
+    return WavePages(request_id=head.request_id, pages=pages.pages, missing=pages.missing,
+                     part=head.part, parts=head.parts)
+
+
+def _decode_wave_put(data: bytes, start: int, end: int, head: _Head) -> Message:
+    (ttl,) = _read_counts(data, start, end, _U32)
+    put = cast(PutPages, _decode_put_pages(data, start + _U32.size, end, head))
+    return WavePut(request_id=head.request_id, ttl=ttl, pages=put.pages)
+
+
 # Type byte -> (body decoder, single datagram: part must be 0 of 1, carries a bulk).
 _DECODERS: Final[dict[int, tuple[_BodyDecoder, bool, bool]]] = {
     MessageType.GET_PAGES: (_decode_get_pages, True, False),
@@ -1219,6 +1336,9 @@ _DECODERS: Final[dict[int, tuple[_BodyDecoder, bool, bool]]] = {
     MessageType.RECORD_PUT_RESULT: (_decode_record_put_result, True, False),
     MessageType.RECORD_GET: (_decode_record_get, True, False),
     MessageType.RECORDS: (_decode_records, True, False),
+    MessageType.WAVE_GET: (_decode_wave_get, True, False),
+    MessageType.WAVE_PAGES: (_decode_wave_pages, False, True),
+    MessageType.WAVE_PUT: (_decode_wave_put, True, True),
 }
 
 

@@ -46,6 +46,7 @@ from tmdht.net.burst import encode_pages_answer
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
 from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
+from tmdht.rangehash import BUCKET_BITS, mask_from_bits
 from tmdht.ratelimit import RateLimitConfig, SourceRateLimiter
 from tmdht.records import RecordStore
 
@@ -66,6 +67,7 @@ _TYPE_LABEL = {
     wire.NodeInfoRequest: "node_info",
     wire.RecordPut: "record_put",
     wire.RecordGet: "record_get",
+    wire.RangeHashQuery: "range_hash",
 }
 _DROP_REASONS = ("rate_limited", "malformed", "auth", "oversize", "replay", "unexpected")
 MAX_GROUP_PAGES = 4096
@@ -358,6 +360,25 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         )
         self._latency[wire.NodeInfoRequest].observe(time.perf_counter() - arrived)
 
+    def _range_hash(self, msg: wire.RangeHashQuery, address: Address, arrived: float) -> None:
+        """Counts and XOR hashes of groups of buckets (anti-entropy, :mod:`tmdht.rangehash`),
+        from the store's in-memory bucket table."""
+        if msg.bucket_bits != BUCKET_BITS:
+            self._send_error(address, msg.request_id, wire.ErrorCode.MALFORMED,
+                             f"buckets here are {BUCKET_BITS} bits, not {msg.bucket_bits}")
+            return
+        if msg.groups > wire.max_range_groups(self.max_datagram):
+            self._send_error(address, msg.request_id, wire.ErrorCode.TOO_LARGE,
+                             f"at most {wire.max_range_groups(self.max_datagram)} groups")
+            return
+        mask = mask_from_bits(msg.mask, msg.groups << msg.group_bits)
+        entries = self.store.buckets.entries(mask, msg.first, msg.groups, msg.group_bits)
+        answer = wire.RangeHashes(request_id=msg.request_id, bucket_bits=msg.bucket_bits,
+                                  group_bits=msg.group_bits, first=msg.first, entries=entries)
+        self._send(address, [wire.encode(answer, max_datagram=self.max_datagram, auth=self.auth,
+                                          now=self.clock())])
+        self._latency[wire.RangeHashQuery].observe(time.perf_counter() - arrived)
+
     def _record_put(self, msg: wire.RecordPut, address: Address, arrived: float) -> None:
         if self.records is None:
             self._send_error(address, msg.request_id, wire.ErrorCode.UNKNOWN_TYPE, "no records")
@@ -465,4 +486,5 @@ _HANDLERS: dict[type, Callable[[DataPlaneServer, Any, Address, float], None]] = 
     wire.NodeInfoRequest: DataPlaneServer._node_info,
     wire.RecordPut: DataPlaneServer._record_put,
     wire.RecordGet: DataPlaneServer._record_get,
+    wire.RangeHashQuery: DataPlaneServer._range_hash,
 }

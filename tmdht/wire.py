@@ -59,6 +59,17 @@ Bodies and bulks (``u16`` counts; a digest is 32 bytes, a page 4096 bytes)::
     | 13 RECORD_GET         | key 32s                                            |           |
     | 14 RECORDS            | count u16, count x (entry id u64, version u64,     |           |
     |                       | ttl ms u32, value length u8, value)                |           |
+    | 15 RANGE_HASH         | bucket bits u8, group bits u8, first u32, groups   |           |
+    |                       | u16, ceil((groups << group bits) / 8) bytes mask   |           |
+    | 16 RANGE_HASHES       | bucket bits u8, group bits u8, first u32, groups   |           |
+    |                       | u16, groups x (count u32, xor 32s)                 |           |
+
+RANGE_HASH asks a node for the page counts and XOR hashes of ``groups`` aligned groups of
+``2 ** group_bits`` buckets from bucket ``first``, over the buckets flagged in the mask (bit
+``i``: bucket ``first + i``, least significant first, unused bits zero); buckets are the first
+``bucket_bits`` (1..:data:`MAX_BUCKET_BITS`) bits of a digest (:mod:`tmdht.rangehash`, the
+anti-entropy of the replication job). RANGE_HASHES answers in one datagram, one (count, hash)
+per group; the requester sizes its query so that answer fits (:func:`max_range_groups`).
 
 Records (types 11..14) are the small versioned soft-state entries of :mod:`tmdht.records` (the
 virtual network's MAC directory): a value is at most :data:`tmdht.records.MAX_VALUE_BYTES`, a
@@ -117,6 +128,7 @@ from tmdht.records import MAX_ENTRIES_PER_KEY, MAX_TTL, MAX_VALUE_BYTES, RecordS
 __all__ = [
     "DATAGRAM_OVERHEAD",
     "HEADER_SIZE",
+    "MAX_BUCKET_BITS",
     "MAX_DATAGRAM",
     "MAX_ERROR_MESSAGE_BYTES",
     "MAX_HOST_BYTES",
@@ -145,6 +157,8 @@ __all__ = [
     "RecordEntry",
     "RecordGet",
     "RecordPut",
+    "RangeHashQuery",
+    "RangeHashes",
     "RecordPutResult",
     "Records",
     "Request",
@@ -158,6 +172,8 @@ __all__ = [
     "encode_put_response",
     "max_digests_per_request",
     "max_pages_per_datagram",
+    "max_range_groups",
+    "max_range_mask_bytes",
 ]
 
 PROTOCOL_VERSION: Final = 2
@@ -212,6 +228,8 @@ class MessageType(IntEnum):
     RECORD_PUT_RESULT = 12
     RECORD_GET = 13
     RECORDS = 14
+    RANGE_HASH = 15
+    RANGE_HASHES = 16
 
 
 class PutStatus(IntEnum):
@@ -605,10 +623,80 @@ class Records:
             raise InvalidMessageError("entries must be RecordEntry")
 
 
-Request: TypeAlias = GetPages | PutPages | Has | NodeInfoRequest | RecordPut | RecordGet
+MAX_BUCKET_BITS: Final = 24
+"""Most bucket bits a RANGE_HASH may name (the mask of a whole 2**24 key space would not fit a
+datagram anyway; the limit keeps decoded numbers small)."""
+_RANGE_HEAD: Final = struct.Struct(">BBIH")
+_RANGE_ENTRY: Final = struct.Struct(">I32s")
+
+
+def _check_range(bucket_bits: int, group_bits: int, first: int, groups: int) -> None:
+    if not 1 <= bucket_bits <= MAX_BUCKET_BITS:
+        raise InvalidMessageError(f"bucket bits {bucket_bits} not in 1..{MAX_BUCKET_BITS}")
+    if not 0 <= group_bits <= bucket_bits:
+        raise InvalidMessageError(f"group bits {group_bits} not in 0..{bucket_bits}")
+    _check_count(groups, "groups", at_least=1)
+    if first < 0 or first % (1 << group_bits) or first + (groups << group_bits) > 1 << bucket_bits:
+        raise InvalidMessageError(
+            f"groups {first}+{groups}<<{group_bits} are not aligned inside {bucket_bits} bits"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RangeHashQuery:
+    """Request: page counts and XOR hashes of groups of buckets (anti-entropy)."""
+
+    request_id: int
+    bucket_bits: int
+    """Bits of a digest that name its bucket; a node with another bucket size refuses."""
+    group_bits: int
+    """Each group is ``2 ** group_bits`` consecutive buckets."""
+    first: int
+    """The first bucket, a multiple of the group size."""
+    groups: int
+    """Groups asked, 1..65535."""
+    mask: bytes
+    """One bit per bucket of the range (``groups << group_bits``), least significant first:
+    only flagged buckets count. Unused bits of the last byte are zero."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_range(self.bucket_bits, self.group_bits, self.first, self.groups)
+        bits = self.groups << self.group_bits
+        if len(self.mask) != (bits + 7) // 8:
+            raise InvalidMessageError(f"a mask of {bits} bits is {(bits + 7) // 8} bytes")
+        if bits % 8 and self.mask[-1] >> (bits % 8):
+            raise InvalidMessageError("unused bits of a RANGE_HASH mask are not zero")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RangeHashes:
+    """Response to RANGE_HASH (always one datagram): (count, XOR) per group asked."""
+
+    request_id: int
+    bucket_bits: int
+    group_bits: int
+    first: int
+    entries: tuple[tuple[int, bytes], ...]
+    """Per group: pages held in its flagged buckets (u32) and the XOR of their digests."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        object.__setattr__(self, "entries", tuple(self.entries))
+        _check_range(self.bucket_bits, self.group_bits, self.first, len(self.entries))
+        for count, xor in self.entries:
+            if not 0 <= count <= _U32_MAX:
+                raise InvalidMessageError(f"count {count} is not a u32")
+            if len(xor) != DIGEST_SIZE:
+                raise InvalidMessageError(f"a range hash is {DIGEST_SIZE} bytes")
+
+
+Request: TypeAlias = (
+    GetPages | PutPages | Has | NodeInfoRequest | RecordPut | RecordGet | RangeHashQuery
+)
 """A message a client sends to a node."""
 Response: TypeAlias = (
-    Pages | PutResult | Have | NodeInfo | Error | RecordPutResult | Records
+    Pages | PutResult | Have | NodeInfo | Error | RecordPutResult | Records | RangeHashes
 )
 """A message a node sends back."""
 Message: TypeAlias = Request | Response
@@ -733,6 +821,17 @@ def _encode_records(msg: Records) -> _Body:
     return _Body(chunks, sum(map(len, chunks)))
 
 
+def _encode_range_hash(msg: RangeHashQuery) -> _Body:
+    head = _RANGE_HEAD.pack(msg.bucket_bits, msg.group_bits, msg.first, msg.groups)
+    return _Body([head, msg.mask], len(head) + len(msg.mask))
+
+
+def _encode_range_hashes(msg: RangeHashes) -> _Body:
+    head = _RANGE_HEAD.pack(msg.bucket_bits, msg.group_bits, msg.first, len(msg.entries))
+    chunks = [head, *(_RANGE_ENTRY.pack(count, xor) for count, xor in msg.entries)]
+    return _Body(chunks, len(head) + len(msg.entries) * _RANGE_ENTRY.size)
+
+
 _STATUS_BYTE: Final[dict[int, bytes]] = {int(s): bytes((s,)) for s in PutStatus}
 
 # Message class -> (type byte, body encoder). Typed loosely: each encoder takes its own class.
@@ -750,6 +849,8 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[[Any], _Body]]]] = {
     RecordPutResult: (MessageType.RECORD_PUT_RESULT, _encode_record_put_result),
     RecordGet: (MessageType.RECORD_GET, _encode_record_get),
     Records: (MessageType.RECORDS, _encode_records),
+    RangeHashQuery: (MessageType.RANGE_HASH, _encode_range_hash),
+    RangeHashes: (MessageType.RANGE_HASHES, _encode_range_hashes),
 }
 
 
@@ -819,6 +920,18 @@ def max_pages_per_datagram(max_datagram: int) -> int:
     """Most pages one PUT_PAGES or PAGES datagram carries (15 at 65507 bytes, 1 at minimum)."""
     check_max_datagram(max_datagram)
     return (max_datagram - DATAGRAM_OVERHEAD - _U16X2.size) // _PAGE_ENTRY
+
+
+def max_range_mask_bytes(max_datagram: int) -> int:
+    """Most mask bytes one RANGE_HASH datagram carries."""
+    check_max_datagram(max_datagram)
+    return max_datagram - DATAGRAM_OVERHEAD - _RANGE_HEAD.size
+
+
+def max_range_groups(max_datagram: int) -> int:
+    """Most groups one RANGE_HASHES datagram answers (905 at 32768 bytes)."""
+    check_max_datagram(max_datagram)
+    return min(_U16_MAX, (max_datagram - DATAGRAM_OVERHEAD - _RANGE_HEAD.size) // _RANGE_ENTRY.size)
 
 
 def _check_response_parts(parts: int, what: str) -> None:
@@ -1204,6 +1317,32 @@ def _decode_records(data: bytes, start: int, end: int, head: _Head) -> Message:
     return Records(request_id=head.request_id, entries=tuple(entries))
 
 
+def _read_range_head(data: bytes, start: int, end: int) -> tuple[int, int, int, int]:
+    bucket_bits, group_bits, first, groups = _read_counts(data, start, end, _RANGE_HEAD)
+    if not 1 <= bucket_bits <= MAX_BUCKET_BITS or group_bits > bucket_bits or not groups:
+        raise _BodyError(f"bad range: {bucket_bits} bucket bits, {group_bits} group bits, "
+                         f"{groups} groups")
+    return bucket_bits, group_bits, first, groups
+
+
+def _decode_range_hash(data: bytes, start: int, end: int, head: _Head) -> Message:
+    bucket_bits, group_bits, first, groups = _read_range_head(data, start, end)
+    bits = groups << group_bits
+    _expect_length(end - start, _RANGE_HEAD.size + (bits + 7) // 8)
+    return RangeHashQuery(request_id=head.request_id, bucket_bits=bucket_bits,
+                          group_bits=group_bits, first=first, groups=groups,
+                          mask=data[start + _RANGE_HEAD.size : end])
+
+
+def _decode_range_hashes(data: bytes, start: int, end: int, head: _Head) -> Message:
+    bucket_bits, group_bits, first, groups = _read_range_head(data, start, end)
+    at = start + _RANGE_HEAD.size
+    _expect_length(end - at, groups * _RANGE_ENTRY.size)
+    entries = tuple(_RANGE_ENTRY.iter_unpack(data[at:end]))
+    return RangeHashes(request_id=head.request_id, bucket_bits=bucket_bits,
+                       group_bits=group_bits, first=first, entries=entries)
+
+
 # Type byte -> (body decoder, single datagram: part must be 0 of 1, carries a bulk).
 _DECODERS: Final[dict[int, tuple[_BodyDecoder, bool, bool]]] = {
     MessageType.GET_PAGES: (_decode_get_pages, True, False),
@@ -1219,6 +1358,8 @@ _DECODERS: Final[dict[int, tuple[_BodyDecoder, bool, bool]]] = {
     MessageType.RECORD_PUT_RESULT: (_decode_record_put_result, True, False),
     MessageType.RECORD_GET: (_decode_record_get, True, False),
     MessageType.RECORDS: (_decode_records, True, False),
+    MessageType.RANGE_HASH: (_decode_range_hash, True, False),
+    MessageType.RANGE_HASHES: (_decode_range_hashes, True, False),
 }
 
 

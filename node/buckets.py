@@ -20,7 +20,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import lmdb
 import numpy as np
@@ -73,9 +73,7 @@ class BucketIndex:
         result.rebuilt = rebuilt
         return result
 
-    def stage(
-        self, txn: lmdb.Transaction[memoryview], digests: Sequence[bytes], sign: int
-    ) -> BucketDelta:
+    def stage(self, txn: lmdb.Transaction[Any], digests: Sequence[bytes], sign: int) -> BucketDelta:
         """Record in ``txn`` that ``digests`` (each once, all new or all just deleted) were
         added (``sign`` 1) or removed (-1); returns the delta to :meth:`apply` once committed."""
         delta = _delta(digests, sign)

@@ -5,10 +5,10 @@ A *sweep* (``anti_entropy="range"``, the default) compares bucket hashes with ea
 it holds (:mod:`tmdht.node.buckets`); for every peer it shares buckets with, the node asks the
 peer's hashes of the buckets both should hold (RANGE_HASH), descends only into the groups that
 differ, and for the buckets that differ asks which pages the peer lacks (HAS) and sends them
-(PUT) -- if it is the bucket's designated source for that peer, or if the bucket still differed
-a sweep interval later. Pages in buckets this node no longer owes, or whose replica set is not
-the same across the bucket, go through the per-page path below. A quiet cluster's sweep costs a
-datagram or two per peer.
+(PUT) -- if it is the bucket's designated source for that peer, or if the bucket still differs
+``max(interval, grace)`` later. Pages in buckets this node no longer owes, or whose replica set
+is not the same across the bucket, go through the per-page path below. A quiet cluster's sweep
+costs a datagram or two per peer.
 
 The per-page path (and the whole sweep with ``anti_entropy="full"``, the earlier behaviour) walks
 digests in order, a chunk at a time (short read transactions, no full scan held in memory). For
@@ -147,8 +147,9 @@ class Replicator:
         self.anti_entropy = anti_entropy
         self.max_datagram = max_datagram
         # (peer id, bucket) -> when this node first saw the bucket differ and left it to the
-        # bucket's designated source; pushed by this node once it still differs ``interval``
-        # later.
+        # bucket's designated source; pushed by this node once it still differs max(interval,
+        # grace) later (a designated source that died changes the view, and with it the
+        # designated source, so this only covers one that is alive but lacks pages too).
         self._deferred: dict[tuple[bytes, int], float] = {}
 
     def membership_changed(self) -> None:
@@ -253,8 +254,8 @@ class Replicator:
         held = table.counts > 0
         mine = owners.uniform & owners.holds(me)
         # Pages in buckets this node does not owe, or whose replica set varies: per page.
-        if not await self._sweep_pages(self._digests_in(np.flatnonzero(held & ~mine), table.counts), report,
-                                       total):
+        per_page = self._digests_in(np.flatnonzero(held & ~mine), table.counts)
+        if not await self._sweep_pages(per_page, report, total):
             return False
         peers = sorted(set(owners.rows[held & mine].ravel().tolist()) - {me})
         compared = await asyncio.gather(
@@ -278,7 +279,7 @@ class Replicator:
             push: list[int] = []
             for bucket, first in zip(differing, source.tolist(), strict=True):
                 since = self._deferred.get((ids[p], bucket), now)
-                if first == me or now - since >= self.interval:
+                if first == me or now - since >= max(self.interval, self.grace):
                     push.append(bucket)
                 else:
                     deferred[(ids[p], bucket)] = since

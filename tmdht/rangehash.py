@@ -179,7 +179,7 @@ class BucketTable:
         """Counts and hashes of ``groups`` groups of ``2**group_bits`` buckets from bucket
         ``first``, over the buckets of ``mask`` (one flag per bucket of the range) only."""
         size = groups << group_bits
-        if not (0 <= first and first + size <= BUCKETS and mask.shape == (size,)):
+        if not (first >= 0 and first + size <= BUCKETS and mask.shape == (size,)):
             raise UsageError(f"groups {first}+{groups}<<{group_bits} do not fit the table")
         counts = np.where(mask, self.counts[first : first + size], 0)
         hashes = np.where(mask[:, None], self.hashes[first : first + size], np.uint64(0))
@@ -217,10 +217,10 @@ class BucketOwners:
         for b in node_buckets:
             seen[b] = seen.get(b, 0) + 1
         colliding = [i for i, b in enumerate(node_buckets) if seen[b] > 1]
+        self.uniform: npt.NDArray[np.bool_] = np.ones(BUCKETS, np.bool_)
+        """Buckets whose replica set is the same for every key in them."""
         if colliding and self.rows.size:
-            self.uniform: npt.NDArray[np.bool_] = ~np.isin(self.rows, colliding).any(axis=1)
-        else:
-            self.uniform = np.ones(BUCKETS, np.bool_)
+            self.uniform = np.logical_not(np.isin(self.rows, colliding).any(axis=1))
 
     def holds(self, index: int) -> npt.NDArray[np.bool_]:
         """Buckets whose replica set contains member ``index``."""

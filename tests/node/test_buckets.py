@@ -78,7 +78,7 @@ def test_an_inconsistent_table_is_rebuilt(tmp_path: Path) -> None:
 def test_rejected_and_present_pages_do_not_count(tmp_path: Path) -> None:
     with PageStore.open(tmp_path, capacity_bytes=CAPACITY) as store:
         store.put_many(items([1, 2]))
-        store.put_many(items([2, 3]) + [(digest_page(page(4)), page(5))])  # a bad digest
+        store.put_many([*items([2, 3]), (digest_page(page(4)), page(5))])  # a bad digest
         store.delete_many([digest_page(page(9))])  # not held
         assert store.buckets.table() == rebuilt(store)
         assert int(store.buckets.table().counts.sum()) == 3

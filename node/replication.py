@@ -100,6 +100,13 @@ def sweep_log_level(report: SweepReport, previous: SweepReport | None) -> int:
     return logging.INFO if report.copied or report.dropped or changed else logging.DEBUG
 
 
+def _batched(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    """Lists of up to ``size`` consecutive items (itertools.batched, Python 3.12)."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
 class Replicator:
     """The replication job of one node."""
 
@@ -225,16 +232,8 @@ class Replicator:
 
     async def _sweep_pages(self, digests: Iterable[bytes], report: SweepReport, total: int) -> bool:
         """The per-page path over ``digests`` (ascending): False if membership changed."""
-        chunk: list[bytes] = []
-        for digest in itertools.chain(digests, [b""]):
-            if digest:
-                chunk.append(digest)
-                if len(chunk) < CHUNK:
-                    continue
-            if not chunk:
-                break
+        for chunk in _batched(digests, CHUNK):
             await self._step(chunk, report)
-            chunk = []
             self.metrics.backlog.set(max(0, total - report.examined))
             await self._push_fresh()
             if self._changed:
@@ -328,19 +327,11 @@ class Replicator:
         self, peer: Member, buckets: list[int], counts: np.ndarray, report: SweepReport
     ) -> bool:
         """Send ``peer`` the pages of ``buckets`` it lacks: False if membership changed."""
-        chunk: list[bytes] = []
-        for digest in itertools.chain(self._digests_in(buckets, counts), [b""]):
-            if digest:
-                chunk.append(digest)
-                if len(chunk) < CHUNK:
-                    continue
-            if not chunk:
-                break
+        for chunk in _batched(self._digests_in(buckets, counts), CHUNK):
             held, copied, unanswered = await self._reconcile(peer.data_address, chunk)
             report.copied += copied
             report.under_replicated += len(chunk) - len(held)
             report.unanswered += len(unanswered)
-            chunk = []
             await self._push_fresh()
             if self._changed:
                 return False

@@ -34,7 +34,7 @@ def rand_digests(count: int, seed: int = 0, prefix: bytes = b"") -> list[bytes]:
     return [prefix + rng.randbytes(32 - len(prefix)) for _ in range(count)]
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.booleans(), digests), max_size=60), st.lists(digests, max_size=20))
 def test_incremental_table_equals_rebuilt(ops: list[tuple[bool, bytes]], start: list[bytes]) -> None:
     held = set(start)
@@ -55,7 +55,7 @@ def test_bucket_is_the_digest_prefix() -> None:
         assert digest.startswith(bucket_prefix(bucket_of(digest)))
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(st.lists(digests, max_size=40), st.sampled_from(LEVELS), st.data())
 def test_fold_is_the_xor_of_masked_buckets(items: list[bytes], group_bits: int, data: st.DataObject) -> None:
     table = BucketTable.from_digests(set(items))

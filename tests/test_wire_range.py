@@ -69,7 +69,7 @@ def answers(draw: st.DrawFn) -> RangeHashes:
                        group_bits=group_bits, first=first, entries=tuple(entries))
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(queries(), answers()))
 def test_roundtrip(msg: wire.Message) -> None:
     datagram = encode(msg)
@@ -80,7 +80,7 @@ def test_roundtrip(msg: wire.Message) -> None:
     assert encode(decoded)[:end] == datagram[:end]  # canonical (the auth block aside)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(queries(), answers()), st.data())
 def test_mutated_datagrams_decode_or_raise_decode_error(msg: wire.Message, data: st.DataObject) -> None:
     datagram = bytearray(encode(msg))

@@ -23,6 +23,14 @@ from tmdht.node.local import LocalCluster
 from tmdht.node.storage import PageStore
 
 
+async def full_view(store: TemplateStoreClient, members: int) -> None:
+    for _ in range(50):  # bounded: the view fills within a few crawls
+        if len(store.members) == members:
+            return
+        await asyncio.sleep(0.2)  # between crawls of other processes' ring
+        await store.refresh()
+
+
 def requests(c: LocalCluster, i: int, kind: str) -> float:
     return metric(scrape(c, i), "tmdht_requests_total", type=kind)
 
@@ -65,11 +73,7 @@ def test_lost_pages_return_once_and_quiet_sweeps_send_only_hashes(tmp_path: Path
 
         async def scenario() -> None:
             async with TemplateStoreClient([c.seed], cluster_key=key, replicas=3) as store:
-                for _ in range(50):  # bounded: the view fills within a few crawls
-                    if len(store.members) == 3:
-                        break
-                    await asyncio.sleep(0.2)
-                    await store.refresh()
+                await full_view(store, 3)
                 await store.put_many(pages)
                 client = await DataPlaneClient.open(store.auth)
                 try:
@@ -112,11 +116,7 @@ def test_pages_moved_by_a_join_leave_the_cluster_quiet(tmp_path: Path) -> None:
 
         async def scenario() -> None:
             async with TemplateStoreClient([c.seed], cluster_key=key, replicas=2) as store:
-                for _ in range(50):
-                    if len(store.members) == 3:
-                        break
-                    await asyncio.sleep(0.2)
-                    await store.refresh()
+                await full_view(store, 3)
                 await store.put_many(pages)
                 client = await DataPlaneClient.open(store.auth)
                 try:

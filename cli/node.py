@@ -121,6 +121,9 @@ def node() -> None:
 )
 @click.option("--replicas", type=int)
 @click.option("--capacity")
+@click.option("--wave-capacity", help="Bytes of migration-wave pages kept apart from templates "
+              "(0: none).")
+@click.option("--wave-max-ttl", type=float, help="Longest life of a wave page, seconds.")
 @click.option("--max-datagram")
 @click.option(
     "--cluster-key-file",

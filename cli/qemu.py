@@ -29,6 +29,7 @@ from tmdht.cli.proxy import run_proxy, setup_logging
 from tmdht.client.tls import TlsConfig
 from tmdht.config import parse_address
 from tmdht.errors import ConfigError, UsageError
+from tmdht.wave import DEFAULT_WAVE_TTL, MAX_WAVE_TTL, WAVE_SECRET_ENV, WaveCredentials
 
 log = logging.getLogger("tmdht.cli.qemu")
 F = TypeVar("F", bound=Callable[..., object])
@@ -86,6 +87,24 @@ def _tls(creds: Path | None, authz: tuple[str, ...], hostname: str | None = None
     return TlsConfig(creds, peer_subjects=authz, hostname=hostname)
 
 
+def wave_options(command: F) -> F:
+    """--wave and --wave-secret-file (the secret may come from $TMDHT_WAVE_SECRET)."""
+    command = click.option(
+        "--wave-secret-file", type=click.Path(path_type=Path, dir_okay=False),
+        help=f"With --wave: the wave's secret, 64 hex digits (or ${WAVE_SECRET_ENV}).")(command)
+    return click.option(
+        "--wave", metavar="ID", help="Migrate in this wave: pages a receiver of the wave "
+        "already stored at the destination do not cross the WAN again.")(command)
+
+
+def _wave(wave: str | None, secret_file: Path | None) -> WaveCredentials | None:
+    if wave is None:
+        if secret_file is not None:
+            raise click.UsageError("--wave-secret-file needs --wave")
+        return None
+    return WaveCredentials.load(wave, secret_file=secret_file)
+
+
 @qemu.command()
 @click.option("--catalog", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               required=True, help="Template catalog: pages in it travel as digests.")
@@ -104,10 +123,15 @@ def _tls(creds: Path | None, authz: tuple[str, ...], hostname: str | None = None
 @click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the end-of-migration report here as JSON.")
 @click.option("--log-level", default="warning", show_default=True)
+@wave_options
+@click.option("--offer-window", default="64MiB", show_default=True,
+              help="With --wave: bytes of offered pages awaiting the receiver at most; beyond, "
+              "pages are sent whole.")
 @tls_options(sender=True)
 def send(catalog: Path, to: str, compress: bool, backref_window: int, flow_window: str,
          connect_timeout: float, done_timeout: float, progress: bool,
          metrics_port: int | None, report_path: Path | None, log_level: str,
+         wave: str | None, wave_secret_file: Path | None, offer_window: str,
          tls_creds: Path | None, tls_authz: tuple[str, ...], tls_hostname: str | None,
          insecure_plaintext: bool) -> None:
     """Read QEMU's migration stream on stdin, send it deduplicated to a receiver."""
@@ -118,7 +142,9 @@ def send(catalog: Path, to: str, compress: bool, backref_window: int, flow_windo
                           backref_window=backref_window, flow_window=parse_size(flow_window),
                           connect_timeout=connect_timeout, done_timeout=done_timeout,
                           tls=_tls(tls_creds, tls_authz, tls_hostname),
-                          insecure_plaintext=insecure_plaintext)
+                          insecure_plaintext=insecure_plaintext,
+                          wave=_wave(wave, wave_secret_file),
+                          offer_window=parse_size(offer_window))
     run_proxy("send", progress, metrics_port, report_path,
                lambda metrics, update: run_sender(config, metrics=metrics, on_progress=update),
                run_in_loop=False)
@@ -144,12 +170,17 @@ def send(catalog: Path, to: str, compress: bool, backref_window: int, flow_windo
 @click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Write the end-of-migration report here as JSON.")
 @click.option("--log-level", default="warning", show_default=True)
+@wave_options
+@click.option("--wave-ttl", type=click.FloatRange(1, MAX_WAVE_TTL), default=DEFAULT_WAVE_TTL,
+              show_default=True, help="With --wave: seconds the pages this receiver stores "
+              "into the wave store live there.")
 @tls_options(sender=False)
 def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
             insecure_open: bool, no_cluster: bool, catalog: Path | None,
             ready_file: Path | None, accept_timeout: float, resolve_batch: int,
             resolve_parallel: int, resolve_timeout: float, progress: bool,
             metrics_port: int | None, report_path: Path | None, log_level: str,
+            wave: str | None, wave_secret_file: Path | None, wave_ttl: float,
             tls_creds: Path | None, tls_authz: tuple[str, ...],
             insecure_plaintext: bool) -> None:
     """Accept a sender, rebuild QEMU's migration stream on stdout (resolving via the cluster)."""
@@ -167,7 +198,8 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
         expected_catalog_id=read_template_digests(catalog).catalog_id if catalog else None,
         ready_file=ready_file, accept_timeout=accept_timeout, resolve_batch=resolve_batch,
         resolve_parallel=resolve_parallel, resolve_timeout=resolve_timeout,
-        tls=_tls(tls_creds, tls_authz), insecure_plaintext=insecure_plaintext)
+        tls=_tls(tls_creds, tls_authz), insecure_plaintext=insecure_plaintext,
+        wave=_wave(wave, wave_secret_file), wave_ttl=wave_ttl)
 
     def listening(address: tuple[str, int]) -> None:
         sys.stderr.write(f"READY {address[0]}:{address[1]}\n")

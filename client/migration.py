@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tmdht.catalog_file import read_template_digests
 from tmdht.client.errors import MigrationFailed
@@ -57,6 +57,7 @@ from tmdht.migration_stream import (
 from tmdht.native import (
     MigrationReceiver,
     MigrationSender,
+    ReferenceReceiver,
     make_receiver,
     make_sender,
     tune_allocator,
@@ -70,7 +71,9 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from tmdht.client.store import TemplateStoreClient
+    from tmdht.client.wave import WaveStoreClient
     from tmdht.net.credentials import ClusterAccess
+    from tmdht.wave import WaveCredentials
 else:
     def _lazy(name: str) -> ModuleType:
         """``name`` imported on first use: the sender (QEMU's exec: command, whose start-up
@@ -156,6 +159,17 @@ class MigrationMetrics:
                               "Duration of the last migration.", registry=r)
         self.migrations = Counter("tmdht_migrations_total", "Migrations by outcome.",
                                   ["outcome"], registry=r)
+        self.wave_offers = Counter("tmdht_migration_wave_offers_total",
+                                   "Pages offered by digest in a wave (OFFER records).",
+                                   registry=r)
+        self.wave_hits = Counter("tmdht_migration_wave_hits_total",
+                                 "Offered pages found in the wave store and verified.",
+                                 registry=r)
+        self.wave_bodies = Counter("tmdht_migration_wave_bodies_total",
+                                   "Offered pages whose body crossed the WAN after all.",
+                                   registry=r)
+        self.wave_stored = Counter("tmdht_migration_wave_stored_total",
+                                   "Received pages stored into the wave store.", registry=r)
         self._seen = MigrationCounts()
 
     def sync(self, counts: MigrationCounts) -> None:
@@ -196,6 +210,20 @@ class MigrationReport:
     """Bytes TCP received from the peer (TCP_INFO bytes_received)."""
     cpu_s: float = 0.0
     """CPU seconds (user + system) of the proxy process when the report was made."""
+    wave: str | None = None
+    """The wave's id (None: no wave)."""
+    wave_offers: int = 0
+    """Pages offered by digest."""
+    wave_hits: int = 0
+    """Offered pages found in the wave store (receiver)."""
+    wave_bodies: int = 0
+    """Offered pages sent whole after NEED."""
+    wave_window_full: int = 0
+    """Pages sent whole because the offer window was full (sender)."""
+    wave_stored: int = 0
+    """Received pages stored into the wave store (receiver)."""
+    wave_store_timeouts: int = 0
+    """Wave store requests that got no answer in time (receiver)."""
 
     @property
     def wan_bytes(self) -> int:
@@ -217,13 +245,17 @@ class MigrationReport:
         mean = (f"{1000 * self.resolve_seconds_total / self.resolve_batches:.1f} ms"
                 if self.resolve_batches else "-")
         outcome = "ok" if self.ok else f"FAILED ({self.error})"
+        wave = ("" if self.wave is None else
+                f"; wave {self.wave}: offers {self.wave_offers}, found in the wave store "
+                f"{self.wave_hits}, bodies sent {self.wave_bodies}, sent whole (offer window "
+                f"full) {self.wave_window_full}, stored {self.wave_stored}")
         return (f"tmdht qemu {self.role}: {outcome} in {self.duration_s:.2f} s;"
                 f" pages {c.pages}, templates {c.template_pages}, zero {c.zero_pages}, "
                 f"back-references {c.backref_pages}, full {c.full_pages}, "
                 f"compressed {c.compressed_pages}, from cluster {self.cluster_pages}, "
                 f"fallbacks {self.fallback_pages}; QEMU bytes {c.qemu_bytes}, WAN bytes "
                 f"{self.wan_bytes} (ratio {ratio}); resolve batches {self.resolve_batches}, "
-                f"mean {mean}, max {1000 * self.resolve_seconds_max:.1f} ms")
+                f"mean {mean}, max {1000 * self.resolve_seconds_max:.1f} ms{wave}")
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -251,6 +283,11 @@ class SenderConfig:
     """Mutual TLS 1.3 with the receiver (None: plaintext)."""
     insecure_plaintext: bool = False
     """Allow plaintext to a non-loopback receiver (refused otherwise)."""
+    wave: WaveCredentials | None = None
+    """Migrate in this wave: offer non-template pages by digest first (None: no wave, and the
+    stream is exactly as without waves)."""
+    offer_window: int = 64 << 20
+    """Bytes of offered pages kept unacknowledged at most; beyond, pages go whole."""
 
     def __post_init__(self) -> None:
         """Secure by default: no plaintext off loopback unless asked for (UsageError)."""
@@ -285,6 +322,13 @@ class ReceiverConfig:
     """Allow plaintext on a non-loopback listening address (refused otherwise)."""
     handshake_timeout: float = 30.0
     """Seconds the sender has to complete the TLS handshake once connected."""
+    wave: WaveCredentials | None = None
+    """Receive in this wave: look offered pages up in the wave store and store full pages
+    received there (None: no wave; a wave sender is refused)."""
+    wave_ttl: float = 6 * 3600.0
+    """Seconds the pages this receiver stores live in the wave store."""
+    wave_parallel: int = 4
+    """Wave store lookups in flight."""
 
     def __post_init__(self) -> None:
         """Secure by default: no plaintext off loopback unless asked for (UsageError)."""
@@ -437,7 +481,11 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
     started = time.monotonic()
     tune_allocator()
     rewriter = make_sender(read_template_digests(config.catalog), compress=config.compress,
-                           backref_window=config.backref_window, flow_window=config.flow_window)
+                           backref_window=config.backref_window, flow_window=config.flow_window,
+                           wave_tag=None if config.wave is None else config.wave.tag,
+                           offer_window=config.offer_window)
+    if config.wave is not None:
+        report.wave = config.wave.wave_id
     context = None
     if config.tls is not None:
         from tmdht.client.tls import client_context  # noqa: PLC0415 - ssl only with TLS
@@ -466,6 +514,11 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
             _tcp_totals(sock, report)
             sock.close()
         report.counts = rewriter.counts
+        wave = getattr(rewriter, "wave", None)
+        if report.wave is not None and wave is not None:
+            report.wave_offers = wave.offers
+            report.wave_bodies = wave.bodies
+            report.wave_window_full = wave.window_full
         report.duration_s = time.monotonic() - started
         report.cpu_s = time.process_time()
         _finish_metrics(metrics, report)
@@ -632,6 +685,11 @@ def _finish_metrics(metrics: MigrationMetrics | None, report: MigrationReport) -
     metrics.sync(report.counts)
     metrics.duration.set(report.duration_s)
     metrics.migrations.labels("completed" if report.ok else "failed").inc()
+    if report.wave is not None:
+        metrics.wave_offers.inc(report.wave_offers)
+        metrics.wave_hits.inc(report.wave_hits)
+        metrics.wave_bodies.inc(report.wave_bodies)
+        metrics.wave_stored.inc(report.wave_stored)
 
 
 # -- the receiver ------------------------------------------------------------------------------
@@ -656,7 +714,11 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
         from tmdht.client.tls import server_context  # noqa: PLC0415
 
         context = server_context(config.tls)  # ConfigError: unusable credentials
-    rebuilder = make_receiver(config.expected_catalog_id)
+    rebuilder = make_receiver(config.expected_catalog_id,
+                              wave_tag=None if config.wave is None else config.wave.tag)
+    if config.wave is not None:
+        report.wave = config.wave.wave_id
+    waves: WaveStoreClient | None = None
     listener = socket.create_server(config.listen, reuse_port=False)
     listener.setblocking(False)
     bound = listener.getsockname()[:2]
@@ -702,6 +764,10 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
                     await store.close()
                 store = None
             store_task = None
+        if store is not None and config.wave is not None:
+            from tmdht.client.wave import open_wave_client  # noqa: PLC0415
+
+            waves = await open_wave_client(store, config.wave, ttl=config.wave_ttl)
         def verified() -> None:
             _fill_receiver_report(report, rebuilder, started)
             report.ok = True
@@ -709,7 +775,7 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
                 on_verified(report)
 
         await _receive(config, rebuilder, wan, out, store, report, metrics, tasks, on_progress,
-                       verified)
+                       verified, waves)
     except (TmdhtError, OSError, ConnectionError, TimeoutError) as exc:
         report.error = _describe(exc)
         if (report.tls_peer is not None and not report.wan_received_bytes
@@ -728,6 +794,10 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
         if store_task is not None:
             store_task.cancel()
             await asyncio.gather(store_task, return_exceptions=True)
+        if waves is not None:
+            report.wave_store_timeouts = waves.stats.timeouts
+            report.wave_stored = waves.stats.stored
+            waves.close()
         if store is not None:
             with contextlib.suppress(TmdhtError, OSError):
                 await store.close()
@@ -838,6 +908,10 @@ def _fill_receiver_report(report: MigrationReport, rebuilder: MigrationReceiver,
         compressed_pages=stats.compressed_pages)
     report.cluster_pages = stats.cluster_pages
     report.fallback_pages = stats.fallback_pages
+    if report.wave is not None:
+        report.wave_offers = getattr(stats, "offers", 0)
+        report.wave_hits = getattr(stats, "wave_pages", 0)
+        report.wave_bodies = getattr(stats, "offer_bodies", 0)
     report.duration_s = time.monotonic() - started
     report.cpu_s = time.process_time()
 
@@ -846,11 +920,43 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
                    out: _PipeOut, store: TemplateStoreClient | None, report: MigrationReport,
                    metrics: MigrationMetrics | None, tasks: set[asyncio.Task[Any]],
                    on_progress: Callable[[int], None] | None,
-                   on_verified: Callable[[], None]) -> None:
-    """The receiver's loop: decode, resolve ahead, write in order, acknowledge."""
+                   on_verified: Callable[[], None],
+                   waves: WaveStoreClient | None = None) -> None:
+    """The receiver's loop: decode, resolve ahead, write in order, acknowledge; in a wave also
+    look offered pages up in the wave store and store the full pages received there."""
     kick = asyncio.Event()
     skip_cluster_until = 0.0
     resolving: set[asyncio.Task[None]] = set()
+    offering: set[asyncio.Task[None]] = set()
+    storing: set[asyncio.Task[None]] = set()
+    wave_core = cast("ReferenceReceiver", rebuilder) if config.wave is not None else None
+    ack_every = max(1, (rebuilder.hello.flow_window // 4) if rebuilder.hello else 1 << 20)
+
+    async def look_up(batch: list[tuple[int, bytes]]) -> None:
+        assert wave_core is not None
+        found = {} if waves is None else await waves.fetch([d for _, d in batch])
+        lost: list[int] = []
+        for index, digest in batch:
+            page = found.get(digest)
+            if page is None:
+                lost.append(index)
+                continue
+            try:
+                wave_core.supply_offered(index, page)
+            except IntegrityError:  # a wrong page in the store: the sender's copy instead
+                lost.append(index)
+        if lost:
+            wave_core.unavailable(lost)
+
+    async def learn(pages: list[tuple[bytes, bytes]]) -> None:
+        assert waves is not None
+        await waves.store(pages)  # counted in waves.stats
+
+    def offer_done(task: asyncio.Task[None]) -> None:
+        offering.discard(task)
+        storing.discard(task)
+        tasks.discard(task)
+        kick.set()
 
     async def pump_wan() -> None:
         try:
@@ -909,6 +1015,25 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
     while True:
         if reader.done() and reader.exception() is not None:
             raise reader.exception()  # type: ignore[misc]
+        if wave_core is not None:
+            ack_every = min(ack_every, 1 << 20)  # offered pages wait at the sender for ACKs
+            while len(offering) < config.wave_parallel:
+                if offering and not reader.done() and wave_core.to_offer < config.resolve_batch:
+                    break
+                batch = wave_core.wanted_offers(config.resolve_batch)
+                if not batch:
+                    break
+                task = asyncio.create_task(look_up(batch))
+                offering.add(task)
+                tasks.add(task)
+                task.add_done_callback(offer_done)
+            if waves is not None and len(storing) < 4:
+                learned = wave_core.learned()
+                if learned:
+                    task = asyncio.create_task(learn(learned))
+                    storing.add(task)
+                    tasks.add(task)
+                    task.add_done_callback(offer_done)
         while len(resolving) < config.resolve_parallel:
             # Full batches only while others are in flight (their answers wake this loop);
             # a partial one when nothing is, or once the stream is complete.
@@ -934,19 +1059,40 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
             wan.send(encode(Ack(rebuilder.stats.pages, rebuilder.stats.qemu_bytes)))
             wan.send(encode(Done(True, "")))
             await wan.writer.drain()
+            if wave_core is not None and waves is not None:
+                await _finish_learning(wave_core, waves, storing, report)
             return
-        wan.send(rebuilder.ack(every=max(1, (rebuilder.hello.flow_window // 4)
-                                         if rebuilder.hello else 1 << 20)))
+        if rebuilder.hello is not None and wave_core is None:
+            ack_every = max(1, rebuilder.hello.flow_window // 4)
+        wan.send(rebuilder.ack(every=ack_every))
         if reader.done():
             if reader.exception() is not None:
                 raise reader.exception()  # type: ignore[misc]
-            if not chunks and not resolving:
+            if not chunks and not resolving and not offering:
                 raise DecodeError("the sender's stream ended before END" if not
                                   rebuilder.end_seen else "the stream ended with pages missing")
         if chunks:
             continue  # more may be ready now (and the reader may have fed meanwhile)
         kick.clear()
         await kick.wait()
+
+
+async def _finish_learning(core: ReferenceReceiver, waves: WaveStoreClient,
+                           storing: set[asyncio.Task[None]], report: MigrationReport,
+                           timeout: float = 30.0) -> None:
+    """After QEMU has the stream: store what is left to learn (bounded in time), so the wave's
+    next VM finds it."""
+    deadline = time.monotonic() + timeout
+    if storing:
+        await asyncio.wait(set(storing), timeout=timeout)
+    for _ in range(1000):
+        learned = core.learned()
+        if not learned or time.monotonic() > deadline:
+            break
+        try:
+            await asyncio.wait_for(waves.store(learned), max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            break
 
 
 def write_report(report: MigrationReport, path: Path | None) -> None:

@@ -323,6 +323,11 @@ class TemplateStoreClient:
             for row in rows
         ]
 
+    def closest_members(self, keys: Sequence[bytes], count: int = 1) -> list[list[Member]]:
+        """Per key, the ``count`` members to use first: placed like a page digest's replicas,
+        nodes the engine avoids last (the wave store places wave keys with it)."""
+        return [row[:count] for row in self._replica_lists(keys)]
+
     def _node_failed(self, address: Address) -> None:
         """The engine failed a node (it is avoided meanwhile): probe it through the overlay."""
         member = next((m for m in self._members if m.data_address == address), None)

@@ -45,6 +45,7 @@ from tmdht.net.address import Address
 from tmdht.net.burst import encode_pages_answer
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
+from tmdht.node.wavestore import WavePutResult, WaveStore
 from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
 from tmdht.rangehash import BUCKET_BITS, mask_from_bits
 from tmdht.ratelimit import RateLimitConfig, SourceRateLimiter
@@ -67,6 +68,8 @@ _TYPE_LABEL = {
     wire.NodeInfoRequest: "node_info",
     wire.RecordPut: "record_put",
     wire.RecordGet: "record_get",
+    wire.WaveGet: "wave_get",
+    wire.WavePut: "wave_put",
     wire.RangeHashQuery: "range_hash",
 }
 _DROP_REASONS = ("rate_limited", "malformed", "auth", "oversize", "replay", "unexpected")
@@ -91,6 +94,7 @@ class ServerSettings(TypedDict):
     rate_limit: NotRequired[RateLimitConfig | None]
     snapshot_max_age: NotRequired[float]
     records: NotRequired[RecordStore | None]
+    waves: NotRequired[WaveStore | None]
 
 
 @dataclass
@@ -126,6 +130,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         rate_limit: RateLimitConfig | None = None,
         snapshot_max_age: float = DEFAULT_SNAPSHOT_MAX_AGE,
         records: RecordStore | None = None,
+        waves: WaveStore | None = None,
     ) -> None:
         """``on_stored(digests)`` hears of every page a PUT stored (replication pushes them on).
 
@@ -133,6 +138,8 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         ``snapshot_max_age`` bounds how long one read transaction serves GETs (seconds, >= 0).
         ``records`` keeps the soft-state records of RECORD_PUT/RECORD_GET (the virtual network's
         MAC directory); without it those requests are answered with ERROR UNKNOWN_TYPE.
+        ``waves`` keeps wave pages (WAVE_GET/WAVE_PUT, :mod:`tmdht.node.wavestore`); without it
+        those requests are answered with ERROR UNKNOWN_TYPE too.
         """
         if not snapshot_max_age >= 0:
             raise UsageError(f"snapshot_max_age must be >= 0 seconds, got {snapshot_max_age}")
@@ -144,6 +151,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self.node_info = node_info
         self.clock = clock
         self.records = records
+        self.waves = waves
         self.buffers = SocketBuffers(0, 0, 0, None)
         self.limiter = SourceRateLimiter(rate_limit)
         self._snapshot = store.snapshot()
@@ -403,6 +411,42 @@ class DataPlaneServer(asyncio.DatagramProtocol):
                                           now=self.clock())])
         self._latency[wire.RecordGet].observe(time.perf_counter() - arrived)
 
+    def _wave_get(self, msg: wire.WaveGet, address: Address, arrived: float) -> None:
+        if self.waves is None:
+            self._send_error(address, msg.request_id, wire.ErrorCode.UNKNOWN_TYPE,
+                             "this node keeps no wave pages")
+            return
+        found = self.waves.get_many(msg.keys, self.clock())
+        pages = [(k, p) for k, p in zip(msg.keys, found, strict=True) if p is not None]
+        missing = tuple(k for k, p in zip(msg.keys, found, strict=True) if p is None)
+        per = wire.max_pages_per_datagram(self.max_datagram)
+        chunks = [pages[i : i + per] for i in range(0, len(pages), per)]
+        parts = len(chunks) + (1 if missing or not chunks else 0)
+        answers = [wire.WavePages(request_id=msg.request_id, pages=tuple(chunk), part=i,
+                                  parts=parts) for i, chunk in enumerate(chunks)]
+        if len(answers) < parts:
+            answers.append(wire.WavePages(request_id=msg.request_id, pages=(), missing=missing,
+                                          part=parts - 1, parts=parts))
+        now = self.clock()
+        self._send(address, [wire.encode(a, max_datagram=self.max_datagram, auth=self.auth,
+                                         now=now) for a in answers])
+        self._request_pages[wire.WaveGet].inc(len(msg.keys))
+        self._latency[wire.WaveGet].observe(time.perf_counter() - arrived)
+
+    def _wave_put(self, msg: wire.WavePut, address: Address, arrived: float) -> None:
+        if self.waves is None:
+            self._send_error(address, msg.request_id, wire.ErrorCode.UNKNOWN_TYPE,
+                             "this node keeps no wave pages")
+            return
+        results = self.waves.put_many(msg.pages, float(msg.ttl), self.clock())
+        statuses = [(cast(PageDigest, key), _WAVE_STATUS[r])
+                    for (key, _), r in zip(msg.pages, results, strict=True)]
+        self._send(address, wire.encode_put_response(
+            msg.request_id, statuses, max_datagram=self.max_datagram, auth=self.auth,
+            now=self.clock()))
+        self._request_pages[wire.WavePut].inc(len(msg.pages))
+        self._latency[wire.WavePut].observe(time.perf_counter() - arrived)
+
     def _put_pages(self, msg: wire.PutPages, address: Address, arrived: float) -> None:
         self._request_pages[wire.PutPages].inc(len(msg.pages))
         self._queue.append(_PendingPut(msg, address, arrived))
@@ -486,5 +530,13 @@ _HANDLERS: dict[type, Callable[[DataPlaneServer, Any, Address, float], None]] = 
     wire.NodeInfoRequest: DataPlaneServer._node_info,
     wire.RecordPut: DataPlaneServer._record_put,
     wire.RecordGet: DataPlaneServer._record_get,
+    wire.WaveGet: DataPlaneServer._wave_get,
+    wire.WavePut: DataPlaneServer._wave_put,
     wire.RangeHashQuery: DataPlaneServer._range_hash,
+}
+_WAVE_STATUS = {
+    WavePutResult.STORED: wire.PutStatus.STORED,
+    WavePutResult.REFRESHED: wire.PutStatus.PRESENT,
+    WavePutResult.FULL: wire.PutStatus.REJECTED_FULL,
+    WavePutResult.INVALID: wire.PutStatus.REJECTED_DIGEST,
 }

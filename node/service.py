@@ -29,6 +29,13 @@ from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.aio.http import HealthServer
 from tmdht.aio.overlay import Overlay
 from tmdht.aio.service import stop_on_signals
+from tmdht.aio.system import (
+    OPEN_FILES_WANTED,
+    buffer_grants,
+    notify_supervisor,
+    raise_open_files_limit,
+    read_sysctl,
+)
 from tmdht.aio.tasks import TaskSet
 from tmdht.config import NodeConfig
 from tmdht.errors import ConfigError, OverlayError, TmdhtError
@@ -41,13 +48,7 @@ from tmdht.node.dataplane import DataPlaneServer
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.replication import Replicator
 from tmdht.node.storage import PageStore
-from tmdht.node.system import (
-    OPEN_FILES_WANTED,
-    buffer_grants,
-    notify_supervisor,
-    raise_open_files_limit,
-    read_sysctl,
-)
+from tmdht.node.wavestore import WaveStore
 from tmdht.ratelimit import RateLimitConfig
 from tmdht.records import RecordStore
 
@@ -99,6 +100,7 @@ class StoreNode:
         )
         self.auth = self.credentials.authenticator()
         self.store: PageStore | None = None
+        self.waves: WaveStore | None = None
         self.dataplane: DataPlaneServer | None = None
         self.overlay: Overlay | None = None
         self.client: DataPlaneClient | None = None
@@ -133,6 +135,10 @@ class StoreNode:
         try:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
             self.store = PageStore.open(cfg.data_dir / "pages", capacity_bytes=cfg.capacity)
+            if cfg.wave_capacity:
+                self.waves = WaveStore.open(cfg.data_dir / "waves",
+                                            capacity_bytes=cfg.wave_capacity,
+                                            max_ttl=cfg.wave_max_ttl)
             self.dataplane = await DataPlaneServer.start(
                 cfg.host,
                 cfg.data_port,
@@ -144,6 +150,7 @@ class StoreNode:
                 on_stored=self._stored,
                 rate_limit=RateLimitConfig(rate=cfg.rate_limit, burst=cfg.rate_limit_burst),
                 records=RecordStore(),
+                waves=self.waves,
             )
             self.http = HealthServer(
                 cfg.host, cfg.metrics_port, self.metrics.registry, self._health
@@ -237,6 +244,9 @@ class StoreNode:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self.waves is not None:
+            self.waves.close()
+            self.waves = None
         self._stopped.set()
 
     async def run(self) -> None:
@@ -270,25 +280,14 @@ class StoreNode:
         """Re-read the cluster key file (SIGHUP, ``systemctl reload``) and use its keys from now
         on, on both planes: a rotation step without a restart. A file that cannot be read or
         parsed changes nothing: the node keeps its keys, logs why and returns False."""
-        path = self.config.cluster_key_file
-        why = ""
-        if path is None:
-            why = "the keys did not come from a file (cluster_key_file)"
-        elif self.credentials.is_open or self.auth.keyring is None:
-            why = "the node runs open (insecure_open): restart it to use a key"
-        if why:
-            log.warning("cluster key reload refused: %s; keeping %s", why,
-                        self.credentials.describe())
-            self.metrics.key_reloads.labels("failed").inc()
-            return False
-        assert path is not None and self.auth.keyring is not None
         try:
-            credentials = ClusterCredentials.from_file(path)
+            credentials = self.credentials.reloaded(self.config.cluster_key_file)
         except ConfigError as exc:
             log.warning("cluster key reload failed: %s; keeping %s", exc,
                         self.credentials.describe())
             self.metrics.key_reloads.labels("failed").inc()
             return False
+        assert self.auth.keyring is not None  # not open: reloaded() refuses open credentials
         self.auth.keyring.replace(list(credentials.keys))
         key = credentials.overlay_key
         assert key is not None
@@ -296,7 +295,8 @@ class StoreNode:
             self.overlay.set_cluster_keys(key, credentials.accepted_overlay_keys)
         self.credentials = credentials
         self.metrics.key_reloads.labels("ok").inc()
-        log.info("cluster keys reloaded from %s: %s", path, credentials.describe())
+        log.info("cluster keys reloaded from %s: %s", self.config.cluster_key_file,
+                 credentials.describe())
         return True
 
     def _check_socket_buffers(self) -> None:

@@ -165,6 +165,23 @@ def test_wrong_key_and_mode_mismatches_are_refused() -> None:
         open_sender.encode(Abort(handover=1), now=NOW, encrypt=True)
 
 
+def test_replaced_keys_take_effect_and_forget_cached_ciphers() -> None:
+    """A re-read key file (SIGHUP) replaces the codec's keys; a key id that now names another
+    secret is not decrypted with the cipher cached for the old one."""
+    sender, receiver = codecs()
+    # The receiver caches key 1's cipher for sender 11.
+    receiver.decode(sender.encode(Abort(handover=1), now=NOW, encrypt=True), now=NOW)
+    rotated = [ClusterKey(1, bytes(range(1, 33)))]
+    sender.replace_keys(rotated)
+    with pytest.raises(AuthenticationError):  # the receiver still has the old key 1
+        receiver.decode(sender.encode(Abort(handover=2), now=NOW, encrypt=True), now=NOW)
+    receiver.replace_keys(rotated)
+    envelope = receiver.decode(sender.encode(Abort(handover=3), now=NOW, encrypt=True), now=NOW)
+    assert envelope.message == Abort(handover=3)
+    with pytest.raises(UsageError):
+        TunnelCodec(33, None).replace_keys(KEYS)
+
+
 def test_tunnel_tags_are_not_valid_on_the_store_data_plane() -> None:
     """The tunnel derives its own keys: a tunnel datagram is no cluster datagram (and the tag
     of the same bytes differs)."""

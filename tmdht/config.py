@@ -195,6 +195,11 @@ class NodeConfig:
     """R: how many nodes hold each page."""
     capacity: int = 10 << 30
     """Bytes of pages this node may store."""
+    wave_capacity: int = 1 << 30
+    """Bytes of wave pages (migration waves, :mod:`tmdht.wave`) this node may keep, apart from
+    ``capacity``: wave pages never take room from templates (0: keep none)."""
+    wave_max_ttl: float = 24 * 3600.0
+    """Longest time-to-live, in seconds, a wave page is kept (a receiver's shorter one wins)."""
     max_datagram: int = 32768
     """Largest data-plane datagram sent or accepted."""
     cluster_key_file: Path | None = None
@@ -347,6 +352,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "seeds": _seeds,
     "replicas": _positive_int,
     "capacity": parse_size,
+    "wave_capacity": lambda v: 0 if v in (0, "0") else parse_size(v),
+    "wave_max_ttl": _positive_float,
     "max_datagram": parse_size,
     "cluster_key_file": _optional_path,
     "insecure_open": _bool,

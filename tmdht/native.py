@@ -177,8 +177,16 @@ class MigrationReceiver(Protocol):
 
 
 def make_sender(templates: TemplateDigests, *, compress: bool = False,
-                backref_window: int = 32768, flow_window: int = 64 << 20) -> MigrationSender:
-    """The sender core of the active implementation, replacing pages in ``templates``."""
+                backref_window: int = 32768, flow_window: int = 64 << 20,
+                wave_tag: bytes | None = None, offer_window: int = 64 << 20) -> MigrationSender:
+    """The sender core of the active implementation, replacing pages in ``templates``.
+    In a wave (``wave_tag``) always the reference: the native core has no OFFER yet."""
+    if wave_tag is not None:
+        members = templates.as_set()
+        return SenderRewriter(templates.catalog_id, lambda ds: [d in members for d in ds],
+                              compress=compress, backref_window=backref_window,
+                              flow_window=flow_window, wave_tag=wave_tag,
+                              offer_window=offer_window)
     if _NATIVE is not None:
         return NativeSender(templates, compress=compress, backref_window=backref_window,
                             flow_window=flow_window)
@@ -188,8 +196,11 @@ def make_sender(templates: TemplateDigests, *, compress: bool = False,
                           flow_window=flow_window)
 
 
-def make_receiver(expected_catalog_id: bytes | None = None) -> MigrationReceiver:
-    """The receiver core of the active implementation."""
+def make_receiver(expected_catalog_id: bytes | None = None, *,
+                  wave_tag: bytes | None = None) -> MigrationReceiver:
+    """The receiver core of the active implementation (in a wave always the reference)."""
+    if wave_tag is not None:
+        return ReferenceReceiver(expected_catalog_id, wave_tag=wave_tag)
     if _NATIVE is not None:
         return NativeReceiver(expected_catalog_id)
     return ReferenceReceiver(expected_catalog_id)

@@ -707,6 +707,14 @@ class TunnelCodec:
                                       nonce_source=self._nonce)
         self._aead: dict[tuple[int, int], ChaCha20Poly1305] = {}
 
+    def replace_keys(self, keys: Sequence[ClusterKey]) -> None:
+        """Send with ``keys[0]`` and accept exactly ``keys`` from now on (a re-read cluster key
+        file). UsageError, changing nothing, in open mode or for an empty list."""
+        if self._keyring is None:
+            raise UsageError("an open-mode tunnel codec cannot take keys")
+        self._keyring.replace(tunnel_keys(keys))
+        self._aead.clear()  # ciphers are cached by key id, and a re-read file may reuse one
+
     @property
     def can_encrypt(self) -> bool:
         """False in open mode (no key to encrypt with)."""

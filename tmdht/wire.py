@@ -59,9 +59,16 @@ Bodies and bulks (``u16`` counts; a digest is 32 bytes, a page 4096 bytes)::
     | 13 RECORD_GET         | key 32s                                            |           |
     | 14 RECORDS            | count u16, count x (entry id u64, version u64,     |           |
     |                       | ttl ms u32, value length u8, value)                |           |
-    | 15 RANGE_HASH         | bucket bits u8, group bits u8, first u32, groups   |           |
+    | 15 WAVE_GET           | count u16 (>= 1), count x wave key                 |           |
+    | 16 WAVE_PAGES         | as PAGES, with wave keys for digests               | pages x   |
+    |                       |                                                    | page      |
+    | 17 WAVE_PUT           | ttl s u32 (>= 1), count u16 (>= 1), count x wave   | count x   |
+    |                       | key                                                | page      |
+    |                       | (answered by PUT_RESULT: STORED, PRESENT when      |           |
+    |                       | refreshed, REJECTED_FULL)                          |           |
+    | 19 RANGE_HASH         | bucket bits u8, group bits u8, first u32, groups   |           |
     |                       | u16, ceil((groups << group bits) / 8) bytes mask   |           |
-    | 16 RANGE_HASHES       | bucket bits u8, group bits u8, first u32, groups   |           |
+    | 20 RANGE_HASHES       | bucket bits u8, group bits u8, first u32, groups   |           |
     |                       | u16, groups x (count u32, xor 32s)                 |           |
 
 RANGE_HASH asks a node for the page counts and XOR hashes of ``groups`` aligned groups of
@@ -75,6 +82,11 @@ Records (types 11..14) are the small versioned soft-state entries of :mod:`tmdht
 virtual network's MAC directory): a value is at most :data:`tmdht.records.MAX_VALUE_BYTES`, a
 lease at most :data:`tmdht.records.MAX_TTL` seconds, a RECORDS answer holds at most
 :data:`tmdht.records.MAX_ENTRIES_PER_KEY` entries (it always fits :data:`MIN_DATAGRAM`).
+
+Wave pages (types 15..17, :mod:`tmdht.wave`) are named by wave keys, not digests: neither the
+node nor this module can check them; the migration receiver checks each against the digest the
+sender offered. Their answers use a type of their own (WAVE_PAGES), so a wave answer is never
+taken for template pages.
 
 A bulk is exactly as long as its body's page count says; types without a bulk have none (bytes
 after the auth block are refused). In a HAVE bitmap, entry ``i`` (the request's digest
@@ -163,6 +175,9 @@ __all__ = [
     "Records",
     "Request",
     "Response",
+    "WaveGet",
+    "WavePages",
+    "WavePut",
     "check_max_datagram",
     "decode",
     "encode",
@@ -228,8 +243,11 @@ class MessageType(IntEnum):
     RECORD_PUT_RESULT = 12
     RECORD_GET = 13
     RECORDS = 14
-    RANGE_HASH = 15
-    RANGE_HASHES = 16
+    WAVE_GET = 15
+    WAVE_PAGES = 16
+    WAVE_PUT = 17
+    RANGE_HASH = 19
+    RANGE_HASHES = 20
 
 
 class PutStatus(IntEnum):
@@ -623,6 +641,64 @@ class Records:
             raise InvalidMessageError("entries must be RecordEntry")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaveGet:
+    """Request: the wave pages of these wave keys (see :mod:`tmdht.wave`)."""
+
+    request_id: int
+    keys: tuple[bytes, ...]
+    """1..:func:`max_digests_per_request` wave keys."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        object.__setattr__(self, "keys", tuple(self.keys))
+        _check_count(len(self.keys), "wave keys", at_least=1)
+        _check_lengths(self.keys, DIGEST_SIZE, "wave key")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WavePages:
+    """Response part to WAVE_GET: pages found (unverifiable here) and keys not held."""
+
+    request_id: int
+    pages: tuple[tuple[bytes, bytes], ...]
+    """(wave key, page) pairs; the migration receiver checks each page against its digest."""
+    missing: tuple[bytes, ...] = ()
+    part: int = 0
+    parts: int = 1
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_part(self.part, self.parts)
+        object.__setattr__(self, "pages", tuple(self.pages))
+        object.__setattr__(self, "missing", tuple(self.missing))
+        _check_count(len(self.pages), "pages")
+        _check_count(len(self.missing), "missing keys")
+        _check_lengths([key for key, _ in self.pages], DIGEST_SIZE, "wave key")
+        _check_lengths([page for _, page in self.pages], PAGE_SIZE, "page")
+        _check_lengths(self.missing, DIGEST_SIZE, "wave key")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WavePut:
+    """Request: keep these wave pages for ``ttl`` seconds (answered by PUT_RESULT)."""
+
+    request_id: int
+    ttl: int
+    """Seconds, 1..2**32-1 (the node caps it at its ``wave_max_ttl``)."""
+    pages: tuple[tuple[bytes, bytes], ...]
+    """(wave key, page) pairs, 1..:func:`max_pages_per_datagram`."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        if not 0 < self.ttl <= _U32_MAX:
+            raise InvalidMessageError(f"a wave ttl is 1..{_U32_MAX} s, got {self.ttl}")
+        object.__setattr__(self, "pages", tuple(self.pages))
+        _check_count(len(self.pages), "pages", at_least=1)
+        _check_lengths([key for key, _ in self.pages], DIGEST_SIZE, "wave key")
+        _check_lengths([page for _, page in self.pages], PAGE_SIZE, "page")
+
+
 MAX_BUCKET_BITS: Final = 24
 """Most bucket bits a RANGE_HASH may name (the mask of a whole 2**24 key space would not fit a
 datagram anyway; the limit keeps decoded numbers small)."""
@@ -692,11 +768,27 @@ class RangeHashes:
 
 
 Request: TypeAlias = (
-    GetPages | PutPages | Has | NodeInfoRequest | RecordPut | RecordGet | RangeHashQuery
+    GetPages
+    | PutPages
+    | Has
+    | NodeInfoRequest
+    | RecordPut
+    | RecordGet
+    | WaveGet
+    | WavePut
+    | RangeHashQuery
 )
 """A message a client sends to a node."""
 Response: TypeAlias = (
-    Pages | PutResult | Have | NodeInfo | Error | RecordPutResult | Records | RangeHashes
+    Pages
+    | PutResult
+    | Have
+    | NodeInfo
+    | Error
+    | RecordPutResult
+    | Records
+    | WavePages
+    | RangeHashes
 )
 """A message a node sends back."""
 Message: TypeAlias = Request | Response
@@ -834,6 +926,22 @@ def _encode_range_hashes(msg: RangeHashes) -> _Body:
 
 _STATUS_BYTE: Final[dict[int, bytes]] = {int(s): bytes((s,)) for s in PutStatus}
 
+
+def _encode_wave_get(msg: WaveGet) -> _Body:
+    return _encode_digest_list(cast(tuple[PageDigest, ...], msg.keys))
+
+
+def _encode_wave_pages(msg: WavePages) -> _Body:
+    keys = cast(list[PageDigest], [k for k, _ in msg.pages])
+    return _pages_body(keys, [p for _, p in msg.pages], cast(tuple[PageDigest, ...], msg.missing))
+
+
+def _encode_wave_put(msg: WavePut) -> _Body:
+    chunks = [_U32.pack(msg.ttl), _U16.pack(len(msg.pages)), *(key for key, _ in msg.pages)]
+    return _Body(chunks, _U32.size + _U16.size + len(msg.pages) * DIGEST_SIZE,
+                 [p for _, p in msg.pages])
+
+
 # Message class -> (type byte, body encoder). Typed loosely: each encoder takes its own class.
 _ENCODERS: Final[dict[type, tuple[MessageType, Callable[[Any], _Body]]]] = {
     GetPages: (MessageType.GET_PAGES, _encode_get_pages),
@@ -849,6 +957,9 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[[Any], _Body]]]] = {
     RecordPutResult: (MessageType.RECORD_PUT_RESULT, _encode_record_put_result),
     RecordGet: (MessageType.RECORD_GET, _encode_record_get),
     Records: (MessageType.RECORDS, _encode_records),
+    WaveGet: (MessageType.WAVE_GET, _encode_wave_get),
+    WavePages: (MessageType.WAVE_PAGES, _encode_wave_pages),
+    WavePut: (MessageType.WAVE_PUT, _encode_wave_put),
     RangeHashQuery: (MessageType.RANGE_HASH, _encode_range_hash),
     RangeHashes: (MessageType.RANGE_HASHES, _encode_range_hashes),
 }
@@ -896,7 +1007,8 @@ def encode(msg: Message, *, max_datagram: int, auth: Authenticator, now: float) 
     if entry is None:
         raise EncodeError(f"not a wire message: {type(msg).__name__}")
     message_type, encode_body = entry
-    part, parts = (msg.part, msg.parts) if isinstance(msg, Pages | PutResult | Have) else (0, 1)
+    part, parts = ((msg.part, msg.parts) if isinstance(msg, Pages | PutResult | Have | WavePages)
+                   else (0, 1))
     buffers = _seal(
         message_type,
         msg.request_id,
@@ -1317,6 +1429,22 @@ def _decode_records(data: bytes, start: int, end: int, head: _Head) -> Message:
     return Records(request_id=head.request_id, entries=tuple(entries))
 
 
+def _decode_wave_get(data: bytes, start: int, end: int, head: _Head) -> Message:
+    return WaveGet(request_id=head.request_id, keys=_read_digest_list(data, start, end))
+
+
+def _decode_wave_pages(data: bytes, start: int, end: int, head: _Head) -> Message:
+    pages = cast(Pages, _decode_pages(data, start, end, head))
+    return WavePages(request_id=head.request_id, pages=pages.pages, missing=pages.missing,
+                     part=head.part, parts=head.parts)
+
+
+def _decode_wave_put(data: bytes, start: int, end: int, head: _Head) -> Message:
+    (ttl,) = _read_counts(data, start, end, _U32)
+    put = cast(PutPages, _decode_put_pages(data, start + _U32.size, end, head))
+    return WavePut(request_id=head.request_id, ttl=ttl, pages=put.pages)
+
+
 def _read_range_head(data: bytes, start: int, end: int) -> tuple[int, int, int, int]:
     bucket_bits, group_bits, first, groups = _read_counts(data, start, end, _RANGE_HEAD)
     if not 1 <= bucket_bits <= MAX_BUCKET_BITS or group_bits > bucket_bits or not groups:
@@ -1358,6 +1486,9 @@ _DECODERS: Final[dict[int, tuple[_BodyDecoder, bool, bool]]] = {
     MessageType.RECORD_PUT_RESULT: (_decode_record_put_result, True, False),
     MessageType.RECORD_GET: (_decode_record_get, True, False),
     MessageType.RECORDS: (_decode_records, True, False),
+    MessageType.WAVE_GET: (_decode_wave_get, True, False),
+    MessageType.WAVE_PAGES: (_decode_wave_pages, False, True),
+    MessageType.WAVE_PUT: (_decode_wave_put, True, True),
     MessageType.RANGE_HASH: (_decode_range_hash, True, False),
     MessageType.RANGE_HASHES: (_decode_range_hashes, True, False),
 }

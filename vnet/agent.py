@@ -32,9 +32,10 @@ from tmdht import __version__, tunnel
 from tmdht.aio.http import HealthServer
 from tmdht.aio.service import stop_on_signals
 from tmdht.aio.sockets import open_udp_socket
+from tmdht.aio.system import notify_supervisor
 from tmdht.aio.tasks import TaskSet
 from tmdht.auth import AuthenticationError, ReplayError
-from tmdht.errors import DecodeError, LimitExceededError, TmdhtError, UsageError
+from tmdht.errors import ConfigError, DecodeError, LimitExceededError, TmdhtError, UsageError
 from tmdht.ethernet import MacAddress, format_mac, parse_mac
 from tmdht.handover import PortState
 from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterCredentials
@@ -222,13 +223,37 @@ class VnetAgent:
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT (or a fatal error), then stop."""
-        with stop_on_signals(self._stopped):
+        with stop_on_signals(self._stopped, reload=self.reload_keys):
             try:
                 await self.start()
+                notify_supervisor(f"READY=1\nSTATUS=forwarding: {len(self._ports)} ports")
                 await self._stopped.wait()
                 log.info("shutting down")
+                notify_supervisor("STOPPING=1\nSTATUS=handing over held frames and closing")
             finally:
                 await self.stop()
+
+    def reload_keys(self) -> bool:
+        """Re-read the cluster key file (SIGHUP, ``systemctl reload``) and use its keys from now
+        on for tunnels and the directory: a rotation step without a restart, in step with the
+        store nodes'. A file that cannot be read or parsed changes nothing: the agent keeps its
+        keys, logs why and returns False."""
+        outcome = "failed"
+        try:
+            credentials = self.credentials.reloaded(self.config.cluster_key_file)
+            self.codec.replace_keys(credentials.keys)
+            if self.directory is not None:
+                self.directory.replace_credentials(credentials)
+            self.credentials = credentials
+            outcome = "ok"
+            log.info("cluster keys reloaded from %s: %s", self.config.cluster_key_file,
+                     credentials.describe())
+        except (ConfigError, UsageError) as exc:
+            log.warning("cluster key reload failed: %s; keeping %s", exc,
+                        self.credentials.describe())
+        reloads = self.counters.key_reloads
+        reloads[outcome] = reloads.get(outcome, 0) + 1
+        return outcome == "ok"
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         return self._tasks.spawn(coro, f"tmdht-vnet-{name}")

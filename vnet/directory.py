@@ -1,8 +1,9 @@
 """The agent's side of the MAC directory: records in the store cluster's ring.
 
 The agent joins the store cluster's Kademlia overlay as a *client* (it crawls the ring and
-follows membership, never becoming a member), places each record key on its R closest nodes
-(:func:`tmdht.placement.closest`) and asks their data planes RECORD_PUT/RECORD_GET through the
+follows membership, never becoming a member), places each record key on R nodes by the ring's
+placement rule (:class:`tmdht.placement.Ring`: the closest nodes in distinct failure domains, as
+for pages) and asks their data planes RECORD_PUT/RECORD_GET through the
 shared request engine (:class:`tmdht.aio.dataplane.DataPlaneClient`: retries and adaptive
 timeouts are its). Writes go to every replica; reads ask every replica and keep the newest
 version. Records the agent owns are renewed every lease / 3 (a restarted node is refilled, a
@@ -15,18 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from tmdht import wire
 from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.aio.overlay import MembershipSubscription, Overlay
 from tmdht.aio.tasks import TaskSet
-from tmdht.errors import DecodeError, TmdhtError
+from tmdht.errors import DecodeError, TmdhtError, UsageError
 from tmdht.net.credentials import ClusterCredentials
 from tmdht.net.membership import Member, MembershipEventKind
 from tmdht.net.overlay import OverlayConfig
-from tmdht.placement import closest
+from tmdht.placement import Ring
 from tmdht.records import RecordStatus
 from tmdht.vdirectory import (
     LOCATION_ENTRY,
@@ -82,9 +83,22 @@ class VnetDirectory:
         self._overlay: Overlay | None = None
         self._client: DataPlaneClient | None = None
         self._members: list[Member] = []
+        self._ring = Ring([])
         self._owned: dict[tuple[int, bytes], int] = {}  # (vnet, mac) -> version renewed
         self._networks: set[int] = set()
         self._tasks = TaskSet(log)
+        self._auth = credentials.authenticator()
+
+    def replace_credentials(self, credentials: ClusterCredentials) -> None:
+        """Use ``credentials`` (a re-read key file) from now on, on the data plane and the
+        overlay. UsageError, changing nothing, if this directory or they are open."""
+        key = credentials.overlay_key
+        if self._auth.keyring is None or key is None:
+            raise UsageError("an open-mode directory cannot take keys, nor give them up")
+        self._auth.keyring.replace(list(credentials.keys))
+        if self._overlay is not None:
+            self._overlay.set_cluster_keys(key, credentials.accepted_overlay_keys)
+        self.credentials = credentials
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -92,7 +106,7 @@ class VnetDirectory:
         """Open the socket, crawl the ring; raises DirectoryError if no node answers."""
         try:
             self._client = await DataPlaneClient.open(
-                self.credentials.authenticator(), host=self.host, timeout=self.timeout,
+                self._auth, host=self.host, timeout=self.timeout,
                 attempts=self.attempts)
             credentials = self.credentials
             self._overlay = await Overlay.start(OverlayConfig(
@@ -122,14 +136,14 @@ class VnetDirectory:
     async def refresh(self) -> None:
         """Crawl the ring again."""
         if self._overlay is not None:
-            self._members = sorted(await self._overlay.crawl(), key=lambda m: m.node_id)
+            self._set_members(await self._overlay.crawl())
 
     async def _follow(self, subscription: MembershipSubscription) -> None:
         try:
             async for event in subscription:
                 if event.kind in (MembershipEventKind.JOINED, MembershipEventKind.LEFT,
                                   MembershipEventKind.UPDATED) and self._overlay is not None:
-                    self._members = sorted(self._overlay.members(), key=lambda m: m.node_id)
+                    self._set_members(self._overlay.members())
         finally:
             subscription.close()
 
@@ -138,11 +152,14 @@ class VnetDirectory:
         """Store nodes in the view."""
         return len(self._members)
 
+    def _set_members(self, members: Iterable[Member]) -> None:
+        self._members = sorted(members, key=lambda m: m.node_id)
+        self._ring = Ring([m.node_id for m in self._members], [m.domain for m in self._members])
+
     def _replicas(self, key: bytes) -> list[Member]:
-        members = self._members
-        if not members:
+        if not self._members:
             return []
-        return [members[i] for i in closest(key, [m.node_id for m in members], self.replicas)]
+        return [self._members[i] for i in self._ring.place(key, self.replicas)]
 
     # -- requests -----------------------------------------------------------------------------
 

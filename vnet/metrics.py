@@ -32,6 +32,8 @@ class AgentCounters:
     """Tunnel datagrams dropped before the switch saw them, by reason."""
     accountings: dict[str, int] = field(default_factory=dict)
     """Stops accounted, by how exactly (``exact``, ``socket_only``)."""
+    key_reloads: dict[str, int] = field(default_factory=dict)
+    """Cluster key file re-reads (SIGHUP), by outcome (``ok``, ``failed``)."""
     ports_closed: int = 0
     """Ports removed because their QEMU went away."""
     port_overflow: Callable[[], int] = lambda: 0
@@ -97,6 +99,9 @@ class _AgentCollector(Collector):
                                         labels=["kind", "result"])
         redirects = CounterMetricFamily("tmdht_vnet_redirects",
                                         "LOCATION messages sent to agents using an old location.")
+        reloads = CounterMetricFamily(
+            "tmdht_cluster_key_reloads",
+            "Cluster key file re-reads (SIGHUP), by outcome (ok, failed).", labels=["outcome"])
         ready = GaugeMetricFamily("tmdht_vnet_ready", "1 when the agent forwards frames.")
         if not empty:
             if stats is not None:
@@ -129,6 +134,8 @@ class _AgentCollector(Collector):
                 bad.add_metric([reason], value)
             for mode, value in sorted(s.agent.accountings.items()):
                 accountings.add_metric([mode], value)
+            for outcome in ("ok", "failed"):
+                reloads.add_metric([outcome], s.agent.key_reloads.get(outcome, 0))
             dstats = s.directory()
             if dstats is not None:
                 directory.add_metric(["put", "ok"], dstats.puts - dstats.put_failures)
@@ -138,7 +145,8 @@ class _AgentCollector(Collector):
                 directory.add_metric(["get", "failed"], dstats.get_failures)
             ready.add_metric([], 1 if s.ready() else 0)
         yield from (frames, dropped, handovers, handover_frames, retrans, skipped, stranded,
-                    fences, held, ports, bad, accountings, directory, redirects, ready)
+                    fences, held, ports, bad, accountings, directory, redirects, reloads,
+                    ready)
 
 
 class VnetMetrics:

@@ -96,7 +96,7 @@ def test_unit_has_the_required_settings() -> None:
     assert one["Service.DynamicUser"] == "yes"
     # One user per instance: instances sharing one could signal or trace each other.
     assert "%i" in one["Service.User"]
-    # Readiness: the node sends READY=1 (tmdht.node.system.notify_supervisor).
+    # Readiness: the node sends READY=1 (tmdht.aio.system.notify_supervisor).
     assert one["Service.Type"] == "notify" and one["Service.NotifyAccess"] == "main"
     assert one["Service.StateDirectory"] == "tmdht/%i"
     assert one["Service.ProtectSystem"] == "strict"

@@ -1,4 +1,4 @@
-"""tmdht.node.system: systemd's readiness protocol, the open-files limit, socket buffer grants
+"""tmdht.aio.system: systemd's readiness protocol, the open-files limit, socket buffer grants
 (and the node process using them), and the replication job's log level."""
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from tmdht.node.local import read_ready_line
-from tmdht.node.replication import SweepReport, sweep_log_level
-from tmdht.node.system import (
+from tmdht.aio.system import (
     OPEN_FILES_WANTED,
     BufferGrant,
     buffer_grants,
     notify_supervisor,
     raise_open_files_limit,
 )
+from tmdht.node.local import read_ready_line
+from tmdht.node.replication import SweepReport, sweep_log_level
 
 
 @pytest.fixture

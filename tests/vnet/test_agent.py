@@ -249,3 +249,62 @@ def test_the_directory_lives_in_the_store_ring(cluster: LocalCluster) -> None:
             await b.close()
 
     asyncio.run(main())
+
+
+def test_key_rotation_by_sighup_keeps_frames_flowing(tmp_path: Path) -> None:
+    """SECURITY.md's three rotation steps as edits of the key file, each followed by SIGHUP to
+    the store node and both agents (what `systemctl reload` sends): frames between the agents'
+    VMs keep arriving after every step, the directory answers with the new key, and a bad file
+    keeps the keys, counted as a failed reload."""
+    import secrets
+    import signal
+
+    from tmdht.files import atomic_write
+
+    old, new = secrets.token_hex(32), secrets.token_hex(32)
+    steps = [f"1:{old}\n2:{new}\n", f"2:{new}\n1:{old}\n", f"2:{new}\n"]
+    root = tmp_path / "rotation"
+    root.mkdir()
+    (root / "cluster.key").write_text(f"1:{old}\n")
+    with LocalCluster(root, 1, replicas=1, extra_args=FAST_NODE_ARGS) as local:
+        s = Sites(tmp_path, local)
+        try:
+            a, c = s.agent("a"), s.agent("c")
+            peer, vm = s.vm("peer", P_MAC), s.vm("vm", M_MAC)
+            c.attach("peer", VNET, peer)
+            a.attach("m", VNET, vm)
+            wait_for(lambda: knows(c, M_MAC, a), 10, "the peer's agent learns M")
+
+            def reloads(agent: AgentProcess, outcome: str) -> float:
+                return agent.metrics().get(
+                    f"tmdht_cluster_key_reloads_total{{outcome={outcome}}}", 0.0)
+
+            sent = 0
+            for step, text in enumerate([*steps, "not a key\n"], 1):
+                atomic_write(local.key_file, text, durable=False)
+                node = local.nodes[0].proc
+                assert node is not None
+                node.send_signal(signal.SIGHUP)
+                for agent in (a, c):
+                    assert agent.proc is not None
+                    agent.proc.send_signal(signal.SIGHUP)
+                outcome, count = ("ok", step) if step <= len(steps) else ("failed", 1)
+                for agent in (a, c):
+                    wait_for(lambda agent=agent, outcome=outcome, count=count:
+                             reloads(agent, outcome) >= count, 10,
+                             f"agent {agent.status['agent']} reload {step}")
+                peer.send(frame(sent + 1))
+                peer.send(frame(sent + 2))
+                sent += 2
+                wait_for(lambda sent=sent: numbers(vm.received()) == list(range(1, sent + 1)), 10,
+                         f"frames after step {step}")
+            # The directory works with the new key alone: a VM attached now is found.
+            other = s.vm("other", "52:54:00:00:00:02")
+            a.attach("other", VNET, other)
+            wait_for(lambda: knows(c, "52:54:00:00:00:02", a), 10,
+                     "the peer's agent learns a VM attached after the rotation")
+            log = (a.data_dir / "agent.log").read_text()
+            assert "cluster key reload failed: cluster key file" in log
+            assert "keeping key id 2 (accepting 2)" in log
+        finally:
+            s.close()

@@ -14,6 +14,7 @@ feed bytes in and write what comes out. :mod:`tmdht.migration_stream` re-exports
 from tmdht.migration.decoders import ForwardDecoder, ReverseDecoder
 from tmdht.migration.format import (
     FLAG_COMPRESS,
+    FLAG_WAVE,
     MAX_BACKREF_WINDOW,
     MAX_FLOW_WINDOW,
     MAX_HELD,
@@ -35,18 +36,21 @@ from tmdht.migration.format import (
     Hello,
     MigrationCounts,
     Need,
+    Offer,
     RawBytes,
     RecordType,
     ReverseRecord,
     StreamDigest,
     Template,
+    WaveHello,
     encode,
 )
 from tmdht.migration.receiver import RebuildStats, ReceiverRebuilder
-from tmdht.migration.sender import SenderRewriter
+from tmdht.migration.sender import SenderRewriter, WaveCounts
 
 __all__ = [
     "FLAG_COMPRESS",
+    "FLAG_WAVE",
     "MAX_BACKREF_WINDOW",
     "MAX_FLOW_WINDOW",
     "MAX_HELD",
@@ -69,6 +73,7 @@ __all__ = [
     "Hello",
     "MigrationCounts",
     "Need",
+    "Offer",
     "RawBytes",
     "RebuildStats",
     "ReceiverRebuilder",
@@ -78,5 +83,7 @@ __all__ = [
     "SenderRewriter",
     "StreamDigest",
     "Template",
+    "WaveCounts",
+    "WaveHello",
     "encode",
 ]

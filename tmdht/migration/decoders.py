@@ -19,6 +19,7 @@ from tmdht.migration.format import (
     BE32,
     END_LAYOUT,
     FALLBACK_LAYOUT,
+    FLAG_WAVE,
     HELLO_LAYOUT,
     MAX_BACKREF_WINDOW,
     MAX_FLOW_WINDOW,
@@ -39,10 +40,12 @@ from tmdht.migration.format import (
     Hello,
     MigrationCounts,
     Need,
+    Offer,
     RawBytes,
     RecordType,
     ReverseRecord,
     Template,
+    WaveHello,
     check_prefix,
 )
 from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ByteView
@@ -107,6 +110,7 @@ class ForwardDecoder(_Decoder):
         super().__init__()
         self.hello: Hello | None = None
         self._end_seen = False
+        self._wave_seen = False
         self._table: dict[int, _Handler] = {
             RecordType.RAW: lambda: self._verbatim(RawBytes),
             RecordType.DEVICE: lambda: self._verbatim(DeviceState),
@@ -116,6 +120,8 @@ class ForwardDecoder(_Decoder):
             RecordType.BACKREF: self._backref,
             RecordType.FALLBACK: self._fallback,
             RecordType.END: self._end,
+            RecordType.WAVE: self._wave,
+            RecordType.OFFER: self._offer,
         }
 
     def close(self) -> None:
@@ -128,7 +134,10 @@ class ForwardDecoder(_Decoder):
         """Decode what was fed (the hello first: it becomes :attr:`hello`)."""
         if self.hello is None and not self._hello():
             return
+        wave = bool(self.hello.flags & FLAG_WAVE)  # type: ignore[union-attr]
         for record in self._records(self._table):
+            if wave and not self._wave_seen and not isinstance(record, WaveHello):
+                raise DecodeError("a wave stream's first record is not WAVE")
             if self._end_seen and not isinstance(record, Fallback):
                 raise DecodeError(f"{type(record).__name__} record after END")
             if isinstance(record, End):
@@ -186,6 +195,25 @@ class ForwardDecoder(_Decoder):
     def _template(self) -> object:
         prefix = self._prefix()
         return Template(prefix, self._take(DIGEST_SIZE))
+
+    def _wave(self) -> object:
+        assert self.hello is not None
+        if not self.hello.flags & FLAG_WAVE:  # as in a stream without waves (the native core)
+            raise DecodeError(f"unknown record type {RecordType.WAVE:#04x}")
+        if self._wave_seen:
+            raise DecodeError("a second WAVE record")
+        record = WaveHello(self._take(DIGEST_SIZE))
+        self._wave_seen = True
+        return record
+
+    def _offer(self) -> object:
+        assert self.hello is not None
+        if not self.hello.flags & FLAG_WAVE:
+            raise DecodeError(f"unknown record type {RecordType.OFFER:#04x}")
+        if not self._wave_seen:
+            raise DecodeError("OFFER record before the WAVE record")
+        prefix = self._prefix()
+        return Offer(prefix, self._take(DIGEST_SIZE))
 
     def _backref(self) -> object:
         prefix = self._prefix()

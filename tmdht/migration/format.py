@@ -16,6 +16,11 @@ Forward stream (sender → receiver), after a hello::
     0x06 DEVICE     be32 n, n bytes of device state, verbatim (held until END is verified)
     0x07 FALLBACK   be32 body index, u8 encoding (0 raw, 1 zstd), be16 n, n bytes: the page
                     of a TEMPLATE record the receiver could not resolve (answers NEED)
+    0x08 WAVE       32-byte wave tag (:attr:`tmdht.wave.WaveCredentials.tag`): only with
+                    FLAG_WAVE, the first record after the hello, exactly once
+    0x09 OFFER      page prefix, 32-byte digest: a page the receiver may have in its wave
+                    store; it answers NEED for the body (a FALLBACK) if not (only with
+                    FLAG_WAVE)
     0x7f END        be64 QEMU bytes, be64 page records, be64 zero records, be64 template,
                     be64 back-references, be64 full, be64 compressed, 32-byte stream digest
 
@@ -25,6 +30,15 @@ Reverse stream (receiver → sender), no hello::
     0x12 ACK        be32 body index, be64 QEMU bytes: every body record below the index is
                     rebuilt and this many QEMU bytes are written (or held)
     0x13 DONE       u8 status (0 verified, 1 failed), be16 n, n bytes UTF-8 message
+
+Waves (only when the hello has FLAG_WAVE; without it no WAVE or OFFER record is valid and the
+stream is exactly the one above): an OFFER takes a body index like a TEMPLATE, the sender keeps
+its page until an ACK covers it, and the receiver looks the page up in the wave store of the
+destination cluster (by the wave key of its digest, :mod:`tmdht.wave`), checks what it got
+against the digest, and asks for the body with NEED when the store lacks it. The sender keeps at
+most ``offer window`` bytes of offered pages unacknowledged (its own setting, not on the wire);
+with the window full it sends pages whole instead of offering them, so a slow wave store costs
+bytes, never a stall. The END counts are unchanged: an offered page counts in ``pages`` only.
 
 The *page prefix* is QEMU's own RAM record header, as QEMU wrote it: be64 ``offset | flags``
 with the PAGE flag, followed (unless CONTINUE is set) by u8 length and the block idstr. Every
@@ -57,6 +71,7 @@ from tmdht.qemu_stream import RamFlag
 
 __all__ = [
     "FLAG_COMPRESS",
+    "FLAG_WAVE",
     "MAX_BACKREF_WINDOW",
     "MAX_FLOW_WINDOW",
     "MAX_HELD",
@@ -78,11 +93,13 @@ __all__ = [
     "Hello",
     "MigrationCounts",
     "Need",
+    "Offer",
     "RawBytes",
     "RecordType",
     "ReverseRecord",
     "StreamDigest",
     "Template",
+    "WaveHello",
     "check_prefix",
     "encode",
 ]
@@ -105,6 +122,9 @@ MAX_INDEX: Final = (1 << 32) - 1
 """Largest body index (a be32)."""
 FLAG_COMPRESS: Final = 0x01
 """Hello flag: residual pages may come zstd-compressed."""
+FLAG_WAVE: Final = 0x02
+"""Hello flag: the sender migrates in a wave (a WAVE record follows; OFFER records may)."""
+KNOWN_FLAGS: Final = FLAG_COMPRESS | FLAG_WAVE
 
 HELLO_LAYOUT = struct.Struct(">8sBB32sIQ")
 BE16 = struct.Struct(">H")
@@ -127,6 +147,8 @@ class RecordType(IntEnum):
     BACKREF = 0x05
     DEVICE = 0x06
     FALLBACK = 0x07
+    WAVE = 0x08
+    OFFER = 0x09
     END = 0x7F
     NEED = 0x11
     ACK = 0x12
@@ -207,6 +229,24 @@ class BackRef:
 
 
 @dataclass(frozen=True, slots=True)
+class WaveHello:
+    """The wave the sender migrates in (after a hello with FLAG_WAVE)."""
+
+    tag: bytes
+    """The wave's tag (32 bytes): the receiver compares it with its own wave's."""
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """A PAGE record whose body may be in the receiver's wave store, named by its digest."""
+
+    prefix: bytes
+    """QEMU's record header."""
+    digest: bytes
+    """BLAKE3-256 of the page."""
+
+
+@dataclass(frozen=True, slots=True)
 class Fallback:
     """The page of a TEMPLATE record, from the sender (answers NEED)."""
 
@@ -278,6 +318,7 @@ class Done:
 
 ForwardRecord = (
     RawBytes | DeviceState | FullPage | CompressedPage | Template | BackRef | Fallback | End
+    | WaveHello | Offer
 )
 ReverseRecord = Need | Ack | Done
 
@@ -339,6 +380,15 @@ def _encode(record: Hello | ForwardRecord | ReverseRecord) -> bytes:
             if len(digest) != DIGEST_SIZE:
                 raise DecodeError("a digest is 32 bytes")
             return b"\x04" + prefix + digest
+        case WaveHello(tag):
+            if len(tag) != DIGEST_SIZE:
+                raise DecodeError("a wave tag is 32 bytes")
+            return b"\x08" + tag
+        case Offer(prefix, digest):
+            check_prefix(prefix)
+            if len(digest) != DIGEST_SIZE:
+                raise DecodeError("a digest is 32 bytes")
+            return b"\x09" + prefix + digest
         case BackRef(prefix, index):
             check_prefix(prefix)
             return b"\x05" + prefix + BE32.pack(index)

@@ -33,9 +33,11 @@ from tmdht.migration.format import (
     Hello,
     MigrationCounts,
     Need,
+    Offer,
     RawBytes,
     StreamDigest,
     Template,
+    WaveHello,
     encode,
 )
 from tmdht.pages import PAGE_SIZE, ByteView, digest_page
@@ -46,7 +48,7 @@ __all__ = ["RebuildStats", "ReceiverRebuilder"]
 class _Slot:
     """One page record waiting to be written."""
 
-    __slots__ = ("digest", "index", "page", "prefix", "requested", "source")
+    __slots__ = ("digest", "index", "offered", "page", "prefix", "requested", "source")
 
     def __init__(
         self, index: int, prefix: bytes, digest: bytes | None, page: bytes | None, source: int
@@ -57,6 +59,7 @@ class _Slot:
         self.page = page
         self.source = source  # body index of a back-reference, else -1
         self.requested = False
+        self.offered = False  # an OFFER (wave store), not a TEMPLATE (cluster)
 
 
 _DEVICE_MARK: Final = object()
@@ -80,6 +83,14 @@ class RebuildStats:
     """Bytes written (or held) for QEMU."""
     end: MigrationCounts = field(default_factory=MigrationCounts)
     """The sender's totals (from END)."""
+    offers: int = 0
+    """OFFER records (wave)."""
+    wave_pages: int = 0
+    """Offered pages found in the wave store (and verified)."""
+    offer_bodies: int = 0
+    """Offered pages the sender sent after NEED."""
+    learned_dropped: int = 0
+    """Full pages not stored into the wave store because the learning queue was full."""
 
 
 class ReceiverRebuilder:
@@ -91,8 +102,16 @@ class ReceiverRebuilder:
     stream digest agree: :attr:`verified` is then True and :meth:`output` releases it.
     """
 
-    def __init__(self, expected_catalog_id: bytes | None = None) -> None:
+    def __init__(self, expected_catalog_id: bytes | None = None, *,
+                 wave_tag: bytes | None = None, learn_limit: int = 8192) -> None:
+        """``wave_tag``: this receiver's wave (:attr:`tmdht.wave.WaveCredentials.tag`): it then
+        accepts OFFERs of that wave and collects the full pages it receives for the wave store
+        (:meth:`learned`, at most ``learn_limit`` pages waiting; more are not stored)."""
         self._decoder = ForwardDecoder()
+        self._wave_tag = wave_tag
+        self._learn_limit = learn_limit if wave_tag is not None else 0
+        self._learned: list[tuple[bytes, bytes]] = []
+        self._to_offer: deque[_Slot] = deque()
         self._expected_catalog = expected_catalog_id
         self._queue: deque[object] = deque()  # bytes | _Slot | marks
         self._slots: dict[int, _Slot] = {}  # unfilled TEMPLATE slots by body index
@@ -182,11 +201,27 @@ class ReceiverRebuilder:
                 self._queued_bytes += len(data)
             case FullPage(prefix, data):
                 self.stats.full_pages += 1
-                self._slot(prefix, digest_page(data), data)
+                digest = digest_page(data)
+                self._slot(prefix, digest, data)
+                self._learn(digest, data)
             case CompressedPage(prefix, payload):
                 self.stats.compressed_pages += 1
                 page = self._decompress(payload)
-                self._slot(prefix, digest_page(page), page)
+                digest = digest_page(page)
+                self._slot(prefix, digest, page)
+                self._learn(digest, page)
+            case WaveHello(tag):
+                if self._wave_tag is None:
+                    raise DecodeError("the sender migrates in a wave: give this receiver --wave")
+                if tag != self._wave_tag:
+                    raise DecodeError("the sender migrates in another wave (or with another "
+                                      "wave secret)")
+            case Offer(prefix, digest):
+                self.stats.offers += 1
+                slot = self._slot(prefix, digest, None)
+                slot.offered = True
+                self._slots[slot.index] = slot
+                self._to_offer.append(slot)
             case Template(prefix, digest):
                 self.stats.template_pages += 1
                 slot = self._slot(prefix, digest, None)
@@ -205,7 +240,12 @@ class ReceiverRebuilder:
                 page = self._decompress(payload) if compressed else payload
                 if digest_page(page) != waiting.digest:
                     raise DigestMismatchError(f"fallback page of body {index} does not match")
-                self.stats.fallback_pages += 1
+                if waiting.offered:
+                    self.stats.offer_bodies += 1
+                    assert waiting.digest is not None
+                    self._learn(waiting.digest, page)
+                else:
+                    self.stats.fallback_pages += 1
                 self._fill(waiting, page)
             case End():
                 if self._in_device is False:
@@ -241,6 +281,48 @@ class ReceiverRebuilder:
         self._queued_bytes += len(prefix) + PAGE_SIZE
         return slot
 
+    def _learn(self, digest: bytes, page: bytes) -> None:
+        if not self._learn_limit:
+            return
+        if len(self._learned) >= self._learn_limit:
+            self.stats.learned_dropped += 1
+            return
+        self._learned.append((digest, page))
+
+    def learned(self) -> list[tuple[bytes, bytes]]:
+        """(digest, page) of full pages received since the last call, for the wave store.
+        Every page here was checked against its digest (hashed here, or a FALLBACK checked)."""
+        out, self._learned = self._learned, []
+        return out
+
+    @property
+    def to_offer(self) -> int:
+        """Offered pages not yet looked up in the wave store."""
+        return len(self._to_offer)
+
+    def wanted_offers(self, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` (body index, digest) of offered pages to look up, in order."""
+        out: list[tuple[int, bytes]] = []
+        while self._to_offer and len(out) < limit:
+            slot = self._to_offer.popleft()
+            if slot.page is None and not slot.requested:
+                slot.requested = True
+                assert slot.digest is not None
+                out.append((slot.index, slot.digest))
+        return out
+
+    def supply_offered(self, index: int, page: bytes) -> None:
+        """The page of an offered slot from the wave store, checked here against the digest
+        the sender offered (DigestMismatchError if it is not that page: the caller asks the
+        sender instead, see :meth:`unavailable`)."""
+        slot = self._slots.get(index)
+        if slot is None or not slot.offered:
+            return
+        if len(page) != PAGE_SIZE or digest_page(page) != slot.digest:
+            raise DigestMismatchError(f"wave page of body {index} does not match its digest")
+        self.stats.wave_pages += 1
+        self._fill(slot, page)
+
     def _fill(self, slot: _Slot, page: bytes) -> None:
         slot.page = page
         del self._slots[slot.index]
@@ -261,7 +343,7 @@ class ReceiverRebuilder:
     def supply(self, index: int, page: bytes) -> None:
         """The page of a template slot, already checked against its digest (by the client)."""
         slot = self._slots.get(index)
-        if slot is not None:
+        if slot is not None and not slot.offered:
             self.stats.cluster_pages += 1
             self._fill(slot, page)
 

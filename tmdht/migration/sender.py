@@ -15,6 +15,7 @@ import zstandard
 from tmdht.errors import DecodeError
 from tmdht.migration.format import (
     FLAG_COMPRESS,
+    FLAG_WAVE,
     MAX_RAW,
     Ack,
     BackRef,
@@ -26,9 +27,11 @@ from tmdht.migration.format import (
     Hello,
     MigrationCounts,
     Need,
+    Offer,
     RawBytes,
     StreamDigest,
     Template,
+    WaveHello,
     encode,
 )
 from tmdht.pages import PAGE_SIZE, ByteView, digest_page
@@ -40,7 +43,19 @@ from tmdht.qemu_stream import (
     RamZero,
 )
 
-__all__ = ["SenderRewriter"]
+__all__ = ["SenderRewriter", "WaveCounts"]
+
+
+@dataclass
+class WaveCounts:
+    """What a sender did in a wave."""
+
+    offers: int = 0
+    """Pages offered by digest (OFFER records)."""
+    bodies: int = 0
+    """Offered pages the receiver asked for and got (FALLBACK records answering an OFFER)."""
+    window_full: int = 0
+    """Pages sent whole because the offer window was full."""
 
 
 def _split(kind: type[RawBytes] | type[DeviceState], data: bytes) -> list[bytes]:
@@ -85,10 +100,19 @@ class SenderRewriter:
         compress: bool = False,
         backref_window: int = 32768,
         flow_window: int = 64 << 20,
+        wave_tag: bytes | None = None,
+        offer_window: int = 64 << 20,
     ) -> None:
-        self.hello = Hello(
-            catalog_id, backref_window, flow_window, FLAG_COMPRESS if compress else 0
-        )
+        flags = (FLAG_COMPRESS if compress else 0) | (FLAG_WAVE if wave_tag is not None else 0)
+        self.hello = Hello(catalog_id, backref_window, flow_window, flags)
+        self._wave_hello = b"" if wave_tag is None else encode(WaveHello(wave_tag))
+        if offer_window < 0:
+            raise ValueError("the offer window is at least 0 bytes")
+        self._offer_window = offer_window if wave_tag is not None else 0
+        self._offered: dict[int, bytes] = {}  # OFFER body index -> page, until acked
+        self._offered_order: deque[int] = deque()
+        self.wave = WaveCounts()
+        """Offers, bodies sent for them, pages sent whole with the offer window full."""
         encode(self.hello)  # validates
         self._is_template = is_template
         self._compressor = zstandard.ZstdCompressor(level=3) if compress else None
@@ -132,8 +156,8 @@ class SenderRewriter:
         return len(self._retained)
 
     def start(self) -> bytes:
-        """The hello."""
-        return encode(self.hello)
+        """The hello (and the WAVE record in a wave)."""
+        return encode(self.hello) + self._wave_hello
 
     # -- the QEMU stream -------------------------------------------------------------------
 
@@ -211,6 +235,13 @@ class SenderRewriter:
             self._retained[index] = page
             self._retained_order.append(index)
             return encode(Template(prefix, digest))
+        if self._offer_window:
+            if (len(self._offered) + 1) * PAGE_SIZE <= self._offer_window:
+                self.wave.offers += 1
+                self._offered[index] = page
+                self._offered_order.append(index)
+                return encode(Offer(prefix, digest))
+            self.wave.window_full += 1
         if self._compressor is not None:
             payload = self._compressor.compress(page)
             if len(payload) < PAGE_SIZE - 64:
@@ -244,6 +275,8 @@ class SenderRewriter:
         self._acked_bytes = max(self._acked_bytes, ack.qemu_bytes)
         while self._retained_order and self._retained_order[0] < self._acked_index:
             self._retained.pop(self._retained_order.popleft(), None)
+        while self._offered_order and self._offered_order[0] < self._acked_index:
+            self._offered.pop(self._offered_order.popleft(), None)
 
     def fallback(self, need: Need) -> bytes:
         """FALLBACK records for the pages of TEMPLATE records the receiver could not resolve."""
@@ -251,7 +284,11 @@ class SenderRewriter:
         for index in need.indices:
             page = self._retained.get(index)
             if page is None:
-                raise DecodeError(f"NEED for body {index}, which is no kept template page")
+                page = self._offered.pop(index, None)
+                if page is None:
+                    raise DecodeError(f"NEED for body {index}, which is no kept template page"
+                                      + (" or offered page" if self._offer_window else ""))
+                self.wave.bodies += 1
             if self._compressor is not None:
                 payload = self._compressor.compress(page)
                 if len(payload) < PAGE_SIZE:

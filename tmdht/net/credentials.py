@@ -21,10 +21,21 @@ from tmdht.auth import Authenticator, ClusterKey, keyring_from, load_key, parse_
 from tmdht.errors import ConfigError, UsageError
 from tmdht.net.address import Address
 
-__all__ = ["CLUSTER_KEY_ENV", "ClusterAccess", "ClusterCredentials"]
+__all__ = ["CLUSTER_KEY_ENV", "ClusterAccess", "ClusterCredentials", "read_key_file"]
 
 CLUSTER_KEY_ENV: Final = "TMDHT_CLUSTER_KEY"
 """The environment variable a key file's text may come from instead of a file."""
+
+
+def read_key_file(path: Path, source: str) -> str:
+    """A key file's text; ConfigError starting ``{source}:`` if it cannot be read or is binary
+    (never the key material in the message)."""
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{source}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: not a key file (binary content)") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +64,7 @@ class ClusterCredentials:
         """The keys in a key file; ConfigError if it cannot be read or parsed, its message
         starting ``{label} {path}:``."""
         source = f"{label} {path}"
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{source}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{source}: not a key file (binary content)") from None
-        return cls.from_text(text, source)
+        return cls.from_text(read_key_file(path, source), source)
 
     @classmethod
     def from_key(cls, key: bytes | str) -> ClusterCredentials:
@@ -110,6 +115,17 @@ class ClusterCredentials:
     def accepted_overlay_keys(self) -> tuple[bytes, ...]:
         """The other secrets whose overlay tags are accepted (during a rotation)."""
         return tuple(k.secret for k in self.keys[1:])
+
+    def reloaded(self, key_file: Path | None) -> ClusterCredentials:
+        """The keys re-read from ``key_file`` for a rotation step without a restart (SIGHUP,
+        ``systemctl reload``). ConfigError saying why not -- the keys did not come from a file,
+        the process runs open, or the file cannot be read or parsed -- and the caller keeps
+        these keys."""
+        if key_file is None:
+            raise ConfigError("the keys did not come from a file (cluster_key_file)")
+        if self.is_open:
+            raise ConfigError("running open (insecure_open): restart with a key to use one")
+        return self.from_file(key_file)
 
     def describe(self) -> str:
         """For logs: the key ids (never the keys), or that the cluster runs open."""

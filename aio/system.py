@@ -1,6 +1,6 @@
-"""What a node process asks of its host and tells its supervisor.
+"""What a service process (store node, vnet agent) asks of its host and tells its supervisor.
 
-- :func:`raise_open_files_limit`: lift the soft RLIMIT_NOFILE towards what a node wants, within
+- :func:`raise_open_files_limit`: lift the soft RLIMIT_NOFILE towards what a service wants, within
   the hard limit it was given. A supervisor that cannot grant the number (systemd clamps
   ``LimitNOFILE=`` to its own hard limit without a word, dockerd's hard limit may be below what a
   compose file asks) must not stop the node from starting: the node runs with what it got and the
@@ -32,7 +32,7 @@ __all__ = [
     "read_sysctl",
 ]
 
-log = logging.getLogger("tmdht.node")
+log = logging.getLogger("tmdht.service")
 
 OPEN_FILES_WANTED: Final = 65536
 """Open files a node asks for: sockets, LMDB, scrapes, with room for many peers and clients."""

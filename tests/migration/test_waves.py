@@ -1,0 +1,250 @@
+"""Migration waves in the sans-IO cores: OFFER/NEED on synthetic QEMU streams, the wave key
+scheme, the credentials, the format's WAVE and OFFER records."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from support.synthetic import page_pool, qemu_stream
+
+from tmdht.catalog import TemplateCatalog
+from tmdht.catalog_file import TemplateDigests
+from tmdht.errors import ConfigError, DecodeError, DigestMismatchError
+from tmdht.migration_stream import (
+    FLAG_WAVE,
+    ForwardDecoder,
+    Hello,
+    Need,
+    Offer,
+    ReceiverRebuilder,
+    ReverseDecoder,
+    SenderRewriter,
+    Template,
+    WaveHello,
+    encode,
+)
+from tmdht.native import make_receiver, make_sender, native_module
+from tmdht.pages import PAGE_SIZE, digest_page
+from tmdht.wave import WAVE_SECRET_ENV, WaveCredentials, expires_at, is_live
+
+POOL = page_pool(16, seed=4)
+CATALOG = TemplateCatalog.from_digests([digest_page(p) for p in POOL[:6]])
+BLOCKS = [("pc.ram", 256 * PAGE_SIZE), ("pc.bios", 4 * PAGE_SIZE)]
+WAVE = WaveCredentials("rack-7", bytes(range(1, 33)))
+OTHER = WaveCredentials("rack-7", bytes(range(2, 34)))
+
+
+def guest_stream(seed: int, shared: list[bytes]) -> bytes:
+    """A guest: the shared application pages (same in every guest of the wave), templates,
+    and pages of its own (its seed)."""
+    rng = random.Random(seed)
+    records = []
+    for index in range(BLOCKS[0][1] // PAGE_SIZE):
+        x = rng.random()
+        if index < len(shared):
+            data = shared[index]
+        elif x < 0.2:
+            data = POOL[rng.randrange(len(POOL))]
+        elif x < 0.3:
+            data = None
+        else:
+            data = rng.randbytes(PAGE_SIZE)
+        records.append(("pc.ram", index, data))
+    records.append(("pc.bios", 0, POOL[0]))
+    stream, _ = qemu_stream(BLOCKS, [records, records[:20]])
+    return stream
+
+
+_SHARED_RNG = random.Random(99)
+SHARED = [_SHARED_RNG.randbytes(PAGE_SIZE) for _ in range(120)]
+
+
+def sender_for(wave: WaveCredentials | None, offer_window: int = 32 << 20) -> SenderRewriter:
+    members = _digests().as_set()
+    return SenderRewriter(CATALOG.catalog_id, lambda ds: [d in members for d in ds],
+                          flow_window=1 << 30, wave_tag=None if wave is None else wave.tag,
+                          offer_window=offer_window)
+
+
+def migrate(stream: bytes, store: dict[bytes, bytes], wave: WaveCredentials = WAVE, *,
+            receiver_wave: WaveCredentials | None = None, offer_window: int = 32 << 20,
+            chunk: int = 5000) -> tuple[SenderRewriter, ReceiverRebuilder, bytes, int]:
+    """One migration in memory: the receiver looks offers up in ``store`` (wave key -> page),
+    asks the sender for the rest, and stores what it learned. Returns the wire bytes sent."""
+    sender = sender_for(wave, offer_window)
+    receiver_wave = wave if receiver_wave is None else receiver_wave
+    rebuilder = ReceiverRebuilder(CATALOG.catalog_id, wave_tag=receiver_wave.tag)
+    templates = {digest_page(p): p for p in POOL}
+    out: list[bytes] = []
+    wire = 0
+    reverse = ReverseDecoder()
+
+    def pump(data: bytes) -> None:
+        nonlocal wire
+        wire += len(data)
+        rebuilder.feed(data)
+        for index, digest in rebuilder.wanted(10_000):
+            rebuilder.supply(index, templates[digest])
+        offers = rebuilder.wanted_offers(10_000)
+        keys = receiver_wave.wave_keys([d for _, d in offers])
+        missing = []
+        for (index, _), key in zip(offers, keys, strict=True):
+            page = store.get(key)
+            if page is None:
+                missing.append(index)
+            else:
+                rebuilder.supply_offered(index, page)
+        rebuilder.unavailable(missing)
+        out.extend(rebuilder.output())
+        reverse.feed(rebuilder.requests() + rebuilder.ack(every=1))
+        for record in reverse.records():
+            if isinstance(record, Need):
+                pump(sender.fallback(record))
+            else:
+                sender.acknowledge(record)  # type: ignore[arg-type]
+
+    pump(sender.start())
+    for i in range(0, len(stream), chunk):
+        pump(sender.feed(stream[i : i + chunk]))
+    pump(sender.finish())
+    out.extend(rebuilder.output())
+    for digest, page in rebuilder.learned():
+        store[receiver_wave.wave_key(digest)] = page
+    assert rebuilder.verified
+    assert b"".join(out) == stream
+    return sender, rebuilder, b"".join(out), wire
+
+
+def test_second_guest_of_a_wave_sends_far_fewer_bodies() -> None:
+    store: dict[bytes, bytes] = {}
+    first, _, _, wire1 = migrate(guest_stream(1, SHARED), store)
+    second, rebuilder, _, wire2 = migrate(guest_stream(2, SHARED), store)
+    assert first.wave.offers > 0 and first.wave.bodies == first.wave.offers
+    # The shared pages are found in the wave store: the second guest sends bodies only for
+    # the pages of its own.
+    assert rebuilder.stats.wave_pages >= len(SHARED)
+    assert second.wave.bodies <= second.wave.offers - len(SHARED)
+    assert wire2 < wire1 - len(SHARED) * 4000
+    assert rebuilder.stats.offers == second.wave.offers
+    assert rebuilder.stats.offer_bodies == second.wave.bodies
+
+
+def test_a_wave_page_is_not_resolvable_with_another_waves_secret() -> None:
+    store: dict[bytes, bytes] = {}
+    migrate(guest_stream(1, SHARED), store)
+    digests = [digest_page(p) for p in SHARED]
+    assert all(WAVE.wave_key(d) in store for d in digests)
+    assert not any(OTHER.wave_key(d) in store for d in digests)
+    assert not any(WaveCredentials("rack-8", WAVE.secret).wave_key(d) in store for d in digests)
+    # ... so a migration in the other wave finds nothing and sends every body.
+    sender, rebuilder, _, _ = migrate(guest_stream(2, SHARED), store, OTHER)
+    assert rebuilder.stats.wave_pages == 0 and sender.wave.bodies == sender.wave.offers
+
+
+def test_a_receiver_of_another_wave_refuses_the_stream() -> None:
+    with pytest.raises(DecodeError, match="another wave"):
+        migrate(guest_stream(1, SHARED), {}, WAVE, receiver_wave=OTHER)
+    rebuilder = ReceiverRebuilder(CATALOG.catalog_id)  # no --wave
+    with pytest.raises(DecodeError, match="give this receiver --wave"):
+        rebuilder.feed(sender_for(WAVE).start())
+        rebuilder.output()
+
+
+def test_a_wrong_wave_page_is_refused_and_comes_from_the_sender() -> None:
+    stream = guest_stream(1, SHARED)
+    store: dict[bytes, bytes] = {}
+    migrate(stream, store)
+    poisoned = {key: bytes(PAGE_SIZE - 1) + b"x" for key in store}
+    sender = sender_for(WAVE)
+    rebuilder = ReceiverRebuilder(CATALOG.catalog_id, wave_tag=WAVE.tag)
+    rebuilder.feed(sender.start() + sender.feed(stream))
+    for index, digest in rebuilder.wanted_offers(10_000):
+        with pytest.raises(DigestMismatchError):
+            rebuilder.supply_offered(index, poisoned[WAVE.wave_key(digest)])
+        rebuilder.unavailable([index])
+    assert rebuilder.stats.wave_pages == 0
+
+
+def test_a_full_offer_window_sends_pages_whole_instead() -> None:
+    sender, _, _, _ = migrate(guest_stream(3, SHARED), {}, offer_window=8 * PAGE_SIZE,
+                              chunk=200_000)
+    assert sender.wave.window_full > 0 and sender.wave.offers > 0
+    assert sender.counts.full_pages >= sender.wave.window_full
+
+
+def test_without_a_wave_the_stream_has_no_wave_records_and_matches_the_native_core() -> None:
+    stream = guest_stream(5, SHARED)
+    plain = sender_for(None)
+    wire = plain.start() + plain.feed(stream) + plain.finish()
+    decoder = ForwardDecoder()
+    decoder.feed(wire)
+    records = list(decoder.records())
+    assert decoder.hello is not None and not decoder.hello.flags & FLAG_WAVE
+    assert not any(isinstance(r, Offer | WaveHello) for r in records)
+    assert any(isinstance(r, Template) for r in records)
+    if native_module() is not None:
+        native = make_sender(_digests(), flow_window=1 << 30)
+        assert native.start() + native.feed(stream) + native.finish() == wire
+    assert plain.wave.offers == 0
+
+
+def _digests() -> TemplateDigests:
+    return TemplateDigests(CATALOG.catalog_id, CATALOG.digests.tobytes())
+
+
+def test_wave_cores_are_the_reference() -> None:
+    assert isinstance(make_receiver(None, wave_tag=WAVE.tag), ReceiverRebuilder)
+
+
+def test_format_refuses_wave_records_outside_a_wave() -> None:
+    hello = Hello(CATALOG.catalog_id, 16, 1 << 20, 0)
+    offer = encode(Offer((0x28).to_bytes(8, "big"), bytes(32)))
+    for bad in (encode(WaveHello(WAVE.tag)), offer):
+        decoder = ForwardDecoder()
+        decoder.feed(encode(hello) + bad)
+        with pytest.raises(DecodeError):
+            list(decoder.records())
+    waved = Hello(CATALOG.catalog_id, 16, 1 << 20, FLAG_WAVE)
+    decoder = ForwardDecoder()
+    decoder.feed(encode(waved) + offer)  # OFFER before WAVE
+    with pytest.raises(DecodeError):
+        list(decoder.records())
+    decoder = ForwardDecoder()
+    decoder.feed(encode(waved) + encode(WaveHello(WAVE.tag)) + encode(WaveHello(WAVE.tag)))
+    with pytest.raises(DecodeError, match="second WAVE"):
+        list(decoder.records())
+    decoder = ForwardDecoder()
+    decoder.feed(encode(waved) + encode(WaveHello(WAVE.tag))[:10])
+    assert list(decoder.records()) == []  # waits for the rest
+    decoder.feed(encode(WaveHello(WAVE.tag))[10:] + offer)
+    assert [type(r) for r in decoder.records()] == [WaveHello, Offer]
+
+
+def test_keys_and_credentials(tmp_path: Path) -> None:
+    digest = digest_page(POOL[0])
+    assert WAVE.wave_key(digest) != digest and len(WAVE.wave_key(digest)) == 32
+    assert WAVE.wave_keys([digest]) == [WAVE.wave_key(digest)]
+    assert WAVE.tag != OTHER.tag != WaveCredentials("rack-8", WAVE.secret).tag
+    assert WAVE.secret.hex() not in repr(WAVE)
+    path = tmp_path / "wave.key"
+    path.write_text(WaveCredentials.generate_secret())
+    loaded = WaveCredentials.load("w", secret_file=path)
+    assert loaded == WaveCredentials.load("w", env={WAVE_SECRET_ENV: path.read_text()})
+    for text in ("", "zz" * 32, "00" * 32, "ab" * 31):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="wave secret"):
+            WaveCredentials.load("w", secret_file=path)
+    with pytest.raises(ConfigError, match=WAVE_SECRET_ENV):
+        WaveCredentials.load("w", env={})
+    with pytest.raises(ConfigError):
+        WaveCredentials("", WAVE.secret)
+
+
+def test_expiry_takes_the_clock_as_a_parameter() -> None:
+    expiry = expires_at(100.0, 30.0)
+    assert is_live(expiry, 129.9) and not is_live(expiry, 130.0)
+    assert expires_at(0.0, 1e12) == 7 * 24 * 3600.0
+    with pytest.raises(ConfigError):
+        expires_at(0.0, 0.0)

@@ -406,8 +406,8 @@ class PutResult:
         object.__setattr__(self, "results", tuple(self.results))
         _check_count(len(self.results), "results")
         _check_lengths([digest for digest, _ in self.results], DIGEST_SIZE, "digest")
-        for _, status in self.results:
-            if status not in _PUT_STATUS_BY_VALUE:
+        for _, status in self.results:  # a PutStatus member is valid without a hash lookup
+            if type(status) is not PutStatus and status not in _PUT_STATUS_BY_VALUE:
                 raise InvalidMessageError(f"unknown put status {status!r}")
 
 
@@ -1228,7 +1228,7 @@ _DIGEST_TAILS: Final = tuple(
     struct.Struct(f"{DIGEST_SIZE}s" * count) for count in range(_DIGEST_RUN_LENGTH)
 )
 
-_M = TypeVar("_M", GetPages, Has, Pages, PutPages)
+_M = TypeVar("_M", GetPages, Has, Pages, PutPages, PutResult)
 
 
 def _unchecked(cls: type[_M], **fields: object) -> _M:
@@ -1316,14 +1316,17 @@ def _decode_put_result(data: bytes, start: int, end: int, head: _Head) -> Messag
     (count,) = _read_counts(data, start, end, _U16)
     start += _U16.size
     _expect_length(end - start, count * _RESULT_ENTRY)
-    results = []
-    for at in range(start, end, _RESULT_ENTRY):
-        status = _PUT_STATUS_BY_VALUE.get(data[at + DIGEST_SIZE])
-        if status is None:
-            raise _BodyError(f"unknown put status {data[at + DIGEST_SIZE]}")
-        results.append((cast(PageDigest, data[at : at + DIGEST_SIZE]), status))
-    return PutResult(
-        request_id=head.request_id, results=tuple(results), part=head.part, parts=head.parts
+    values = data[start + DIGEST_SIZE : end : _RESULT_ENTRY]  # the status byte of each entry
+    statuses = [_PUT_STATUS_BY_VALUE.get(value) for value in values]
+    if None in statuses:
+        raise _BodyError(f"unknown put status {values[statuses.index(None)]}")
+    digests = [data[at : at + DIGEST_SIZE] for at in range(start, end, _RESULT_ENTRY)]
+    return _unchecked(  # lengths from the format, statuses from the table, parts from decode()
+        PutResult,
+        request_id=head.request_id,
+        results=tuple(zip(cast(list[PageDigest], digests), statuses, strict=True)),
+        part=head.part,
+        parts=head.parts,
     )
 
 

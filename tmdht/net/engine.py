@@ -728,7 +728,8 @@ class RequestEngine:
         request.ids.append(request_id)
         request.sent_at = now = self._now
         request.sent.append(now)
-        delay = self.rtt.timeout(request.address, request.attempt)
+        floor = self.config.put_timeout if isinstance(request, _Put) else None
+        delay = self.rtt.timeout(request.address, request.attempt, floor=floor)
         if (
             isinstance(request, _Get)
             and self._may_hedge(request)

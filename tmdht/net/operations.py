@@ -51,6 +51,12 @@ class EngineConfig:
     """Seconds to wait for a node's first answer; the floor of its adaptive timeout."""
     max_timeout: float = MAX_TIMEOUT
     """Ceiling of the adaptive timeout, retries included (raised to ``timeout`` if lower)."""
+    put_timeout: float | None = None
+    """Floor of a PUT's adaptive timeout instead of ``timeout`` (None: ``timeout``). A node
+    answers a PUT only once the group commit holding it is synced to disk, which a busy disk
+    can delay by hundreds of ms; timing out sooner writes the pages again and halves the
+    congestion window, which shrinks the nodes' next group commits (publish: more, costlier
+    commits and fewer pages per second)."""
     attempts: int = 4
     """Times a request is sent before what it still asks for is given up."""
     alive_attempts: int = 8
@@ -76,6 +82,8 @@ class EngineConfig:
         wire.check_max_datagram(self.max_datagram)
         if not self.timeout > 0:
             raise UsageError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.put_timeout is not None and not self.put_timeout > 0:
+            raise UsageError(f"put_timeout must be > 0 seconds or None, got {self.put_timeout}")
         if self.attempts < 1 or self.window < 1 or self.silent_limit < 1:
             raise UsageError("attempts, window and silent_limit must be >= 1")
         if not 1 <= self.congestion_window <= self.max_congestion_window:
@@ -95,6 +103,7 @@ class EngineSettings(TypedDict, total=False):
     max_datagram: int
     timeout: float
     max_timeout: float
+    put_timeout: float | None
     attempts: int
     alive_attempts: int
     window: int

@@ -30,7 +30,6 @@ import random
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import migrate as mb
 from wanemu import DEST_CPU, DST_ADDR, PREFIX, SOURCE_CPU, Wan, parse_settings, signals_raise
 
-from tmdht.lab import Guest, GuestSpec, HostTools
 from tmdht.files import atomic_write
+from tmdht.lab import Guest, GuestSpec, HostTools
 from tmdht.lab.initramfs import ensure_initramfs, pack_cpio, server_init_script
 from tmdht.lab.migrate import make_fifo, read_ready
 from tmdht.native import describe as native_describe

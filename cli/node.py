@@ -139,6 +139,11 @@ def node() -> None:
 @click.option("--replication-interval", type=float)
 @click.option("--replication-rate", type=int, help="Pages/s the replication job may move.")
 @click.option(
+    "--anti-entropy",
+    type=click.Choice(["range", "full"]),
+    help="Sweep by bucket-hash comparison (range, default) or ask about every page (full).",
+)
+@click.option(
     "--rate-limit", type=float, help="Data-plane datagrams/s per source IP (0: no limit)."
 )
 @click.option("--rate-limit-burst", type=int, help="Data-plane datagrams per source IP at once.")

@@ -74,6 +74,14 @@ PUT_ROUNDS = 4
 unanswered (to the node again if it is alive, else to the next members)."""
 PUT_RETRY_BACKOFF = 0.5
 """Seconds before the first retry round; doubled for each further one."""
+PUT_TIMEOUT = 1.0
+"""Seconds a PUT waits for its first answer at least (the floor of its adaptive timeout): a
+node answers once the group commit holding the pages is synced, which a busy disk or a loaded
+host delays by hundreds of ms. With the 0.2 s of reads, publish on a loaded 2-core host timed
+out 2-5 % of its PUTs, wrote their pages twice and halved its window (30-80 pages per group
+commit instead of ~160, ~30 % more node CPU per page); 0.5 s still timed out 1-3 % at load 20+,
+1.0 s none in the runs of bench/publish.py. The price: a dead node costs a publish round a few
+seconds more before its pages move on."""
 
 
 class StoreOptions(TypedDict, total=False):
@@ -83,6 +91,7 @@ class StoreOptions(TypedDict, total=False):
     host: str
     max_datagram: int
     timeout: float
+    put_timeout: float
     attempts: int
     window: int
     hedge_after: float
@@ -162,6 +171,7 @@ class TemplateStoreClient:
         host: str = "0.0.0.0",  # clients reach nodes on other hosts too
         max_datagram: int = 32768,
         timeout: float = 0.2,
+        put_timeout: float = PUT_TIMEOUT,
         attempts: int = 3,
         window: int = 16,
         hedge_after: float = 0.05,
@@ -187,6 +197,7 @@ class TemplateStoreClient:
         self.host = host
         self.max_datagram = max_datagram
         self.timeout = timeout
+        self.put_timeout = put_timeout
         self.attempts = attempts
         self.window = window
         self.hedge_after = hedge_after
@@ -224,6 +235,7 @@ class TemplateStoreClient:
                 host=self.host,
                 max_datagram=self.max_datagram,
                 timeout=self.timeout,
+                put_timeout=self.put_timeout,
                 attempts=self.attempts,
                 window=self.window,
                 hedge_after=self.hedge_after,
@@ -482,10 +494,16 @@ class TemplateStoreClient:
         holders: dict[bytes, set[bytes]] = {d: set() for d in digests}  # node ids that took it
         rejected: dict[bytes, str] = {}
         gone: set[bytes] = set()  # node ids that answered neither a PUT nor a probe
-        work: dict[Member, list[bytes]] = {}
+        # Grouped by id(): hashing a Member (a dataclass) runs Python code, R times a page.
+        members: dict[int, Member] = {}
+        grouped: dict[int, list[bytes]] = {}
         for digest, row in zip(digests, lists, strict=True):
             for node in row:
-                work.setdefault(node, []).append(digest)
+                key = id(node)
+                if key not in grouped:
+                    members[key], grouped[key] = node, []
+                grouped[key].append(digest)
+        work = {members[key]: pages_of for key, pages_of in grouped.items()}
         for round_ in range(PUT_ROUNDS):
             if not work:
                 break

@@ -47,6 +47,7 @@ from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
 from tmdht.node.wavestore import WavePutResult, WaveStore
 from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
+from tmdht.rangehash import BUCKET_BITS, mask_from_bits
 from tmdht.ratelimit import RateLimitConfig, SourceRateLimiter
 from tmdht.records import RecordStore
 
@@ -60,6 +61,8 @@ _STATUS = {
     PutResult.REJECTED_DIGEST: wire.PutStatus.REJECTED_DIGEST,
     PutResult.REJECTED_FULL: wire.PutStatus.REJECTED_FULL,
 }
+_STATUS_BY_ID = {id(result): status for result, status in _STATUS.items()}
+_PUT_STATUS_BY_ID = {id(status): status for status in wire.PutStatus}
 _TYPE_LABEL = {
     wire.GetPages: "get_pages",
     wire.PutPages: "put_pages",
@@ -69,6 +72,7 @@ _TYPE_LABEL = {
     wire.RecordGet: "record_get",
     wire.WaveGet: "wave_get",
     wire.WavePut: "wave_put",
+    wire.RangeHashQuery: "range_hash",
 }
 _DROP_REASONS = ("rate_limited", "malformed", "auth", "oversize", "replay", "unexpected")
 MAX_GROUP_PAGES = 4096
@@ -166,6 +170,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self._latency = {t: metrics.latency.labels(label) for t, label in _TYPE_LABEL.items()}
         self._pages_served = metrics.pages_served.labels()
         self._misses = metrics.misses.labels()
+        self._commit_pages = metrics.group_commit_pages.labels()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tmdht-writer")
         self._queue: collections.deque[_PendingPut] = collections.deque()
         self._commit: asyncio.Future[Any] | None = None
@@ -366,6 +371,25 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         )
         self._latency[wire.NodeInfoRequest].observe(time.perf_counter() - arrived)
 
+    def _range_hash(self, msg: wire.RangeHashQuery, address: Address, arrived: float) -> None:
+        """Counts and XOR hashes of groups of buckets (anti-entropy, :mod:`tmdht.rangehash`),
+        from the store's in-memory bucket table."""
+        if msg.bucket_bits != BUCKET_BITS:
+            self._send_error(address, msg.request_id, wire.ErrorCode.MALFORMED,
+                             f"buckets here are {BUCKET_BITS} bits, not {msg.bucket_bits}")
+            return
+        if msg.groups > wire.max_range_groups(self.max_datagram):
+            self._send_error(address, msg.request_id, wire.ErrorCode.TOO_LARGE,
+                             f"at most {wire.max_range_groups(self.max_datagram)} groups")
+            return
+        mask = mask_from_bits(msg.mask, msg.groups << msg.group_bits)
+        entries = self.store.buckets.entries(mask, msg.first, msg.groups, msg.group_bits)
+        answer = wire.RangeHashes(request_id=msg.request_id, bucket_bits=msg.bucket_bits,
+                                  group_bits=msg.group_bits, first=msg.first, entries=entries)
+        self._send(address, [wire.encode(answer, max_datagram=self.max_datagram, auth=self.auth,
+                                          now=self.clock())])
+        self._latency[wire.RangeHashQuery].observe(time.perf_counter() - arrived)
+
     def _record_put(self, msg: wire.RecordPut, address: Address, arrived: float) -> None:
         if self.records is None:
             self._send_error(address, msg.request_id, wire.ErrorCode.UNKNOWN_TYPE, "no records")
@@ -445,12 +469,15 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             group.append(item)
             pages += len(item.request.pages)
         items = items_of(group)
+        self._commit_pages.observe(len(items))
         loop = asyncio.get_running_loop()
         self._commit = loop.run_in_executor(self._writer, self.store.put_many, items)
         self._commit.add_done_callback(lambda fut: self._committed(fut, group))
 
     def _committed(self, fut: asyncio.Future[Any], group: list[_PendingPut]) -> None:
         self._commit = None
+        if self._queue:
+            self._start_commit()  # the writer syncs the next group while this one is answered
         try:
             results: list[PutResult] = fut.result()
         except (TmdhtError, OSError) as exc:  # the store failed the whole transaction
@@ -459,42 +486,57 @@ class DataPlaneServer(asyncio.DatagramProtocol):
                 self._send_error(
                     item.address, item.request.request_id, wire.ErrorCode.UNAVAILABLE, str(exc)
                 )
-            results = []
         else:
-            if self.on_stored is not None:
-                pairs = zip(items_of(group), results, strict=True)
-                stored = [d for (d, _), r in pairs if r is PutResult.STORED]
-                if stored:
-                    self.on_stored(stored)
-            it = iter(results)
-            for item in group:
-                statuses: list[tuple[PageDigest, wire.PutStatus]] = []
-                for digest, _ in item.request.pages:
-                    if digest == ZERO_DIGEST:
-                        status = wire.PutStatus.REJECTED_ZERO
-                    else:
-                        status = _STATUS[next(it)]
-                    statuses.append((digest, status))
-                    self.metrics.puts.labels(status.name.lower()).inc()
-                    if status not in (wire.PutStatus.STORED, wire.PutStatus.PRESENT):
-                        self.metrics.rejected.labels(
-                            status.name.lower().removeprefix("rejected_")
-                        ).inc()
-                self._send(
-                    item.address,
-                    wire.encode_put_response(
-                        item.request.request_id,
-                        statuses,
-                        max_datagram=self.max_datagram,
-                        auth=self.auth,
-                        now=self.clock(),
-                    ),
-                )
-                self._latency[wire.PutPages].observe(time.perf_counter() - item.arrived)
-        if self._queue:
-            self._start_commit()
-        else:
+            self._answer_group(group, results)
+        if self._commit is None:
             self._idle.set()
+
+    def _answer_group(self, group: list[_PendingPut], results: list[PutResult]) -> None:
+        """Answer each PUT of a committed group and count its pages by status.
+
+        Per page only C-level work: an enum member is looked up by ``id`` (hashing one calls
+        Python code) and the statuses are counted once per group, not per page.
+        """
+        statuses = list(map(_STATUS_BY_ID.__getitem__, map(id, results)))
+        if self.on_stored is not None:
+            new = wire.PutStatus.STORED
+            stored = [d for (d, _), s in zip(items_of(group), statuses, strict=True) if s is new]
+            if stored:
+                self.on_stored(stored)
+        counts = collections.Counter(map(id, statuses))
+        at = 0
+        for item in group:
+            digests = [d for d, _ in item.request.pages]
+            answer: list[wire.PutStatus]
+            if ZERO_DIGEST in digests:
+                answer = []
+                for digest in digests:
+                    if digest == ZERO_DIGEST:
+                        answer.append(wire.PutStatus.REJECTED_ZERO)
+                        counts[id(wire.PutStatus.REJECTED_ZERO)] += 1
+                    else:
+                        answer.append(statuses[at])
+                        at += 1
+            else:
+                answer = statuses[at : at + len(digests)]
+                at += len(digests)
+            self._send(
+                item.address,
+                wire.encode_put_response(
+                    item.request.request_id,
+                    list(zip(digests, answer, strict=True)),
+                    max_datagram=self.max_datagram,
+                    auth=self.auth,
+                    now=self.clock(),
+                ),
+            )
+            self._latency[wire.PutPages].observe(time.perf_counter() - item.arrived)
+        for key, count in counts.items():
+            status = _PUT_STATUS_BY_ID[key]
+            name = status.name.lower()
+            self.metrics.puts.labels(name).inc(count)
+            if status not in (wire.PutStatus.STORED, wire.PutStatus.PRESENT):
+                self.metrics.rejected.labels(name.removeprefix("rejected_")).inc(count)
 
 
 def items_of(group: list[_PendingPut]) -> list[tuple[PageDigest, bytes]]:
@@ -511,6 +553,7 @@ _HANDLERS: dict[type, Callable[[DataPlaneServer, Any, Address, float], None]] = 
     wire.RecordGet: DataPlaneServer._record_get,
     wire.WaveGet: DataPlaneServer._wave_get,
     wire.WavePut: DataPlaneServer._wave_put,
+    wire.RangeHashQuery: DataPlaneServer._range_hash,
 }
 _WAVE_STATUS = {
     WavePutResult.STORED: wire.PutStatus.STORED,

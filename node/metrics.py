@@ -45,6 +45,7 @@ __all__ = [
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
+GROUP_COMMIT_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096)
 
 
 class NodeMetrics:
@@ -91,6 +92,12 @@ class NodeMetrics:
             ["type"],
             buckets=LATENCY_BUCKETS,
         )
+        self.group_commit_pages = LoopHistogram(
+            "tmdht_group_commit_pages",
+            "Pages per group commit of PUTs (one LMDB transaction, one fsync).",
+            [],
+            buckets=GROUP_COMMIT_BUCKETS,
+        )
         r.register(
             LoopMetricsCollector(
                 [
@@ -103,6 +110,7 @@ class NodeMetrics:
                     self.bad_datagrams,
                     self.errors_sent,
                     self.latency,
+                    self.group_commit_pages,
                 ]
             )
         )
@@ -136,6 +144,13 @@ class NodeMetrics:
             "tmdht_cluster_key_reloads_total",
             "Cluster key file re-reads (SIGHUP), by outcome (ok, failed).",
             ["outcome"],
+            registry=r,
+        )
+        self.replication_traffic = Gauge(
+            "tmdht_replication_traffic",
+            "Data-plane traffic of the replication job's requests (HAS, PUT, RANGE_HASH) and "
+            "their answers since start, by direction and unit (datagrams, bytes).",
+            ["direction", "unit"],
             registry=r,
         )
         self.sweeps = Counter(

@@ -513,6 +513,18 @@ def test_malformed_bodies(datagram: bytes) -> None:
     assert info.value.request_id == 99
 
 
+def test_put_result_names_its_first_unknown_status_and_decodes_valid_entries_in_order() -> None:
+    body = struct.pack(">H", 3) + digest_of(0) + b"\x01" + digest_of(1) + b"\x07" + digest_of(2)
+    with pytest.raises(MessageDecodeError, match="unknown put status 7"):
+        decode(frame(MessageType.PUT_RESULT, body + b"\x09"))
+    good = struct.pack(">H", 2) + digest_of(0) + b"\x01" + digest_of(1) + b"\x05"
+    msg = decode(frame(MessageType.PUT_RESULT, good))
+    assert msg == PutResult(
+        request_id=99, results=((digest_of(0), PutStatus(1)), (digest_of(1), PutStatus(5)))
+    )
+    assert all(type(status) is PutStatus for _, status in msg.results)
+
+
 def node_info_body(host: bytes, version: bytes, data_port: int = 7000) -> bytes:
     fixed = struct.pack(">20sHHHIQQQ", bytes(20), data_port, 8468, 0, 0, 0, 0, 0)
     return fixed + bytes((len(host),)) + host + bytes((len(version),)) + version

@@ -214,7 +214,11 @@ class NodeConfig:
     """Seconds between ring crawls."""
     replication_interval: float = 60.0
     """Seconds between anti-entropy sweeps (membership changes and client PUTs trigger work at
-    once; a sweep asks every replica about every page, so it is not run often)."""
+    once)."""
+    anti_entropy: str = "range"
+    """How a sweep checks replicas: ``range`` compares bucket hashes and asks about pages only
+    where they differ (:mod:`tmdht.rangehash`); ``full`` asks every replica about every page
+    (the earlier sweep, kept for comparison)."""
     replication_rate: int = 20000
     """Pages per second the replication job may move."""
     rate_limit: float = 200_000.0
@@ -357,6 +361,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "refresh_interval": _positive_float,
     "replication_interval": _positive_float,
     "replication_rate": _positive_int,
+    "anti_entropy": _choice("range", "full"),
     "rate_limit": _non_negative_float,
     "rate_limit_burst": _positive_int,
     "surplus_grace": _positive_float,

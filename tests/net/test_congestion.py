@@ -15,7 +15,7 @@ from support.simnet import SimNet, node_address, serving, silent
 from tmdht import wire
 from tmdht.errors import UsageError
 from tmdht.net.address import Address
-from tmdht.net.operations import EngineConfig, PutOutcome, Store
+from tmdht.net.operations import EngineConfig, HasQuery, PutOutcome, Store
 from tmdht.net.window import CongestionWindow, RequestWindow
 from tmdht.pages import digest_page
 
@@ -175,3 +175,19 @@ def test_a_silent_node_shrinks_its_own_window_not_everyone_elses() -> None:
     assert window.congestion.decreases == 0
     assert window.node_window(node_address(0)) is not None
     assert not net.results[ops[1]].unanswered and not net.results[ops[2]].unanswered  # type: ignore[union-attr]
+
+
+def test_a_put_waits_at_least_its_own_timeout_floor() -> None:
+    """``put_timeout`` is the floor of a PUT's timeout (a node answers a PUT after its group
+    commit's fsync); other requests keep ``timeout``."""
+    config = EngineConfig(max_datagram=SMALL, timeout=0.05, put_timeout=0.3, attempts=2)
+    net = SimNet({node_address(0): silent}, config)
+    pages = many_pages(1)
+    put = net.resolve(Store(node_address(0), pages))
+    assert isinstance(put, PutOutcome) and put.unanswered == {pages[0][0]}
+    assert net.now == pytest.approx(0.3 + 0.6)  # two attempts, the second doubled
+    net = SimNet({node_address(0): silent}, config)
+    net.resolve(HasQuery(node_address(0), [pages[0][0]]))
+    assert net.now == pytest.approx(0.05 + 0.1)
+    with pytest.raises(UsageError):
+        EngineConfig(put_timeout=0)

@@ -206,6 +206,9 @@ def test_wrong_digest_and_zero_page_are_rejected(tmp_path: Path) -> None:
             assert put.status[d2] == wire.PutStatus.STORED
             assert (await client.get_pages(server.address, [d1])).missing == {d1}
             assert sample(metrics, "tmdht_put_rejected_total", reason="digest") == 1
+            assert sample(metrics, "tmdht_put_rejected_total", reason="zero") == 1
+            assert sample(metrics, "tmdht_put_pages_total", result="rejected_zero") == 1
+            assert sample(metrics, "tmdht_put_pages_total", result="stored") == 1
 
     run(main)
 
@@ -319,6 +322,10 @@ def test_group_commit_batches_concurrent_puts(tmp_path: Path) -> None:
                 "tmdht_request_duration_seconds_count", {"type": "put_pages"}
             )
             assert count == len(chunks)
+            # Every page went through one group commit; PUTs in flight together shared them.
+            commits = sample(metrics, "tmdht_group_commit_pages_count")
+            assert sample(metrics, "tmdht_group_commit_pages_sum") == 2000
+            assert 1 <= commits < len(chunks)
 
     run(main)
 

@@ -29,6 +29,7 @@ __all__ = [
     "OperationDone",
     "OperationResult",
     "PutOutcome",
+    "RangeRead",
     "RecordRead",
     "RecordWrite",
     "Store",
@@ -50,6 +51,12 @@ class EngineConfig:
     """Seconds to wait for a node's first answer; the floor of its adaptive timeout."""
     max_timeout: float = MAX_TIMEOUT
     """Ceiling of the adaptive timeout, retries included (raised to ``timeout`` if lower)."""
+    put_timeout: float | None = None
+    """Floor of a PUT's adaptive timeout instead of ``timeout`` (None: ``timeout``). A node
+    answers a PUT only once the group commit holding it is synced to disk, which a busy disk
+    can delay by hundreds of ms; timing out sooner writes the pages again and halves the
+    congestion window, which shrinks the nodes' next group commits (publish: more, costlier
+    commits and fewer pages per second)."""
     attempts: int = 4
     """Times a request is sent before what it still asks for is given up."""
     alive_attempts: int = 8
@@ -75,6 +82,8 @@ class EngineConfig:
         wire.check_max_datagram(self.max_datagram)
         if not self.timeout > 0:
             raise UsageError(f"timeout must be > 0 seconds, got {self.timeout}")
+        if self.put_timeout is not None and not self.put_timeout > 0:
+            raise UsageError(f"put_timeout must be > 0 seconds or None, got {self.put_timeout}")
         if self.attempts < 1 or self.window < 1 or self.silent_limit < 1:
             raise UsageError("attempts, window and silent_limit must be >= 1")
         if not 1 <= self.congestion_window <= self.max_congestion_window:
@@ -94,6 +103,7 @@ class EngineSettings(TypedDict, total=False):
     max_datagram: int
     timeout: float
     max_timeout: float
+    put_timeout: float | None
     attempts: int
     alive_attempts: int
     window: int
@@ -161,7 +171,20 @@ class RecordRead:
     key: bytes
 
 
-Operation = Fetch | HasQuery | Store | InfoQuery | RecordWrite | RecordRead
+@dataclass(frozen=True, slots=True)
+class RangeRead:
+    """RANGE_HASH: counts and XOR hashes of groups of buckets on the node at ``address``
+    (anti-entropy, :mod:`tmdht.rangehash`); answered by one RANGE_HASHES datagram."""
+
+    address: Address
+    bucket_bits: int
+    group_bits: int
+    first: int
+    groups: int
+    mask: bytes
+
+
+Operation = Fetch | HasQuery | Store | InfoQuery | RecordWrite | RecordRead | RangeRead
 
 
 @dataclass
@@ -201,7 +224,14 @@ class PutOutcome:
 
 
 OperationResult = (
-    GetResult | HasResult | PutOutcome | wire.NodeInfo | wire.RecordPutResult | wire.Records | None
+    GetResult
+    | HasResult
+    | PutOutcome
+    | wire.NodeInfo
+    | wire.RecordPutResult
+    | wire.Records
+    | wire.RangeHashes
+    | None
 )
 
 
@@ -234,6 +264,10 @@ class EngineStats:
     """Requests sent, retries included."""
     datagrams_sent: int = 0
     datagrams_received: int = 0
+    bytes_sent: int = 0
+    """Bytes of the datagrams sent (UDP payloads)."""
+    bytes_received: int = 0
+    """Bytes of the datagrams received (UDP payloads)."""
     retries: int = 0
     """Requests re-sent after lost datagrams or a timeout."""
     timeouts: int = 0

@@ -248,12 +248,10 @@ class RttEstimator:
         else:
             rtt.observe(max(0.0, seconds))
 
-    def timeout(self, address: Address, attempt: int = 0) -> float:
-        """How long to wait for an answer from ``address`` to attempt ``attempt`` (0 first)."""
+    def timeout(self, address: Address, attempt: int = 0, *, floor: float | None = None) -> float:
+        """How long to wait for an answer from ``address`` to attempt ``attempt`` (0 first);
+        ``floor`` replaces the estimator's floor for this request (e.g. a PUT's)."""
         rtt = self._nodes.get(address)
-        base = (
-            self.floor
-            if rtt is None
-            else min(self.ceiling, max(self.floor, rtt.srtt + 4 * rtt.rttvar))
-        )
+        low = self.floor if floor is None else floor
+        base = low if rtt is None else min(self.ceiling, max(low, rtt.srtt + 4 * rtt.rttvar))
         return float(min(self.ceiling, base * 2.0**attempt))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.deploy import PLACEHOLDER, fill_sample, unit_entries
+from support.deploy import PLACEHOLDER, check_key_reload, fill_sample, unit_entries
 
 from tmdht.errors import ConfigError
 
@@ -194,30 +194,4 @@ def test_sysctl_lets_sockets_get_the_buffers_they_ask_for() -> None:
 
 
 def test_reload_replaces_the_key_copy_then_signals_the_node(tmp_path: Path) -> None:
-    """`systemctl reload` must reach the key in /etc/tmdht, not the credential copied at start:
-    ExecReload's first command (run as root, `+`) replaces the node's copy atomically with the
-    runtime directory's owner and mode 0600, the second sends SIGHUP. Run here with the paths
-    moved under tmp_path."""
-    first, second = ENTRIES["Service.ExecReload"]
-    assert second == "/bin/kill -HUP $MAINPID"
-    assert first.startswith("+")
-    source = tmp_path / "etc-cluster.key"
-    runtime = tmp_path / "run"
-    folder = runtime / expand(ENTRIES["Service.RuntimeDirectory"][0])
-    folder.mkdir(parents=True)
-    key = folder / "cluster.key"
-    key.write_text("1:" + "a" * 64 + "\n")
-    source.write_text("2:" + "b" * 64 + "\n1:" + "a" * 64 + "\n")
-    command = expand(first[1:], runtime=str(runtime)).replace("/etc/tmdht/cluster.key",
-                                                             str(source))
-    subprocess.run(shlex.split(command), check=True, timeout=30)
-    assert key.read_text() == source.read_text()
-    assert key.stat().st_mode & 0o777 == 0o600
-    assert key.stat().st_uid == folder.stat().st_uid
-    assert sorted(p.name for p in folder.iterdir()) == ["cluster.key"]  # no .new left behind
-    # A missing source fails the reload (no SIGHUP follows) and leaves the copy as it was.
-    source.unlink()
-    before = key.read_text()
-    failed = subprocess.run(shlex.split(command), timeout=30, capture_output=True, check=False)
-    assert failed.returncode != 0
-    assert key.read_text() == before
+    check_key_reload(ENTRIES, tmp_path)

@@ -38,6 +38,7 @@ from tmdht.net.operations import (
     Operation,
     OperationResult,
     PutOutcome,
+    RangeRead,
     RecordRead,
     RecordWrite,
     Store,
@@ -209,6 +210,12 @@ class DataPlaneClient:
         not answer (or refused the request)."""
         answer = await self._run(RecordRead(address, key))
         return answer if isinstance(answer, wire.Records) else None
+
+    async def range_hashes(self, query: RangeRead) -> wire.RangeHashes | None:
+        """Counts and XOR hashes of groups of buckets on one node (RANGE_HASH, anti-entropy);
+        None if it did not answer (or refused the request)."""
+        answer = await self._run(query)
+        return answer if isinstance(answer, wire.RangeHashes) else None
 
     async def _expect(self, kind: type[R], operation: Operation) -> R:
         result = await self._run(operation)

@@ -119,6 +119,7 @@ def wire_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exceptio
         max_datagram=mx, auth=auth, now=NOW,
     )  # fmt: skip
     seeds += wire.encode_have_response(8, [True, False, True], max_datagram=mx, auth=auth, now=NOW)
+    seeds += _range_seeds(auth)
     seeds += wire.encode_pages_response(
         9, list(zip(digests, pages, strict=True)), [], max_datagram=mx, auth=auth, now=NOW
     )
@@ -357,8 +358,31 @@ def overlay_target() -> tuple[list[bytes], Callable[[bytes], object], type[Excep
     return seeds, run, DecodeError
 
 
+def _range_seeds(auth: Authenticator) -> list[bytes]:
+    """RANGE_HASH queries and RANGE_HASHES answers (anti-entropy) at each descent level."""
+    messages: list[Any] = [
+        wire.RangeHashQuery(request_id=20, bucket_bits=16, group_bits=12, first=0, groups=16,
+                            mask=b"\xff" * 8192),
+        wire.RangeHashQuery(request_id=21, bucket_bits=16, group_bits=6, first=4096, groups=64,
+                            mask=b"\x5a" * 512),
+        wire.RangeHashQuery(request_id=22, bucket_bits=16, group_bits=0, first=640, groups=5,
+                            mask=b"\x13"),
+        wire.RangeHashes(request_id=23, bucket_bits=16, group_bits=12, first=0,
+                         entries=tuple((i * 1000, bytes([i]) * 32) for i in range(16))),
+        wire.RangeHashes(request_id=24, bucket_bits=16, group_bits=0, first=7, entries=((3, bytes(32)),)),
+    ]
+    return [wire.encode(m, max_datagram=32768, auth=auth, now=NOW) for m in messages]
+
+
+def range_hash_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
+    """The wire codec from RANGE_HASH / RANGE_HASHES seeds only (mutations land in their bodies)."""
+    _, run, allowed = wire_target()
+    return _range_seeds(Authenticator.open_mode()), run, allowed
+
+
 TARGETS: dict[str, Callable[[], tuple[list[bytes], Callable[[bytes], object], type[Exception]]]] = {
     "wire": wire_target,
+    "range_hash": range_hash_target,
     "pages_burst": pages_burst_target,
     "dedup_stream": dedup_target,
     "catalog": catalog_target,

@@ -4,17 +4,18 @@ tmdht with ``--wave``.
 Built on ``bench/migrate.py`` (same WAN emulation, one core per site, 3-node store cluster,
 catalog mined from the lab's corpus, memory compared page by page after every migration). The
 wave is ``--guests`` server guests (``lab/server.sh``) booted from one image that carries the
-same application data — ``--app-mib`` MiB of fixed pseudo-random content, appended to the
-server initramfs as a second cpio archive (the kernel unpacks concatenated archives), so it
-sits in every guest's page cache — with a different seed each (their own random data files,
-fill pattern and workload); none of them is in the mining corpus.
+same application data — ``--app-mib`` MiB of fixed pseudo-random content that every guest
+writes into a tmpfs at boot from a shared 2 MiB pool (``wave_initramfs``), so it sits in every
+guest's memory — with a different seed each (their own random data files, fill pattern and
+workload); none of them is in the mining corpus.
 
 Each variant migrates the guests one after another; ``tmdht-wave`` starts a fresh wave (new id
 and secret) per variant run, so its first VM meets an empty wave store. (All at once is not
 measured: bench/migrate.py's per-migration step kills leftover proxies of its role and reads
 the relay's shared byte counters, both of which assume one migration at a time.)
 
-Run as root: ``python bench/waves.py`` (100 Mbit/s, 20 ms RTT, 4 guests of 128 MiB).
+Run as root: ``python bench/waves.py`` (100 Mbit/s, 20 ms RTT, 4 guests of 256 MiB with
+64 MiB of application data).
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import random
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import migrate as mb
 from wanemu import DEST_CPU, DST_ADDR, PREFIX, SOURCE_CPU, Wan, parse_settings, signals_raise
 
+from tmdht.files import atomic_write
 from tmdht.lab import Guest, GuestSpec, HostTools
-from tmdht.lab.initramfs import ensure_initramfs
+from tmdht.lab.initramfs import ensure_initramfs, pack_cpio, server_init_script
 from tmdht.lab.migrate import make_fifo, read_ready
 from tmdht.native import describe as native_describe
 from tmdht.node.local import LocalCluster
@@ -73,30 +75,71 @@ def start_incoming(ctx: mb.Context, variant: str, dest: Guest, reports: Path) ->
 mb.start_incoming = start_incoming
 
 
+APP_POOL_BYTES = 2 << 20
+"""The wave's shared random pool (in the appended archive), expanded in the guest."""
+APP_STRIDE = 4099
+"""Byte offset step between the application data's 1 MiB blocks in the pool: 3 modulo the page
+size, so no block's pages start at a page-aligned pool offset or at another block's offset
+modulo the page size: no page repeats (in a guest, across the wave or against the pool file
+itself) for up to 4095 MiB of data."""
+APP_INIT = """#!/bin/busybox sh
+# /init-server of a wave guest: the wave's application data into a tmpfs, then the server
+# workload (/init-server-base, lab/server.sh). Block k of /app/data.bin is the 1 MiB of
+# /app-pool.bin at byte offset (k + 1) * STRIDE mod 1 MiB: the same bytes in every guest.
+/bin/busybox mkdir -p /app /dev
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox mount -t tmpfs -o size=90% tmpfs /app
+k=0
+while [ $k -lt APP_MIB ]; do
+    /bin/busybox dd if=/app-pool.bin of=/app/data.bin bs=1048576 count=1 seek=$k \\
+        skip=$(((k + 1) * STRIDE % 1048576)) iflag=skip_bytes,fullblock conv=notrunc 2>/dev/null \\
+        || { echo "tmdht-error app data block $k" > /dev/ttyS0; exit 1; }
+    k=$((k + 1))
+done
+exec /init-server-base "$@"
+"""
+
+
 def wave_initramfs(build_dir: Path, tools: HostTools, app_mib: int) -> Path:
-    """The server initramfs with ``/app/data.bin`` (the wave's application data) appended."""
+    """The server initramfs with the wave's application data generator appended.
+
+    The appended archive (the kernel unpacks concatenated archives; a later member replaces an
+    earlier one) holds a 2 MiB random pool (fixed seed), ``/init-server-base`` (lab/server.sh)
+    and a new ``/init-server`` that first expands the pool into ``app_mib`` MiB of distinct
+    pages at ``/app/data.bin`` (tmpfs: page cache, resident) and then runs the server
+    workload. Shipping the whole data in the archive instead does not fit: the compressed
+    archive and its unpacked copy are both in memory while the kernel unpacks, and a 256 MiB
+    guest's rootfs unpack fails ("Initramfs unpacking failed: write error"). The file name
+    carries a hash of everything appended, so a changed generator never reuses an old image.
+    """
     base = ensure_initramfs(build_dir / "lab", tools.busybox, tools.cpio, server=True)
-    path = build_dir / "lab" / f"wave-app{app_mib}-{base.stem}.cpio.gz"
+    script = APP_INIT.replace("APP_MIB", str(app_mib)).replace("STRIDE", str(APP_STRIDE))
+    pool = random.Random(2024).randbytes(APP_POOL_BYTES)
+    server = server_init_script().encode()
+    digest = hashlib.sha256(script.encode() + b"\0" + server + b"\0" + pool).hexdigest()[:12]
+    stem = base.name.removesuffix(".cpio.gz")
+    path = build_dir / "lab" / f"wave-app{app_mib}-{digest}-{stem}.cpio.gz"
     if path.is_file():
         return path
     with tempfile.TemporaryDirectory(prefix=PREFIX) as tmp:
         root = Path(tmp)
-        (root / "app").mkdir()
-        (root / "app" / "data.bin").write_bytes(random.Random(2024).randbytes(app_mib << 20))
-        archive = subprocess.run([str(tools.cpio), "-o", "-H", "newc", "--quiet"], cwd=root,
-                                 input=b"app\napp/data.bin\n", capture_output=True, check=True)
-        data = base.read_bytes() + gzip.compress(archive.stdout, compresslevel=1)
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_bytes(data)
-    tmp_path.rename(path)
+        (root / "init-server").write_text(script, encoding="utf-8")
+        (root / "init-server-base").write_bytes(server)
+        (root / "app-pool.bin").write_bytes(pool)
+        for member in ("init-server", "init-server-base"):
+            (root / member).chmod(0o755)
+        archive = pack_cpio(root, ["app-pool.bin", "init-server", "init-server-base"],
+                            tools.cpio)
+        data = base.read_bytes() + gzip.compress(archive, compresslevel=6, mtime=0)
+    atomic_write(path, data)
     return path
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--guests", type=int, default=4)
-    parser.add_argument("--memory-mib", type=int, default=128)
-    parser.add_argument("--app-mib", type=int, default=24)
+    parser.add_argument("--memory-mib", type=int, default=256)
+    parser.add_argument("--app-mib", type=int, default=64)
     parser.add_argument("--rate", default="100mbit")
     parser.add_argument("--rtt", default="20")
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -110,6 +153,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _wan_bytes(row: dict[str, Any]) -> int:
     wan = row.get("wan", {})
     return int(wan.get("relay_up_bytes", 0)) + int(wan.get("relay_down_bytes", 0))
+
+
+def _hit_share(row: dict[str, Any]) -> float | None:
+    receive = row.get("proxy", {}).get("receive", {})
+    offers = receive.get("wave_offers")
+    return round(receive.get("wave_hits", 0) / offers, 3) if offers else None
 
 
 def table(results: dict[str, Any]) -> str:
@@ -147,6 +196,12 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         if len(wave) >= 2 and wave[0]:
             out[f"{mode}: VMs 2.. / VM 1 (tmdht-wave)"] = [round(b / wave[0], 3)
                                                          for b in wave[1:]]
+        shares = [_hit_share(r) for r in sorted((r for r in runs if r["variant"] == "tmdht-wave"),
+                                                key=lambda r: r["vm"])]
+        if any(share is not None for share in shares):
+            # Offers are the non-template, non-zero, non-repeated pages: the hits of VMs 2..
+            # are the share of those common to the wave.
+            out[f"{mode}: wave hits / offers per VM (receiver)"] = shares
         if wave and plain and sum(plain):
             out[f"{mode}: wave total / tmdht total"] = round(sum(wave) / sum(plain), 3)
         times = {v: [r.get("end_to_end_s") for r in runs if r["variant"] == v]

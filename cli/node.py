@@ -136,8 +136,19 @@ def node() -> None:
     default=None,
     help="Run without a cluster key (development only).",
 )
+@click.option(
+    "--require-stamped",
+    is_flag=True,
+    default=None,
+    help="Refuse unstamped (version 1) overlay datagrams: once every node and client is upgraded.",
+)
 @click.option("--replication-interval", type=float)
 @click.option("--replication-rate", type=int, help="Pages/s the replication job may move.")
+@click.option(
+    "--anti-entropy",
+    type=click.Choice(["range", "full"]),
+    help="Sweep by bucket-hash comparison (range, default) or ask about every page (full).",
+)
 @click.option(
     "--rate-limit", type=float, help="Data-plane datagrams/s per source IP (0: no limit)."
 )

@@ -25,6 +25,7 @@ state, so the destination never resumes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import importlib.util
 import json
@@ -39,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from tmdht.catalog_file import read_template_digests
 from tmdht.client.errors import MigrationFailed
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from tmdht.client.store import TemplateStoreClient
+    from tmdht.client.tls_stream import TlsStream
     from tmdht.client.wave import WaveStoreClient
     from tmdht.net.credentials import ClusterAccess
     from tmdht.wave import WaveCredentials
@@ -102,11 +104,16 @@ __all__ = [
 ]
 
 log = logging.getLogger("tmdht.migration")
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 CHUNK = 256 << 10
 PIPE_SIZE = 1 << 20
 """Pipe buffer asked for on QEMU's side of each proxy (F_SETPIPE_SZ; the default 64 KiB made
 QEMU and the proxy take turns in 16 pages)."""
+WAVE_STORE_BATCH = 256
+"""Learned pages a receiver in a wave collects before storing them (the rest at the end):
+about 12 full WAVE_PUT datagrams per node of a 3-node cluster; the core keeps 8192 at most."""
 RESOLVE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -210,6 +217,9 @@ class MigrationReport:
     """Bytes TCP received from the peer (TCP_INFO bytes_received)."""
     cpu_s: float = 0.0
     """CPU seconds (user + system) of the proxy process when the report was made."""
+    connect_s: float = 0.0
+    """Sender: seconds from its start until it began reading QEMU's stream (catalog, TCP
+    connect and, with TLS, the handshake and the receiver's TLS_READY)."""
     wave: str | None = None
     """The wave's id (None: no wave)."""
     wave_offers: int = 0
@@ -431,8 +441,9 @@ before the server has checked the client's certificate)."""
 class _Wan:
     """The sender-receiver connection with byte counting."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 report: MigrationReport, metrics: MigrationMetrics | None) -> None:
+    def __init__(self, reader: asyncio.StreamReader | TlsStream,
+                 writer: asyncio.StreamWriter | TlsStream, report: MigrationReport,
+                 metrics: MigrationMetrics | None) -> None:
         self.reader = reader
         self.writer = writer
         self._report = report
@@ -486,26 +497,34 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
                            offer_window=config.offer_window)
     if config.wave is not None:
         report.wave = config.wave.wave_id
-    context = None
     if config.tls is not None:
-        from tmdht.client.tls import client_context  # noqa: PLC0415 - ssl only with TLS
+        from tmdht.client.tls import check_files  # noqa: PLC0415
 
-        context = client_context(config.tls)  # ConfigError: unusable credentials
+        check_files(config.tls, server=False)  # ConfigError before anything is sent
     sock: socket.socket | None = None
     decoder = ReverseDecoder()
     try:
+        # The SYN travels while TLS's context is built (importing ssl, loading the certificates):
+        # that work overlaps a round trip instead of preceding it.
+        connecting = _Connecting(config.to, config.connect_timeout)
         try:
-            sock = socket.create_connection(config.to, timeout=config.connect_timeout)
-        except OSError as exc:  # TimeoutError included
-            reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
-            raise MigrationFailed(
-                f"cannot reach the receiver at {config.to[0]}:{config.to[1]} ({reason})") from None
+            context = None
+            if config.tls is not None:
+                from tmdht.client.tls import client_context  # noqa: PLC0415 - ssl with TLS only
+
+                context = _local(client_context, config.tls)  # ConfigError: unusable files
+            sock = connecting.finish()
+        finally:
+            connecting.close_unless_done()
         _tune(sock)
         if context is not None:
             sock = _tls_connect(config, context, sock, decoder, report)
         sock.setblocking(False)
+        report.connect_s = time.monotonic() - started
         _pump_sender(config, rewriter, sock, stdin_fd, report, metrics, on_progress, decoder)
         report.ok = True
+    except _LocalFailure as failure:
+        raise failure.error from None  # the credentials: the command's input (exit 2)
     except (TmdhtError, OSError, ConnectionError, TimeoutError) as exc:
         report.error = _describe(exc)
         raise MigrationFailed(report.error, report) from exc
@@ -523,6 +542,85 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
         report.cpu_s = time.process_time()
         _finish_metrics(metrics, report)
     return report
+
+
+class _LocalFailure(Exception):
+    """A start-up step that needs no peer failed while the connection was being made:
+    :func:`run_sender` raises ``error`` as it was (not as a failed migration), as it did when
+    the step ran before connecting."""
+
+    def __init__(self, error: TmdhtError | OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _local(step: Callable[[_T], _R], argument: _T) -> _R:
+    try:
+        return step(argument)
+    except (TmdhtError, OSError) as exc:
+        raise _LocalFailure(exc) from exc
+
+
+class _Connecting:
+    """A TCP connection to ``address`` whose handshake runs while the caller does other work:
+    the connect starts in the constructor, :meth:`finish` waits for it (within ``timeout``
+    seconds of the start) and returns the socket, blocking with that timeout; a first address
+    that fails is followed by the others, one at a time, as :func:`socket.create_connection`
+    does. MigrationFailed says why the receiver could not be reached."""
+
+    def __init__(self, address: tuple[str, int], timeout: float) -> None:
+        self._address = address
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        self._sock: socket.socket | None = None
+        self._error: OSError | None = None
+        try:
+            family, kind, proto, _, sockaddr = socket.getaddrinfo(
+                address[0], address[1], type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            self._error = exc
+            return
+        sock.setblocking(False)
+        code = sock.connect_ex(sockaddr)
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._error = OSError(code, os.strerror(code))
+            return
+        self._sock = sock
+
+    def finish(self) -> socket.socket:
+        sock, self._sock = self._sock, None
+        error = self._error
+        if sock is not None:
+            with selectors.DefaultSelector() as selector:
+                selector.register(sock, selectors.EVENT_WRITE)
+                ready = selector.select(max(0.0, self._deadline - time.monotonic()))
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if ready else None
+            if code == 0:
+                sock.settimeout(self._timeout)
+                return sock
+            sock.close()
+            error = TimeoutError() if code is None else OSError(code, os.strerror(code))
+        remaining = self._deadline - time.monotonic()
+        if not isinstance(error, TimeoutError | socket.gaierror) and remaining > 0:
+            try:  # the other addresses (or the first again), as create_connection tries them
+                sock = socket.create_connection(self._address, timeout=remaining)
+                sock.settimeout(self._timeout)
+                return sock
+            except OSError as exc:
+                error = exc
+        reason = ("timed out" if isinstance(error, TimeoutError)
+                  else (error.strerror if error is not None else None) or str(error))
+        raise MigrationFailed(
+            f"cannot reach the receiver at {self._address[0]}:{self._address[1]} ({reason})"
+        ) from None
+
+    def close_unless_done(self) -> None:
+        """Close the connection if :meth:`finish` did not take it (the start-up failed)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 def _tls_connect(config: SenderConfig, context: ssl.SSLContext, sock: socket.socket,
@@ -576,6 +674,7 @@ def _pump_sender(config: SenderConfig, rewriter: MigrationSender, sock: socket.s
     pending: Callable[[], int] = lambda: 0  # noqa: E731
     if config.tls is not None:
         import ssl  # noqa: PLC0415 - only with TLS
+
 
         # A TLS socket may want to write while reading (and read while writing); records it
         # decrypted wait in the SSL object, not in the kernel, so drain pending() too.
@@ -861,7 +960,6 @@ async def _open_wan(config: ReceiverConfig, context: ssl.SSLContext | None,
     """The connection as streams: plaintext, or TLS once the handshake and the pins passed and
     TLS_READY is sent. A sender of the other kind fails here with a one-line reason, and a
     plaintext sender is told so in its own protocol."""
-    loop = asyncio.get_running_loop()
     first = await _first_byte(conn, config.handshake_timeout)
     if context is None:
         if first == _TLS_HANDSHAKE:
@@ -876,18 +974,16 @@ async def _open_wan(config: ReceiverConfig, context: ssl.SSLContext | None,
     import ssl  # noqa: PLC0415 - only with TLS
 
     from tmdht.client.tls import check_peer, describe_tls_error  # noqa: PLC0415
+    from tmdht.client.tls_stream import TlsStream  # noqa: PLC0415
 
     assert config.tls is not None
-    reader = asyncio.StreamReader()
-    protocol = asyncio.StreamReaderProtocol(reader)
     try:
-        transport, _ = await loop.connect_accepted_socket(
-            lambda: protocol, conn, ssl=context, ssl_handshake_timeout=config.handshake_timeout)
+        stream = await TlsStream.accept(conn, context, config.handshake_timeout, CHUNK)
     except (ssl.SSLError, OSError, TimeoutError) as exc:
         raise TlsError(describe_tls_error(exc, "the sender")) from exc
-    wan = _Wan(reader, asyncio.StreamWriter(transport, protocol, reader, loop), report, metrics)
+    wan = _Wan(stream, stream, report, metrics)
     try:
-        report.tls_peer = check_peer(transport.get_extra_info("peercert"), config.tls, "sender")
+        report.tls_peer = check_peer(stream.getpeercert(), config.tls, "sender")
     except TlsError as exc:
         with contextlib.suppress(OSError, ConnectionError):
             wan.send(encode(Done(False, str(exc))))
@@ -1027,7 +1123,10 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
                 offering.add(task)
                 tasks.add(task)
                 task.add_done_callback(offer_done)
-            if waves is not None and len(storing) < 4:
+            # Learned pages go to the wave store in batches: a WAVE_PUT of a page or two costs
+            # a node ~3x the CPU per page of a full one (decode, transaction, answer).
+            if waves is not None and len(storing) < 4 and (
+                    wave_core.to_learn >= WAVE_STORE_BATCH or reader.done()):
                 learned = wave_core.learned()
                 if learned:
                     task = asyncio.create_task(learn(learned))

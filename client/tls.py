@@ -41,6 +41,7 @@ __all__ = [
     "SERVER_KEY",
     "TlsConfig",
     "TlsError",
+    "check_files",
     "check_peer",
     "client_context",
     "describe_tls_error",
@@ -152,6 +153,12 @@ def _files(config: TlsConfig, cert: str, key: str) -> tuple[Path, Path, Path, Pa
         raise ConfigError(f"--tls-creds {folder}: missing {', '.join(missing)}")
     crl = folder / CA_CRL
     return paths[0], paths[1], paths[2], crl if crl.is_file() else None
+
+
+def check_files(config: TlsConfig, *, server: bool) -> None:
+    """ConfigError if the credential directory lacks a file this side needs (cheap: no ssl
+    import, nothing parsed; :func:`client_context`/:func:`server_context` check the rest)."""
+    _files(config, *((SERVER_CERT, SERVER_KEY) if server else (CLIENT_CERT, CLIENT_KEY)))
 
 
 def _context(config: TlsConfig, *, server: bool) -> ssl.SSLContext:

@@ -47,6 +47,7 @@ from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
 from tmdht.node.wavestore import WavePutResult, WaveStore
 from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
+from tmdht.rangehash import BUCKET_BITS, mask_from_bits
 from tmdht.ratelimit import RateLimitConfig, SourceRateLimiter
 from tmdht.records import RecordStore
 
@@ -71,6 +72,7 @@ _TYPE_LABEL = {
     wire.RecordGet: "record_get",
     wire.WaveGet: "wave_get",
     wire.WavePut: "wave_put",
+    wire.RangeHashQuery: "range_hash",
 }
 _DROP_REASONS = ("rate_limited", "malformed", "auth", "oversize", "replay", "unexpected")
 MAX_GROUP_PAGES = 4096
@@ -369,6 +371,25 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         )
         self._latency[wire.NodeInfoRequest].observe(time.perf_counter() - arrived)
 
+    def _range_hash(self, msg: wire.RangeHashQuery, address: Address, arrived: float) -> None:
+        """Counts and XOR hashes of groups of buckets (anti-entropy, :mod:`tmdht.rangehash`),
+        from the store's in-memory bucket table."""
+        if msg.bucket_bits != BUCKET_BITS:
+            self._send_error(address, msg.request_id, wire.ErrorCode.MALFORMED,
+                             f"buckets here are {BUCKET_BITS} bits, not {msg.bucket_bits}")
+            return
+        if msg.groups > wire.max_range_groups(self.max_datagram):
+            self._send_error(address, msg.request_id, wire.ErrorCode.TOO_LARGE,
+                             f"at most {wire.max_range_groups(self.max_datagram)} groups")
+            return
+        mask = mask_from_bits(msg.mask, msg.groups << msg.group_bits)
+        entries = self.store.buckets.entries(mask, msg.first, msg.groups, msg.group_bits)
+        answer = wire.RangeHashes(request_id=msg.request_id, bucket_bits=msg.bucket_bits,
+                                  group_bits=msg.group_bits, first=msg.first, entries=entries)
+        self._send(address, [wire.encode(answer, max_datagram=self.max_datagram, auth=self.auth,
+                                          now=self.clock())])
+        self._latency[wire.RangeHashQuery].observe(time.perf_counter() - arrived)
+
     def _record_put(self, msg: wire.RecordPut, address: Address, arrived: float) -> None:
         if self.records is None:
             self._send_error(address, msg.request_id, wire.ErrorCode.UNKNOWN_TYPE, "no records")
@@ -532,6 +553,7 @@ _HANDLERS: dict[type, Callable[[DataPlaneServer, Any, Address, float], None]] = 
     wire.RecordGet: DataPlaneServer._record_get,
     wire.WaveGet: DataPlaneServer._wave_get,
     wire.WavePut: DataPlaneServer._wave_put,
+    wire.RangeHashQuery: DataPlaneServer._range_hash,
 }
 _WAVE_STATUS = {
     WavePutResult.STORED: wire.PutStatus.STORED,

@@ -146,6 +146,13 @@ class NodeMetrics:
             ["outcome"],
             registry=r,
         )
+        self.replication_traffic = Gauge(
+            "tmdht_replication_traffic",
+            "Data-plane traffic of the replication job's requests (HAS, PUT, RANGE_HASH) and "
+            "their answers since start, by direction and unit (datagrams, bytes).",
+            ["direction", "unit"],
+            registry=r,
+        )
         self.sweeps = Counter(
             "tmdht_replication_sweeps_total", "Completed replication sweeps.", registry=r
         )

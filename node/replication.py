@@ -1,10 +1,21 @@
 """Replication maintenance: keep every page on its R closest live nodes.
 
-A *sweep* walks this node's store in digest order, a chunk at a time (short read transactions,
-no full scan held in memory). For each chunk it computes the replica set of every page from the
-current membership and the members' failure domains (a :class:`tmdht.placement.Ring` per
-membership view, the same placement clients compute), asks each other replica which of
-those pages it holds (HAS), and sends it the ones it lacks (PUT). So:
+A *sweep* (``anti_entropy="range"``, the default) compares bucket hashes with each replica
+(:mod:`tmdht.rangehash`): the store keeps per key-space bucket the count and XOR of the digests
+it holds (:mod:`tmdht.node.buckets`); for every peer it shares buckets with, the node asks the
+peer's hashes of the buckets both should hold (RANGE_HASH), descends only into the groups that
+differ, and for the buckets that differ asks which pages the peer lacks (HAS) and sends them
+(PUT) -- if it is the bucket's designated source for that peer, or if the bucket still differs
+``max(interval, grace)`` later. Pages in buckets this node no longer owes, or whose replica set
+is not the same across the bucket, go through the per-page path below. A quiet cluster's sweep
+costs a datagram or two per peer.
+
+The per-page path (and the whole sweep with ``anti_entropy="full"``, the earlier behaviour) walks
+digests in order, a chunk at a time (short read transactions, no full scan held in memory). For
+each chunk it computes the replica set of every page from the current membership and the
+members' failure domains (a :class:`tmdht.placement.Ring` per membership view, the same
+placement clients compute), asks each other replica which of those pages it holds (HAS), and
+sends it the ones it lacks (PUT). So:
 
 - a node that joins receives, from every node holding them, the pages it is now responsible for;
 - when a node disappears, the survivors find the new members of each replica set lacking and
@@ -23,19 +34,32 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
+
+import numpy as np
 
 from tmdht import wire
 from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.net.address import Address
 from tmdht.net.membership import Member
+from tmdht.net.operations import RangeRead
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageStore
 from tmdht.placement import Ring
+from tmdht.rangehash import (
+    BUCKET_BITS,
+    BucketOwners,
+    BucketTable,
+    RangeComparison,
+    bucket_of,
+    bucket_prefix,
+    designated_source,
+)
 
 __all__ = ["Replicator", "SweepReport", "sweep_log_level"]
 
@@ -65,6 +89,12 @@ class SweepReport:
     unanswered: int = 0
     complete: bool = False
     seconds: float = 0.0
+    compared_buckets: int = 0
+    """Buckets compared by hash with some peer (range sweeps)."""
+    differing_buckets: int = 0
+    """(peer, bucket) pairs whose hashes differed."""
+    deferred_buckets: int = 0
+    """(peer, bucket) pairs left to their designated source this sweep."""
 
 
 def sweep_log_level(report: SweepReport, previous: SweepReport | None) -> int:
@@ -73,6 +103,13 @@ def sweep_log_level(report: SweepReport, previous: SweepReport | None) -> int:
     """
     changed = previous is None or report.under_replicated != previous.under_replicated
     return logging.INFO if report.copied or report.dropped or changed else logging.DEBUG
+
+
+def _batched(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    """Lists of up to ``size`` consecutive items (itertools.batched, Python 3.12)."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
 
 
 class Replicator:
@@ -92,6 +129,8 @@ class Replicator:
         metrics: NodeMetrics,
         on_unanswered: Callable[[bytes], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        anti_entropy: str = "range",
+        max_datagram: int = 32768,
     ) -> None:
         """``on_unanswered(node_id)`` is awaited when a replica did not answer (e.g. to probe it
         through the overlay, so a dead node is noticed at once rather than after a silence)."""
@@ -116,6 +155,15 @@ class Replicator:
         self._surplus: dict[bytes, float] = {}  # digest -> when it was first seen surplus
         self._ring: Ring | None = None  # placement of the last membership view swept
         self._ring_key: tuple[tuple[bytes, object], ...] = ()
+        self._owners: BucketOwners | None = None  # bucket replica sets of self._ring
+        self._owners_ring: Ring | None = None
+        self.anti_entropy = anti_entropy
+        self.max_datagram = max_datagram
+        # (peer id, bucket) -> when this node first saw the bucket differ and left it to the
+        # bucket's designated source; pushed by this node once it still differs max(interval,
+        # grace) later (a designated source that died changes the view, and with it the
+        # designated source, so this only covers one that is alive but lacks pages too).
+        self._deferred: dict[tuple[bytes, int], float] = {}
 
     def membership_changed(self) -> None:
         """Wake the job: replica sets may have moved. A running sweep starts over."""
@@ -184,19 +232,12 @@ class Replicator:
         started = self.clock()
         total = self.store.page_count
         self.metrics.backlog.set(total)
-        cursor = b""
-        first = True
-        while True:
-            digests = list(self.store.iter_digests(cursor, CHUNK, inclusive=first))
-            if not digests:
-                break
-            first = False
-            cursor = digests[-1]
-            await self._step(digests, report)
-            self.metrics.backlog.set(max(0, total - report.examined))
-            await self._push_fresh()
-            if self._changed:
-                return report  # incomplete: the caller's loop sweeps again at once
+        if self.anti_entropy == "full":
+            finished = await self._sweep_pages(self.store.iter_digests(), report, total)
+        else:
+            finished = await self._sweep_ranges(report, total)
+        if not finished:
+            return report  # incomplete: the caller's loop sweeps again at once
         report.complete = True
         report.seconds = self.clock() - started
         self.sweeps += 1
@@ -205,6 +246,136 @@ class Replicator:
         self.metrics.under_replicated.set(report.under_replicated)
         self.metrics.backlog.set(0)
         return report
+
+    async def _sweep_pages(self, digests: Iterable[bytes], report: SweepReport, total: int) -> bool:
+        """The per-page path over ``digests`` (ascending): False if membership changed."""
+        for chunk in _batched(digests, CHUNK):
+            await self._step(chunk, report)
+            self.metrics.backlog.set(max(0, total - report.examined))
+            await self._push_fresh()
+            if self._changed:
+                return False
+        return True
+
+    async def _sweep_ranges(self, report: SweepReport, total: int) -> bool:
+        """A range-hash sweep (see the module docstring): False if membership changed."""
+        targets = list(self.members())
+        ids = [t.node_id for t in targets]
+        if self.self_id not in ids:
+            return True  # not a member (yet): nothing to decide
+        me = ids.index(self.self_id)
+        ring = self._ring_of(targets)
+        owners = self._owners_of(ring)
+        table = self.store.buckets.table()
+        held = table.counts > 0
+        mine = owners.uniform & owners.holds(me)
+        # Pages in buckets this node does not owe, or whose replica set varies: per page.
+        per_page = self._digests_in(np.flatnonzero(held & ~mine), table.counts)
+        if not await self._sweep_pages(per_page, report, total):
+            return False
+        peers = sorted(set(owners.rows[held & mine].ravel().tolist()) - {me})
+        compared = await asyncio.gather(
+            *(self._compare(targets[p], table, owners.joint(me, p) & held) for p in peers)
+        )
+        if self._changed:
+            return False
+        report.examined += int(table.counts[held & mine].sum())
+        report.compared_buckets = int((held & mine).sum())
+        now = self.clock()
+        deferred: dict[tuple[bytes, int], float] = {}
+        for p, (differing, unanswered) in zip(peers, compared, strict=True):
+            if unanswered:
+                report.unanswered += unanswered
+                if self.on_unanswered is not None:
+                    await self.on_unanswered(ids[p])
+            if not differing:
+                continue
+            report.differing_buckets += len(differing)
+            source = designated_source(owners.rows[differing], p)
+            push: list[int] = []
+            for bucket, first in zip(differing, source.tolist(), strict=True):
+                since = self._deferred.get((ids[p], bucket), now)
+                if first == me or now - since >= max(self.interval, self.grace):
+                    push.append(bucket)
+                else:
+                    deferred[(ids[p], bucket)] = since
+                    report.under_replicated += int(table.counts[bucket])
+            report.deferred_buckets += len(differing) - len(push)
+            if not await self._push_buckets(targets[p], push, table.counts, report):
+                return False
+        self._deferred = deferred
+        log.debug(
+            "range sweep: %d peers, %d buckets compared, %d differ, %d deferred, %d per page",
+            len(peers), report.compared_buckets, report.differing_buckets,
+            report.deferred_buckets, int((held & ~mine).sum()),
+        )
+        return True
+
+    async def _compare(
+        self, peer: Member, table: BucketTable, mask: np.ndarray
+    ) -> tuple[list[int], int]:
+        """Buckets of ``mask`` whose hashes differ on ``peer`` (where this node holds pages),
+        and how many buckets it did not answer for."""
+        comparison = RangeComparison(
+            table,
+            mask,
+            max_mask_bytes=wire.max_range_mask_bytes(self.max_datagram),
+            max_groups=wire.max_range_groups(self.max_datagram),
+        )
+        while not comparison.done:
+            queries = comparison.queries()
+            answers = await asyncio.gather(
+                *(
+                    self.client.range_hashes(
+                        RangeRead(peer.data_address, BUCKET_BITS, q.group_bits, q.first,
+                                  q.groups, q.mask_bits)
+                    )
+                    for q in queries
+                )
+            )
+            for query, answer in zip(queries, answers, strict=True):
+                if answer is None:
+                    comparison.unanswered(query)
+                else:
+                    comparison.answer(query, answer.entries)
+        return sorted(comparison.differing), comparison.unanswered_buckets
+
+    async def _push_buckets(
+        self, peer: Member, buckets: list[int], counts: np.ndarray, report: SweepReport
+    ) -> bool:
+        """Send ``peer`` the pages of ``buckets`` it lacks: False if membership changed."""
+        for chunk in _batched(self._digests_in(buckets, counts), CHUNK):
+            held, copied, unanswered = await self._reconcile(peer.data_address, chunk)
+            report.copied += copied
+            report.under_replicated += len(chunk) - len(held)
+            report.unanswered += len(unanswered)
+            await self._push_fresh()
+            if self._changed:
+                return False
+        return True
+
+    def _digests_in(self, buckets: Iterable[int], counts: np.ndarray) -> Iterator[bytes]:
+        """The digests this node holds in ``buckets`` (ascending), read a run of consecutive
+        buckets at a time; ``counts`` (the bucket table's) bounds each read."""
+        runs: list[list[int]] = []
+        for bucket in buckets:
+            if runs and runs[-1][1] == bucket - 1:
+                runs[-1][1] = int(bucket)
+            else:
+                runs.append([int(bucket), int(bucket)])
+        for low, high in runs:
+            limit = int(counts[low : high + 1].sum()) + 1
+            for digest in self.store.iter_digests(bucket_prefix(low), limit):
+                if bucket_of(digest) > high:
+                    break
+                yield digest
+
+    def _owners_of(self, ring: Ring) -> BucketOwners:
+        """Bucket replica sets of ``ring`` (kept while the view stays the same)."""
+        if self._owners is None or self._owners_ring is not ring:
+            self._owners = BucketOwners(ring, self.replicas)
+            self._owners_ring = ring
+        return self._owners
 
     async def _step(self, digests: list[bytes], report: SweepReport) -> None:
         targets = list(self.members())

@@ -42,6 +42,7 @@ from tmdht.errors import ConfigError, OverlayError, TmdhtError
 from tmdht.files import atomic_write
 from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterCredentials
 from tmdht.net.membership import Member, MembershipEventKind
+from tmdht.net.operations import EngineStats
 from tmdht.net.overlay import OverlayConfig
 from tmdht.node.dataplane import DataPlaneServer
 from tmdht.node.metrics import NodeMetrics
@@ -169,6 +170,7 @@ class StoreNode:
                     refresh_interval=cfg.refresh_interval,
                     cluster_key=self.credentials.overlay_key,
                     accepted_cluster_keys=self.credentials.accepted_overlay_keys,
+                    require_stamped=cfg.require_stamped,
                     domain=cfg.failure_domain(socket.gethostname()),
                     peer_cache=cfg.data_dir / PEER_CACHE_FILE,
                 )
@@ -187,6 +189,8 @@ class StoreNode:
                 grace=cfg.surplus_grace,
                 metrics=self.metrics,
                 on_unanswered=self._suspect,
+                anti_entropy=cfg.anti_entropy,
+                max_datagram=cfg.max_datagram,
             )
             self._check_socket_buffers()
             self._spawn(self.replicator.run(), "replication")
@@ -383,6 +387,18 @@ class StoreNode:
             return lambda: read(self.overlay) if self.overlay is not None else 0.0
 
         m.pages_stored.set_function(of_store(lambda s: s.page_count))
+
+        def of_replication(read: Callable[[EngineStats], float]) -> Callable[[], float]:
+            return lambda: read(self.client.stats) if self.client is not None else 0.0
+
+        traffic = m.replication_traffic
+        traffic.labels("sent", "datagrams").set_function(
+            of_replication(lambda s: s.datagrams_sent))
+        traffic.labels("sent", "bytes").set_function(of_replication(lambda s: s.bytes_sent))
+        traffic.labels("received", "datagrams").set_function(
+            of_replication(lambda s: s.datagrams_received))
+        traffic.labels("received", "bytes").set_function(
+            of_replication(lambda s: s.bytes_received))
         m.bytes_stored.set_function(of_store(lambda s: s.bytes_stored))
         m.capacity.set_function(of_store(lambda s: s.capacity_bytes))
         m.disk.set_function(of_store(lambda s: s.disk_bytes()))

@@ -27,6 +27,9 @@ crash leaves the last committed state and nothing else):
 ``partial``    used-slot count (u8) + slab id -> empty: the slabs that have free slots, fewest
                used first, so new pages fill the emptiest slabs first and touch few slabs.
 ``meta``       str -> bytes, for the node (node id, ...) and the store's own format keys.
+``buckets``    bucket -> page count and XOR of digests: the anti-entropy range hashes, updated
+               in the same transaction as the index (:mod:`tmdht.node.buckets`; rebuilt from
+               the index on open if missing or inconsistent).
 
 Costs and trade-offs
 --------------------
@@ -68,6 +71,7 @@ from tmdht.errors import (
 )
 from tmdht.files import fsync_dir
 from tmdht.native import pages_match
+from tmdht.node.buckets import BucketIndex
 from tmdht.node.errors import StorageError, StoreFormatError
 from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST, ByteView, digest_page
 
@@ -482,6 +486,8 @@ class PageStore:
         self._generations = itertools.count(1)
         self._generation = 0
         self._snapshots: set[PageSnapshot] = set()
+        self.buckets = BucketIndex.open(env, self._index)
+        """The anti-entropy bucket table (counts and XOR hashes per key-space bucket)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -528,7 +534,7 @@ class PageStore:
                 str(path),
                 map_size=map_size,
                 subdir=True,
-                max_dbs=len(_ALL_DBS),
+                max_dbs=len(_ALL_DBS) + 1,  # + the bucket table (tmdht.node.buckets)
                 sync=True,  # durability: commit returns after fsync
                 metasync=True,
                 writemap=False,  # writes via pwrite: a full disk is an error, not SIGBUS
@@ -777,8 +783,10 @@ class PageStore:
                             results[i] = PutResult.REJECTED_FULL
                     if admitted:
                         self._place(txn, admitted)
+                        delta = self.buckets.stage(txn, [key for key, _ in admitted], 1)
                 if admitted:  # committed
                     self._generation = next(self._generations)
+                    self.buckets.apply(delta)
             except CapacityError:
                 # The transaction was aborted: none of this call's pages were written.
                 for i in first_of.values():
@@ -896,10 +904,12 @@ class PageStore:
         deleted = 0
         with self._lmdb_errors("deleting pages"), env.begin(write=True) as txn:
             freed: dict[int, int] = {}  # slab id -> bitmap of slots freed
+            gone: list[bytes] = []
             for key in keys:
                 location = txn.pop(key, db=self._index)
                 if location is None:
                     continue
+                gone.append(key)
                 slab_id, slot = _LOCATION.unpack(location)
                 freed[slab_id] = freed.get(slab_id, 0) | 1 << slot
                 deleted += 1
@@ -909,8 +919,10 @@ class PageStore:
                     raise IntegrityError(f"page store {self._path}: slab {slab_id} has no bitmap")
                 bitmap = int.from_bytes(raw, "little")
                 self._set_occupancy(txn, slab_id, bitmap.bit_count(), bitmap & ~slots)
+            delta = self.buckets.stage(txn, gone, -1)
         if deleted:  # committed
             self._generation = next(self._generations)
+            self.buckets.apply(delta)
         return deleted
 
     # ------------------------------------------------------------------ reads

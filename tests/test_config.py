@@ -122,3 +122,16 @@ def test_failure_domain_labels_from_file_env_and_flags() -> None:
         NodeConfig.build({"data_dir": "x", "zone": "z" * 65})
     with pytest.raises(ConfigError, match="rack"):
         NodeConfig.build({"data_dir": "x", "rack": "a\tb"})
+
+
+def test_require_stamped_from_file_env_and_flags() -> None:
+    assert NodeConfig.build({"data_dir": "x"}).require_stamped is False
+    on = NodeConfig.from_sources(toml_text='data_dir = "x"\nrequire_stamped = true')
+    assert on.require_stamped is True
+    env = {"TMDHT_NODE_REQUIRE_STAMPED": "false"}
+    assert NodeConfig.from_sources(toml_text='data_dir = "x"\nrequire_stamped = true',
+                                   env=env).require_stamped is False
+    assert NodeConfig.from_sources(toml_text='data_dir = "x"', env=env,
+                                   flags={"require_stamped": True}).require_stamped is True
+    with pytest.raises(ConfigError, match="require_stamped"):
+        NodeConfig.from_sources(toml_text='data_dir = "x"\nrequire_stamped = "maybe"')

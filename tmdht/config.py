@@ -208,13 +208,21 @@ class NodeConfig:
     $TMDHT_CLUSTER_KEY works too."""
     insecure_open: bool = False
     """Run without a cluster key (local development only)."""
+    require_stamped: bool = False
+    """Refuse the overlay's unstamped (version 1, no replay protection) datagrams: set it once
+    every node and client of the cluster sends version 2 (SECURITY.md, "Replay protection on
+    the overlay")."""
     rpc_timeout: float = 1.0
     """Seconds before a Kademlia RPC counts as failed."""
     refresh_interval: float = 30.0
     """Seconds between ring crawls."""
     replication_interval: float = 60.0
     """Seconds between anti-entropy sweeps (membership changes and client PUTs trigger work at
-    once; a sweep asks every replica about every page, so it is not run often)."""
+    once)."""
+    anti_entropy: str = "range"
+    """How a sweep checks replicas: ``range`` compares bucket hashes and asks about pages only
+    where they differ (:mod:`tmdht.rangehash`); ``full`` asks every replica about every page
+    (the earlier sweep, kept for comparison)."""
     replication_rate: int = 20000
     """Pages per second the replication job may move."""
     rate_limit: float = 200_000.0
@@ -353,10 +361,12 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_datagram": parse_size,
     "cluster_key_file": _optional_path,
     "insecure_open": _bool,
+    "require_stamped": _bool,
     "rpc_timeout": _positive_float,
     "refresh_interval": _positive_float,
     "replication_interval": _positive_float,
     "replication_rate": _positive_int,
+    "anti_entropy": _choice("range", "full"),
     "rate_limit": _non_negative_float,
     "rate_limit_burst": _positive_int,
     "surplus_grace": _positive_float,

@@ -66,6 +66,17 @@ Bodies and bulks (``u16`` counts; a digest is 32 bytes, a page 4096 bytes)::
     |                       | key                                                | page      |
     |                       | (answered by PUT_RESULT: STORED, PRESENT when      |           |
     |                       | refreshed, REJECTED_FULL)                          |           |
+    | 19 RANGE_HASH         | bucket bits u8, group bits u8, first u32, groups   |           |
+    |                       | u16, ceil((groups << group bits) / 8) bytes mask   |           |
+    | 20 RANGE_HASHES       | bucket bits u8, group bits u8, first u32, groups   |           |
+    |                       | u16, groups x (count u32, xor 32s)                 |           |
+
+RANGE_HASH asks a node for the page counts and XOR hashes of ``groups`` aligned groups of
+``2 ** group_bits`` buckets from bucket ``first``, over the buckets flagged in the mask (bit
+``i``: bucket ``first + i``, least significant first, unused bits zero); buckets are the first
+``bucket_bits`` (1..:data:`MAX_BUCKET_BITS`) bits of a digest (:mod:`tmdht.rangehash`, the
+anti-entropy of the replication job). RANGE_HASHES answers in one datagram, one (count, hash)
+per group; the requester sizes its query so that answer fits (:func:`max_range_groups`).
 
 Records (types 11..14) are the small versioned soft-state entries of :mod:`tmdht.records` (the
 virtual network's MAC directory): a value is at most :data:`tmdht.records.MAX_VALUE_BYTES`, a
@@ -129,6 +140,7 @@ from tmdht.records import MAX_ENTRIES_PER_KEY, MAX_TTL, MAX_VALUE_BYTES, RecordS
 __all__ = [
     "DATAGRAM_OVERHEAD",
     "HEADER_SIZE",
+    "MAX_BUCKET_BITS",
     "MAX_DATAGRAM",
     "MAX_ERROR_MESSAGE_BYTES",
     "MAX_HOST_BYTES",
@@ -154,6 +166,8 @@ __all__ = [
     "PutPages",
     "PutResult",
     "PutStatus",
+    "RangeHashQuery",
+    "RangeHashes",
     "RecordEntry",
     "RecordGet",
     "RecordPut",
@@ -173,6 +187,8 @@ __all__ = [
     "encode_put_response",
     "max_digests_per_request",
     "max_pages_per_datagram",
+    "max_range_groups",
+    "max_range_mask_bytes",
 ]
 
 PROTOCOL_VERSION: Final = 2
@@ -230,6 +246,8 @@ class MessageType(IntEnum):
     WAVE_GET = 15
     WAVE_PAGES = 16
     WAVE_PUT = 17
+    RANGE_HASH = 19
+    RANGE_HASHES = 20
 
 
 class PutStatus(IntEnum):
@@ -681,12 +699,96 @@ class WavePut:
         _check_lengths([page for _, page in self.pages], PAGE_SIZE, "page")
 
 
+MAX_BUCKET_BITS: Final = 24
+"""Most bucket bits a RANGE_HASH may name (the mask of a whole 2**24 key space would not fit a
+datagram anyway; the limit keeps decoded numbers small)."""
+_RANGE_HEAD: Final = struct.Struct(">BBIH")
+_RANGE_ENTRY: Final = struct.Struct(">I32s")
+
+
+def _check_range(bucket_bits: int, group_bits: int, first: int, groups: int) -> None:
+    if not 1 <= bucket_bits <= MAX_BUCKET_BITS:
+        raise InvalidMessageError(f"bucket bits {bucket_bits} not in 1..{MAX_BUCKET_BITS}")
+    if not 0 <= group_bits <= bucket_bits:
+        raise InvalidMessageError(f"group bits {group_bits} not in 0..{bucket_bits}")
+    _check_count(groups, "groups", at_least=1)
+    if first < 0 or first % (1 << group_bits) or first + (groups << group_bits) > 1 << bucket_bits:
+        raise InvalidMessageError(
+            f"groups {first}+{groups}<<{group_bits} are not aligned inside {bucket_bits} bits"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RangeHashQuery:
+    """Request: page counts and XOR hashes of groups of buckets (anti-entropy)."""
+
+    request_id: int
+    bucket_bits: int
+    """Bits of a digest that name its bucket; a node with another bucket size refuses."""
+    group_bits: int
+    """Each group is ``2 ** group_bits`` consecutive buckets."""
+    first: int
+    """The first bucket, a multiple of the group size."""
+    groups: int
+    """Groups asked, 1..65535."""
+    mask: bytes
+    """One bit per bucket of the range (``groups << group_bits``), least significant first:
+    only flagged buckets count. Unused bits of the last byte are zero."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        _check_range(self.bucket_bits, self.group_bits, self.first, self.groups)
+        bits = self.groups << self.group_bits
+        if len(self.mask) != (bits + 7) // 8:
+            raise InvalidMessageError(f"a mask of {bits} bits is {(bits + 7) // 8} bytes")
+        if bits % 8 and self.mask[-1] >> (bits % 8):
+            raise InvalidMessageError("unused bits of a RANGE_HASH mask are not zero")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RangeHashes:
+    """Response to RANGE_HASH (always one datagram): (count, XOR) per group asked."""
+
+    request_id: int
+    bucket_bits: int
+    group_bits: int
+    first: int
+    entries: tuple[tuple[int, bytes], ...]
+    """Per group: pages held in its flagged buckets (u32) and the XOR of their digests."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        object.__setattr__(self, "entries", tuple(self.entries))
+        _check_range(self.bucket_bits, self.group_bits, self.first, len(self.entries))
+        for count, xor in self.entries:
+            if not 0 <= count <= _U32_MAX:
+                raise InvalidMessageError(f"count {count} is not a u32")
+            if len(xor) != DIGEST_SIZE:
+                raise InvalidMessageError(f"a range hash is {DIGEST_SIZE} bytes")
+
+
 Request: TypeAlias = (
-    GetPages | PutPages | Has | NodeInfoRequest | RecordPut | RecordGet | WaveGet | WavePut
+    GetPages
+    | PutPages
+    | Has
+    | NodeInfoRequest
+    | RecordPut
+    | RecordGet
+    | WaveGet
+    | WavePut
+    | RangeHashQuery
 )
 """A message a client sends to a node."""
 Response: TypeAlias = (
-    Pages | PutResult | Have | NodeInfo | Error | RecordPutResult | Records | WavePages
+    Pages
+    | PutResult
+    | Have
+    | NodeInfo
+    | Error
+    | RecordPutResult
+    | Records
+    | WavePages
+    | RangeHashes
 )
 """A message a node sends back."""
 Message: TypeAlias = Request | Response
@@ -811,6 +913,17 @@ def _encode_records(msg: Records) -> _Body:
     return _Body(chunks, sum(map(len, chunks)))
 
 
+def _encode_range_hash(msg: RangeHashQuery) -> _Body:
+    head = _RANGE_HEAD.pack(msg.bucket_bits, msg.group_bits, msg.first, msg.groups)
+    return _Body([head, msg.mask], len(head) + len(msg.mask))
+
+
+def _encode_range_hashes(msg: RangeHashes) -> _Body:
+    head = _RANGE_HEAD.pack(msg.bucket_bits, msg.group_bits, msg.first, len(msg.entries))
+    chunks = [head, *(_RANGE_ENTRY.pack(count, xor) for count, xor in msg.entries)]
+    return _Body(chunks, len(head) + len(msg.entries) * _RANGE_ENTRY.size)
+
+
 _STATUS_BYTE: Final[dict[int, bytes]] = {int(s): bytes((s,)) for s in PutStatus}
 
 
@@ -847,6 +960,8 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[[Any], _Body]]]] = {
     WaveGet: (MessageType.WAVE_GET, _encode_wave_get),
     WavePages: (MessageType.WAVE_PAGES, _encode_wave_pages),
     WavePut: (MessageType.WAVE_PUT, _encode_wave_put),
+    RangeHashQuery: (MessageType.RANGE_HASH, _encode_range_hash),
+    RangeHashes: (MessageType.RANGE_HASHES, _encode_range_hashes),
 }
 
 
@@ -917,6 +1032,18 @@ def max_pages_per_datagram(max_datagram: int) -> int:
     """Most pages one PUT_PAGES or PAGES datagram carries (15 at 65507 bytes, 1 at minimum)."""
     check_max_datagram(max_datagram)
     return (max_datagram - DATAGRAM_OVERHEAD - _U16X2.size) // _PAGE_ENTRY
+
+
+def max_range_mask_bytes(max_datagram: int) -> int:
+    """Most mask bytes one RANGE_HASH datagram carries."""
+    check_max_datagram(max_datagram)
+    return max_datagram - DATAGRAM_OVERHEAD - _RANGE_HEAD.size
+
+
+def max_range_groups(max_datagram: int) -> int:
+    """Most groups one RANGE_HASHES datagram answers (905 at 32768 bytes)."""
+    check_max_datagram(max_datagram)
+    return min(_U16_MAX, (max_datagram - DATAGRAM_OVERHEAD - _RANGE_HEAD.size) // _RANGE_ENTRY.size)
 
 
 def _check_response_parts(parts: int, what: str) -> None:
@@ -1321,6 +1448,32 @@ def _decode_wave_put(data: bytes, start: int, end: int, head: _Head) -> Message:
     return WavePut(request_id=head.request_id, ttl=ttl, pages=put.pages)
 
 
+def _read_range_head(data: bytes, start: int, end: int) -> tuple[int, int, int, int]:
+    bucket_bits, group_bits, first, groups = _read_counts(data, start, end, _RANGE_HEAD)
+    if not 1 <= bucket_bits <= MAX_BUCKET_BITS or group_bits > bucket_bits or not groups:
+        raise _BodyError(f"bad range: {bucket_bits} bucket bits, {group_bits} group bits, "
+                         f"{groups} groups")
+    return bucket_bits, group_bits, first, groups
+
+
+def _decode_range_hash(data: bytes, start: int, end: int, head: _Head) -> Message:
+    bucket_bits, group_bits, first, groups = _read_range_head(data, start, end)
+    bits = groups << group_bits
+    _expect_length(end - start, _RANGE_HEAD.size + (bits + 7) // 8)
+    return RangeHashQuery(request_id=head.request_id, bucket_bits=bucket_bits,
+                          group_bits=group_bits, first=first, groups=groups,
+                          mask=data[start + _RANGE_HEAD.size : end])
+
+
+def _decode_range_hashes(data: bytes, start: int, end: int, head: _Head) -> Message:
+    bucket_bits, group_bits, first, groups = _read_range_head(data, start, end)
+    at = start + _RANGE_HEAD.size
+    _expect_length(end - at, groups * _RANGE_ENTRY.size)
+    entries = tuple(_RANGE_ENTRY.iter_unpack(data[at:end]))
+    return RangeHashes(request_id=head.request_id, bucket_bits=bucket_bits,
+                       group_bits=group_bits, first=first, entries=entries)
+
+
 # Type byte -> (body decoder, single datagram: part must be 0 of 1, carries a bulk).
 _DECODERS: Final[dict[int, tuple[_BodyDecoder, bool, bool]]] = {
     MessageType.GET_PAGES: (_decode_get_pages, True, False),
@@ -1339,6 +1492,8 @@ _DECODERS: Final[dict[int, tuple[_BodyDecoder, bool, bool]]] = {
     MessageType.WAVE_GET: (_decode_wave_get, True, False),
     MessageType.WAVE_PAGES: (_decode_wave_pages, False, True),
     MessageType.WAVE_PUT: (_decode_wave_put, True, True),
+    MessageType.RANGE_HASH: (_decode_range_hash, True, False),
+    MessageType.RANGE_HASHES: (_decode_range_hashes, True, False),
 }
 
 

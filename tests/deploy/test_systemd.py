@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.deploy import PLACEHOLDER, fill_sample, unit_entries
+from support.deploy import PLACEHOLDER, check_key_reload, fill_sample, unit_entries
 
 from tmdht.errors import ConfigError
 
@@ -27,9 +27,15 @@ MAX_EXPOSURE = 2.0  # systemd-analyze security: 0 is locked down, 10 is wide ope
 ENTRIES = unit_entries(UNIT.read_text())
 
 
+def expand(line: str, instance: str = "a", credentials: str = "/run/credentials/x",
+           runtime: str = "/run") -> str:
+    """A unit line with the specifiers it uses replaced as systemd would (%t: /run)."""
+    return line.replace("%i", instance).replace("%d", credentials).replace("%t", runtime)
+
+
 def exec_start(instance: str = "a", credentials: str = "/run/credentials/x") -> list[str]:
     (line,) = ENTRIES["Service.ExecStart"]
-    return shlex.split(line.replace("%i", instance).replace("%d", credentials))
+    return shlex.split(expand(line, instance, credentials))
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +124,19 @@ def test_exec_start_uses_real_flags_and_the_units_paths(node_run_flags: set[str]
     assert used <= node_run_flags, f"unknown flags: {sorted(used - node_run_flags)}"
     flags = dict(zip(argv[3::2], argv[4::2], strict=True))
     assert flags["--config"] == "/etc/tmdht/a.toml"
-    # data_dir is the StateDirectory, the key file the credential the unit loads.
+    # data_dir is the StateDirectory, the key file a copy of the credential the unit loads, in
+    # its RuntimeDirectory (where `systemctl reload` can replace it).
     assert flags["--data-dir"] == "/var/lib/" + ENTRIES["Service.StateDirectory"][0].replace(
         "%i", "a"
     )
     name, _, source = ENTRIES["Service.LoadCredential"][0].partition(":")
-    assert flags["--cluster-key-file"] == f"/run/credentials/x/{name}"
     assert source == "/etc/tmdht/cluster.key"
+    runtime = "/run/" + expand(ENTRIES["Service.RuntimeDirectory"][0])
+    assert flags["--cluster-key-file"] == f"{runtime}/{name}"
+    assert ENTRIES["Service.RuntimeDirectoryMode"] == ["0700"]
+    (pre,) = ENTRIES["Service.ExecStartPre"]
+    assert shlex.split(expand(pre)) == ["/bin/cp", f"/run/credentials/x/{name}",
+                                        flags["--cluster-key-file"]]
     assert ENTRIES["Unit.ConditionPathExists"] == ["/etc/tmdht/%i.toml"]
 
 
@@ -179,3 +191,7 @@ def test_sysctl_lets_sockets_get_the_buffers_they_ask_for() -> None:
             values[key.strip()] = int(value)
     wanted = max(SOCKET_BUFFER, OverlayConfig(data_port=1).socket_buffer_bytes)
     assert values == {"net.core.rmem_max": wanted, "net.core.wmem_max": wanted}
+
+
+def test_reload_replaces_the_key_copy_then_signals_the_node(tmp_path: Path) -> None:
+    check_key_reload(ENTRIES, tmp_path)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support.deploy import unit_entries
+from support.deploy import check_key_reload, unit_entries
 
 from tmdht.cli.vnet import vnet_run
 from tmdht.vnet_config import VnetConfig
@@ -29,7 +29,7 @@ def entries() -> dict[str, list[str]]:
 
 def exec_start() -> list[str]:
     (line,) = entries()["Service.ExecStart"]
-    return shlex.split(line.replace("%d", "/run/credentials/x"))
+    return shlex.split(line.replace("%d", "/run/credentials/x").replace("%t", "/run"))
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,7 @@ def test_exec_start_flags_parse_and_the_sample_config_is_accepted() -> None:
     assert str(config.data_dir) == "/var/lib/" + entries()["Service.StateDirectory"][0]
     assert not re.search(r"^\s*(data_dir|cluster_key_file|control_socket)\s*=",
                          SAMPLE.read_text(), re.M)
+
+
+def test_reload_replaces_the_key_copy_then_signals_the_agent(tmp_path: Path) -> None:
+    check_key_reload(entries(), tmp_path)

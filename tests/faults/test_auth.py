@@ -359,3 +359,22 @@ def test_replayed_overlay_datagram_is_dropped_counted_and_changes_nothing(
     assert [a.msg_id for a in answers] == [b"a" * 20, b"b" * 20]
     assert all(isinstance(a, Response) and a.stamped for a in answers)
     assert dropped(cluster, 1, "tmdht_overlay_bad_datagrams_total", "replay") - before == 1
+
+
+def test_node_with_require_stamped_refuses_unstamped_overlay_datagrams(tmp_path: Path) -> None:
+    """``--require-stamped`` (NodeConfig.require_stamped): an unstamped (version 1) ping gets no
+    answer and is counted as a replay; a stamped one sent after it is answered, so the first
+    was seen (one loopback socket keeps the order) and refused."""
+    with LocalCluster(tmp_path / "strict", 1, extra_args=[*ARGS, "--require-stamped"]) as strict:
+        tag_key = derive_tag_key(parse_cluster_keys(strict.key_file.read_text())[0].secret)
+        target = strict.nodes[0].address("kademlia")
+        before = dropped(strict, 0, "tmdht_overlay_bad_datagrams_total", "replay")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(10)
+            sock.bind(("127.0.0.1", 0))
+            sock.sendto(encode_request(b"u" * 20, "ping", [b""], tag_key), target)
+            sock.sendto(encode_request(b"s" * 20, "ping", [b""], tag_key,
+                                       (int(time.time() * 1000), 11)), target)
+            answer = decode_datagram(sock.recv(65536), tag_key)
+        assert isinstance(answer, Response) and answer.msg_id == b"s" * 20 and answer.stamped
+        assert dropped(strict, 0, "tmdht_overlay_bad_datagrams_total", "replay") - before == 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +53,38 @@ def unit_entries(text: str) -> dict[str, list[str]]:
         key, _, value = line.partition("=")
         entries.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
     return entries
+
+
+def check_key_reload(entries: dict[str, list[str]], tmp_path: Path, instance: str = "a") -> None:
+    """A unit's `systemctl reload` must reach the key in /etc/tmdht, not the credential copied at
+    start: ExecReload's first command (run as root, `+`) replaces the service's copy atomically
+    with the runtime directory's owner and mode 0600, the second sends SIGHUP. Run with the paths
+    moved under ``tmp_path`` (%t -> tmp_path/run, %i -> ``instance``)."""
+    first, second = entries["Service.ExecReload"]
+    assert second == "/bin/kill -HUP $MAINPID"
+    assert first.startswith("+")
+    runtime = tmp_path / "run"
+
+    def expand(line: str) -> str:
+        return line.replace("%i", instance).replace("%t", str(runtime))
+
+    source = tmp_path / "etc-cluster.key"
+    folder = runtime / expand(entries["Service.RuntimeDirectory"][0])
+    folder.mkdir(parents=True)
+    key = folder / "cluster.key"
+    key.write_text("1:" + "a" * 64 + "\n")
+    # The service reads the copy the reload replaces.
+    assert f"--cluster-key-file {key}" in expand(entries["Service.ExecStart"][0])
+    source.write_text("2:" + "b" * 64 + "\n1:" + "a" * 64 + "\n")
+    command = expand(first[1:]).replace("/etc/tmdht/cluster.key", str(source))
+    subprocess.run(shlex.split(command), check=True, timeout=30)
+    assert key.read_text() == source.read_text()
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert key.stat().st_uid == folder.stat().st_uid
+    assert sorted(p.name for p in folder.iterdir()) == ["cluster.key"]  # no .new left behind
+    # A missing source fails the reload (no SIGHUP follows) and leaves the copy as it was.
+    source.unlink()
+    before = key.read_text()
+    failed = subprocess.run(shlex.split(command), timeout=30, capture_output=True, check=False)
+    assert failed.returncode != 0
+    assert key.read_text() == before

@@ -289,6 +289,11 @@ class ReceiverRebuilder:
             return
         self._learned.append((digest, page))
 
+    @property
+    def to_learn(self) -> int:
+        """Full pages waiting for :meth:`learned`."""
+        return len(self._learned)
+
     def learned(self) -> list[tuple[bytes, bytes]]:
         """(digest, page) of full pages received since the last call, for the wave store.
         Every page here was checked against its digest (hashed here, or a FALLBACK checked)."""

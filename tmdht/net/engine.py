@@ -85,6 +85,7 @@ from tmdht.net.operations import (
     OperationDone,
     OperationResult,
     PutOutcome,
+    RangeRead,
     RecordRead,
     RecordWrite,
     Store,
@@ -344,7 +345,7 @@ class _Ask(_Request):
         op: _SingleOp,
         address: Address,
         build: Callable[[int], wire.Message],
-        answer: type[wire.NodeInfo | wire.RecordPutResult | wire.Records],
+        answer: type[wire.NodeInfo | wire.RecordPutResult | wire.Records | wire.RangeHashes],
     ) -> None:
         super().__init__(op, address)
         self.build = build
@@ -461,6 +462,7 @@ class RequestEngine:
         burst = list(burst)
         stats = self.stats
         stats.datagrams_received += len(burst)
+        stats.bytes_received += sum(len(data) for data, _ in burst)
         decoded = decode_burst([data for data, _ in burst], auth=self.auth, now=self._wall())
         for (_, address), message in zip(burst, decoded, strict=True):
             if isinstance(message, DecodeError):
@@ -721,6 +723,7 @@ class RequestEngine:
         self._pending[request_id] = request
         self._outbox.append((datagram, request.address))
         self.stats.datagrams_sent += 1
+        self.stats.bytes_sent += len(datagram)
         self.stats.requests += 1
         request.ids.append(request_id)
         request.sent_at = now = self._now
@@ -929,8 +932,19 @@ class RequestEngine:
         self._events.append(OperationDone(op.op_id, op.result))
 
 
-def _ask(op: _SingleOp, operation: InfoQuery | RecordWrite | RecordRead) -> _Ask:
-    """The one request of a NODE_INFO, RECORD_PUT or RECORD_GET operation."""
+def _ask(op: _SingleOp, operation: InfoQuery | RecordWrite | RecordRead | RangeRead) -> _Ask:
+    """The one request of a NODE_INFO, RECORD_PUT, RECORD_GET or RANGE_HASH operation."""
+    if isinstance(operation, RangeRead):
+        r = operation
+        return _Ask(
+            op,
+            r.address,
+            lambda rid: wire.RangeHashQuery(
+                request_id=rid, bucket_bits=r.bucket_bits, group_bits=r.group_bits,
+                first=r.first, groups=r.groups, mask=r.mask,
+            ),
+            wire.RangeHashes,
+        )
     if isinstance(operation, InfoQuery):
         return _Ask(op, operation.address, lambda rid: wire.NodeInfoRequest(request_id=rid),
                     wire.NodeInfo)

@@ -29,6 +29,7 @@ __all__ = [
     "OperationDone",
     "OperationResult",
     "PutOutcome",
+    "RangeRead",
     "RecordRead",
     "RecordWrite",
     "Store",
@@ -170,7 +171,20 @@ class RecordRead:
     key: bytes
 
 
-Operation = Fetch | HasQuery | Store | InfoQuery | RecordWrite | RecordRead
+@dataclass(frozen=True, slots=True)
+class RangeRead:
+    """RANGE_HASH: counts and XOR hashes of groups of buckets on the node at ``address``
+    (anti-entropy, :mod:`tmdht.rangehash`); answered by one RANGE_HASHES datagram."""
+
+    address: Address
+    bucket_bits: int
+    group_bits: int
+    first: int
+    groups: int
+    mask: bytes
+
+
+Operation = Fetch | HasQuery | Store | InfoQuery | RecordWrite | RecordRead | RangeRead
 
 
 @dataclass
@@ -210,7 +224,14 @@ class PutOutcome:
 
 
 OperationResult = (
-    GetResult | HasResult | PutOutcome | wire.NodeInfo | wire.RecordPutResult | wire.Records | None
+    GetResult
+    | HasResult
+    | PutOutcome
+    | wire.NodeInfo
+    | wire.RecordPutResult
+    | wire.Records
+    | wire.RangeHashes
+    | None
 )
 
 
@@ -243,6 +264,10 @@ class EngineStats:
     """Requests sent, retries included."""
     datagrams_sent: int = 0
     datagrams_received: int = 0
+    bytes_sent: int = 0
+    """Bytes of the datagrams sent (UDP payloads)."""
+    bytes_received: int = 0
+    """Bytes of the datagrams received (UDP payloads)."""
     retries: int = 0
     """Requests re-sent after lost datagrams or a timeout."""
     timeouts: int = 0

@@ -1,0 +1,84 @@
+"""The page store's bucket table (tmdht.node.buckets): kept in step with puts and deletes,
+persisted, rebuilt when missing or inconsistent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lmdb
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tmdht.node import buckets as node_buckets
+from tmdht.node.storage import PageStore
+from tmdht.pages import digest_page
+from tmdht.rangehash import BucketTable
+
+CAPACITY = 1 << 30
+
+
+def page(n: int) -> bytes:
+    return n.to_bytes(8, "little") * 512
+
+
+def items(numbers: list[int]) -> list[tuple[bytes, bytes]]:
+    return [(digest_page(page(n)), page(n)) for n in numbers]
+
+
+def rebuilt(store: PageStore) -> BucketTable:
+    return BucketTable.from_digests(store.iter_digests())
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.booleans(), st.lists(st.integers(1, 60), max_size=12)), max_size=12))
+def test_incremental_equals_rebuilt(tmp_path_factory: object, ops: list[tuple[bool, list[int]]]) -> None:
+    path = tmp_path_factory.mktemp("store")  # type: ignore[attr-defined]
+    with PageStore.open(path, capacity_bytes=CAPACITY) as store:
+        for put, numbers in ops:
+            if put:
+                store.put_many(items(numbers))
+            else:
+                store.delete_many([digest_page(page(n)) for n in numbers])
+            assert store.buckets.table() == rebuilt(store)
+    with PageStore.open(path, capacity_bytes=CAPACITY) as store:
+        assert not store.buckets.rebuilt
+        assert store.buckets.table() == rebuilt(store)
+
+
+def test_a_store_without_the_table_rebuilds_it(tmp_path: Path) -> None:
+    with PageStore.open(tmp_path, capacity_bytes=CAPACITY) as store:
+        store.put_many(items(list(range(1, 300))))
+        expected = store.buckets.table()
+    # Drop the table as a store written before it existed would lack it.
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(node_buckets.DB_NAME, txn=txn), delete=True)
+    env.close()
+    with PageStore.open(tmp_path, capacity_bytes=CAPACITY) as store:
+        assert store.buckets.rebuilt
+        assert store.buckets.table() == expected
+
+
+def test_an_inconsistent_table_is_rebuilt(tmp_path: Path) -> None:
+    with PageStore.open(tmp_path, capacity_bytes=CAPACITY) as store:
+        store.put_many(items(list(range(1, 100))))
+        expected = store.buckets.table()
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    with env.begin(write=True) as txn:
+        db = env.open_db(node_buckets.DB_NAME, txn=txn)
+        key = next(k for k, _ in txn.cursor(db=db) if len(k) == 2)
+        txn.delete(key, db=db)  # counts no longer add up to the index
+    env.close()
+    with PageStore.open(tmp_path, capacity_bytes=CAPACITY) as store:
+        assert store.buckets.rebuilt
+        assert store.buckets.table() == expected
+
+
+def test_rejected_and_present_pages_do_not_count(tmp_path: Path) -> None:
+    with PageStore.open(tmp_path, capacity_bytes=CAPACITY) as store:
+        store.put_many(items([1, 2]))
+        store.put_many([*items([2, 3]), (digest_page(page(4)), page(5))])  # a bad digest
+        store.delete_many([digest_page(page(9))])  # not held
+        assert store.buckets.table() == rebuilt(store)
+        assert int(store.buckets.table().counts.sum()) == 3

@@ -185,6 +185,11 @@ class Replicator:
         oldest = self._fresh[0][0]
         return oldest if self._fresh_pages >= CHUNK else oldest - FRESH_DELAY + FRESH_MAX_DELAY
 
+    def _forget_fresh(self, stored_before: float) -> None:
+        """A complete sweep checked every page stored before it began: no separate check."""
+        while self._fresh and self._fresh[0][0] - FRESH_DELAY <= stored_before:
+            self._fresh_pages -= len(self._fresh.popleft()[1])
+
     async def _push_fresh(self) -> None:
         if self._fresh_due() > self.clock():
             return
@@ -238,6 +243,7 @@ class Replicator:
             finished = await self._sweep_ranges(report, total)
         if not finished:
             return report  # incomplete: the caller's loop sweeps again at once
+        self._forget_fresh(stored_before=started)
         report.complete = True
         report.seconds = self.clock() - started
         self.sweeps += 1

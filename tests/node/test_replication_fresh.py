@@ -115,3 +115,17 @@ async def full_chunk() -> None:
     assert client.asked  # checked without waiting FRESH_MAX_DELAY
     asked = {digest for _, digests in client.asked for digest in digests}
     assert asked == {digest for group in groups for digest in group}
+
+
+def test_a_complete_sweep_covers_the_pages_stored_before_it_began() -> None:
+    clock, client = Clock(), HoldsEverything()
+    job = replicator(8, clock, client)
+    job.pages_added(commits(1, 10)[0])
+    clock.now += 0.5
+    later = commits(1, 10)[0]
+    job.pages_added(later)
+    job._forget_fresh(stored_before=1000.2)  # a sweep that began between the two commits
+    assert job._fresh_due() == 1000.5 + FRESH_MAX_DELAY
+    clock.now = 1000.5 + FRESH_MAX_DELAY
+    asyncio.run(job._push_fresh())
+    assert {digest for _, digests in client.asked for digest in digests} == set(later)

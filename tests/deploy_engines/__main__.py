@@ -152,6 +152,7 @@ def run_systemd(systemd: SystemdPhase, base: Path, report: Report) -> None:
         ("cluster status shows 3 ready members", systemd.check_ring),
         ("restart keeps the node id", systemd.restart_keeps_id),
         ("kill -9 is restarted", systemd.kill_restarts),
+        ("reload re-reads /etc/tmdht/cluster.key", systemd.reload_rereads_the_key),
         ("missing key fails with the credential error", systemd.missing_key_fails),
         ("systemd-analyze security <= 2.0", systemd.security),
         ("clamped LimitNOFILE warned, idle sweeps quiet", systemd.check_journal),

@@ -27,9 +27,9 @@ crash leaves the last committed state and nothing else):
 ``partial``    used-slot count (u8) + slab id -> empty: the slabs that have free slots, fewest
                used first, so new pages fill the emptiest slabs first and touch few slabs.
 ``meta``       str -> bytes, for the node (node id, ...) and the store's own format keys.
-``buckets``    bucket -> page count and XOR of digests: the anti-entropy range hashes, updated
-               in the same transaction as the index (:mod:`tmdht.node.buckets`; rebuilt from
-               the index on open if missing or inconsistent).
+``buckets``    bucket -> page count and XOR of digests: the anti-entropy range hashes, kept in
+               memory and saved here at close (:mod:`tmdht.node.buckets`; rebuilt from the
+               index on open after a crash, or if missing or inconsistent).
 
 Costs and trade-offs
 --------------------
@@ -50,6 +50,7 @@ from __future__ import annotations
 import enum
 import errno
 import itertools
+import logging
 import os
 import resource
 import struct
@@ -77,6 +78,8 @@ from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST, ByteView, digest_pa
 
 if TYPE_CHECKING:
     from types import TracebackType
+
+log = logging.getLogger("tmdht.node")
 
 __all__ = [
     "DEFAULT_SLAB_PAGES",
@@ -600,6 +603,11 @@ class PageStore:
         env, self._env = self._env, None
         if env is None:
             return
+        try:
+            self.buckets.save(env)
+        except lmdb.Error as exc:  # a full disk: the next open rebuilds the table instead
+            log.warning("page store %s: bucket table not saved (%s); it is rebuilt on open",
+                        self._path, exc)
         env.close()
         with self._open_paths_lock:
             self._open_paths.discard(self._path)

@@ -82,3 +82,34 @@ def test_rejected_and_present_pages_do_not_count(tmp_path: Path) -> None:
         store.delete_many([digest_page(page(9))])  # not held
         assert store.buckets.table() == rebuilt(store)
         assert int(store.buckets.table().counts.sum()) == 3
+
+
+def test_a_store_that_was_not_closed_rebuilds_its_table(tmp_path: Path) -> None:
+    """The table is saved at close; a process killed with the store open leaves no ``clean``
+    marker, so the next open rebuilds the table from the index (pages put and deleted after
+    the last clean close are counted exactly)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    with PageStore.open(tmp_path, capacity_bytes=CAPACITY) as store:
+        store.put_many(items(list(range(1, 50))))
+    script = textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from tmdht.node.storage import PageStore
+        from tmdht.pages import digest_page
+        page = lambda n: n.to_bytes(8, "little") * 512
+        store = PageStore.open(Path({str(tmp_path)!r}), capacity_bytes={CAPACITY})
+        store.put_many([(digest_page(page(n)), page(n)) for n in range(50, 80)])
+        store.delete_many([digest_page(page(n)) for n in range(1, 10)])
+        os._exit(0)  # killed: no close
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    with PageStore.open(tmp_path, capacity_bytes=CAPACITY) as store:
+        assert store.buckets.rebuilt
+        assert store.buckets.table() == rebuilt(store)
+        assert int(store.buckets.table().counts.sum()) == 70
+    with PageStore.open(tmp_path, capacity_bytes=CAPACITY) as store:  # closed cleanly above
+        assert not store.buckets.rebuilt
+        assert store.buckets.table() == rebuilt(store)

@@ -4,9 +4,8 @@ One more database in the store's LMDB environment, ``buckets``: bucket (u16 BE) 
 (u32 BE) + XOR of the digests (32 bytes), per :mod:`tmdht.rangehash`; plus the keys ``format``
 -> the bucket bits and ``clean`` -> b"1". The table lives in memory (a
 :class:`~tmdht.rangehash.BucketTable` that answers RANGE_HASH queries without touching LMDB): a
-put or delete computes its delta inside its transaction (:meth:`BucketIndex.stage`) and the
-mirror takes it once the transaction has committed (:meth:`BucketIndex.apply`); XOR and
-addition commute, so deltas of concurrent writers may land in any order.
+put or delete toggles its digests in once its transaction has committed
+(:meth:`BucketIndex.apply`); XOR and addition commute, so writers may land in any order.
 
 Writing the touched buckets in every page transaction kept the stored table exact after any
 crash, but cost about a third of a group commit's CPU (a B-tree update per touched bucket, and
@@ -25,7 +24,6 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import lmdb
@@ -33,26 +31,15 @@ import numpy as np
 import numpy.typing as npt
 
 from tmdht.pages import DIGEST_SIZE
-from tmdht.rangehash import BUCKET_BITS, BUCKETS, BucketTable, buckets_of
+from tmdht.rangehash import BUCKET_BITS, BUCKETS, BucketTable
 
-__all__ = ["DB_NAME", "BucketDelta", "BucketIndex"]
+__all__ = ["DB_NAME", "BucketIndex"]
 
 DB_NAME: Final = b"buckets"
 _FORMAT_KEY: Final = b"format"
 _CLEAN_KEY: Final = b"clean"
 _BUCKET_KEY: Final = struct.Struct(">H")
 _ENTRY: Final = struct.Struct(f">I{DIGEST_SIZE}s")
-_WORDS: Final = DIGEST_SIZE // 8
-_REBUILD_BATCH: Final = 65536
-
-
-@dataclass(frozen=True, slots=True)
-class BucketDelta:
-    """What one transaction changed: per touched bucket, the count change and the XOR."""
-
-    buckets: npt.NDArray[np.intp]
-    counts: npt.NDArray[np.int64]
-    hashes: npt.NDArray[np.uint64]
 
 
 class BucketIndex:
@@ -83,12 +70,6 @@ class BucketIndex:
         result.rebuilt = rebuilt
         return result
 
-    def stage(self, txn: lmdb.Transaction[Any], digests: Sequence[bytes], sign: int) -> BucketDelta:
-        """The delta of ``digests`` (each once, all new or all just deleted) added (``sign`` 1)
-        or removed (-1) by ``txn``, to :meth:`apply` once it has committed. Nothing is written
-        in ``txn``: the table is saved at close."""
-        return _delta(digests, sign)
-
     def save(self, env: lmdb.Environment) -> None:
         """Store the whole table with the ``clean`` marker (the store is closing: no writer is
         left)."""
@@ -97,11 +78,11 @@ class BucketIndex:
             _store(txn, self._db, self._table)
             txn.put(_CLEAN_KEY, b"1", db=self._db)
 
-    def apply(self, delta: BucketDelta) -> None:
-        """Take a committed transaction's delta into the mirror."""
+    def apply(self, digests: Sequence[bytes], sign: int) -> None:
+        """Take a committed transaction's ``digests`` (each once, all new or all just deleted)
+        into the table: added (``sign`` 1) or removed (-1)."""
         with self._lock:
-            self._table.counts[delta.buckets] += delta.counts
-            self._table.hashes[delta.buckets] ^= delta.hashes
+            self._table.toggle(digests, sign)
 
     def table(self) -> BucketTable:
         """A copy of the table."""
@@ -114,21 +95,6 @@ class BucketIndex:
         """(count, XOR) of groups of buckets over ``mask`` (a RANGE_HASH answer)."""
         with self._lock:
             return self._table.encode_entries(mask, first, groups, group_bits)
-
-
-def _delta(digests: Sequence[bytes], sign: int) -> BucketDelta:
-    if not digests:
-        empty = np.empty(0, np.intp)
-        return BucketDelta(empty, np.empty(0, np.int64), np.empty((0, _WORDS), np.uint64))
-    raw = b"".join(digests)
-    buckets = buckets_of(raw)
-    words = np.frombuffer(raw, "<u8").reshape(-1, _WORDS).astype(np.uint64)
-    touched, inverse = np.unique(buckets, return_inverse=True)
-    counts = np.zeros(len(touched), np.int64)
-    np.add.at(counts, inverse, sign)
-    hashes = np.zeros((len(touched), _WORDS), np.uint64)
-    np.bitwise_xor.at(hashes, inverse, words)
-    return BucketDelta(touched.astype(np.intp), counts, hashes)
 
 
 def _load(txn: lmdb.Transaction[bytes], db: lmdb._Database) -> BucketTable | None:
@@ -156,16 +122,9 @@ def _rebuild(
 ) -> BucketTable:
     """Recompute the table from every digest of ``index``; the stale saved one is dropped."""
     txn.drop(db, delete=False)
-    table = BucketTable()
-    batch: list[bytes] = []
     with txn.cursor(db=index) as cursor:
-        for key in cursor.iternext(keys=True, values=False):
-            batch.append(bytes(key))
-            if len(batch) >= _REBUILD_BATCH:
-                table.toggle(batch, 1)
-                batch = []
-    table.toggle(batch, 1)
-    return table
+        return BucketTable.from_digests(
+            bytes(key) for key in cursor.iternext(keys=True, values=False))
 
 
 def _store(txn: lmdb.Transaction[Any], db: lmdb._Database, table: BucketTable) -> None:

@@ -791,10 +791,9 @@ class PageStore:
                             results[i] = PutResult.REJECTED_FULL
                     if admitted:
                         self._place(txn, admitted)
-                        delta = self.buckets.stage(txn, [key for key, _ in admitted], 1)
                 if admitted:  # committed
                     self._generation = next(self._generations)
-                    self.buckets.apply(delta)
+                    self.buckets.apply([key for key, _ in admitted], 1)
             except CapacityError:
                 # The transaction was aborted: none of this call's pages were written.
                 for i in first_of.values():
@@ -927,10 +926,9 @@ class PageStore:
                     raise IntegrityError(f"page store {self._path}: slab {slab_id} has no bitmap")
                 bitmap = int.from_bytes(raw, "little")
                 self._set_occupancy(txn, slab_id, bitmap.bit_count(), bitmap & ~slots)
-            delta = self.buckets.stage(txn, gone, -1)
         if deleted:  # committed
             self._generation = next(self._generations)
-            self.buckets.apply(delta)
+            self.buckets.apply(gone, -1)
         return deleted
 
     # ------------------------------------------------------------------ reads

@@ -28,7 +28,7 @@ from tmdht import __version__, wire
 from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.aio.http import HealthServer
 from tmdht.aio.overlay import Overlay
-from tmdht.aio.service import stop_on_signals
+from tmdht.aio.service import reload_cluster_keys, stop_on_signals, use_cluster_keys
 from tmdht.aio.system import (
     OPEN_FILES_WANTED,
     buffer_grants,
@@ -38,7 +38,7 @@ from tmdht.aio.system import (
 )
 from tmdht.aio.tasks import TaskSet
 from tmdht.config import NodeConfig
-from tmdht.errors import ConfigError, OverlayError, TmdhtError
+from tmdht.errors import OverlayError, TmdhtError
 from tmdht.files import atomic_write
 from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterCredentials
 from tmdht.net.membership import Member, MembershipEventKind
@@ -281,23 +281,13 @@ class StoreNode:
         """Re-read the cluster key file (SIGHUP, ``systemctl reload``) and use its keys from now
         on, on both planes: a rotation step without a restart. A file that cannot be read or
         parsed changes nothing: the node keeps its keys, logs why and returns False."""
-        try:
-            credentials = self.credentials.reloaded(self.config.cluster_key_file)
-        except ConfigError as exc:
-            log.warning("cluster key reload failed: %s; keeping %s", exc,
-                        self.credentials.describe())
-            self.metrics.key_reloads.labels("failed").inc()
+        credentials = reload_cluster_keys(
+            self.credentials, self.config.cluster_key_file,
+            lambda new: use_cluster_keys(self.auth, self.overlay, new), log)
+        self.metrics.key_reloads.labels("failed" if credentials is None else "ok").inc()
+        if credentials is None:
             return False
-        assert self.auth.keyring is not None  # not open: reloaded() refuses open credentials
-        self.auth.keyring.replace(list(credentials.keys))
-        key = credentials.overlay_key
-        assert key is not None
-        if self.overlay is not None:
-            self.overlay.set_cluster_keys(key, credentials.accepted_overlay_keys)
         self.credentials = credentials
-        self.metrics.key_reloads.labels("ok").inc()
-        log.info("cluster keys reloaded from %s: %s", self.config.cluster_key_file,
-                 credentials.describe())
         return True
 
     def _check_socket_buffers(self) -> None:

@@ -30,12 +30,12 @@ from typing import Any
 
 from tmdht import __version__, tunnel
 from tmdht.aio.http import HealthServer
-from tmdht.aio.service import stop_on_signals
+from tmdht.aio.service import reload_cluster_keys, stop_on_signals
 from tmdht.aio.sockets import open_udp_socket
 from tmdht.aio.system import notify_supervisor
 from tmdht.aio.tasks import TaskSet
 from tmdht.auth import AuthenticationError, ReplayError
-from tmdht.errors import ConfigError, DecodeError, LimitExceededError, TmdhtError, UsageError
+from tmdht.errors import DecodeError, LimitExceededError, TmdhtError, UsageError
 from tmdht.ethernet import MacAddress, format_mac, parse_mac
 from tmdht.handover import PortState
 from tmdht.net.credentials import CLUSTER_KEY_ENV, ClusterCredentials
@@ -238,22 +238,20 @@ class VnetAgent:
         on for tunnels and the directory: a rotation step without a restart, in step with the
         store nodes'. A file that cannot be read or parsed changes nothing: the agent keeps its
         keys, logs why and returns False."""
-        outcome = "failed"
-        try:
-            credentials = self.credentials.reloaded(self.config.cluster_key_file)
-            self.codec.replace_keys(credentials.keys)
-            if self.directory is not None:
-                self.directory.replace_credentials(credentials)
-            self.credentials = credentials
-            outcome = "ok"
-            log.info("cluster keys reloaded from %s: %s", self.config.cluster_key_file,
-                     credentials.describe())
-        except (ConfigError, UsageError) as exc:
-            log.warning("cluster key reload failed: %s; keeping %s", exc,
-                        self.credentials.describe())
+        credentials = reload_cluster_keys(
+            self.credentials, self.config.cluster_key_file, self._use_keys, log)
+        outcome = "failed" if credentials is None else "ok"
         reloads = self.counters.key_reloads
         reloads[outcome] = reloads.get(outcome, 0) + 1
-        return outcome == "ok"
+        if credentials is None:
+            return False
+        self.credentials = credentials
+        return True
+
+    def _use_keys(self, credentials: ClusterCredentials) -> None:
+        self.codec.replace_keys(credentials.keys)
+        if self.directory is not None:
+            self.directory.replace_credentials(credentials)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         return self._tasks.spawn(coro, f"tmdht-vnet-{name}")

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from tmdht import wire
 from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.aio.overlay import MembershipSubscription, Overlay
+from tmdht.aio.service import use_cluster_keys
 from tmdht.aio.tasks import TaskSet
-from tmdht.errors import DecodeError, TmdhtError, UsageError
+from tmdht.errors import DecodeError, TmdhtError
 from tmdht.net.credentials import ClusterCredentials
 from tmdht.net.membership import Member, MembershipEventKind
 from tmdht.net.overlay import OverlayConfig
@@ -92,12 +93,7 @@ class VnetDirectory:
     def replace_credentials(self, credentials: ClusterCredentials) -> None:
         """Use ``credentials`` (a re-read key file) from now on, on the data plane and the
         overlay. UsageError, changing nothing, if this directory or they are open."""
-        key = credentials.overlay_key
-        if self._auth.keyring is None or key is None:
-            raise UsageError("an open-mode directory cannot take keys, nor give them up")
-        self._auth.keyring.replace(list(credentials.keys))
-        if self._overlay is not None:
-            self._overlay.set_cluster_keys(key, credentials.accepted_overlay_keys)
+        use_cluster_keys(self._auth, self._overlay, credentials)
         self.credentials = credentials
 
     # -- life cycle ---------------------------------------------------------------------------

@@ -420,19 +420,12 @@ class DataPlaneServer(asyncio.DatagramProtocol):
                              "this node keeps no wave pages")
             return
         found = self.waves.get_many(msg.keys, self.clock())
-        pages = [(k, p) for k, p in zip(msg.keys, found, strict=True) if p is not None]
-        missing = tuple(k for k, p in zip(msg.keys, found, strict=True) if p is None)
-        per = wire.max_pages_per_datagram(self.max_datagram)
-        chunks = [pages[i : i + per] for i in range(0, len(pages), per)]
-        parts = len(chunks) + (1 if missing or not chunks else 0)
-        answers = [wire.WavePages(request_id=msg.request_id, pages=tuple(chunk), part=i,
-                                  parts=parts) for i, chunk in enumerate(chunks)]
-        if len(answers) < parts:
-            answers.append(wire.WavePages(request_id=msg.request_id, pages=(), missing=missing,
-                                          part=parts - 1, parts=parts))
-        now = self.clock()
-        self._send(address, [wire.encode(a, max_datagram=self.max_datagram, auth=self.auth,
-                                         now=now) for a in answers])
+        keys = cast(tuple[PageDigest, ...], msg.keys)  # wave keys stand where digests do
+        pages = [(k, p) for k, p in zip(keys, found, strict=True) if p is not None]
+        missing = [k for k, p in zip(keys, found, strict=True) if p is None]
+        self._send(address, wire.encode_pages_response(
+            msg.request_id, pages, missing, max_datagram=self.max_datagram, auth=self.auth,
+            now=self.clock(), message_type=wire.MessageType.WAVE_PAGES))
         self._request_pages[wire.WaveGet].inc(len(msg.keys))
         self._latency[wire.WaveGet].observe(time.perf_counter() - arrived)
 

@@ -633,6 +633,24 @@ def test_pages_response_packing(max_datagram: int, n_pages: int, n_missing: int)
     assert len(datagrams) == max(1, wanted)
 
 
+def test_wave_pages_answers_are_packed_like_pages_answers() -> None:
+    """A WAVE_GET answer is a PAGES answer under its own type: same parts, same bodies."""
+    pairs = [(digest_of(i), page_of(i % 7)) for i in range(20)]
+    missing = [digest_of(100_000 + i) for i in range(500)]
+    plain = wire.encode_pages_response(4242, pairs, missing, max_datagram=32768, auth=OPEN,
+                                       now=NOW)
+    wave = wire.encode_pages_response(4242, pairs, missing, max_datagram=32768, auth=OPEN,
+                                      now=NOW, message_type=wire.MessageType.WAVE_PAGES)
+    parts = decode_parts(wave, 32768)
+    assert all(isinstance(part, wire.WavePages) for part in parts)
+    assert [p for part in parts for p in part.pages] == pairs  # type: ignore[union-attr]
+    assert [d for part in parts for d in part.missing] == missing  # type: ignore[union-attr]
+    assert [len(d) for d in wave] == [len(d) for d in plain]
+    with pytest.raises(UsageError):
+        wire.encode_pages_response(4242, pairs, missing, max_datagram=32768, auth=OPEN,
+                                   now=NOW, message_type=wire.MessageType.HAVE)
+
+
 @pytest.mark.parametrize("max_datagram", SIZES)
 @settings(max_examples=15, deadline=None)
 @given(count=st.integers(0, 5000))

@@ -1059,8 +1059,11 @@ def encode_pages_buffers(
     max_datagram: int,
     auth: Authenticator,
     now: float,
+    message_type: MessageType = MessageType.PAGES,
 ) -> list[list[ByteView]]:
-    """Encode a GET_PAGES answer as few PAGES datagrams as possible, each as a list of buffers.
+    """Encode a GET_PAGES answer as few PAGES datagrams as possible, each as a list of buffers
+    (or, with ``message_type`` WAVE_PAGES, a WAVE_GET answer: the same body, wave keys for
+    digests).
 
     Each datagram is ``[head, page, page, ...]``: ``head`` (bytes) holds the header, the body and
     the auth block; the pages are the caller's buffers, not copied, so a sender can pass them
@@ -1073,6 +1076,8 @@ def encode_pages_buffers(
     """
     check_max_datagram(max_datagram)
     _check_request_id(request_id)
+    if message_type not in (MessageType.PAGES, MessageType.WAVE_PAGES):
+        raise UsageError(f"{message_type!r} is not a pages answer")
     digests = [digest for digest, _ in pages]
     views = [page for _, page in pages]
     _check_lengths(digests, DIGEST_SIZE, "digest")
@@ -1090,10 +1095,10 @@ def encode_pages_buffers(
         page_at, missing_at = page_end, missing_end
         if page_at == len(pages) and missing_at == len(missing):
             break
-    _check_response_parts(len(plan), "PAGES response")
+    _check_response_parts(len(plan), f"{message_type.name} response")
     return [
         _seal(
-            MessageType.PAGES,
+            message_type,
             request_id,
             index,
             len(plan),
@@ -1114,10 +1119,12 @@ def encode_pages_response(
     max_datagram: int,
     auth: Authenticator,
     now: float,
+    message_type: MessageType = MessageType.PAGES,
 ) -> list[bytes]:
     """:func:`encode_pages_buffers`, each datagram joined into one bytes."""
     parts = encode_pages_buffers(
-        request_id, pages, missing, max_datagram=max_datagram, auth=auth, now=now
+        request_id, pages, missing, max_datagram=max_datagram, auth=auth, now=now,
+        message_type=message_type,
     )
     return [b"".join(buffers) for buffers in parts]
 

@@ -189,7 +189,6 @@ class WaveStore:
     def _purge(self, txn: lmdb.Transaction, now: float, limit: int | None = _PURGE_BATCH
                ) -> int:
         cutoff = _ms(now)
-        dropped = 0
         cursor = txn.cursor(db=self._expiry)
         doomed: list[bytes] = []
         for raw, _ in cursor:
@@ -199,5 +198,4 @@ class WaveStore:
         for raw in doomed:
             txn.delete(raw, db=self._expiry)
             txn.delete(raw[8:], db=self._pages)
-            dropped += 1
-        return dropped
+        return len(doomed)

@@ -675,7 +675,6 @@ def _pump_sender(config: SenderConfig, rewriter: MigrationSender, sock: socket.s
     if config.tls is not None:
         import ssl  # noqa: PLC0415 - only with TLS
 
-
         # A TLS socket may want to write while reading (and read while writing); records it
         # decrypted wait in the SSL object, not in the kernel, so drain pending() too.
         blocked = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -1026,7 +1025,12 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
     offering: set[asyncio.Task[None]] = set()
     storing: set[asyncio.Task[None]] = set()
     wave_core = cast("ReferenceReceiver", rebuilder) if config.wave is not None else None
-    ack_every = max(1, (rebuilder.hello.flow_window // 4) if rebuilder.hello else 1 << 20)
+
+    def ack_every() -> int:
+        every = rebuilder.hello.flow_window // 4 if rebuilder.hello else 1 << 20
+        if wave_core is not None:
+            every = min(every, 1 << 20)  # offered pages wait at the sender for ACKs
+        return max(1, every)
 
     async def look_up(batch: list[tuple[int, bytes]]) -> None:
         assert wave_core is not None
@@ -1112,7 +1116,6 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
         if reader.done() and reader.exception() is not None:
             raise reader.exception()  # type: ignore[misc]
         if wave_core is not None:
-            ack_every = min(ack_every, 1 << 20)  # offered pages wait at the sender for ACKs
             while len(offering) < config.wave_parallel:
                 if offering and not reader.done() and wave_core.to_offer < config.resolve_batch:
                     break
@@ -1161,9 +1164,7 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
             if wave_core is not None and waves is not None:
                 await _finish_learning(wave_core, waves, storing, report)
             return
-        if rebuilder.hello is not None and wave_core is None:
-            ack_every = max(1, rebuilder.hello.flow_window // 4)
-        wan.send(rebuilder.ack(every=ack_every))
+        wan.send(rebuilder.ack(every=ack_every()))
         if reader.done():
             if reader.exception() is not None:
                 raise reader.exception()  # type: ignore[misc]

@@ -30,12 +30,14 @@ from types import FrameType
 
 from deploy_engines.bases import Bases
 from deploy_engines.docker import DockerPhase
-from deploy_engines.host import HostState, cleanup_created, run, stop_leftovers
+from deploy_engines.host import HostState, cleanup_created, hold_host_lock, run, stop_leftovers
 from deploy_engines.report import CheckFailed, Report, Skipped
 from deploy_engines.systemd import SystemdPhase
 
 REPO = Path(__file__).resolve().parents[2]
 BUDGET = 600.0
+LOCK_WAIT = 1800.0
+"""Seconds to wait for another deploy test on this host to finish."""
 """Seconds the whole test should take with cached bases (reported, not enforced)."""
 
 
@@ -52,6 +54,11 @@ def main() -> int:
         return 2
     signal.signal(signal.SIGTERM, _terminate)
     report = Report()
+    try:
+        hold_host_lock(LOCK_WAIT, report.say)
+    except TimeoutError as exc:
+        print(f"deploy test: {exc}", file=sys.stderr)
+        return 1
     work = REPO / "build" / "deploy-test"
     cache = Path(os.environ.get("TMDHT_DEPLOY_CACHE", REPO / "build" / "deploy-cache"))
     leftovers = stop_leftovers(work)

@@ -11,6 +11,7 @@ looks like what this test or the daemons it started create; the rest is reported
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -385,6 +386,39 @@ def stop_leftovers(work: Path) -> list[str]:
         run(["umount", "--lazy", point], check=False)
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     return stopped + [f"mount {m}" for m in mounts]
+
+
+HOST_LOCK = Path("/run/lock/tmdht-deploy-test.lock")
+"""One deploy test per host: its bridge, address pool and nspawn machine names are host-wide, so
+a second run (from another checkout) waits for the first instead of recording its links as the
+host's state."""
+
+
+def hold_host_lock(timeout: float, say: Callable[[str], None]) -> int:
+    """Take the host-wide deploy-test lock (``flock``, released when this process exits, however
+    it exits); wait for another run to finish, bounded by ``timeout``. Returns the lock's fd."""
+    HOST_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(HOST_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        say(f"another deploy test (pid {holder}) is running on this host; waiting for it")
+        deadline = time.monotonic() + timeout
+        while True:  # bounded by the deadline; flock has no timeout of its own
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise TimeoutError(
+                        f"another deploy test (pid {holder}) held {HOST_LOCK} for {timeout:.0f} s"
+                    ) from None
+                time.sleep(1.0)  # polling another process's lock; no event to wait on
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval: float = 0.25) -> T:

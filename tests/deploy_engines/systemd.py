@@ -315,8 +315,14 @@ class SystemdPhase:
                 raise CheckFailed(f"{exc}; {units[0]}'s journal ends: {journal[-6:]}") from None
 
             def reloaded() -> bool | None:
-                lines = [[x for x in self.journal(unit).splitlines()
-                          if "cluster keys reloaded from" in x] for unit in units]
+                lines = [
+                    [
+                        x
+                        for x in self.journal(unit).splitlines()
+                        if "cluster keys reloaded from" in x
+                    ]
+                    for unit in units
+                ]
                 done = all(len(x) >= count and keys in x[-1] for x in lines)
                 return True if done else None
 

@@ -50,7 +50,7 @@ from tmdht.net.membership import Member
 from tmdht.net.operations import RangeRead
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageStore
-from tmdht.placement import Ring
+from tmdht.placement import VIRTUAL_IDS, Ring
 from tmdht.rangehash import (
     BUCKET_BITS,
     BucketOwners,
@@ -131,6 +131,7 @@ class Replicator:
         clock: Callable[[], float] = time.monotonic,
         anti_entropy: str = "range",
         max_datagram: int = 32768,
+        virtual_ids: int = VIRTUAL_IDS,
     ) -> None:
         """``on_unanswered(node_id)`` is awaited when a replica did not answer (e.g. to probe it
         through the overlay, so a dead node is noticed at once rather than after a silence)."""
@@ -139,6 +140,7 @@ class Replicator:
         self.self_id = self_id
         self.members = members
         self.replicas = replicas
+        self.virtual_ids = virtual_ids
         self.rate = rate
         self.interval = interval
         self.grace = grace
@@ -432,7 +434,8 @@ class Replicator:
         """The placement ring of this membership view (kept while the view stays the same)."""
         key = tuple((t.node_id, t.domain) for t in targets)
         if self._ring is None or self._ring_key != key:
-            self._ring = Ring([t.node_id for t in targets], [t.domain for t in targets])
+            self._ring = Ring([t.node_id for t in targets], [t.domain for t in targets],
+                              virtual_ids=self.virtual_ids)
             self._ring_key = key
         return self._ring
 

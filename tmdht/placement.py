@@ -106,21 +106,28 @@ def distance(a: bytes, b: bytes) -> int:
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def _derived_tokens(node_id: bytes, virtual_ids: int) -> tuple[bytes, ...]:
-    return (node_id,) + tuple(
+def _joined_tokens(node_id: bytes, virtual_ids: int) -> bytes:
+    """A member's tokens, one after the other (a client rebuilds its view on every membership
+    change: the last 16k members' tokens are kept, about 6 MiB at V = 16)."""
+    return node_id + b"".join(
         blake3.blake3(_TOKEN_CONTEXT + node_id + i.to_bytes(2, "big")).digest(NODE_ID_SIZE)
         for i in range(1, virtual_ids)
     )
 
 
+def _check_virtual_ids(virtual_ids: int) -> None:
+    if not (isinstance(virtual_ids, int) and 1 <= virtual_ids <= MAX_VIRTUAL_IDS):
+        raise UsageError(f"virtual IDs per node must be between 1 and {MAX_VIRTUAL_IDS}")
+
+
 def tokens_of(node_id: bytes, virtual_ids: int = VIRTUAL_IDS) -> tuple[bytes, ...]:
     """The ``virtual_ids`` placement points (tokens) of a member: its ID, then BLAKE3-derived
-    ones (see the module docstring). Deterministic; kept for the last few thousand members."""
+    ones (see the module docstring). Deterministic."""
     if len(node_id) != NODE_ID_SIZE:
         raise UsageError("node IDs are 20 bytes")
-    if not 1 <= virtual_ids <= MAX_VIRTUAL_IDS:
-        raise UsageError(f"virtual IDs per node must be between 1 and {MAX_VIRTUAL_IDS}")
-    return _derived_tokens(bytes(node_id), virtual_ids)
+    _check_virtual_ids(virtual_ids)
+    joined = _joined_tokens(bytes(node_id), virtual_ids)
+    return tuple(joined[i : i + NODE_ID_SIZE] for i in range(0, len(joined), NODE_ID_SIZE))
 
 
 def closest(key: bytes, node_ids: Sequence[bytes], count: int) -> list[int]:
@@ -205,14 +212,13 @@ class Ring:
             raise UsageError("node IDs are 20 bytes")
         if domains is not None and len(domains) != len(node_ids):
             raise UsageError(f"{len(domains)} failure domains for {len(node_ids)} nodes")
-        if not (isinstance(virtual_ids, int) and 1 <= virtual_ids <= MAX_VIRTUAL_IDS):
-            raise UsageError(f"virtual IDs per node must be between 1 and {MAX_VIRTUAL_IDS}")
+        _check_virtual_ids(virtual_ids)
         self.node_ids: tuple[bytes, ...] = tuple(bytes(n) for n in node_ids)
         """The members, in the caller's order."""
         self.virtual_ids = virtual_ids
         """Tokens per member (V)."""
         # Points: every member's tokens, member after member (point p is member p // V's).
-        points = b"".join(b"".join(tokens_of(n, virtual_ids)) for n in self.node_ids)
+        points = b"".join(_joined_tokens(n, virtual_ids) for n in self.node_ids)
         owners = np.repeat(np.arange(len(self.node_ids), dtype=np.intp), virtual_ids)
         raw = np.frombuffer(points, np.uint8).reshape(-1, NODE_ID_SIZE)
         tops = np.ascontiguousarray(raw[:, :8]).view(">u8")[:, 0].astype(np.uint64)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 
+import blake3
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import blake3
 
 from tmdht.domains import FailureDomain
 from tmdht.placement import (

@@ -376,7 +376,10 @@ class Ring:
         """The first ``bits`` (at most 64) bits of each token, in sorted token order."""
         if not 0 <= bits <= 64:
             raise UsageError("a token prefix is at most 64 bits")
-        return self._sorted_tops >> np.uint64(64 - bits) if bits else np.zeros_like(self._sorted_tops)
+        if not bits:
+            return np.zeros_like(self._sorted_tops)
+        prefixes: npt.NDArray[np.uint64] = self._sorted_tops >> np.uint64(64 - bits)
+        return prefixes
 
     def _place_tops(
         self, key_tops: npt.NDArray[np.uint64], count: int

@@ -273,7 +273,7 @@ class Replicator:
             return True  # not a member (yet): nothing to decide
         me = ids.index(self.self_id)
         ring = self._ring_of(targets)
-        owners = self._owners_of(ring)
+        owners = await self._owners_of(ring)
         table = self.store.buckets.table()
         held = table.counts > 0
         mine = owners.uniform & owners.holds(me)
@@ -378,10 +378,12 @@ class Replicator:
                     break
                 yield digest
 
-    def _owners_of(self, ring: Ring) -> BucketOwners:
-        """Bucket replica sets of ``ring`` (kept while the view stays the same)."""
+    async def _owners_of(self, ring: Ring) -> BucketOwners:
+        """Bucket replica sets of ``ring`` (kept while the view stays the same). Placing 2**16
+        keys takes a tenth to a few tenths of a second (more with virtual IDs and many
+        members): in a thread, so the node keeps serving meanwhile."""
         if self._owners is None or self._owners_ring is not ring:
-            self._owners = BucketOwners(ring, self.replicas)
+            self._owners = await asyncio.to_thread(BucketOwners, ring, self.replicas)
             self._owners_ring = ring
         return self._owners
 

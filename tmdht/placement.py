@@ -252,7 +252,8 @@ class Ring:
 
     @property
     def spreads_domains(self) -> bool:
-        """False if placement is plain XOR distance (no domains, or none that constrain)."""
+        """False if placement is plain XOR distance over node IDs (one token per node, and no
+        domains or none that constrain)."""
         return len(self._distinct) > 0
 
     # -- one key, plain Python -----------------------------------------------------------------
@@ -360,7 +361,15 @@ class Ring:
             rows = [self._place_positions(int.from_bytes(_digest_bytes(digests, i), "big"), count)
                     for i in range(len(key_tops))]
             return np.array(rows, dtype=np.intp).reshape(len(key_tops), count)
-        positions, unsure = self._place_tops(key_tops, count)
+        half = max(WINDOW, count)
+        positions, unsure = self._place_tops(key_tops, count, half)
+        while unsure is not None and np.count_nonzero(unsure) > SMALL_BATCH:
+            # Many keys whose picks may lie beyond the window (few domains, or many tokens
+            # per member): a wider window for them, still in numpy.
+            half *= 8
+            again = np.flatnonzero(unsure)
+            positions[again], wider = self._place_tops(key_tops[again], count, half)
+            unsure[again] = False if wider is None else wider
         if unsure is not None:
             for i in np.flatnonzero(unsure).tolist():
                 positions[i] = self._place_positions(
@@ -382,10 +391,11 @@ class Ring:
         return prefixes
 
     def _place_tops(
-        self, key_tops: npt.NDArray[np.uint64], count: int
+        self, key_tops: npt.NDArray[np.uint64], count: int, half: int
     ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_] | None]:
-        """Sorted positions of each key's picks, and which rows must be placed exactly."""
-        tops, size, half = self._sorted_tops, len(self._sorted_tops), max(WINDOW, count)
+        """Sorted positions of each key's picks from the ``2 * half`` points next to it, and
+        which rows must be placed exactly (None: none)."""
+        tops, size = self._sorted_tops, len(self._sorted_tops)
         if size <= 2 * half:
             # A small ring: every node is a candidate, nothing to certify.
             return self._pick(None, key_tops[:, None] ^ tops[None, :], None, count)

@@ -353,22 +353,7 @@ pub fn pages_head(
     for digest in found.iter().chain(missing) {
         out.extend_from_slice(digest);
     }
-    match sealer {
-        Sealer::Open => {
-            out.extend_from_slice(&[0, FLAG_OPEN]);
-            out.extend_from_slice(&timestamp_ms.to_be_bytes());
-            out.extend_from_slice(&nonce.to_be_bytes());
-            out.extend_from_slice(&[0; TAG_SIZE]);
-        }
-        Sealer::Keyed(key_id, key) => {
-            out.extend_from_slice(&[*key_id, 0]);
-            out.extend_from_slice(&timestamp_ms.to_be_bytes());
-            out.extend_from_slice(&nonce.to_be_bytes());
-            let mut tag = [0u8; TAG_SIZE];
-            blake3::Hasher::new_keyed(key).update(&out).finalize_xof().fill(&mut tag);
-            out.extend_from_slice(&tag);
-        }
-    }
+    seal_into(&mut out, sealer, timestamp_ms, nonce);
     out
 }
 
@@ -392,5 +377,87 @@ mod sealing_tests {
         assert_eq!(part.matches, vec![true]);
         assert_eq!(plan_parts(0, 0, MIN_DATAGRAM), vec![(0, 0, 0, 0)]);
         assert_eq!(plan_parts(3, 200, MIN_DATAGRAM).len(), 3 + 200usize.div_ceil((MIN_DATAGRAM - OVERHEAD - 4) / 32));
+    }
+}
+
+// -- the node's side: PUT_RESULT answers sealed natively ---------------------------------------
+
+/// `tmdht.wire.MessageType.PUT_RESULT`.
+pub const PUT_RESULT: u8 = 4;
+/// One (digest, status) entry of a PUT_RESULT body.
+pub const RESULT_ENTRY: usize = DIGEST_SIZE + 1;
+
+/// Entries per PUT_RESULT datagram (`tmdht.wire.encode_put_response`'s `per_part`).
+pub fn results_per_part(max_datagram: usize) -> usize {
+    (max_datagram - OVERHEAD - 2) / RESULT_ENTRY
+}
+
+/// Seal the auth block onto `out` (header and body already in it), as `Authenticator.seal`.
+fn seal_into(out: &mut Vec<u8>, sealer: &Sealer<'_>, timestamp_ms: u64, nonce: u64) {
+    match sealer {
+        Sealer::Open => {
+            out.extend_from_slice(&[0, FLAG_OPEN]);
+            out.extend_from_slice(&timestamp_ms.to_be_bytes());
+            out.extend_from_slice(&nonce.to_be_bytes());
+            out.extend_from_slice(&[0; TAG_SIZE]);
+        }
+        Sealer::Keyed(key_id, key) => {
+            out.extend_from_slice(&[*key_id, 0]);
+            out.extend_from_slice(&timestamp_ms.to_be_bytes());
+            out.extend_from_slice(&nonce.to_be_bytes());
+            let mut tag = [0u8; TAG_SIZE];
+            blake3::Hasher::new_keyed(key).update(out).finalize_xof().fill(&mut tag);
+            out.extend_from_slice(&tag);
+        }
+    }
+}
+
+/// One sealed PUT_RESULT datagram: header, body (count, then digest and status byte per entry)
+/// and the auth block. Digests are 32 bytes (the caller checked).
+#[allow(clippy::too_many_arguments)]
+pub fn put_result_datagram(
+    request_id: u64,
+    part: u16,
+    parts: u16,
+    digests: &[&[u8]],
+    statuses: &[u8],
+    sealer: &Sealer<'_>,
+    timestamp_ms: u64,
+    nonce: u64,
+) -> Vec<u8> {
+    let body = 2 + digests.len() * RESULT_ENTRY;
+    let mut out = Vec::with_capacity(OVERHEAD + body);
+    out.extend_from_slice(&[PROTOCOL_VERSION, PUT_RESULT, 0, 0]);
+    out.extend_from_slice(&request_id.to_be_bytes());
+    out.extend_from_slice(&part.to_be_bytes());
+    out.extend_from_slice(&parts.to_be_bytes());
+    out.extend_from_slice(&(body as u32).to_be_bytes());
+    out.extend_from_slice(&(digests.len() as u16).to_be_bytes());
+    for (digest, status) in digests.iter().zip(statuses) {
+        out.extend_from_slice(digest);
+        out.push(*status);
+    }
+    seal_into(&mut out, sealer, timestamp_ms, nonce);
+    out
+}
+
+#[cfg(test)]
+mod put_result_tests {
+    use super::*;
+
+    #[test]
+    fn a_put_result_has_its_layout_and_tag() {
+        let digest = [7u8; DIGEST_SIZE];
+        let key = [5u8; 32];
+        let data = put_result_datagram(9, 0, 1, &[&digest, &digest], &[1, 2], &Sealer::Keyed(3, &key), 4, 6);
+        assert_eq!(data.len(), OVERHEAD + 2 + 2 * RESULT_ENTRY);
+        assert_eq!(&data[..2], &[PROTOCOL_VERSION, PUT_RESULT]);
+        assert_eq!(u32_at(&data, 16) as usize, 2 + 2 * RESULT_ENTRY);
+        assert_eq!(data[HEADER_SIZE + 2 + DIGEST_SIZE], 1);
+        let tag_at = data.len() - TAG_SIZE;
+        let mut tag = [0u8; TAG_SIZE];
+        blake3::Hasher::new_keyed(&key).update(&data[..tag_at]).finalize_xof().fill(&mut tag);
+        assert_eq!(&data[tag_at..], &tag);
+        assert_eq!(results_per_part(32768), (32768 - OVERHEAD - 2) / 33);
     }
 }

@@ -11,6 +11,7 @@ use crate::errors::Kind;
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_pages_burst, m)?)?;
     m.add_function(wrap_pyfunction!(encode_pages_answer, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_put_results, m)?)?;
     m.add_function(wrap_pyfunction!(digest_pages, m)?)?;
     m.add_function(wrap_pyfunction!(pages_match, m)?)?;
     Ok(())
@@ -209,6 +210,72 @@ fn encode_pages_answer<'py>(
         out.append(datagram)?;
     }
     Ok((out, found.len()))
+}
+
+/// The answers of a committed group of PUTs, sealed in one call: `answers` holds per PUT
+/// (request id, its digests, one status byte per digest); returns per PUT its PUT_RESULT
+/// datagrams (one in practice), split as `tmdht.wire.encode_put_response` splits them. Sealed
+/// as in `encode_pages_answer`: `nonce()` once per datagram, in order.
+#[pyfunction]
+#[pyo3(signature = (answers, *, max_datagram, key_id, tag_key, timestamp_ms, nonce))]
+fn encode_put_results<'py>(
+    py: Python<'py>,
+    answers: Vec<(u64, Vec<Bound<'py, PyBytes>>, Bound<'py, PyBytes>)>,
+    max_datagram: usize,
+    key_id: u8,
+    tag_key: Option<Vec<u8>>,
+    timestamp_ms: u64,
+    nonce: Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyList>> {
+    if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
+        return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
+    }
+    let key: Option<[u8; 32]> = tag_key
+        .map(|k| k.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes")))
+        .transpose()?;
+    let sealer = match &key {
+        None => Sealer::Open,
+        Some(k) => Sealer::Keyed(key_id, k),
+    };
+    let per_part = dataplane::results_per_part(max_datagram);
+    // Every answer is checked before any nonce is drawn: a bad one draws none.
+    let mut checked: Vec<(u64, Vec<&[u8]>, &[u8])> = Vec::with_capacity(answers.len());
+    for (request_id, digests, statuses) in &answers {
+        let statuses = statuses.as_bytes();
+        if statuses.len() != digests.len() {
+            return Err(PyValueError::new_err("one status per digest"));
+        }
+        let mut raw = Vec::with_capacity(digests.len());
+        for digest in digests {
+            let bytes = digest.as_bytes();
+            if bytes.len() != DIGEST_SIZE {
+                return Err(PyValueError::new_err(format!(
+                    "a digest is {DIGEST_SIZE} bytes, got one of {}", bytes.len())));
+            }
+            raw.push(bytes);
+        }
+        if raw.len().div_ceil(per_part) > u16::MAX as usize {
+            return Err(PyValueError::new_err("the answer needs more than 65535 parts"));
+        }
+        checked.push((*request_id, raw, statuses));
+    }
+    let out = PyList::empty(py);
+    for (request_id, digests, statuses) in &checked {
+        let parts = digests.len().div_ceil(per_part).max(1);
+        let datagrams = PyList::empty(py);
+        for index in 0..parts {
+            let start = index * per_part;
+            let end = digests.len().min(start + per_part);
+            let nonce: u64 = nonce.call0()?.extract()?;
+            let data = dataplane::put_result_datagram(
+                *request_id, index as u16, parts as u16, &digests[start..end],
+                &statuses[start..end], &sealer, timestamp_ms, nonce,
+            );
+            datagrams.append(PyBytes::new(py, &data))?;
+        }
+        out.append(datagrams)?;
+    }
+    Ok(out)
 }
 
 // -- bulk hashing ------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ from tmdht.net.burst import (
     decode_burst_reference,
     encode_pages_answer_native,
     encode_pages_answer_reference,
+    encode_put_answers,
+    encode_put_answers_native,
+    encode_put_answers_reference,
 )
 from tmdht.pages import PAGE_SIZE, PageDigest, digest_page
 
@@ -238,3 +241,74 @@ def test_pages_encoders_refuse_bad_buffers_alike() -> None:
             with pytest.raises(wire.InvalidMessageError, match=r"is (32|4096) bytes"):
                 encode(1, digests, views, max_datagram=32768, auth=counter_auth("keyed"),
                        now=NOW, **kwargs)
+
+
+@needs_native
+@EXAMPLES
+@given(
+    mode=st.sampled_from(["keyed", "open"]),
+    answers=st.lists(
+        st.tuples(st.integers(0, 2**64 - 1),
+                  st.lists(st.tuples(st.integers(0, 11), st.sampled_from(list(wire.PutStatus))),
+                           max_size=1100)),
+        max_size=6),
+    max_datagram=st.sampled_from([wire.MIN_DATAGRAM, 9000, 32768, wire.MAX_DATAGRAM]),
+)
+def test_native_put_answers_are_the_reference(
+    mode: str, answers: list[tuple[int, list[tuple[int, wire.PutStatus]]]], max_datagram: int
+) -> None:
+    """A group's PUT_RESULT answers byte for byte (empty answers and several parts included),
+    the nonces drawn in the same order; each decodes to the results it was given."""
+    from tmdht import _native
+
+    rows = [(rid, [DIGESTS[i] for i, _ in entries], [s for _, s in entries])
+            for rid, entries in answers]
+    ref = encode_put_answers_reference(rows, max_datagram=max_datagram, auth=counter_auth(mode),
+                                       now=NOW)
+    nat = encode_put_answers_native(rows, max_datagram=max_datagram, auth=counter_auth(mode),
+                                    now=NOW, native=_native)
+    assert nat == ref
+    auth = make_auth(mode)
+    for (rid, digests, statuses), datagrams in zip(rows, nat, strict=True):
+        results = []
+        for datagram in datagrams:
+            message = wire.decode(datagram, auth=auth, now=NOW, max_datagram=max_datagram)
+            assert isinstance(message, wire.PutResult) and message.request_id == rid
+            assert message.parts == len(datagrams)
+            results += message.results
+        assert results == list(zip(digests, statuses, strict=True))
+
+
+@needs_native
+def test_put_answer_encoders_refuse_bad_input_alike() -> None:
+    """Short digests, unknown statuses and bad request ids: the same error class, and no nonce
+    drawn by the native encoder for a group it refuses."""
+    from tmdht import _native
+
+    cases: list[list[Any]] = [
+        [(1, [PageDigest(b"short")], [wire.PutStatus.STORED])],
+        [(1, [DIGESTS[0]], [9])],
+        [(2**64, [DIGESTS[0]], [wire.PutStatus.STORED])],
+        [(-1, [], [])],
+    ]
+    for rows in cases:
+        for encode, kwargs in ((encode_put_answers_reference, {}),
+                               (encode_put_answers_native, {"native": _native})):
+            auth = counter_auth("keyed")
+            with pytest.raises(wire.InvalidMessageError):
+                encode(rows, max_datagram=32768, auth=auth, now=NOW, **kwargs)
+        nonces = counter_auth("keyed")
+        with pytest.raises(wire.InvalidMessageError):
+            encode_put_answers_native(
+                [(5, [DIGESTS[1]], [wire.PutStatus.STORED]), *rows], max_datagram=32768,
+                auth=nonces, now=NOW, native=_native)
+        assert nonces.next_nonce() == 1
+
+
+def test_active_put_encoder_answers() -> None:
+    rows = [(7, [DIGESTS[0], DIGESTS[1]], [wire.PutStatus.STORED, wire.PutStatus.PRESENT])]
+    (datagrams,) = encode_put_answers(rows, max_datagram=32768, auth=make_auth("keyed"), now=NOW)
+    (datagram,) = datagrams
+    message = wire.decode(datagram, auth=make_auth("keyed"), now=NOW, max_datagram=32768)
+    assert isinstance(message, wire.PutResult)
+    assert list(message.results) == list(zip(rows[0][1], rows[0][2], strict=True))

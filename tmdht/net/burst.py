@@ -23,7 +23,10 @@ forces the reference):
 A node answers a GET with :func:`encode_pages_answer`: the digests it was asked for and a view
 (or None) per digest in, PAGES datagrams as buffer lists out (``[head, page, ...]`` for
 ``socket.sendmsg``, the pages uncopied), the heads sealed natively; the reference is
-:func:`tmdht.wire.encode_pages_buffers`, byte for byte.
+:func:`tmdht.wire.encode_pages_buffers`, byte for byte. It answers a committed group of PUTs
+with :func:`encode_put_answers`: every PUT_RESULT of the group built and sealed in one native
+call (the reference, :func:`tmdht.wire.encode_put_response` per PUT, cost about 4.5 us per page
+stored on the node's event loop, most of its answer path).
 
 The two agree datagram for datagram: the same messages, the same error classes (the property
 tests in ``tests/net/test_burst.py`` hold them to it, corrupted tags, wrong digests and
@@ -45,6 +48,7 @@ from tmdht.pages import ByteView, PageDigest, page_matches
 
 __all__ = [
     "Decoded",
+    "PutAnswer",
     "VerifiedPages",
     "burst_implementation",
     "decode_burst",
@@ -53,6 +57,9 @@ __all__ = [
     "encode_pages_answer",
     "encode_pages_answer_native",
     "encode_pages_answer_reference",
+    "encode_put_answers",
+    "encode_put_answers_native",
+    "encode_put_answers_reference",
 ]
 
 
@@ -280,3 +287,76 @@ def encode_pages_answer(
     """A GET's answer with the active implementation: (PAGES datagrams, each ``[head, page,
     ...]``, pages found). ``views[i]`` is the page of ``digests[i]`` or None."""
     return _ENCODER(request_id, digests, views, max_datagram=max_datagram, auth=auth, now=now)
+
+
+# -- the node's side: a committed group's PUT answers ----------------------------------------------
+
+_STATUS_VALUES: Final = bytes(wire.PutStatus)
+
+PutAnswer: TypeAlias = tuple[int, Sequence[PageDigest], Sequence[wire.PutStatus]]
+"""One PUT's answer: its request id, its digests and a status per digest."""
+
+
+def encode_put_answers_reference(
+    answers: Sequence[PutAnswer], *, max_datagram: int, auth: Authenticator, now: float
+) -> list[list[bytes]]:
+    """The reference: per PUT its PUT_RESULT datagrams (:func:`tmdht.wire.encode_put_response`)."""
+    return [
+        wire.encode_put_response(request_id, list(zip(digests, statuses, strict=True)),
+                                 max_datagram=max_datagram, auth=auth, now=now)
+        for request_id, digests, statuses in answers
+    ]
+
+
+def encode_put_answers_native(
+    answers: Sequence[PutAnswer],
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+    native: ModuleType | None = None,
+) -> list[list[bytes]]:
+    """The native encoder: the same datagrams, byte for byte (the same nonces drawn in order)."""
+    module = native or native_module()
+    if module is None:
+        raise ImportError("tmdht._native is not in use")
+    wire.check_max_datagram(max_datagram)
+    timestamp_ms = int(now * 1000)
+    if not 0 <= timestamp_ms < 1 << 64:
+        raise UsageError(f"now must be seconds since the Unix epoch, got {now}")
+    rows = []
+    for request_id, digests, statuses in answers:
+        if not 0 <= request_id < 1 << 64:
+            raise wire.InvalidMessageError(f"request id {request_id} is not a u64")
+        if len(statuses) != len(digests):
+            raise ValueError("one status per digest")  # zip(strict=True)'s error in the reference
+        try:
+            raw = bytes(statuses)  # C-level per status (hashing an enum member is not)
+        except (TypeError, ValueError):
+            raw = b"\x00"
+        if raw.translate(None, _STATUS_VALUES):
+            raise wire.InvalidMessageError(f"unknown put status in {list(statuses)!r}")
+        rows.append((request_id, digests, raw))
+    keyring = auth.keyring
+    key = None if keyring is None else keyring.current
+    try:
+        return module.encode_put_results(  # type: ignore[no-any-return]
+            rows, max_datagram=max_datagram, key_id=0 if key is None else key.key_id,
+            tag_key=None if key is None else key.tag_key, timestamp_ms=timestamp_ms,
+            nonce=auth.next_nonce,
+        )
+    except (ValueError, TypeError) as exc:
+        raise wire.InvalidMessageError(str(exc)) from None
+
+
+_PUT_ENCODER: Final = (
+    encode_put_answers_native if native_module() is not None else encode_put_answers_reference
+)
+
+
+def encode_put_answers(
+    answers: Sequence[PutAnswer], *, max_datagram: int, auth: Authenticator, now: float
+) -> list[list[bytes]]:
+    """The answers of a committed group of PUTs with the active implementation: per PUT, in
+    order, its PUT_RESULT datagrams (one in practice)."""
+    return _PUT_ENCODER(answers, max_datagram=max_datagram, auth=auth, now=now)

@@ -187,6 +187,66 @@ def pages_burst_target() -> tuple[list[bytes], Callable[[bytes], object], type[E
     return seeds, run, DecodeError
 
 
+def put_request_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
+    """The node's native PUT_PAGES decoder (tmdht._native.decode_put_pages through
+    tmdht.net.burst.decode_request_native), differentially against tmdht.wire.decode, open mode
+    and keyed: the same message, or the same error class and message; a disagreement is a
+    crash. Other types are handed to the reference by design (seeds of a few are mutated into
+    PUT_PAGES by the type byte)."""
+    from tmdht import _native  # noqa: PLC0415 - only this target needs the extension
+    from tmdht.auth import AuthenticationError, ClusterKey, KeyRing  # noqa: PLC0415
+    from tmdht.net.burst import decode_request_native  # noqa: PLC0415
+
+    ring = KeyRing(ClusterKey(7, bytes(range(32))))
+    opened, keyed = Authenticator.open_mode(), Authenticator(keyring=ring, replay=None)
+    pages = _pages(4, 8)
+    pairs = tuple((PageDigest(digest_page(p)), p) for p in pages)
+    seeds: list[bytes] = []
+    for auth in (opened, keyed):
+        for count, mx in ((1, 32768), (4, 32768), (1, wire.MIN_DATAGRAM)):
+            seeds.append(wire.encode(wire.PutPages(request_id=13, pages=pairs[:count]),
+                                     max_datagram=mx, auth=auth, now=NOW))
+        seeds += wire.encode_put_response(14, [(pairs[0][0], wire.PutStatus.STORED)],
+                                          max_datagram=32768, auth=auth, now=NOW)
+
+    def check(data: bytes) -> object:
+        """The message either mode accepted, else the error of the mode that got furthest."""
+        result: object = None
+        error: DecodeError | None = None
+        for auth in (opened, keyed):
+            outcomes: list[object] = []
+            for decode in (decode_request_native, wire.decode):
+                kwargs: dict[str, Any] = {"native": _native} if decode is decode_request_native else {}
+                try:
+                    outcomes.append(decode(data, max_datagram=wire.MAX_DATAGRAM, auth=auth,
+                                           now=NOW, **kwargs))
+                except DecodeError as exc:
+                    outcomes.append(exc)
+            mine, ref = outcomes
+            if isinstance(mine, DecodeError) or isinstance(ref, DecodeError):
+                if type(mine) is not type(ref) or str(mine) != str(ref):
+                    raise AssertionError(f"native {mine!r} != reference {ref!r}")
+                assert isinstance(mine, DecodeError)
+                if error is None or not isinstance(mine, AuthenticationError):
+                    error = mine
+            elif mine != ref:
+                raise AssertionError("native and reference decoded different messages")
+            else:
+                result = mine
+        if result is None and error is not None:
+            raise error
+        return result
+
+    def run(data: bytes) -> object:
+        relocated = _relocate_open_auth_block(data)
+        if relocated is not None:
+            with contextlib.suppress(DecodeError):
+                check(relocated)
+        return check(data)
+
+    return seeds, run, DecodeError
+
+
 def _incremental(decoder: Callable[[], Any]) -> Callable[[bytes], object]:
     """Run a fresh incremental decoder (feed, events, close) over one input."""
 
@@ -384,6 +444,7 @@ TARGETS: dict[str, Callable[[], tuple[list[bytes], Callable[[bytes], object], ty
     "wire": wire_target,
     "range_hash": range_hash_target,
     "pages_burst": pages_burst_target,
+    "put_request": put_request_target,
     "dedup_stream": dedup_target,
     "catalog": catalog_target,
     "qemu_stream": qemu_target,

@@ -42,7 +42,12 @@ from tmdht.aio.sockets import SocketBuffers, open_udp_socket
 from tmdht.auth import AuthenticationError, Authenticator, ReplayError
 from tmdht.errors import DecodeError, LimitExceededError, TmdhtError, UsageError
 from tmdht.net.address import Address
-from tmdht.net.burst import PutAnswer, encode_pages_answer, encode_put_answers
+from tmdht.net.burst import (
+    PutAnswer,
+    decode_request,
+    encode_pages_answer,
+    encode_put_answers,
+)
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
 from tmdht.node.wavestore import WavePutResult, WaveStore
@@ -264,7 +269,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             self._dropped["rate_limited"].inc()
             return
         try:
-            message = wire.decode(
+            message = decode_request(
                 data, max_datagram=wire.MAX_DATAGRAM, auth=self.auth, now=self.clock()
             )
         except wire.MessageDecodeError as exc:

@@ -75,17 +75,20 @@ pub struct BodyError {
     pub reason: String,
 }
 
-/// What became of one datagram.
+/// What became of one datagram (`T`: what its body decodes to).
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Not a version-2 PAGES datagram: the caller decodes it with the reference.
+pub enum Decoded<T> {
+    /// Not a version-2 datagram of the type asked for: the caller decodes it with the reference.
     Other,
     /// Refused before or by the auth check (`DecodeError` / `LimitExceededError` /
     /// `AuthenticationError`): no state may change.
     Refused(Error, bool),
-    /// Authentic: check the stamp, then take the part or the body error.
-    Authentic(Stamp, Result<PagesPart, BodyError>),
+    /// Authentic: check the stamp, then take the body or the body error.
+    Authentic(Stamp, Result<T, BodyError>),
 }
+
+/// What became of one PAGES datagram.
+pub type Outcome = Decoded<PagesPart>;
 
 fn u16_at(data: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([data[at], data[at + 1]])
@@ -104,37 +107,51 @@ fn eq_constant_time(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The auth error: `true` in `Refused` marks an `AuthenticationError`.
-fn auth_error(message: impl Into<String>) -> Outcome {
-    Outcome::Refused(Error::decode(message), true)
+fn auth_error<T>(message: impl Into<String>) -> Decoded<T> {
+    Decoded::Refused(Error::decode(message), true)
 }
 
 /// Decode and verify one datagram (see the module docs). `max_datagram` is already checked.
 pub fn decode_pages(data: &[u8], max_datagram: usize, keys: &Keys) -> Outcome {
+    match authenticate(data, max_datagram, keys, PAGES) {
+        Ok((stamp, end)) => Outcome::Authentic(stamp, decode_body(data, end)),
+        Err(outcome) => outcome,
+    }
+}
+
+/// Size limits and the auth block of a version-2 datagram of `message_type` (in
+/// `tmdht.wire.decode`'s order): the stamp and where the auth block ends, or the outcome.
+fn authenticate<T>(
+    data: &[u8],
+    max_datagram: usize,
+    keys: &Keys,
+    message_type: u8,
+) -> Result<(Stamp, usize), Decoded<T>> {
     let size = data.len();
-    if size < 2 || data[0] != PROTOCOL_VERSION || data[1] != PAGES {
-        return Outcome::Other;
+    if size < 2 || data[0] != PROTOCOL_VERSION || data[1] != message_type {
+        return Err(Decoded::Other);
     }
     if size > max_datagram {
-        return Outcome::Refused(
+        return Err(Decoded::Refused(
             Error::limit(format!("datagram of {size} bytes exceeds max_datagram {max_datagram}")),
             false,
-        );
+        ));
     }
     if size < OVERHEAD {
-        return Outcome::Refused(
+        return Err(Decoded::Refused(
             Error::decode(format!(
                 "datagram of {size} bytes is shorter than the {OVERHEAD}-byte minimum"
             )),
             false,
-        );
+        ));
     }
     // -- the auth block (tmdht.auth.Authenticator.open with end=bulk) --
     let body_length = u32_at(data, 16) as usize;
     let end = OVERHEAD + body_length;
     if end > size {
-        return auth_error(format!(
+        return Err(auth_error(format!(
             "auth block ending at byte {end} lies outside the {size}-byte datagram"
-        ));
+        )));
     }
     let block_at = end - AUTH_OVERHEAD;
     let tag_at = end - TAG_SIZE;
@@ -145,35 +162,34 @@ pub fn decode_pages(data: &[u8], max_datagram: usize, keys: &Keys) -> Outcome {
     match keys {
         Keys::Open => {
             if flags & FLAG_OPEN == 0 {
-                return auth_error(format!(
+                return Err(auth_error(format!(
                     "keyed datagram (key id {key_id}) refused: this node runs in open mode"
-                ));
+                )));
             }
             if flags != FLAG_OPEN || key_id != 0 || data[tag_at..end].iter().any(|&b| b != 0) {
-                return auth_error("malformed open-mode auth block");
+                return Err(auth_error("malformed open-mode auth block"));
             }
         }
         Keys::Keyed(_) => {
             if flags & FLAG_OPEN != 0 {
-                return auth_error("open (unauthenticated) datagram refused");
+                return Err(auth_error("open (unauthenticated) datagram refused"));
             }
             if flags != 0 {
-                return auth_error(format!("unknown auth flags 0x{flags:02x}"));
+                return Err(auth_error(format!("unknown auth flags 0x{flags:02x}")));
             }
             let Some(key) = keys.tag_key(key_id) else {
-                return auth_error(format!("unknown or expired key id {key_id}"));
+                return Err(auth_error(format!("unknown or expired key id {key_id}")));
             };
             let mut hasher = blake3::Hasher::new_keyed(key);
             hasher.update(&data[..tag_at]);
             let mut tag = [0u8; TAG_SIZE];
             hasher.finalize_xof().fill(&mut tag);
             if !eq_constant_time(&tag, &data[tag_at..end]) {
-                return auth_error(format!("bad tag (key id {key_id})"));
+                return Err(auth_error(format!("bad tag (key id {key_id})")));
             }
         }
     }
-    let stamp = Stamp { key_id, timestamp_ms, nonce };
-    Outcome::Authentic(stamp, decode_body(data, end))
+    Ok((Stamp { key_id, timestamp_ms, nonce }, end))
 }
 
 fn decode_body(data: &[u8], end: usize) -> Result<PagesPart, BodyError> {
@@ -459,5 +475,113 @@ mod put_result_tests {
         blake3::Hasher::new_keyed(&key).update(&data[..tag_at]).finalize_xof().fill(&mut tag);
         assert_eq!(&data[tag_at..], &tag);
         assert_eq!(results_per_part(32768), (32768 - OVERHEAD - 2) / 33);
+    }
+}
+
+// -- the node's side: PUT_PAGES requests decoded natively --------------------------------------
+
+/// `tmdht.wire.MessageType.PUT_PAGES`.
+pub const PUT_PAGES: u8 = 3;
+
+/// A decoded PUT_PAGES request. Offsets index the datagram; its pages are *not* verified here
+/// (the store checks each against its digest, as with the reference decoder).
+#[derive(Debug, PartialEq, Eq)]
+pub struct PutRequest {
+    pub request_id: u64,
+    /// `count` digests start here, pages (one per digest) at `bulk_at`.
+    pub digests_at: usize,
+    pub count: usize,
+    pub bulk_at: usize,
+}
+
+/// Decode one PUT_PAGES datagram: `tmdht.wire.decode`'s checks and messages, in its order.
+pub fn decode_put(data: &[u8], max_datagram: usize, keys: &Keys) -> Decoded<PutRequest> {
+    match authenticate(data, max_datagram, keys, PUT_PAGES) {
+        Ok((stamp, end)) => Decoded::Authentic(stamp, decode_put_body(data, end)),
+        Err(outcome) => outcome,
+    }
+}
+
+fn decode_put_body(data: &[u8], end: usize) -> Result<PutRequest, BodyError> {
+    let request_id = u64_at(data, 4);
+    let part = u16_at(data, 12);
+    let parts = u16_at(data, 14);
+    let flags = u16_at(data, 2);
+    let fail =
+        |reason: String| BodyError { request_id, message_type: PUT_PAGES, code: MALFORMED, reason };
+    if flags != 0 {
+        return Err(fail(format!("reserved header flags 0x{flags:04x} are set")));
+    }
+    if part >= parts || parts != 1 {
+        return Err(fail(format!("part {part} of {parts} is not valid for this message type")));
+    }
+    let start = HEADER_SIZE;
+    let body_end = end - AUTH_OVERHEAD;
+    if body_end - start < 2 {
+        return Err(fail(format!("body of {} bytes is too short for its counts", body_end - start)));
+    }
+    let count = u16_at(data, start) as usize;
+    let digests_at = start + 2;
+    if body_end - digests_at != count * DIGEST_SIZE {
+        return Err(fail(format!(
+            "body is {} bytes, its counts need {}",
+            body_end - digests_at,
+            count * DIGEST_SIZE
+        )));
+    }
+    if count == 0 {
+        return Err(fail("PUT_PAGES carries at least one page".to_string()));
+    }
+    let bulk = data.len() - end;
+    if bulk != count * PAGE_SIZE {
+        return Err(fail(format!(
+            "bulk is {bulk} bytes, the body's {count} pages need {}",
+            count * PAGE_SIZE
+        )));
+    }
+    Ok(PutRequest { request_id, digests_at, count, bulk_at: end })
+}
+
+#[cfg(test)]
+mod put_tests {
+    use super::*;
+
+    fn put_datagram(pages: &[&[u8]], key: &[u8; 32]) -> Vec<u8> {
+        let mut out = vec![PROTOCOL_VERSION, PUT_PAGES, 0, 0];
+        out.extend_from_slice(&11u64.to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&1u16.to_be_bytes());
+        out.extend_from_slice(&((2 + pages.len() * DIGEST_SIZE) as u32).to_be_bytes());
+        out.extend_from_slice(&(pages.len() as u16).to_be_bytes());
+        for page in pages {
+            out.extend_from_slice(blake3::hash(page).as_bytes());
+        }
+        seal_into(&mut out, &Sealer::Keyed(2, key), 5, 9);
+        for page in pages {
+            out.extend_from_slice(page);
+        }
+        out
+    }
+
+    #[test]
+    fn put_requests_decode_and_refuse_like_the_reference() {
+        let key = [4u8; 32];
+        let keys = Keys::Keyed(vec![(2, key)]);
+        let a = vec![1u8; PAGE_SIZE];
+        let data = put_datagram(&[&a, &a], &key);
+        let Decoded::Authentic(stamp, Ok(put)) = decode_put(&data, MAX_DATAGRAM, &keys) else {
+            panic!("not decoded")
+        };
+        assert_eq!(stamp, Stamp { key_id: 2, timestamp_ms: 5, nonce: 9 });
+        assert_eq!((put.request_id, put.count, put.bulk_at + 2 * PAGE_SIZE), (11, 2, data.len()));
+        let Decoded::Authentic(_, Err(error)) = decode_put(&data[..data.len() - 1], MAX_DATAGRAM, &keys)
+        else {
+            panic!("bulk not checked")
+        };
+        assert!(error.reason.starts_with("bulk is"));
+        for cut in 0..data.len() {
+            let _ = decode_put(&data[..cut], MAX_DATAGRAM, &keys);
+        }
+        assert!(matches!(decode_put(&data, MAX_DATAGRAM, &Keys::Open), Decoded::Refused(_, true)));
     }
 }

@@ -5,13 +5,14 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
-use crate::dataplane::{self, Keys, Outcome, Sealer, DIGEST_SIZE, PAGE_SIZE};
+use crate::dataplane::{self, Decoded, Keys, Outcome, Sealer, DIGEST_SIZE, PAGE_SIZE};
 use crate::errors::Kind;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_pages_burst, m)?)?;
     m.add_function(wrap_pyfunction!(encode_pages_answer, m)?)?;
     m.add_function(wrap_pyfunction!(encode_put_results, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_put_pages, m)?)?;
     m.add_function(wrap_pyfunction!(digest_pages, m)?)?;
     m.add_function(wrap_pyfunction!(pages_match, m)?)?;
     Ok(())
@@ -25,6 +26,89 @@ const BODY_ERROR: u8 = 3;
 const DECODE: u8 = 0;
 const LIMIT: u8 = 1;
 const AUTH: u8 = 2;
+
+/// `None` (open mode) or the (key id, tag key) pairs accepted now.
+fn parse_keys(keys: Option<Vec<(u8, Vec<u8>)>>) -> PyResult<Keys> {
+    Ok(match keys {
+        None => Keys::Open,
+        Some(list) => {
+            let mut out = Vec::with_capacity(list.len());
+            for (id, key) in list {
+                let key: [u8; 32] =
+                    key.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes"))?;
+                out.push((id, key));
+            }
+            Keys::Keyed(out)
+        }
+    })
+}
+
+/// The refusal class of a `Refused` outcome.
+fn refusal_class(error: &crate::errors::Error, auth: bool) -> u8 {
+    if auth {
+        AUTH
+    } else if error.kind == Kind::LimitExceeded {
+        LIMIT
+    } else {
+        DECODE
+    }
+}
+
+/// Decode one datagram if it is a version-2 PUT_PAGES request (the node's side; the twin of
+/// `tmdht.wire.decode` for that type): `None` (another type: decode it with the reference),
+/// `(1, class, message)` (refused before any state, as in `decode_pages_burst`),
+/// `(0, key_id, timestamp_ms, nonce, request_id, pages)` (authentic; `pages` the (digest,
+/// page) pairs, pages not verified), or `(3, key_id, timestamp_ms, nonce, request_id,
+/// message_type, code, reason)` (authentic, bad body). The caller checks the stamp.
+#[pyfunction]
+#[pyo3(signature = (data, max_datagram, keys))]
+fn decode_put_pages<'py>(
+    py: Python<'py>,
+    data: PyBuffer<u8>,
+    max_datagram: usize,
+    keys: Option<Vec<(u8, Vec<u8>)>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
+        return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
+    }
+    let keys = parse_keys(keys)?;
+    if !data.is_c_contiguous() {
+        return Err(PyValueError::new_err("a contiguous buffer is needed"));
+    }
+    // SAFETY: C-contiguous u8, exported (held) by `data` until return.
+    let bytes = unsafe { std::slice::from_raw_parts(data.buf_ptr() as *const u8, data.len_bytes()) };
+    Ok(match dataplane::decode_put(bytes, max_datagram, &keys) {
+        Decoded::Other => py.None().into_bound(py),
+        Decoded::Refused(error, auth) => {
+            (REFUSED, refusal_class(&error, auth), error.message).into_pyobject(py)?.into_any()
+        }
+        Decoded::Authentic(stamp, Err(body)) => (
+            BODY_ERROR,
+            stamp.key_id,
+            stamp.timestamp_ms,
+            stamp.nonce,
+            body.request_id,
+            body.message_type,
+            body.code,
+            body.reason,
+        )
+            .into_pyobject(py)?
+            .into_any(),
+        Decoded::Authentic(stamp, Ok(put)) => {
+            let mut pages = Vec::with_capacity(put.count);
+            for i in 0..put.count {
+                let at = put.digests_at + i * DIGEST_SIZE;
+                let digest = PyBytes::new(py, &bytes[at..at + DIGEST_SIZE]);
+                let at = put.bulk_at + i * PAGE_SIZE;
+                let page = PyBytes::new(py, &bytes[at..at + PAGE_SIZE]);
+                pages.push(PyTuple::new(py, [digest, page])?);
+            }
+            (OK, stamp.key_id, stamp.timestamp_ms, stamp.nonce, put.request_id, PyTuple::new(py, pages)?)
+                .into_pyobject(py)?
+                .into_any()
+        }
+    })
+}
 
 /// Decode and verify a burst of datagrams; one result per datagram, in order:
 /// `None` (not a PAGES datagram: decode it with the reference),
@@ -46,18 +130,7 @@ fn decode_pages_burst<'py>(
     if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
         return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
     }
-    let keys = match keys {
-        None => Keys::Open,
-        Some(list) => {
-            let mut out = Vec::with_capacity(list.len());
-            for (id, key) in list {
-                let key: [u8; 32] =
-                    key.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes"))?;
-                out.push((id, key));
-            }
-            Keys::Keyed(out)
-        }
-    };
+    let keys = parse_keys(keys)?;
     let mut views: Vec<(usize, usize)> = Vec::with_capacity(datagrams.len());
     for buffer in &datagrams {
         if !buffer.is_c_contiguous() {
@@ -79,14 +152,7 @@ fn decode_pages_burst<'py>(
         let item: Bound<'py, PyAny> = match outcome {
             Outcome::Other => py.None().into_bound(py),
             Outcome::Refused(error, auth) => {
-                let class = if auth {
-                    AUTH
-                } else if error.kind == Kind::LimitExceeded {
-                    LIMIT
-                } else {
-                    DECODE
-                };
-                (REFUSED, class, error.message).into_pyobject(py)?.into_any()
+                (REFUSED, refusal_class(&error, auth), error.message).into_pyobject(py)?.into_any()
             }
             Outcome::Authentic(stamp, Err(body)) => (
                 BODY_ERROR,

@@ -26,6 +26,8 @@ from tmdht.net.burst import (
     decode_burst,
     decode_burst_native,
     decode_burst_reference,
+    decode_request,
+    decode_request_native,
     encode_pages_answer_native,
     encode_pages_answer_reference,
     encode_put_answers,
@@ -312,3 +314,61 @@ def test_active_put_encoder_answers() -> None:
     message = wire.decode(datagram, auth=make_auth("keyed"), now=NOW, max_datagram=32768)
     assert isinstance(message, wire.PutResult)
     assert list(message.results) == list(zip(rows[0][1], rows[0][2], strict=True))
+
+
+def put_datagrams(mode: str, sizes: list[int], max_datagram: int) -> list[bytes]:
+    auth = make_auth(mode)
+    return [wire.encode(wire.PutPages(request_id=90 + i, pages=tuple(
+                (DIGESTS[(i + j) % 12], POOL[(i + j) % 12]) for j in range(size))),
+                max_datagram=max_datagram, auth=auth, now=NOW)
+            for i, size in enumerate(sizes)]
+
+
+def decode_or_error(decode: Any, data: bytes, **kwargs: Any) -> Any:
+    try:
+        return decode(data, **kwargs)
+    except DecodeError as exc:
+        return exc
+
+
+@needs_native
+@EXAMPLES
+@given(
+    mode=st.sampled_from(["keyed", "open"]),
+    sizes=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    seed=st.integers(0, 2**32),
+    mutants=st.integers(0, 12),
+    decode_limit=st.sampled_from([wire.MIN_DATAGRAM, 32768, wire.MAX_DATAGRAM]),
+)
+def test_native_request_decoder_is_the_reference(
+    mode: str, sizes: list[int], seed: int, mutants: int, decode_limit: int
+) -> None:
+    """PUT_PAGES requests (and other datagrams, handed to the reference) and their corruptions,
+    replays included: the same message or the same error class and text as wire.decode, the
+    replay windows alike afterwards."""
+    from tmdht import _native
+
+    rng = random.Random(seed)
+    good = put_datagrams(mode, sizes, 32768) + other_datagrams(mode)
+    stream = list(good)
+    for _ in range(mutants):
+        stream.append(mutate(rng.choice(good), rng))
+    if mode == "keyed" and rng.random() < 0.3:  # a datagram of the other mode
+        stream.append(put_datagrams("open", [1], 32768)[0])
+    rng.shuffle(stream)
+    ref_auth, nat_auth = make_auth(mode), make_auth(mode)
+    for index, data in enumerate(stream):
+        left = decode_or_error(wire.decode, data, auth=ref_auth, now=NOW, max_datagram=decode_limit)
+        right = decode_or_error(decode_request_native, data, auth=nat_auth, now=NOW,
+                                max_datagram=decode_limit, native=_native)
+        assert same(left, right), (index, left, right)
+        if isinstance(right, wire.PutPages):
+            assert right == wire.PutPages(request_id=right.request_id, pages=right.pages)
+    assert len(ref_auth.replay or ()) == len(nat_auth.replay or ())
+
+
+def test_active_request_decoder_decodes_puts() -> None:
+    (datagram,) = put_datagrams("keyed", [3], 32768)
+    message = decode_request(datagram, auth=make_auth("keyed"), now=NOW)
+    assert isinstance(message, wire.PutPages) and message.request_id == 90
+    assert message.pages == tuple((DIGESTS[j], POOL[j]) for j in range(3))

@@ -28,6 +28,12 @@ with :func:`encode_put_answers`: every PUT_RESULT of the group built and sealed 
 call (the reference, :func:`tmdht.wire.encode_put_response` per PUT, cost about 4.5 us per page
 stored on the node's event loop, most of its answer path).
 
+A node decodes each request with :func:`decode_request`: PUT_PAGES natively
+(``tmdht._native.decode_put_pages``: size limits, auth block and tag, header, body; the pages
+copied out, not verified, as :func:`tmdht.wire.decode` leaves them for the store), the replay
+check and the message built here; other types, and everything with ``TMDHT_NATIVE=0``, by
+:func:`tmdht.wire.decode`.
+
 The two agree datagram for datagram: the same messages, the same error classes (the property
 tests in ``tests/net/test_burst.py`` hold them to it, corrupted tags, wrong digests and
 truncations included).
@@ -54,6 +60,8 @@ __all__ = [
     "decode_burst",
     "decode_burst_native",
     "decode_burst_reference",
+    "decode_request",
+    "decode_request_native",
     "encode_pages_answer",
     "encode_pages_answer_native",
     "encode_pages_answer_reference",
@@ -360,3 +368,58 @@ def encode_put_answers(
     """The answers of a committed group of PUTs with the active implementation: per PUT, in
     order, its PUT_RESULT datagrams (one in practice)."""
     return _PUT_ENCODER(answers, max_datagram=max_datagram, auth=auth, now=now)
+
+
+# -- the node's side: requests -------------------------------------------------------------------
+
+
+def decode_request_native(
+    data: ByteView,
+    *,
+    auth: Authenticator,
+    now: float,
+    max_datagram: int = wire.MAX_DATAGRAM,
+    native: ModuleType | None = None,
+) -> wire.Message:
+    """A node's decoder: PUT_PAGES natively, the rest by :func:`tmdht.wire.decode`; the same
+    message or the same error (class and text) as :func:`tmdht.wire.decode`, the replay window
+    changed alike."""
+    module = native or native_module()
+    if module is None:
+        raise ImportError("tmdht._native is not in use")
+    wire.check_max_datagram(max_datagram)
+    item = module.decode_put_pages(data, max_datagram, _keys(auth, now))
+    if item is None:
+        return wire.decode(data, max_datagram=max_datagram, auth=auth, now=now)
+    tag = item[0]
+    if tag == _REFUSED:
+        raise _REFUSED_CLASSES[item[1]](item[2])
+    replay = auth.replay
+    if replay is not None:
+        replay.check(item[1], item[3], item[2], now)
+    if tag == _OK:
+        return wire.put_pages_decoded(item[4], item[5])
+    assert tag == _BODY_ERROR
+    request_id, message_type, code, reason = item[4:8]
+    raise wire.MessageDecodeError(
+        reason, request_id=request_id, message_type=message_type, code=wire.ErrorCode(code)
+    )
+
+
+def _decode_request_reference(
+    data: ByteView, *, auth: Authenticator, now: float, max_datagram: int = wire.MAX_DATAGRAM
+) -> wire.Message:
+    return wire.decode(data, max_datagram=max_datagram, auth=auth, now=now)
+
+
+_REQUEST_DECODER: Final = (
+    decode_request_native if native_module() is not None else _decode_request_reference
+)
+
+
+def decode_request(
+    data: ByteView, *, auth: Authenticator, now: float, max_datagram: int = wire.MAX_DATAGRAM
+) -> wire.Message:
+    """Decode one datagram a node received with the active implementation (raises as
+    :func:`tmdht.wire.decode`)."""
+    return _REQUEST_DECODER(data, auth=auth, now=now, max_datagram=max_datagram)

@@ -134,13 +134,53 @@ def wire_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exceptio
     return seeds, run, DecodeError
 
 
+def _differential(
+    auths: tuple[Authenticator, ...],
+    decode_both: Callable[[bytes, Authenticator], tuple[object, object]],
+) -> Callable[[bytes], object]:
+    """A differential run: each input (and its relocated twin) is decoded natively and by the
+    reference (``decode_both``: message or DecodeError each) under every authenticator, and the
+    two must agree (the same message, or the same error class and message); a disagreement is
+    a crash. Returns the message a mode accepted, else raises the error of the mode that got
+    furthest."""
+    from tmdht.auth import AuthenticationError  # noqa: PLC0415
+
+    def check(data: bytes) -> object:
+        result: object = None
+        error: DecodeError | None = None
+        for auth in auths:
+            mine, ref = decode_both(data, auth)
+            if isinstance(mine, DecodeError) or isinstance(ref, DecodeError):
+                if type(mine) is not type(ref) or str(mine) != str(ref):
+                    raise AssertionError(f"native {mine!r} != reference {ref!r}")
+                assert isinstance(mine, DecodeError)
+                if error is None or not isinstance(mine, AuthenticationError):
+                    error = mine
+            elif mine != ref:
+                raise AssertionError("native and reference decoded different messages")
+            else:
+                result = mine
+        if result is None and error is not None:
+            raise error
+        return result
+
+    def run(data: bytes) -> object:
+        relocated = _relocate_open_auth_block(data)
+        if relocated is not None:
+            with contextlib.suppress(DecodeError):
+                check(relocated)
+        return check(data)
+
+    return run
+
+
 def pages_burst_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
     """The native burst decoder of PAGES answers (tmdht._native.decode_pages_burst through
     tmdht.net.burst), differentially: each input (and its relocated twin) is decoded natively
     and by the reference, open mode and keyed, and the two must agree (same message, or same
     error class and message); a disagreement is a crash."""
     from tmdht import _native  # noqa: PLC0415 - only this target needs the extension
-    from tmdht.auth import AuthenticationError, ClusterKey, KeyRing  # noqa: PLC0415
+    from tmdht.auth import ClusterKey, KeyRing  # noqa: PLC0415
     from tmdht.net.burst import decode_burst_native, decode_burst_reference  # noqa: PLC0415
 
     ring = KeyRing(ClusterKey(7, bytes(range(32))))
@@ -156,34 +196,12 @@ def pages_burst_target() -> tuple[list[bytes], Callable[[bytes], object], type[E
                                                 now=NOW)
     seeds += wire.encode_have_response(12, [True, False], max_datagram=32768, auth=opened, now=NOW)
 
-    def check(data: bytes) -> object:
-        """The message either mode accepted, else the error of the mode that got furthest."""
-        result: object = None
-        error: DecodeError | None = None
-        for auth in (opened, keyed):
-            (mine,) = decode_burst_native([data], auth=auth, now=NOW, native=_native)
-            (ref,) = decode_burst_reference([data], auth=auth, now=NOW)
-            if isinstance(mine, DecodeError) or isinstance(ref, DecodeError):
-                if type(mine) is not type(ref) or str(mine) != str(ref):
-                    raise AssertionError(f"native {mine!r} != reference {ref!r}")
-                assert isinstance(mine, DecodeError)
-                if error is None or not isinstance(mine, AuthenticationError):
-                    error = mine
-            elif mine != ref:
-                raise AssertionError("native and reference decoded different messages")
-            else:
-                result = mine
-        if result is None and error is not None:
-            raise error
-        return result
+    def decode_both(data: bytes, auth: Authenticator) -> tuple[object, object]:
+        (mine,) = decode_burst_native([data], auth=auth, now=NOW, native=_native)
+        (ref,) = decode_burst_reference([data], auth=auth, now=NOW)
+        return mine, ref
 
-    def run(data: bytes) -> object:
-        relocated = _relocate_open_auth_block(data)
-        if relocated is not None:
-            with contextlib.suppress(DecodeError):
-                check(relocated)
-        return check(data)
-
+    run = _differential((opened, keyed), decode_both)
     return seeds, run, DecodeError
 
 
@@ -194,7 +212,7 @@ def put_request_target() -> tuple[list[bytes], Callable[[bytes], object], type[E
     crash. Other types are handed to the reference by design (seeds of a few are mutated into
     PUT_PAGES by the type byte)."""
     from tmdht import _native  # noqa: PLC0415 - only this target needs the extension
-    from tmdht.auth import AuthenticationError, ClusterKey, KeyRing  # noqa: PLC0415
+    from tmdht.auth import ClusterKey, KeyRing  # noqa: PLC0415
     from tmdht.net.burst import decode_request_native  # noqa: PLC0415
 
     ring = KeyRing(ClusterKey(7, bytes(range(32))))
@@ -209,41 +227,17 @@ def put_request_target() -> tuple[list[bytes], Callable[[bytes], object], type[E
         seeds += wire.encode_put_response(14, [(pairs[0][0], wire.PutStatus.STORED)],
                                           max_datagram=32768, auth=auth, now=NOW)
 
-    def check(data: bytes) -> object:
-        """The message either mode accepted, else the error of the mode that got furthest."""
-        result: object = None
-        error: DecodeError | None = None
-        for auth in (opened, keyed):
-            outcomes: list[object] = []
-            for decode in (decode_request_native, wire.decode):
-                kwargs: dict[str, Any] = {"native": _native} if decode is decode_request_native else {}
-                try:
-                    outcomes.append(decode(data, max_datagram=wire.MAX_DATAGRAM, auth=auth,
-                                           now=NOW, **kwargs))
-                except DecodeError as exc:
-                    outcomes.append(exc)
-            mine, ref = outcomes
-            if isinstance(mine, DecodeError) or isinstance(ref, DecodeError):
-                if type(mine) is not type(ref) or str(mine) != str(ref):
-                    raise AssertionError(f"native {mine!r} != reference {ref!r}")
-                assert isinstance(mine, DecodeError)
-                if error is None or not isinstance(mine, AuthenticationError):
-                    error = mine
-            elif mine != ref:
-                raise AssertionError("native and reference decoded different messages")
-            else:
-                result = mine
-        if result is None and error is not None:
-            raise error
-        return result
+    def decode_both(data: bytes, auth: Authenticator) -> tuple[object, object]:
+        outcomes: list[object] = []
+        for decode, kwargs in ((decode_request_native, {"native": _native}), (wire.decode, {})):
+            try:
+                outcomes.append(decode(data, max_datagram=wire.MAX_DATAGRAM, auth=auth, now=NOW,
+                                       **kwargs))
+            except DecodeError as exc:
+                outcomes.append(exc)
+        return outcomes[0], outcomes[1]
 
-    def run(data: bytes) -> object:
-        relocated = _relocate_open_auth_block(data)
-        if relocated is not None:
-            with contextlib.suppress(DecodeError):
-                check(relocated)
-        return check(data)
-
+    run = _differential((opened, keyed), decode_both)
     return seeds, run, DecodeError
 
 

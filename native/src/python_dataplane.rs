@@ -5,7 +5,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
-use crate::dataplane::{self, Decoded, Keys, Outcome, Sealer, DIGEST_SIZE, PAGE_SIZE};
+use crate::dataplane::{self, Decoded, Keys, Sealer, DIGEST_SIZE, PAGE_SIZE};
 use crate::errors::Kind;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -54,6 +54,35 @@ fn refusal_class(error: &crate::errors::Error, auth: bool) -> u8 {
     }
 }
 
+/// A decoded body with its stamp, or what the caller returns instead: `None` (another type),
+/// `(1, class, message)` (refused) or `(3, key_id, timestamp_ms, nonce, request_id,
+/// message_type, code, reason)` (authentic, bad body).
+#[allow(clippy::type_complexity)]
+fn unless_decoded<'py, T>(
+    py: Python<'py>,
+    outcome: Decoded<T>,
+) -> PyResult<Result<(dataplane::Stamp, T), Bound<'py, PyAny>>> {
+    Ok(Err(match outcome {
+        Decoded::Authentic(stamp, Ok(body)) => return Ok(Ok((stamp, body))),
+        Decoded::Other => py.None().into_bound(py),
+        Decoded::Refused(error, auth) => {
+            (REFUSED, refusal_class(&error, auth), error.message).into_pyobject(py)?.into_any()
+        }
+        Decoded::Authentic(stamp, Err(body)) => (
+            BODY_ERROR,
+            stamp.key_id,
+            stamp.timestamp_ms,
+            stamp.nonce,
+            body.request_id,
+            body.message_type,
+            body.code,
+            body.reason,
+        )
+            .into_pyobject(py)?
+            .into_any(),
+    }))
+}
+
 /// Decode one datagram if it is a version-2 PUT_PAGES request (the node's side; the twin of
 /// `tmdht.wire.decode` for that type): `None` (another type: decode it with the reference),
 /// `(1, class, message)` (refused before any state, as in `decode_pages_burst`),
@@ -77,24 +106,9 @@ fn decode_put_pages<'py>(
     }
     // SAFETY: C-contiguous u8, exported (held) by `data` until return.
     let bytes = unsafe { std::slice::from_raw_parts(data.buf_ptr() as *const u8, data.len_bytes()) };
-    Ok(match dataplane::decode_put(bytes, max_datagram, &keys) {
-        Decoded::Other => py.None().into_bound(py),
-        Decoded::Refused(error, auth) => {
-            (REFUSED, refusal_class(&error, auth), error.message).into_pyobject(py)?.into_any()
-        }
-        Decoded::Authentic(stamp, Err(body)) => (
-            BODY_ERROR,
-            stamp.key_id,
-            stamp.timestamp_ms,
-            stamp.nonce,
-            body.request_id,
-            body.message_type,
-            body.code,
-            body.reason,
-        )
-            .into_pyobject(py)?
-            .into_any(),
-        Decoded::Authentic(stamp, Ok(put)) => {
+    Ok(match unless_decoded(py, dataplane::decode_put(bytes, max_datagram, &keys))? {
+        Err(item) => item,
+        Ok((stamp, put)) => {
             let mut pages = Vec::with_capacity(put.count);
             for i in 0..put.count {
                 let at = put.digests_at + i * DIGEST_SIZE;
@@ -149,24 +163,9 @@ fn decode_pages_burst<'py>(
     for &view in &views {
         let data = slice(view);
         let outcome = dataplane::decode_pages(data, max_datagram, &keys);
-        let item: Bound<'py, PyAny> = match outcome {
-            Outcome::Other => py.None().into_bound(py),
-            Outcome::Refused(error, auth) => {
-                (REFUSED, refusal_class(&error, auth), error.message).into_pyobject(py)?.into_any()
-            }
-            Outcome::Authentic(stamp, Err(body)) => (
-                BODY_ERROR,
-                stamp.key_id,
-                stamp.timestamp_ms,
-                stamp.nonce,
-                body.request_id,
-                body.message_type,
-                body.code,
-                body.reason,
-            )
-                .into_pyobject(py)?
-                .into_any(),
-            Outcome::Authentic(stamp, Ok(part)) => {
+        let item: Bound<'py, PyAny> = match unless_decoded(py, outcome)? {
+            Err(item) => item,
+            Ok((stamp, part)) => {
                 let digest = |i: usize| {
                     let at = part.digests_at + i * DIGEST_SIZE;
                     PyBytes::new(py, &data[at..at + DIGEST_SIZE])
@@ -278,6 +277,9 @@ fn encode_pages_answer<'py>(
     Ok((out, found.len()))
 }
 
+/// One PUT's answer, checked: request id, digests (32 bytes each), status bytes.
+type CheckedAnswer<'a> = (u64, Vec<&'a [u8]>, &'a [u8]);
+
 /// The answers of a committed group of PUTs, sealed in one call: `answers` holds per PUT
 /// (request id, its digests, one status byte per digest); returns per PUT its PUT_RESULT
 /// datagrams (one in practice), split as `tmdht.wire.encode_put_response` splits them. Sealed
@@ -305,7 +307,7 @@ fn encode_put_results<'py>(
     };
     let per_part = dataplane::results_per_part(max_datagram);
     // Every answer is checked before any nonce is drawn: a bad one draws none.
-    let mut checked: Vec<(u64, Vec<&[u8]>, &[u8])> = Vec::with_capacity(answers.len());
+    let mut checked: Vec<CheckedAnswer<'_>> = Vec::with_capacity(answers.len());
     for (request_id, digests, statuses) in &answers {
         let statuses = statuses.as_bytes();
         if statuses.len() != digests.len() {

@@ -30,6 +30,13 @@ def rebuilt(store: PageStore) -> BucketTable:
     return BucketTable.from_digests(store.iter_digests())
 
 
+def apply(store: PageStore, put: bool, numbers: list[int]) -> None:
+    if put:
+        store.put_many(items(numbers))
+    else:
+        store.delete_many([digest_page(page(n)) for n in numbers])
+
+
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.booleans(), st.lists(st.integers(1, 60), max_size=12)), max_size=12))
@@ -37,10 +44,7 @@ def test_incremental_equals_rebuilt(tmp_path_factory: object, ops: list[tuple[bo
     path = tmp_path_factory.mktemp("store")  # type: ignore[attr-defined]
     with PageStore.open(path, capacity_bytes=CAPACITY) as store:
         for put, numbers in ops:
-            if put:
-                store.put_many(items(numbers))
-            else:
-                store.delete_many([digest_page(page(n)) for n in numbers])
+            apply(store, put, numbers)
             assert store.buckets.table() == rebuilt(store)
     with PageStore.open(path, capacity_bytes=CAPACITY) as store:
         assert not store.buckets.rebuilt
@@ -61,10 +65,7 @@ def test_digests_folded_late_give_the_same_table(
     with mock.patch.object(node_buckets, "FOLD_PENDING", fold_at):
         with PageStore.open(path, capacity_bytes=CAPACITY) as store:
             for put, numbers in ops:
-                if put:
-                    store.put_many(items(numbers))
-                else:
-                    store.delete_many([digest_page(page(n)) for n in numbers])
+                apply(store, put, numbers)
             if read:
                 assert store.buckets.table() == rebuilt(store)
         with PageStore.open(path, capacity_bytes=CAPACITY) as store:

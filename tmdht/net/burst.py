@@ -245,6 +245,25 @@ def encode_pages_answer_reference(
     return datagrams, len(found)
 
 
+def _sealing(
+    native: ModuleType | None, max_datagram: int, auth: Authenticator, now: float
+) -> tuple[ModuleType, int, int, bytes | None]:
+    """What a native sealer needs: the module, the timestamp (ms) and the current key (id and
+    tag key; 0 and None in open mode), checked as :meth:`tmdht.auth.Authenticator.seal` does."""
+    module = native or native_module()
+    if module is None:
+        raise ImportError("tmdht._native is not in use")
+    wire.check_max_datagram(max_datagram)
+    timestamp_ms = int(now * 1000)
+    if not 0 <= timestamp_ms < 1 << 64:
+        raise UsageError(f"now must be seconds since the Unix epoch, got {now}")
+    keyring = auth.keyring
+    key = None if keyring is None else keyring.current
+    if key is None:
+        return module, timestamp_ms, 0, None
+    return module, timestamp_ms, key.key_id, key.tag_key
+
+
 def encode_pages_answer_native(
     request_id: int,
     digests: Sequence[PageDigest],
@@ -256,22 +275,13 @@ def encode_pages_answer_native(
     native: ModuleType | None = None,
 ) -> tuple[list[list[ByteView]], int]:
     """The native encoder: the same datagrams, byte for byte (the same nonces drawn in order)."""
-    module = native or native_module()
-    if module is None:
-        raise ImportError("tmdht._native is not in use")
-    wire.check_max_datagram(max_datagram)
-    timestamp_ms = int(now * 1000)
-    if not 0 <= timestamp_ms < 1 << 64:
-        raise UsageError(f"now must be seconds since the Unix epoch, got {now}")
+    module, timestamp_ms, key_id, tag_key = _sealing(native, max_datagram, auth, now)
     if not 0 <= request_id < 1 << 64:
         raise wire.InvalidMessageError(f"request id {request_id} is not a u64")
-    keyring = auth.keyring
-    key = None if keyring is None else keyring.current
     try:
         datagrams, found = module.encode_pages_answer(
-            request_id, digests, views, max_datagram=max_datagram,
-            key_id=0 if key is None else key.key_id, tag_key=None if key is None else key.tag_key,
-            timestamp_ms=timestamp_ms, nonce=auth.next_nonce,
+            request_id, digests, views, max_datagram=max_datagram, key_id=key_id,
+            tag_key=tag_key, timestamp_ms=timestamp_ms, nonce=auth.next_nonce,
         )
     except ValueError as exc:
         raise wire.InvalidMessageError(str(exc)) from None
@@ -325,13 +335,7 @@ def encode_put_answers_native(
     native: ModuleType | None = None,
 ) -> list[list[bytes]]:
     """The native encoder: the same datagrams, byte for byte (the same nonces drawn in order)."""
-    module = native or native_module()
-    if module is None:
-        raise ImportError("tmdht._native is not in use")
-    wire.check_max_datagram(max_datagram)
-    timestamp_ms = int(now * 1000)
-    if not 0 <= timestamp_ms < 1 << 64:
-        raise UsageError(f"now must be seconds since the Unix epoch, got {now}")
+    module, timestamp_ms, key_id, tag_key = _sealing(native, max_datagram, auth, now)
     rows = []
     for request_id, digests, statuses in answers:
         if not 0 <= request_id < 1 << 64:
@@ -345,13 +349,10 @@ def encode_put_answers_native(
         if raw.translate(None, _STATUS_VALUES):
             raise wire.InvalidMessageError(f"unknown put status in {list(statuses)!r}")
         rows.append((request_id, digests, raw))
-    keyring = auth.keyring
-    key = None if keyring is None else keyring.current
     try:
         return module.encode_put_results(  # type: ignore[no-any-return]
-            rows, max_datagram=max_datagram, key_id=0 if key is None else key.key_id,
-            tag_key=None if key is None else key.tag_key, timestamp_ms=timestamp_ms,
-            nonce=auth.next_nonce,
+            rows, max_datagram=max_datagram, key_id=key_id, tag_key=tag_key,
+            timestamp_ms=timestamp_ms, nonce=auth.next_nonce,
         )
     except (ValueError, TypeError) as exc:
         raise wire.InvalidMessageError(str(exc)) from None

@@ -344,6 +344,16 @@ pub enum Sealer<'a> {
     Keyed(u8, &'a [u8; 32]),
 }
 
+impl<'a> Sealer<'a> {
+    /// Open mode without a tag key, else keyed.
+    pub fn of(key_id: u8, tag_key: Option<&'a [u8; 32]>) -> Self {
+        match tag_key {
+            None => Sealer::Open,
+            Some(key) => Sealer::Keyed(key_id, key),
+        }
+    }
+}
+
 /// The head of one PAGES datagram: header, body (the digests of its pages, then its missing
 /// digests) and the sealed auth block; its pages follow it on the wire, outside the tag.
 #[allow(clippy::too_many_arguments)]

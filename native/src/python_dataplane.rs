@@ -27,6 +27,20 @@ const DECODE: u8 = 0;
 const LIMIT: u8 = 1;
 const AUTH: u8 = 2;
 
+fn check_max_datagram(max_datagram: usize) -> PyResult<()> {
+    if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
+        return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
+    }
+    Ok(())
+}
+
+/// A sealer's tag key: `None` in open mode, else 32 bytes.
+fn parse_tag_key(tag_key: Option<Vec<u8>>) -> PyResult<Option<[u8; 32]>> {
+    tag_key
+        .map(|k| k.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes")))
+        .transpose()
+}
+
 /// `None` (open mode) or the (key id, tag key) pairs accepted now.
 fn parse_keys(keys: Option<Vec<(u8, Vec<u8>)>>) -> PyResult<Keys> {
     Ok(match keys {
@@ -97,9 +111,7 @@ fn decode_put_pages<'py>(
     max_datagram: usize,
     keys: Option<Vec<(u8, Vec<u8>)>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
-        return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
-    }
+    check_max_datagram(max_datagram)?;
     let keys = parse_keys(keys)?;
     if !data.is_c_contiguous() {
         return Err(PyValueError::new_err("a contiguous buffer is needed"));
@@ -141,9 +153,7 @@ fn decode_pages_burst<'py>(
     max_datagram: usize,
     keys: Option<Vec<(u8, Vec<u8>)>>,
 ) -> PyResult<Bound<'py, PyList>> {
-    if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
-        return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
-    }
+    check_max_datagram(max_datagram)?;
     let keys = parse_keys(keys)?;
     let mut views: Vec<(usize, usize)> = Vec::with_capacity(datagrams.len());
     for buffer in &datagrams {
@@ -221,19 +231,12 @@ fn encode_pages_answer<'py>(
     timestamp_ms: u64,
     nonce: Bound<'py, PyAny>,
 ) -> PyResult<(Bound<'py, PyList>, usize)> {
-    if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
-        return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
-    }
+    check_max_datagram(max_datagram)?;
     if digests.len() != views.len() {
         return Err(PyValueError::new_err("one view (or None) per digest"));
     }
-    let key: Option<[u8; 32]> = tag_key
-        .map(|k| k.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes")))
-        .transpose()?;
-    let sealer = match &key {
-        None => Sealer::Open,
-        Some(k) => Sealer::Keyed(key_id, k),
-    };
+    let key = parse_tag_key(tag_key)?;
+    let sealer = Sealer::of(key_id, key.as_ref());
     let mut found: Vec<&[u8]> = Vec::with_capacity(digests.len());
     let mut found_views: Vec<&Bound<'py, PyAny>> = Vec::with_capacity(digests.len());
     let mut missing: Vec<&[u8]> = Vec::new();
@@ -295,16 +298,9 @@ fn encode_put_results<'py>(
     timestamp_ms: u64,
     nonce: Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyList>> {
-    if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
-        return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
-    }
-    let key: Option<[u8; 32]> = tag_key
-        .map(|k| k.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes")))
-        .transpose()?;
-    let sealer = match &key {
-        None => Sealer::Open,
-        Some(k) => Sealer::Keyed(key_id, k),
-    };
+    check_max_datagram(max_datagram)?;
+    let key = parse_tag_key(tag_key)?;
+    let sealer = Sealer::of(key_id, key.as_ref());
     let per_part = dataplane::results_per_part(max_datagram);
     // Every answer is checked before any nonce is drawn: a bad one draws none.
     let mut checked: Vec<CheckedAnswer<'_>> = Vec::with_capacity(answers.len());

@@ -374,6 +374,9 @@ def encode_put_answers(
 # -- the node's side: requests -------------------------------------------------------------------
 
 
+_PUT_PAGES: Final = int(wire.MessageType.PUT_PAGES)
+
+
 def decode_request_native(
     data: ByteView,
     *,
@@ -389,6 +392,8 @@ def decode_request_native(
     if module is None:
         raise ImportError("tmdht._native is not in use")
     wire.check_max_datagram(max_datagram)
+    if len(data) < 2 or data[1] != _PUT_PAGES:  # not worth the key list: the reference decodes
+        return wire.decode(data, max_datagram=max_datagram, auth=auth, now=now)
     item = module.decode_put_pages(data, max_datagram, _keys(auth, now))
     if item is None:
         return wire.decode(data, max_datagram=max_datagram, auth=auth, now=now)

@@ -230,6 +230,8 @@ class MigrationReport:
     """Offered pages sent whole after NEED."""
     wave_window_full: int = 0
     """Pages sent whole because the offer window was full (sender)."""
+    wave_sent_whole: int = 0
+    """Pages sent whole, not offered, because recent offers were mostly not found (sender)."""
     wave_stored: int = 0
     """Received pages stored into the wave store (receiver)."""
     wave_store_timeouts: int = 0
@@ -258,7 +260,8 @@ class MigrationReport:
         wave = ("" if self.wave is None else
                 f"; wave {self.wave}: offers {self.wave_offers}, found in the wave store "
                 f"{self.wave_hits}, bodies sent {self.wave_bodies}, sent whole (offer window "
-                f"full) {self.wave_window_full}, stored {self.wave_stored}")
+                f"full) {self.wave_window_full}, sent whole (offers not found) "
+                f"{self.wave_sent_whole}, stored {self.wave_stored}")
         return (f"tmdht qemu {self.role}: {outcome} in {self.duration_s:.2f} s;"
                 f" pages {c.pages}, templates {c.template_pages}, zero {c.zero_pages}, "
                 f"back-references {c.backref_pages}, full {c.full_pages}, "
@@ -298,6 +301,9 @@ class SenderConfig:
     stream is exactly as without waves)."""
     offer_window: int = 64 << 20
     """Bytes of offered pages kept unacknowledged at most; beyond, pages go whole."""
+    adaptive_offers: bool = True
+    """Send pages whole while recent offers are mostly not found in the wave store (the
+    first VM of a wave); False offers every non-template page."""
 
     def __post_init__(self) -> None:
         """Secure by default: no plaintext off loopback unless asked for (UsageError)."""
@@ -494,7 +500,8 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
     rewriter = make_sender(read_template_digests(config.catalog), compress=config.compress,
                            backref_window=config.backref_window, flow_window=config.flow_window,
                            wave_tag=None if config.wave is None else config.wave.tag,
-                           offer_window=config.offer_window)
+                           offer_window=config.offer_window,
+                           adaptive_offers=config.adaptive_offers)
     if config.wave is not None:
         report.wave = config.wave.wave_id
     if config.tls is not None:
@@ -538,6 +545,7 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
             report.wave_offers = wave.offers
             report.wave_bodies = wave.bodies
             report.wave_window_full = wave.window_full
+            report.wave_sent_whole = wave.whole
         report.duration_s = time.monotonic() - started
         report.cpu_s = time.process_time()
         _finish_metrics(metrics, report)

@@ -178,7 +178,8 @@ class MigrationReceiver(Protocol):
 
 def make_sender(templates: TemplateDigests, *, compress: bool = False,
                 backref_window: int = 32768, flow_window: int = 64 << 20,
-                wave_tag: bytes | None = None, offer_window: int = 64 << 20) -> MigrationSender:
+                wave_tag: bytes | None = None, offer_window: int = 64 << 20,
+                adaptive_offers: bool = True) -> MigrationSender:
     """The sender core of the active implementation, replacing pages in ``templates``.
     In a wave (``wave_tag``) always the reference: the native core has no OFFER yet."""
     if wave_tag is not None:
@@ -186,7 +187,7 @@ def make_sender(templates: TemplateDigests, *, compress: bool = False,
         return SenderRewriter(templates.catalog_id, lambda ds: [d in members for d in ds],
                               compress=compress, backref_window=backref_window,
                               flow_window=flow_window, wave_tag=wave_tag,
-                              offer_window=offer_window)
+                              offer_window=offer_window, adaptive=adaptive_offers)
     if _NATIVE is not None:
         return NativeSender(templates, compress=compress, backref_window=backref_window,
                             flow_window=flow_window)

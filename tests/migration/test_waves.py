@@ -12,9 +12,11 @@ from support.synthetic import page_pool, qemu_stream
 from tmdht.catalog import TemplateCatalog
 from tmdht.catalog_file import TemplateDigests
 from tmdht.errors import ConfigError, DecodeError, DigestMismatchError
+from tmdht.migration.sender import OFFER_MIN_HIT_RATE, OFFER_PROBE_EVERY
 from tmdht.migration_stream import (
     FLAG_WAVE,
     ForwardDecoder,
+    FullPage,
     Hello,
     Need,
     Offer,
@@ -36,15 +38,15 @@ WAVE = WaveCredentials("rack-7", bytes(range(1, 33)))
 OTHER = WaveCredentials("rack-7", bytes(range(2, 34)))
 
 
-def guest_stream(seed: int, shared: list[bytes]) -> bytes:
-    """A guest: the shared application pages (same in every guest of the wave), templates,
-    and pages of its own (its seed)."""
+def guest_stream(seed: int, shared: list[bytes], *, shared_at: int = 0) -> bytes:
+    """A guest: the shared application pages (same in every guest of the wave, from page
+    ``shared_at`` on), templates, and pages of its own (its seed)."""
     rng = random.Random(seed)
     records = []
     for index in range(BLOCKS[0][1] // PAGE_SIZE):
         x = rng.random()
-        if index < len(shared):
-            data = shared[index]
+        if shared_at <= index < shared_at + len(shared):
+            data = shared[index - shared_at]
         elif x < 0.2:
             data = POOL[rng.randrange(len(POOL))]
         elif x < 0.3:
@@ -61,19 +63,21 @@ _SHARED_RNG = random.Random(99)
 SHARED = [_SHARED_RNG.randbytes(PAGE_SIZE) for _ in range(120)]
 
 
-def sender_for(wave: WaveCredentials | None, offer_window: int = 32 << 20) -> SenderRewriter:
+def sender_for(wave: WaveCredentials | None, offer_window: int = 32 << 20, *,
+               adaptive: bool = True) -> SenderRewriter:
     members = _digests().as_set()
     return SenderRewriter(CATALOG.catalog_id, lambda ds: [d in members for d in ds],
                           flow_window=1 << 30, wave_tag=None if wave is None else wave.tag,
-                          offer_window=offer_window)
+                          offer_window=offer_window, adaptive=adaptive)
 
 
 def migrate(stream: bytes, store: dict[bytes, bytes], wave: WaveCredentials = WAVE, *,
             receiver_wave: WaveCredentials | None = None, offer_window: int = 32 << 20,
-            chunk: int = 5000) -> tuple[SenderRewriter, ReceiverRebuilder, bytes, int]:
+            chunk: int = 5000, adaptive: bool = True,
+            ) -> tuple[SenderRewriter, ReceiverRebuilder, bytes, int]:
     """One migration in memory: the receiver looks offers up in ``store`` (wave key -> page),
     asks the sender for the rest, and stores what it learned. Returns the wire bytes sent."""
-    sender = sender_for(wave, offer_window)
+    sender = sender_for(wave, offer_window, adaptive=adaptive)
     receiver_wave = wave if receiver_wave is None else receiver_wave
     rebuilder = ReceiverRebuilder(CATALOG.catalog_id, wave_tag=receiver_wave.tag)
     templates = {digest_page(p): p for p in POOL}
@@ -129,6 +133,39 @@ def test_second_guest_of_a_wave_sends_far_fewer_bodies() -> None:
     assert wire2 < wire1 - len(SHARED) * 4000
     assert rebuilder.stats.offers == second.wave.offers
     assert rebuilder.stats.offer_bodies == second.wave.bodies
+
+
+def test_offering_adapts_to_what_the_wave_store_holds() -> None:
+    """The first VM finds nothing: after a few offers it sends its pages whole (still stored
+    for the wave) and offers one in OFFER_PROBE_EVERY; the next VM offers while offers are
+    found, and goes back to offering when probes are found again."""
+    own = sum(1 for p in _own_pages(guest_stream(1, SHARED)))
+    store: dict[bytes, bytes] = {}
+    first, rebuilder1, _, wire1 = migrate(guest_stream(1, SHARED), store)
+    assert first.wave.hits == 0 and first.wave.bodies == first.wave.offers
+    assert first.wave.whole > own // 2  # most pages went whole, not offered
+    assert first.wave.offers < own // 2
+    assert first.offer_hit_rate < OFFER_MIN_HIT_RATE
+    # ... and the receiver learned every page it received, offered or not.
+    assert all(WAVE.wave_key(digest_page(p)) in store for p in SHARED)
+    assert rebuilder1.stats.full_pages == first.counts.full_pages >= first.wave.whole
+    # Shared pages after a stretch of the guest's own: probes find them, offering resumes.
+    second, rebuilder2, _, _ = migrate(guest_stream(2, SHARED, shared_at=60), store)
+    assert second.wave.hits == rebuilder2.stats.wave_pages
+    assert second.wave.hits >= len(SHARED) - 2 * OFFER_PROBE_EVERY
+    assert second.wave.whole > 0
+    # Without adaptation every page is offered (and the wire bytes of the first VM grow).
+    every, _, _, wire_all = migrate(guest_stream(1, SHARED), {}, adaptive=False)
+    assert every.wave.whole == 0 and every.wave.offers == first.wave.offers + first.wave.whole
+    assert wire_all > wire1
+
+
+def _own_pages(stream: bytes) -> list[bytes]:
+    """The non-template pages of a stream that no earlier page repeats (the offered ones)."""
+    sender = sender_for(None)
+    decoder = ForwardDecoder()
+    decoder.feed(sender.start() + sender.feed(stream) + sender.finish())
+    return [r.data for r in decoder.records() if isinstance(r, FullPage)]
 
 
 def test_a_wave_page_is_not_resolvable_with_another_waves_secret() -> None:

@@ -43,7 +43,19 @@ from tmdht.qemu_stream import (
     RamZero,
 )
 
-__all__ = ["SenderRewriter", "WaveCounts"]
+__all__ = ["OFFER_MIN_HIT_RATE", "OFFER_PROBE_EVERY", "SenderRewriter", "WaveCounts"]
+
+OFFER_MIN_HIT_RATE = 0.2
+"""Adaptive offering: below this share of recent offers found in the wave store, the sender
+sends pages whole (as without a wave; the receiver still stores them for the wave) and offers
+only one page in :data:`OFFER_PROBE_EVERY`, to notice when offers start to be found again.
+Offering a page costs a round trip and a wave-store lookup before its body moves when it is
+not found; it saves the body when it is. The first VM of a wave finds nothing."""
+OFFER_PROBE_EVERY = 8
+"""While offers are mostly not found: one page in this many is still offered (a probe)."""
+OFFER_RATE_WEIGHT = 1 / 16
+"""Weight of one settled offer in the recent hit rate (an exponential moving average: about
+the last 16 offers count)."""
 
 
 @dataclass
@@ -56,6 +68,11 @@ class WaveCounts:
     """Offered pages the receiver asked for and got (FALLBACK records answering an OFFER)."""
     window_full: int = 0
     """Pages sent whole because the offer window was full."""
+    whole: int = 0
+    """Pages sent whole because recent offers were mostly not found (adaptive offering)."""
+    hits: int = 0
+    """Offered pages the receiver acknowledged without asking for them (found in the wave
+    store)."""
 
 
 def _split(kind: type[RawBytes] | type[DeviceState], data: bytes) -> list[bytes]:
@@ -102,7 +119,10 @@ class SenderRewriter:
         flow_window: int = 64 << 20,
         wave_tag: bytes | None = None,
         offer_window: int = 64 << 20,
+        adaptive: bool = True,
     ) -> None:
+        """``adaptive``: in a wave, send pages whole while recent offers are mostly not found
+        (:data:`OFFER_MIN_HIT_RATE`); False offers every non-template page."""
         flags = (FLAG_COMPRESS if compress else 0) | (FLAG_WAVE if wave_tag is not None else 0)
         self.hello = Hello(catalog_id, backref_window, flow_window, flags)
         self._wave_hello = b"" if wave_tag is None else encode(WaveHello(wave_tag))
@@ -111,6 +131,9 @@ class SenderRewriter:
         self._offer_window = offer_window if wave_tag is not None else 0
         self._offered: dict[int, bytes] = {}  # OFFER body index -> page, until acked
         self._offered_order: deque[int] = deque()
+        self._adaptive = adaptive
+        self._hit_rate = 1.0  # recent offers found (moving average); hopeful at the start
+        self._since_probe = 0
         self.wave = WaveCounts()
         """Offers, bodies sent for them, pages sent whole with the offer window full."""
         encode(self.hello)  # validates
@@ -235,7 +258,7 @@ class SenderRewriter:
             self._retained[index] = page
             self._retained_order.append(index)
             return encode(Template(prefix, digest))
-        if self._offer_window:
+        if self._offer_window and self._should_offer():
             if (len(self._offered) + 1) * PAGE_SIZE <= self._offer_window:
                 self.wave.offers += 1
                 self._offered[index] = page
@@ -249,6 +272,28 @@ class SenderRewriter:
                 return encode(CompressedPage(prefix, payload))
         tally.full_pages += 1
         return encode(FullPage(prefix, page))
+
+    def _should_offer(self) -> bool:
+        """Offer this page (else send it whole, counted in :attr:`WaveCounts.whole`)?"""
+        if not self._adaptive or self._hit_rate >= OFFER_MIN_HIT_RATE:
+            return True
+        self._since_probe += 1
+        if self._since_probe >= OFFER_PROBE_EVERY:
+            self._since_probe = 0
+            return True
+        self.wave.whole += 1
+        return False
+
+    def _settled(self, found: bool) -> None:
+        """An offer was answered: found in the wave store (ACKed without NEED) or not (NEED)."""
+        self._hit_rate += OFFER_RATE_WEIGHT * (float(found) - self._hit_rate)
+        if found:
+            self.wave.hits += 1
+
+    @property
+    def offer_hit_rate(self) -> float:
+        """Recent share of offers found in the wave store (moving average; 1.0 at the start)."""
+        return self._hit_rate
 
     def _remember(self, index: int, digest: bytes) -> None:
         self._recent[digest] = index
@@ -276,7 +321,8 @@ class SenderRewriter:
         while self._retained_order and self._retained_order[0] < self._acked_index:
             self._retained.pop(self._retained_order.popleft(), None)
         while self._offered_order and self._offered_order[0] < self._acked_index:
-            self._offered.pop(self._offered_order.popleft(), None)
+            if self._offered.pop(self._offered_order.popleft(), None) is not None:
+                self._settled(True)  # rebuilt without a NEED: the wave store had it
 
     def fallback(self, need: Need) -> bytes:
         """FALLBACK records for the pages of TEMPLATE records the receiver could not resolve."""
@@ -289,6 +335,7 @@ class SenderRewriter:
                     raise DecodeError(f"NEED for body {index}, which is no kept template page"
                                       + (" or offered page" if self._offer_window else ""))
                 self.wave.bodies += 1
+                self._settled(False)
             if self._compressor is not None:
                 payload = self._compressor.compress(page)
                 if len(payload) < PAGE_SIZE:

@@ -35,6 +35,7 @@ from tmdht.migration_stream import (
     Hello,
     MigrationCounts,
     Need,
+    OfferPolicy,
     RebuildStats,
     ReceiverRebuilder,
     SenderRewriter,
@@ -187,7 +188,8 @@ def make_sender(templates: TemplateDigests, *, compress: bool = False,
         return SenderRewriter(templates.catalog_id, lambda ds: [d in members for d in ds],
                               compress=compress, backref_window=backref_window,
                               flow_window=flow_window, wave_tag=wave_tag,
-                              offer_window=offer_window, adaptive=adaptive_offers)
+                              offer_window=offer_window,
+                              offer_policy=OfferPolicy() if adaptive_offers else None)
     if _NATIVE is not None:
         return NativeSender(templates, compress=compress, backref_window=backref_window,
                             flow_window=flow_window)

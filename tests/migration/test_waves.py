@@ -12,7 +12,6 @@ from support.synthetic import page_pool, qemu_stream
 from tmdht.catalog import TemplateCatalog
 from tmdht.catalog_file import TemplateDigests
 from tmdht.errors import ConfigError, DecodeError, DigestMismatchError
-from tmdht.migration.sender import OFFER_MIN_HIT_RATE, OFFER_PROBE_EVERY
 from tmdht.migration_stream import (
     FLAG_WAVE,
     ForwardDecoder,
@@ -20,6 +19,7 @@ from tmdht.migration_stream import (
     Hello,
     Need,
     Offer,
+    OfferPolicy,
     ReceiverRebuilder,
     ReverseDecoder,
     SenderRewriter,
@@ -63,21 +63,25 @@ _SHARED_RNG = random.Random(99)
 SHARED = [_SHARED_RNG.randbytes(PAGE_SIZE) for _ in range(120)]
 
 
+POLICY = OfferPolicy(min_hit_rate=0.05, history=64, min_outcomes=16, probe_every=8)
+"""Adaptive offering scaled down to the test's streams of a few hundred pages."""
+
+
 def sender_for(wave: WaveCredentials | None, offer_window: int = 32 << 20, *,
-               adaptive: bool = True) -> SenderRewriter:
+               policy: OfferPolicy | None = POLICY) -> SenderRewriter:
     members = _digests().as_set()
     return SenderRewriter(CATALOG.catalog_id, lambda ds: [d in members for d in ds],
                           flow_window=1 << 30, wave_tag=None if wave is None else wave.tag,
-                          offer_window=offer_window, adaptive=adaptive)
+                          offer_window=offer_window, offer_policy=policy)
 
 
 def migrate(stream: bytes, store: dict[bytes, bytes], wave: WaveCredentials = WAVE, *,
             receiver_wave: WaveCredentials | None = None, offer_window: int = 32 << 20,
-            chunk: int = 5000, adaptive: bool = True,
+            chunk: int = 5000, policy: OfferPolicy | None = POLICY,
             ) -> tuple[SenderRewriter, ReceiverRebuilder, bytes, int]:
     """One migration in memory: the receiver looks offers up in ``store`` (wave key -> page),
     asks the sender for the rest, and stores what it learned. Returns the wire bytes sent."""
-    sender = sender_for(wave, offer_window, adaptive=adaptive)
+    sender = sender_for(wave, offer_window, policy=policy)
     receiver_wave = wave if receiver_wave is None else receiver_wave
     rebuilder = ReceiverRebuilder(CATALOG.catalog_id, wave_tag=receiver_wave.tag)
     templates = {digest_page(p): p for p in POOL}
@@ -136,28 +140,30 @@ def test_second_guest_of_a_wave_sends_far_fewer_bodies() -> None:
 
 
 def test_offering_adapts_to_what_the_wave_store_holds() -> None:
-    """The first VM finds nothing: after a few offers it sends its pages whole (still stored
-    for the wave) and offers one in OFFER_PROBE_EVERY; the next VM offers while offers are
-    found, and goes back to offering when probes are found again."""
-    own = sum(1 for p in _own_pages(guest_stream(1, SHARED)))
+    """The first VM finds nothing: once min_outcomes offers are settled it sends its pages
+    whole (still stored for the wave) and offers one in probe_every; the next VM offers while
+    offers are found, and goes back to offering when probes are found again."""
+    own = len(_own_pages(guest_stream(1, SHARED)))
     store: dict[bytes, bytes] = {}
     first, rebuilder1, _, wire1 = migrate(guest_stream(1, SHARED), store)
     assert first.wave.hits == 0 and first.wave.bodies == first.wave.offers
     assert first.wave.whole > own // 2  # most pages went whole, not offered
-    assert first.wave.offers < own // 2
-    assert first.offer_hit_rate < OFFER_MIN_HIT_RATE
+    assert POLICY.min_outcomes <= first.wave.offers < own // 2
+    assert first.offer_hit_rate == 0.0
     # ... and the receiver learned every page it received, offered or not.
     assert all(WAVE.wave_key(digest_page(p)) in store for p in SHARED)
     assert rebuilder1.stats.full_pages == first.counts.full_pages >= first.wave.whole
     # Shared pages after a stretch of the guest's own: probes find them, offering resumes.
-    second, rebuilder2, _, _ = migrate(guest_stream(2, SHARED, shared_at=60), store)
+    second, rebuilder2, _, _ = migrate(guest_stream(2, SHARED, shared_at=100), store)
     assert second.wave.hits == rebuilder2.stats.wave_pages
-    assert second.wave.hits >= len(SHARED) - 2 * OFFER_PROBE_EVERY
     assert second.wave.whole > 0
-    # Without adaptation every page is offered (and the wire bytes of the first VM grow).
-    every, _, _, wire_all = migrate(guest_stream(1, SHARED), {}, adaptive=False)
+    assert second.wave.hits >= len(SHARED) - 2 * POLICY.probe_every
+    # Without a policy every page is offered (and the first VM's wire bytes grow).
+    every, _, _, wire_all = migrate(guest_stream(1, SHARED), {}, policy=None)
     assert every.wave.whole == 0 and every.wave.offers == first.wave.offers + first.wave.whole
     assert wire_all > wire1
+    with pytest.raises(ValueError):
+        OfferPolicy(min_outcomes=0)
 
 
 def _own_pages(stream: bytes) -> list[bytes]:

@@ -304,6 +304,9 @@ class SenderConfig:
     adaptive_offers: bool = True
     """Send pages whole while recent offers are mostly not found in the wave store (the
     first VM of a wave); False offers every non-template page."""
+    offer_ahead: int = 4 << 20
+    """Bytes of bodies the offers awaiting an answer may still need before the sender stops
+    reading QEMU's stream (so QEMU does not stop the guest far ahead of what crossed)."""
 
     def __post_init__(self) -> None:
         """Secure by default: no plaintext off loopback unless asked for (UsageError)."""
@@ -501,7 +504,8 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
                            backref_window=config.backref_window, flow_window=config.flow_window,
                            wave_tag=None if config.wave is None else config.wave.tag,
                            offer_window=config.offer_window,
-                           adaptive_offers=config.adaptive_offers)
+                           adaptive_offers=config.adaptive_offers,
+                           offer_ahead=config.offer_ahead)
     if config.wave is not None:
         report.wave = config.wave.wave_id
     if config.tls is not None:

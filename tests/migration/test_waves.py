@@ -14,6 +14,9 @@ from tmdht.catalog_file import TemplateDigests
 from tmdht.errors import ConfigError, DecodeError, DigestMismatchError
 from tmdht.migration_stream import (
     FLAG_WAVE,
+    Ack,
+    BackRef,
+    CompressedPage,
     ForwardDecoder,
     FullPage,
     Hello,
@@ -158,12 +161,42 @@ def test_offering_adapts_to_what_the_wave_store_holds() -> None:
     assert second.wave.hits == rebuilder2.stats.wave_pages
     assert second.wave.whole > 0
     assert second.wave.hits >= len(SHARED) - 2 * POLICY.probe_every
+    # A VM of a warm wave keeps offering through a run of its own pages longer than the
+    # policy's history (the share over all its offers so far decides too).
+    third, _, _, _ = migrate(guest_stream(3, SHARED), store)
+    assert third.wave.whole == 0 and third.wave.hits >= len(SHARED)
+    assert third.wave.offers - third.wave.hits > POLICY.history
     # Without a policy every page is offered (and the first VM's wire bytes grow).
     every, _, _, wire_all = migrate(guest_stream(1, SHARED), {}, policy=None)
     assert every.wave.whole == 0 and every.wave.offers == first.wave.offers + first.wave.whole
     assert wire_all > wire1
     with pytest.raises(ValueError):
         OfferPolicy(min_outcomes=0)
+
+
+def test_reading_stops_while_offers_are_expected_to_need_many_bodies() -> None:
+    """QEMU's stream is not read far ahead of what crossed: the offers awaiting an answer
+    count with the bodies they are expected to need (all of them before any is settled)."""
+    sender = SenderRewriter(CATALOG.catalog_id, lambda ds: [False] * len(ds),
+                            flow_window=1 << 30, wave_tag=WAVE.tag, offer_policy=None,
+                            offer_ahead=20 * PAGE_SIZE)
+    decoder = ForwardDecoder()
+    decoder.feed(sender.start() + sender.feed(guest_stream(1, SHARED)))
+    bodies = [r for r in decoder.records()
+              if isinstance(r, FullPage | CompressedPage | Offer | Template | BackRef)]
+    offered = [i for i, r in enumerate(bodies) if isinstance(r, Offer)]
+    assert len(offered) == sender.wave.offers > 21 and not sender.window_open
+    assert sender.offer_backlog == len(offered) * PAGE_SIZE
+    half = len(offered) // 2
+    sender.fallback(Need(tuple(offered[:half])))  # the first half were not found
+    assert sender.offer_backlog == (len(offered) - half) * PAGE_SIZE
+    sender.acknowledge(Ack(offered[-10], 0))  # the rest but 10 were found
+    assert sender.wave.hits == len(offered) - 10 - half
+    share = half / (len(offered) - 10)
+    assert sender.offer_backlog == int(10 * PAGE_SIZE * share) and sender.window_open
+    without = sender_for(None)
+    without.feed(guest_stream(1, SHARED))
+    assert without.offer_backlog == 0 and without.window_open
 
 
 def _own_pages(stream: bytes) -> list[bytes]:

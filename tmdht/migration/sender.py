@@ -52,15 +52,15 @@ class OfferPolicy:
 
     Offering costs a round trip and a wave-store lookup before the body of a page the store
     lacks moves (and the first VM of a wave finds nothing); it saves the body of a page the
-    store has. So the sender offers every non-template page while enough of its last
-    ``history`` settled offers were found (at least ``min_hit_rate``), and otherwise sends
-    pages whole (as without a wave: the receiver still stores them for the wave) and offers
-    one page in ``probe_every`` to notice when offers are found again. The share is taken
-    over many offers on purpose: a VM's own pages and the wave's common ones interleave in
-    memory, and reacting to every run of the VM's own pages sent common ones whole (bench:
-    VMs 2-4 crossed with 0.52-0.57x VM 1's bytes with a 16-offer average at 20 %, against
-    0.44x offering every page). Until ``min_outcomes`` offers are settled every page is
-    offered."""
+    store has. So the sender sends pages whole (as without a wave: the receiver still stores
+    them for the wave) only while the store looks cold: fewer than ``min_hit_rate`` of all its
+    settled offers so far *and* of its last ``history`` were found; it then still offers one
+    page in ``probe_every``, to notice when offers are found again. Until ``min_outcomes``
+    offers are settled every page is offered. The share over all offers keeps a VM of a warm
+    wave offering through long runs of its own pages: its own pages and the wave's common ones
+    interleave in memory, and deciding on recent offers alone sent common pages whole (bench:
+    VMs 2-4 crossed with 0.52-0.57x VM 1's bytes deciding on the last 16 offers, 0.50-0.54x on
+    the last 2048, against 0.44x offering every page)."""
 
     min_hit_rate: float = 0.05
     history: int = 2048
@@ -137,21 +137,27 @@ class SenderRewriter:
         flow_window: int = 64 << 20,
         wave_tag: bytes | None = None,
         offer_window: int = 64 << 20,
-        offer_policy: OfferPolicy | None = OfferPolicy(),  # noqa: B008 - frozen
+        offer_policy: OfferPolicy | None = OfferPolicy(),
+        offer_ahead: int = 4 << 20,
     ) -> None:
         """``offer_policy``: in a wave, when pages are offered or sent whole (None: every
-        non-template page is offered)."""
+        non-template page is offered). ``offer_ahead``: in a wave, :attr:`window_open` is
+        False while the bodies the offers awaiting an answer are expected to need exceed this
+        many bytes (see :attr:`offer_backlog`)."""
         flags = (FLAG_COMPRESS if compress else 0) | (FLAG_WAVE if wave_tag is not None else 0)
         self.hello = Hello(catalog_id, backref_window, flow_window, flags)
         self._wave_hello = b"" if wave_tag is None else encode(WaveHello(wave_tag))
-        if offer_window < 0:
-            raise ValueError("the offer window is at least 0 bytes")
+        if offer_window < 0 or offer_ahead < 0:
+            raise ValueError("the offer window and offer-ahead are at least 0 bytes")
+        self._offer_ahead = offer_ahead
         self._offer_window = offer_window if wave_tag is not None else 0
         self._offered: dict[int, bytes] = {}  # OFFER body index -> page, until acked
         self._offered_order: deque[int] = deque()
         self._policy = offer_policy
         self._outcomes: deque[bool] = deque()  # the last settled offers: found or not
         self._outcome_hits = 0
+        self._settled_total = 0  # offers settled, of them found: over the whole migration
+        self._found_total = 0
         self._since_probe = 0
         self.wave = WaveCounts()
         """Offers, bodies sent for them, pages sent whole with the offer window full."""
@@ -189,8 +195,25 @@ class SenderRewriter:
 
     @property
     def window_open(self) -> bool:
-        """True while the sender may read more of QEMU's stream."""
-        return self.unacknowledged < self.hello.flow_window
+        """True while the sender may read more of QEMU's stream.
+
+        In a wave also only while :attr:`offer_backlog` is within ``offer_ahead``: an offer is
+        a few bytes on the wire, so without this bound QEMU's stream ran up to the flow window
+        ahead of what had crossed, QEMU stopped the guest for its last round while the bodies
+        of that backlog still had to cross, and the guest's pause (the destination loaded
+        after the source stopped) grew from ~0.9 s to 3-4 s at 100 Mbit/s (bench/waves.py)."""
+        return self.unacknowledged < self.hello.flow_window and \
+            self.offer_backlog <= self._offer_ahead
+
+    @property
+    def offer_backlog(self) -> int:
+        """Bytes of bodies the offers awaiting an answer are expected to need: their pages
+        times the share of settled offers not found so far (all, before any settled)."""
+        if not self._offered:
+            return 0
+        missed = self._settled_total - self._found_total
+        share = missed / self._settled_total if self._settled_total else 1.0
+        return int(len(self._offered) * PAGE_SIZE * share)
 
     @property
     def retained(self) -> int:
@@ -295,7 +318,8 @@ class SenderRewriter:
     def _should_offer(self) -> bool:
         """Offer this page (else send it whole, counted in :attr:`WaveCounts.whole`)?"""
         policy = self._policy
-        if policy is None or len(self._outcomes) < policy.min_outcomes or \
+        if policy is None or self._settled_total < policy.min_outcomes or \
+                self._found_total >= policy.min_hit_rate * self._settled_total or \
                 self._outcome_hits >= policy.min_hit_rate * len(self._outcomes):
             return True
         self._since_probe += 1
@@ -307,6 +331,8 @@ class SenderRewriter:
 
     def _settled(self, found: bool) -> None:
         """An offer was answered: found in the wave store (ACKed without NEED) or not (NEED)."""
+        self._settled_total += 1
+        self._found_total += found
         if found:
             self.wave.hits += 1
         if self._policy is None:

@@ -199,6 +199,28 @@ def test_reading_stops_while_offers_are_expected_to_need_many_bodies() -> None:
     assert without.offer_backlog == 0 and without.window_open
 
 
+def test_needs_before_the_ack_do_not_make_a_warm_wave_look_cold() -> None:
+    """A NEED comes back within a round trip, a found page only with the next ACK: offers are
+    judged once an ACK covers them, so early NEEDs alone never switch to sending whole."""
+    rng = random.Random(8)
+    pages = [p for shared in SHARED[:100] for p in (shared, rng.randbytes(PAGE_SIZE))]
+    stream, _ = qemu_stream([("pc.ram", len(pages) * PAGE_SIZE)],
+                            [[("pc.ram", i, page) for i, page in enumerate(pages)]])
+    sender = sender_for(WAVE)
+    decoder = ForwardDecoder()
+    decoder.feed(sender.start() + sender.feed(stream[: len(stream) // 2]))
+    offers = [(i, r) for i, r in enumerate(r for r in decoder.records()
+                                           if isinstance(r, FullPage | Offer))]
+    own = tuple(i for i, r in offers if isinstance(r, Offer) and r.digest not in
+                {digest_page(p) for p in SHARED})
+    assert len(own) > POLICY.min_outcomes
+    sender.fallback(Need(own))  # every own page: not found; the shared ones await the ACK
+    sender.feed(stream[len(stream) // 2 :])
+    assert sender.wave.whole == 0
+    sender.acknowledge(Ack(own[-1] + 1, 0))
+    assert sender.offer_hit_rate is not None and 0.4 < sender.offer_hit_rate < 0.6
+
+
 def _own_pages(stream: bytes) -> list[bytes]:
     """The non-template pages of a stream that no earlier page repeats (the offered ones)."""
     sender = sender_for(None)

@@ -330,7 +330,7 @@ class SenderRewriter:
         return False
 
     def _settled(self, found: bool) -> None:
-        """An offer was answered: found in the wave store (ACKed without NEED) or not (NEED)."""
+        """An ACK covered an offer: found in the wave store (no NEED for it) or not."""
         self._settled_total += 1
         self._found_total += found
         if found:
@@ -373,9 +373,12 @@ class SenderRewriter:
         self._acked_bytes = max(self._acked_bytes, ack.qemu_bytes)
         while self._retained_order and self._retained_order[0] < self._acked_index:
             self._retained.pop(self._retained_order.popleft(), None)
+        # Offers are settled here, in stream order, found or not: a NEED comes back within a
+        # round trip but a found page only with the next ACK, and settling NEEDs as they came
+        # made a warm wave look cold for the first ACK interval, every time.
         while self._offered_order and self._offered_order[0] < self._acked_index:
-            if self._offered.pop(self._offered_order.popleft(), None) is not None:
-                self._settled(True)  # rebuilt without a NEED: the wave store had it
+            # Still kept: rebuilt without a NEED, the wave store had it; else its body went.
+            self._settled(self._offered.pop(self._offered_order.popleft(), None) is not None)
 
     def fallback(self, need: Need) -> bytes:
         """FALLBACK records for the pages of TEMPLATE records the receiver could not resolve."""
@@ -388,7 +391,6 @@ class SenderRewriter:
                     raise DecodeError(f"NEED for body {index}, which is no kept template page"
                                       + (" or offered page" if self._offer_window else ""))
                 self.wave.bodies += 1
-                self._settled(False)
             if self._compressor is not None:
                 payload = self._compressor.compress(page)
                 if len(payload) < PAGE_SIZE:

@@ -56,12 +56,15 @@ from tmdht.lab.migrate import make_fifo, read_ready, wait_report
 from tmdht.native import describe as native_describe
 from tmdht.node.local import LocalCluster
 
-VARIANTS = ("qemu", "tmdht", "tmdht-wave", "tmdht-wave-all")
+VARIANTS = ("qemu", "tmdht", "tmdht-wave", "tmdht-wave-every", "tmdht-wave-all")
 """``tmdht-wave``: the defaults (adaptive offering: pages go whole while offers are not found;
 QEMU's stream read only while the offers' expected bodies are within 4 MiB); ``tmdht-wave-all``:
 ``--offer-every-page --offer-ahead 64MiB``, the sender as it was before both (every
-non-template page offered, QEMU's stream up to the 64 MiB flow window ahead)."""
-WAVE_VARIANTS = ("tmdht-wave", "tmdht-wave-all")
+non-template page offered, QEMU's stream up to the 64 MiB flow window ahead);
+``tmdht-wave-every``: ``--offer-every-page`` (every page offered, the 4 MiB offer-ahead)."""
+WAVE_VARIANTS = ("tmdht-wave", "tmdht-wave-every", "tmdht-wave-all")
+_SENDER_WAVE_ARGS = {"tmdht-wave": [], "tmdht-wave-every": ["--offer-every-page"],
+                     "tmdht-wave-all": ["--offer-every-page", "--offer-ahead", "64MiB"]}
 _wave: dict[str, Any] = {}  # the current wave's id and secret file (tmdht-wave)
 _original_start_incoming = mb.start_incoming
 
@@ -71,8 +74,7 @@ def start_incoming(ctx: mb.Context, variant: str, dest: Guest, reports: Path) ->
     if variant not in WAVE_VARIANTS:
         return _original_start_incoming(ctx, variant, dest, reports)
     wave = ["--wave", _wave["id"], "--wave-secret-file", str(_wave["secret"])]
-    sender_wave = wave + (["--offer-every-page", "--offer-ahead", "64MiB"]
-                          if variant == "tmdht-wave-all" else [])
+    sender_wave = wave + _SENDER_WAVE_ARGS[variant]
     fifo = make_fifo(reports / "ready.fifo")
     host, port = ctx.cluster.seed
     dest.migrate_incoming(mb._tmdht(

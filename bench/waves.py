@@ -221,7 +221,7 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
             return sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["vm"])
 
         plain = [_wan_bytes(r) for r in ordered("tmdht")]
-        plain_times = [r.get("end_to_end_s") for r in ordered("tmdht")]
+        plain_times = [float(r.get("end_to_end_s") or 0.0) for r in ordered("tmdht")]
         for variant in WAVE_VARIANTS:
             rows = ordered(variant)
             wave = [_wan_bytes(r) for r in rows]
@@ -236,12 +236,12 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
                 out[f"{mode}: wave hits / offers per VM (receiver){tag}"] = shares
             if wave and plain and sum(plain):
                 out[f"{mode}: wave total / tmdht total{tag}"] = round(sum(wave) / sum(plain), 3)
-            times = [r.get("end_to_end_s") for r in rows]
+            times = [float(r.get("end_to_end_s") or 0.0) for r in rows]
             if times and plain_times and all(times) and all(plain_times):
                 out[f"{mode}: median s per VM tmdht / {variant}"] = [
                     round(statistics.median(plain_times), 2), round(statistics.median(times), 2)]
-                pauses = [r.get("switchover_ms") for r in rows]
-                plain_pauses = [r.get("switchover_ms") for r in ordered("tmdht")]
+                pauses = [float(r.get("switchover_ms") or 0.0) for r in rows]
+                plain_pauses = [float(r.get("switchover_ms") or 0.0) for r in ordered("tmdht")]
                 if all(pauses) and all(plain_pauses):
                     # The guest's real pause: the destination loaded after the source stopped.
                     out[f"{mode}: median guest pause ms tmdht / {variant}"] = [
@@ -256,9 +256,9 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render is not None:
-        results = json.loads(args.render.read_text())
-        print(table(results))
-        print(json.dumps(ratios(results), indent=1))
+        earlier = json.loads(args.render.read_text())
+        print(table(earlier))
+        print(json.dumps(ratios(earlier), indent=1))
         return 0
     if os.geteuid() != 0:
         mb.log("needs root (network namespaces, tun devices, cgroups)")
@@ -452,18 +452,7 @@ def migrate_all(ctx: mb.Context, variant: str, specs: list[GuestSpec],
         for row, source, dest in zip(rows, sources, dests, strict=True):
             row["identical"] = row["resumed"] = None
             if row.get("converged") and row.get("dest_status") == "completed":
-                last = source.counter or 0
-                if ctx.verify:
-                    differing = mb.memory_differences(ctx, source, dest)
-                    row["identical"] = not differing
-                    row["differing_pages"] = len(differing)
-                dest.cont()
-                try:
-                    dest.wait_counter(last + 1, timeout=60)
-                    row["resumed"] = True
-                except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-                    row["resumed"] = False
-                    row["resume_error"] = str(exc)[:500]
+                mb.check_and_resume(ctx, row, source, dest)
             if source.status() != "running":
                 source.cont()
             row["loadavg_1min"] = os.getloadavg()[0]

@@ -64,8 +64,8 @@ class OfferPolicy:
     (bench/waves.py, 256 MiB guests sharing 96 MiB, VMs 2-4 / VM 1 WAN bytes): deciding on the
     last 16 offers 0.52-0.57x, on 2048 after 256 settled 0.53-0.54x, on all of them after 4096
     settled 0.44-0.50x (every page offered: 0.44x); VM 1, which offers its first 4096 pages
-    and then one in 8, took 1.00-1.04x the time of a migration without a wave, every page
-    offered 1.05-1.08x."""
+    and then one in 8, took 1.00-1.03x the time of a migration without a wave, every page
+    offered 1.04-1.09x."""
 
     min_hit_rate: float = 0.05
     history: int = 8192

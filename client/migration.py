@@ -177,6 +177,10 @@ class MigrationMetrics:
                                    registry=r)
         self.wave_stored = Counter("tmdht_migration_wave_stored_total",
                                    "Received pages stored into the wave store.", registry=r)
+        self.wave_sent_whole = Counter(
+            "tmdht_migration_wave_sent_whole_total",
+            "Pages sent whole, not offered, while offers were seldom found in the wave store.",
+            registry=r)
         self._seen = MigrationCounts()
 
     def sync(self, counts: MigrationCounts) -> None:
@@ -800,6 +804,7 @@ def _finish_metrics(metrics: MigrationMetrics | None, report: MigrationReport) -
         metrics.wave_hits.inc(report.wave_hits)
         metrics.wave_bodies.inc(report.wave_bodies)
         metrics.wave_stored.inc(report.wave_stored)
+        metrics.wave_sent_whole.inc(report.wave_sent_whole)
 
 
 # -- the receiver ------------------------------------------------------------------------------

@@ -170,3 +170,14 @@ def test_wrong_pages_in_the_wave_store_are_never_written(lab: tuple[Path, LocalC
     assert code == 0, lines  # and migrate() checked the output byte for byte
     assert recv["wave_hits"] == 0
     assert send["wave_bodies"] == send["wave_offers"]
+
+
+def test_wave_metrics_count_pages_sent_whole() -> None:
+    from tmdht.client.migration import MigrationMetrics, MigrationReport, _finish_metrics
+
+    metrics = MigrationMetrics()
+    report = MigrationReport("send", ok=True, wave="w", wave_offers=5, wave_sent_whole=7)
+    _finish_metrics(metrics, report)
+    value = metrics.registry.get_sample_value
+    assert value("tmdht_migration_wave_sent_whole_total") == 7
+    assert value("tmdht_migration_wave_offers_total") == 5

@@ -134,35 +134,22 @@ def wire_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exceptio
     return seeds, run, DecodeError
 
 
-def pages_burst_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
-    """The native burst decoder of PAGES answers (tmdht._native.decode_pages_burst through
-    tmdht.net.burst), differentially: each input (and its relocated twin) is decoded natively
-    and by the reference, open mode and keyed, and the two must agree (same message, or same
-    error class and message); a disagreement is a crash."""
-    from tmdht import _native  # noqa: PLC0415 - only this target needs the extension
-    from tmdht.auth import AuthenticationError, ClusterKey, KeyRing  # noqa: PLC0415
-    from tmdht.net.burst import decode_burst_native, decode_burst_reference  # noqa: PLC0415
-
-    ring = KeyRing(ClusterKey(7, bytes(range(32))))
-    opened, keyed = Authenticator.open_mode(), Authenticator(keyring=ring, replay=None)
-    pages = _pages(4, 6)
-    pairs = [(PageDigest(digest_page(p)), p) for p in pages]
-    missing = [PageDigest(bytes([i]) * 32) for i in range(3)]
-    seeds: list[bytes] = []
-    for auth in (opened, keyed):
-        for found, absent, mx in ((pairs[:1], missing, 32768), (pairs, [], 32768),
-                                  (pairs, missing, wire.MIN_DATAGRAM), ([], missing, 32768)):
-            seeds += wire.encode_pages_response(11, found, absent, max_datagram=mx, auth=auth,
-                                                now=NOW)
-    seeds += wire.encode_have_response(12, [True, False], max_datagram=32768, auth=opened, now=NOW)
+def _differential(
+    auths: tuple[Authenticator, ...],
+    decode_both: Callable[[bytes, Authenticator], tuple[object, object]],
+) -> Callable[[bytes], object]:
+    """A differential run: each input (and its relocated twin) is decoded natively and by the
+    reference (``decode_both``: message or DecodeError each) under every authenticator, and the
+    two must agree (the same message, or the same error class and message); a disagreement is
+    a crash. Returns the message a mode accepted, else raises the error of the mode that got
+    furthest."""
+    from tmdht.auth import AuthenticationError  # noqa: PLC0415
 
     def check(data: bytes) -> object:
-        """The message either mode accepted, else the error of the mode that got furthest."""
         result: object = None
         error: DecodeError | None = None
-        for auth in (opened, keyed):
-            (mine,) = decode_burst_native([data], auth=auth, now=NOW, native=_native)
-            (ref,) = decode_burst_reference([data], auth=auth, now=NOW)
+        for auth in auths:
+            mine, ref = decode_both(data, auth)
             if isinstance(mine, DecodeError) or isinstance(ref, DecodeError):
                 if type(mine) is not type(ref) or str(mine) != str(ref):
                     raise AssertionError(f"native {mine!r} != reference {ref!r}")
@@ -184,6 +171,73 @@ def pages_burst_target() -> tuple[list[bytes], Callable[[bytes], object], type[E
                 check(relocated)
         return check(data)
 
+    return run
+
+
+def pages_burst_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
+    """The native burst decoder of PAGES answers (tmdht._native.decode_pages_burst through
+    tmdht.net.burst), differentially: each input (and its relocated twin) is decoded natively
+    and by the reference, open mode and keyed, and the two must agree (same message, or same
+    error class and message); a disagreement is a crash."""
+    from tmdht import _native  # noqa: PLC0415 - only this target needs the extension
+    from tmdht.auth import ClusterKey, KeyRing  # noqa: PLC0415
+    from tmdht.net.burst import decode_burst_native, decode_burst_reference  # noqa: PLC0415
+
+    ring = KeyRing(ClusterKey(7, bytes(range(32))))
+    opened, keyed = Authenticator.open_mode(), Authenticator(keyring=ring, replay=None)
+    pages = _pages(4, 6)
+    pairs = [(PageDigest(digest_page(p)), p) for p in pages]
+    missing = [PageDigest(bytes([i]) * 32) for i in range(3)]
+    seeds: list[bytes] = []
+    for auth in (opened, keyed):
+        for found, absent, mx in ((pairs[:1], missing, 32768), (pairs, [], 32768),
+                                  (pairs, missing, wire.MIN_DATAGRAM), ([], missing, 32768)):
+            seeds += wire.encode_pages_response(11, found, absent, max_datagram=mx, auth=auth,
+                                                now=NOW)
+    seeds += wire.encode_have_response(12, [True, False], max_datagram=32768, auth=opened, now=NOW)
+
+    def decode_both(data: bytes, auth: Authenticator) -> tuple[object, object]:
+        (mine,) = decode_burst_native([data], auth=auth, now=NOW, native=_native)
+        (ref,) = decode_burst_reference([data], auth=auth, now=NOW)
+        return mine, ref
+
+    run = _differential((opened, keyed), decode_both)
+    return seeds, run, DecodeError
+
+
+def put_request_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
+    """The node's native PUT_PAGES decoder (tmdht._native.decode_put_pages through
+    tmdht.net.burst.decode_request_native), differentially against tmdht.wire.decode, open mode
+    and keyed: the same message, or the same error class and message; a disagreement is a
+    crash. Other types are handed to the reference by design (seeds of a few are mutated into
+    PUT_PAGES by the type byte)."""
+    from tmdht import _native  # noqa: PLC0415 - only this target needs the extension
+    from tmdht.auth import ClusterKey, KeyRing  # noqa: PLC0415
+    from tmdht.net.burst import decode_request_native  # noqa: PLC0415
+
+    ring = KeyRing(ClusterKey(7, bytes(range(32))))
+    opened, keyed = Authenticator.open_mode(), Authenticator(keyring=ring, replay=None)
+    pages = _pages(4, 8)
+    pairs = tuple((PageDigest(digest_page(p)), p) for p in pages)
+    seeds: list[bytes] = []
+    for auth in (opened, keyed):
+        for count, mx in ((1, 32768), (4, 32768), (1, wire.MIN_DATAGRAM)):
+            seeds.append(wire.encode(wire.PutPages(request_id=13, pages=pairs[:count]),
+                                     max_datagram=mx, auth=auth, now=NOW))
+        seeds += wire.encode_put_response(14, [(pairs[0][0], wire.PutStatus.STORED)],
+                                          max_datagram=32768, auth=auth, now=NOW)
+
+    def decode_both(data: bytes, auth: Authenticator) -> tuple[object, object]:
+        outcomes: list[object] = []
+        for decode, kwargs in ((decode_request_native, {"native": _native}), (wire.decode, {})):
+            try:
+                outcomes.append(decode(data, max_datagram=wire.MAX_DATAGRAM, auth=auth, now=NOW,
+                                       **kwargs))
+            except DecodeError as exc:
+                outcomes.append(exc)
+        return outcomes[0], outcomes[1]
+
+    run = _differential((opened, keyed), decode_both)
     return seeds, run, DecodeError
 
 
@@ -384,6 +438,7 @@ TARGETS: dict[str, Callable[[], tuple[list[bytes], Callable[[bytes], object], ty
     "wire": wire_target,
     "range_hash": range_hash_target,
     "pages_burst": pages_burst_target,
+    "put_request": put_request_target,
     "dedup_stream": dedup_target,
     "catalog": catalog_target,
     "qemu_stream": qemu_target,

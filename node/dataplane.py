@@ -42,7 +42,12 @@ from tmdht.aio.sockets import SocketBuffers, open_udp_socket
 from tmdht.auth import AuthenticationError, Authenticator, ReplayError
 from tmdht.errors import DecodeError, LimitExceededError, TmdhtError, UsageError
 from tmdht.net.address import Address
-from tmdht.net.burst import encode_pages_answer
+from tmdht.net.burst import (
+    PutAnswer,
+    decode_request,
+    encode_pages_answer,
+    encode_put_answers,
+)
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
 from tmdht.node.wavestore import WavePutResult, WaveStore
@@ -264,7 +269,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             self._dropped["rate_limited"].inc()
             return
         try:
-            message = wire.decode(
+            message = decode_request(
                 data, max_datagram=wire.MAX_DATAGRAM, auth=self.auth, now=self.clock()
             )
         except wire.MessageDecodeError as exc:
@@ -498,6 +503,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
                 self.on_stored(stored)
         counts = collections.Counter(map(id, statuses))
         at = 0
+        answers: list[PutAnswer] = []
         for item in group:
             digests = [d for d, _ in item.request.pages]
             answer: list[wire.PutStatus]
@@ -513,17 +519,14 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             else:
                 answer = statuses[at : at + len(digests)]
                 at += len(digests)
-            self._send(
-                item.address,
-                wire.encode_put_response(
-                    item.request.request_id,
-                    list(zip(digests, answer, strict=True)),
-                    max_datagram=self.max_datagram,
-                    auth=self.auth,
-                    now=self.clock(),
-                ),
-            )
-            self._latency[wire.PutPages].observe(time.perf_counter() - item.arrived)
+            answers.append((item.request.request_id, digests, answer))
+        # All of the group's answers built and sealed in one call (natively where built).
+        sealed = encode_put_answers(answers, max_datagram=self.max_datagram, auth=self.auth,
+                                    now=self.clock())
+        latency = self._latency[wire.PutPages]
+        for item, datagrams in zip(group, sealed, strict=True):
+            self._send(item.address, datagrams)
+            latency.observe(time.perf_counter() - item.arrived)
         for key, count in counts.items():
             status = _PUT_STATUS_BY_ID[key]
             name = status.name.lower()

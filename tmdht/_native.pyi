@@ -30,6 +30,20 @@ def encode_pages_answer(
 ) -> tuple[list[list[Buffer]], int]:
     """A GET's answer as sealed PAGES datagrams ([head, page view, ...] each), pages found."""
 
+def decode_put_pages(
+    data: Buffer, max_datagram: int, keys: Sequence[tuple[int, bytes]] | None
+) -> tuple[Any, ...] | None:
+    """Decode one PUT_PAGES request (see tmdht.net.burst.decode_request_native): None (another
+    type), (1, class, message), (0, key id, timestamp ms, nonce, request id, pages) or (3, key
+    id, timestamp ms, nonce, request id, type, code, reason)."""
+
+def encode_put_results(
+    answers: Sequence[tuple[int, Sequence[bytes], bytes]], *, max_datagram: int, key_id: int,
+    tag_key: bytes | None, timestamp_ms: int, nonce: Callable[[], int],
+) -> list[list[bytes]]:
+    """A committed group's PUT answers, sealed: per (request id, digests, status bytes) its
+    PUT_RESULT datagrams."""
+
 def digest_pages(pages: Sequence[Buffer], *, threads: bool = True) -> list[bytes]:
     """BLAKE3 digests, GIL released, across cores (rayon) when ``threads``."""
 

@@ -189,6 +189,7 @@ __all__ = [
     "max_pages_per_datagram",
     "max_range_groups",
     "max_range_mask_bytes",
+    "put_pages_decoded",
 ]
 
 PROTOCOL_VERSION: Final = 2
@@ -1249,6 +1250,15 @@ def _unchecked(cls: type[_M], **fields: object) -> _M:
     for name, value in fields.items():
         object.__setattr__(msg, name, value)
     return msg
+
+
+def put_pages_decoded(
+    request_id: int, pages: tuple[tuple[PageDigest, bytes], ...]
+) -> PutPages:
+    """A PutPages from a decoder that made the checks :func:`decode` makes (the node's native
+    PUT_PAGES decoder, :func:`tmdht.net.burst.decode_request`): built without
+    ``__post_init__``, as :func:`decode` builds it."""
+    return _unchecked(PutPages, request_id=request_id, pages=pages)
 
 
 def _split_digests(data: bytes, start: int, count: int) -> tuple[PageDigest, ...]:

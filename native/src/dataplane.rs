@@ -75,17 +75,20 @@ pub struct BodyError {
     pub reason: String,
 }
 
-/// What became of one datagram.
+/// What became of one datagram (`T`: what its body decodes to).
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Not a version-2 PAGES datagram: the caller decodes it with the reference.
+pub enum Decoded<T> {
+    /// Not a version-2 datagram of the type asked for: the caller decodes it with the reference.
     Other,
     /// Refused before or by the auth check (`DecodeError` / `LimitExceededError` /
     /// `AuthenticationError`): no state may change.
     Refused(Error, bool),
-    /// Authentic: check the stamp, then take the part or the body error.
-    Authentic(Stamp, Result<PagesPart, BodyError>),
+    /// Authentic: check the stamp, then take the body or the body error.
+    Authentic(Stamp, Result<T, BodyError>),
 }
+
+/// What became of one PAGES datagram.
+pub type Outcome = Decoded<PagesPart>;
 
 fn u16_at(data: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([data[at], data[at + 1]])
@@ -104,37 +107,51 @@ fn eq_constant_time(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The auth error: `true` in `Refused` marks an `AuthenticationError`.
-fn auth_error(message: impl Into<String>) -> Outcome {
-    Outcome::Refused(Error::decode(message), true)
+fn auth_error<T>(message: impl Into<String>) -> Decoded<T> {
+    Decoded::Refused(Error::decode(message), true)
 }
 
 /// Decode and verify one datagram (see the module docs). `max_datagram` is already checked.
 pub fn decode_pages(data: &[u8], max_datagram: usize, keys: &Keys) -> Outcome {
+    match authenticate(data, max_datagram, keys, PAGES) {
+        Ok((stamp, end)) => Outcome::Authentic(stamp, decode_body(data, end)),
+        Err(outcome) => outcome,
+    }
+}
+
+/// Size limits and the auth block of a version-2 datagram of `message_type` (in
+/// `tmdht.wire.decode`'s order): the stamp and where the auth block ends, or the outcome.
+fn authenticate<T>(
+    data: &[u8],
+    max_datagram: usize,
+    keys: &Keys,
+    message_type: u8,
+) -> Result<(Stamp, usize), Decoded<T>> {
     let size = data.len();
-    if size < 2 || data[0] != PROTOCOL_VERSION || data[1] != PAGES {
-        return Outcome::Other;
+    if size < 2 || data[0] != PROTOCOL_VERSION || data[1] != message_type {
+        return Err(Decoded::Other);
     }
     if size > max_datagram {
-        return Outcome::Refused(
+        return Err(Decoded::Refused(
             Error::limit(format!("datagram of {size} bytes exceeds max_datagram {max_datagram}")),
             false,
-        );
+        ));
     }
     if size < OVERHEAD {
-        return Outcome::Refused(
+        return Err(Decoded::Refused(
             Error::decode(format!(
                 "datagram of {size} bytes is shorter than the {OVERHEAD}-byte minimum"
             )),
             false,
-        );
+        ));
     }
     // -- the auth block (tmdht.auth.Authenticator.open with end=bulk) --
     let body_length = u32_at(data, 16) as usize;
     let end = OVERHEAD + body_length;
     if end > size {
-        return auth_error(format!(
+        return Err(auth_error(format!(
             "auth block ending at byte {end} lies outside the {size}-byte datagram"
-        ));
+        )));
     }
     let block_at = end - AUTH_OVERHEAD;
     let tag_at = end - TAG_SIZE;
@@ -145,35 +162,34 @@ pub fn decode_pages(data: &[u8], max_datagram: usize, keys: &Keys) -> Outcome {
     match keys {
         Keys::Open => {
             if flags & FLAG_OPEN == 0 {
-                return auth_error(format!(
+                return Err(auth_error(format!(
                     "keyed datagram (key id {key_id}) refused: this node runs in open mode"
-                ));
+                )));
             }
             if flags != FLAG_OPEN || key_id != 0 || data[tag_at..end].iter().any(|&b| b != 0) {
-                return auth_error("malformed open-mode auth block");
+                return Err(auth_error("malformed open-mode auth block"));
             }
         }
         Keys::Keyed(_) => {
             if flags & FLAG_OPEN != 0 {
-                return auth_error("open (unauthenticated) datagram refused");
+                return Err(auth_error("open (unauthenticated) datagram refused"));
             }
             if flags != 0 {
-                return auth_error(format!("unknown auth flags 0x{flags:02x}"));
+                return Err(auth_error(format!("unknown auth flags 0x{flags:02x}")));
             }
             let Some(key) = keys.tag_key(key_id) else {
-                return auth_error(format!("unknown or expired key id {key_id}"));
+                return Err(auth_error(format!("unknown or expired key id {key_id}")));
             };
             let mut hasher = blake3::Hasher::new_keyed(key);
             hasher.update(&data[..tag_at]);
             let mut tag = [0u8; TAG_SIZE];
             hasher.finalize_xof().fill(&mut tag);
             if !eq_constant_time(&tag, &data[tag_at..end]) {
-                return auth_error(format!("bad tag (key id {key_id})"));
+                return Err(auth_error(format!("bad tag (key id {key_id})")));
             }
         }
     }
-    let stamp = Stamp { key_id, timestamp_ms, nonce };
-    Outcome::Authentic(stamp, decode_body(data, end))
+    Ok((Stamp { key_id, timestamp_ms, nonce }, end))
 }
 
 fn decode_body(data: &[u8], end: usize) -> Result<PagesPart, BodyError> {
@@ -328,6 +344,16 @@ pub enum Sealer<'a> {
     Keyed(u8, &'a [u8; 32]),
 }
 
+impl<'a> Sealer<'a> {
+    /// Open mode without a tag key, else keyed.
+    pub fn of(key_id: u8, tag_key: Option<&'a [u8; 32]>) -> Self {
+        match tag_key {
+            None => Sealer::Open,
+            Some(key) => Sealer::Keyed(key_id, key),
+        }
+    }
+}
+
 /// The head of one PAGES datagram: header, body (the digests of its pages, then its missing
 /// digests) and the sealed auth block; its pages follow it on the wire, outside the tag.
 #[allow(clippy::too_many_arguments)]
@@ -353,22 +379,7 @@ pub fn pages_head(
     for digest in found.iter().chain(missing) {
         out.extend_from_slice(digest);
     }
-    match sealer {
-        Sealer::Open => {
-            out.extend_from_slice(&[0, FLAG_OPEN]);
-            out.extend_from_slice(&timestamp_ms.to_be_bytes());
-            out.extend_from_slice(&nonce.to_be_bytes());
-            out.extend_from_slice(&[0; TAG_SIZE]);
-        }
-        Sealer::Keyed(key_id, key) => {
-            out.extend_from_slice(&[*key_id, 0]);
-            out.extend_from_slice(&timestamp_ms.to_be_bytes());
-            out.extend_from_slice(&nonce.to_be_bytes());
-            let mut tag = [0u8; TAG_SIZE];
-            blake3::Hasher::new_keyed(key).update(&out).finalize_xof().fill(&mut tag);
-            out.extend_from_slice(&tag);
-        }
-    }
+    seal_into(&mut out, sealer, timestamp_ms, nonce);
     out
 }
 
@@ -392,5 +403,195 @@ mod sealing_tests {
         assert_eq!(part.matches, vec![true]);
         assert_eq!(plan_parts(0, 0, MIN_DATAGRAM), vec![(0, 0, 0, 0)]);
         assert_eq!(plan_parts(3, 200, MIN_DATAGRAM).len(), 3 + 200usize.div_ceil((MIN_DATAGRAM - OVERHEAD - 4) / 32));
+    }
+}
+
+// -- the node's side: PUT_RESULT answers sealed natively ---------------------------------------
+
+/// `tmdht.wire.MessageType.PUT_RESULT`.
+pub const PUT_RESULT: u8 = 4;
+/// One (digest, status) entry of a PUT_RESULT body.
+pub const RESULT_ENTRY: usize = DIGEST_SIZE + 1;
+
+/// Entries per PUT_RESULT datagram (`tmdht.wire.encode_put_response`'s `per_part`).
+pub fn results_per_part(max_datagram: usize) -> usize {
+    (max_datagram - OVERHEAD - 2) / RESULT_ENTRY
+}
+
+/// Seal the auth block onto `out` (header and body already in it), as `Authenticator.seal`.
+fn seal_into(out: &mut Vec<u8>, sealer: &Sealer<'_>, timestamp_ms: u64, nonce: u64) {
+    match sealer {
+        Sealer::Open => {
+            out.extend_from_slice(&[0, FLAG_OPEN]);
+            out.extend_from_slice(&timestamp_ms.to_be_bytes());
+            out.extend_from_slice(&nonce.to_be_bytes());
+            out.extend_from_slice(&[0; TAG_SIZE]);
+        }
+        Sealer::Keyed(key_id, key) => {
+            out.extend_from_slice(&[*key_id, 0]);
+            out.extend_from_slice(&timestamp_ms.to_be_bytes());
+            out.extend_from_slice(&nonce.to_be_bytes());
+            let mut tag = [0u8; TAG_SIZE];
+            blake3::Hasher::new_keyed(key).update(out).finalize_xof().fill(&mut tag);
+            out.extend_from_slice(&tag);
+        }
+    }
+}
+
+/// One sealed PUT_RESULT datagram: header, body (count, then digest and status byte per entry)
+/// and the auth block. Digests are 32 bytes (the caller checked).
+#[allow(clippy::too_many_arguments)]
+pub fn put_result_datagram(
+    request_id: u64,
+    part: u16,
+    parts: u16,
+    digests: &[&[u8]],
+    statuses: &[u8],
+    sealer: &Sealer<'_>,
+    timestamp_ms: u64,
+    nonce: u64,
+) -> Vec<u8> {
+    let body = 2 + digests.len() * RESULT_ENTRY;
+    let mut out = Vec::with_capacity(OVERHEAD + body);
+    out.extend_from_slice(&[PROTOCOL_VERSION, PUT_RESULT, 0, 0]);
+    out.extend_from_slice(&request_id.to_be_bytes());
+    out.extend_from_slice(&part.to_be_bytes());
+    out.extend_from_slice(&parts.to_be_bytes());
+    out.extend_from_slice(&(body as u32).to_be_bytes());
+    out.extend_from_slice(&(digests.len() as u16).to_be_bytes());
+    for (digest, status) in digests.iter().zip(statuses) {
+        out.extend_from_slice(digest);
+        out.push(*status);
+    }
+    seal_into(&mut out, sealer, timestamp_ms, nonce);
+    out
+}
+
+#[cfg(test)]
+mod put_result_tests {
+    use super::*;
+
+    #[test]
+    fn a_put_result_has_its_layout_and_tag() {
+        let digest = [7u8; DIGEST_SIZE];
+        let key = [5u8; 32];
+        let data = put_result_datagram(9, 0, 1, &[&digest, &digest], &[1, 2], &Sealer::Keyed(3, &key), 4, 6);
+        assert_eq!(data.len(), OVERHEAD + 2 + 2 * RESULT_ENTRY);
+        assert_eq!(&data[..2], &[PROTOCOL_VERSION, PUT_RESULT]);
+        assert_eq!(u32_at(&data, 16) as usize, 2 + 2 * RESULT_ENTRY);
+        assert_eq!(data[HEADER_SIZE + 2 + DIGEST_SIZE], 1);
+        let tag_at = data.len() - TAG_SIZE;
+        let mut tag = [0u8; TAG_SIZE];
+        blake3::Hasher::new_keyed(&key).update(&data[..tag_at]).finalize_xof().fill(&mut tag);
+        assert_eq!(&data[tag_at..], &tag);
+        assert_eq!(results_per_part(32768), (32768 - OVERHEAD - 2) / 33);
+    }
+}
+
+// -- the node's side: PUT_PAGES requests decoded natively --------------------------------------
+
+/// `tmdht.wire.MessageType.PUT_PAGES`.
+pub const PUT_PAGES: u8 = 3;
+
+/// A decoded PUT_PAGES request. Offsets index the datagram; its pages are *not* verified here
+/// (the store checks each against its digest, as with the reference decoder).
+#[derive(Debug, PartialEq, Eq)]
+pub struct PutRequest {
+    pub request_id: u64,
+    /// `count` digests start here, pages (one per digest) at `bulk_at`.
+    pub digests_at: usize,
+    pub count: usize,
+    pub bulk_at: usize,
+}
+
+/// Decode one PUT_PAGES datagram: `tmdht.wire.decode`'s checks and messages, in its order.
+pub fn decode_put(data: &[u8], max_datagram: usize, keys: &Keys) -> Decoded<PutRequest> {
+    match authenticate(data, max_datagram, keys, PUT_PAGES) {
+        Ok((stamp, end)) => Decoded::Authentic(stamp, decode_put_body(data, end)),
+        Err(outcome) => outcome,
+    }
+}
+
+fn decode_put_body(data: &[u8], end: usize) -> Result<PutRequest, BodyError> {
+    let request_id = u64_at(data, 4);
+    let part = u16_at(data, 12);
+    let parts = u16_at(data, 14);
+    let flags = u16_at(data, 2);
+    let fail =
+        |reason: String| BodyError { request_id, message_type: PUT_PAGES, code: MALFORMED, reason };
+    if flags != 0 {
+        return Err(fail(format!("reserved header flags 0x{flags:04x} are set")));
+    }
+    if part >= parts || parts != 1 {
+        return Err(fail(format!("part {part} of {parts} is not valid for this message type")));
+    }
+    let start = HEADER_SIZE;
+    let body_end = end - AUTH_OVERHEAD;
+    if body_end - start < 2 {
+        return Err(fail(format!("body of {} bytes is too short for its counts", body_end - start)));
+    }
+    let count = u16_at(data, start) as usize;
+    let digests_at = start + 2;
+    if body_end - digests_at != count * DIGEST_SIZE {
+        return Err(fail(format!(
+            "body is {} bytes, its counts need {}",
+            body_end - digests_at,
+            count * DIGEST_SIZE
+        )));
+    }
+    if count == 0 {
+        return Err(fail("PUT_PAGES carries at least one page".to_string()));
+    }
+    let bulk = data.len() - end;
+    if bulk != count * PAGE_SIZE {
+        return Err(fail(format!(
+            "bulk is {bulk} bytes, the body's {count} pages need {}",
+            count * PAGE_SIZE
+        )));
+    }
+    Ok(PutRequest { request_id, digests_at, count, bulk_at: end })
+}
+
+#[cfg(test)]
+mod put_tests {
+    use super::*;
+
+    fn put_datagram(pages: &[&[u8]], key: &[u8; 32]) -> Vec<u8> {
+        let mut out = vec![PROTOCOL_VERSION, PUT_PAGES, 0, 0];
+        out.extend_from_slice(&11u64.to_be_bytes());
+        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&1u16.to_be_bytes());
+        out.extend_from_slice(&((2 + pages.len() * DIGEST_SIZE) as u32).to_be_bytes());
+        out.extend_from_slice(&(pages.len() as u16).to_be_bytes());
+        for page in pages {
+            out.extend_from_slice(blake3::hash(page).as_bytes());
+        }
+        seal_into(&mut out, &Sealer::Keyed(2, key), 5, 9);
+        for page in pages {
+            out.extend_from_slice(page);
+        }
+        out
+    }
+
+    #[test]
+    fn put_requests_decode_and_refuse_like_the_reference() {
+        let key = [4u8; 32];
+        let keys = Keys::Keyed(vec![(2, key)]);
+        let a = vec![1u8; PAGE_SIZE];
+        let data = put_datagram(&[&a, &a], &key);
+        let Decoded::Authentic(stamp, Ok(put)) = decode_put(&data, MAX_DATAGRAM, &keys) else {
+            panic!("not decoded")
+        };
+        assert_eq!(stamp, Stamp { key_id: 2, timestamp_ms: 5, nonce: 9 });
+        assert_eq!((put.request_id, put.count, put.bulk_at + 2 * PAGE_SIZE), (11, 2, data.len()));
+        let Decoded::Authentic(_, Err(error)) = decode_put(&data[..data.len() - 1], MAX_DATAGRAM, &keys)
+        else {
+            panic!("bulk not checked")
+        };
+        assert!(error.reason.starts_with("bulk is"));
+        for cut in 0..data.len() {
+            let _ = decode_put(&data[..cut], MAX_DATAGRAM, &keys);
+        }
+        assert!(matches!(decode_put(&data, MAX_DATAGRAM, &Keys::Open), Decoded::Refused(_, true)));
     }
 }

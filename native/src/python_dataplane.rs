@@ -5,12 +5,14 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
-use crate::dataplane::{self, Keys, Outcome, Sealer, DIGEST_SIZE, PAGE_SIZE};
+use crate::dataplane::{self, Decoded, Keys, Sealer, DIGEST_SIZE, PAGE_SIZE};
 use crate::errors::Kind;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_pages_burst, m)?)?;
     m.add_function(wrap_pyfunction!(encode_pages_answer, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_put_results, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_put_pages, m)?)?;
     m.add_function(wrap_pyfunction!(digest_pages, m)?)?;
     m.add_function(wrap_pyfunction!(pages_match, m)?)?;
     Ok(())
@@ -24,6 +26,115 @@ const BODY_ERROR: u8 = 3;
 const DECODE: u8 = 0;
 const LIMIT: u8 = 1;
 const AUTH: u8 = 2;
+
+fn check_max_datagram(max_datagram: usize) -> PyResult<()> {
+    if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
+        return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
+    }
+    Ok(())
+}
+
+/// A sealer's tag key: `None` in open mode, else 32 bytes.
+fn parse_tag_key(tag_key: Option<Vec<u8>>) -> PyResult<Option<[u8; 32]>> {
+    tag_key
+        .map(|k| k.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes")))
+        .transpose()
+}
+
+/// `None` (open mode) or the (key id, tag key) pairs accepted now.
+fn parse_keys(keys: Option<Vec<(u8, Vec<u8>)>>) -> PyResult<Keys> {
+    Ok(match keys {
+        None => Keys::Open,
+        Some(list) => {
+            let mut out = Vec::with_capacity(list.len());
+            for (id, key) in list {
+                let key: [u8; 32] =
+                    key.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes"))?;
+                out.push((id, key));
+            }
+            Keys::Keyed(out)
+        }
+    })
+}
+
+/// The refusal class of a `Refused` outcome.
+fn refusal_class(error: &crate::errors::Error, auth: bool) -> u8 {
+    if auth {
+        AUTH
+    } else if error.kind == Kind::LimitExceeded {
+        LIMIT
+    } else {
+        DECODE
+    }
+}
+
+/// A decoded body with its stamp, or what the caller returns instead: `None` (another type),
+/// `(1, class, message)` (refused) or `(3, key_id, timestamp_ms, nonce, request_id,
+/// message_type, code, reason)` (authentic, bad body).
+#[allow(clippy::type_complexity)]
+fn unless_decoded<'py, T>(
+    py: Python<'py>,
+    outcome: Decoded<T>,
+) -> PyResult<Result<(dataplane::Stamp, T), Bound<'py, PyAny>>> {
+    Ok(Err(match outcome {
+        Decoded::Authentic(stamp, Ok(body)) => return Ok(Ok((stamp, body))),
+        Decoded::Other => py.None().into_bound(py),
+        Decoded::Refused(error, auth) => {
+            (REFUSED, refusal_class(&error, auth), error.message).into_pyobject(py)?.into_any()
+        }
+        Decoded::Authentic(stamp, Err(body)) => (
+            BODY_ERROR,
+            stamp.key_id,
+            stamp.timestamp_ms,
+            stamp.nonce,
+            body.request_id,
+            body.message_type,
+            body.code,
+            body.reason,
+        )
+            .into_pyobject(py)?
+            .into_any(),
+    }))
+}
+
+/// Decode one datagram if it is a version-2 PUT_PAGES request (the node's side; the twin of
+/// `tmdht.wire.decode` for that type): `None` (another type: decode it with the reference),
+/// `(1, class, message)` (refused before any state, as in `decode_pages_burst`),
+/// `(0, key_id, timestamp_ms, nonce, request_id, pages)` (authentic; `pages` the (digest,
+/// page) pairs, pages not verified), or `(3, key_id, timestamp_ms, nonce, request_id,
+/// message_type, code, reason)` (authentic, bad body). The caller checks the stamp.
+#[pyfunction]
+#[pyo3(signature = (data, max_datagram, keys))]
+fn decode_put_pages<'py>(
+    py: Python<'py>,
+    data: PyBuffer<u8>,
+    max_datagram: usize,
+    keys: Option<Vec<(u8, Vec<u8>)>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    check_max_datagram(max_datagram)?;
+    let keys = parse_keys(keys)?;
+    if !data.is_c_contiguous() {
+        return Err(PyValueError::new_err("a contiguous buffer is needed"));
+    }
+    // SAFETY: C-contiguous u8, exported (held) by `data` until return.
+    let bytes = unsafe { std::slice::from_raw_parts(data.buf_ptr() as *const u8, data.len_bytes()) };
+    Ok(match unless_decoded(py, dataplane::decode_put(bytes, max_datagram, &keys))? {
+        Err(item) => item,
+        Ok((stamp, put)) => {
+            let mut pages = Vec::with_capacity(put.count);
+            for i in 0..put.count {
+                let at = put.digests_at + i * DIGEST_SIZE;
+                let digest = PyBytes::new(py, &bytes[at..at + DIGEST_SIZE]);
+                let at = put.bulk_at + i * PAGE_SIZE;
+                let page = PyBytes::new(py, &bytes[at..at + PAGE_SIZE]);
+                pages.push(PyTuple::new(py, [digest, page])?);
+            }
+            (OK, stamp.key_id, stamp.timestamp_ms, stamp.nonce, put.request_id, PyTuple::new(py, pages)?)
+                .into_pyobject(py)?
+                .into_any()
+        }
+    })
+}
 
 /// Decode and verify a burst of datagrams; one result per datagram, in order:
 /// `None` (not a PAGES datagram: decode it with the reference),
@@ -42,21 +153,8 @@ fn decode_pages_burst<'py>(
     max_datagram: usize,
     keys: Option<Vec<(u8, Vec<u8>)>>,
 ) -> PyResult<Bound<'py, PyList>> {
-    if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
-        return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
-    }
-    let keys = match keys {
-        None => Keys::Open,
-        Some(list) => {
-            let mut out = Vec::with_capacity(list.len());
-            for (id, key) in list {
-                let key: [u8; 32] =
-                    key.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes"))?;
-                out.push((id, key));
-            }
-            Keys::Keyed(out)
-        }
-    };
+    check_max_datagram(max_datagram)?;
+    let keys = parse_keys(keys)?;
     let mut views: Vec<(usize, usize)> = Vec::with_capacity(datagrams.len());
     for buffer in &datagrams {
         if !buffer.is_c_contiguous() {
@@ -75,31 +173,9 @@ fn decode_pages_burst<'py>(
     for &view in &views {
         let data = slice(view);
         let outcome = dataplane::decode_pages(data, max_datagram, &keys);
-        let item: Bound<'py, PyAny> = match outcome {
-            Outcome::Other => py.None().into_bound(py),
-            Outcome::Refused(error, auth) => {
-                let class = if auth {
-                    AUTH
-                } else if error.kind == Kind::LimitExceeded {
-                    LIMIT
-                } else {
-                    DECODE
-                };
-                (REFUSED, class, error.message).into_pyobject(py)?.into_any()
-            }
-            Outcome::Authentic(stamp, Err(body)) => (
-                BODY_ERROR,
-                stamp.key_id,
-                stamp.timestamp_ms,
-                stamp.nonce,
-                body.request_id,
-                body.message_type,
-                body.code,
-                body.reason,
-            )
-                .into_pyobject(py)?
-                .into_any(),
-            Outcome::Authentic(stamp, Ok(part)) => {
+        let item: Bound<'py, PyAny> = match unless_decoded(py, outcome)? {
+            Err(item) => item,
+            Ok((stamp, part)) => {
                 let digest = |i: usize| {
                     let at = part.digests_at + i * DIGEST_SIZE;
                     PyBytes::new(py, &data[at..at + DIGEST_SIZE])
@@ -155,19 +231,12 @@ fn encode_pages_answer<'py>(
     timestamp_ms: u64,
     nonce: Bound<'py, PyAny>,
 ) -> PyResult<(Bound<'py, PyList>, usize)> {
-    if !(dataplane::MIN_DATAGRAM..=dataplane::MAX_DATAGRAM).contains(&max_datagram) {
-        return Err(PyValueError::new_err(format!("max_datagram {max_datagram} is out of range")));
-    }
+    check_max_datagram(max_datagram)?;
     if digests.len() != views.len() {
         return Err(PyValueError::new_err("one view (or None) per digest"));
     }
-    let key: Option<[u8; 32]> = tag_key
-        .map(|k| k.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes")))
-        .transpose()?;
-    let sealer = match &key {
-        None => Sealer::Open,
-        Some(k) => Sealer::Keyed(key_id, k),
-    };
+    let key = parse_tag_key(tag_key)?;
+    let sealer = Sealer::of(key_id, key.as_ref());
     let mut found: Vec<&[u8]> = Vec::with_capacity(digests.len());
     let mut found_views: Vec<&Bound<'py, PyAny>> = Vec::with_capacity(digests.len());
     let mut missing: Vec<&[u8]> = Vec::new();
@@ -209,6 +278,68 @@ fn encode_pages_answer<'py>(
         out.append(datagram)?;
     }
     Ok((out, found.len()))
+}
+
+/// One PUT's answer, checked: request id, digests (32 bytes each), status bytes.
+type CheckedAnswer<'a> = (u64, Vec<&'a [u8]>, &'a [u8]);
+
+/// The answers of a committed group of PUTs, sealed in one call: `answers` holds per PUT
+/// (request id, its digests, one status byte per digest); returns per PUT its PUT_RESULT
+/// datagrams (one in practice), split as `tmdht.wire.encode_put_response` splits them. Sealed
+/// as in `encode_pages_answer`: `nonce()` once per datagram, in order.
+#[pyfunction]
+#[pyo3(signature = (answers, *, max_datagram, key_id, tag_key, timestamp_ms, nonce))]
+fn encode_put_results<'py>(
+    py: Python<'py>,
+    answers: Vec<(u64, Vec<Bound<'py, PyBytes>>, Bound<'py, PyBytes>)>,
+    max_datagram: usize,
+    key_id: u8,
+    tag_key: Option<Vec<u8>>,
+    timestamp_ms: u64,
+    nonce: Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyList>> {
+    check_max_datagram(max_datagram)?;
+    let key = parse_tag_key(tag_key)?;
+    let sealer = Sealer::of(key_id, key.as_ref());
+    let per_part = dataplane::results_per_part(max_datagram);
+    // Every answer is checked before any nonce is drawn: a bad one draws none.
+    let mut checked: Vec<CheckedAnswer<'_>> = Vec::with_capacity(answers.len());
+    for (request_id, digests, statuses) in &answers {
+        let statuses = statuses.as_bytes();
+        if statuses.len() != digests.len() {
+            return Err(PyValueError::new_err("one status per digest"));
+        }
+        let mut raw = Vec::with_capacity(digests.len());
+        for digest in digests {
+            let bytes = digest.as_bytes();
+            if bytes.len() != DIGEST_SIZE {
+                return Err(PyValueError::new_err(format!(
+                    "a digest is {DIGEST_SIZE} bytes, got one of {}", bytes.len())));
+            }
+            raw.push(bytes);
+        }
+        if raw.len().div_ceil(per_part) > u16::MAX as usize {
+            return Err(PyValueError::new_err("the answer needs more than 65535 parts"));
+        }
+        checked.push((*request_id, raw, statuses));
+    }
+    let out = PyList::empty(py);
+    for (request_id, digests, statuses) in &checked {
+        let parts = digests.len().div_ceil(per_part).max(1);
+        let datagrams = PyList::empty(py);
+        for index in 0..parts {
+            let start = index * per_part;
+            let end = digests.len().min(start + per_part);
+            let nonce: u64 = nonce.call0()?.extract()?;
+            let data = dataplane::put_result_datagram(
+                *request_id, index as u16, parts as u16, &digests[start..end],
+                &statuses[start..end], &sealer, timestamp_ms, nonce,
+            );
+            datagrams.append(PyBytes::new(py, &data))?;
+        }
+        out.append(datagrams)?;
+    }
+    Ok(out)
 }
 
 // -- bulk hashing ------------------------------------------------------------------------------

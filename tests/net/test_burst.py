@@ -26,8 +26,13 @@ from tmdht.net.burst import (
     decode_burst,
     decode_burst_native,
     decode_burst_reference,
+    decode_request,
+    decode_request_native,
     encode_pages_answer_native,
     encode_pages_answer_reference,
+    encode_put_answers,
+    encode_put_answers_native,
+    encode_put_answers_reference,
 )
 from tmdht.pages import PAGE_SIZE, PageDigest, digest_page
 
@@ -238,3 +243,132 @@ def test_pages_encoders_refuse_bad_buffers_alike() -> None:
             with pytest.raises(wire.InvalidMessageError, match=r"is (32|4096) bytes"):
                 encode(1, digests, views, max_datagram=32768, auth=counter_auth("keyed"),
                        now=NOW, **kwargs)
+
+
+@needs_native
+@EXAMPLES
+@given(
+    mode=st.sampled_from(["keyed", "open"]),
+    answers=st.lists(
+        st.tuples(st.integers(0, 2**64 - 1),
+                  st.lists(st.tuples(st.integers(0, 11), st.sampled_from(list(wire.PutStatus))),
+                           max_size=1100)),
+        max_size=6),
+    max_datagram=st.sampled_from([wire.MIN_DATAGRAM, 9000, 32768, wire.MAX_DATAGRAM]),
+)
+def test_native_put_answers_are_the_reference(
+    mode: str, answers: list[tuple[int, list[tuple[int, wire.PutStatus]]]], max_datagram: int
+) -> None:
+    """A group's PUT_RESULT answers byte for byte (empty answers and several parts included),
+    the nonces drawn in the same order; each decodes to the results it was given."""
+    from tmdht import _native
+
+    rows = [(rid, [DIGESTS[i] for i, _ in entries], [s for _, s in entries])
+            for rid, entries in answers]
+    ref = encode_put_answers_reference(rows, max_datagram=max_datagram, auth=counter_auth(mode),
+                                       now=NOW)
+    nat = encode_put_answers_native(rows, max_datagram=max_datagram, auth=counter_auth(mode),
+                                    now=NOW, native=_native)
+    assert nat == ref
+    auth = make_auth(mode)
+    for (rid, digests, statuses), datagrams in zip(rows, nat, strict=True):
+        results = []
+        for datagram in datagrams:
+            message = wire.decode(datagram, auth=auth, now=NOW, max_datagram=max_datagram)
+            assert isinstance(message, wire.PutResult) and message.request_id == rid
+            assert message.parts == len(datagrams)
+            results += message.results
+        assert results == list(zip(digests, statuses, strict=True))
+
+
+@needs_native
+def test_put_answer_encoders_refuse_bad_input_alike() -> None:
+    """Short digests, unknown statuses and bad request ids: the same error class, and no nonce
+    drawn by the native encoder for a group it refuses."""
+    from tmdht import _native
+
+    cases: list[list[Any]] = [
+        [(1, [PageDigest(b"short")], [wire.PutStatus.STORED])],
+        [(1, [DIGESTS[0]], [9])],
+        [(2**64, [DIGESTS[0]], [wire.PutStatus.STORED])],
+        [(-1, [], [])],
+    ]
+    for rows in cases:
+        for encode, kwargs in ((encode_put_answers_reference, {}),
+                               (encode_put_answers_native, {"native": _native})):
+            auth = counter_auth("keyed")
+            with pytest.raises(wire.InvalidMessageError):
+                encode(rows, max_datagram=32768, auth=auth, now=NOW, **kwargs)
+        nonces = counter_auth("keyed")
+        with pytest.raises(wire.InvalidMessageError):
+            encode_put_answers_native(
+                [(5, [DIGESTS[1]], [wire.PutStatus.STORED]), *rows], max_datagram=32768,
+                auth=nonces, now=NOW, native=_native)
+        assert nonces.next_nonce() == 1
+
+
+def test_active_put_encoder_answers() -> None:
+    rows = [(7, [DIGESTS[0], DIGESTS[1]], [wire.PutStatus.STORED, wire.PutStatus.PRESENT])]
+    (datagrams,) = encode_put_answers(rows, max_datagram=32768, auth=make_auth("keyed"), now=NOW)
+    (datagram,) = datagrams
+    message = wire.decode(datagram, auth=make_auth("keyed"), now=NOW, max_datagram=32768)
+    assert isinstance(message, wire.PutResult)
+    assert list(message.results) == list(zip(rows[0][1], rows[0][2], strict=True))
+
+
+def put_datagrams(mode: str, sizes: list[int], max_datagram: int) -> list[bytes]:
+    auth = make_auth(mode)
+    return [wire.encode(wire.PutPages(request_id=90 + i, pages=tuple(
+                (DIGESTS[(i + j) % 12], POOL[(i + j) % 12]) for j in range(size))),
+                max_datagram=max_datagram, auth=auth, now=NOW)
+            for i, size in enumerate(sizes)]
+
+
+def decode_or_error(decode: Any, data: bytes, **kwargs: Any) -> Any:
+    try:
+        return decode(data, **kwargs)
+    except DecodeError as exc:
+        return exc
+
+
+@needs_native
+@EXAMPLES
+@given(
+    mode=st.sampled_from(["keyed", "open"]),
+    sizes=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    seed=st.integers(0, 2**32),
+    mutants=st.integers(0, 12),
+    decode_limit=st.sampled_from([wire.MIN_DATAGRAM, 32768, wire.MAX_DATAGRAM]),
+)
+def test_native_request_decoder_is_the_reference(
+    mode: str, sizes: list[int], seed: int, mutants: int, decode_limit: int
+) -> None:
+    """PUT_PAGES requests (and other datagrams, handed to the reference) and their corruptions,
+    replays included: the same message or the same error class and text as wire.decode, the
+    replay windows alike afterwards."""
+    from tmdht import _native
+
+    rng = random.Random(seed)
+    good = put_datagrams(mode, sizes, 32768) + other_datagrams(mode)
+    stream = list(good)
+    for _ in range(mutants):
+        stream.append(mutate(rng.choice(good), rng))
+    if mode == "keyed" and rng.random() < 0.3:  # a datagram of the other mode
+        stream.append(put_datagrams("open", [1], 32768)[0])
+    rng.shuffle(stream)
+    ref_auth, nat_auth = make_auth(mode), make_auth(mode)
+    for index, data in enumerate(stream):
+        left = decode_or_error(wire.decode, data, auth=ref_auth, now=NOW, max_datagram=decode_limit)
+        right = decode_or_error(decode_request_native, data, auth=nat_auth, now=NOW,
+                                max_datagram=decode_limit, native=_native)
+        assert same(left, right), (index, left, right)
+        if isinstance(right, wire.PutPages):
+            assert right == wire.PutPages(request_id=right.request_id, pages=right.pages)
+    assert len(ref_auth.replay or ()) == len(nat_auth.replay or ())
+
+
+def test_active_request_decoder_decodes_puts() -> None:
+    (datagram,) = put_datagrams("keyed", [3], 32768)
+    message = decode_request(datagram, auth=make_auth("keyed"), now=NOW)
+    assert isinstance(message, wire.PutPages) and message.request_id == 90
+    assert message.pages == tuple((DIGESTS[j], POOL[j]) for j in range(3))

@@ -4,6 +4,7 @@ persisted, rebuilt when missing or inconsistent."""
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import lmdb
 from hypothesis import HealthCheck, given, settings
@@ -29,6 +30,13 @@ def rebuilt(store: PageStore) -> BucketTable:
     return BucketTable.from_digests(store.iter_digests())
 
 
+def apply(store: PageStore, put: bool, numbers: list[int]) -> None:
+    if put:
+        store.put_many(items(numbers))
+    else:
+        store.delete_many([digest_page(page(n)) for n in numbers])
+
+
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.booleans(), st.lists(st.integers(1, 60), max_size=12)), max_size=12))
@@ -36,14 +44,33 @@ def test_incremental_equals_rebuilt(tmp_path_factory: object, ops: list[tuple[bo
     path = tmp_path_factory.mktemp("store")  # type: ignore[attr-defined]
     with PageStore.open(path, capacity_bytes=CAPACITY) as store:
         for put, numbers in ops:
-            if put:
-                store.put_many(items(numbers))
-            else:
-                store.delete_many([digest_page(page(n)) for n in numbers])
+            apply(store, put, numbers)
             assert store.buckets.table() == rebuilt(store)
     with PageStore.open(path, capacity_bytes=CAPACITY) as store:
         assert not store.buckets.rebuilt
         assert store.buckets.table() == rebuilt(store)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.booleans(), st.lists(st.integers(1, 40), max_size=12)), max_size=16),
+       st.sampled_from([1, 7, node_buckets.FOLD_PENDING]), st.booleans())
+def test_digests_folded_late_give_the_same_table(
+    tmp_path_factory: object, ops: list[tuple[bool, list[int]]], fold_at: int, read: bool
+) -> None:
+    """Committed digests wait to be folded in (until a read, the save or ``FOLD_PENDING`` of
+    them): puts and deletes of the same pages in any order, read only at the end or only
+    after a reopen, give the table a rebuild computes."""
+    path = tmp_path_factory.mktemp("store")  # type: ignore[attr-defined]
+    with mock.patch.object(node_buckets, "FOLD_PENDING", fold_at):
+        with PageStore.open(path, capacity_bytes=CAPACITY) as store:
+            for put, numbers in ops:
+                apply(store, put, numbers)
+            if read:
+                assert store.buckets.table() == rebuilt(store)
+        with PageStore.open(path, capacity_bytes=CAPACITY) as store:
+            assert not store.buckets.rebuilt
+            assert store.buckets.table() == rebuilt(store)
 
 
 def test_a_store_without_the_table_rebuilds_it(tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ TCP/IP headers' share of what its tun device hands over. The wave time all at on
 first ``migrate`` to the last destination having loaded everything.
 
 Run as root: ``python bench/waves.py`` (100 Mbit/s, 20 ms RTT, 4 guests of 256 MiB with
-64 MiB of application data).
+64 MiB of application data, every variant one after another and all at once: about 20 minutes;
+``--modes sequential --variants tmdht,tmdht-wave`` about 4).
 """
 
 from __future__ import annotations

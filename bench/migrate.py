@@ -382,24 +382,30 @@ def migrate_once(ctx: Context, variant: str, spec: GuestSpec, source: Guest,
                 (dirty_after[1] - dirty_before[1]) / 100)
         row["identical"] = row["resumed"] = None
         if converged and row.get("dest_status") == "completed":
-            last = source.counter or 0
-            if ctx.verify:
-                differing = memory_differences(ctx, source, dest)
-                row["identical"] = not differing
-                row["differing_pages"] = len(differing)
-                row["differing_sample"] = differing[:16]
-            dest.cont()
-            try:
-                dest.wait_counter(last + 1, timeout=60)
-                row["resumed"] = True
-            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-                row["resumed"] = False
-                row["resume_error"] = str(exc)[:500]
+            check_and_resume(ctx, row, source, dest)
     shutil.rmtree(reports, ignore_errors=True)
     if source.status() != "running":
         source.cont()
     row["loadavg_1min"] = os.getloadavg()[0]
     return row
+
+
+def check_and_resume(ctx: Context, row: dict[str, Any], source: Guest, dest: Guest) -> None:
+    """After a completed migration: compare both guests' memory page by page (``ctx.verify``),
+    resume the destination and check that it continues the guest's counter; into ``row``."""
+    last = source.counter or 0
+    if ctx.verify:
+        differing = memory_differences(ctx, source, dest)
+        row["identical"] = not differing
+        row["differing_pages"] = len(differing)
+        row["differing_sample"] = differing[:16]
+    dest.cont()
+    try:
+        dest.wait_counter(last + 1, timeout=60)
+        row["resumed"] = True
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        row["resumed"] = False
+        row["resume_error"] = str(exc)[:500]
 
 
 def _wan_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:

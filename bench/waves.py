@@ -9,13 +9,20 @@ writes into a tmpfs at boot from a shared 2 MiB pool (``wave_initramfs``), so it
 guest's memory — with a different seed each (their own random data files, fill pattern and
 workload); none of them is in the mining corpus.
 
-Each variant migrates the guests one after another; ``tmdht-wave`` starts a fresh wave (new id
-and secret) per variant run, so its first VM meets an empty wave store. (All at once is not
-measured: bench/migrate.py's per-migration step kills leftover proxies of its role and reads
-the relay's shared byte counters, both of which assume one migration at a time.)
+Each variant migrates the guests one after another (``--modes sequential``) and then all at
+once (``concurrent``): every guest its own destination QEMU and proxies (own ports, report
+files), all migrations started together. A wave variant starts a fresh wave (new id and secret)
+per variant run, so its first VM meets an empty wave store (all at once, every VM meets the
+store as the others fill it). One after another, a VM's WAN bytes are the relay's counters over
+its migration; all at once the relay's counters are the wave's, and a VM's bytes are its own
+TCP connection's (the proxies' TCP_INFO: bytes acknowledged sent plus received; QEMU's
+``transferred`` for plain QEMU), about 0.5 % below the relay's, which also counts the packets'
+TCP/IP headers' share of what its tun device hands over. The wave time all at once is from the
+first ``migrate`` to the last destination having loaded everything.
 
 Run as root: ``python bench/waves.py`` (100 Mbit/s, 20 ms RTT, 4 guests of 256 MiB with
-64 MiB of application data).
+64 MiB of application data, every variant one after another and all at once: about 20 minutes;
+``--modes sequential --variants tmdht,tmdht-wave`` about 4).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -45,20 +53,29 @@ from wanemu import DEST_CPU, DST_ADDR, PREFIX, SOURCE_CPU, Wan, parse_settings, 
 from tmdht.files import atomic_write
 from tmdht.lab import Guest, GuestSpec, HostTools
 from tmdht.lab.initramfs import ensure_initramfs, pack_cpio, server_init_script
-from tmdht.lab.migrate import make_fifo, read_ready
+from tmdht.lab.migrate import make_fifo, read_ready, wait_report
 from tmdht.native import describe as native_describe
 from tmdht.node.local import LocalCluster
 
-VARIANTS = ("qemu", "tmdht", "tmdht-wave")
+VARIANTS = ("qemu", "tmdht", "tmdht-wave", "tmdht-wave-every", "tmdht-wave-all")
+"""``tmdht-wave``: the defaults (adaptive offering: pages go whole while offers are not found;
+QEMU's stream read only while the offers' expected bodies are within 4 MiB); ``tmdht-wave-all``:
+``--offer-every-page --offer-ahead 64MiB``, the sender as it was before both (every
+non-template page offered, QEMU's stream up to the 64 MiB flow window ahead);
+``tmdht-wave-every``: ``--offer-every-page`` (every page offered, the 4 MiB offer-ahead)."""
+WAVE_VARIANTS = ("tmdht-wave", "tmdht-wave-every", "tmdht-wave-all")
+_SENDER_WAVE_ARGS = {"tmdht-wave": [], "tmdht-wave-every": ["--offer-every-page"],
+                     "tmdht-wave-all": ["--offer-every-page", "--offer-ahead", "64MiB"]}
 _wave: dict[str, Any] = {}  # the current wave's id and secret file (tmdht-wave)
 _original_start_incoming = mb.start_incoming
 
 
 def start_incoming(ctx: mb.Context, variant: str, dest: Guest, reports: Path) -> str:
-    """bench/migrate.py's, plus ``--wave`` on both proxies for tmdht-wave."""
-    if variant != "tmdht-wave":
+    """bench/migrate.py's, plus ``--wave`` on both proxies for the wave variants."""
+    if variant not in WAVE_VARIANTS:
         return _original_start_incoming(ctx, variant, dest, reports)
     wave = ["--wave", _wave["id"], "--wave-secret-file", str(_wave["secret"])]
+    sender_wave = wave + _SENDER_WAVE_ARGS[variant]
     fifo = make_fifo(reports / "ready.fifo")
     host, port = ctx.cluster.seed
     dest.migrate_incoming(mb._tmdht(
@@ -69,7 +86,7 @@ def start_incoming(ctx: mb.Context, variant: str, dest: Guest, reports: Path) ->
     _host, listen_port = read_ready(fifo, timeout=60)
     return mb._tmdht(ctx.wan.wrappers["sender"], "qemu", "send", "--catalog", ctx.catalog,
                      "--to", f"{DST_ADDR}:{listen_port}", "--report", reports / "send.json",
-                     "--insecure-plaintext", *wave)
+                     "--insecure-plaintext", *sender_wave)
 
 
 mb.start_incoming = start_incoming
@@ -143,15 +160,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", default="100mbit")
     parser.add_argument("--rtt", default="20")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--modes", default="sequential,concurrent",
+                        help="sequential (one after another), concurrent (all at once)")
     parser.add_argument("--no-verify", action="store_true")
     parser.add_argument("--build-dir", type=Path, default=mb.REPO / "build")
     parser.add_argument("--out", type=Path, default=mb.REPO / "bench" / "results")
     parser.add_argument("--name", default="waves")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="print the table and ratios of an earlier run's JSON and exit")
     return parser.parse_args(argv)
 
 
 def _wan_bytes(row: dict[str, Any]) -> int:
+    """A VM's WAN bytes: the relay's counters (one after another) or its connection's own."""
     wan = row.get("wan", {})
+    if "flow_up_bytes" in wan:
+        return int(wan["flow_up_bytes"]) + int(wan.get("flow_down_bytes", 0))
     return int(wan.get("relay_up_bytes", 0)) + int(wan.get("relay_down_bytes", 0))
 
 
@@ -167,7 +191,9 @@ def table(results: dict[str, Any]) -> str:
         runs = [r for r in results["runs"] if r.get("mode") == mode]
         if not runs:
             continue
-        lines.append(f"\n{mode}: WAN MiB per VM (both directions), end-to-end s per VM")
+        lines.append(f"\n{mode}: WAN MiB per VM (both directions), end-to-end s per VM"
+                     + ("" if mode == "sequential" else " (from the common start; VM bytes "
+                        "from each VM's connection, the wave's from the relay)"))
         lines.append("| variant | " + " | ".join(f"VM {i + 1}" for i in range(
             results["conditions"]["guests"])) + " | wave total MiB | wave time s |")
         lines.append("|---" * (results["conditions"]["guests"] + 3) + "|")
@@ -178,7 +204,9 @@ def table(results: dict[str, Any]) -> str:
             cells = [f"{_wan_bytes(r) / (1 << 20):.1f}, {r.get('end_to_end_s') or 0:.1f}"
                      + ("" if r.get("identical") in (True, None) else " (DIFFERS)")
                      + ("" if r.get("converged") else " (not converged)") for r in rows]
-            total = sum(_wan_bytes(r) for r in rows) / (1 << 20)
+            relay = results.get("wave_wan", {}).get(f"{mode}/{variant}")
+            total = (sum(_wan_bytes(r) for r in rows) if relay is None else
+                     relay["relay_up_bytes"] + relay["relay_down_bytes"]) / (1 << 20)
             wave_s = results["wave_seconds"].get(f"{mode}/{variant}", 0.0)
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {total:.1f} | "
                          f"{wave_s:.1f} |")
@@ -189,37 +217,58 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mode in ("sequential", "concurrent"):
         runs = [r for r in results["runs"] if r.get("mode") == mode]
-        per = {v: [_wan_bytes(r) for r in sorted((r for r in runs if r["variant"] == v),
-                                                 key=lambda r: r["vm"])]
-               for v in results["conditions"]["variants"]}
-        wave, plain = per.get("tmdht-wave") or [], per.get("tmdht") or []
-        if len(wave) >= 2 and wave[0]:
-            out[f"{mode}: VMs 2.. / VM 1 (tmdht-wave)"] = [round(b / wave[0], 3)
-                                                         for b in wave[1:]]
-        shares = [_hit_share(r) for r in sorted((r for r in runs if r["variant"] == "tmdht-wave"),
-                                                key=lambda r: r["vm"])]
-        if any(share is not None for share in shares):
-            # Offers are the non-template, non-zero, non-repeated pages: the hits of VMs 2..
-            # are the share of those common to the wave.
-            out[f"{mode}: wave hits / offers per VM (receiver)"] = shares
-        if wave and plain and sum(plain):
-            out[f"{mode}: wave total / tmdht total"] = round(sum(wave) / sum(plain), 3)
-        times = {v: [r.get("end_to_end_s") for r in runs if r["variant"] == v]
-                 for v in ("tmdht", "tmdht-wave")}
-        if all(times.values()) and all(all(t for t in ts) for ts in times.values()):
-            out[f"{mode}: median s per VM tmdht / tmdht-wave"] = [
-                round(statistics.median(times["tmdht"]), 2),
-                round(statistics.median(times["tmdht-wave"]), 2)]
+
+        def ordered(variant: str, runs: list[dict[str, Any]] = runs) -> list[dict[str, Any]]:
+            return sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["vm"])
+
+        plain = [_wan_bytes(r) for r in ordered("tmdht")]
+        plain_times = [float(r.get("end_to_end_s") or 0.0) for r in ordered("tmdht")]
+        for variant in WAVE_VARIANTS:
+            rows = ordered(variant)
+            wave = [_wan_bytes(r) for r in rows]
+            tag = "" if variant == "tmdht-wave" else f" ({variant})"
+            if len(wave) >= 2 and wave[0]:
+                out[f"{mode}: VMs 2.. / VM 1 ({variant})"] = [round(b / wave[0], 3)
+                                                             for b in wave[1:]]
+            shares = [_hit_share(r) for r in rows]
+            if any(share is not None for share in shares):
+                # Offers are the non-template, non-zero, non-repeated pages not sent whole:
+                # the hits of VMs 2.. are the share of those common to the wave.
+                out[f"{mode}: wave hits / offers per VM (receiver){tag}"] = shares
+            if wave and plain and sum(plain):
+                out[f"{mode}: wave total / tmdht total{tag}"] = round(sum(wave) / sum(plain), 3)
+            times = [float(r.get("end_to_end_s") or 0.0) for r in rows]
+            if times and plain_times and all(times) and all(plain_times):
+                out[f"{mode}: median s per VM tmdht / {variant}"] = [
+                    round(statistics.median(plain_times), 2), round(statistics.median(times), 2)]
+                pauses = [float(r.get("switchover_ms") or 0.0) for r in rows]
+                plain_pauses = [float(r.get("switchover_ms") or 0.0) for r in ordered("tmdht")]
+                if all(pauses) and all(plain_pauses):
+                    # The guest's real pause: the destination loaded after the source stopped.
+                    out[f"{mode}: median guest pause ms tmdht / {variant}"] = [
+                        round(statistics.median(plain_pauses)),
+                        round(statistics.median(pauses))]
+                # The time target is per VM; VM 1 (an empty wave store) is the one at risk.
+                out[f"{mode}: VM 1 s / tmdht median s per VM{tag}"] = round(
+                    times[0] / statistics.median(plain_times), 3)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        earlier = json.loads(args.render.read_text())
+        print(table(earlier))
+        print(json.dumps(ratios(earlier), indent=1))
+        return 0
     if os.geteuid() != 0:
         mb.log("needs root (network namespaces, tun devices, cgroups)")
         return 2
     variants = [v for v in args.variants.split(",") if v]
-    modes = ["sequential"]
+    modes = [m for m in args.modes.split(",") if m]
+    if set(modes) - {"sequential", "concurrent"} or set(variants) - set(VARIANTS):
+        mb.log(f"unknown modes or variants: {modes} {variants}")
+        return 2
     (setting,) = parse_settings(args.rate, args.rtt)
     args.out.mkdir(parents=True, exist_ok=True)
     out_json = args.out / f"{args.name}.json"
@@ -230,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                        "modes": modes, "loadavg_start": os.getloadavg(),
                        "pipeline": native_describe(),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S %z")},
-        "runs": [], "wave_seconds": {}, "guests": [],
+        "runs": [], "wave_seconds": {}, "wave_wan": {}, "wave_cpu_s": {}, "guests": [],
     }
     tools = HostTools.discover()
     started = time.monotonic()
@@ -280,9 +329,15 @@ def main(argv: list[str] | None = None) -> int:
                 _wave["secret"] = work / f"{_wave['id']}.key"
                 _wave["secret"].write_text(os.urandom(32).hex() + "\n")
                 t0 = time.monotonic()
-                rows = [run_one(ctx, variant, spec, source)
-                        for spec, source in zip(specs, sources, strict=True)]
-                results["wave_seconds"][f"{mode}/{variant}"] = time.monotonic() - t0
+                if mode == "sequential":
+                    rows = [run_one(ctx, variant, spec, source)
+                            for spec, source in zip(specs, sources, strict=True)]
+                    results["wave_seconds"][f"{mode}/{variant}"] = time.monotonic() - t0
+                else:
+                    rows, wave = run_concurrently(ctx, variant, specs, sources)
+                    results["wave_seconds"][f"{mode}/{variant}"] = wave["seconds"]
+                    results["wave_wan"][f"{mode}/{variant}"] = wave["wan"]
+                    results["wave_cpu_s"][f"{mode}/{variant}"] = wave["cpu_s"]
                 for vm, row in enumerate(rows):
                     row |= {"mode": mode, "vm": vm + 1}
                     results["runs"].append(row)
@@ -313,6 +368,133 @@ def run_one(ctx: mb.Context, variant: str, spec: GuestSpec, source: Guest) -> di
                 source.cont()
         return {"variant": variant, "status": "error", "error": str(exc)[:2000],
                 "converged": False, "wan": {}}
+
+
+def run_concurrently(ctx: mb.Context, variant: str, specs: list[GuestSpec],
+                     sources: list[Guest]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """All guests at once: the rows (one per VM) and the wave's own figures (relay bytes, CPU
+    seconds per role, seconds from the first ``migrate`` to the last VM loaded)."""
+    try:
+        return migrate_all(ctx, variant, specs, sources)
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        mb.log(f"  {variant} all at once FAILED: {exc}")
+        for source in sources:
+            with contextlib.suppress(Exception):
+                if source.status() != "running":
+                    source.cont()
+        row = {"variant": variant, "status": "error", "error": str(exc)[:2000],
+               "converged": False, "wan": {}}
+        return [dict(row) for _ in specs], {"seconds": 0.0, "wan": {}, "cpu_s": {}}
+
+
+def migrate_all(ctx: mb.Context, variant: str, specs: list[GuestSpec],
+                sources: list[Guest]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    wan = ctx.wan
+    for role in ("sender", "receiver"):  # proxies of an earlier run that did not exit
+        for pid in wan.pids(role):
+            mb.log(f"  killing a leftover {role} (pid {pid})")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    rows: list[dict[str, Any]] = [{"variant": variant} for _ in specs]
+    with contextlib.ExitStack() as stack:
+        dests, reports = [], []
+        for spec, source in zip(specs, sources, strict=True):
+            reports.append(Path(tempfile.mkdtemp(prefix=f"{variant}-{spec.name}-",
+                                                 dir=ctx.work)))
+            dest = stack.enter_context(Guest(
+                spec, incoming="defer", tools=ctx.dst_tools, initramfs=ctx.initramfs,
+                extra_args=("-S", *mb.THREAD_NAMES), start_timeout=60))
+            mb.configure(variant, source, dest, mb.XBZRLE_MIN_CACHE)
+            source.qmp.take_events("STOP")
+            dests.append(dest)
+        uris = [mb.start_incoming(ctx, variant, dest, report)
+                for dest, report in zip(dests, reports, strict=True)]
+        before = wan.counters()
+        migrate_at = time.time()
+        for source, uri in zip(sources, uris, strict=True):
+            source.migrate(uri)
+        infos = follow_all(ctx, sources)
+        for row, info, source, dest, report in zip(rows, infos, sources, dests, reports,
+                                                   strict=True):
+            ram = info.get("ram", {})
+            converged = info.get("status") == "completed"
+            row |= {"status": info.get("status"), "converged": converged,
+                    "error": info.get("error-desc"), "total_time_ms": info.get("total-time"),
+                    "downtime_ms": info.get("downtime"), "rounds": ram.get("dirty-sync-count"),
+                    "qemu_ram_bytes": ram.get("transferred")}
+            if converged:
+                dest_info = dest.query_migrate()
+                for _ in range(int(60 / mb.POLL_S)):
+                    if dest_info.get("status") in ("completed", "failed"):
+                        break
+                    time.sleep(mb.POLL_S)  # a poll interval
+                    dest_info = dest.query_migrate()
+                row["dest_status"] = dest_info.get("status")
+                stopped, loaded = mb.switchover(source, dest)
+                if stopped is not None and loaded is not None:
+                    row["switchover_ms"] = (loaded - stopped) * 1000
+                    row["end_to_end_s"] = loaded - migrate_at
+            if variant.startswith("qemu"):
+                row["wan"] = {"flow_up_bytes": int(ram.get("transferred") or 0),
+                              "flow_down_bytes": 0}
+                continue
+            with contextlib.suppress(Exception):  # a failed migration may leave no report
+                send = wait_report(report / "send.json", 60 if converged else 5)
+                row["proxy"] = {"send": send,
+                                "receive": json.loads((report / "receive.json").read_text())}
+                row["wan"] = {"flow_up_bytes": int(send.get("tcp_sent_bytes") or 0),
+                              "flow_down_bytes": int(send.get("tcp_received_bytes") or 0)}
+        after = wan.counters()
+        ends = [row["end_to_end_s"] for row in rows if row.get("end_to_end_s")]
+        wave = {"seconds": max(ends) if len(ends) == len(rows) else 0.0,
+                "wan": mb._wan_delta(before, after),
+                "cpu_s": {role: after["cpu"][role] - before["cpu"][role]
+                          for role in after["cpu"] if role != "check"}}
+        for row, source, dest in zip(rows, sources, dests, strict=True):
+            row["identical"] = row["resumed"] = None
+            if row.get("converged") and row.get("dest_status") == "completed":
+                mb.check_and_resume(ctx, row, source, dest)
+            if source.status() != "running":
+                source.cont()
+            row["loadavg_1min"] = os.getloadavg()[0]
+        for report in reports:
+            shutil.rmtree(report, ignore_errors=True)
+    return rows, wave
+
+
+def follow_all(ctx: mb.Context, sources: list[Guest]) -> list[dict[str, Any]]:
+    """Poll every source until its migration ended; cancel all still running after
+    ``ctx.timeout`` seconds. Returns their last query-migrate."""
+    started = time.monotonic()
+    infos: list[dict[str, Any] | None] = [None] * len(sources)
+    last: list[dict[str, Any]] = [{} for _ in sources]
+    cancelled = False
+    for _ in range(int(ctx.timeout / mb.POLL_S) + 1000):
+        for i, source in enumerate(sources):
+            if infos[i] is not None:
+                continue
+            info = source.query_migrate()
+            if "ram" not in info and "ram" in last[i]:
+                info["ram"] = last[i]["ram"]  # a cancelled migration reports no RAM figures
+            last[i] = info
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                if info.get("status") == "completed":
+                    for _ in range(10_000):  # completed comes before the times are filled in
+                        if source.status() != "finish-migrate":
+                            break
+                    info = source.query_migrate() | ({} if "ram" in info else
+                                                     {"ram": last[i].get("ram", {})})
+                infos[i] = info
+        if all(info is not None for info in infos):
+            break
+        if not cancelled and time.monotonic() - started > ctx.timeout:
+            for i, source in enumerate(sources):
+                if infos[i] is None:
+                    with contextlib.suppress(Exception):
+                        source.qmp.execute("migrate_cancel")
+            cancelled = True
+        time.sleep(mb.POLL_S)  # a poll interval: QEMU has no event for rounds
+    return [info if info is not None else last[i] for i, info in enumerate(infos)]
 
 
 if __name__ == "__main__":

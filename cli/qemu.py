@@ -127,12 +127,21 @@ def _wave(wave: str | None, secret_file: Path | None) -> WaveCredentials | None:
 @click.option("--offer-window", default="64MiB", show_default=True,
               help="With --wave: bytes of offered pages awaiting the receiver at most; beyond, "
               "pages are sent whole.")
+@click.option("--offer-every-page", is_flag=True,
+              help="With --wave: offer every non-template page, even while recent offers "
+              "were not found in the wave store (by default such pages are sent whole, with "
+              "one in 8 still offered to notice when offers are found again).")
+@click.option("--offer-ahead", default="4MiB", show_default=True,
+              help="With --wave: stop reading QEMU's stream while the offers awaiting the "
+              "receiver are expected to need more than this in bodies (keeps QEMU from "
+              "pausing the guest far ahead of what crossed).")
 @tls_options(sender=True)
 def send(catalog: Path, to: str, compress: bool, backref_window: int, flow_window: str,
          connect_timeout: float, done_timeout: float, progress: bool,
          metrics_port: int | None, report_path: Path | None, log_level: str,
          wave: str | None, wave_secret_file: Path | None, offer_window: str,
-         tls_creds: Path | None, tls_authz: tuple[str, ...], tls_hostname: str | None,
+         offer_every_page: bool, offer_ahead: str, tls_creds: Path | None,
+         tls_authz: tuple[str, ...], tls_hostname: str | None,
          insecure_plaintext: bool) -> None:
     """Read QEMU's migration stream on stdin, send it deduplicated to a receiver."""
     from tmdht.client.migration import SenderConfig, run_sender  # noqa: PLC0415
@@ -144,7 +153,9 @@ def send(catalog: Path, to: str, compress: bool, backref_window: int, flow_windo
                           tls=_tls(tls_creds, tls_authz, tls_hostname),
                           insecure_plaintext=insecure_plaintext,
                           wave=_wave(wave, wave_secret_file),
-                          offer_window=parse_size(offer_window))
+                          offer_window=parse_size(offer_window),
+                          adaptive_offers=not offer_every_page,
+                          offer_ahead=parse_size(offer_ahead))
     run_proxy("send", progress, metrics_port, report_path,
                lambda metrics, update: run_sender(config, metrics=metrics, on_progress=update),
                run_in_loop=False)

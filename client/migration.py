@@ -177,6 +177,10 @@ class MigrationMetrics:
                                    registry=r)
         self.wave_stored = Counter("tmdht_migration_wave_stored_total",
                                    "Received pages stored into the wave store.", registry=r)
+        self.wave_sent_whole = Counter(
+            "tmdht_migration_wave_sent_whole_total",
+            "Pages sent whole, not offered, while offers were seldom found in the wave store.",
+            registry=r)
         self._seen = MigrationCounts()
 
     def sync(self, counts: MigrationCounts) -> None:
@@ -230,6 +234,8 @@ class MigrationReport:
     """Offered pages sent whole after NEED."""
     wave_window_full: int = 0
     """Pages sent whole because the offer window was full (sender)."""
+    wave_sent_whole: int = 0
+    """Pages sent whole, not offered, because recent offers were mostly not found (sender)."""
     wave_stored: int = 0
     """Received pages stored into the wave store (receiver)."""
     wave_store_timeouts: int = 0
@@ -258,7 +264,8 @@ class MigrationReport:
         wave = ("" if self.wave is None else
                 f"; wave {self.wave}: offers {self.wave_offers}, found in the wave store "
                 f"{self.wave_hits}, bodies sent {self.wave_bodies}, sent whole (offer window "
-                f"full) {self.wave_window_full}, stored {self.wave_stored}")
+                f"full) {self.wave_window_full}, sent whole (offers not found) "
+                f"{self.wave_sent_whole}, stored {self.wave_stored}")
         return (f"tmdht qemu {self.role}: {outcome} in {self.duration_s:.2f} s;"
                 f" pages {c.pages}, templates {c.template_pages}, zero {c.zero_pages}, "
                 f"back-references {c.backref_pages}, full {c.full_pages}, "
@@ -298,6 +305,12 @@ class SenderConfig:
     stream is exactly as without waves)."""
     offer_window: int = 64 << 20
     """Bytes of offered pages kept unacknowledged at most; beyond, pages go whole."""
+    adaptive_offers: bool = True
+    """Send pages whole while recent offers are mostly not found in the wave store (the
+    first VM of a wave); False offers every non-template page."""
+    offer_ahead: int = 4 << 20
+    """Bytes of bodies the offers awaiting an answer may still need before the sender stops
+    reading QEMU's stream (so QEMU does not stop the guest far ahead of what crossed)."""
 
     def __post_init__(self) -> None:
         """Secure by default: no plaintext off loopback unless asked for (UsageError)."""
@@ -494,7 +507,9 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
     rewriter = make_sender(read_template_digests(config.catalog), compress=config.compress,
                            backref_window=config.backref_window, flow_window=config.flow_window,
                            wave_tag=None if config.wave is None else config.wave.tag,
-                           offer_window=config.offer_window)
+                           offer_window=config.offer_window,
+                           adaptive_offers=config.adaptive_offers,
+                           offer_ahead=config.offer_ahead)
     if config.wave is not None:
         report.wave = config.wave.wave_id
     if config.tls is not None:
@@ -538,6 +553,7 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
             report.wave_offers = wave.offers
             report.wave_bodies = wave.bodies
             report.wave_window_full = wave.window_full
+            report.wave_sent_whole = wave.whole
         report.duration_s = time.monotonic() - started
         report.cpu_s = time.process_time()
         _finish_metrics(metrics, report)
@@ -788,6 +804,7 @@ def _finish_metrics(metrics: MigrationMetrics | None, report: MigrationReport) -
         metrics.wave_hits.inc(report.wave_hits)
         metrics.wave_bodies.inc(report.wave_bodies)
         metrics.wave_stored.inc(report.wave_stored)
+        metrics.wave_sent_whole.inc(report.wave_sent_whole)
 
 
 # -- the receiver ------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from tmdht.migration_stream import (
     Hello,
     MigrationCounts,
     Need,
+    OfferPolicy,
     RebuildStats,
     ReceiverRebuilder,
     SenderRewriter,
@@ -178,7 +179,8 @@ class MigrationReceiver(Protocol):
 
 def make_sender(templates: TemplateDigests, *, compress: bool = False,
                 backref_window: int = 32768, flow_window: int = 64 << 20,
-                wave_tag: bytes | None = None, offer_window: int = 64 << 20) -> MigrationSender:
+                wave_tag: bytes | None = None, offer_window: int = 64 << 20,
+                adaptive_offers: bool = True, offer_ahead: int = 4 << 20) -> MigrationSender:
     """The sender core of the active implementation, replacing pages in ``templates``.
     In a wave (``wave_tag``) always the reference: the native core has no OFFER yet."""
     if wave_tag is not None:
@@ -186,7 +188,9 @@ def make_sender(templates: TemplateDigests, *, compress: bool = False,
         return SenderRewriter(templates.catalog_id, lambda ds: [d in members for d in ds],
                               compress=compress, backref_window=backref_window,
                               flow_window=flow_window, wave_tag=wave_tag,
-                              offer_window=offer_window)
+                              offer_window=offer_window,
+                              offer_policy=OfferPolicy() if adaptive_offers else None,
+                              offer_ahead=offer_ahead)
     if _NATIVE is not None:
         return NativeSender(templates, compress=compress, backref_window=backref_window,
                             flow_window=flow_window)

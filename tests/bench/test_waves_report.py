@@ -64,3 +64,26 @@ def test_application_data_script() -> None:
     assert "while [ $k -lt 64 ]" in script
     assert f"skip=$(((k + 1) * {waves.APP_STRIDE} % 1048576))" in script
     assert script.rstrip().endswith('exec /init-server-base "$@"')
+
+
+def test_all_at_once_counts_each_vm_by_its_connection_and_the_wave_by_the_relay() -> None:
+    runs = [row("tmdht", 1, 100, 10), row("tmdht-wave", 1, 100, 12),
+            row("tmdht-wave", 2, 40, 11)]
+    for r in runs:
+        r["mode"] = "concurrent"
+        r["switchover_ms"] = 900 if r["variant"] == "tmdht" else 1000
+        r["wan"] = {"flow_up_bytes": r["wan"]["relay_up_bytes"], "flow_down_bytes": 1 << 20}
+    results = {
+        "conditions": {"guests": 2, "variants": ["tmdht", "tmdht-wave"]},
+        "runs": runs,
+        "wave_seconds": {"concurrent/tmdht": 10.0, "concurrent/tmdht-wave": 12.0},
+        "wave_wan": {"concurrent/tmdht-wave": {"relay_up_bytes": 150 << 20,
+                                               "relay_down_bytes": 2 << 20}},
+    }
+    ratios = waves.ratios(results)
+    assert ratios["concurrent: VMs 2.. / VM 1 (tmdht-wave)"] == [0.406]  # 41 / 101 MiB
+    assert ratios["concurrent: median guest pause ms tmdht / tmdht-wave"] == [900, 1000]
+    assert ratios["concurrent: VM 1 s / tmdht median s per VM"] == 1.2
+    text = waves.table(results)
+    assert "| tmdht-wave | 101.0, 12.0 | 41.0, 11.0 | 152.0 | 12.0 |" in text
+    assert "| tmdht | 101.0, 10.0 | 101.0 |" in text  # no relay figure: the VMs' sum

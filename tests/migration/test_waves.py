@@ -14,10 +14,15 @@ from tmdht.catalog_file import TemplateDigests
 from tmdht.errors import ConfigError, DecodeError, DigestMismatchError
 from tmdht.migration_stream import (
     FLAG_WAVE,
+    Ack,
+    BackRef,
+    CompressedPage,
     ForwardDecoder,
+    FullPage,
     Hello,
     Need,
     Offer,
+    OfferPolicy,
     ReceiverRebuilder,
     ReverseDecoder,
     SenderRewriter,
@@ -36,15 +41,15 @@ WAVE = WaveCredentials("rack-7", bytes(range(1, 33)))
 OTHER = WaveCredentials("rack-7", bytes(range(2, 34)))
 
 
-def guest_stream(seed: int, shared: list[bytes]) -> bytes:
-    """A guest: the shared application pages (same in every guest of the wave), templates,
-    and pages of its own (its seed)."""
+def guest_stream(seed: int, shared: list[bytes], *, shared_at: int = 0) -> bytes:
+    """A guest: the shared application pages (same in every guest of the wave, from page
+    ``shared_at`` on), templates, and pages of its own (its seed)."""
     rng = random.Random(seed)
     records = []
     for index in range(BLOCKS[0][1] // PAGE_SIZE):
         x = rng.random()
-        if index < len(shared):
-            data = shared[index]
+        if shared_at <= index < shared_at + len(shared):
+            data = shared[index - shared_at]
         elif x < 0.2:
             data = POOL[rng.randrange(len(POOL))]
         elif x < 0.3:
@@ -61,19 +66,25 @@ _SHARED_RNG = random.Random(99)
 SHARED = [_SHARED_RNG.randbytes(PAGE_SIZE) for _ in range(120)]
 
 
-def sender_for(wave: WaveCredentials | None, offer_window: int = 32 << 20) -> SenderRewriter:
+POLICY = OfferPolicy(min_hit_rate=0.05, history=64, min_outcomes=16, probe_every=8)
+"""Adaptive offering scaled down to the test's streams of a few hundred pages."""
+
+
+def sender_for(wave: WaveCredentials | None, offer_window: int = 32 << 20, *,
+               policy: OfferPolicy | None = POLICY) -> SenderRewriter:
     members = _digests().as_set()
     return SenderRewriter(CATALOG.catalog_id, lambda ds: [d in members for d in ds],
                           flow_window=1 << 30, wave_tag=None if wave is None else wave.tag,
-                          offer_window=offer_window)
+                          offer_window=offer_window, offer_policy=policy)
 
 
 def migrate(stream: bytes, store: dict[bytes, bytes], wave: WaveCredentials = WAVE, *,
             receiver_wave: WaveCredentials | None = None, offer_window: int = 32 << 20,
-            chunk: int = 5000) -> tuple[SenderRewriter, ReceiverRebuilder, bytes, int]:
+            chunk: int = 5000, policy: OfferPolicy | None = POLICY,
+            ) -> tuple[SenderRewriter, ReceiverRebuilder, bytes, int]:
     """One migration in memory: the receiver looks offers up in ``store`` (wave key -> page),
     asks the sender for the rest, and stores what it learned. Returns the wire bytes sent."""
-    sender = sender_for(wave, offer_window)
+    sender = sender_for(wave, offer_window, policy=policy)
     receiver_wave = wave if receiver_wave is None else receiver_wave
     rebuilder = ReceiverRebuilder(CATALOG.catalog_id, wave_tag=receiver_wave.tag)
     templates = {digest_page(p): p for p in POOL}
@@ -129,6 +140,93 @@ def test_second_guest_of_a_wave_sends_far_fewer_bodies() -> None:
     assert wire2 < wire1 - len(SHARED) * 4000
     assert rebuilder.stats.offers == second.wave.offers
     assert rebuilder.stats.offer_bodies == second.wave.bodies
+
+
+def test_offering_adapts_to_what_the_wave_store_holds() -> None:
+    """The first VM finds nothing: once min_outcomes offers are settled it sends its pages
+    whole (still stored for the wave) and offers one in probe_every; the next VM offers while
+    offers are found, and goes back to offering when probes are found again."""
+    own = len(_own_pages(guest_stream(1, SHARED)))
+    store: dict[bytes, bytes] = {}
+    first, rebuilder1, _, wire1 = migrate(guest_stream(1, SHARED), store)
+    assert first.wave.hits == 0 and first.wave.bodies == first.wave.offers
+    assert first.wave.whole > own // 2  # most pages went whole, not offered
+    assert POLICY.min_outcomes <= first.wave.offers < own // 2
+    assert first.offer_hit_rate == 0.0
+    # ... and the receiver learned every page it received, offered or not.
+    assert all(WAVE.wave_key(digest_page(p)) in store for p in SHARED)
+    assert rebuilder1.stats.full_pages == first.counts.full_pages >= first.wave.whole
+    # Shared pages after a stretch of the guest's own: probes find them, offering resumes.
+    second, rebuilder2, _, _ = migrate(guest_stream(2, SHARED, shared_at=100), store)
+    assert second.wave.hits == rebuilder2.stats.wave_pages
+    assert second.wave.whole > 0
+    assert second.wave.hits >= len(SHARED) - 2 * POLICY.probe_every
+    # A VM of a warm wave keeps offering through a run of its own pages longer than the
+    # policy's history (the share over all its offers so far decides too).
+    third, _, _, _ = migrate(guest_stream(3, SHARED), store)
+    assert third.wave.whole == 0 and third.wave.hits >= len(SHARED)
+    assert third.wave.offers - third.wave.hits > POLICY.history
+    # Without a policy every page is offered (and the first VM's wire bytes grow).
+    every, _, _, wire_all = migrate(guest_stream(1, SHARED), {}, policy=None)
+    assert every.wave.whole == 0 and every.wave.offers == first.wave.offers + first.wave.whole
+    assert wire_all > wire1
+    with pytest.raises(ValueError):
+        OfferPolicy(min_outcomes=0)
+
+
+def test_reading_stops_while_offers_are_expected_to_need_many_bodies() -> None:
+    """QEMU's stream is not read far ahead of what crossed: the offers awaiting an answer
+    count with the bodies they are expected to need (all of them before any is settled)."""
+    sender = SenderRewriter(CATALOG.catalog_id, lambda ds: [False] * len(ds),
+                            flow_window=1 << 30, wave_tag=WAVE.tag, offer_policy=None,
+                            offer_ahead=20 * PAGE_SIZE)
+    decoder = ForwardDecoder()
+    decoder.feed(sender.start() + sender.feed(guest_stream(1, SHARED)))
+    bodies = [r for r in decoder.records()
+              if isinstance(r, FullPage | CompressedPage | Offer | Template | BackRef)]
+    offered = [i for i, r in enumerate(bodies) if isinstance(r, Offer)]
+    assert len(offered) == sender.wave.offers > 21 and not sender.window_open
+    assert sender.offer_backlog == len(offered) * PAGE_SIZE
+    half = len(offered) // 2
+    sender.fallback(Need(tuple(offered[:half])))  # the first half were not found
+    assert sender.offer_backlog == (len(offered) - half) * PAGE_SIZE
+    sender.acknowledge(Ack(offered[-10], 0))  # the rest but 10 were found
+    assert sender.wave.hits == len(offered) - 10 - half
+    share = half / (len(offered) - 10)
+    assert sender.offer_backlog == int(10 * PAGE_SIZE * share) and sender.window_open
+    without = sender_for(None)
+    without.feed(guest_stream(1, SHARED))
+    assert without.offer_backlog == 0 and without.window_open
+
+
+def test_needs_before_the_ack_do_not_make_a_warm_wave_look_cold() -> None:
+    """A NEED comes back within a round trip, a found page only with the next ACK: offers are
+    judged once an ACK covers them, so early NEEDs alone never switch to sending whole."""
+    rng = random.Random(8)
+    pages = [p for shared in SHARED[:100] for p in (shared, rng.randbytes(PAGE_SIZE))]
+    stream, _ = qemu_stream([("pc.ram", len(pages) * PAGE_SIZE)],
+                            [[("pc.ram", i, page) for i, page in enumerate(pages)]])
+    sender = sender_for(WAVE)
+    decoder = ForwardDecoder()
+    decoder.feed(sender.start() + sender.feed(stream[: len(stream) // 2]))
+    offers = [(i, r) for i, r in enumerate(r for r in decoder.records()
+                                           if isinstance(r, FullPage | Offer))]
+    own = tuple(i for i, r in offers if isinstance(r, Offer) and r.digest not in
+                {digest_page(p) for p in SHARED})
+    assert len(own) > POLICY.min_outcomes
+    sender.fallback(Need(own))  # every own page: not found; the shared ones await the ACK
+    sender.feed(stream[len(stream) // 2 :])
+    assert sender.wave.whole == 0
+    sender.acknowledge(Ack(own[-1] + 1, 0))
+    assert sender.offer_hit_rate is not None and 0.4 < sender.offer_hit_rate < 0.6
+
+
+def _own_pages(stream: bytes) -> list[bytes]:
+    """The non-template pages of a stream that no earlier page repeats (the offered ones)."""
+    sender = sender_for(None)
+    decoder = ForwardDecoder()
+    decoder.feed(sender.start() + sender.feed(stream) + sender.finish())
+    return [r.data for r in decoder.records() if isinstance(r, FullPage)]
 
 
 def test_a_wave_page_is_not_resolvable_with_another_waves_secret() -> None:

@@ -46,7 +46,7 @@ from tmdht.migration.format import (
     encode,
 )
 from tmdht.migration.receiver import RebuildStats, ReceiverRebuilder
-from tmdht.migration.sender import SenderRewriter, WaveCounts
+from tmdht.migration.sender import OfferPolicy, SenderRewriter, WaveCounts
 
 __all__ = [
     "FLAG_COMPRESS",
@@ -74,6 +74,7 @@ __all__ = [
     "MigrationCounts",
     "Need",
     "Offer",
+    "OfferPolicy",
     "RawBytes",
     "RebuildStats",
     "ReceiverRebuilder",

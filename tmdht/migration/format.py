@@ -38,7 +38,10 @@ destination cluster (by the wave key of its digest, :mod:`tmdht.wave`), checks w
 against the digest, and asks for the body with NEED when the store lacks it. The sender keeps at
 most ``offer window`` bytes of offered pages unacknowledged (its own setting, not on the wire);
 with the window full it sends pages whole instead of offering them, so a slow wave store costs
-bytes, never a stall. The END counts are unchanged: an offered page counts in ``pages`` only.
+bytes, never a stall. Which pages it offers at all is its own choice too (its offer policy:
+pages go whole while offers are seldom found); the receiver stores every non-template page it
+receives, whole or as a body, offered or not. The END counts are unchanged: an offered page
+counts in ``pages`` only.
 
 The *page prefix* is QEMU's own RAM record header, as QEMU wrote it: be64 ``offset | flags``
 with the PAGE flag, followed (unless CONTINUE is set) by u8 length and the block idstr. Every

@@ -1,7 +1,7 @@
 """A multi-host ring on one machine: hosts as network namespaces, a whole host killed and restarted.
 
     sudo build/venv/bin/python bench/multihost.py [--hosts 8] [--nodes-per-host 4]
-        [--pages 100000] [--batch 20000] [--grace 30] [--interval 10] [--check]
+        [--pages 100000] [--batch 20000] [--grace 30] [--interval 10] [--virtual-ids V] [--check]
 
 Builds (as root) ``--hosts`` network namespaces ("hosts") and a ninth one for the client, each
 joined by a veth pair to a bridge in a hub namespace of its own (nothing is added to the
@@ -56,6 +56,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tmdht.domains import VIRTUAL_IDS
 
 NET = "10.213.0"
 """The bench's /24: it exists only on the bridge this script creates."""
@@ -256,6 +258,7 @@ class Ring:
                 "node", "run", "--data-dir", node.data_dir, "--host", host_address(node.host),
                 "--kademlia-port", "0", "--data-port", "0", "--metrics-port", "0",
                 "--replicas", str(self.args.replicas), "--cluster-key-file", self.key_file,
+                "--virtual-ids", str(self.args.virtual_ids),
                 "--host-label", f"h{node.host}", "--ready-line", *self._seed(node),
             )  # fmt: skip
             with node.log.open("ab") as log:
@@ -332,7 +335,8 @@ def client(ring: Ring, **options: Any) -> Any:
 
     seeds = [n.address("kademlia") for n in ring.live()[:: ring.args.nodes_per_host]]
     key = ring.key_file.read_text().strip()
-    return TemplateStoreClient(seeds, cluster_key=key, replicas=ring.args.replicas, **options)
+    return TemplateStoreClient(seeds, cluster_key=key, replicas=ring.args.replicas,
+                               virtual_ids=ring.args.virtual_ids, **options)
 
 
 async def full_view(store: Any, count: int, limit: float) -> int:
@@ -572,7 +576,8 @@ def print_table(report: dict[str, Any], args: argparse.Namespace) -> None:
     idle, pub, per = report["idle"], report["publish"], report["pages_per_node"]
     kill, restart = report["kill"], report["restart"]
     rows = [
-        ("nodes / hosts", f"{args.hosts * args.nodes_per_host} / {args.hosts} (+1 client ns)"),
+        ("nodes / hosts", f"{args.hosts * args.nodes_per_host} / {args.hosts} (+1 client ns), "
+                          f"R={args.replicas}, V={args.virtual_ids}"),
         ("start, all READY", f"{report['start_seconds']:.1f} s"),
         ("views complete after READY", f"{report['view_seconds']:.1f} s"),
         ("RSS per node (median / max)", f"{idle['rss_mib_median']:.0f} / "
@@ -644,6 +649,8 @@ def main() -> int:
     parser.add_argument("--hosts", type=int, default=8)
     parser.add_argument("--nodes-per-host", type=int, default=4)
     parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--virtual-ids", type=int, default=VIRTUAL_IDS,
+                        help="placement tokens per node, nodes and client alike")
     parser.add_argument("--pages", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=20_000)
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU sampling")

@@ -5,8 +5,9 @@ client view memory.
                              [--quick] [--no-plot] [--out bench/results/simulate.json]
 
 Everything runs in this process and is deterministic for a seed: node IDs are BLAKE2b of (seed,
-node, virtual id), keys a regular grid over the key space, every random choice from a seeded
-generator. Placement is tmdht's own (:class:`tmdht.placement.Ring`); routing tables, the FIND_NODE
+node), keys a regular grid over the key space, every random choice from a seeded generator.
+Placement is tmdht's own (:class:`tmdht.placement.Ring`, virtual IDs as nodes and clients derive
+them: ``virtual_ids`` tokens per node); routing tables, the FIND_NODE
 answer and the iterative crawl are the kademlia package's, as the node's overlay uses them.
 
 1. **Movement.** For each layout and ring size N, every key's replica set (physical nodes) before
@@ -64,7 +65,7 @@ from kademlia.crawling import NodeSpiderCrawl
 from kademlia.node import Node
 from kademlia.routing import KBucket, RoutingTable
 
-from tmdht.placement import FailureDomain, Ring
+from tmdht.placement import VIRTUAL_IDS, FailureDomain, Ring
 from tmdht.wire import NodeInfo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +85,7 @@ class Layout:
 
     name: str
     virtual_ids: int = 1
-    """Placement IDs per physical node (all kept apart by the placement rule)."""
+    """Placement tokens per node (V, :func:`tmdht.placement.tokens_of`)."""
     zones: int = 0
     """Failure-domain zones (0: no domains); racks below them, each node its own host."""
     racks: int = 0
@@ -108,9 +109,9 @@ LAYOUTS = {
 MOVEMENT_LAYOUTS = ("plain", "vids16", "zones")
 
 
-def node_id(seed: int, node: int, vid: int = 0) -> bytes:
-    """The placement ID number ``vid`` of physical node ``node``: independent of the others."""
-    return hashlib.blake2b(f"{seed}:{node}:{vid}".encode(), digest_size=20).digest()
+def node_id(seed: int, node: int) -> bytes:
+    """The node ID of node ``node``: independent of the others."""
+    return hashlib.blake2b(f"{seed}:{node}:0".encode(), digest_size=20).digest()
 
 
 def node_domain(layout: Layout, node: int) -> FailureDomain:
@@ -124,20 +125,15 @@ def node_domain(layout: Layout, node: int) -> FailureDomain:
 
 
 class SimRing:
-    """A simulated membership: physical nodes, their placement IDs and domains, as one Ring."""
+    """A simulated membership: nodes, their IDs and domains, as one Ring."""
 
     def __init__(self, layout: Layout, seed: int, nodes: Iterable[int]) -> None:
         self.nodes = sorted(nodes)
-        ids, owners, domains = [], [], []
-        for node in self.nodes:
-            domain = node_domain(layout, node)
-            for vid in range(layout.virtual_ids):
-                ids.append(node_id(seed, node, vid))
-                owners.append(node)
-                domains.append(domain)
-        spread = layout.virtual_ids > 1 or layout.zones > 0 or layout.nodes_per_host > 1
-        self.ring = Ring(ids, domains if spread else None)
-        self.owners = np.array(owners, dtype=np.intp)
+        ids = [node_id(seed, node) for node in self.nodes]
+        spread = layout.zones > 0 or layout.nodes_per_host > 1
+        domains = [node_domain(layout, node) for node in self.nodes] if spread else None
+        self.ring = Ring(ids, domains, virtual_ids=layout.virtual_ids)
+        self.owners = np.array(self.nodes, dtype=np.intp)
 
     def place(self, keys: npt.NDArray[np.uint8], replicas: int) -> npt.NDArray[np.intp]:
         """The physical nodes holding each key (one row per key, closest first)."""
@@ -393,7 +389,8 @@ def lookups(size: int, replicas: int, seed: int, count: int, churn: float) -> di
             for label, down, members in (("no churn", 0, old), ("churn", size - int(alive.sum()), current)):
                 up = np.ones(len(tables.ids), dtype=np.bool_)
                 up[:size] = alive if down else True
-                truth = Ring(members).replica_indices(targets, replicas)
+                # A lookup finds the nodes closest by node ID (not placement tokens).
+                truth = Ring(members, virtual_ids=1).replica_indices(targets, replicas)
                 network = SimulatedNetwork(tables, up, answer)
                 rounds, waiting, rpcs, exact, dead = [], [], [], 0, 0
                 for n, (target, want) in enumerate(zip(targets, truth.tolist(), strict=True)):
@@ -482,6 +479,7 @@ def view_memory(size: int, seed: int) -> dict[str, Any]:
     view, record_bytes = traced(records)
     ids = list(view)
     domains, domain_bytes = traced(lambda: [node_domain(layout, n) for n in range(size)])
+    _, ring_v1_bytes = traced(lambda: Ring(ids, virtual_ids=1))
     _, ring_bytes = traced(lambda: Ring(ids))
     _, ring_domain_bytes = traced(lambda: Ring(ids, domains))
     tables = ConvergedTables(ids, seed)
@@ -490,6 +488,8 @@ def view_memory(size: int, seed: int) -> dict[str, Any]:
         "nodes": size,
         "record_bytes_per_member": record_bytes / size,
         "domain_bytes_per_member": domain_bytes / size,
+        "ring_v1_bytes_per_member": ring_v1_bytes / size,
+        "virtual_ids": VIRTUAL_IDS,
         "ring_bytes_per_member": ring_bytes / size,
         "ring_with_domains_bytes_per_member": ring_domain_bytes / size,
         "view_bytes_per_member": (record_bytes + domain_bytes + ring_domain_bytes) / size,
@@ -632,8 +632,10 @@ def report(result: dict[str, Any]) -> None:
                  for h in result["one_hop"]])
     v = result["view_memory"]
     print_table(f"5. Client view memory, bytes per member ({v['nodes']} members); one converged Kademlia table",
-                ["record", "domain", "ring", "ring+domains", "view total", "kad contacts", "kad table B"],
-                [(v["record_bytes_per_member"], v["domain_bytes_per_member"], v["ring_bytes_per_member"],
+                ["record", "domain", "ring V=1", f"ring V={v['virtual_ids']}", "ring+domains", "view total",
+                 "kad contacts", "kad table B"],
+                [(v["record_bytes_per_member"], v["domain_bytes_per_member"], v["ring_v1_bytes_per_member"],
+                  v["ring_bytes_per_member"],
                   v["ring_with_domains_bytes_per_member"], v["view_bytes_per_member"],
                   v["kademlia_table_contacts"], v["kademlia_table_bytes"])])
     print("\nseconds per part: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds_per_part"].items()))

@@ -88,6 +88,7 @@ def _digest(text: str) -> bytes:
 
 HOLDS_MARK = {True: "+", False: "-", None: "?"}
 REPLICA_LEGEND = (
-    "replicas: the nodes that should hold the page (its R closest by XOR distance), by node id "
+    "replicas: the nodes that should hold the page (its R closest by XOR distance over the "
+    "nodes' placement tokens, in distinct failure domains), by node id "
     "prefix, closest first: + holds it, - does not, ? did not answer"
 )

@@ -120,6 +120,7 @@ def node() -> None:
     "--seed", "seeds", multiple=True, help="host:port of a node's Kademlia port (repeatable)."
 )
 @click.option("--replicas", type=int)
+@click.option("--virtual-ids", type=int, help="Placement tokens per node (cluster-wide, like R).")
 @click.option("--capacity")
 @click.option("--wave-capacity", help="Bytes of migration-wave pages kept apart from templates "
               "(0: none).")

@@ -50,7 +50,7 @@ from tmdht.net.membership import Member, MembershipEventKind
 from tmdht.net.operations import EngineStats
 from tmdht.net.overlay import OverlayConfig
 from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST, ZERO_PAGE, digest_page
-from tmdht.placement import Ring
+from tmdht.placement import VIRTUAL_IDS, Ring
 
 __all__ = [
     "BlockingTemplateStoreClient",
@@ -88,6 +88,7 @@ class StoreOptions(TypedDict, total=False):
     """:class:`TemplateStoreClient`'s settings as keyword arguments (see its constructor)."""
 
     replicas: int
+    virtual_ids: int
     host: str
     max_datagram: int
     timeout: float
@@ -168,6 +169,7 @@ class TemplateStoreClient:
         open_mode: bool = False,
         credentials: ClusterCredentials | None = None,
         replicas: int = 3,
+        virtual_ids: int = VIRTUAL_IDS,
         host: str = "0.0.0.0",  # clients reach nodes on other hosts too
         max_datagram: int = 32768,
         timeout: float = 0.2,
@@ -180,7 +182,8 @@ class TemplateStoreClient:
         registry: CollectorRegistry | None = None,
     ) -> None:
         """``credentials``, or ``cluster_key`` (a key file's text: one key, or ``id:hex`` lines
-        during a rotation; or a raw 32-byte key), or ``open_mode=True`` for an open cluster."""
+        during a rotation; or a raw 32-byte key), or ``open_mode=True`` for an open cluster.
+        ``replicas`` and ``virtual_ids`` must be the nodes' (they decide where pages live)."""
         if not seeds:
             raise UsageError("at least one seed (a node's Kademlia host:port) is needed")
         if credentials is None:
@@ -194,6 +197,7 @@ class TemplateStoreClient:
         self.credentials = credentials
         self.auth = credentials.authenticator()
         self.replicas = replicas
+        self.virtual_ids = virtual_ids
         self.host = host
         self.max_datagram = max_datagram
         self.timeout = timeout
@@ -209,7 +213,7 @@ class TemplateStoreClient:
         self._dataplane: DataPlaneClient | None = None
         self._members: list[Member] = []
         self._ids: list[bytes] = []
-        self._ring = Ring([])
+        self._ring = Ring([], virtual_ids=virtual_ids)
         self._addresses: list[Address] = []
         self._tasks = TaskSet(log)
 
@@ -284,7 +288,8 @@ class TemplateStoreClient:
     def _set_members(self, members: Iterable[Member]) -> None:
         self._members = sorted(members, key=lambda m: m.node_id)
         self._ids = [m.node_id for m in self._members]
-        self._ring = Ring(self._ids, [m.domain for m in self._members])
+        self._ring = Ring(self._ids, [m.domain for m in self._members],
+                          virtual_ids=self.virtual_ids)
         self._addresses = [m.data_address for m in self._members]
         self.metrics.members.set(len(self._members))
 
@@ -567,7 +572,7 @@ class TemplateStoreClient:
             order = sorted(moved)
             # Enough candidates to find R members that have not taken the page yet.
             depth = min(len(ids), wanted + len(gone))
-            ring = Ring(ids, [m.domain for m in live])
+            ring = Ring(ids, [m.domain for m in live], virtual_ids=self.virtual_ids)
             rows = ring.replica_rows(order, depth) if ids else [[] for _ in order]
             for digest, row in zip(order, rows, strict=True):
                 need = wanted - len(holders[digest])

@@ -50,7 +50,7 @@ from tmdht.net.membership import Member
 from tmdht.net.operations import RangeRead
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageStore
-from tmdht.placement import Ring
+from tmdht.placement import VIRTUAL_IDS, Ring
 from tmdht.rangehash import (
     BUCKET_BITS,
     BucketOwners,
@@ -131,6 +131,7 @@ class Replicator:
         clock: Callable[[], float] = time.monotonic,
         anti_entropy: str = "range",
         max_datagram: int = 32768,
+        virtual_ids: int = VIRTUAL_IDS,
     ) -> None:
         """``on_unanswered(node_id)`` is awaited when a replica did not answer (e.g. to probe it
         through the overlay, so a dead node is noticed at once rather than after a silence)."""
@@ -139,6 +140,7 @@ class Replicator:
         self.self_id = self_id
         self.members = members
         self.replicas = replicas
+        self.virtual_ids = virtual_ids
         self.rate = rate
         self.interval = interval
         self.grace = grace
@@ -271,7 +273,7 @@ class Replicator:
             return True  # not a member (yet): nothing to decide
         me = ids.index(self.self_id)
         ring = self._ring_of(targets)
-        owners = self._owners_of(ring)
+        owners = await self._owners_of(ring)
         table = self.store.buckets.table()
         held = table.counts > 0
         mine = owners.uniform & owners.holds(me)
@@ -376,10 +378,12 @@ class Replicator:
                     break
                 yield digest
 
-    def _owners_of(self, ring: Ring) -> BucketOwners:
-        """Bucket replica sets of ``ring`` (kept while the view stays the same)."""
+    async def _owners_of(self, ring: Ring) -> BucketOwners:
+        """Bucket replica sets of ``ring`` (kept while the view stays the same). Placing 2**16
+        keys takes a tenth to a few tenths of a second (more with virtual IDs and many
+        members): in a thread, so the node keeps serving meanwhile."""
         if self._owners is None or self._owners_ring is not ring:
-            self._owners = BucketOwners(ring, self.replicas)
+            self._owners = await asyncio.to_thread(BucketOwners, ring, self.replicas)
             self._owners_ring = ring
         return self._owners
 
@@ -432,7 +436,8 @@ class Replicator:
         """The placement ring of this membership view (kept while the view stays the same)."""
         key = tuple((t.node_id, t.domain) for t in targets)
         if self._ring is None or self._ring_key != key:
-            self._ring = Ring([t.node_id for t in targets], [t.domain for t in targets])
+            self._ring = Ring([t.node_id for t in targets], [t.domain for t in targets],
+                              virtual_ids=self.virtual_ids)
             self._ring_key = key
         return self._ring
 

@@ -184,6 +184,7 @@ class StoreNode:
                 self_id=self.overlay.node_id,
                 members=self._members,
                 replicas=cfg.replicas,
+                virtual_ids=cfg.virtual_ids,
                 rate=cfg.replication_rate,
                 interval=cfg.replication_interval,
                 grace=cfg.surplus_grace,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tmdht.config import NodeConfig, parse_address
 from tmdht.errors import ConfigError
-from tmdht.placement import FailureDomain
+from tmdht.placement import VIRTUAL_IDS, FailureDomain
 
 TOML = """
 [node]
@@ -47,6 +47,8 @@ def test_sources_merge_later_wins() -> None:
         ("data_dir = ", {}, "config"),
         ("replicas = 3", {}, "data_dir is required"),
         ('data_dir = "x"\nkademlia_port = 70000', {}, "out of range"),
+        ('data_dir = "x"\nvirtual_ids = 0', {}, "virtual_ids"),
+        ('data_dir = "x"', {"TMDHT_NODE_VIRTUAL_IDS": "257"}, "at most 256 virtual IDs"),
     ],
 )
 def test_bad_config_is_a_clear_error(toml: str, env: dict[str, str], message: str) -> None:
@@ -101,7 +103,8 @@ def test_odd_toml_values_are_config_errors(line: str) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.sampled_from(["capacity", "max_datagram", "replicas", "kademlia_port", "rate_limit",
+    st.sampled_from(["capacity", "max_datagram", "replicas", "virtual_ids", "kademlia_port",
+                     "rate_limit",
                      "seeds", "host", "log_level", "insecure_open", "replication_rate"]),
     st.one_of(st.integers(-(2**70), 2**70), st.floats(), st.booleans(), st.text(max_size=20),
               st.lists(st.integers(), max_size=3)),
@@ -135,3 +138,13 @@ def test_require_stamped_from_file_env_and_flags() -> None:
                                    flags={"require_stamped": True}).require_stamped is True
     with pytest.raises(ConfigError, match="require_stamped"):
         NodeConfig.from_sources(toml_text='data_dir = "x"\nrequire_stamped = "maybe"')
+
+
+def test_virtual_ids_from_file_env_and_flags() -> None:
+    assert NodeConfig.build({"data_dir": "x"}).virtual_ids == VIRTUAL_IDS
+    toml = 'data_dir = "x"\nvirtual_ids = 8'
+    assert NodeConfig.from_sources(toml_text=toml).virtual_ids == 8
+    env = {"TMDHT_NODE_VIRTUAL_IDS": "1"}
+    assert NodeConfig.from_sources(toml_text=toml, env=env).virtual_ids == 1
+    assert NodeConfig.from_sources(toml_text=toml, env=env,
+                                   flags={"virtual_ids": 32}).virtual_ids == 32

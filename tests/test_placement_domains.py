@@ -1,4 +1,5 @@
-"""Failure-domain-aware placement: the rule of tmdht/placement.py, property by property."""
+"""Failure-domain-aware placement: the rule of tmdht/placement.py, property by property, with one
+token per member (placement by node ID) and with several (virtual IDs)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,29 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tmdht.errors import UsageError
-from tmdht.placement import WINDOW, FailureDomain, Ring, closest, replica_indices, replica_rows
+from tmdht.placement import (
+    VIRTUAL_IDS,
+    WINDOW,
+    FailureDomain,
+    Ring,
+    closest,
+    replica_indices,
+    replica_rows,
+    tokens_of,
+)
 
 LEVELS = ("zone", "rack", "host")
 
 
 @dataclass(frozen=True)
 class Case:
-    """A ring (unique IDs, one failure domain each), some digests and R."""
+    """A ring (unique IDs, one failure domain each), some digests, R and V."""
 
     ids: list[bytes]
     domains: list[FailureDomain]
     digests: list[bytes]
     replicas: int
+    virtual_ids: int = 1
 
 
 def make_ids(rng: random.Random, count: int, clustered: bool) -> list[bytes]:
@@ -55,7 +66,11 @@ def cases(draw: st.DrawFn, max_nodes: int = 90) -> Case:
     # Keys next to node IDs as well as random ones: the edges of a window matter.
     digests = [rng.randbytes(32) for _ in range(24)]
     digests += [i[:19] + rng.randbytes(13) for i in rng.sample(ids, min(8, count))]
-    return Case(ids, domains, digests, draw(st.integers(1, 5)))
+    # Keys next to derived tokens too (with V > 1 those are most of the ring's points).
+    virtual_ids = draw(st.sampled_from((1, 1, 2, 5, VIRTUAL_IDS)))
+    tokens = [t for i in ids for t in tokens_of(i, virtual_ids)[1:]]
+    digests += [t[:19] + rng.randbytes(13) for t in rng.sample(tokens, min(8, len(tokens)))]
+    return Case(ids, domains, digests, draw(st.integers(1, 5)), virtual_ids)
 
 
 def shared_levels(a: FailureDomain, b: FailureDomain) -> int:
@@ -69,50 +84,83 @@ def shared_levels(a: FailureDomain, b: FailureDomain) -> int:
 
 
 def oracle(
-    key: bytes, ids: list[bytes], domains: list[FailureDomain] | None, replicas: int
+    key: bytes,
+    ids: list[bytes],
+    domains: list[FailureDomain] | None,
+    replicas: int,
+    virtual_ids: int = 1,
 ) -> list[int]:
-    """The rule as the module docstring states it, by brute force."""
+    """The rule as the module docstring states it, by brute force: over every member's tokens,
+    the member being the narrowest domain (a fourth level below zone, rack and host)."""
     target = int.from_bytes(key[:20], "big")
+    points = [(m, t) for m in range(len(ids)) for t in tokens_of(ids[m], virtual_ids)]
     rank = {
-        i: r
-        for r, i in enumerate(
-            sorted(range(len(ids)), key=lambda i: int.from_bytes(ids[i], "big") ^ target)
+        p: r
+        for r, p in enumerate(
+            sorted(range(len(points)), key=lambda p: int.from_bytes(points[p][1], "big") ^ target)
         )
     }
-    chosen: list[int] = []
+    chosen: list[int] = []  # points
     for _ in range(min(replicas, len(ids))):
 
-        def sharing(i: int) -> int:
-            if domains is None:
-                return 0
-            return max((shared_levels(domains[i], domains[c]) for c in chosen), default=0)
+        def sharing(p: int) -> int:
+            member = points[p][0]
+            return max(
+                (
+                    4 if points[c][0] == member
+                    else 0 if domains is None
+                    else shared_levels(domains[member], domains[points[c][0]])
+                    for c in chosen
+                ),
+                default=0,
+            )
 
         chosen.append(
-            min((i for i in rank if i not in chosen), key=lambda i: (sharing(i), rank[i]))
+            min((p for p in rank if p not in chosen), key=lambda p: (sharing(p), rank[p]))
         )
-    return sorted(chosen, key=rank.__getitem__)
+    return [points[p][0] for p in sorted(chosen, key=rank.__getitem__)]
+
+
+def member_order(key: bytes, ids: list[bytes], virtual_ids: int) -> list[int]:
+    """Members by the XOR distance of their closest token to ``key``."""
+    target = int.from_bytes(key[:20], "big")
+    nearest = [
+        min(int.from_bytes(t, "big") ^ target for t in tokens_of(i, virtual_ids)) for i in ids
+    ]
+    return sorted(range(len(ids)), key=nearest.__getitem__)
 
 
 def placed_ids(case: Case, ids: list[bytes], domains: list[FailureDomain]) -> list[list[bytes]]:
     return [
         [ids[i] for i in row]
-        for row in Ring(ids, domains).replica_indices(case.digests, case.replicas).tolist()
+        for row in Ring(ids, domains, virtual_ids=case.virtual_ids)
+        .replica_indices(case.digests, case.replicas)
+        .tolist()
     ]
+
+
+def ring_of(case: Case) -> Ring:
+    return Ring(case.ids, case.domains, virtual_ids=case.virtual_ids)
 
 
 @settings(max_examples=300, deadline=None)
 @given(cases())
 def test_every_path_follows_the_rule(case: Case) -> None:
-    want = [oracle(d, case.ids, case.domains, case.replicas) for d in case.digests]
-    ring = Ring(case.ids, case.domains)
+    want = [
+        oracle(d, case.ids, case.domains, case.replicas, case.virtual_ids) for d in case.digests
+    ]
+    ring = ring_of(case)
     as_array = np.frombuffer(b"".join(case.digests), np.uint8).reshape(-1, 32)
     assert ring.replica_indices(case.digests, case.replicas).tolist() == want
     assert ring.replica_indices(as_array, case.replicas).tolist() == want
     assert [ring.place(d, case.replicas) for d in case.digests] == want
     assert ring.replica_rows(case.digests[:5], case.replicas) == want[:5]
-    assert replica_rows(case.digests, case.ids, case.replicas, domains=case.domains) == want
+    v = case.virtual_ids
+    assert replica_rows(case.digests, case.ids, case.replicas, domains=case.domains,
+                        virtual_ids=v) == want
     assert (
-        replica_indices(case.digests, case.ids, case.replicas, domains=case.domains).tolist()
+        replica_indices(case.digests, case.ids, case.replicas, domains=case.domains,
+                        virtual_ids=v).tolist()
         == want
     )
 
@@ -130,7 +178,7 @@ def test_placement_ignores_the_order_of_members(case: Case, shuffle: random.Rand
 @settings(max_examples=150, deadline=None)
 @given(cases())
 def test_replicas_spread_over_as_many_domains_as_the_ring_has(case: Case) -> None:
-    rows = Ring(case.ids, case.domains).replica_indices(case.digests, case.replicas).tolist()
+    rows = ring_of(case).replica_indices(case.digests, case.replicas).tolist()
     for depth in (1, 2, 3):
         in_ring = len({d.path[:depth] for d in case.domains})
         for row in rows:
@@ -142,12 +190,14 @@ def test_replicas_spread_over_as_many_domains_as_the_ring_has(case: Case) -> Non
 @settings(max_examples=150, deadline=None)
 @given(cases())
 def test_replicas_are_closest_first_and_the_first_is_the_closest_node(case: Case) -> None:
-    rows = Ring(case.ids, case.domains).replica_indices(case.digests, case.replicas).tolist()
+    rows = ring_of(case).replica_indices(case.digests, case.replicas).tolist()
     for digest, row in zip(case.digests, rows, strict=True):
-        key = int.from_bytes(digest[:20], "big")
-        distances = [int.from_bytes(case.ids[i], "big") ^ key for i in row]
-        assert distances == sorted(distances)
-        assert row[0] == closest(digest, case.ids, 1)[0]
+        # A member's place is its closest token's (its others can only be skipped like it).
+        order = member_order(digest, case.ids, case.virtual_ids)
+        assert [order.index(i) for i in row] == sorted(order.index(i) for i in row)
+        assert row[0] == order[0]
+        if case.virtual_ids == 1:
+            assert row[0] == closest(digest, case.ids, 1)[0]
         assert len(set(row)) == len(row) == min(case.replicas, len(case.ids))
 
 
@@ -160,11 +210,17 @@ def test_domains_that_all_differ_place_like_plain_xor(case: Case, kind: str) -> 
         "hosts": [FailureDomain(host=f"h{i}") for i in range(len(case.ids))],
         "one zone": [FailureDomain("z", f"r{i}", "h") for i in range(len(case.ids))],
     }[kind]
-    ring = Ring(case.ids, domains)
+    ring = Ring(case.ids, domains, virtual_ids=1)
     assert not ring.spreads_domains
     want = [closest(d, case.ids, case.replicas) for d in case.digests]
     assert ring.replica_indices(case.digests, case.replicas).tolist() == want
-    assert replica_rows(case.digests, case.ids, case.replicas, domains=domains) == want
+    assert replica_rows(case.digests, case.ids, case.replicas, domains=domains,
+                        virtual_ids=1) == want
+    # With tokens: the first R distinct members in the order of their closest tokens.
+    v = max(2, case.virtual_ids)
+    want = [member_order(d, case.ids, v)[: case.replicas] for d in case.digests]
+    assert Ring(case.ids, domains, virtual_ids=v).replica_indices(
+        case.digests, case.replicas).tolist() == want
 
 
 @settings(max_examples=150, deadline=None)
@@ -176,7 +232,7 @@ def test_losing_a_whole_domain_never_loses_every_replica(
     if len(labels) < 2 or case.replicas < 2:
         return
     lost = labels[which % len(labels)]
-    rows = Ring(case.ids, case.domains).replica_indices(case.digests, case.replicas).tolist()
+    rows = ring_of(case).replica_indices(case.digests, case.replicas).tolist()
     for row in rows:
         assert any(case.domains[i].path[:depth] != lost for i in row)
 
@@ -215,7 +271,7 @@ def test_ids_sharing_their_first_64_bits_are_placed_exactly() -> None:
     digests = [prefix + rng.randbytes(24) for _ in range(40)]
     for doms in (None, domains):
         want = [oracle(d, ids, doms, 3) for d in digests]
-        assert Ring(ids, doms).replica_indices(digests, 3).tolist() == want
+        assert Ring(ids, doms, virtual_ids=1).replica_indices(digests, 3).tolist() == want
 
 
 def test_a_large_ring_places_most_keys_in_the_window_and_the_rest_exactly() -> None:
@@ -228,8 +284,9 @@ def test_a_large_ring_places_most_keys_in_the_window_and_the_rest_exactly() -> N
     digests = [rng.randbytes(32) for _ in range(60)]
     # The last: one node alone in its zone is every key's second replica, far outside the window.
     for doms in (None, domains, [FailureDomain("z0")] * 999 + [FailureDomain("z1")]):
-        want = [oracle(d, ids, doms, 3) for d in digests]
-        assert Ring(ids, doms).replica_indices(digests, 3).tolist() == want
+        for v in (1, 4):
+            want = [oracle(d, ids, doms, 3, v) for d in digests]
+            assert Ring(ids, doms, virtual_ids=v).replica_indices(digests, 3).tolist() == want
 
 
 def test_fewer_domains_than_replicas_fill_with_the_closest_remaining_nodes() -> None:
@@ -255,6 +312,11 @@ def test_bad_arguments_are_refused() -> None:
         Ring(ids).place(b"k" * 32, 0)
     with pytest.raises(UsageError, match="at least 20 bytes"):
         Ring(ids).replica_rows([b"short"], 3)
+    for bad in (0, 257):
+        with pytest.raises(UsageError, match="virtual IDs"):
+            Ring(ids, virtual_ids=bad)
+        with pytest.raises(UsageError, match="virtual IDs"):
+            tokens_of(ids[0], bad)
     with pytest.raises(UsageError, match="label"):
         FailureDomain(zone="x" * 65)
     with pytest.raises(UsageError, match="label"):

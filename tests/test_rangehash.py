@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tmdht.domains import FailureDomain
-from tmdht.placement import Ring
+from tmdht.placement import Ring, tokens_of
 from tmdht.rangehash import (
     BUCKETS,
     LEVELS,
@@ -163,30 +163,65 @@ def test_unanswered_queries_leave_buckets_unknown() -> None:
 # -- ownership ----------------------------------------------------------------------------------
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(2, 12), st.integers(1, 4), st.integers(0, 3), st.integers(0, 2**32))
+def keys_in(bucket: int, points: list[bytes], rng: random.Random) -> list[bytes]:
+    """Keys of ``bucket``: random ones, and ones beside each point (token) in it, on both sides
+    of every bit where they could split the points' order."""
+    prefix = bucket_prefix(bucket)
+    keys = [prefix + rng.randbytes(30) for _ in range(8)]
+    for point in (p for p in points if p[:2] == prefix):
+        for bit in range(16, 48):
+            flipped = int.from_bytes(point, "big") ^ (1 << (159 - bit))
+            keys += [point + rng.randbytes(12), flipped.to_bytes(20, "big") + rng.randbytes(12)]
+    return keys
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(2, 40), st.integers(1, 4), st.integers(0, 3), st.sampled_from((1, 2, 8, 16)),
+    st.integers(0, 2**32),
+)
 def test_uniform_buckets_have_one_replica_set(
-    nodes: int, replicas: int, collisions: int, seed: int
+    nodes: int, replicas: int, collisions: int, virtual_ids: int, seed: int
 ) -> None:
     rng = random.Random(seed)
     ids = [rng.randbytes(20) for _ in range(nodes)]
-    for _ in range(collisions):  # nodes sharing their first 16 bits swap order in every bucket
+    for _ in range(collisions):
+        # Points sharing their first 16 bits swap order within a bucket: a node ID beside
+        # another member's token (its ID, or a derived one).
         a, b = rng.sample(range(nodes), 2)
-        ids[b] = ids[a][:2] + ids[b][2:]
+        ids[b] = rng.choice(tokens_of(ids[a], virtual_ids))[:2] + ids[b][2:]
     zones = [FailureDomain(zone=f"z{rng.randrange(3)}") for _ in range(nodes)]
-    ring = Ring(ids, zones)
+    ring = Ring(ids, zones, virtual_ids=virtual_ids)
     owners = BucketOwners(ring, replicas)
-    buckets = rng.sample(range(BUCKETS), 64) + [int.from_bytes(i[:2], "big") for i in ids]
+    points = [t for i in ids for t in tokens_of(i, virtual_ids)]
+    buckets = rng.sample(range(BUCKETS), 16) + [bucket_of(p) for p in points]
     for bucket in buckets:
-        keys = [bucket_prefix(bucket) + rng.randbytes(30) for _ in range(8)]
-        sets = {frozenset(ring.place(k, replicas)) for k in keys}
+        sets = {frozenset(ring.place(k, replicas)) for k in keys_in(bucket, points, rng)}
+        assert frozenset(owners.rows[bucket].tolist()) in sets
         if owners.uniform[bucket]:
             assert sets == {frozenset(owners.rows[bucket].tolist())}
 
 
+def test_tokens_in_one_bucket_leave_most_buckets_uniform() -> None:
+    # 32 nodes of 16 tokens: a few tokens share a bucket with another member's, but only the
+    # buckets where that decides the replica set go through per-page HAS.
+    rng = random.Random(5)
+    ids = [rng.randbytes(20) for _ in range(32)]
+    hosts = [FailureDomain(host=f"h{i // 4}") for i in range(32)]
+    ring = Ring(ids, hosts, virtual_ids=16)
+    owners = BucketOwners(ring, 3)
+    points = [t for i in ids for t in tokens_of(i, 16)]
+    shared = {bucket_of(p) for p in points if sum(bucket_of(q) == bucket_of(p) for q in points) > 1}
+    assert shared  # the seed gives some
+    assert owners.uniform.mean() > 0.995
+    for bucket in np.flatnonzero(~owners.uniform).tolist():
+        sets = {frozenset(ring.place(k, 3)) for k in keys_in(bucket, points, rng)}
+        assert len(sets) > 1  # non-uniform only where the set really varies (as found here)
+
+
 def test_without_collisions_every_bucket_is_uniform() -> None:
     ids = [bytes([i * 16, 0]) + bytes(18) for i in range(8)]
-    owners = BucketOwners(Ring(ids), 3)
+    owners = BucketOwners(Ring(ids, virtual_ids=1), 3)
     assert owners.uniform.all()
     assert owners.joint(0, 1).sum() > 0
     assert not (owners.joint(0, 1) & ~owners.holds(0)).any()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from tmdht.domains import FailureDomain
+from tmdht.domains import MAX_VIRTUAL_IDS, VIRTUAL_IDS, FailureDomain
 from tmdht.errors import ConfigError, UsageError
 from tmdht.pages import PAGE_SIZE
 
@@ -154,6 +154,13 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return parse
 
 
+def _virtual_ids(value: Any) -> int:
+    count = _positive_int(value)
+    if count > MAX_VIRTUAL_IDS:
+        raise ConfigError(f"at most {MAX_VIRTUAL_IDS} virtual IDs per node, got {count}")
+    return count
+
+
 def _label(value: Any) -> str:
     """A failure-domain label (zone, rack or host): short printable text."""
     if not isinstance(value, str):
@@ -193,6 +200,10 @@ class NodeConfig:
     """Kademlia addresses of existing nodes to join through."""
     replicas: int = 3
     """R: how many nodes hold each page."""
+    virtual_ids: int = VIRTUAL_IDS
+    """V: placement tokens per node (:mod:`tmdht.placement`): more spread the pages more evenly
+    over the nodes. Cluster-wide: every node and client must use the same V (changing it moves
+    most pages, as the replication job then finds them misplaced); 1 places by node ID alone."""
     capacity: int = 10 << 30
     """Bytes of pages this node may store."""
     wave_capacity: int = 1 << 30
@@ -355,6 +366,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "metrics_port": _port,
     "seeds": _seeds,
     "replicas": _positive_int,
+    "virtual_ids": _virtual_ids,
     "capacity": parse_size,
     "wave_capacity": lambda v: 0 if v in (0, "0") else parse_size(v),
     "wave_max_ttl": _positive_float,

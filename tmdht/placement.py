@@ -30,6 +30,22 @@ unlike NetworkTopologyStrategy no per-zone replica count to configure. As with b
 should be of similar size: a zone takes at most one copy of a key while the ring has R zones,
 so the nodes of a zone much larger than the others hold fewer pages each (bench/simulate.py).
 
+Virtual IDs (tokens): with random IDs, XOR placement gives a node the keys of the part of the
+key space nearer to it than to any other node, and with a few dozen nodes those parts differ a
+lot (copies per node max/mean about 2 at 32 nodes in 8 host domains, R=3). So each member
+stands in the ring at ``virtual_ids`` (V) points, its *tokens*: token 0 is its node ID, token
+``i`` the first 160 bits of BLAKE3(``b"tmdht-vid"`` || node ID || ``i`` as u16 big-endian)
+(:func:`tokens_of`). The rule above then walks tokens instead of node IDs, closest first, and
+treats the member as the narrowest failure domain below its host: a token whose member already
+holds a replica is skipped while another member can take the replica, so the R replicas are R
+distinct members, in R distinct domains whenever the ring has that many. A member's load is the
+sum of V independent parts, so its spread shrinks about as 1/sqrt(V) (bench/simulate.py).
+Tokens are derived from the node ID, never sent: every node and client computes the same ones,
+provided they agree on V (a cluster-wide setting, like R; :data:`VIRTUAL_IDS` by default). With
+V = 1 the tokens are the node IDs and placement is exactly the rule above. A member joining or
+leaving still changes only the replica sets that hold it (its tokens are the only points that
+appear or go).
+
 Batch placement is vectorised with numpy on the top 64 bits of the IDs, which orders distinct
 node IDs exactly unless two share their first 64 bits (then the exact 160-bit comparison
 decides, in Python). A :class:`Ring` prepares one membership view (sorted IDs, domain codes)
@@ -38,7 +54,8 @@ which hold its closest nodes unless a certificate says otherwise (then that dige
 again from a wider window, up to the whole ring). The module-level functions keep a few recent
 rings, so calling them again with an unchanged view costs no preparation; with domains, or with
 thousands of members, keep the :class:`Ring` of the current view instead (hashing the view to
-find it in the cache costs about as much as placing a small batch).
+find it in the cache costs about as much as placing a small batch). Everything said about IDs
+there holds for tokens: a :class:`Ring` of N members holds N * V sorted points.
 """
 
 from __future__ import annotations
@@ -48,16 +65,19 @@ import functools
 from collections.abc import Sequence
 from typing import Final
 
+import blake3
 import numpy as np
 import numpy.typing as npt
 
-from tmdht.domains import MAX_LABEL_BYTES, FailureDomain
+from tmdht.domains import MAX_LABEL_BYTES, MAX_VIRTUAL_IDS, VIRTUAL_IDS, FailureDomain
 from tmdht.errors import UsageError
 from tmdht.pages import DIGEST_SIZE, KEY_SIZE
 
 __all__ = [
     "MAX_LABEL_BYTES",
+    "MAX_VIRTUAL_IDS",
     "NODE_ID_SIZE",
+    "VIRTUAL_IDS",
     "WINDOW",
     "FailureDomain",
     "Ring",
@@ -65,9 +85,11 @@ __all__ = [
     "distance",
     "replica_indices",
     "replica_rows",
+    "tokens_of",
 ]
 
 NODE_ID_SIZE: Final = KEY_SIZE
+_TOKEN_CONTEXT: Final = b"tmdht-vid"
 SMALL_BATCH: Final = 16
 """Up to this many digests :meth:`Ring.replica_rows` places in plain Python: numpy's fixed cost
 per call is more than sorting a few XOR distances per digest."""
@@ -81,6 +103,31 @@ _NO_LIMIT: Final = np.uint64(2**64 - 1)
 def distance(a: bytes, b: bytes) -> int:
     """XOR distance of two 160-bit IDs (or keys; a page digest is cut to its key)."""
     return int.from_bytes(a[:NODE_ID_SIZE], "big") ^ int.from_bytes(b[:NODE_ID_SIZE], "big")
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _joined_tokens(node_id: bytes, virtual_ids: int) -> bytes:
+    """A member's tokens, one after the other (a client rebuilds its view on every membership
+    change: the last 16k members' tokens are kept, about 6 MiB at V = 16)."""
+    return node_id + b"".join(
+        blake3.blake3(_TOKEN_CONTEXT + node_id + i.to_bytes(2, "big")).digest(NODE_ID_SIZE)
+        for i in range(1, virtual_ids)
+    )
+
+
+def _check_virtual_ids(virtual_ids: int) -> None:
+    if not (isinstance(virtual_ids, int) and 1 <= virtual_ids <= MAX_VIRTUAL_IDS):
+        raise UsageError(f"virtual IDs per node must be between 1 and {MAX_VIRTUAL_IDS}")
+
+
+def tokens_of(node_id: bytes, virtual_ids: int = VIRTUAL_IDS) -> tuple[bytes, ...]:
+    """The ``virtual_ids`` placement points (tokens) of a member: its ID, then BLAKE3-derived
+    ones (see the module docstring). Deterministic."""
+    if len(node_id) != NODE_ID_SIZE:
+        raise UsageError("node IDs are 20 bytes")
+    _check_virtual_ids(virtual_ids)
+    joined = _joined_tokens(bytes(node_id), virtual_ids)
+    return tuple(joined[i : i + NODE_ID_SIZE] for i in range(0, len(joined), NODE_ID_SIZE))
 
 
 def closest(key: bytes, node_ids: Sequence[bytes], count: int) -> list[int]:
@@ -136,7 +183,8 @@ class Ring:
     """One membership view prepared for placement; immutable, built once per view.
 
     ``node_ids[i]`` (20 bytes each) lives in ``domains[i]``; without ``domains`` every node is
-    its own domain. Placement returns indices into ``node_ids``.
+    its own domain. Each member stands at ``virtual_ids`` tokens (:func:`tokens_of`). Placement
+    returns indices into ``node_ids``.
     """
 
     __slots__ = (
@@ -149,33 +197,52 @@ class Ring:
         "_sorted_ints",
         "_sorted_tops",
         "node_ids",
+        "virtual_ids",
     )
 
     def __init__(
-        self, node_ids: Sequence[bytes], domains: Sequence[FailureDomain] | None = None
+        self,
+        node_ids: Sequence[bytes],
+        domains: Sequence[FailureDomain] | None = None,
+        *,
+        virtual_ids: int = VIRTUAL_IDS,
     ) -> None:
         """Prepare ``node_ids`` (and their ``domains``, same length) for placement."""
         if any(len(n) != NODE_ID_SIZE for n in node_ids):
             raise UsageError("node IDs are 20 bytes")
         if domains is not None and len(domains) != len(node_ids):
             raise UsageError(f"{len(domains)} failure domains for {len(node_ids)} nodes")
+        _check_virtual_ids(virtual_ids)
         self.node_ids: tuple[bytes, ...] = tuple(bytes(n) for n in node_ids)
         """The members, in the caller's order."""
-        raw = np.frombuffer(b"".join(self.node_ids), np.uint8).reshape(-1, NODE_ID_SIZE)
+        self.virtual_ids = virtual_ids
+        """Tokens per member (V)."""
+        # Points: every member's tokens, member after member (point p is member p // V's).
+        points = b"".join(_joined_tokens(n, virtual_ids) for n in self.node_ids)
+        owners = np.repeat(np.arange(len(self.node_ids), dtype=np.intp), virtual_ids)
+        raw = np.frombuffer(points, np.uint8).reshape(-1, NODE_ID_SIZE)
         tops = np.ascontiguousarray(raw[:, :8]).view(">u8")[:, 0].astype(np.uint64)
         order = np.argsort(tops, kind="stable")
         self._exact_only = bool(len(tops) > 1 and np.any(np.diff(tops[order]) == 0))
-        ints = [int.from_bytes(n, "big") for n in self.node_ids]
+        ints = [int.from_bytes(points[i : i + NODE_ID_SIZE], "big")
+                for i in range(0, len(points), NODE_ID_SIZE)]
         if self._exact_only:
-            # Sorted by the full 160 bits, the index breaking ties between equal IDs (as a
+            # Sorted by the full 160 bits, the index breaking ties between equal points (as a
             # stable sort by distance does).
             order = np.array(sorted(range(len(ints)), key=lambda i: (ints[i], i)), np.intp)
-        self._order = order.astype(np.intp)
+        order = order.astype(np.intp)
+        # Sorted position -> member (the points themselves are only needed sorted).
+        self._order = owners[order]
         self._order_list: list[int] = self._order.tolist()
-        self._sorted_ints = [ints[i] for i in self._order_list]
-        self._sorted_tops = tops[self._order]
-        codes, self._distinct = _domain_codes(domains, len(ints))
-        self._sorted_codes = codes[:, self._order]
+        self._sorted_ints = [ints[i] for i in order.tolist()]
+        self._sorted_tops = tops[order]
+        codes, distinct = _domain_codes(domains, len(self.node_ids))
+        if virtual_ids > 1 and len(self.node_ids) > 1:
+            # The member is the narrowest domain: its tokens exclude each other.
+            member = np.arange(len(self.node_ids), dtype=np.int32)[None, :]
+            codes, distinct = np.concatenate([codes, member]), (*distinct, len(self.node_ids))
+        self._distinct = distinct
+        self._sorted_codes = codes[:, owners][:, order]
         self._sorted_code_lists: list[list[int]] = self._sorted_codes.tolist()
         for array in (self._order, self._sorted_tops, self._sorted_codes):
             array.flags.writeable = False
@@ -185,7 +252,8 @@ class Ring:
 
     @property
     def spreads_domains(self) -> bool:
-        """False if placement is plain XOR distance (no domains, or none that constrain)."""
+        """False if placement is plain XOR distance over node IDs (one token per node, and no
+        domains or none that constrain)."""
         return len(self._distinct) > 0
 
     # -- one key, plain Python -----------------------------------------------------------------
@@ -199,19 +267,23 @@ class Ring:
         return self._place(int.from_bytes(key[:NODE_ID_SIZE], "big"), min(replicas, len(self)))
 
     def _place(self, key: int, count: int) -> list[int]:
+        order = self._order_list
+        return [order[j] for j in self._place_positions(key, count)]
+
+    def _place_positions(self, key: int, count: int) -> list[int]:
+        """Sorted positions (points) of the picks for ``key``, closest first."""
         if count == 0:
             return []
         ints, size, half = self._sorted_ints, len(self._sorted_ints), max(WINDOW, count)
-        order = self._order_list
         if size <= 2 * half:
-            # A small ring: every node is a candidate, nothing to certify.
+            # A small ring: every point is a candidate, nothing to certify.
             dist = [v ^ key for v in ints]
             ranked = sorted(range(size), key=dist.__getitem__)
             if not self._distinct:
-                return [order[j] for j in ranked[:count]]
+                return ranked[:count]
             picked = self._choose(ranked, count, True)
             assert picked is not None
-            return [order[j] for j in picked]
+            return picked
         at = bisect.bisect_left(ints, key)
         while True:
             low = max(0, min(at - half, size - 2 * half))
@@ -229,7 +301,7 @@ class Ring:
             sure = [low + r for r in near if dist[r] < bound]
             picked = self._choose(sure, count, len(sure) == size)
             if picked is not None:
-                return [order[j] for j in picked]
+                return picked
             half *= 8  # rare: the key's closest nodes straddle a window edge, or domains are few
 
     def _choose(self, ranked: list[int], count: int, complete: bool) -> list[int] | None:
@@ -270,6 +342,14 @@ class Ring:
         ``digests`` is a sequence of digests (or keys) or a uint8 array of one per row. Returns
         an array of shape (len(digests), min(replicas, len(ring))).
         """
+        result: npt.NDArray[np.intp] = self._order[self.replica_positions(digests, replicas)]
+        return result
+
+    def replica_positions(
+        self, digests: npt.NDArray[np.uint8] | Sequence[bytes], replicas: int
+    ) -> npt.NDArray[np.intp]:
+        """:meth:`replica_indices` as the tokens picked: positions in sorted token order (see
+        :meth:`token_prefixes`; :attr:`members_by_position` maps them to members)."""
         if replicas < 1:
             raise UsageError("replicas must be at least 1")
         key_tops = _key_tops(digests)
@@ -277,22 +357,45 @@ class Ring:
         if count == 0 or len(key_tops) == 0:
             return np.empty((len(key_tops), count), dtype=np.intp)
         if self._exact_only:
-            # Two node IDs share their first 64 bits: exact comparison, one digest at a time.
-            rows = [self._place(int.from_bytes(_digest_bytes(digests, i), "big"), count)
+            # Two points share their first 64 bits: exact comparison, one digest at a time.
+            rows = [self._place_positions(int.from_bytes(_digest_bytes(digests, i), "big"), count)
                     for i in range(len(key_tops))]
             return np.array(rows, dtype=np.intp).reshape(len(key_tops), count)
-        positions, unsure = self._place_tops(key_tops, count)
-        result = self._order[positions]
+        half = max(WINDOW, count)
+        positions, unsure = self._place_tops(key_tops, count, half)
+        while unsure is not None and np.count_nonzero(unsure) > SMALL_BATCH:
+            # Many keys whose picks may lie beyond the window (few domains, or many tokens
+            # per member): a wider window for them, still in numpy.
+            half *= 8
+            again = np.flatnonzero(unsure)
+            positions[again], wider = self._place_tops(key_tops[again], count, half)
+            unsure[again] = False if wider is None else wider
         if unsure is not None:
             for i in np.flatnonzero(unsure).tolist():
-                result[i] = self._place(int.from_bytes(_digest_bytes(digests, i), "big"), count)
-        return result
+                positions[i] = self._place_positions(
+                    int.from_bytes(_digest_bytes(digests, i), "big"), count)
+        return positions
+
+    @property
+    def members_by_position(self) -> npt.NDArray[np.intp]:
+        """The member (index into ``node_ids``) of each token, in sorted token order."""
+        return self._order
+
+    def token_prefixes(self, bits: int) -> npt.NDArray[np.uint64]:
+        """The first ``bits`` (at most 64) bits of each token, in sorted token order."""
+        if not 0 <= bits <= 64:
+            raise UsageError("a token prefix is at most 64 bits")
+        if not bits:
+            return np.zeros_like(self._sorted_tops)
+        prefixes: npt.NDArray[np.uint64] = self._sorted_tops >> np.uint64(64 - bits)
+        return prefixes
 
     def _place_tops(
-        self, key_tops: npt.NDArray[np.uint64], count: int
+        self, key_tops: npt.NDArray[np.uint64], count: int, half: int
     ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_] | None]:
-        """Sorted positions of each key's picks, and which rows must be placed exactly."""
-        tops, size, half = self._sorted_tops, len(self._sorted_tops), max(WINDOW, count)
+        """Sorted positions of each key's picks from the ``2 * half`` points next to it, and
+        which rows must be placed exactly (None: none)."""
+        tops, size = self._sorted_tops, len(self._sorted_tops)
         if size <= 2 * half:
             # A small ring: every node is a candidate, nothing to certify.
             return self._pick(None, key_tops[:, None] ^ tops[None, :], None, count)
@@ -425,13 +528,15 @@ def _domain_codes(
 
 @functools.lru_cache(maxsize=_CACHED_RINGS)
 def _cached_ring(
-    node_ids: tuple[bytes, ...], domains: tuple[FailureDomain, ...] | None
+    node_ids: tuple[bytes, ...], domains: tuple[FailureDomain, ...] | None, virtual_ids: int
 ) -> Ring:
-    return Ring(node_ids, domains)
+    return Ring(node_ids, domains, virtual_ids=virtual_ids)
 
 
-def _ring(node_ids: Sequence[bytes], domains: Sequence[FailureDomain] | None) -> Ring:
-    return _cached_ring(tuple(node_ids), None if domains is None else tuple(domains))
+def _ring(
+    node_ids: Sequence[bytes], domains: Sequence[FailureDomain] | None, virtual_ids: int
+) -> Ring:
+    return _cached_ring(tuple(node_ids), None if domains is None else tuple(domains), virtual_ids)
 
 
 def replica_indices(
@@ -440,6 +545,7 @@ def replica_indices(
     replicas: int,
     *,
     domains: Sequence[FailureDomain] | None = None,
+    virtual_ids: int = VIRTUAL_IDS,
 ) -> npt.NDArray[np.intp]:
     """For each digest, the indices of its replica set among ``node_ids``, closest first.
 
@@ -448,7 +554,7 @@ def replica_indices(
     """
     if replicas < 1:
         raise UsageError("replicas must be at least 1")
-    return _ring(node_ids, domains).replica_indices(digests, replicas)
+    return _ring(node_ids, domains, virtual_ids).replica_indices(digests, replicas)
 
 
 def replica_rows(
@@ -457,8 +563,9 @@ def replica_rows(
     replicas: int,
     *,
     domains: Sequence[FailureDomain] | None = None,
+    virtual_ids: int = VIRTUAL_IDS,
 ) -> list[list[int]]:
     """``replica_indices(digests, node_ids, replicas).tolist()``, cheaper for small batches."""
     if replicas < 1:
         raise UsageError("replicas must be at least 1")
-    return _ring(node_ids, domains).replica_rows(digests, replicas)
+    return _ring(node_ids, domains, virtual_ids).replica_rows(digests, replicas)

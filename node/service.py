@@ -172,6 +172,8 @@ class StoreNode:
                     accepted_cluster_keys=self.credentials.accepted_overlay_keys,
                     require_stamped=cfg.require_stamped,
                     domain=cfg.failure_domain(socket.gethostname()),
+                    virtual_ids=cfg.virtual_ids,
+                    replicas=cfg.replicas,
                     peer_cache=cfg.data_dir / PEER_CACHE_FILE,
                 )
             )

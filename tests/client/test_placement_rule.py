@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from support.cli import tmdht
@@ -143,6 +143,17 @@ def test_a_mixed_v_cluster_is_warned_about_and_placed_by_the_majority(
             assert {m.node_id for m in store.members if m.virtual_ids == VIRTUAL_IDS} == {
                 odd.node_id
             }
+
+        # The nodes say so too, each side about the other (once per rule seen).
+        def warned(node: int, v: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return f"advertises V={v} R={R}" in cluster.nodes[node].log_path.read_text()
+
+            return check
+
+        await eventually(warned(0, VIRTUAL_IDS), 30, "node 0 warns about the odd node")
+        await eventually(warned(NODES, V), 30, "the odd node warns about the others")
+        assert cluster.nodes[0].log_path.read_text().count("advertises V=") == 1
 
     asyncio.run(asyncio.wait_for(scenario(), 180))
     warnings = [r.getMessage() for r in caplog.records if "disagree" in r.getMessage()]

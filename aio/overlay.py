@@ -386,6 +386,8 @@ class Overlay:
             version=__version__,
             last_seen=time.monotonic(),
             domain=self.config.domain or FailureDomain(host=host),
+            virtual_ids=self.config.virtual_ids,
+            replicas=self.config.replicas,
         )
 
     def stats(self) -> OverlayStats:
@@ -559,6 +561,8 @@ class Overlay:
             metrics_port=self.config.metrics_port,
             version=__version__,
             domain=self.config.domain,
+            virtual_ids=self.config.virtual_ids,
+            replicas=self.config.replicas,
         )
         return info.to_wire()
 

@@ -45,6 +45,7 @@ from tmdht.catalog import TemplateCatalog
 from tmdht.catalog_file import TemplateDigests
 from tmdht.config import NodeConfig
 from tmdht.dedup_stream import DedupDecoder, DedupEncoder
+from tmdht.domains import FailureDomain
 from tmdht.errors import ConfigError, DecodeError
 from tmdht.images import RamBlock
 from tmdht.migration_stream import Need, SenderRewriter
@@ -392,7 +393,10 @@ def config_target() -> tuple[list[bytes], Callable[[bytes], object], type[Except
 def overlay_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
     msg_id = bytes(range(20))
     info = PeerInfo(bytes(20), "127.0.0.1", 7401, 7402, "0.1.0").to_wire()
+    advertised = PeerInfo(bytes(20), "", 7401, 0, "0.2.0", FailureDomain("z", "r", "h"),
+                          virtual_ids=4, replicas=3).to_wire()  # the optional fields
     seeds = [
+        encode_response(msg_id, advertised),
         encode_request(msg_id, "ping", [bytes(20)]),
         encode_request(msg_id, "find_node", [bytes(20), bytes(range(1, 21))]),
         encode_request(msg_id, "node_info", [bytes(20)]),

@@ -22,6 +22,7 @@ from tmdht.net.address import format_address
 
 if TYPE_CHECKING:
     from tmdht.client.store import MemberStatus
+    from tmdht.net.membership import ClusterRule
 
 
 class JsonFormatter(logging.Formatter):
@@ -296,27 +297,35 @@ def cluster_status(
 
     access = cluster_access((seed,), cluster_key_file, insecure_open)
 
-    async def gather() -> list[MemberStatus]:
+    async def gather() -> tuple[list[MemberStatus], ClusterRule]:
         # ClusterUnreachable says why none answered (nothing there, or another cluster key).
         async with TemplateStoreClient.connect(access, timeout=0.5) as store:
-            return await store.cluster_status()
+            return await store.cluster_status(), store.rule
 
-    statuses = run_async(gather())
+    statuses, rule = run_async(gather())
     if not statuses:
         raise ClusterUnreachable(access.seeds)
     if as_json:
-        click.echo(json.dumps({"members": [_status_doc(s) for s in statuses]}, indent=2))
+        doc = {
+            "members": [_status_doc(s) for s in statuses],
+            "placement": {
+                "virtual_ids": rule.virtual_ids,
+                "replicas": rule.replicas,
+                "agreed": rule.agreed,
+            },
+        }
+        click.echo(json.dumps(doc, indent=2))
         return
     table = Table(title=f"{len(statuses)} members")
-    for name in ("id", "domain", "kademlia", "data", "pages", "bytes", "capacity", "health"):
-        table.add_column(
-            name, justify="right" if name in ("pages", "bytes", "capacity") else "left"
-        )
+    numeric = ("V", "R", "pages", "bytes", "capacity")
+    for name in ("id", "domain", "kademlia", "data", *numeric, "health"):
+        table.add_column(name, justify="right" if name in numeric else "left")
     for status in statuses:
         m, info = status.member, status.info
         table.add_row(
             m.node_id.hex()[:16], str(m.domain),
             format_address((m.host, m.port)), format_address(m.data_address),
+            _advertised(m.virtual_ids), _advertised(m.replicas),
             "-" if info is None else f"{info.pages_stored:,}",
             "-" if info is None else human_bytes(info.bytes_stored),
             "-" if info is None else human_bytes(info.capacity_bytes),
@@ -325,6 +334,13 @@ def cluster_status(
     stdout.print(table)
     total = sum(s.info.pages_stored for s in statuses if s.info is not None)
     stdout.print(f"total: {total:,} page copies")
+    if not rule.agreed:
+        stdout.print(f"[bold red]members disagree on the placement rule:[/] {rule.describe()}")
+
+
+def _advertised(value: int | None) -> str:
+    """A member's advertised V or R for the table ("?": an older node that advertises none)."""
+    return "?" if value is None else str(value)
 
 
 def _status_doc(status: MemberStatus) -> dict[str, object]:
@@ -336,6 +352,8 @@ def _status_doc(status: MemberStatus) -> dict[str, object]:
         "kademlia": f"{m.host}:{m.port}",
         "data": f"{m.data_host}:{m.data_port}",
         "metrics_port": m.metrics_port,
+        "virtual_ids": m.virtual_ids,
+        "replicas": m.replicas,
         "pages": info.pages_stored if info else None,
         "bytes": info.bytes_stored if info else None,
         "capacity": info.capacity_bytes if info else None,

@@ -90,6 +90,16 @@ class ClientMetrics:
         self.members = Gauge(
             "tmdht_client_members", "Store nodes in the client's view.", registry=r
         )
+        self.virtual_ids = Gauge(
+            "tmdht_client_virtual_ids",
+            "Virtual IDs per node (V) pages are placed with: the one the members advertise.",
+            registry=r,
+        )
+        self.placement_disagreements = Gauge(
+            "tmdht_client_placement_disagreements",
+            "Members advertising another V than the one pages are placed with (should be 0).",
+            registry=r,
+        )
         self._engine = _EngineCollector()
         r.register(self._engine)
 

@@ -11,7 +11,7 @@ How a batch is resolved:
 2. The membership view (a client-mode Kademlia overlay: crawled at start, kept current by its
    membership events) gives every digest its replica list, closest first — one hop, computed
    locally from the members' ids and failure domains (a :class:`tmdht.placement.Ring` per view,
-   the same placement the nodes compute).
+   the same placement the nodes compute, with the virtual IDs per node V the members advertise).
 3. The request engine (:mod:`tmdht.net.engine`, through :class:`DataPlaneClient`) sends the
    digests per node as pipelined batches, hedges a slow node's batch to the next replica, and
    fails over what a node misses, serves corrupt or never answers; a node that did not answer
@@ -46,7 +46,7 @@ from tmdht.client.probe import explain_silence
 from tmdht.errors import NodeUnreachableError, OverlayError, TmdhtError, UsageError
 from tmdht.net.address import Address, format_address
 from tmdht.net.credentials import ClusterAccess, ClusterCredentials
-from tmdht.net.membership import Member, MembershipEventKind
+from tmdht.net.membership import ClusterRule, Member, MembershipEventKind
 from tmdht.net.operations import EngineStats
 from tmdht.net.overlay import OverlayConfig
 from tmdht.pages import DIGEST_SIZE, PAGE_SIZE, ZERO_DIGEST, ZERO_PAGE, digest_page
@@ -88,7 +88,7 @@ class StoreOptions(TypedDict, total=False):
     """:class:`TemplateStoreClient`'s settings as keyword arguments (see its constructor)."""
 
     replicas: int
-    virtual_ids: int
+    virtual_ids: int | None
     host: str
     max_datagram: int
     timeout: float
@@ -169,7 +169,7 @@ class TemplateStoreClient:
         open_mode: bool = False,
         credentials: ClusterCredentials | None = None,
         replicas: int = 3,
-        virtual_ids: int = VIRTUAL_IDS,
+        virtual_ids: int | None = None,
         host: str = "0.0.0.0",  # clients reach nodes on other hosts too
         max_datagram: int = 32768,
         timeout: float = 0.2,
@@ -183,7 +183,13 @@ class TemplateStoreClient:
     ) -> None:
         """``credentials``, or ``cluster_key`` (a key file's text: one key, or ``id:hex`` lines
         during a rotation; or a raw 32-byte key), or ``open_mode=True`` for an open cluster.
-        ``replicas`` and ``virtual_ids`` must be the nodes' (they decide where pages live)."""
+        ``replicas`` must be the nodes' (it decides where pages live; a different R advertised
+        by the nodes is warned about once). ``virtual_ids`` (V) is the cluster's: the client
+        places pages with the V the live members advertise (the one most of them advertise if
+        they disagree, with one warning per disagreement and the
+        ``tmdht_client_placement_disagreements`` gauge); an explicit ``virtual_ids`` that
+        differs from the nodes' is warned about once and overridden. It is used only while no
+        member advertises one (older nodes); None then means :data:`VIRTUAL_IDS`."""
         if not seeds:
             raise UsageError("at least one seed (a node's Kademlia host:port) is needed")
         if credentials is None:
@@ -197,7 +203,13 @@ class TemplateStoreClient:
         self.credentials = credentials
         self.auth = credentials.authenticator()
         self.replicas = replicas
-        self.virtual_ids = virtual_ids
+        self.requested_virtual_ids = virtual_ids
+        """The ``virtual_ids`` asked for (None: follow the cluster)."""
+        self.virtual_ids = VIRTUAL_IDS if virtual_ids is None else virtual_ids
+        """The V pages are placed with: the members' (see :attr:`rule`)."""
+        self.rule = ClusterRule(None, None)
+        """The placement rule the current members advertise."""
+        self._warned: set[tuple[object, ...]] = set()
         self.host = host
         self.max_datagram = max_datagram
         self.timeout = timeout
@@ -213,7 +225,7 @@ class TemplateStoreClient:
         self._dataplane: DataPlaneClient | None = None
         self._members: list[Member] = []
         self._ids: list[bytes] = []
-        self._ring = Ring([], virtual_ids=virtual_ids)
+        self._ring = Ring([], virtual_ids=self.virtual_ids)
         self._addresses: list[Address] = []
         self._tasks = TaskSet(log)
 
@@ -288,10 +300,45 @@ class TemplateStoreClient:
     def _set_members(self, members: Iterable[Member]) -> None:
         self._members = sorted(members, key=lambda m: m.node_id)
         self._ids = [m.node_id for m in self._members]
+        self._follow_rule(ClusterRule.of(self._members))
         self._ring = Ring(self._ids, [m.domain for m in self._members],
                           virtual_ids=self.virtual_ids)
         self._addresses = [m.data_address for m in self._members]
         self.metrics.members.set(len(self._members))
+
+    def _follow_rule(self, rule: ClusterRule) -> None:
+        """Place with the V the members advertise; warn once per disagreement seen."""
+        self.rule = rule
+        asked = self.requested_virtual_ids
+        self.virtual_ids = rule.virtual_ids or asked or VIRTUAL_IDS
+        differ = sum(1 for m in self._members if m.virtual_ids not in (None, self.virtual_ids))
+        self.metrics.virtual_ids.set(self.virtual_ids)
+        self.metrics.placement_disagreements.set(differ)
+        if not rule.agreed:
+            self._warn_once(
+                ("disagree", tuple(sorted(v for v, _ in rule.virtual_ids_seen)),
+                 tuple(sorted(r for r, _ in rule.replicas_seen))),
+                "store nodes disagree on the placement rule: %s; placing with V=%d "
+                "(pages on the others are found by fallback only, or not at all)",
+                rule.describe(), self.virtual_ids,
+            )  # fmt: skip
+        if asked is not None and rule.virtual_ids is not None and asked != rule.virtual_ids:
+            self._warn_once(
+                ("asked-v", asked, rule.virtual_ids),
+                "virtual_ids=%d was asked for but the store nodes advertise V=%d: following "
+                "the nodes", asked, rule.virtual_ids,
+            )  # fmt: skip
+        if rule.replicas is not None and rule.replicas != self.replicas:
+            self._warn_once(
+                ("asked-r", self.replicas, rule.replicas),
+                "replicas=%d here but the store nodes advertise R=%d: pages are written to "
+                "and looked up on %d replicas", self.replicas, rule.replicas, self.replicas,
+            )  # fmt: skip
+
+    def _warn_once(self, key: tuple[object, ...], message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
 
     async def _follow(self, subscription: MembershipSubscription) -> None:
         try:

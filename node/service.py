@@ -107,6 +107,7 @@ class StoreNode:
         self.replicator: Replicator | None = None
         self.http: HealthServer | None = None
         self._tasks = TaskSet(log, on_failure=self._task_failed)
+        self._rules_warned: set[tuple[int | None, int | None]] = set()
         self._ready = False
         self._stopped = asyncio.Event()
         self._started_at = time.time()
@@ -172,6 +173,8 @@ class StoreNode:
                     accepted_cluster_keys=self.credentials.accepted_overlay_keys,
                     require_stamped=cfg.require_stamped,
                     domain=cfg.failure_domain(socket.gethostname()),
+                    virtual_ids=cfg.virtual_ids,
+                    replicas=cfg.replicas,
                     peer_cache=cfg.data_dir / PEER_CACHE_FILE,
                 )
             )
@@ -359,13 +362,33 @@ class StoreNode:
     async def _watch_membership(self) -> None:
         assert self.overlay is not None and self.replicator is not None
         subscription = self.overlay.subscribe(replay=False)
+        for member in self._members():
+            self._check_rule(member)
         try:
             async for event in subscription:
                 if event.kind in (MembershipEventKind.JOINED, MembershipEventKind.LEFT):
                     log.info("member %s %s", event.member.node_id.hex()[:16], event.kind.value)
                     self.replicator.membership_changed()
+                if event.kind is not MembershipEventKind.LEFT:
+                    self._check_rule(event.member)
         finally:
             subscription.close()
+
+    def _check_rule(self, member: Member) -> None:
+        """Warn (once per rule seen) when a peer advertises another V or R than this node: the
+        two place pages differently (clients follow what most members advertise)."""
+        cfg = self.config
+        theirs = (member.virtual_ids, member.replicas)
+        same_v = member.virtual_ids in (None, cfg.virtual_ids)
+        if theirs in self._rules_warned or (same_v and member.replicas in (None, cfg.replicas)):
+            return
+        self._rules_warned.add(theirs)
+        log.warning(
+            "member %s advertises V=%s R=%s but this node runs V=%d R=%d: pages are placed "
+            "differently (set the same virtual_ids and replicas on every node)",
+            member.node_id.hex()[:16], member.virtual_ids, member.replicas,
+            cfg.virtual_ids, cfg.replicas,
+        )  # fmt: skip
 
     def _bind_gauges(self) -> None:
         """Gauges read at scrape time from the parts that know them."""

@@ -26,9 +26,9 @@ from tmdht.aio.service import use_cluster_keys
 from tmdht.aio.tasks import TaskSet
 from tmdht.errors import DecodeError, TmdhtError
 from tmdht.net.credentials import ClusterCredentials
-from tmdht.net.membership import Member, MembershipEventKind
+from tmdht.net.membership import ClusterRule, Member, MembershipEventKind
 from tmdht.net.overlay import OverlayConfig
-from tmdht.placement import Ring
+from tmdht.placement import VIRTUAL_IDS, Ring
 from tmdht.records import RecordStatus
 from tmdht.vdirectory import (
     LOCATION_ENTRY,
@@ -150,7 +150,10 @@ class VnetDirectory:
 
     def _set_members(self, members: Iterable[Member]) -> None:
         self._members = sorted(members, key=lambda m: m.node_id)
-        self._ring = Ring([m.node_id for m in self._members], [m.domain for m in self._members])
+        # Records are placed like pages: with the V (tokens per node) the store nodes advertise.
+        rule = ClusterRule.of(self._members)
+        self._ring = Ring([m.node_id for m in self._members], [m.domain for m in self._members],
+                          virtual_ids=rule.virtual_ids or VIRTUAL_IDS)
 
     def _replicas(self, key: bytes) -> list[Member]:
         if not self._members:

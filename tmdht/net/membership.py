@@ -17,9 +17,11 @@ asked, who missed an RPC, who a peer listed -- with the time as a parameter; the
 
 from __future__ import annotations
 
+import collections
 import enum
 import heapq
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
@@ -31,6 +33,7 @@ from tmdht.net.overlay import NO_ID, PeerInfo
 
 __all__ = [
     "NO_DOMAIN",
+    "ClusterRule",
     "Member",
     "MembershipEvent",
     "MembershipEventKind",
@@ -72,6 +75,11 @@ class Member:
     domain: FailureDomain = NO_DOMAIN
     """Its failure domain (zone, rack, host) as it advertised it; a node that advertised none
     (an older version) counts as its own host, named by its IP."""
+    virtual_ids: int | None = None
+    """The placement rule's V (tokens per member) it advertised; None: it advertised none (an
+    older version, or a client)."""
+    replicas: int | None = None
+    """The replication factor R it advertised; None: it advertised none."""
 
     @property
     def data_address(self) -> Address:
@@ -83,6 +91,54 @@ class Member:
         return replace(self, last_seen=0.0, suspect=False) == replace(
             other, last_seen=0.0, suspect=False
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterRule:
+    """The placement rule (V, R) the members of a view advertise, and how far they agree.
+
+    V decides where pages live, so a client places by what the nodes advertise, not by its own
+    setting: by the value most members advertise (ties: the smallest), since a cluster in the
+    middle of a change of V is a mistake to report, not a state to serve well.
+    """
+
+    virtual_ids: int | None
+    """The V most members advertise; None: none advertised one (older nodes)."""
+    replicas: int | None
+    """The R most members advertise; None: none advertised one."""
+    virtual_ids_seen: tuple[tuple[int, int], ...] = ()
+    """(V, members advertising it) for every V advertised, most members first."""
+    replicas_seen: tuple[tuple[int, int], ...] = ()
+    """(R, members advertising it) for every R advertised, most members first."""
+
+    @classmethod
+    def of(cls, members: Iterable[Member]) -> ClusterRule:
+        """The rule ``members`` advertise (members that advertise none are left out)."""
+        views = list(members)
+        v_seen = _tally(m.virtual_ids for m in views)
+        r_seen = _tally(m.replicas for m in views)
+        return cls(
+            virtual_ids=v_seen[0][0] if v_seen else None,
+            replicas=r_seen[0][0] if r_seen else None,
+            virtual_ids_seen=v_seen,
+            replicas_seen=r_seen,
+        )
+
+    @property
+    def agreed(self) -> bool:
+        """True if no two members advertise different V or R."""
+        return len(self.virtual_ids_seen) <= 1 and len(self.replicas_seen) <= 1
+
+    def describe(self) -> str:
+        """The values advertised and by how many members, e.g. ``V=16 (4 members), V=4 (1)``."""
+        parts = [f"V={v} ({n} members)" for v, n in self.virtual_ids_seen]
+        parts += [f"R={r} ({n} members)" for r, n in self.replicas_seen]
+        return ", ".join(parts) or "nothing advertised"
+
+
+def _tally(values: Iterable[int | None]) -> tuple[tuple[int, int], ...]:
+    counts = collections.Counter(v for v in values if v is not None)
+    return tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 class MembershipEventKind(enum.Enum):
@@ -409,6 +465,8 @@ class PeerBook:
             last_seen=peer.last_seen,
             suspect=peer.failures > 0,
             domain=info.domain or FailureDomain(host=peer.node.ip),
+            virtual_ids=info.virtual_ids,
+            replicas=info.replicas,
         )
 
     def _settle(self, peer: _Peer, now: float) -> list[MembershipEvent]:

@@ -38,7 +38,7 @@ from blake3 import blake3
 from kademlia.node import Node
 
 from tmdht.auth import ReplayWindow
-from tmdht.domains import FailureDomain
+from tmdht.domains import MAX_VIRTUAL_IDS, FailureDomain
 from tmdht.errors import (
     ConfigError,
     DecodeError,
@@ -51,6 +51,7 @@ from tmdht.errors import (
 __all__ = [
     "ID_BITS",
     "ID_SIZE",
+    "MAX_ADVERTISED_REPLICAS",
     "MAX_BODY_SIZE",
     "MAX_CONTACTS",
     "NO_ID",
@@ -92,8 +93,11 @@ _TAG_CONTEXT: Final = "tmdht 2024-06 overlay datagram tag v1"
 
 PROTOCOL_VERSION: Final = 1
 """Version of the ``node_info`` answer (the ``v`` field); other versions are refused. Fields added
-later are optional within a version (``domain``): a reader ignores keys it does not know and
-defaults the ones a peer did not send, so old and new nodes share a ring."""
+later are optional within a version (``domain``, ``virtual_ids``, ``replicas``): a reader ignores
+keys it does not know and defaults the ones a peer did not send, so old and new nodes share a
+ring."""
+MAX_ADVERTISED_REPLICAS: Final = 1024
+"""Largest replication factor (R) a ``node_info`` answer may advertise."""
 MAX_CONTACTS: Final = 64
 """Most contacts accepted in one FIND_NODE answer (the package sends k, 20 by default)."""
 _MAX_VERSION_CHARS: Final = 64
@@ -165,6 +169,12 @@ class OverlayConfig:
     domain: FailureDomain | None = None
     """This node's failure domain, advertised in ``node_info`` (None: not advertised; peers
     then take its IP as its host)."""
+    virtual_ids: int | None = None
+    """The placement rule's V this node uses, advertised in ``node_info`` so clients follow it
+    (None: not advertised, client mode)."""
+    replicas: int | None = None
+    """The replication factor R this node uses, advertised in ``node_info`` (shown and checked
+    by clients; None: not advertised)."""
     peer_cache: Path | None = None
     """File where the members known are kept (:mod:`tmdht.net.peercache`) to rejoin from when
     no seed answers; None: no cache (client mode)."""
@@ -207,6 +217,13 @@ class OverlayConfig:
             raise ConfigError("accepted_cluster_keys need a cluster_key to send with")
         if any(len(k) < 16 for k in self.accepted_cluster_keys):
             raise ConfigError("accepted_cluster_keys must be at least 16 bytes each")
+        rule_limits = (("virtual_ids", MAX_VIRTUAL_IDS), ("replicas", MAX_ADVERTISED_REPLICAS))
+        for name, limit in rule_limits:
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit
+            ):
+                raise ConfigError(f"{name} must be None or an integer in 1..{limit}")
 
 
 def _check_ip(value: str, name: str) -> None:
@@ -394,6 +411,11 @@ class PeerInfo:
     domain: FailureDomain | None = None
     """Its failure domain (``domain``: [zone, rack, host]); None if it sent none (an older
     node)."""
+    virtual_ids: int | None = None
+    """Its placement rule's V, tokens per member (``virtual_ids``); None if it sent none (an
+    older node)."""
+    replicas: int | None = None
+    """Its replication factor R (``replicas``); None if it sent none (an older node)."""
 
     def to_wire(self) -> dict[str, object]:
         """The msgpack-able answer."""
@@ -407,6 +429,10 @@ class PeerInfo:
         }
         if self.domain is not None:
             answer["domain"] = list(self.domain.path)
+        if self.virtual_ids is not None:
+            answer["virtual_ids"] = self.virtual_ids
+        if self.replicas is not None:
+            answer["replicas"] = self.replicas
         return answer
 
 
@@ -456,7 +482,18 @@ def parse_peer_info(raw: object) -> PeerInfo:
         metrics_port=_port(raw.get("metrics_port"), "node_info metrics_port", allow_zero=True),
         version=software,
         domain=_domain(raw.get("domain")),
+        virtual_ids=_optional_count(raw.get("virtual_ids"), "virtual_ids", MAX_VIRTUAL_IDS),
+        replicas=_optional_count(raw.get("replicas"), "replicas", MAX_ADVERTISED_REPLICAS),
     )
+
+
+def _optional_count(raw: object, what: str, limit: int) -> int | None:
+    """An optional small positive count of a ``node_info`` answer (None if absent)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, int) or isinstance(raw, bool) or not 1 <= raw <= limit:
+        raise DecodeError(f"node_info {what} must be an integer in 1..{limit}, got {raw!r}")
+    return raw
 
 
 def _domain(raw: object) -> FailureDomain | None:

@@ -36,6 +36,7 @@ from typing import Any
 
 from tmdht.client.errors import PublishFailed
 from tmdht.client.store import TemplateStoreClient
+from tmdht.domains import VIRTUAL_IDS
 from tmdht.node.local import LocalCluster
 from tmdht.pages import digest_page
 
@@ -139,7 +140,10 @@ async def run_publish(
 
 def one_ring(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="scale2-publish-") as tmp:
-        cluster = LocalCluster(Path(tmp), nodes, replicas=args.replicas, ready_timeout=120)
+        cluster = LocalCluster(
+            Path(tmp), nodes, replicas=args.replicas, ready_timeout=120,
+            extra_args=["--virtual-ids", str(args.virtual_ids)],
+        )
         with cluster:
             key = cluster.key_file.read_text().strip()
             result = asyncio.run(
@@ -159,6 +163,8 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=20_000)
     parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--virtual-ids", type=int, default=VIRTUAL_IDS,
+                        help="placement tokens per node (the nodes' setting; clients follow)")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU sampling")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--settle", type=float, default=5.0,

@@ -63,6 +63,8 @@ _ACCEPT_SLICE_S: Final = 0.25
 _REAP_TIMEOUT_S: Final = 10.0
 _MAX_WAIT_ITERATIONS: Final = 1 << 20
 _MIGRATION_QUERY_SLICE_S: Final = 5.0
+_EXIT_AFTER_QMP_LOSS_S: Final = 5.0
+"""Seconds to let QEMU finish exiting once its QMP connection broke during a migration."""
 _FINISH_MIGRATE_QUERIES: Final = 10_000  # query-status round trips (~0.1 ms each) at most
 _LOG_TAIL_BYTES: Final = 4000
 
@@ -552,7 +554,7 @@ class Guest:
         between reads zeros: the demo once printed 0 ms for both).
         """
         deadline = time.monotonic() + timeout
-        stats = MigrationStats.from_query(self.query_migrate())
+        stats = self._migration_stats()
         for _slice in range(_MAX_WAIT_ITERATIONS):
             if stats.status in TERMINAL_MIGRATION_STATES:
                 break
@@ -570,7 +572,7 @@ class Guest:
                     "MIGRATION", timeout=min(remaining, _MIGRATION_QUERY_SLICE_S),
                     predicate=lambda event: event.data.get("status")
                     in TERMINAL_MIGRATION_STATES)
-            stats = MigrationStats.from_query(self.query_migrate())
+            stats = self._migration_stats()
         if stats.status != "completed":
             raise MigrationError(f"migration of guest {self.spec.name} {stats.status}: "
                                  f"{stats.error or 'no error description'}")
@@ -581,8 +583,21 @@ class Guest:
             for _turn in range(_FINISH_MIGRATE_QUERIES):
                 if self.status() != "finish-migrate":
                     break
-            stats = MigrationStats.from_query(self.query_migrate())
+            stats = self._migration_stats()
         return stats
+
+    def _migration_stats(self) -> MigrationStats:
+        """``query-migrate`` during :meth:`wait_migration`. A QMP connection that breaks there is
+        QEMU exiting (an incoming migration whose device state failed to load ends QEMU): that
+        becomes a :class:`MigrationError` carrying QEMU's log, which says why."""
+        try:
+            return MigrationStats.from_query(self.query_migrate())
+        except QmpError as exc:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process().wait(timeout=_EXIT_AFTER_QMP_LOSS_S)  # let its log be complete
+            raise MigrationError(
+                f"QEMU of guest {self.spec.name} lost its QMP connection during migration "
+                f"({exc}):\n{self.describe_failure()}") from exc
 
     def migrate_to_file(self, path: Path, *, timeout: float = 120.0,
                         max_bandwidth: int = DEFAULT_FILE_BANDWIDTH) -> MigrationStats:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tmdht.lab import HostTools
+from tmdht.lab import HostTools, MigrationError
 from tmdht.lab.netguest import ensure_net_initramfs
 from tmdht.lab.netlab import Services
 from tmdht.lab.netscenario import run_migration_scenario
@@ -42,15 +42,28 @@ def guest_wedged(result: dict[str, Any]) -> bool:
     )
 
 
+def ring_write_lost(error: MigrationError) -> bool:
+    """The destination QEMU refused the NIC's state because the guest's virtio ring in RAM
+    disagrees with it: the same QEMU 7.2 TCG lost write as :func:`guest_wedged`, landing on the
+    ring's index (QEMU checks it when it loads the device and exits)."""
+    return "inconsistent with Host index" in str(error)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_a_migrating_guest_loses_no_frame(tmp_path: Path, build_dir: Path,
                                           lab_tools: HostTools) -> None:
     initramfs = ensure_net_initramfs(build_dir / "lab", lab_tools)
     for attempt in range(ATTEMPTS):
-        result = run_migration_scenario("vnet", lab_tools, initramfs, tmp_path / f"run{attempt}",
-                                        Services(read_ready_line, control_request), rate=300,
-                                        migrate_after=1.5, tail_seconds=2.0,
-                                        latency_seconds=1.0, tag=f"t{attempt}")
+        try:
+            result = run_migration_scenario("vnet", lab_tools, initramfs,
+                                            tmp_path / f"run{attempt}",
+                                            Services(read_ready_line, control_request), rate=300,
+                                            migrate_after=1.5, tail_seconds=2.0,
+                                            latency_seconds=1.0, tag=f"t{attempt}")
+        except MigrationError as exc:
+            if not ring_write_lost(exc):
+                raise
+            continue
         if not guest_wedged(result):
             break
     else:

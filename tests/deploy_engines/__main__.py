@@ -29,8 +29,15 @@ from pathlib import Path
 from types import FrameType
 
 from deploy_engines.bases import Bases
-from deploy_engines.docker import DockerPhase
-from deploy_engines.host import HostState, cleanup_created, hold_host_lock, run, stop_leftovers
+from deploy_engines.docker import BRIDGE, DockerPhase
+from deploy_engines.host import (
+    HostState,
+    cleanup_created,
+    current_links,
+    hold_host_lock,
+    run,
+    stop_leftovers,
+)
 from deploy_engines.report import CheckFailed, Report, Skipped
 from deploy_engines.systemd import SystemdPhase
 
@@ -62,6 +69,11 @@ def main() -> int:
     work = REPO / "build" / "deploy-test"
     cache = Path(os.environ.get("TMDHT_DEPLOY_CACHE", REPO / "build" / "deploy-cache"))
     leftovers = stop_leftovers(work)
+    if BRIDGE in current_links():
+        # Held lock: no other deploy test runs, so the bridge is a dead run's (its dockerd gone
+        # before `docker network rm`); left, it would change the host's routes under this run.
+        run(["ip", "link", "del", BRIDGE], check=False)
+        leftovers.append(f"link {BRIDGE}")
     if leftovers:
         report.say(f"an earlier run was killed before its teardown; stopped {leftovers}")
     if work.exists():

@@ -165,6 +165,11 @@ def _links() -> set[str]:
     return {link["ifname"] for link in json.loads(out[0])} if out else set()
 
 
+def current_links() -> set[str]:
+    """The names of the network links in this namespace."""
+    return _links()
+
+
 def _routes() -> set[str]:
     return {line.strip() for line in _lines(["ip", "route", "show"])}
 

@@ -160,14 +160,10 @@ def _lines(argv: Sequence[str]) -> list[str]:
     return proc.stdout.splitlines() if proc.returncode == 0 else []
 
 
-def _links() -> set[str]:
-    out = _lines(["ip", "-j", "link", "show"])
-    return {link["ifname"] for link in json.loads(out[0])} if out else set()
-
-
 def current_links() -> set[str]:
     """The names of the network links in this namespace."""
-    return _links()
+    out = _lines(["ip", "-j", "link", "show"])
+    return {link["ifname"] for link in json.loads(out[0])} if out else set()
 
 
 def _routes() -> set[str]:
@@ -266,7 +262,7 @@ class HostState:
     def record(cls, work: Path) -> HostState:
         """The state now; ``work`` is the test's work directory (its daemons name it)."""
         return cls(
-            links=frozenset(_links()),
+            links=frozenset(current_links()),
             routes=frozenset(_routes()),
             nft_tables=frozenset(_nft_tables()),
             mounts=frozenset(_mounts()),

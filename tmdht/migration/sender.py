@@ -161,8 +161,7 @@ class SenderRewriter:
         self._policy = offer_policy
         self._outcomes: deque[bool] = deque()  # the last settled offers: found or not
         self._outcome_hits = 0
-        self._settled_total = 0  # offers settled, of them found: over the whole migration
-        self._found_total = 0
+        self._settled_total = 0  # offers settled over the whole migration (found: wave.hits)
         self._since_probe = 0
         self.wave = WaveCounts()
         """Offers, bodies sent for them, pages sent whole with the offer window full."""
@@ -216,7 +215,7 @@ class SenderRewriter:
         times the share of settled offers not found so far (all, before any settled)."""
         if not self._offered:
             return 0
-        missed = self._settled_total - self._found_total
+        missed = self._settled_total - self.wave.hits
         share = missed / self._settled_total if self._settled_total else 1.0
         return int(len(self._offered) * PAGE_SIZE * share)
 
@@ -324,7 +323,7 @@ class SenderRewriter:
         """Offer this page (else send it whole, counted in :attr:`WaveCounts.whole`)?"""
         policy = self._policy
         if policy is None or self._settled_total < policy.min_outcomes or \
-                self._found_total >= policy.min_hit_rate * self._settled_total or \
+                self.wave.hits >= policy.min_hit_rate * self._settled_total or \
                 self._outcome_hits >= policy.min_hit_rate * len(self._outcomes):
             return True
         self._since_probe += 1
@@ -337,9 +336,7 @@ class SenderRewriter:
     def _settled(self, found: bool) -> None:
         """An ACK covered an offer: found in the wave store (no NEED for it) or not."""
         self._settled_total += 1
-        self._found_total += found
-        if found:
-            self.wave.hits += 1
+        self.wave.hits += found
         if self._policy is None:
             return
         self._outcomes.append(found)

@@ -8,7 +8,14 @@ differ, and for the buckets that differ asks which pages the peer lacks (HAS) an
 (PUT) -- if it is the bucket's designated source for that peer, or if the bucket still differs
 ``max(interval, grace)`` later. Pages in buckets this node no longer owes, or whose replica set
 is not the same across the bucket, go through the per-page path below. A quiet cluster's sweep
-costs a datagram or two per peer.
+costs a datagram or two per peer. A bucket that differs while this node is writing to it (written
+since the sweep began, or holding pages still due their fresh check) differs because writes are
+in flight: it is left to the next sweep, once (the next sweep repairs it whatever it sees).
+
+Pages a client stored here are checked on their other replicas a second or more later (*fresh*
+checks, batched: one HAS per replica for up to FRESH_CHUNK pages); a page a replica lacks then is
+sent only if it still lacks it FRESH_RECHECK later, as the client writes every replica itself
+and its PUTs to the others may simply not have arrived yet.
 
 The per-page path (and the whole sweep with ``anti_entropy="full"``, the earlier behaviour) walks
 digests in order, a chunk at a time (short read transactions, no full scan held in memory). For

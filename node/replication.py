@@ -300,7 +300,8 @@ class Replicator:
             finished = await self._sweep_ranges(report, total)
         if not finished:
             return report  # incomplete: the caller's loop sweeps again at once
-        self._forget_fresh(stored_before=started)
+        if not report.in_flight_buckets:  # else their fresh checks still cover those pages
+            self._forget_fresh(stored_before=started)
         report.complete = True
         report.seconds = self.clock() - started
         self.sweeps += 1

@@ -152,6 +152,7 @@ def test_buckets_of_pages_due_a_fresh_check_wait_one_sweep_and_no_longer(
     fresh_buckets = {bucket_of(d) for d in digests[:2]}
     first = asyncio.run(job.sweep())
     assert first.in_flight_buckets == len(fresh_buckets)
+    assert job._fresh_pages == 2  # a sweep that left buckets alone does not stand in for checks
     assert set(peer.sent) == set(digests[2:5]) - {d for d in digests[2:5]
                                                    if bucket_of(d) in fresh_buckets}
     job.pages_added(digests[:2])  # still fresh at the next sweep: repaired all the same

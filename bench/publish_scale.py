@@ -78,12 +78,19 @@ def node_requests(cluster: LocalCluster) -> dict[str, float]:
     for node in cluster.nodes:
         host, port = node.address("metrics")
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as answer:
-            text = answer.read().decode()
-        for kind, value in re.findall(r'^tmdht_requests_total\{type="(\w+)"\} (\S+)$', text, re.M):
-            totals[kind] = totals.get(kind, 0.0) + float(value)
-        for key, name in _COUNTERS.items():
-            for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M):
-                totals[key] = totals.get(key, 0.0) + float(value)
+            for key, value in metric_totals(answer.read().decode()).items():
+                totals[key] = totals.get(key, 0.0) + value
+    return totals
+
+
+def metric_totals(text: str) -> dict[str, float]:
+    """One node's requests by type and _COUNTERS, from its Prometheus text exposition."""
+    totals: dict[str, float] = {}
+    for kind, value in re.findall(r'^tmdht_requests_total\{type="(\w+)"\} (\S+)$', text, re.M):
+        totals[kind] = totals.get(kind, 0.0) + float(value)
+    for key, name in _COUNTERS.items():
+        for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M):
+            totals[key] = totals.get(key, 0.0) + float(value)
     return totals
 
 

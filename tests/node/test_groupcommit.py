@@ -4,18 +4,16 @@ change: every acknowledged page is durable, also across a SIGKILL of a real node
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
-from support.cluster import cluster_auth
+from support.cluster import cluster_auth, random_pages
 
 from tmdht import wire
 from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.errors import UsageError
 from tmdht.node.groupcommit import CommitPacer, CommitPacing
 from tmdht.node.local import LocalCluster
-from tmdht.pages import digest_page
 
 DELAY = 0.002
 
@@ -106,11 +104,11 @@ async def publish_until_killed(cluster: LocalCluster) -> dict[bytes, bytes]:
                     acked[digest] = dict(batch)[digest]
 
         for round_ in range(200):  # bounded: killed once enough pages were acknowledged
-            batches = [pages(7) for _ in range(16)]
+            batches = [random_pages(7) for _ in range(16)]
             await asyncio.gather(*(put(b) for b in batches))
             if len(acked) >= 300 or round_ == 199:
                 # In flight at the kill: these may or may not be stored; never acknowledged.
-                pending = asyncio.gather(*(put(pages(7)) for _ in range(16)))
+                pending = asyncio.gather(*(put(random_pages(7)) for _ in range(16)))
                 await asyncio.sleep(0)  # the datagrams go out (not synchronisation)
                 cluster.kill_node(0)  # SIGKILL
                 await pending
@@ -123,11 +121,3 @@ async def missing_pages(cluster: LocalCluster, acked: dict[bytes, bytes]) -> lis
     async with await DataPlaneClient.open(cluster_auth(cluster), timeout=2.0) as client:
         got = await client.get_pages(address, list(acked))
     return [d for d in acked if got.pages.get(d) != acked[d]]
-
-
-def pages(count: int) -> list[tuple[bytes, bytes]]:
-    out = []
-    for _ in range(count):
-        page = os.urandom(4096)
-        out.append((digest_page(page), page))
-    return out

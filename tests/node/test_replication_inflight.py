@@ -5,12 +5,12 @@ that differs only because it is being written to the next sweep, never longer.""
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
 import pytest
+from support.cluster import random_pages
 
 from tmdht import wire
 from tmdht.aio.dataplane import DataPlaneClient
@@ -20,7 +20,6 @@ from tmdht.net.operations import HasResult, PutOutcome, RangeRead
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.replication import FRESH_MAX_DELAY, FRESH_RECHECK, Replicator
 from tmdht.node.storage import PageStore
-from tmdht.pages import digest_page
 from tmdht.placement import FailureDomain
 from tmdht.rangehash import BucketTable, bucket_of, mask_from_bits
 
@@ -78,27 +77,25 @@ def replicator(store: PageStore, peer: Peer, clock: Clock) -> Replicator:
         metrics=NodeMetrics(), clock=clock)
 
 
-def pages(count: int) -> list[tuple[bytes, bytes]]:
-    out = []
-    for _ in range(count):
-        page = os.urandom(4096)
-        out.append((digest_page(page), page))
-    return out
-
-
 @pytest.fixture
-def store(tmp_path: Path) -> PageStore:
-    return PageStore.open(tmp_path / "store", capacity_bytes=64 << 20)
+def store(tmp_path: Path) -> Iterator[PageStore]:
+    with PageStore.open(tmp_path / "store", capacity_bytes=64 << 20) as opened:
+        yield opened
+
+
+def stored(store: PageStore, count: int) -> tuple[Clock, Peer, Replicator, list[bytes]]:
+    """A replicator over ``store`` holding ``count`` new pages, its peer (holding none yet) and
+    its clock; the digests stored."""
+    clock, peer = Clock(), Peer()
+    items = random_pages(count)
+    store.put_many(items)
+    return clock, peer, replicator(store, peer, clock), [d for d, _ in items]
 
 
 def test_a_fresh_page_the_replica_lacks_is_sent_only_if_it_still_lacks_it_later(
     store: PageStore,
 ) -> None:
-    clock, peer = Clock(), Peer()
-    job = replicator(store, peer, clock)
-    items = pages(20)
-    store.put_many(items)
-    digests = [d for d, _ in items]
+    clock, peer, job, digests = stored(store, 20)
     job.pages_added(digests)
     clock.now += FRESH_MAX_DELAY
     asyncio.run(job._push_fresh())  # the check: the peer lacks all 20, on their way perhaps
@@ -110,23 +107,18 @@ def test_a_fresh_page_the_replica_lacks_is_sent_only_if_it_still_lacks_it_later(
     asyncio.run(job._push_fresh())
     assert sorted(peer.sent) == sorted(set(digests) - arriving)  # only what is still missing
     assert job._fresh_due() == float("inf")
-    store.close()
 
 
 def test_a_bucket_written_during_the_sweep_is_left_to_the_next_sweep_only(
     store: PageStore,
 ) -> None:
-    clock, peer = Clock(), Peer()
-    job = replicator(store, peer, clock)
-    items = pages(40)
-    store.put_many(items)
-    digests = [d for d, _ in items]
-    lost, written = digests[0], pages(1)[0]
+    _, peer, job, digests = stored(store, 40)
+    lost, written = digests[0], random_pages(1)[0]
     # The peer holds everything but `lost`. A write lands in `lost`'s bucket while the sweep
     # compares hashes (here: a page with the same 16-bit prefix is stored at the first query).
     peer.held = set(digests) - {lost}
     while bucket_of(written[0]) != bucket_of(lost):
-        written = pages(1)[0]
+        written = random_pages(1)[0]
     peer.on_range_query.append(lambda: store.put_many([written]))
     first = asyncio.run(job.sweep())
     assert first.complete and first.in_flight_buckets == 1
@@ -136,17 +128,12 @@ def test_a_bucket_written_during_the_sweep_is_left_to_the_next_sweep_only(
     assert sorted(peer.sent) == sorted([lost, written[0]])
     third = asyncio.run(job.sweep())
     assert third.differing_buckets == 0 and third.in_flight_buckets == 0
-    store.close()
 
 
 def test_buckets_of_pages_due_a_fresh_check_wait_one_sweep_and_no_longer(
     store: PageStore,
 ) -> None:
-    clock, peer = Clock(), Peer()
-    job = replicator(store, peer, clock)
-    items = pages(40)
-    store.put_many(items)
-    digests = [d for d, _ in items]
+    _, peer, job, digests = stored(store, 40)
     peer.held = set(digests[5:])
     job.pages_added(digests[:2])  # two of the five lacking pages were stored just now
     fresh_buckets = {bucket_of(d) for d in digests[:2]}
@@ -159,4 +146,3 @@ def test_buckets_of_pages_due_a_fresh_check_wait_one_sweep_and_no_longer(
     second = asyncio.run(job.sweep())
     assert second.in_flight_buckets == 0
     assert set(peer.sent) == set(digests[:5])
-    store.close()

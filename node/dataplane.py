@@ -16,10 +16,10 @@ touches it.
 
 Writes go to one writer thread with *group commit*: PUTs that arrive while a commit is running
 are stored together in the next transaction, so many small PUTs share one fsync; while PUTs
-stream in, a commit may also wait briefly (bounded, ``commit_pacing``) for more of them
-(:mod:`tmdht.node.groupcommit`). A PUT is answered only after its pages are durable; the store
-verifies every page against its digest before storing it (wire version 2 carries pages outside
-the tag: the digest check is what refuses a page altered on the way).
+stream in, a commit may also wait briefly (bounded, ``commit_pacing``, off by default) for more
+of them (:mod:`tmdht.node.groupcommit`). A PUT is answered only after its pages are durable; the
+store verifies every page against its digest before storing it (wire version 2 carries pages
+outside the tag: the digest check is what refuses a page altered on the way).
 
 Before anything else, each source IP's datagrams pass a token bucket
 (:class:`tmdht.ratelimit.SourceRateLimiter`): a flood from one address, authentic or forged, is
@@ -152,7 +152,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         ``waves`` keeps wave pages (WAVE_GET/WAVE_PUT, :mod:`tmdht.node.wavestore`); without it
         those requests are answered with ERROR UNKNOWN_TYPE too.
         ``commit_pacing`` bounds how long a group commit may wait for more PUTs (default:
-        CommitPacing(); CommitPacing(max_delay=0) commits as soon as the writer is free).
+        CommitPacing(), no wait: a commit starts as soon as the writer is free).
         """
         if not snapshot_max_age >= 0:
             raise UsageError(f"snapshot_max_age must be >= 0 seconds, got {snapshot_max_age}")

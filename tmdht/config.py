@@ -242,9 +242,10 @@ class NodeConfig:
     """Data-plane datagrams one source IP may send back to back (the token bucket's size)."""
     surplus_grace: float = 600.0
     """Seconds a page this node no longer owes is kept before it is dropped."""
-    commit_delay: float = 0.002
-    """Seconds a group commit of PUTs may wait for more PUTs while they stream in (0: never;
-    at most 1). Acknowledgements still follow the fsync (:mod:`tmdht.node.groupcommit`)."""
+    commit_delay: float = 0.0
+    """Seconds a group commit of PUTs may wait for more PUTs while they stream in (0, the
+    default: never; at most 1). Acknowledgements still follow the fsync
+    (:mod:`tmdht.node.groupcommit`, which says why it is off by default)."""
     log_format: str = "json"
     """``json`` (one object a line) or ``text``."""
     log_level: str = "info"

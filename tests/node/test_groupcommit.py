@@ -50,9 +50,9 @@ def test_a_full_target_or_no_delay_commits_at_once() -> None:
     pacer = CommitPacer(CommitPacing(max_delay=DELAY, target_pages=64))
     last = streaming(pacer, 50, gap=0.0001)
     assert pacer.start_at(64, last, last) == last
-    off = CommitPacer(CommitPacing(max_delay=0))
-    last = streaming(off, 50, gap=0.0001)
-    assert off.start_at(7, last, last) == last
+    for off in (CommitPacer(CommitPacing(max_delay=0)), CommitPacer()):  # off by default
+        last = streaming(off, 50, gap=0.0001)
+        assert off.start_at(7, last, last) == last
 
 
 def test_the_wait_ends_when_the_target_is_expected() -> None:

@@ -334,9 +334,9 @@ class _Put(_Items):
             return
         result = _result(self.op)
         assert isinstance(result, PutOutcome)
-        for digest, status in message.results:
-            result.status[digest] = status
-            self.open.discard(digest)
+        results = message.results
+        result.status.update(results)  # C-level, both: a publish absorbs every page R times
+        self.open.difference_update([digest for digest, _ in results])
 
 
 class _Ask(_Request):

@@ -176,14 +176,25 @@ def _differential(
     return run
 
 
+def _burst_differential(opened: Authenticator, keyed: Authenticator) -> Callable[[bytes], object]:
+    """:func:`_differential` of the client's burst decoder: native against the reference."""
+    from tmdht import _native  # noqa: PLC0415 - only these targets need the extension
+    from tmdht.net.burst import decode_burst_native, decode_burst_reference  # noqa: PLC0415
+
+    def decode_both(data: bytes, auth: Authenticator) -> tuple[object, object]:
+        (mine,) = decode_burst_native([data], auth=auth, now=NOW, native=_native)
+        (ref,) = decode_burst_reference([data], auth=auth, now=NOW)
+        return mine, ref
+
+    return _differential((opened, keyed), decode_both)
+
+
 def pages_burst_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
     """The native burst decoder of PAGES answers (tmdht._native.decode_pages_burst through
     tmdht.net.burst), differentially: each input (and its relocated twin) is decoded natively
     and by the reference, open mode and keyed, and the two must agree (same message, or same
     error class and message); a disagreement is a crash."""
-    from tmdht import _native  # noqa: PLC0415 - only this target needs the extension
     from tmdht.auth import ClusterKey, KeyRing  # noqa: PLC0415
-    from tmdht.net.burst import decode_burst_native, decode_burst_reference  # noqa: PLC0415
 
     ring = KeyRing(ClusterKey(7, bytes(range(32))))
     opened, keyed = Authenticator.open_mode(), Authenticator(keyring=ring, replay=None)
@@ -198,22 +209,14 @@ def pages_burst_target() -> tuple[list[bytes], Callable[[bytes], object], type[E
                                                 now=NOW)
     seeds += wire.encode_have_response(12, [True, False], max_datagram=32768, auth=opened, now=NOW)
 
-    def decode_both(data: bytes, auth: Authenticator) -> tuple[object, object]:
-        (mine,) = decode_burst_native([data], auth=auth, now=NOW, native=_native)
-        (ref,) = decode_burst_reference([data], auth=auth, now=NOW)
-        return mine, ref
-
-    run = _differential((opened, keyed), decode_both)
-    return seeds, run, DecodeError
+    return seeds, _burst_differential(opened, keyed), DecodeError
 
 
 def put_result_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
     """The client's native PUT_RESULT decoder (tmdht._native.decode_pages_burst through
     tmdht.net.burst), differentially against the reference burst decoder, open mode and keyed:
     the same message, or the same error class and message; a disagreement is a crash."""
-    from tmdht import _native  # noqa: PLC0415 - only this target needs the extension
     from tmdht.auth import ClusterKey, KeyRing  # noqa: PLC0415
-    from tmdht.net.burst import decode_burst_native, decode_burst_reference  # noqa: PLC0415
 
     ring = KeyRing(ClusterKey(7, bytes(range(32))))
     opened, keyed = Authenticator.open_mode(), Authenticator(keyring=ring, replay=None)
@@ -226,13 +229,7 @@ def put_result_target() -> tuple[list[bytes], Callable[[bytes], object], type[Ex
         seeds += wire.encode_put_response(17, results * 30, max_datagram=wire.MIN_DATAGRAM,
                                           auth=auth, now=NOW)[:2]
 
-    def decode_both(data: bytes, auth: Authenticator) -> tuple[object, object]:
-        (mine,) = decode_burst_native([data], auth=auth, now=NOW, native=_native)
-        (ref,) = decode_burst_reference([data], auth=auth, now=NOW)
-        return mine, ref
-
-    run = _differential((opened, keyed), decode_both)
-    return seeds, run, DecodeError
+    return seeds, _burst_differential(opened, keyed), DecodeError
 
 
 def put_request_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:

@@ -402,6 +402,18 @@ impl<'a> Sealer<'a> {
     }
 }
 
+/// A datagram's header (`tmdht.wire`'s `_HEADER`, no flags) in a buffer with room for the
+/// `body` bytes and the auth block that follow it.
+fn header(message_type: u8, request_id: u64, part: u16, parts: u16, body: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(OVERHEAD + body);
+    out.extend_from_slice(&[PROTOCOL_VERSION, message_type, 0, 0]);
+    out.extend_from_slice(&request_id.to_be_bytes());
+    out.extend_from_slice(&part.to_be_bytes());
+    out.extend_from_slice(&parts.to_be_bytes());
+    out.extend_from_slice(&(body as u32).to_be_bytes());
+    out
+}
+
 /// The head of one PAGES datagram: header, body (the digests of its pages, then its missing
 /// digests) and the sealed auth block; its pages follow it on the wire, outside the tag.
 #[allow(clippy::too_many_arguments)]
@@ -416,12 +428,7 @@ pub fn pages_head(
     nonce: u64,
 ) -> Vec<u8> {
     let body = 4 + (found.len() + missing.len()) * DIGEST_SIZE;
-    let mut out = Vec::with_capacity(OVERHEAD + body);
-    out.extend_from_slice(&[PROTOCOL_VERSION, PAGES, 0, 0]);
-    out.extend_from_slice(&request_id.to_be_bytes());
-    out.extend_from_slice(&part.to_be_bytes());
-    out.extend_from_slice(&parts.to_be_bytes());
-    out.extend_from_slice(&(body as u32).to_be_bytes());
+    let mut out = header(PAGES, request_id, part, parts, body);
     out.extend_from_slice(&(found.len() as u16).to_be_bytes());
     out.extend_from_slice(&(missing.len() as u16).to_be_bytes());
     for digest in found.iter().chain(missing) {
@@ -500,12 +507,7 @@ pub fn put_result_datagram(
     nonce: u64,
 ) -> Vec<u8> {
     let body = 2 + digests.len() * RESULT_ENTRY;
-    let mut out = Vec::with_capacity(OVERHEAD + body);
-    out.extend_from_slice(&[PROTOCOL_VERSION, PUT_RESULT, 0, 0]);
-    out.extend_from_slice(&request_id.to_be_bytes());
-    out.extend_from_slice(&part.to_be_bytes());
-    out.extend_from_slice(&parts.to_be_bytes());
-    out.extend_from_slice(&(body as u32).to_be_bytes());
+    let mut out = header(PUT_RESULT, request_id, part, parts, body);
     out.extend_from_slice(&(digests.len() as u16).to_be_bytes());
     for (digest, status) in digests.iter().zip(statuses) {
         out.extend_from_slice(digest);
@@ -674,12 +676,7 @@ pub fn put_pages_head(
     nonce: u64,
 ) -> Vec<u8> {
     let body = 2 + digests.len() * DIGEST_SIZE;
-    let mut out = Vec::with_capacity(OVERHEAD + body);
-    out.extend_from_slice(&[PROTOCOL_VERSION, PUT_PAGES, 0, 0]);
-    out.extend_from_slice(&request_id.to_be_bytes());
-    out.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&1u16.to_be_bytes());
-    out.extend_from_slice(&(body as u32).to_be_bytes());
+    let mut out = header(PUT_PAGES, request_id, 0, 1, body);
     out.extend_from_slice(&(digests.len() as u16).to_be_bytes());
     for digest in digests {
         out.extend_from_slice(digest);

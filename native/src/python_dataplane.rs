@@ -36,8 +36,9 @@ fn check_max_datagram(max_datagram: usize) -> PyResult<()> {
     Ok(())
 }
 
-/// A sealer's tag key: `None` in open mode, else 32 bytes.
-fn parse_tag_key(tag_key: Option<Vec<u8>>) -> PyResult<Option<[u8; 32]>> {
+/// A sealer's tag key: `None` in open mode, else 32 bytes; `max_datagram` checked first.
+fn parse_tag_key(max_datagram: usize, tag_key: Option<Vec<u8>>) -> PyResult<Option<[u8; 32]>> {
+    check_max_datagram(max_datagram)?;
     tag_key
         .map(|k| k.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes")))
         .transpose()
@@ -202,24 +203,37 @@ fn decode_pages_burst<'py>(
                     }
                 }
                 let missing: Vec<_> = (part.pages..part.pages + part.missing).map(digest).collect();
-                let fields: [Bound<'py, PyAny>; 10] = [
-                    OK.into_pyobject(py)?.into_any(),
-                    stamp.key_id.into_pyobject(py)?.into_any(),
-                    stamp.timestamp_ms.into_pyobject(py)?.into_any(),
-                    stamp.nonce.into_pyobject(py)?.into_any(),
-                    part.request_id.into_pyobject(py)?.into_any(),
-                    part.part.into_pyobject(py)?.into_any(),
-                    part.parts.into_pyobject(py)?.into_any(),
-                    PyTuple::new(py, pages)?.into_any(),
-                    PyTuple::new(py, corrupt)?.into_any(),
-                    PyTuple::new(py, missing)?.into_any(),
-                ];
+                let mut fields = stamped(py, OK, &stamp, part.request_id, part.part, part.parts)?;
+                fields.push(PyTuple::new(py, pages)?.into_any());
+                fields.push(PyTuple::new(py, corrupt)?.into_any());
+                fields.push(PyTuple::new(py, missing)?.into_any());
                 PyTuple::new(py, fields)?.into_any()
             }
         };
         out.append(item)?;
     }
     Ok(out)
+}
+
+/// The fields an authentic answer's item starts with: (tag, key id, timestamp ms, nonce,
+/// request id, part, parts); the caller appends its body's.
+fn stamped<'py>(
+    py: Python<'py>,
+    tag: u8,
+    stamp: &dataplane::Stamp,
+    request_id: u64,
+    part: u16,
+    parts: u16,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let mut fields = Vec::with_capacity(10);
+    fields.push(tag.into_pyobject(py)?.into_any());
+    fields.push(stamp.key_id.into_pyobject(py)?.into_any());
+    fields.push(stamp.timestamp_ms.into_pyobject(py)?.into_any());
+    fields.push(stamp.nonce.into_pyobject(py)?.into_any());
+    fields.push(request_id.into_pyobject(py)?.into_any());
+    fields.push(part.into_pyobject(py)?.into_any());
+    fields.push(parts.into_pyobject(py)?.into_any());
+    Ok(fields)
 }
 
 /// One PUT_RESULT datagram of a burst (see `decode_pages_burst`).
@@ -239,17 +253,10 @@ fn put_result_item<'py>(
                 digests.push(PyBytes::new(py, &data[at..at + DIGEST_SIZE]));
                 statuses.push(data[at + DIGEST_SIZE]);
             }
-            let fields: [Bound<'py, PyAny>; 9] = [
-                PUT_RESULT_OK.into_pyobject(py)?.into_any(),
-                stamp.key_id.into_pyobject(py)?.into_any(),
-                stamp.timestamp_ms.into_pyobject(py)?.into_any(),
-                stamp.nonce.into_pyobject(py)?.into_any(),
-                results.request_id.into_pyobject(py)?.into_any(),
-                results.part.into_pyobject(py)?.into_any(),
-                results.parts.into_pyobject(py)?.into_any(),
-                PyTuple::new(py, digests)?.into_any(),
-                PyBytes::new(py, &statuses).into_any(),
-            ];
+            let (request_id, part, parts) = (results.request_id, results.part, results.parts);
+            let mut fields = stamped(py, PUT_RESULT_OK, &stamp, request_id, part, parts)?;
+            fields.push(PyTuple::new(py, digests)?.into_any());
+            fields.push(PyBytes::new(py, &statuses).into_any());
             PyTuple::new(py, fields)?.into_any()
         }
     })
@@ -286,8 +293,7 @@ fn encode_put_requests<'py>(
     nonce: Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyList>> {
     use pyo3::exceptions::PyOverflowError;
-    check_max_datagram(max_datagram)?;
-    let key = parse_tag_key(tag_key)?;
+    let key = parse_tag_key(max_datagram, tag_key)?;
     let sealer = Sealer::of(key_id, key.as_ref());
     type Checked<'a> = (u64, Vec<std::borrow::Cow<'a, [u8]>>, Vec<std::borrow::Cow<'a, [u8]>>);
     let mut checked: Vec<Checked<'_>> = Vec::with_capacity(requests.len());
@@ -359,7 +365,7 @@ fn encode_pages_answer<'py>(
     if digests.len() != views.len() {
         return Err(PyValueError::new_err("one view (or None) per digest"));
     }
-    let key = parse_tag_key(tag_key)?;
+    let key = parse_tag_key(max_datagram, tag_key)?;
     let sealer = Sealer::of(key_id, key.as_ref());
     let mut found: Vec<&[u8]> = Vec::with_capacity(digests.len());
     let mut found_views: Vec<&Bound<'py, PyAny>> = Vec::with_capacity(digests.len());
@@ -422,8 +428,7 @@ fn encode_put_results<'py>(
     timestamp_ms: u64,
     nonce: Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyList>> {
-    check_max_datagram(max_datagram)?;
-    let key = parse_tag_key(tag_key)?;
+    let key = parse_tag_key(max_datagram, tag_key)?;
     let sealer = Sealer::of(key_id, key.as_ref());
     let per_part = dataplane::results_per_part(max_datagram);
     // Every answer is checked before any nonce is drawn: a bad one draws none.

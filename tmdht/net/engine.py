@@ -51,9 +51,11 @@ Two seams are left on purpose. :meth:`~RequestEngine.receive_datagrams` takes a 
 one wake-up of the socket read) and decodes it in one call to :func:`tmdht.net.burst.decode_burst`
 (natively where ``tmdht._native`` is built: auth tag, header and a BLAKE3 per page for every
 PAGES answer of the burst), so the per-type handlers get PAGES parts whose pages are already
-checked (:class:`~tmdht.net.burst.VerifiedPages`). :class:`~tmdht.net.window.RequestWindow` is
-the one client-wide bound on every kind of request; its congestion controller is fed by
-``answered`` and ``lost``.
+checked (:class:`~tmdht.net.burst.VerifiedPages`); PUT_RESULT answers are decoded there too.
+Likewise every PUT one input lets go is sealed at its end in one call to
+:func:`tmdht.net.burst.encode_put_requests` (natively where built).
+:class:`~tmdht.net.window.RequestWindow` is the one client-wide bound on every kind of request;
+its congestion controller is fed by ``answered`` and ``lost``.
 """
 
 from __future__ import annotations

@@ -1063,6 +1063,7 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
     claiming = waves is not None and claims.enabled
     waits = ClaimWaits(claims)
     waits_kick = asyncio.Event()
+    others_busy = False  # another receiver of the wave claimed a page: VMs migrate at once
 
     def ack_every() -> int:
         every = rebuilder.hello.flow_window // 4 if rebuilder.hello else 1 << 20
@@ -1090,8 +1091,10 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
 
     async def claim(batch: list[tuple[int, bytes]]) -> tuple[list[int], list[int]]:
         """Claim missed pages: returns (to ask the sender for, still claimed by another)."""
+        nonlocal others_busy
         assert waves is not None and wave_core is not None
         statuses = await waves.claim([d for _, d in batch], claims.claim_ttl)
+        others_busy = others_busy or wire.WaveClaimStatus.PENDING in statuses
         held = [item for item, s in zip(batch, statuses, strict=True)
                 if s is wire.WaveClaimStatus.HELD]
         pending = [i for (i, _), s in zip(batch, statuses, strict=True)
@@ -1244,11 +1247,12 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
                 task.add_done_callback(offer_done)
             # Learned pages go to the wave store in batches: a WAVE_PUT of a page or two costs
             # a node ~3x the CPU per page of a full one (decode, transaction, answer).
-            # ... but pages others may wait for (claimed here) go as soon as no store is in
-            # flight, so they batch themselves while one is.
+            # ... but while other VMs of the wave migrate at once (a claim of theirs was seen),
+            # as soon as no store is in flight (so they batch themselves while one is): they
+            # may be waiting for the pages claimed here, or about to miss the ones sent whole.
             if waves is not None and len(storing) < 4 and (
                     wave_core.to_learn >= WAVE_STORE_BATCH or reader.done()
-                    or (claiming and wave_core.learned_bodies and not storing)):
+                    or (others_busy and wave_core.to_learn and not storing)):
                 learned = wave_core.learned()
                 if learned:
                     task = asyncio.create_task(learn(learned))

@@ -111,7 +111,6 @@ class ReceiverRebuilder:
         self._wave_tag = wave_tag
         self._learn_limit = learn_limit if wave_tag is not None else 0
         self._learned: list[tuple[bytes, bytes]] = []
-        self._learned_bodies = 0  # offered pages among _learned (others may wait for them)
         self._to_offer: deque[_Slot] = deque()
         self._expected_catalog = expected_catalog_id
         self._queue: deque[object] = deque()  # bytes | _Slot | marks
@@ -244,7 +243,7 @@ class ReceiverRebuilder:
                 if waiting.offered:
                     self.stats.offer_bodies += 1
                     assert waiting.digest is not None
-                    self._learned_bodies += self._learn(waiting.digest, page)
+                    self._learn(waiting.digest, page)
                 else:
                     self.stats.fallback_pages += 1
                 self._fill(waiting, page)
@@ -282,31 +281,23 @@ class ReceiverRebuilder:
         self._queued_bytes += len(prefix) + PAGE_SIZE
         return slot
 
-    def _learn(self, digest: bytes, page: bytes) -> bool:
+    def _learn(self, digest: bytes, page: bytes) -> None:
         if not self._learn_limit:
-            return False
+            return
         if len(self._learned) >= self._learn_limit:
             self.stats.learned_dropped += 1
-            return False
+            return
         self._learned.append((digest, page))
-        return True
 
     @property
     def to_learn(self) -> int:
         """Full pages waiting for :meth:`learned`."""
         return len(self._learned)
 
-    @property
-    def learned_bodies(self) -> int:
-        """Offered pages the sender sent after NEED among :attr:`to_learn`: other receivers of
-        the wave may be waiting for them (claims), so they are worth storing without delay."""
-        return self._learned_bodies
-
     def learned(self) -> list[tuple[bytes, bytes]]:
         """(digest, page) of full pages received since the last call, for the wave store.
         Every page here was checked against its digest (hashed here, or a FALLBACK checked)."""
         out, self._learned = self._learned, []
-        self._learned_bodies = 0
         return out
 
     @property

@@ -181,6 +181,15 @@ class MigrationMetrics:
             "tmdht_migration_wave_sent_whole_total",
             "Pages sent whole, not offered, while offers were seldom found in the wave store.",
             registry=r)
+        self.wave_claimed = Counter(
+            "tmdht_migration_wave_claimed_total",
+            "Missed pages claimed in the wave store (and asked of the sender).", registry=r)
+        self.wave_waited = Counter(
+            "tmdht_migration_wave_waited_total",
+            "Missed pages another receiver of the wave had claimed, waited for.", registry=r)
+        self.wave_waited_found = Counter(
+            "tmdht_migration_wave_waited_found_total",
+            "Pages waited for and then found in the wave store.", registry=r)
         self._seen = MigrationCounts()
 
     def sync(self, counts: MigrationCounts) -> None:
@@ -818,6 +827,9 @@ def _finish_metrics(metrics: MigrationMetrics | None, report: MigrationReport) -
         metrics.wave_bodies.inc(report.wave_bodies)
         metrics.wave_stored.inc(report.wave_stored)
         metrics.wave_sent_whole.inc(report.wave_sent_whole)
+        metrics.wave_claimed.inc(report.wave_claimed)
+        metrics.wave_waited.inc(report.wave_waited)
+        metrics.wave_waited_found.inc(report.wave_waited_found)
 
 
 # -- the receiver ------------------------------------------------------------------------------

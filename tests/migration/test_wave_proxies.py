@@ -182,6 +182,13 @@ def test_wave_metrics_count_pages_sent_whole() -> None:
     value = metrics.registry.get_sample_value
     assert value("tmdht_migration_wave_sent_whole_total") == 7
     assert value("tmdht_migration_wave_offers_total") == 5
+    received = MigrationReport("receive", ok=True, wave="w", wave_claimed=3, wave_waited=4,
+                               wave_waited_found=2)
+    assert "claimed 3, waited for 4 (then found 2)" in received.summary()
+    _finish_metrics(metrics, received)
+    assert value("tmdht_migration_wave_claimed_total") == 3
+    assert value("tmdht_migration_wave_waited_total") == 4
+    assert value("tmdht_migration_wave_waited_found_total") == 2
 
 
 def _shared_pages() -> list[bytes]:

@@ -20,7 +20,7 @@ for a short time while it fetches the page from its sender; others asking meanwh
 PENDING and wait for the page instead of fetching it too (VMs migrated at once walk the same
 pages at the same time). Claims live in memory only (a restart forgets them: waiters then
 fetch the page themselves after their bound), at most ``max_claims`` of them, each at most
-``max_claim_ttl`` seconds; a stored page ends its claim. Like pages, they are named by wave key
+:data:`MAX_CLAIM_TTL` seconds; a stored page ends its claim. Like pages, they are named by wave key
 only, so another wave can neither see nor take them.
 
 Durability: a cache, so commits do not fsync (``sync=False``): a power loss may forget the

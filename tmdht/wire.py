@@ -202,6 +202,7 @@ __all__ = [
     "max_range_groups",
     "max_range_mask_bytes",
     "put_pages_decoded",
+    "put_result_decoded",
 ]
 
 PROTOCOL_VERSION: Final = 2
@@ -1326,6 +1327,15 @@ def _unchecked(cls: type[_M], **fields: object) -> _M:
     for name, value in fields.items():
         object.__setattr__(msg, name, value)
     return msg
+
+
+def put_result_decoded(
+    request_id: int, results: tuple[tuple[PageDigest, PutStatus], ...], part: int, parts: int
+) -> PutResult:
+    """A PutResult from a decoder that made the checks :func:`decode` makes (the client's
+    native burst decoder, :func:`tmdht.net.burst.decode_burst`): built without
+    ``__post_init__``, as :func:`decode` builds it."""
+    return _unchecked(PutResult, request_id=request_id, results=results, part=part, parts=parts)
 
 
 def put_pages_decoded(

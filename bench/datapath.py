@@ -10,6 +10,10 @@ one loop, native and reference measured back to back in one run, much less. Figu
   prebuilt and fed back in bursts of --burst datagrams (submit, GET encoding, burst decoding and
   verification, bookkeeping); each implementation in its own process (TMDHT_NATIVE=0 for the
   reference, since the engine picks its decoder at import);
+- client engine, PUT: the same engine storing --pages pages on 3 nodes (R=3: submit, PUT_PAGES
+  encoding and sealing, PUT_RESULT decoding, bookkeeping), the nodes' answers recorded once and
+  replayed (``--put-engine-only`` prints this one figure for this process's path, e.g. to
+  compare two trees with PYTHONPATH);
 - burst decoder alone: tmdht.net.burst.decode_burst_native vs decode_burst_reference;
 - node answer: encode_pages_answer_native vs encode_pages_answer_reference for GETs of 56 pages;
 - bulk hashing: tmdht._native.digest_pages on one thread, across cores (rayon), and blake3-py
@@ -100,10 +104,56 @@ def engine_cpu(count: int, repeat: int, burst: int) -> float:
     return cpu_per_page(run, count, repeat)
 
 
-def engine_in_subprocess(native: bool, args: argparse.Namespace) -> float:
+REPLICAS: tuple[tuple[str, int], ...] = tuple(("127.0.0.1", 10 + i) for i in range(3))
+
+
+def put_engine_cpu(count: int, repeat: int, burst: int) -> float:
+    """This process's engine storing --pages pages on 3 nodes (a publish at R=3): CPU per page
+    of submit, PUT encoding and sealing, PUT_RESULT decoding and the bookkeeping; the nodes'
+    answers recorded once and replayed in bursts, so only the client's work is timed."""
+    from tmdht.net.engine import RequestEngine  # noqa: PLC0415
+    from tmdht.net.operations import EngineConfig, Store  # noqa: PLC0415
+
+    pages, digests = make_pages(count)
+    items = list(zip(digests, pages, strict=True))
+    answer_auth = node_auth()
+
+    def start() -> RequestEngine:
+        eng = RequestEngine(node_auth(), EngineConfig(), first_request_id=1)
+        for node in REPLICAS:
+            eng.submit(Store(node, items), 0.0)
+        return eng
+
+    steps: list[list[tuple[bytes, tuple[str, int]]]] = []
+    first = start()
+    while out := first.datagrams_to_send(0.0):
+        step = []
+        for data, node in out:
+            request = wire.decode(data, max_datagram=wire.MAX_DATAGRAM, auth=answer_auth,
+                                  now=time.time())
+            assert isinstance(request, wire.PutPages)
+            step += [(answer, node) for answer in wire.encode_put_response(
+                request.request_id, [(d, wire.PutStatus.STORED) for d, _ in request.pages],
+                max_datagram=32768, auth=answer_auth, now=time.time())]
+        steps.append(step)
+        first.receive_datagrams(step, 0.0)
+
+    def run() -> None:
+        eng = start()
+        for step in steps:
+            eng.datagrams_to_send(0.0)
+            for at in range(0, len(step), burst):
+                eng.receive_datagrams(step[at : at + burst], 0.0)
+        done = [eng.next_event() for _ in REPLICAS]
+        assert all(len(getattr(e, "result").status) == count for e in done)  # noqa: B009
+
+    return cpu_per_page(run, count, repeat)
+
+
+def engine_in_subprocess(native: bool, args: argparse.Namespace, mode: str = "--engine-only") -> float:
     env = dict(os.environ, TMDHT_NATIVE="1" if native else "0")
     out = subprocess.run(
-        [sys.executable, __file__, "--engine-only", "--pages", str(args.pages),
+        [sys.executable, __file__, mode, "--pages", str(args.pages),
          "--repeat", str(args.repeat), "--burst", str(args.burst)],
         env=env, capture_output=True, text=True, check=True,
     )
@@ -118,10 +168,15 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=8, help="datagrams per receive_datagrams")
     parser.add_argument("--out", type=Path, default=Path("bench/results/datapath.json"))
     parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--put-engine-only", action="store_true",
+                        help="print only the PUT engine's CPU us per page (this process's path)")
     args = parser.parse_args()
     args.pages = max(512, min(args.pages, 200_000))
     if args.engine_only:
         print(engine_cpu(args.pages, args.repeat, args.burst))
+        return 0
+    if args.put_engine_only:
+        print(put_engine_cpu(args.pages, args.repeat, args.burst))
         return 0
     from tmdht import _native  # noqa: PLC0415 - the comparison needs the extension
     from tmdht.net.burst import (  # noqa: PLC0415
@@ -136,6 +191,9 @@ def main() -> int:
     rows: dict[str, tuple[float, float]] = {}
     rows["client engine (fetch, decode, verify, bookkeeping)"] = (
         engine_in_subprocess(True, args), engine_in_subprocess(False, args))
+    rows["client engine, PUT to 3 replicas (encode, seal, answers)"] = (
+        engine_in_subprocess(True, args, "--put-engine-only"),
+        engine_in_subprocess(False, args, "--put-engine-only"))
 
     pages, digests = make_pages(args.pages)
     sealer = node_auth()

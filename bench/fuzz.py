@@ -1,7 +1,8 @@
 """Fuzz every decoder of bytes from outside: mutations of valid inputs, seeded and repeatable.
 
 Decoders: the native burst decoder of PAGES answers, differentially against the reference
-(``pages_burst``: any disagreement is a crash), the data-plane wire codec (open-mode auth, so mutations reach the body parser instead
+(``pages_burst``: any disagreement is a crash), likewise its PUT_RESULT answers
+(``put_result``) and the node's native PUT_PAGES decoder (``put_request``), the data-plane wire codec (open-mode auth, so mutations reach the body parser instead
 of all failing the tag check; each mutant is decoded as is and, when it still holds an open-mode
 auth block, once more with its body length pointed at that block, so insertions and deletions
 in a body or a page bulk reach the parsers too), the dedup stream decoder, the template catalog reader, the QEMU
@@ -175,14 +176,25 @@ def _differential(
     return run
 
 
+def _burst_differential(opened: Authenticator, keyed: Authenticator) -> Callable[[bytes], object]:
+    """:func:`_differential` of the client's burst decoder: native against the reference."""
+    from tmdht import _native  # noqa: PLC0415 - only these targets need the extension
+    from tmdht.net.burst import decode_burst_native, decode_burst_reference  # noqa: PLC0415
+
+    def decode_both(data: bytes, auth: Authenticator) -> tuple[object, object]:
+        (mine,) = decode_burst_native([data], auth=auth, now=NOW, native=_native)
+        (ref,) = decode_burst_reference([data], auth=auth, now=NOW)
+        return mine, ref
+
+    return _differential((opened, keyed), decode_both)
+
+
 def pages_burst_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
     """The native burst decoder of PAGES answers (tmdht._native.decode_pages_burst through
     tmdht.net.burst), differentially: each input (and its relocated twin) is decoded natively
     and by the reference, open mode and keyed, and the two must agree (same message, or same
     error class and message); a disagreement is a crash."""
-    from tmdht import _native  # noqa: PLC0415 - only this target needs the extension
     from tmdht.auth import ClusterKey, KeyRing  # noqa: PLC0415
-    from tmdht.net.burst import decode_burst_native, decode_burst_reference  # noqa: PLC0415
 
     ring = KeyRing(ClusterKey(7, bytes(range(32))))
     opened, keyed = Authenticator.open_mode(), Authenticator(keyring=ring, replay=None)
@@ -197,13 +209,27 @@ def pages_burst_target() -> tuple[list[bytes], Callable[[bytes], object], type[E
                                                 now=NOW)
     seeds += wire.encode_have_response(12, [True, False], max_datagram=32768, auth=opened, now=NOW)
 
-    def decode_both(data: bytes, auth: Authenticator) -> tuple[object, object]:
-        (mine,) = decode_burst_native([data], auth=auth, now=NOW, native=_native)
-        (ref,) = decode_burst_reference([data], auth=auth, now=NOW)
-        return mine, ref
+    return seeds, _burst_differential(opened, keyed), DecodeError
 
-    run = _differential((opened, keyed), decode_both)
-    return seeds, run, DecodeError
+
+def put_result_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
+    """The client's native PUT_RESULT decoder (tmdht._native.decode_pages_burst through
+    tmdht.net.burst), differentially against the reference burst decoder, open mode and keyed:
+    the same message, or the same error class and message; a disagreement is a crash."""
+    from tmdht.auth import ClusterKey, KeyRing  # noqa: PLC0415
+
+    ring = KeyRing(ClusterKey(7, bytes(range(32))))
+    opened, keyed = Authenticator.open_mode(), Authenticator(keyring=ring, replay=None)
+    digests = [PageDigest(digest_page(p)) for p in _pages(4, 9)]
+    results = [(digests[i % 4], status) for i, status in enumerate(wire.PutStatus)]
+    seeds: list[bytes] = []
+    for auth in (opened, keyed):
+        seeds += wire.encode_put_response(15, results, max_datagram=32768, auth=auth, now=NOW)
+        seeds += wire.encode_put_response(16, results[:1], max_datagram=32768, auth=auth, now=NOW)
+        seeds += wire.encode_put_response(17, results * 30, max_datagram=wire.MIN_DATAGRAM,
+                                          auth=auth, now=NOW)[:2]
+
+    return seeds, _burst_differential(opened, keyed), DecodeError
 
 
 def put_request_target() -> tuple[list[bytes], Callable[[bytes], object], type[Exception]]:
@@ -443,6 +469,7 @@ TARGETS: dict[str, Callable[[], tuple[list[bytes], Callable[[bytes], object], ty
     "range_hash": range_hash_target,
     "pages_burst": pages_burst_target,
     "put_request": put_request_target,
+    "put_result": put_result_target,
     "dedup_stream": dedup_target,
     "catalog": catalog_target,
     "qemu_stream": qemu_target,

@@ -57,15 +57,20 @@ from tmdht.lab.migrate import make_fifo, read_ready, wait_report
 from tmdht.native import describe as native_describe
 from tmdht.node.local import LocalCluster
 
-VARIANTS = ("qemu", "tmdht", "tmdht-wave", "tmdht-wave-every", "tmdht-wave-all")
+VARIANTS = ("qemu", "tmdht", "tmdht-wave", "tmdht-wave-noclaim", "tmdht-wave-every",
+            "tmdht-wave-all")
 """``tmdht-wave``: the defaults (adaptive offering: pages go whole while offers are not found;
 QEMU's stream read only while the offers' expected bodies are within 4 MiB); ``tmdht-wave-all``:
 ``--offer-every-page --offer-ahead 64MiB``, the sender as it was before both (every
 non-template page offered, QEMU's stream up to the 64 MiB flow window ahead);
-``tmdht-wave-every``: ``--offer-every-page`` (every page offered, the 4 MiB offer-ahead)."""
-WAVE_VARIANTS = ("tmdht-wave", "tmdht-wave-every", "tmdht-wave-all")
-_SENDER_WAVE_ARGS = {"tmdht-wave": [], "tmdht-wave-every": ["--offer-every-page"],
+``tmdht-wave-every``: ``--offer-every-page`` (every page offered, the 4 MiB offer-ahead);
+``tmdht-wave-noclaim``: the defaults with the receivers' ``--wave-claim-wait 0`` (no claims on
+pages in flight: every miss is asked of the sender at once, as before claims)."""
+WAVE_VARIANTS = ("tmdht-wave", "tmdht-wave-noclaim", "tmdht-wave-every", "tmdht-wave-all")
+_SENDER_WAVE_ARGS = {"tmdht-wave": [], "tmdht-wave-noclaim": [],
+                     "tmdht-wave-every": ["--offer-every-page"],
                      "tmdht-wave-all": ["--offer-every-page", "--offer-ahead", "64MiB"]}
+_RECEIVER_WAVE_ARGS = {"tmdht-wave-noclaim": ["--wave-claim-wait", "0"]}
 _wave: dict[str, Any] = {}  # the current wave's id and secret file (tmdht-wave)
 _original_start_incoming = mb.start_incoming
 
@@ -82,7 +87,8 @@ def start_incoming(ctx: mb.Context, variant: str, dest: Guest, reports: Path) ->
         ctx.wan.wrappers["receiver"], "qemu", "receive", "--listen", f"{DST_ADDR}:0",
         "--seed", f"{host}:{port}", "--cluster-key-file", ctx.cluster.key_file,
         "--catalog", ctx.catalog, "--ready-file", fifo, "--report", reports / "receive.json",
-        "--accept-timeout", "120", "--insecure-plaintext", *wave))
+        "--accept-timeout", "120", "--insecure-plaintext", *wave,
+        *_RECEIVER_WAVE_ARGS.get(variant, [])))
     _host, listen_port = read_ready(fifo, timeout=60)
     return mb._tmdht(ctx.wan.wrappers["sender"], "qemu", "send", "--catalog", ctx.catalog,
                      "--to", f"{DST_ADDR}:{listen_port}", "--report", reports / "send.json",

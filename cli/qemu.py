@@ -185,6 +185,10 @@ def send(catalog: Path, to: str, compress: bool, backref_window: int, flow_windo
 @click.option("--wave-ttl", type=click.FloatRange(1, MAX_WAVE_TTL), default=DEFAULT_WAVE_TTL,
               show_default=True, help="With --wave: seconds the pages this receiver stores "
               "into the wave store live there.")
+@click.option("--wave-claim-wait", type=click.FloatRange(0, 600), default=6.0,
+              show_default=True, help="With --wave: seconds to wait for a page another "
+              "receiver of the wave is fetching (it claimed it) before asking this one's "
+              "sender; 0: no claims.")
 @tls_options(sender=False)
 def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
             insecure_open: bool, no_cluster: bool, catalog: Path | None,
@@ -192,7 +196,7 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
             resolve_parallel: int, resolve_timeout: float, progress: bool,
             metrics_port: int | None, report_path: Path | None, log_level: str,
             wave: str | None, wave_secret_file: Path | None, wave_ttl: float,
-            tls_creds: Path | None, tls_authz: tuple[str, ...],
+            wave_claim_wait: float, tls_creds: Path | None, tls_authz: tuple[str, ...],
             insecure_plaintext: bool) -> None:
     """Accept a sender, rebuild QEMU's migration stream on stdout (resolving via the cluster)."""
     from tmdht.catalog_file import read_template_digests  # noqa: PLC0415
@@ -210,7 +214,8 @@ def receive(listen: str, seeds: tuple[str, ...], cluster_key_file: Path | None,
         ready_file=ready_file, accept_timeout=accept_timeout, resolve_batch=resolve_batch,
         resolve_parallel=resolve_parallel, resolve_timeout=resolve_timeout,
         tls=_tls(tls_creds, tls_authz), insecure_plaintext=insecure_plaintext,
-        wave=_wave(wave, wave_secret_file), wave_ttl=wave_ttl)
+        wave=_wave(wave, wave_secret_file), wave_ttl=wave_ttl,
+        wave_claim_wait=wave_claim_wait)
 
     def listening(address: tuple[str, int]) -> None:
         sys.stderr.write(f"READY {address[0]}:{address[1]}\n")

@@ -181,6 +181,15 @@ class MigrationMetrics:
             "tmdht_migration_wave_sent_whole_total",
             "Pages sent whole, not offered, while offers were seldom found in the wave store.",
             registry=r)
+        self.wave_claimed = Counter(
+            "tmdht_migration_wave_claimed_total",
+            "Missed pages claimed in the wave store (and asked of the sender).", registry=r)
+        self.wave_waited = Counter(
+            "tmdht_migration_wave_waited_total",
+            "Missed pages another receiver of the wave had claimed, waited for.", registry=r)
+        self.wave_waited_found = Counter(
+            "tmdht_migration_wave_waited_found_total",
+            "Pages waited for and then found in the wave store.", registry=r)
         self._seen = MigrationCounts()
 
     def sync(self, counts: MigrationCounts) -> None:
@@ -240,6 +249,12 @@ class MigrationReport:
     """Received pages stored into the wave store (receiver)."""
     wave_store_timeouts: int = 0
     """Wave store requests that got no answer in time (receiver)."""
+    wave_claimed: int = 0
+    """Missed pages this receiver claimed and asked its sender for (receiver)."""
+    wave_waited: int = 0
+    """Missed pages another receiver had claimed, waited for (receiver)."""
+    wave_waited_found: int = 0
+    """... and then found in the wave store (the rest came from the sender after the wait)."""
 
     @property
     def wan_bytes(self) -> int:
@@ -265,7 +280,10 @@ class MigrationReport:
                 f"; wave {self.wave}: offers {self.wave_offers}, found in the wave store "
                 f"{self.wave_hits}, bodies sent {self.wave_bodies}, sent whole (offer window "
                 f"full) {self.wave_window_full}, sent whole (offers not found) "
-                f"{self.wave_sent_whole}, stored {self.wave_stored}")
+                f"{self.wave_sent_whole}, stored {self.wave_stored}"
+                + ("" if self.role != "receive" else
+                   f", claimed {self.wave_claimed}, waited for {self.wave_waited} (then found "
+                   f"{self.wave_waited_found})"))
         return (f"tmdht qemu {self.role}: {outcome} in {self.duration_s:.2f} s;"
                 f" pages {c.pages}, templates {c.template_pages}, zero {c.zero_pages}, "
                 f"back-references {c.backref_pages}, full {c.full_pages}, "
@@ -352,6 +370,10 @@ class ReceiverConfig:
     """Seconds the pages this receiver stores live in the wave store."""
     wave_parallel: int = 4
     """Wave store lookups in flight."""
+    wave_claim_wait: float = 6.0
+    """Seconds a missed page another receiver of the wave claimed (it is fetching it from its
+    sender) is waited for at most before this receiver asks its own sender (0: no claims, every
+    miss asks the sender at once; :class:`tmdht.wave.ClaimPolicy`)."""
 
     def __post_init__(self) -> None:
         """Secure by default: no plaintext off loopback unless asked for (UsageError)."""
@@ -805,6 +827,9 @@ def _finish_metrics(metrics: MigrationMetrics | None, report: MigrationReport) -
         metrics.wave_bodies.inc(report.wave_bodies)
         metrics.wave_stored.inc(report.wave_stored)
         metrics.wave_sent_whole.inc(report.wave_sent_whole)
+        metrics.wave_claimed.inc(report.wave_claimed)
+        metrics.wave_waited.inc(report.wave_waited)
+        metrics.wave_waited_found.inc(report.wave_waited_found)
 
 
 # -- the receiver ------------------------------------------------------------------------------
@@ -912,6 +937,7 @@ async def run_receiver(config: ReceiverConfig, *, stdout_fd: int = 1,
         if waves is not None:
             report.wave_store_timeouts = waves.stats.timeouts
             report.wave_stored = waves.stats.stored
+            report.wave_claimed = waves.stats.claimed
             waves.close()
         if store is not None:
             with contextlib.suppress(TmdhtError, OSError):
@@ -1042,6 +1068,14 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
     offering: set[asyncio.Task[None]] = set()
     storing: set[asyncio.Task[None]] = set()
     wave_core = cast("ReferenceReceiver", rebuilder) if config.wave is not None else None
+    from tmdht import wire  # noqa: PLC0415 - receiver only
+    from tmdht.wave import ClaimPolicy, ClaimWaits  # noqa: PLC0415
+
+    claims = ClaimPolicy(wait=config.wave_claim_wait)
+    claiming = waves is not None and claims.enabled
+    waits = ClaimWaits(claims)
+    waits_kick = asyncio.Event()
+    others_busy = False  # another receiver of the wave claimed a page: VMs migrate at once
 
     def ack_every() -> int:
         every = rebuilder.hello.flow_window // 4 if rebuilder.hello else 1 << 20
@@ -1049,21 +1083,94 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
             every = min(every, 1 << 20)  # offered pages wait at the sender for ACKs
         return max(1, every)
 
-    async def look_up(batch: list[tuple[int, bytes]]) -> None:
+    def supply_found(batch: list[tuple[int, bytes]], found: dict[bytes, bytes]
+                     ) -> tuple[list[tuple[int, bytes]], list[int]]:
+        """Fill the slots found (checked against their digests); returns the ones not found
+        and the ones found wrong (to ask the sender for)."""
         assert wave_core is not None
-        found = {} if waves is None else await waves.fetch([d for _, d in batch])
-        lost: list[int] = []
+        missing: list[tuple[int, bytes]] = []
+        wrong: list[int] = []
         for index, digest in batch:
             page = found.get(digest)
             if page is None:
-                lost.append(index)
+                missing.append((index, digest))
                 continue
             try:
                 wave_core.supply_offered(index, page)
             except IntegrityError:  # a wrong page in the store: the sender's copy instead
-                lost.append(index)
-        if lost:
-            wave_core.unavailable(lost)
+                wrong.append(index)
+        return missing, wrong
+
+    async def claim(batch: list[tuple[int, bytes]]) -> tuple[list[int], list[int]]:
+        """Claim missed pages: returns (to ask the sender for, still claimed by another)."""
+        nonlocal others_busy
+        assert waves is not None and wave_core is not None
+        statuses = await waves.claim([d for _, d in batch], claims.claim_ttl)
+        others_busy = others_busy or wire.WaveClaimStatus.PENDING in statuses
+        held = [item for item, s in zip(batch, statuses, strict=True)
+                if s is wire.WaveClaimStatus.HELD]
+        pending = [i for (i, _), s in zip(batch, statuses, strict=True)
+                   if s is wire.WaveClaimStatus.PENDING]
+        need = [i for (i, _), s in zip(batch, statuses, strict=True)
+                if s is not wire.WaveClaimStatus.PENDING and s is not wire.WaveClaimStatus.HELD]
+        if held:  # stored since the first look: take it (gone again: as good as pending)
+            missing, wrong = supply_found(held, await waves.fetch([d for _, d in held]))
+            pending += [i for i, _ in missing]
+            need += wrong
+        return need, pending
+
+    async def look_up(batch: list[tuple[int, bytes]]) -> None:
+        assert wave_core is not None
+        if waves is None:
+            wave_core.unavailable([i for i, _ in batch])
+            return
+        lost, wrong = supply_found(batch, await waves.fetch([d for _, d in batch]))
+        if wrong:
+            wave_core.unavailable(wrong)
+        if not lost:
+            return
+        if not claiming:
+            wave_core.unavailable([i for i, _ in lost])
+            return
+        need, pending = await claim(lost)
+        now = time.monotonic()
+        digests = dict(lost)
+        for index in pending:
+            if waits.add(index, digests[index], now):
+                report.wave_waited += 1
+            else:
+                need.append(index)
+        if need:
+            wave_core.unavailable(need)
+        if pending:
+            waits_kick.set()
+
+    async def wait_for_claims() -> None:
+        """Re-ask about pages other receivers claimed until found, claimed here, or the bound
+        (then the sender is asked); bounded by ClaimWaits."""
+        assert wave_core is not None
+        while True:
+            ask, expired = waits.take_due(time.monotonic(), config.resolve_batch)
+            if expired:
+                wave_core.unavailable(expired)
+                kick.set()
+            if ask:
+                need, pending = await claim(ask)
+                still = set(pending)
+                waits.again(pending, time.monotonic())
+                waits.forget([i for i, _ in ask if i not in still])
+                report.wave_waited_found += len(ask) - len(need) - len(pending)
+                if need:
+                    wave_core.unavailable(need)
+                kick.set()
+                continue
+            due = waits.next_due()
+            waits_kick.clear()
+            if due is None:
+                await waits_kick.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waits_kick.wait(), max(0.0, due - time.monotonic()))
 
     async def learn(pages: list[tuple[bytes, bytes]]) -> None:
         assert waves is not None
@@ -1129,9 +1236,16 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
 
     reader = asyncio.create_task(pump_wan())
     tasks.add(reader)
+    waiter: asyncio.Task[None] | None = None
+    if claiming:
+        waiter = asyncio.create_task(wait_for_claims())
+        tasks.add(waiter)
+        waiter.add_done_callback(lambda _: kick.set())
     while True:
         if reader.done() and reader.exception() is not None:
             raise reader.exception()  # type: ignore[misc]
+        if waiter is not None and waiter.done():
+            raise waiter.exception() or DecodeError("the claim waiter stopped")
         if wave_core is not None:
             while len(offering) < config.wave_parallel:
                 if offering and not reader.done() and wave_core.to_offer < config.resolve_batch:
@@ -1145,8 +1259,12 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
                 task.add_done_callback(offer_done)
             # Learned pages go to the wave store in batches: a WAVE_PUT of a page or two costs
             # a node ~3x the CPU per page of a full one (decode, transaction, answer).
+            # ... but while other VMs of the wave migrate at once (a claim of theirs was seen),
+            # as soon as no store is in flight (so they batch themselves while one is): they
+            # may be waiting for the pages claimed here, or about to miss the ones sent whole.
             if waves is not None and len(storing) < 4 and (
-                    wave_core.to_learn >= WAVE_STORE_BATCH or reader.done()):
+                    wave_core.to_learn >= WAVE_STORE_BATCH or reader.done()
+                    or (others_busy and wave_core.to_learn and not storing)):
                 learned = wave_core.learned()
                 if learned:
                     task = asyncio.create_task(learn(learned))
@@ -1185,7 +1303,7 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
         if reader.done():
             if reader.exception() is not None:
                 raise reader.exception()  # type: ignore[misc]
-            if not chunks and not resolving and not offering:
+            if not chunks and not resolving and not offering and not waits:
                 raise DecodeError("the sender's stream ended before END" if not
                                   rebuilder.end_seen else "the stream ended with pages missing")
         if chunks:

@@ -52,6 +52,12 @@ class WaveClientStats:
     """Pages a node refused (its wave store full)."""
     timeouts: int = 0
     """Requests that got no (complete) answer in time."""
+    claims: int = 0
+    """Wave keys asked about by WAVE_CLAIM."""
+    claimed: int = 0
+    """... and claimed by this client (it fetches them from its sender)."""
+    pending: int = 0
+    """... and found claimed by another receiver (answers, re-asks included)."""
 
 
 @dataclass
@@ -60,6 +66,7 @@ class _Pending:
     parts_left: int = -1
     pages: dict[bytes, bytes] = field(default_factory=dict)
     statuses: list[wire.PutStatus] = field(default_factory=list)
+    claims: tuple[wire.WaveClaimStatus, ...] = ()
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -135,14 +142,17 @@ class WaveStoreClient:
             pending.pages.update(message.pages)
             if pending.parts_left <= 0:
                 pending.future.set_result(None)
+        elif isinstance(message, wire.WaveClaims):
+            pending.claims = message.statuses
+            pending.future.set_result(None)
         elif isinstance(message, wire.PutResult):
             pending.statuses += [status for _, status in message.results]
             pending.future.set_result(None)
         elif isinstance(message, wire.Error):
             pending.future.set_result(None)
 
-    async def _ask(self, address: Address, message: wire.WaveGet | wire.WavePut
-                   ) -> _Pending:
+    async def _ask(self, address: Address,
+                   message: wire.WaveGet | wire.WavePut | wire.WaveClaim) -> _Pending:
         loop = asyncio.get_running_loop()
         pending = _Pending(loop.create_future())
         async with self._slots:
@@ -191,6 +201,32 @@ class WaveStoreClient:
                     found[digest] = page
         self.stats.found += len(found)
         return found
+
+    async def claim(self, digests: Sequence[bytes], ttl: float
+                    ) -> list[wire.WaveClaimStatus | None]:
+        """Claim the pages of ``digests`` for ``ttl`` seconds where neither stored nor claimed
+        (see :class:`tmdht.wire.WaveClaimStatus`), one status per digest; None where the node
+        did not answer (or answered something else) in time."""
+        keys = self.wave.wave_keys(digests)
+        self.stats.claims += len(keys)
+        batch = min(GET_BATCH * 16, wire.max_digests_per_request(self.max_datagram) - 1)
+        claim_ms = max(1, int(ttl * 1000))
+        calls = []
+        for address, rows in self._by_node(keys).items():
+            for i in range(0, len(rows), batch):
+                chunk = rows[i : i + batch]
+                calls.append((chunk, self._ask(address, wire.WaveClaim(
+                    request_id=next(self._ids), claim_ms=claim_ms,
+                    keys=tuple(keys[j] for j in chunk)))))
+        out: list[wire.WaveClaimStatus | None] = [None] * len(keys)
+        answers = await asyncio.gather(*(call for _, call in calls))
+        for (rows, _), pending in zip(calls, answers, strict=True):
+            if len(pending.claims) == len(rows):
+                for j, status in zip(rows, pending.claims, strict=True):
+                    out[j] = status
+        self.stats.claimed += out.count(wire.WaveClaimStatus.CLAIMED)
+        self.stats.pending += out.count(wire.WaveClaimStatus.PENDING)
+        return out
 
     async def store(self, pages: Sequence[tuple[bytes, bytes]]) -> int:
         """Store ``(digest, page)`` pairs (already verified by the caller) under their wave

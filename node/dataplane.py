@@ -52,7 +52,7 @@ from tmdht.net.burst import (
 from tmdht.node.groupcommit import CommitPacer, CommitPacing
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
-from tmdht.node.wavestore import WavePutResult, WaveStore
+from tmdht.node.wavestore import ClaimStatus, WavePutResult, WaveStore
 from tmdht.pages import ZERO_DIGEST, ByteView, PageDigest
 from tmdht.rangehash import BUCKET_BITS, mask_from_bits
 from tmdht.ratelimit import RateLimitConfig, SourceRateLimiter
@@ -79,6 +79,7 @@ _TYPE_LABEL = {
     wire.RecordGet: "record_get",
     wire.WaveGet: "wave_get",
     wire.WavePut: "wave_put",
+    wire.WaveClaim: "wave_claim",
     wire.RangeHashQuery: "range_hash",
 }
 _DROP_REASONS = ("rate_limited", "malformed", "auth", "oversize", "replay", "unexpected")
@@ -149,8 +150,8 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         ``snapshot_max_age`` bounds how long one read transaction serves GETs (seconds, >= 0).
         ``records`` keeps the soft-state records of RECORD_PUT/RECORD_GET (the virtual network's
         MAC directory); without it those requests are answered with ERROR UNKNOWN_TYPE.
-        ``waves`` keeps wave pages (WAVE_GET/WAVE_PUT, :mod:`tmdht.node.wavestore`); without it
-        those requests are answered with ERROR UNKNOWN_TYPE too.
+        ``waves`` keeps wave pages (WAVE_GET/WAVE_PUT/WAVE_CLAIM, :mod:`tmdht.node.wavestore`);
+        without it those requests are answered with ERROR UNKNOWN_TYPE too.
         ``commit_pacing`` bounds how long a group commit may wait for more PUTs (default:
         CommitPacing(), no wait: a commit starts as soon as the writer is free).
         """
@@ -462,6 +463,19 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self._request_pages[wire.WavePut].inc(len(msg.pages))
         self._latency[wire.WavePut].observe(time.perf_counter() - arrived)
 
+    def _wave_claim(self, msg: wire.WaveClaim, address: Address, arrived: float) -> None:
+        if self.waves is None:
+            self._send_error(address, msg.request_id, wire.ErrorCode.UNKNOWN_TYPE,
+                             "this node keeps no wave pages")
+            return
+        found = self.waves.claim_many(msg.keys, msg.claim_ms / 1000, self.clock())
+        answer = wire.WaveClaims(request_id=msg.request_id,
+                                 statuses=tuple(_CLAIM_STATUS[s] for s in found))
+        self._send(address, [wire.encode(answer, max_datagram=self.max_datagram, auth=self.auth,
+                                          now=self.clock())])
+        self._request_pages[wire.WaveClaim].inc(len(msg.keys))
+        self._latency[wire.WaveClaim].observe(time.perf_counter() - arrived)
+
     def _put_pages(self, msg: wire.PutPages, address: Address, arrived: float) -> None:
         self._request_pages[wire.PutPages].inc(len(msg.pages))
         self._queue.append(_PendingPut(msg, address, arrived))
@@ -584,7 +598,13 @@ _HANDLERS: dict[type, Callable[[DataPlaneServer, Any, Address, float], None]] = 
     wire.RecordGet: DataPlaneServer._record_get,
     wire.WaveGet: DataPlaneServer._wave_get,
     wire.WavePut: DataPlaneServer._wave_put,
+    wire.WaveClaim: DataPlaneServer._wave_claim,
     wire.RangeHashQuery: DataPlaneServer._range_hash,
+}
+_CLAIM_STATUS = {
+    ClaimStatus.CLAIMED: wire.WaveClaimStatus.CLAIMED,
+    ClaimStatus.PENDING: wire.WaveClaimStatus.PENDING,
+    ClaimStatus.HELD: wire.WaveClaimStatus.HELD,
 }
 _WAVE_STATUS = {
     WavePutResult.STORED: wire.PutStatus.STORED,

@@ -813,3 +813,61 @@ def test_largest_node_info_and_error_fit_the_smallest_datagram() -> None:
     error = Error(request_id=1, code=ErrorCode.INTERNAL, message="x" * wire.MAX_ERROR_MESSAGE_BYTES)
     for msg in (info, error):
         assert decode(encode(msg, MIN_DATAGRAM), MIN_DATAGRAM) == msg
+
+
+@settings(max_examples=100, deadline=None)
+@given(request_id=request_ids, claim_ms=st.integers(1, 2**32 - 1),
+       keys=st.lists(digests, min_size=1, max_size=40),
+       statuses=st.lists(st.sampled_from(wire.WaveClaimStatus), max_size=300))
+def test_wave_claims_round_trip(request_id: int, claim_ms: int, keys: list[bytes],
+                                statuses: list[wire.WaveClaimStatus]) -> None:
+    claim = wire.WaveClaim(request_id=request_id, claim_ms=claim_ms, keys=tuple(keys))
+    answer = wire.WaveClaims(request_id=request_id, statuses=tuple(statuses))
+    for msg in (claim, answer):
+        datagram = encode(msg)
+        assert decode(datagram) == msg
+        check_decoded(datagram, msg)
+
+
+def test_a_full_wave_claim_and_its_answer_fit_one_datagram() -> None:
+    count = wire.max_digests_per_request(MIN_DATAGRAM) - 1
+    claim = wire.WaveClaim(request_id=1, claim_ms=5000,
+                           keys=tuple(digest_of(i) for i in range(count)))
+    assert len(encode(claim, MIN_DATAGRAM)) <= MIN_DATAGRAM
+    answer = wire.WaveClaims(request_id=1, statuses=(wire.WaveClaimStatus.PENDING,) * count)
+    assert len(encode(answer, MIN_DATAGRAM)) < MIN_DATAGRAM
+
+
+@pytest.mark.parametrize(
+    "datagram",
+    [
+        frame(MessageType.WAVE_CLAIM, struct.pack(">I", 0) + one_digest_body()),  # 0 ms
+        frame(MessageType.WAVE_CLAIM, struct.pack(">I", 9) + struct.pack(">H", 0)),  # no key
+        frame(MessageType.WAVE_CLAIM, struct.pack(">I", 9) + one_digest_body() + b"x"),
+        frame(MessageType.WAVE_CLAIM, b"\x00\x00"),  # too short for the claim time
+        frame(MessageType.WAVE_CLAIM, struct.pack(">I", 9) + one_digest_body(), parts=2),
+        frame(MessageType.WAVE_CLAIMS, struct.pack(">H", 2) + b"\x01"),  # count mismatch
+        frame(MessageType.WAVE_CLAIMS, struct.pack(">H", 1) + b"\x09"),  # unknown status
+        frame(MessageType.WAVE_CLAIMS, struct.pack(">H", 1) + b"\x00"),
+        frame(MessageType.WAVE_CLAIMS, struct.pack(">H", 1) + b"\x01", bulk=b"\x00"),
+    ],
+)
+def test_malformed_wave_claims(datagram: bytes) -> None:
+    with pytest.raises(MessageDecodeError) as info:
+        decode(datagram)
+    assert info.value.request_id == 99
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: wire.WaveClaim(request_id=1, claim_ms=0, keys=(digest_of(0),)),
+        lambda: wire.WaveClaim(request_id=1, claim_ms=2**32, keys=(digest_of(0),)),
+        lambda: wire.WaveClaim(request_id=1, claim_ms=5, keys=()),
+        lambda: wire.WaveClaim(request_id=1, claim_ms=5, keys=(bytes(31),)),
+        lambda: wire.WaveClaims(request_id=1, statuses=(2,)),  # type: ignore[arg-type]
+    ],
+)
+def test_wave_claim_messages_validate_themselves(build: object) -> None:
+    with pytest.raises(wire.InvalidMessageError):
+        build()  # type: ignore[operator]

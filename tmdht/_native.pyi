@@ -18,10 +18,11 @@ def build_info() -> dict[str, str]:
 def decode_pages_burst(
     datagrams: Sequence[Buffer], max_datagram: int, keys: Sequence[tuple[int, bytes]] | None
 ) -> list[tuple[Any, ...] | None]:
-    """Decode and verify the PAGES datagrams of a burst (see tmdht.net.burst): per datagram
-    None (another type), (1, class, message), (0, key id, timestamp ms, nonce, request id, part,
-    parts, pages, corrupt, missing) or (3, key id, timestamp ms, nonce, request id, type, code,
-    reason)."""
+    """Decode and verify the PAGES and PUT_RESULT datagrams of a burst (see tmdht.net.burst):
+    per datagram None (another type), (1, class, message), (0, key id, timestamp ms, nonce,
+    request id, part, parts, pages, corrupt, missing), (4, key id, timestamp ms, nonce, request
+    id, part, parts, digests, status bytes) or (3, key id, timestamp ms, nonce, request id, type,
+    code, reason)."""
 
 def encode_pages_answer(
     request_id: int, digests: Sequence[bytes], views: Sequence[Buffer | None], *,
@@ -43,6 +44,13 @@ def encode_put_results(
 ) -> list[list[bytes]]:
     """A committed group's PUT answers, sealed: per (request id, digests, status bytes) its
     PUT_RESULT datagrams."""
+
+def encode_put_requests(
+    requests: Sequence[tuple[int, Sequence[Buffer], Sequence[Buffer]]], *, max_datagram: int,
+    key_id: int, tag_key: bytes | None, timestamp_ms: int, nonce: Callable[[], int],
+) -> list[bytes]:
+    """A window of PUT_PAGES requests, sealed: per (request id, digests, pages) one datagram.
+    ValueError for a field out of range, OverflowError for a datagram above max_datagram."""
 
 def digest_pages(pages: Sequence[Buffer], *, threads: bool = True) -> list[bytes]:
     """BLAKE3 digests, GIL released, across cores (rayon) when ``threads``."""

@@ -20,11 +20,19 @@ can neither fetch nor confirm the existence of this wave's pages (SECURITY.md). 
 by wave key is checked by the receiver against the digest the sender offered: a node serving
 something else is caught and the page comes from the sender.
 
+Claims on pages in flight: VMs of a wave migrated at once walk the same pages at the same
+time, so most pages are looked up before any receiver has stored them. The first receiver that
+misses a page claims its wave key at the node (WAVE_CLAIM, a short time-to-live) and asks its
+sender for the body; the others are told PENDING and wait for the page (:class:`ClaimWaits`:
+re-asked, bounded by count and time) before asking their senders. A claimer that dies or is
+slow costs the waiters only the bound; a page is used only if it hashes to the offered digest.
+
 Time is a parameter (``now``, seconds, any monotonic-enough clock the caller keeps).
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +51,8 @@ __all__ = [
     "MAX_WAVE_TTL",
     "WAVE_KEY_SIZE",
     "WAVE_SECRET_ENV",
+    "ClaimPolicy",
+    "ClaimWaits",
     "WaveCredentials",
     "expires_at",
     "is_live",
@@ -154,3 +164,122 @@ def expires_at(now: float, ttl: float) -> float:
 def is_live(expiry: float, now: float) -> bool:
     """Whether a page expiring at ``expiry`` may still be served at ``now``."""
     return now < expiry
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimPolicy:
+    """How a receiver claims pages in flight and waits for other receivers' claims."""
+
+    claim_ttl: float = 5.0
+    """Seconds a claim this receiver makes lasts (its sender's body must come and be stored
+    within it; after it a waiter claims the page itself)."""
+    wait: float = 6.0
+    """Seconds a page claimed by another receiver is waited for at most; then it is asked of
+    the sender (0: no claims, every miss asks the sender at once)."""
+    first_ask: float = 0.05
+    """Seconds before the first re-ask of a pending page."""
+    backoff: float = 1.5
+    """Each re-ask waits this many times longer than the one before ..."""
+    max_interval: float = 0.5
+    """... up to this many seconds."""
+    max_asks: int = 40
+    """Re-asks of one page at most."""
+    max_waiting: int = 32768
+    """Pages waiting at most (about 150 bytes each); more are asked of the sender at once."""
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would not bound the wait (ConfigError)."""
+        if not (self.claim_ttl > 0 and self.wait >= 0 and self.first_ask > 0
+                and self.backoff >= 1 and self.max_interval >= self.first_ask
+                and self.max_asks >= 1 and self.max_waiting >= 0):
+            raise ConfigError(f"bad claim policy {self}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether misses are claimed (and others' claims waited for) at all."""
+        return self.wait > 0 and self.max_waiting > 0
+
+
+@dataclass(slots=True)
+class _Wait:
+    digest: bytes
+    since: float
+    asks: int
+    due: float
+
+
+class ClaimWaits:
+    """Pages (by body index) another receiver claimed, waiting to be re-asked (sans-IO).
+
+    :meth:`add` a page told PENDING; :meth:`take_due` the pages to ask about again now and the
+    ones whose bound ran out (ask the sender); report each asked page back: :meth:`again` if
+    still pending, :meth:`forget` otherwise. Bounded: at most ``policy.max_waiting`` pages."""
+
+    def __init__(self, policy: ClaimPolicy) -> None:
+        """Wait as ``policy`` says."""
+        self.policy = policy
+        self._waiting: dict[int, _Wait] = {}
+        self._schedule: list[tuple[float, int]] = []  # (due, index), stale entries skipped
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, index: int, digest: bytes, now: float) -> bool:
+        """Wait for the page of ``index``; False if full (ask the sender instead)."""
+        if index in self._waiting or len(self._waiting) >= self.policy.max_waiting:
+            return False
+        wait = _Wait(digest, now, 0, now + self.policy.first_ask)
+        self._waiting[index] = wait
+        heapq.heappush(self._schedule, (wait.due, index))
+        return True
+
+    def next_due(self) -> float | None:
+        """When :meth:`take_due` has something next (None: nothing waits)."""
+        while self._schedule:
+            due, index = self._schedule[0]
+            wait = self._waiting.get(index)
+            if wait is not None and wait.due == due:
+                return due
+            heapq.heappop(self._schedule)
+        return None
+
+    def take_due(self, now: float, limit: int) -> tuple[list[tuple[int, bytes]], list[int]]:
+        """Up to ``limit`` (index, digest) to ask about again now (they stay waiting until
+        :meth:`again` or :meth:`forget`), and the indices whose wait ran out (forgotten: ask
+        the sender for them)."""
+        ask: list[tuple[int, bytes]] = []
+        expired: list[int] = []
+        policy = self.policy
+        while self._schedule and len(ask) < limit:
+            due, index = self._schedule[0]
+            wait = self._waiting.get(index)
+            if wait is None or wait.due != due:
+                heapq.heappop(self._schedule)
+                continue
+            if due > now:
+                break
+            heapq.heappop(self._schedule)
+            if now - wait.since >= policy.wait or wait.asks >= policy.max_asks:
+                del self._waiting[index]
+                expired.append(index)
+                continue
+            wait.asks += 1
+            wait.due = float("inf")  # asked: not due again until :meth:`again`
+            ask.append((index, wait.digest))
+        return ask, expired
+
+    def again(self, indices: Sequence[int], now: float) -> None:
+        """These asked pages are still pending: ask again later (or give up at the bound)."""
+        policy = self.policy
+        for index in indices:
+            wait = self._waiting.get(index)
+            if wait is None:
+                continue
+            interval = min(policy.first_ask * policy.backoff ** wait.asks, policy.max_interval)
+            wait.due = min(now + interval, wait.since + policy.wait)
+            heapq.heappush(self._schedule, (wait.due, index))
+
+    def forget(self, indices: Sequence[int]) -> None:
+        """These pages no longer wait (found, claimed here, or asked of the sender)."""
+        for index in indices:
+            self._waiting.pop(index, None)

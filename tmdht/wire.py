@@ -70,6 +70,10 @@ Bodies and bulks (``u16`` counts; a digest is 32 bytes, a page 4096 bytes)::
     |                       | u16, ceil((groups << group bits) / 8) bytes mask   |           |
     | 20 RANGE_HASHES       | bucket bits u8, group bits u8, first u32, groups   |           |
     |                       | u16, groups x (count u32, xor 32s)                 |           |
+    | 21 WAVE_CLAIM         | claim ms u32 (>= 1), count u16 (>= 1), count x     |           |
+    |                       | wave key                                           |           |
+    | 22 WAVE_CLAIMS        | count u16, count x status u8                       |           |
+    |                       | :class:`WaveClaimStatus`, in the request's order   |           |
 
 RANGE_HASH asks a node for the page counts and XOR hashes of ``groups`` aligned groups of
 ``2 ** group_bits`` buckets from bucket ``first``, over the buckets flagged in the mask (bit
@@ -86,7 +90,12 @@ lease at most :data:`tmdht.records.MAX_TTL` seconds, a RECORDS answer holds at m
 Wave pages (types 15..17, :mod:`tmdht.wave`) are named by wave keys, not digests: neither the
 node nor this module can check them; the migration receiver checks each against the digest the
 sender offered. Their answers use a type of their own (WAVE_PAGES), so a wave answer is never
-taken for template pages.
+taken for template pages. WAVE_CLAIM (types 21, 22) marks wave pages *in flight*: VMs of a wave
+migrated at once walk the same pages at the same time, so the first receiver that misses a page
+claims it (the node keeps the claim in memory for at most ``claim ms``, capped by the node) and
+fetches it from its sender, and the others, told PENDING, wait for it to be stored instead of
+fetching it too. WAVE_CLAIMS answers one status byte per key, in one datagram (it is 32 times
+shorter than the request).
 
 A bulk is exactly as long as its body's page count says; types without a bulk have none (bytes
 after the auth block are refused). In a HAVE bitmap, entry ``i`` (the request's digest
@@ -175,6 +184,9 @@ __all__ = [
     "Records",
     "Request",
     "Response",
+    "WaveClaim",
+    "WaveClaimStatus",
+    "WaveClaims",
     "WaveGet",
     "WavePages",
     "WavePut",
@@ -190,6 +202,7 @@ __all__ = [
     "max_range_groups",
     "max_range_mask_bytes",
     "put_pages_decoded",
+    "put_result_decoded",
 ]
 
 PROTOCOL_VERSION: Final = 2
@@ -249,6 +262,8 @@ class MessageType(IntEnum):
     WAVE_PUT = 17
     RANGE_HASH = 19
     RANGE_HASHES = 20
+    WAVE_CLAIM = 21
+    WAVE_CLAIMS = 22
 
 
 class PutStatus(IntEnum):
@@ -264,6 +279,18 @@ class PutStatus(IntEnum):
     """The node is at capacity; nothing was stored."""
     REJECTED_ZERO = 5
     """The all-zero page is never stored (it travels as a ZERO record)."""
+
+
+class WaveClaimStatus(IntEnum):
+    """What a node answers for one wave key of a WAVE_CLAIM."""
+
+    CLAIMED = 1
+    """The page is neither stored nor claimed: the requester now holds the claim (or the node
+    keeps no more claims): it takes the page from elsewhere (its sender) and stores it."""
+    PENDING = 2
+    """Another requester's claim is live: the page should be stored soon."""
+    HELD = 3
+    """The page is stored: WAVE_GET it."""
 
 
 class ErrorCode(IntEnum):
@@ -700,6 +727,41 @@ class WavePut:
         _check_lengths([page for _, page in self.pages], PAGE_SIZE, "page")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaveClaim:
+    """Request: the status of these wave keys, claiming each that is neither stored nor claimed
+    (answered by WAVE_CLAIMS)."""
+
+    request_id: int
+    claim_ms: int
+    """How long a claim made here lasts, 1..2**32-1 ms (the node caps it)."""
+    keys: tuple[bytes, ...]
+    """1..:func:`max_digests_per_request` wave keys (minus one: the claim time takes 4 bytes)."""
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        if not 0 < self.claim_ms <= _U32_MAX:
+            raise InvalidMessageError(f"a claim lasts 1..{_U32_MAX} ms, got {self.claim_ms}")
+        object.__setattr__(self, "keys", tuple(self.keys))
+        _check_count(len(self.keys), "wave keys", at_least=1)
+        _check_lengths(self.keys, DIGEST_SIZE, "wave key")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WaveClaims:
+    """Response to WAVE_CLAIM (one datagram): one status per key, in the request's order."""
+
+    request_id: int
+    statuses: tuple[WaveClaimStatus, ...]
+
+    def __post_init__(self) -> None:
+        _check_request_id(self.request_id)
+        object.__setattr__(self, "statuses", tuple(self.statuses))
+        _check_count(len(self.statuses), "statuses")
+        if not all(isinstance(s, WaveClaimStatus) for s in self.statuses):
+            raise InvalidMessageError("statuses must be WaveClaimStatus")
+
+
 MAX_BUCKET_BITS: Final = 24
 """Most bucket bits a RANGE_HASH may name (the mask of a whole 2**24 key space would not fit a
 datagram anyway; the limit keeps decoded numbers small)."""
@@ -777,6 +839,7 @@ Request: TypeAlias = (
     | RecordGet
     | WaveGet
     | WavePut
+    | WaveClaim
     | RangeHashQuery
 )
 """A message a client sends to a node."""
@@ -789,6 +852,7 @@ Response: TypeAlias = (
     | RecordPutResult
     | Records
     | WavePages
+    | WaveClaims
     | RangeHashes
 )
 """A message a node sends back."""
@@ -798,6 +862,7 @@ Message: TypeAlias = Request | Response
 _PUT_STATUS_BY_VALUE: Final[dict[int, PutStatus]] = {int(s): s for s in PutStatus}
 _ERROR_CODE_BY_VALUE: Final[dict[int, ErrorCode]] = {int(c): c for c in ErrorCode}
 _RECORD_STATUS_BY_VALUE: Final[dict[int, RecordStatus]] = {int(s): s for s in RecordStatus}
+_CLAIM_STATUS_BY_VALUE: Final[dict[int, WaveClaimStatus]] = {int(s): s for s in WaveClaimStatus}
 _RECORD_PUT: Final = struct.Struct(f">{RECORD_KEY_SIZE}sQQIB")
 _RECORD_PUT_RESULT: Final = struct.Struct(">BQ")
 _RECORD_ENTRY: Final = struct.Struct(">QQIB")
@@ -943,6 +1008,16 @@ def _encode_wave_put(msg: WavePut) -> _Body:
                  [p for _, p in msg.pages])
 
 
+def _encode_wave_claim(msg: WaveClaim) -> _Body:
+    chunks = [_U32.pack(msg.claim_ms), _U16.pack(len(msg.keys)), *msg.keys]
+    return _Body(chunks, _U32.size + _U16.size + len(msg.keys) * DIGEST_SIZE)
+
+
+def _encode_wave_claims(msg: WaveClaims) -> _Body:
+    chunks = [_U16.pack(len(msg.statuses)), bytes(msg.statuses)]
+    return _Body(chunks, _U16.size + len(msg.statuses))
+
+
 # Message class -> (type byte, body encoder). Typed loosely: each encoder takes its own class.
 _ENCODERS: Final[dict[type, tuple[MessageType, Callable[[Any], _Body]]]] = {
     GetPages: (MessageType.GET_PAGES, _encode_get_pages),
@@ -961,6 +1036,8 @@ _ENCODERS: Final[dict[type, tuple[MessageType, Callable[[Any], _Body]]]] = {
     WaveGet: (MessageType.WAVE_GET, _encode_wave_get),
     WavePages: (MessageType.WAVE_PAGES, _encode_wave_pages),
     WavePut: (MessageType.WAVE_PUT, _encode_wave_put),
+    WaveClaim: (MessageType.WAVE_CLAIM, _encode_wave_claim),
+    WaveClaims: (MessageType.WAVE_CLAIMS, _encode_wave_claims),
     RangeHashQuery: (MessageType.RANGE_HASH, _encode_range_hash),
     RangeHashes: (MessageType.RANGE_HASHES, _encode_range_hashes),
 }
@@ -1252,6 +1329,15 @@ def _unchecked(cls: type[_M], **fields: object) -> _M:
     return msg
 
 
+def put_result_decoded(
+    request_id: int, results: tuple[tuple[PageDigest, PutStatus], ...], part: int, parts: int
+) -> PutResult:
+    """A PutResult from a decoder that made the checks :func:`decode` makes (the client's
+    native burst decoder, :func:`tmdht.net.burst.decode_burst`): built without
+    ``__post_init__``, as :func:`decode` builds it."""
+    return _unchecked(PutResult, request_id=request_id, results=results, part=part, parts=parts)
+
+
 def put_pages_decoded(
     request_id: int, pages: tuple[tuple[PageDigest, bytes], ...]
 ) -> PutPages:
@@ -1465,6 +1551,24 @@ def _decode_wave_put(data: bytes, start: int, end: int, head: _Head) -> Message:
     return WavePut(request_id=head.request_id, ttl=ttl, pages=put.pages)
 
 
+def _decode_wave_claim(data: bytes, start: int, end: int, head: _Head) -> Message:
+    (claim_ms,) = _read_counts(data, start, end, _U32)
+    if not claim_ms:
+        raise _BodyError("a claim lasts at least 1 ms")
+    keys = _read_digest_list(data, start + _U32.size, end)
+    return WaveClaim(request_id=head.request_id, claim_ms=claim_ms, keys=keys)
+
+
+def _decode_wave_claims(data: bytes, start: int, end: int, head: _Head) -> Message:
+    (count,) = _read_counts(data, start, end, _U16)
+    _expect_length(end - start, _U16.size + count)
+    statuses = [_CLAIM_STATUS_BY_VALUE.get(value) for value in data[start + _U16.size : end]]
+    if None in statuses:
+        raise _BodyError(f"unknown claim status {data[start + _U16.size + statuses.index(None)]}")
+    return WaveClaims(request_id=head.request_id,
+                      statuses=cast(tuple[WaveClaimStatus, ...], tuple(statuses)))
+
+
 def _read_range_head(data: bytes, start: int, end: int) -> tuple[int, int, int, int]:
     bucket_bits, group_bits, first, groups = _read_counts(data, start, end, _RANGE_HEAD)
     if not 1 <= bucket_bits <= MAX_BUCKET_BITS or group_bits > bucket_bits or not groups:
@@ -1509,6 +1613,8 @@ _DECODERS: Final[dict[int, tuple[_BodyDecoder, bool, bool]]] = {
     MessageType.WAVE_GET: (_decode_wave_get, True, False),
     MessageType.WAVE_PAGES: (_decode_wave_pages, False, True),
     MessageType.WAVE_PUT: (_decode_wave_put, True, True),
+    MessageType.WAVE_CLAIM: (_decode_wave_claim, True, False),
+    MessageType.WAVE_CLAIMS: (_decode_wave_claims, True, False),
     MessageType.RANGE_HASH: (_decode_range_hash, True, False),
     MessageType.RANGE_HASHES: (_decode_range_hashes, True, False),
 }

@@ -192,37 +192,84 @@ fn authenticate<T>(
     Ok((Stamp { key_id, timestamp_ms, nonce }, end))
 }
 
+/// The header of an authentic datagram and the counts that open its body, checked as
+/// `tmdht.wire.decode` and its body decoders check them, in their order and with their texts:
+/// reserved flags, part of parts (`single`: only part 0 of 1 is valid), no bytes after the auth
+/// block for a type without bulk, then a body long enough for its `counts` bytes of counts.
+struct Head {
+    request_id: u64,
+    part: u16,
+    parts: u16,
+    message_type: u8,
+    /// The counts start here (the body's first byte); the body ends at `body_end`.
+    counts_at: usize,
+    body_end: usize,
+}
+
+impl Head {
+    fn check(
+        data: &[u8],
+        end: usize,
+        message_type: u8,
+        counts: usize,
+        single: bool,
+        bulk: bool,
+    ) -> Result<Head, BodyError> {
+        let head = Head {
+            request_id: u64_at(data, 4),
+            part: u16_at(data, 12),
+            parts: u16_at(data, 14),
+            message_type,
+            counts_at: HEADER_SIZE,
+            body_end: end - AUTH_OVERHEAD,
+        };
+        let flags = u16_at(data, 2);
+        if flags != 0 {
+            return Err(head.error(format!("reserved header flags 0x{flags:04x} are set")));
+        }
+        if head.part >= head.parts || (single && head.parts != 1) {
+            let (part, parts) = (head.part, head.parts);
+            return Err(head.error(format!("part {part} of {parts} is not valid for this message type")));
+        }
+        if !bulk && data.len() != end {
+            return Err(head.error(format!(
+                "{} bytes after the auth block of a type without bulk",
+                data.len() - end
+            )));
+        }
+        let length = head.body_end - head.counts_at;
+        if length < counts {
+            return Err(head.error(format!("body of {length} bytes is too short for its counts")));
+        }
+        Ok(head)
+    }
+
+    /// A MALFORMED body error of this datagram.
+    fn error(&self, reason: String) -> BodyError {
+        BodyError { request_id: self.request_id, message_type: self.message_type, code: MALFORMED, reason }
+    }
+
+    /// `tmdht.wire._expect_length`: the body after the counts is exactly what they need.
+    fn expect_length(&self, from: usize, expected: usize) -> Result<(), BodyError> {
+        let actual = self.body_end - from;
+        if actual != expected {
+            return Err(self.error(format!("body is {actual} bytes, its counts need {expected}")));
+        }
+        Ok(())
+    }
+}
+
 fn decode_body(data: &[u8], end: usize) -> Result<PagesPart, BodyError> {
-    let request_id = u64_at(data, 4);
-    let part = u16_at(data, 12);
-    let parts = u16_at(data, 14);
-    let flags = u16_at(data, 2);
-    let fail = |reason: String| BodyError { request_id, message_type: PAGES, code: MALFORMED, reason };
-    if flags != 0 {
-        return Err(fail(format!("reserved header flags 0x{flags:04x} are set")));
-    }
-    if part >= parts {
-        return Err(fail(format!("part {part} of {parts} is not valid for this message type")));
-    }
-    let start = HEADER_SIZE;
-    let body_end = end - AUTH_OVERHEAD;
-    if body_end - start < 4 {
-        return Err(fail(format!("body of {} bytes is too short for its counts", body_end - start)));
-    }
+    let head = Head::check(data, end, PAGES, 4, false, true)?;
+    let start = head.counts_at;
     let pages = u16_at(data, start) as usize;
     let missing = u16_at(data, start + 2) as usize;
     let digests_at = start + 4;
-    let expected = (pages + missing) * DIGEST_SIZE;
-    if body_end - digests_at != expected {
-        return Err(fail(format!(
-            "body is {} bytes, its counts need {expected}",
-            body_end - digests_at
-        )));
-    }
+    head.expect_length(digests_at, (pages + missing) * DIGEST_SIZE)?;
     let bulk_at = end;
     let bulk = data.len() - bulk_at;
     if bulk != pages * PAGE_SIZE {
-        return Err(fail(format!(
+        return Err(head.error(format!(
             "bulk is {bulk} bytes, the body's {pages} pages need {}",
             pages * PAGE_SIZE
         )));
@@ -234,6 +281,7 @@ fn decode_body(data: &[u8], end: usize) -> Result<PagesPart, BodyError> {
             blake3::hash(page).as_bytes() == digest
         })
         .collect();
+    let (request_id, part, parts) = (head.request_id, head.part, head.parts);
     Ok(PagesPart { request_id, part, parts, digests_at, pages, missing, bulk_at, matches })
 }
 
@@ -354,6 +402,18 @@ impl<'a> Sealer<'a> {
     }
 }
 
+/// A datagram's header (`tmdht.wire`'s `_HEADER`, no flags) in a buffer with room for the
+/// `body` bytes and the auth block that follow it.
+fn header(message_type: u8, request_id: u64, part: u16, parts: u16, body: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(OVERHEAD + body);
+    out.extend_from_slice(&[PROTOCOL_VERSION, message_type, 0, 0]);
+    out.extend_from_slice(&request_id.to_be_bytes());
+    out.extend_from_slice(&part.to_be_bytes());
+    out.extend_from_slice(&parts.to_be_bytes());
+    out.extend_from_slice(&(body as u32).to_be_bytes());
+    out
+}
+
 /// The head of one PAGES datagram: header, body (the digests of its pages, then its missing
 /// digests) and the sealed auth block; its pages follow it on the wire, outside the tag.
 #[allow(clippy::too_many_arguments)]
@@ -368,12 +428,7 @@ pub fn pages_head(
     nonce: u64,
 ) -> Vec<u8> {
     let body = 4 + (found.len() + missing.len()) * DIGEST_SIZE;
-    let mut out = Vec::with_capacity(OVERHEAD + body);
-    out.extend_from_slice(&[PROTOCOL_VERSION, PAGES, 0, 0]);
-    out.extend_from_slice(&request_id.to_be_bytes());
-    out.extend_from_slice(&part.to_be_bytes());
-    out.extend_from_slice(&parts.to_be_bytes());
-    out.extend_from_slice(&(body as u32).to_be_bytes());
+    let mut out = header(PAGES, request_id, part, parts, body);
     out.extend_from_slice(&(found.len() as u16).to_be_bytes());
     out.extend_from_slice(&(missing.len() as u16).to_be_bytes());
     for digest in found.iter().chain(missing) {
@@ -452,12 +507,7 @@ pub fn put_result_datagram(
     nonce: u64,
 ) -> Vec<u8> {
     let body = 2 + digests.len() * RESULT_ENTRY;
-    let mut out = Vec::with_capacity(OVERHEAD + body);
-    out.extend_from_slice(&[PROTOCOL_VERSION, PUT_RESULT, 0, 0]);
-    out.extend_from_slice(&request_id.to_be_bytes());
-    out.extend_from_slice(&part.to_be_bytes());
-    out.extend_from_slice(&parts.to_be_bytes());
-    out.extend_from_slice(&(body as u32).to_be_bytes());
+    let mut out = header(PUT_RESULT, request_id, part, parts, body);
     out.extend_from_slice(&(digests.len() as u16).to_be_bytes());
     for (digest, status) in digests.iter().zip(statuses) {
         out.extend_from_slice(digest);
@@ -513,43 +563,21 @@ pub fn decode_put(data: &[u8], max_datagram: usize, keys: &Keys) -> Decoded<PutR
 }
 
 fn decode_put_body(data: &[u8], end: usize) -> Result<PutRequest, BodyError> {
-    let request_id = u64_at(data, 4);
-    let part = u16_at(data, 12);
-    let parts = u16_at(data, 14);
-    let flags = u16_at(data, 2);
-    let fail =
-        |reason: String| BodyError { request_id, message_type: PUT_PAGES, code: MALFORMED, reason };
-    if flags != 0 {
-        return Err(fail(format!("reserved header flags 0x{flags:04x} are set")));
-    }
-    if part >= parts || parts != 1 {
-        return Err(fail(format!("part {part} of {parts} is not valid for this message type")));
-    }
-    let start = HEADER_SIZE;
-    let body_end = end - AUTH_OVERHEAD;
-    if body_end - start < 2 {
-        return Err(fail(format!("body of {} bytes is too short for its counts", body_end - start)));
-    }
-    let count = u16_at(data, start) as usize;
-    let digests_at = start + 2;
-    if body_end - digests_at != count * DIGEST_SIZE {
-        return Err(fail(format!(
-            "body is {} bytes, its counts need {}",
-            body_end - digests_at,
-            count * DIGEST_SIZE
-        )));
-    }
+    let head = Head::check(data, end, PUT_PAGES, 2, true, true)?;
+    let count = u16_at(data, head.counts_at) as usize;
+    let digests_at = head.counts_at + 2;
+    head.expect_length(digests_at, count * DIGEST_SIZE)?;
     if count == 0 {
-        return Err(fail("PUT_PAGES carries at least one page".to_string()));
+        return Err(head.error("PUT_PAGES carries at least one page".to_string()));
     }
     let bulk = data.len() - end;
     if bulk != count * PAGE_SIZE {
-        return Err(fail(format!(
+        return Err(head.error(format!(
             "bulk is {bulk} bytes, the body's {count} pages need {}",
             count * PAGE_SIZE
         )));
     }
-    Ok(PutRequest { request_id, digests_at, count, bulk_at: end })
+    Ok(PutRequest { request_id: head.request_id, digests_at, count, bulk_at: end })
 }
 
 #[cfg(test)]
@@ -593,5 +621,101 @@ mod put_tests {
             let _ = decode_put(&data[..cut], MAX_DATAGRAM, &keys);
         }
         assert!(matches!(decode_put(&data, MAX_DATAGRAM, &Keys::Open), Decoded::Refused(_, true)));
+    }
+}
+
+// -- the client's side: PUT_RESULT answers decoded, PUT_PAGES requests sealed ----------------
+
+/// The highest `tmdht.wire.PutStatus` value (they run 1..=5).
+pub const MAX_PUT_STATUS: u8 = 5;
+
+/// A decoded PUT_RESULT part. Its `count` entries (digest, status byte) start at `entries_at`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PutResults {
+    pub request_id: u64,
+    pub part: u16,
+    pub parts: u16,
+    pub entries_at: usize,
+    pub count: usize,
+}
+
+/// Decode one PUT_RESULT datagram: `tmdht.wire.decode`'s checks and messages, in its order.
+pub fn decode_put_result(data: &[u8], max_datagram: usize, keys: &Keys) -> Decoded<PutResults> {
+    match authenticate(data, max_datagram, keys, PUT_RESULT) {
+        Ok((stamp, end)) => Decoded::Authentic(stamp, decode_put_result_body(data, end)),
+        Err(outcome) => outcome,
+    }
+}
+
+fn decode_put_result_body(data: &[u8], end: usize) -> Result<PutResults, BodyError> {
+    let head = Head::check(data, end, PUT_RESULT, 2, false, false)?;
+    let count = u16_at(data, head.counts_at) as usize;
+    let entries_at = head.counts_at + 2;
+    head.expect_length(entries_at, count * RESULT_ENTRY)?;
+    for i in 0..count {
+        let status = data[entries_at + i * RESULT_ENTRY + DIGEST_SIZE];
+        if !(1..=MAX_PUT_STATUS).contains(&status) {
+            return Err(head.error(format!("unknown put status {status}")));
+        }
+    }
+    Ok(PutResults { request_id: head.request_id, part: head.part, parts: head.parts, entries_at, count })
+}
+
+/// Bytes of a PUT_PAGES datagram of `count` pages.
+pub fn put_pages_size(count: usize) -> usize {
+    OVERHEAD + 2 + count * (DIGEST_SIZE + PAGE_SIZE)
+}
+
+/// The head of one PUT_PAGES datagram: header, body (count, digests) and the sealed auth
+/// block; its pages follow on the wire, outside the tag (`tmdht.wire.encode` of a PutPages).
+pub fn put_pages_head(
+    request_id: u64,
+    digests: &[&[u8]],
+    sealer: &Sealer<'_>,
+    timestamp_ms: u64,
+    nonce: u64,
+) -> Vec<u8> {
+    let body = 2 + digests.len() * DIGEST_SIZE;
+    let mut out = header(PUT_PAGES, request_id, 0, 1, body);
+    out.extend_from_slice(&(digests.len() as u16).to_be_bytes());
+    for digest in digests {
+        out.extend_from_slice(digest);
+    }
+    seal_into(&mut out, sealer, timestamp_ms, nonce);
+    out
+}
+
+#[cfg(test)]
+mod client_put_tests {
+    use super::*;
+
+    #[test]
+    fn sealed_puts_decode_and_results_round_trip() {
+        let key = [6u8; 32];
+        let keys = Keys::Keyed(vec![(3, key)]);
+        let page = vec![5u8; PAGE_SIZE];
+        let digest = *blake3::hash(&page).as_bytes();
+        let mut data = put_pages_head(8, &[&digest], &Sealer::Keyed(3, &key), 1, 2);
+        data.extend_from_slice(&page);
+        assert_eq!(data.len(), put_pages_size(1));
+        let Decoded::Authentic(_, Ok(put)) = decode_put(&data, MAX_DATAGRAM, &keys) else {
+            panic!("not decoded")
+        };
+        assert_eq!((put.request_id, put.count), (8, 1));
+        let mut answer = put_result_datagram(8, 0, 1, &[&digest, &digest], &[1, 2], &Sealer::Keyed(3, &key), 1, 3);
+        let Decoded::Authentic(_, Ok(results)) = decode_put_result(&answer, MAX_DATAGRAM, &keys) else {
+            panic!("not decoded")
+        };
+        assert_eq!((results.request_id, results.count, results.entries_at), (8, 2, HEADER_SIZE + 2));
+        for cut in 0..answer.len() {
+            let _ = decode_put_result(&answer[..cut], MAX_DATAGRAM, &keys);
+        }
+        answer.push(0);
+        assert!(matches!(decode_put_result(&answer, MAX_DATAGRAM, &keys), Decoded::Authentic(_, Err(_))));
+        let bad = put_result_datagram(8, 0, 1, &[&digest], &[9], &Sealer::Open, 1, 3);
+        let Decoded::Authentic(_, Err(error)) = decode_put_result(&bad, MAX_DATAGRAM, &Keys::Open) else {
+            panic!("status not checked")
+        };
+        assert_eq!(error.reason, "unknown put status 9");
     }
 }

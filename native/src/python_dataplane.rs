@@ -13,6 +13,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_pages_answer, m)?)?;
     m.add_function(wrap_pyfunction!(encode_put_results, m)?)?;
     m.add_function(wrap_pyfunction!(decode_put_pages, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_put_requests, m)?)?;
     m.add_function(wrap_pyfunction!(digest_pages, m)?)?;
     m.add_function(wrap_pyfunction!(pages_match, m)?)?;
     Ok(())
@@ -22,6 +23,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 const OK: u8 = 0;
 const REFUSED: u8 = 1;
 const BODY_ERROR: u8 = 3;
+const PUT_RESULT_OK: u8 = 4;
 /// Refusal classes.
 const DECODE: u8 = 0;
 const LIMIT: u8 = 1;
@@ -34,8 +36,9 @@ fn check_max_datagram(max_datagram: usize) -> PyResult<()> {
     Ok(())
 }
 
-/// A sealer's tag key: `None` in open mode, else 32 bytes.
-fn parse_tag_key(tag_key: Option<Vec<u8>>) -> PyResult<Option<[u8; 32]>> {
+/// A sealer's tag key: `None` in open mode, else 32 bytes; `max_datagram` checked first.
+fn parse_tag_key(max_datagram: usize, tag_key: Option<Vec<u8>>) -> PyResult<Option<[u8; 32]>> {
+    check_max_datagram(max_datagram)?;
     tag_key
         .map(|k| k.try_into().map_err(|_| PyValueError::new_err("a tag key is 32 bytes")))
         .transpose()
@@ -136,15 +139,19 @@ fn decode_put_pages<'py>(
     })
 }
 
-/// Decode and verify a burst of datagrams; one result per datagram, in order:
-/// `None` (not a PAGES datagram: decode it with the reference),
+/// Decode and verify a burst of datagrams (the bulky answers a client gets: PAGES to its GETs,
+/// PUT_RESULT to its PUTs); one result per datagram, in order:
+/// `None` (neither a PAGES nor a PUT_RESULT datagram: decode it with the reference),
 /// `(1, class, message)` (refused before any state: class 0 DecodeError, 1 LimitExceededError,
 /// 2 AuthenticationError),
 /// `(0, key_id, timestamp_ms, nonce, request_id, part, parts, pages, corrupt, missing)`
 /// (authentic; `pages` the (digest, page) pairs whose page matches its digest, `corrupt` the
 /// digests whose page did not), or
 /// `(3, key_id, timestamp_ms, nonce, request_id, message_type, code, reason)` (authentic, bad
-/// body: MessageDecodeError). `keys`: None in open mode, else (key id, tag key) accepted now.
+/// body: MessageDecodeError), or for a PUT_RESULT
+/// `(4, key_id, timestamp_ms, nonce, request_id, part, parts, digests, statuses)` (authentic;
+/// `statuses` one byte per digest, each a valid `tmdht.wire.PutStatus`).
+/// `keys`: None in open mode, else (key id, tag key) accepted now.
 #[pyfunction]
 #[pyo3(signature = (datagrams, max_datagram, keys))]
 fn decode_pages_burst<'py>(
@@ -172,6 +179,10 @@ fn decode_pages_burst<'py>(
     // of a few MiB).
     for &view in &views {
         let data = slice(view);
+        if data.len() >= 2 && data[1] == dataplane::PUT_RESULT {
+            out.append(put_result_item(py, data, max_datagram, &keys)?)?;
+            continue;
+        }
         let outcome = dataplane::decode_pages(data, max_datagram, &keys);
         let item: Bound<'py, PyAny> = match unless_decoded(py, outcome)? {
             Err(item) => item,
@@ -192,22 +203,141 @@ fn decode_pages_burst<'py>(
                     }
                 }
                 let missing: Vec<_> = (part.pages..part.pages + part.missing).map(digest).collect();
-                let fields: [Bound<'py, PyAny>; 10] = [
-                    OK.into_pyobject(py)?.into_any(),
-                    stamp.key_id.into_pyobject(py)?.into_any(),
-                    stamp.timestamp_ms.into_pyobject(py)?.into_any(),
-                    stamp.nonce.into_pyobject(py)?.into_any(),
-                    part.request_id.into_pyobject(py)?.into_any(),
-                    part.part.into_pyobject(py)?.into_any(),
-                    part.parts.into_pyobject(py)?.into_any(),
-                    PyTuple::new(py, pages)?.into_any(),
-                    PyTuple::new(py, corrupt)?.into_any(),
-                    PyTuple::new(py, missing)?.into_any(),
-                ];
+                let mut fields = stamped(py, OK, &stamp, part.request_id, part.part, part.parts)?;
+                fields.push(PyTuple::new(py, pages)?.into_any());
+                fields.push(PyTuple::new(py, corrupt)?.into_any());
+                fields.push(PyTuple::new(py, missing)?.into_any());
                 PyTuple::new(py, fields)?.into_any()
             }
         };
         out.append(item)?;
+    }
+    Ok(out)
+}
+
+/// The fields an authentic answer's item starts with: (tag, key id, timestamp ms, nonce,
+/// request id, part, parts); the caller appends its body's.
+fn stamped<'py>(
+    py: Python<'py>,
+    tag: u8,
+    stamp: &dataplane::Stamp,
+    request_id: u64,
+    part: u16,
+    parts: u16,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    let mut fields = Vec::with_capacity(10);
+    fields.push(tag.into_pyobject(py)?.into_any());
+    fields.push(stamp.key_id.into_pyobject(py)?.into_any());
+    fields.push(stamp.timestamp_ms.into_pyobject(py)?.into_any());
+    fields.push(stamp.nonce.into_pyobject(py)?.into_any());
+    fields.push(request_id.into_pyobject(py)?.into_any());
+    fields.push(part.into_pyobject(py)?.into_any());
+    fields.push(parts.into_pyobject(py)?.into_any());
+    Ok(fields)
+}
+
+/// One PUT_RESULT datagram of a burst (see `decode_pages_burst`).
+fn put_result_item<'py>(
+    py: Python<'py>,
+    data: &[u8],
+    max_datagram: usize,
+    keys: &Keys,
+) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match unless_decoded(py, dataplane::decode_put_result(data, max_datagram, keys))? {
+        Err(item) => item,
+        Ok((stamp, results)) => {
+            let mut digests = Vec::with_capacity(results.count);
+            let mut statuses = Vec::with_capacity(results.count);
+            for i in 0..results.count {
+                let at = results.entries_at + i * dataplane::RESULT_ENTRY;
+                digests.push(PyBytes::new(py, &data[at..at + DIGEST_SIZE]));
+                statuses.push(data[at + DIGEST_SIZE]);
+            }
+            let (request_id, part, parts) = (results.request_id, results.part, results.parts);
+            let mut fields = stamped(py, PUT_RESULT_OK, &stamp, request_id, part, parts)?;
+            fields.push(PyTuple::new(py, digests)?.into_any());
+            fields.push(PyBytes::new(py, &statuses).into_any());
+            PyTuple::new(py, fields)?.into_any()
+        }
+    })
+}
+
+/// The bytes of a digest or page: a `bytes` object as is, any other buffer copied.
+fn item_bytes<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<std::borrow::Cow<'a, [u8]>> {
+    if let Ok(bytes) = obj.cast::<PyBytes>() {
+        return Ok(std::borrow::Cow::Borrowed(bytes.as_bytes()));
+    }
+    let buffer = PyBuffer::<u8>::get(obj)?;
+    Ok(std::borrow::Cow::Owned(buffer.to_vec(obj.py())?))
+}
+
+/// One PUT_PAGES request as Python passes it: (request id, digests, pages).
+type PutRequestArg<'py> = (u64, Vec<Bound<'py, PyAny>>, Vec<Bound<'py, PyAny>>);
+
+/// A window of PUT_PAGES requests sealed in one call (the client's side): `requests` holds per
+/// request (request id, digests, pages), digests and pages any buffers (32 and 4096 bytes);
+/// returns one datagram (bytes) per request, byte for byte `tmdht.wire.encode` of its PutPages,
+/// sealed as in `encode_pages_answer` (`nonce()` once per datagram, in order). Every request is
+/// checked before any nonce is drawn: ValueError for a field the format cannot carry (the
+/// reference's InvalidMessageError text), OverflowError for a datagram above `max_datagram`
+/// (MessageTooLargeError's).
+#[pyfunction]
+#[pyo3(signature = (requests, *, max_datagram, key_id, tag_key, timestamp_ms, nonce))]
+fn encode_put_requests<'py>(
+    py: Python<'py>,
+    requests: Vec<PutRequestArg<'py>>,
+    max_datagram: usize,
+    key_id: u8,
+    tag_key: Option<Vec<u8>>,
+    timestamp_ms: u64,
+    nonce: Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyList>> {
+    use pyo3::exceptions::PyOverflowError;
+    let key = parse_tag_key(max_datagram, tag_key)?;
+    let sealer = Sealer::of(key_id, key.as_ref());
+    type Checked<'a> = (u64, Vec<std::borrow::Cow<'a, [u8]>>, Vec<std::borrow::Cow<'a, [u8]>>);
+    let mut checked: Vec<Checked<'_>> = Vec::with_capacity(requests.len());
+    for (request_id, digests, pages) in &requests {
+        let count = digests.len();
+        if pages.len() != count {
+            return Err(PyValueError::new_err("one page per digest"));
+        }
+        if !(1..=u16::MAX as usize).contains(&count) {
+            return Err(PyValueError::new_err(format!(
+                "{count} pages: the format carries 1..{}", u16::MAX)));
+        }
+        let digests = digests.iter().map(item_bytes).collect::<PyResult<Vec<_>>>()?;
+        if let Some(bad) = digests.iter().find(|d| d.len() != DIGEST_SIZE) {
+            return Err(PyValueError::new_err(format!(
+                "a digest is {DIGEST_SIZE} bytes, got one of {}", bad.len())));
+        }
+        let pages = pages.iter().map(item_bytes).collect::<PyResult<Vec<_>>>()?;
+        if let Some(bad) = pages.iter().find(|p| p.len() != PAGE_SIZE) {
+            return Err(PyValueError::new_err(format!(
+                "a page is {PAGE_SIZE} bytes, got one of {}", bad.len())));
+        }
+        let size = dataplane::put_pages_size(count);
+        if size > max_datagram {
+            return Err(PyOverflowError::new_err(format!(
+                "PUT_PAGES of {size} bytes exceeds max_datagram {max_datagram}")));
+        }
+        checked.push((*request_id, digests, pages));
+    }
+    let out = PyList::empty(py);
+    for (request_id, digests, pages) in &checked {
+        let nonce: u64 = nonce.call0()?.extract()?;
+        let refs: Vec<&[u8]> = digests.iter().map(|d| d.as_ref()).collect();
+        let head = dataplane::put_pages_head(*request_id, &refs, &sealer, timestamp_ms, nonce);
+        let size = head.len() + pages.len() * PAGE_SIZE;
+        let datagram = PyBytes::new_with(py, size, |buf| {
+            buf[..head.len()].copy_from_slice(&head);
+            for (i, page) in pages.iter().enumerate() {
+                let at = head.len() + i * PAGE_SIZE;
+                buf[at..at + PAGE_SIZE].copy_from_slice(page);
+            }
+            Ok(())
+        })?;
+        out.append(datagram)?;
     }
     Ok(out)
 }
@@ -235,7 +365,7 @@ fn encode_pages_answer<'py>(
     if digests.len() != views.len() {
         return Err(PyValueError::new_err("one view (or None) per digest"));
     }
-    let key = parse_tag_key(tag_key)?;
+    let key = parse_tag_key(max_datagram, tag_key)?;
     let sealer = Sealer::of(key_id, key.as_ref());
     let mut found: Vec<&[u8]> = Vec::with_capacity(digests.len());
     let mut found_views: Vec<&Bound<'py, PyAny>> = Vec::with_capacity(digests.len());
@@ -298,8 +428,7 @@ fn encode_put_results<'py>(
     timestamp_ms: u64,
     nonce: Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyList>> {
-    check_max_datagram(max_datagram)?;
-    let key = parse_tag_key(tag_key)?;
+    let key = parse_tag_key(max_datagram, tag_key)?;
     let sealer = Sealer::of(key_id, key.as_ref());
     let per_part = dataplane::results_per_part(max_datagram);
     // Every answer is checked before any nonce is drawn: a bad one draws none.

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from support.cluster import FAST_NODE_ARGS, eventually, make_pages
 
+from tmdht import wire
 from tmdht.client.store import TemplateStoreClient
 from tmdht.client.wave import open_wave_client
 from tmdht.node.local import LocalCluster
@@ -120,3 +121,85 @@ def test_a_node_without_a_wave_store_answers_misses(tmp_path: Path) -> None:
                 await body(store)
 
         run(main())
+
+
+CLAIMED, PENDING, HELD = (wire.WaveClaimStatus.CLAIMED, wire.WaveClaimStatus.PENDING,
+                          wire.WaveClaimStatus.HELD)
+
+
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A cluster whose wave stores the capacity test above does not fill."""
+    with LocalCluster(tmp_path_factory.mktemp("claims"), 2, extra_args=FAST_NODE_ARGS) as c:
+        yield c
+
+
+def test_a_claimed_page_is_pending_for_others_until_stored_then_found(
+        roomy: LocalCluster) -> None:
+    pages = make_pages(30, tag=76)
+    digests = [d for d, _ in pages]
+
+    async def body(store: TemplateStoreClient) -> None:
+        first = await open_wave_client(store, WAVE)
+        second = await open_wave_client(store, WAVE)  # another receiver of the same wave
+        try:
+            assert await first.claim(digests, ttl=60) == [CLAIMED] * len(pages)
+            assert await second.claim(digests, ttl=60) == [PENDING] * len(pages)
+            assert await first.claim(digests[:1], ttl=60) == [PENDING]  # one claim per page
+            assert await first.store(pages[:10]) == 10  # what the claimer got so far
+            assert await second.claim(digests, ttl=60) == [HELD] * 10 + [PENDING] * 20
+            assert await second.fetch(digests) == dict(pages[:10])
+            assert second.stats.pending == 2 * len(pages) - 10 and second.stats.claimed == 0
+        finally:
+            first.close()
+            second.close()
+
+    run(_with_store(roomy, body))
+
+
+def test_claims_are_not_visible_to_another_wave(roomy: LocalCluster) -> None:
+    pages = make_pages(20, tag=77)
+    digests = [d for d, _ in pages]
+
+    async def body(store: TemplateStoreClient) -> None:
+        mine = await open_wave_client(store, WAVE)
+        other = await open_wave_client(store, WaveCredentials("tenant-a", bytes(range(3, 35))))
+        renamed = await open_wave_client(store, WaveCredentials("tenant-c", WAVE.secret))
+        try:
+            assert await mine.claim(digests, ttl=60) == [CLAIMED] * len(pages)
+            # Another secret or id names other keys: nothing claimed there, nothing to wait
+            # for, and nothing learned about this wave's pages.
+            assert await other.claim(digests, ttl=60) == [CLAIMED] * len(pages)
+            assert await renamed.claim(digests, ttl=60) == [CLAIMED] * len(pages)
+            assert await other.store(pages) == len(pages)
+            assert await mine.claim(digests, ttl=60) == [PENDING] * len(pages)
+            assert await mine.fetch(digests) == {}
+        finally:
+            for client in (mine, other, renamed):
+                client.close()
+
+    run(_with_store(roomy, body))
+
+
+def test_expired_claims_vanish(roomy: LocalCluster) -> None:
+    digests = [d for d, _ in make_pages(10, tag=78)]
+
+    async def body(store: TemplateStoreClient) -> None:
+        claimer = await open_wave_client(store, WAVE)
+        waiter = await open_wave_client(store, WAVE)
+        try:
+            assert await claimer.claim(digests, ttl=0.3) == [CLAIMED] * len(digests)
+
+            async def taken_over() -> bool:
+                # Pending while the claim lives; once it expired the asker claims them.
+                statuses = await waiter.claim(digests, ttl=60)
+                assert set(statuses) <= {PENDING, CLAIMED}
+                return statuses == [CLAIMED] * len(digests)
+
+            await eventually(taken_over, 15, "the expired claims are taken over", 0.05)
+            assert await claimer.claim(digests, ttl=60) == [PENDING] * len(digests)
+        finally:
+            claimer.close()
+            waiter.close()
+
+    run(_with_store(roomy, body))

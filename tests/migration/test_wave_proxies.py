@@ -19,6 +19,7 @@ from support.cli import Lines
 from support.cluster import FAST_NODE_ARGS
 from support.synthetic import qemu_stream
 
+from tmdht import wire
 from tmdht.catalog import TemplateCatalog
 from tmdht.client.store import TemplateStoreClient
 from tmdht.client.wave import open_wave_client
@@ -181,3 +182,84 @@ def test_wave_metrics_count_pages_sent_whole() -> None:
     value = metrics.registry.get_sample_value
     assert value("tmdht_migration_wave_sent_whole_total") == 7
     assert value("tmdht_migration_wave_offers_total") == 5
+    received = MigrationReport("receive", ok=True, wave="w", wave_claimed=3, wave_waited=4,
+                               wave_waited_found=2)
+    assert "claimed 3, waited for 4 (then found 2)" in received.summary()
+    _finish_metrics(metrics, received)
+    assert value("tmdht_migration_wave_claimed_total") == 3
+    assert value("tmdht_migration_wave_waited_total") == 4
+    assert value("tmdht_migration_wave_waited_found_total") == 2
+
+
+def _shared_pages() -> list[bytes]:
+    rng = random.Random(5)
+    return [rng.randbytes(PAGE_SIZE) for _ in range(SHARED)]
+
+
+async def _with_wave_client(cluster: LocalCluster, wave: WaveCredentials, body: Any) -> Any:
+    async with TemplateStoreClient([cluster.seed], cluster_key=cluster.key_file.read_text(),
+                                   replicas=2) as store:
+        waves = await open_wave_client(store, wave)
+        try:
+            return await body(waves)
+        finally:
+            waves.close()
+
+
+def test_a_claimer_that_never_stores_costs_the_waiter_only_the_bound(
+    lab: tuple[Path, LocalCluster],
+) -> None:
+    """Another receiver of the wave claimed the shared pages and died: this receiver waits for
+    them at most --wave-claim-wait (re-asking), then takes them from its sender; the rebuilt
+    stream is exactly QEMU's (migrate() compares it byte for byte)."""
+    root, cluster = lab
+    secret = root / "dead-claimer.key"
+    secret.write_text(bytes(range(13, 45)).hex() + "\n")
+    wave = WaveCredentials("dead-claimer", bytes(range(13, 45)))
+    digests = [digest_page(p) for p in _shared_pages()]
+
+    async def claim(waves: Any) -> None:
+        statuses = await waves.claim(digests, ttl=60)  # capped at the node's 30 s
+        assert set(statuses) == {wire.WaveClaimStatus.CLAIMED}
+
+    asyncio.run(asyncio.wait_for(_with_wave_client(cluster, wave, claim), 60))
+    args = ("--wave", "dead-claimer", "--wave-secret-file", str(secret))
+    code, send, recv, lines = migrate(root, cluster, 1, *args, tag="dead-claimer",
+                                      receiver_wave=(*args, "--wave-claim-wait", "1"))
+    assert code == 0, lines
+    assert recv["wave_waited"] >= SHARED - 10  # it waited for the claimed pages ...
+    assert recv["wave_waited_found"] == 0 and recv["wave_hits"] == 0  # ... in vain
+    assert send["wave_bodies"] == send["wave_offers"]  # then every body crossed
+    assert recv["duration_s"] < 30  # the bound, not the claims' 30 s
+
+
+def test_a_page_another_receiver_claimed_is_taken_from_the_wave_store_once_stored(
+    lab: tuple[Path, LocalCluster],
+) -> None:
+    """The shared pages are claimed by another receiver of the wave, which stores them while
+    this one migrates: this one waits for them instead of asking its sender."""
+    root, cluster = lab
+    secret = root / "live-claimer.key"
+    secret.write_text(bytes(range(17, 49)).hex() + "\n")
+    wave = WaveCredentials("live-claimer", bytes(range(17, 49)))
+    shared = _shared_pages()
+    digests = [digest_page(p) for p in shared]
+    args = ("--wave", "live-claimer", "--wave-secret-file", str(secret))
+
+    async def claim_then_store(waves: Any) -> tuple[int, dict[str, Any], dict[str, Any],
+                                                        list[str]]:
+        assert set(await waves.claim(digests, ttl=60)) == {wire.WaveClaimStatus.CLAIMED}
+        migration = asyncio.create_task(asyncio.to_thread(
+            migrate, root, cluster, 2, *args, tag="live-claimer",
+            receiver_wave=(*args, "--wave-claim-wait", "60")))
+        # The claimer's pages arrive while the other receiver runs (it waits for them, or
+        # finds them at its first look if it is slower than this).
+        assert await waves.store(list(zip(digests, shared, strict=True))) == SHARED
+        return await migration
+
+    code, send, recv, lines = asyncio.run(asyncio.wait_for(
+        _with_wave_client(cluster, wave, claim_then_store), 180))
+    assert code == 0, lines
+    assert recv["wave_hits"] >= SHARED
+    assert send["wave_bodies"] <= OWN + 10  # only the guest's own pages crossed
+    assert recv["wave_waited_found"] == recv["wave_waited"]

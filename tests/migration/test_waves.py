@@ -3,6 +3,7 @@ scheme, the credentials, the format's WAVE and OFFER records."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -32,7 +33,14 @@ from tmdht.migration_stream import (
 )
 from tmdht.native import make_receiver, make_sender, native_module
 from tmdht.pages import PAGE_SIZE, digest_page
-from tmdht.wave import WAVE_SECRET_ENV, WaveCredentials, expires_at, is_live
+from tmdht.wave import (
+    WAVE_SECRET_ENV,
+    ClaimPolicy,
+    ClaimWaits,
+    WaveCredentials,
+    expires_at,
+    is_live,
+)
 
 POOL = page_pool(16, seed=4)
 CATALOG = TemplateCatalog.from_digests([digest_page(p) for p in POOL[:6]])
@@ -346,3 +354,54 @@ def test_expiry_takes_the_clock_as_a_parameter() -> None:
     assert expires_at(0.0, 1e12) == 7 * 24 * 3600.0
     with pytest.raises(ConfigError):
         expires_at(0.0, 0.0)
+
+
+def test_claim_waits_back_off_and_give_up_at_the_bound() -> None:
+    policy = ClaimPolicy(wait=2.0, first_ask=0.1, backoff=2.0, max_interval=0.5, max_asks=100)
+    waits = ClaimWaits(policy)
+    assert waits.next_due() is None and waits.take_due(0.0, 10) == ([], [])
+    assert waits.add(1, b"a" * 32, now=10.0) and waits.add(2, b"b" * 32, now=10.0)
+    assert not waits.add(1, b"a" * 32, now=10.0)  # already waiting
+    assert waits.next_due() == pytest.approx(10.1)
+    assert waits.take_due(10.05, 10) == ([], [])
+    asked, expired = waits.take_due(10.1, 10)
+    assert asked == [(1, b"a" * 32), (2, b"b" * 32)] and not expired
+    assert waits.next_due() is None  # asked: not due until answered
+    waits.again([1], now=10.11)  # still pending: next ask after 0.1 * 2 ** 1 s
+    waits.forget([2])  # found
+    assert len(waits) == 1 and waits.next_due() == pytest.approx(10.31)
+    times = []
+    now = 10.31
+    for _ in range(20):
+        asked, expired = waits.take_due(now, 10)
+        if expired:
+            break
+        assert asked == [(1, b"a" * 32)]
+        times.append(now)
+        waits.again([1], now)
+        due = waits.next_due()
+        assert due is not None
+        now = due
+    # Intervals grow to max_interval; the wait ends at the bound (2 s after it began).
+    assert expired == [1] and now == pytest.approx(12.0) and len(waits) == 0
+    steps = [b - a for a, b in itertools.pairwise(times)]
+    assert steps[0] == pytest.approx(0.4) and max(steps) == pytest.approx(0.5)
+
+
+def test_claim_waits_are_bounded_by_count_and_asks() -> None:
+    waits = ClaimWaits(ClaimPolicy(wait=100.0, first_ask=1.0, max_interval=1.0, max_asks=2,
+                                   max_waiting=2))
+    assert waits.add(1, b"a" * 32, 0.0) and waits.add(2, b"b" * 32, 0.0)
+    assert not waits.add(3, b"c" * 32, 0.0)  # full: the caller asks the sender at once
+    for now in (1.0, 2.0):
+        asked, expired = waits.take_due(now, 1)  # the limit: one at a time
+        assert len(asked) == 1 and not expired
+        waits.again([i for i, _ in asked], now)
+        asked, expired = waits.take_due(now, 1)
+        waits.again([i for i, _ in asked], now)
+    assert waits.take_due(3.0, 10) == ([], [1, 2])  # two asks each: given up
+    assert ClaimPolicy(wait=0).enabled is False
+    with pytest.raises(ConfigError):
+        ClaimPolicy(first_ask=0)
+    with pytest.raises(ConfigError):
+        ClaimPolicy(backoff=0.5)

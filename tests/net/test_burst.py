@@ -1,7 +1,8 @@
 """The native burst decoder is the reference, datagram for datagram and error for error.
 
-Bursts of PAGES answers (keyed and open mode, with missing digests, several parts), other
-answers (HAVE, ERROR: the native decoder hands those to the reference), and their corruptions
+Bursts of PAGES and PUT_RESULT answers (keyed and open mode, with missing digests, several
+parts), other answers (HAVE, ERROR: the native decoder hands those to the reference), and their
+corruptions
 (tag bytes, page bytes, digest bytes, body lengths, truncations, bit flips, replays, appended
 bytes) go through :func:`decode_burst_reference` and :func:`decode_burst_native`, each with its
 own authenticator of the same keys: every datagram must come out as the same message or the
@@ -33,6 +34,9 @@ from tmdht.net.burst import (
     encode_put_answers,
     encode_put_answers_native,
     encode_put_answers_reference,
+    encode_put_requests,
+    encode_put_requests_native,
+    encode_put_requests_reference,
 )
 from tmdht.pages import PAGE_SIZE, PageDigest, digest_page
 
@@ -74,6 +78,15 @@ def other_datagrams(mode: str) -> list[bytes]:
         max_datagram=8192, auth=auth, now=NOW,
     )
     return [*have, error]
+
+
+def put_result_datagrams(mode: str, max_datagram: int = 32768) -> list[bytes]:
+    """PUT_RESULT answers: every status, one of several parts at MIN_DATAGRAM."""
+    auth = make_auth(mode)
+    results = [(DIGESTS[i % 12], status) for i, status in enumerate(wire.PutStatus)]
+    many = [(DIGESTS[i % 12], wire.PutStatus.STORED) for i in range(140)]
+    return [*wire.encode_put_response(8, results, max_datagram=max_datagram, auth=auth, now=NOW),
+            *wire.encode_put_response(9, many, max_datagram=wire.MIN_DATAGRAM, auth=auth, now=NOW)]
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -129,7 +142,7 @@ def test_native_burst_decoder_is_the_reference(
 
     rng = random.Random(seed)
     good = pages_datagrams(mode, n_pages, max(n_missing, 1 - n_pages), max_datagram)
-    good += other_datagrams(mode)
+    good += other_datagrams(mode) + put_result_datagrams(mode)
     burst = list(good)
     for _ in range(mutants):
         burst.append(mutate(rng.choice(good), rng))
@@ -144,7 +157,31 @@ def test_native_burst_decoder_is_the_reference(
     assert len(reference) == len(native) == len(burst)
     for index, (left, right) in enumerate(zip(reference, native, strict=True)):
         assert same(left, right), (index, left, right)
+        if isinstance(right, wire.PutResult):  # built unchecked: it passes its own checks
+            assert right == wire.PutResult(request_id=right.request_id, results=right.results,
+                                           part=right.part, parts=right.parts)
     assert len(ref_auth.replay or ()) == len(nat_auth.replay or ())
+
+
+@needs_native
+def test_put_results_decode_natively() -> None:
+    """PUT_RESULT parts come out of the native burst decoder as the reference's messages; an
+    unknown status and bytes after the auth block are refused with its texts."""
+    from tmdht import _native
+
+    burst = put_result_datagrams("open")
+    unknown = bytearray(burst[0])
+    unknown[wire.HEADER_SIZE + 2 + 32] = 9  # the first status byte (open mode: no tag over it)
+    burst += [bytes(unknown), burst[0] + b"x"]
+    raw = _native.decode_pages_burst(burst, 32768, None)
+    assert [item[0] for item in raw[:-2]] == [4] * (len(burst) - 2)
+    for decode, kwargs in ((decode_burst_reference, {}), (decode_burst_native, {"native": _native})):
+        out = decode(burst, auth=make_auth("open"), now=NOW, **kwargs)
+        assert out[0] == wire.PutResult(
+            request_id=8, results=tuple((DIGESTS[i], s) for i, s in enumerate(wire.PutStatus)))
+        assert all(isinstance(m, wire.PutResult) for m in out[:-2])
+        assert str(out[-2]) == "unknown put status 9"
+        assert str(out[-1]) == "1 bytes after the auth block of a type without bulk"
 
 
 @needs_native
@@ -372,3 +409,84 @@ def test_active_request_decoder_decodes_puts() -> None:
     message = decode_request(datagram, auth=make_auth("keyed"), now=NOW)
     assert isinstance(message, wire.PutPages) and message.request_id == 90
     assert message.pages == tuple((DIGESTS[j], POOL[j]) for j in range(3))
+
+
+def put_requests(layout: list[tuple[int, list[int]]], views: bool) -> list[Any]:
+    """(request id, digests, pages) per request; pages as memoryviews when ``views``."""
+    return [(rid, [DIGESTS[i] for i in pages],
+             [memoryview(POOL[i]) if views else POOL[i] for i in pages]) for rid, pages in layout]
+
+
+@needs_native
+@EXAMPLES
+@given(
+    mode=st.sampled_from(["keyed", "open"]),
+    layout=st.lists(st.tuples(st.integers(0, 2**64 - 1),
+                              st.lists(st.integers(0, 11), min_size=1, max_size=15)),
+                    max_size=40),
+    max_datagram=st.sampled_from([wire.MIN_DATAGRAM, 32768, wire.MAX_DATAGRAM]),
+    views=st.booleans(),
+)
+def test_native_put_requests_are_the_reference(
+    mode: str, layout: list[tuple[int, list[int]]], max_datagram: int, views: bool
+) -> None:
+    """A window of PUT_PAGES requests byte for byte, the nonces drawn in the same order, or
+    (too many pages for the datagram) the same error; each decodes to the pages it was given."""
+    from tmdht import _native
+
+    requests = put_requests(layout, views)
+    outcomes = []
+    for encode, kwargs in ((encode_put_requests_reference, {}),
+                           (encode_put_requests_native, {"native": _native})):
+        try:
+            outcomes.append(encode(requests, max_datagram=max_datagram, auth=counter_auth(mode),
+                                   now=NOW, **kwargs))
+        except wire.MessageTooLargeError as exc:
+            outcomes.append(exc)
+    ref, nat = outcomes
+    if isinstance(ref, Exception):
+        assert type(nat) is type(ref) and str(nat) == str(ref)
+        return
+    assert nat == ref
+    auth = make_auth(mode)
+    for (rid, digests, pages), datagram in zip(requests, nat, strict=True):
+        message = decode_request(datagram, auth=auth, now=NOW, max_datagram=max_datagram)
+        assert message == wire.PutPages(request_id=rid, pages=tuple(
+            (d, bytes(p)) for d, p in zip(digests, pages, strict=True)))
+
+
+@needs_native
+def test_put_request_encoders_refuse_bad_input_alike() -> None:
+    """Short digests and pages, empty requests, bad request ids, oversize requests: the same
+    error class and text, and no nonce drawn by the native encoder for a window it refuses."""
+    from tmdht import _native
+
+    cases: list[list[Any]] = [
+        [(1, [PageDigest(b"short")], [POOL[0]])],
+        [(1, [DIGESTS[0]], [b"short page"])],
+        [(1, [], [])],
+        [(2**64, [DIGESTS[0]], [POOL[0]])],
+        [(-1, [DIGESTS[0]], [POOL[0]])],
+        [(1, DIGESTS[:8], POOL[:8])],  # 8 pages do not fit 32 KiB
+    ]
+    for requests in cases:
+        errors = []
+        for encode, kwargs in ((encode_put_requests_reference, {}),
+                               (encode_put_requests_native, {"native": _native})):
+            with pytest.raises(wire.EncodeError) as caught:
+                encode(requests, max_datagram=32768, auth=counter_auth("keyed"), now=NOW,
+                       **kwargs)
+            errors.append(caught.value)
+        assert type(errors[0]) is type(errors[1]) and str(errors[0]) == str(errors[1]), errors
+        nonces = counter_auth("keyed")
+        with pytest.raises(wire.EncodeError):
+            encode_put_requests_native([(5, DIGESTS[:1], POOL[:1]), *requests],
+                                       max_datagram=32768, auth=nonces, now=NOW, native=_native)
+        assert nonces.next_nonce() == 1
+
+
+def test_active_put_request_encoder() -> None:
+    (datagram,) = encode_put_requests([(4, DIGESTS[:2], POOL[:2])], max_datagram=32768,
+                                      auth=make_auth("keyed"), now=NOW)
+    message = decode_request(datagram, auth=make_auth("keyed"), now=NOW)
+    assert message == wire.PutPages(request_id=4, pages=tuple(zip(DIGESTS[:2], POOL[:2], strict=True)))

@@ -411,3 +411,26 @@ def test_the_config_is_validated() -> None:
         EngineConfig(attempts=0)
     with pytest.raises(UsageError):
         EngineConfig(timeout=0)
+
+
+def test_the_puts_of_one_input_are_sealed_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every PUT a submit (or an answer) lets go is encoded in one encode_put_requests call, and
+    the bytes it sends are counted."""
+    import tmdht.net.engine as engine_module
+
+    calls: list[int] = []
+    real = engine_module.encode_put_requests
+
+    def counting(requests: list[object], **kwargs: object) -> list[bytes]:
+        calls.append(len(requests))
+        return real(requests, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine_module, "encode_put_requests", counting)
+    net = net_of({1: serving(stored={})})
+    per = net.engine.put_batch
+    pages = [(d, PAGES[d]) for d in DIGESTS[: 3 * per]]
+    net.submit(Store(node_address(1), pages))
+    assert calls == [3]  # three requests, one call
+    sent = net.engine.datagrams_to_send(net.now)
+    assert net.engine.stats.bytes_sent == sum(len(data) for data, _ in sent)
+    assert [len(data) for data, _ in sent] == [wire.DATAGRAM_OVERHEAD + 2 + per * (32 + 4096)] * 3

@@ -9,7 +9,7 @@ import pytest
 
 from tmdht.errors import ConfigError
 from tmdht.node.storage import PageStore
-from tmdht.node.wavestore import WavePutResult, WaveStore
+from tmdht.node.wavestore import MAX_CLAIM_TTL, ClaimStatus, WavePutResult, WaveStore
 from tmdht.pages import PAGE_SIZE, digest_page
 
 
@@ -70,3 +70,31 @@ def test_bad_settings(tmp_path: Path) -> None:
         WaveStore.open(tmp_path / "w", capacity_bytes=100, max_ttl=10)
     with pytest.raises(ConfigError):
         WaveStore.open(tmp_path / "w", capacity_bytes=PAGE_SIZE, max_ttl=0)
+
+
+def test_claims_pend_until_stored_expire_and_are_bounded(tmp_path: Path) -> None:
+    store = WaveStore.open(tmp_path / "w", capacity_bytes=64 * PAGE_SIZE, max_ttl=100,
+                           max_claims=4)
+    pages = wave_pages(6, 4)
+    keys = [k for k, _ in pages]
+    claimed, pending, held = ClaimStatus.CLAIMED, ClaimStatus.PENDING, ClaimStatus.HELD
+    assert store.claim_many(keys[:2], ttl=5, now=100.0) == [claimed] * 2
+    assert store.claim_many(keys[:3], ttl=5, now=101.0) == [pending, pending, claimed]
+    assert store.stats().claims == 3
+    # A stored page ends its claim and is HELD from then on.
+    store.put_many(pages[:1], ttl=10, now=102.0)
+    assert store.claim_many(keys[:3], ttl=5, now=102.0) == [held, pending, pending]
+    assert store.stats().claims == 2
+    # At max_claims, a miss is CLAIMED without keeping a claim: nobody waits for it.
+    assert store.claim_many(keys[3:6], ttl=5, now=102.0) == [claimed] * 3
+    assert store.stats().claims == 4
+    assert store.claim_many(keys[5:6], ttl=5, now=102.0) == [claimed]
+    # Claims expire (a claim asked for longer is capped at MAX_CLAIM_TTL) ...
+    assert store.claim_many(keys[1:2], ttl=5, now=104.99) == [pending]
+    assert store.claim_many(keys[1:2], ttl=1000, now=105.0) == [claimed]
+    assert store.claim_many(keys[1:2], ttl=1, now=105.0 + MAX_CLAIM_TTL - 0.01) == [pending]
+    assert store.claim_many(keys[1:2], ttl=1, now=105.0 + MAX_CLAIM_TTL) == [claimed]
+    # ... and expired ones are dropped; an expired page is no longer HELD.
+    assert store.stats().claims == 1
+    assert store.claim_many(keys[:1], ttl=1, now=112.0) == [claimed]
+    store.close()

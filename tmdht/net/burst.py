@@ -1,5 +1,6 @@
-"""The data plane's hot datagrams, natively where built: a client's burst of PAGES answers
-decoded and verified page by page, and a node's PAGES answers encoded and sealed (sans-IO).
+"""The data plane's hot datagrams, natively where built: a client's burst of PAGES and
+PUT_RESULT answers decoded (every page verified), a client's window of PUT_PAGES requests
+sealed, and a node's PAGES and PUT_RESULT answers encoded and sealed (sans-IO).
 
 The request engine hands :func:`decode_burst` what one wake-up of its socket read. Every
 datagram comes back as a message, or as the :class:`~tmdht.errors.DecodeError` it was refused
@@ -15,7 +16,8 @@ forces the reference):
 - the native one: ``tmdht._native.decode_pages_burst`` decodes every version-2 PAGES datagram
   of the burst in one call (size limits, auth block and tag, header, body, one BLAKE3 per page,
   each datagram hashed and copied out in one pass while it is in cache) and this module
-  finishes each: the replay window check
+  finishes each (PUT_RESULT answers too: header, body and statuses checked natively, the
+  message built here): the replay window check
   (Python state shared with every datagram type, done before the body counts, as
   :meth:`tmdht.auth.Authenticator.open` does) and the error classes. Other datagram types go
   through the reference.
@@ -27,6 +29,11 @@ A node answers a GET with :func:`encode_pages_answer`: the digests it was asked 
 with :func:`encode_put_answers`: every PUT_RESULT of the group built and sealed in one native
 call (the reference, :func:`tmdht.wire.encode_put_response` per PUT, cost about 4.5 us per page
 stored on the node's event loop, most of its answer path).
+
+A client sends the PUTs one input of its request engine produced with
+:func:`encode_put_requests`: (request id, digests, pages) per request in, one sealed PUT_PAGES
+datagram each out, the whole window in one native call (the reference,
+:func:`tmdht.wire.encode` of each request's :class:`~tmdht.wire.PutPages`, byte for byte).
 
 A node decodes each request with :func:`decode_request`: PUT_PAGES natively
 (``tmdht._native.decode_put_pages``: size limits, auth block and tag, header, body; the pages
@@ -55,6 +62,7 @@ from tmdht.pages import ByteView, PageDigest, page_matches
 __all__ = [
     "Decoded",
     "PutAnswer",
+    "PutRequest",
     "VerifiedPages",
     "burst_implementation",
     "decode_burst",
@@ -68,6 +76,9 @@ __all__ = [
     "encode_put_answers",
     "encode_put_answers_native",
     "encode_put_answers_reference",
+    "encode_put_requests",
+    "encode_put_requests_native",
+    "encode_put_requests_reference",
 ]
 
 
@@ -132,6 +143,9 @@ def decode_burst_reference(
 _OK: Final = 0
 _REFUSED: Final = 1
 _BODY_ERROR: Final = 3
+_PUT_RESULT_OK: Final = 4
+_PUT_STATUSES: Final[dict[int, wire.PutStatus]] = {int(s): s for s in wire.PutStatus}
+"""PutStatus by byte value (the native decoder lets only valid values through)."""
 _REFUSED_CLASSES: Final[tuple[type[DecodeError], ...]] = (
     DecodeError,
     LimitExceededError,
@@ -184,6 +198,9 @@ def decode_burst_native(
                 continue
         if tag == _OK:
             out.append(VerifiedPages(item[4], item[5], item[6], item[7], item[8], item[9]))
+        elif tag == _PUT_RESULT_OK:
+            results = tuple(zip(item[7], map(_PUT_STATUSES.__getitem__, item[8]), strict=True))
+            out.append(wire.put_result_decoded(item[4], results, item[5], item[6]))
         else:
             assert tag == _BODY_ERROR
             request_id, message_type, code, reason = item[4:8]
@@ -429,3 +446,66 @@ def decode_request(
     """Decode one datagram a node received with the active implementation (raises as
     :func:`tmdht.wire.decode`)."""
     return _REQUEST_DECODER(data, auth=auth, now=now, max_datagram=max_datagram)
+
+
+# -- the client's side: a window of PUT requests -----------------------------------------------
+
+PutRequest: TypeAlias = tuple[int, Sequence[bytes], Sequence[ByteView]]
+"""One PUT_PAGES request: its request id, its digests and their pages (in order)."""
+
+
+def _put_pages(request: PutRequest) -> wire.PutPages:
+    request_id, digests, pages = request
+    if len(pages) != len(digests):
+        raise ValueError("one page per digest")
+    pairs = tuple(zip(digests, pages, strict=True))
+    return wire.PutPages(request_id=request_id, pages=pairs)  # type: ignore[arg-type]
+
+
+def encode_put_requests_reference(
+    requests: Sequence[PutRequest], *, max_datagram: int, auth: Authenticator, now: float
+) -> list[bytes]:
+    """The reference: :func:`tmdht.wire.encode` of each request's :class:`~tmdht.wire.PutPages`."""
+    return [wire.encode(_put_pages(request), max_datagram=max_datagram, auth=auth, now=now)
+            for request in requests]
+
+
+def encode_put_requests_native(
+    requests: Sequence[PutRequest],
+    *,
+    max_datagram: int,
+    auth: Authenticator,
+    now: float,
+    native: ModuleType | None = None,
+) -> list[bytes]:
+    """The native encoder: the same datagrams, byte for byte (the same nonces drawn in order),
+    the same errors (a refused window draws no nonce, where the reference has drawn those of
+    the requests before the bad one)."""
+    module, timestamp_ms, key_id, tag_key = _sealing(native, max_datagram, auth, now)
+    for request_id, _, _ in requests:
+        if not 0 <= request_id < 1 << 64:
+            raise wire.InvalidMessageError(f"request id {request_id} is not a u64")
+    try:
+        return module.encode_put_requests(  # type: ignore[no-any-return]
+            requests, max_datagram=max_datagram, key_id=key_id, tag_key=tag_key,
+            timestamp_ms=timestamp_ms, nonce=auth.next_nonce,
+        )
+    except OverflowError as exc:
+        raise wire.MessageTooLargeError(str(exc)) from None
+    except ValueError as exc:
+        if str(exc) == "one page per digest":
+            raise
+        raise wire.InvalidMessageError(str(exc)) from None
+
+
+_PUT_REQUEST_ENCODER: Final = (
+    encode_put_requests_native if native_module() is not None else encode_put_requests_reference
+)
+
+
+def encode_put_requests(
+    requests: Sequence[PutRequest], *, max_datagram: int, auth: Authenticator, now: float
+) -> list[bytes]:
+    """A window of PUT_PAGES requests with the active implementation: one sealed datagram per
+    request, in order (the request engine sends every PUT of one input in one call)."""
+    return _PUT_REQUEST_ENCODER(requests, max_datagram=max_datagram, auth=auth, now=now)

@@ -112,7 +112,9 @@ def test_sigkill_during_puts_then_during_gets(cluster: LocalCluster) -> None:
             f"({time.monotonic() - started:.1f} s with the restarts)"
         )
 
-    run(main())
+    # A bound, not a speed check: the put phase alone took 50-87 s on a quiet machine here
+    # (not yet explained; noted under issue 12), so 150 s left too little under CI load.
+    run(main(), timeout=300)
 
 
 def test_sigstop_during_gets_clients_hedge_and_the_view_recovers(cluster: LocalCluster) -> None:

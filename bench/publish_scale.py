@@ -14,6 +14,14 @@ seconds while idle / (cores x seconds): the share of the machine the ring takes 
 which the publish cannot use. The throughput target compares the N-node figure with the 8-node
 figure scaled by (1 - extra idle share).
 
+Per page published, from the nodes' /metrics and /proc: node CPU (``node ms/pg``; ``-idle``
+subtracts what the ring spent idle at the idle rate over the same wall time, so a publish that
+took longer on a busier machine is not charged for the overlay's background work), HAS and PUT
+requests served, pages per group commit and pages the replication job copied (``copied/pg``:
+near 0 when the client wrote every replica and the nodes did not send the pages again). ``load``
+is the host's 1-minute load average at the end of each ring's run: the machine may be shared.
+``--commit-delay`` sets the nodes' commit_delay (0: commit as soon as the writer is free).
+
 Everything runs on this host (nodes and client share its cores). Prints a table and writes JSON
 (--out, default bench/results/publish_scale.json).
 """
@@ -55,15 +63,34 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICKS
 
 
+_COUNTERS = {  # extra node counters summed over the ring, by the key they get here
+    "group_commits": "tmdht_group_commit_pages_count",
+    "group_commit_pages": "tmdht_group_commit_pages_sum",
+    "replicated_pages": "tmdht_replicated_pages_total",
+}
+
+
 def node_requests(cluster: LocalCluster) -> dict[str, float]:
-    """Data-plane requests every node served so far, by message type (their /metrics)."""
+    """Data-plane requests every node served so far, by message type, plus the _COUNTERS (group
+    commits and their pages, pages the replication job copied), summed over the nodes'
+    /metrics."""
     totals: dict[str, float] = {}
     for node in cluster.nodes:
         host, port = node.address("metrics")
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as answer:
-            text = answer.read().decode()
-        for kind, value in re.findall(r'^tmdht_requests_total\{type="(\w+)"\} (\S+)$', text, re.M):
-            totals[kind] = totals.get(kind, 0.0) + float(value)
+            for key, value in metric_totals(answer.read().decode()).items():
+                totals[key] = totals.get(key, 0.0) + value
+    return totals
+
+
+def metric_totals(text: str) -> dict[str, float]:
+    """One node's requests by type and _COUNTERS, from its Prometheus text exposition."""
+    totals: dict[str, float] = {}
+    for kind, value in re.findall(r'^tmdht_requests_total\{type="(\w+)"\} (\S+)$', text, re.M):
+        totals[kind] = totals.get(kind, 0.0) + float(value)
+    for key, name in _COUNTERS.items():
+        for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M):
+            totals[key] = totals.get(key, 0.0) + float(value)
     return totals
 
 
@@ -111,10 +138,17 @@ async def run_publish(
             seconds += time.monotonic() - t
         node_cpu = cpu_seconds(pids) - cpu1
         client_cpu = time.process_time() - own0
+        settle0 = time.monotonic()
         await asyncio.sleep(settle)  # the nodes' fresh-page checks of the last batch
         settled_cpu = cpu_seconds(pids) - cpu1
+        # What the ring would have spent idle over the same wall time: the rest is the publish's.
+        idle_rate = idle_cpu / idle_wall if idle_wall > 0 else 0.0
+        above_idle = settled_cpu - idle_rate * (seconds + time.monotonic() - settle0)
         requests1 = node_requests(cluster)
         served = {k: v - requests0.get(k, 0.0) for k, v in requests1.items()}
+        commits = served.pop("group_commits", 0.0)
+        commit_pages = served.pop("group_commit_pages", 0.0)
+        replicated = served.pop("replicated_pages", 0.0)
         stats = store.stats
         return {
             "members_seen": members,
@@ -131,7 +165,10 @@ async def run_publish(
             "publish_node_cpu_seconds": round(node_cpu, 2),
             "publish_client_cpu_seconds": round(client_cpu, 2),
             "node_cpu_ms_per_page": round(1000 * settled_cpu / pages, 3),
+            "node_cpu_ms_per_page_above_idle": round(1000 * above_idle / pages, 3),
             "node_requests_per_page": {k: round(v / pages, 3) for k, v in sorted(served.items())},
+            "pages_per_group_commit": round(commit_pages / commits, 1) if commits else 0.0,
+            "replicated_per_page": round(replicated / pages, 3),
             "retries": stats.retries,
             "timeouts": stats.timeouts,
             "requests": stats.requests,
@@ -142,7 +179,8 @@ def one_ring(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="scale2-publish-") as tmp:
         cluster = LocalCluster(
             Path(tmp), nodes, replicas=args.replicas, ready_timeout=120,
-            extra_args=["--virtual-ids", str(args.virtual_ids)],
+            extra_args=["--virtual-ids", str(args.virtual_ids)] + (
+                [] if args.commit_delay is None else ["--commit-delay", str(args.commit_delay)]),
         )
         with cluster:
             key = cluster.key_file.read_text().strip()
@@ -151,6 +189,7 @@ def one_ring(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
             )
     cores = os.cpu_count() or 1
     result["nodes"] = nodes
+    result["load_average_1m"] = round(os.getloadavg()[0], 2)  # at the end: others share the host
     result["idle_cpu_share"] = round(
         result["idle_node_cpu_seconds"] / (cores * result["idle_seconds"]), 4
     )
@@ -165,6 +204,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--virtual-ids", type=int, default=VIRTUAL_IDS,
                         help="placement tokens per node (the nodes' setting; clients follow)")
+    parser.add_argument("--commit-delay", type=float, default=None,
+                        help="the nodes' commit_delay, seconds (default: theirs)")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU sampling")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--settle", type=float, default=5.0,
@@ -182,8 +223,8 @@ def main() -> None:
     base_idle = statistics.median(r["idle_cpu_share"] for r in runs[base])
     print(
         f"{'nodes':>5} {'pages/s':>9} {'vs ' + str(base):>7} {'failed':>7} {'under-R':>7} "
-        f"{'idle CPU':>9} {'allowed':>8} {'retries':>8} {'timeouts':>8} {'node ms/pg':>10} "
-        f"{'HAS/pg':>7} {'PUT/pg':>7}"
+        f"{'idle CPU':>9} {'allowed':>8} {'retries':>8} {'timeouts':>8} {'node ms/pg':>10} {'-idle':>6} "
+        f"{'HAS/pg':>7} {'PUT/pg':>7} {'pg/commit':>9} {'copied/pg':>9} {'load':>5}"
     )
     summary = []
     for n in args.nodes:
@@ -201,19 +242,29 @@ def main() -> None:
             "retries": statistics.median(r["retries"] for r in runs[n]),
             "timeouts": statistics.median(r["timeouts"] for r in runs[n]),
             "node_cpu_ms_per_page": statistics.median(r["node_cpu_ms_per_page"] for r in runs[n]),
+            "node_cpu_ms_per_page_above_idle": statistics.median(
+                r["node_cpu_ms_per_page_above_idle"] for r in runs[n]),
             "node_has_per_page": statistics.median(
                 r["node_requests_per_page"].get("has", 0.0) for r in runs[n]
             ),
             "node_put_per_page": statistics.median(
                 r["node_requests_per_page"].get("put_pages", 0.0) for r in runs[n]
             ),
+            "pages_per_group_commit": statistics.median(
+                r.get("pages_per_group_commit", 0.0) for r in runs[n]),
+            "replicated_per_page": statistics.median(
+                r.get("replicated_per_page", 0.0) for r in runs[n]),
+            "load_average_1m": statistics.median(r["load_average_1m"] for r in runs[n]),
         }
         summary.append(row)
         print(
             f"{n:>5} {rate:>9,.0f} {row['ratio']:>7.2f} {row['failed']:>7} "
             f"{row['under_replicated']:>7} {idle:>8.1%} {allowed:>8.2f} "
             f"{row['retries']:>8} {row['timeouts']:>8} {row['node_cpu_ms_per_page']:>10.2f} "
-            f"{row['node_has_per_page']:>7.3f} {row['node_put_per_page']:>7.3f}"
+            f"{row['node_cpu_ms_per_page_above_idle']:>6.2f} "
+            f"{row['node_has_per_page']:>7.3f} {row['node_put_per_page']:>7.3f} "
+            f"{row['pages_per_group_commit']:>9.1f} {row['replicated_per_page']:>9.3f} "
+            f"{row['load_average_1m']:>5.1f}"
         )
     doc = {
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "shared": True},

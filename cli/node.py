@@ -156,6 +156,8 @@ def node() -> None:
 )
 @click.option("--rate-limit-burst", type=int, help="Data-plane datagrams per source IP at once.")
 @click.option("--surplus-grace", type=float)
+@click.option("--commit-delay", type=float,
+              help="Seconds a group commit may wait for more PUTs while they stream in (0: never).")
 @click.option("--refresh-interval", type=float)
 @click.option("--rpc-timeout", type=float)
 @click.option("--log-format", type=click.Choice(["json", "text"]))

@@ -15,10 +15,11 @@ loop), so it never pins old LMDB pages for longer than that, busy or idle. Only 
 touches it.
 
 Writes go to one writer thread with *group commit*: PUTs that arrive while a commit is running
-are stored together in the next transaction, so many small PUTs share one fsync. A PUT is
-answered only after its pages are durable; the store verifies every page against its digest
-before storing it (wire version 2 carries pages outside the tag: the digest check is what
-refuses a page altered on the way).
+are stored together in the next transaction, so many small PUTs share one fsync; while PUTs
+stream in, a commit may also wait briefly (bounded, ``commit_pacing``, off by default) for more
+of them (:mod:`tmdht.node.groupcommit`). A PUT is answered only after its pages are durable; the
+store verifies every page against its digest before storing it (wire version 2 carries pages
+outside the tag: the digest check is what refuses a page altered on the way).
 
 Before anything else, each source IP's datagrams pass a token bucket
 (:class:`tmdht.ratelimit.SourceRateLimiter`): a flood from one address, authentic or forged, is
@@ -48,6 +49,7 @@ from tmdht.net.burst import (
     encode_pages_answer,
     encode_put_answers,
 )
+from tmdht.node.groupcommit import CommitPacer, CommitPacing
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageSnapshot, PageStore, PutResult
 from tmdht.node.wavestore import ClaimStatus, WavePutResult, WaveStore
@@ -103,6 +105,7 @@ class ServerSettings(TypedDict):
     snapshot_max_age: NotRequired[float]
     records: NotRequired[RecordStore | None]
     waves: NotRequired[WaveStore | None]
+    commit_pacing: NotRequired[CommitPacing | None]
 
 
 @dataclass
@@ -139,6 +142,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         snapshot_max_age: float = DEFAULT_SNAPSHOT_MAX_AGE,
         records: RecordStore | None = None,
         waves: WaveStore | None = None,
+        commit_pacing: CommitPacing | None = None,
     ) -> None:
         """``on_stored(digests)`` hears of every page a PUT stored (replication pushes them on).
 
@@ -148,6 +152,8 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         MAC directory); without it those requests are answered with ERROR UNKNOWN_TYPE.
         ``waves`` keeps wave pages (WAVE_GET/WAVE_PUT/WAVE_CLAIM, :mod:`tmdht.node.wavestore`);
         without it those requests are answered with ERROR UNKNOWN_TYPE too.
+        ``commit_pacing`` bounds how long a group commit may wait for more PUTs (default:
+        CommitPacing(), no wait: a commit starts as soon as the writer is free).
         """
         if not snapshot_max_age >= 0:
             raise UsageError(f"snapshot_max_age must be >= 0 seconds, got {snapshot_max_age}")
@@ -180,6 +186,9 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tmdht-writer")
         self._queue: collections.deque[_PendingPut] = collections.deque()
         self._commit: asyncio.Future[Any] | None = None
+        self._pacer = CommitPacer(commit_pacing)
+        self._queued_pages = 0  # pages of self._queue
+        self._commit_timer: asyncio.Handle | None = None  # a commit waiting for more PUTs
         self._accepting = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -222,6 +231,8 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         """Stop taking requests; wait (bounded) until queued writes are committed and answered."""
         self._accepting = False
         self._release_snapshot()
+        if self._commit_timer is not None:
+            self._commit_due()  # no more PUTs will come: commit the waiting ones now
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -231,6 +242,9 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         """Close the socket, the read snapshot and the writer thread (after :meth:`drain`)."""
         self._accepting = False
         self._end_snapshot()
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
         self._sock = None  # the transport closes it
         if self._transport is not None:
             self._transport.close()
@@ -465,13 +479,33 @@ class DataPlaneServer(asyncio.DatagramProtocol):
     def _put_pages(self, msg: wire.PutPages, address: Address, arrived: float) -> None:
         self._request_pages[wire.PutPages].inc(len(msg.pages))
         self._queue.append(_PendingPut(msg, address, arrived))
+        self._queued_pages += len(msg.pages)
+        self._pacer.arrived(len(msg.pages), arrived)
         self._idle.clear()
         if self._commit is None:
-            self._start_commit()
+            self._schedule_commit()
 
     # -- group commit ----------------------------------------------------------------------------
 
+    def _schedule_commit(self) -> None:
+        """The writer is free and PUTs are queued: commit them now, or once the pacer says
+        (at most its ``max_delay`` after the oldest arrived)."""
+        now = time.perf_counter()
+        at = self._pacer.start_at(self._queued_pages, self._queue[0].arrived, now)
+        if at <= now:
+            self._start_commit()
+        elif self._commit_timer is None:
+            self._commit_timer = asyncio.get_running_loop().call_later(at - now, self._commit_due)
+
+    def _commit_due(self) -> None:
+        self._commit_timer = None
+        if self._commit is None and self._queue:
+            self._start_commit()
+
     def _start_commit(self) -> None:
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
         group: list[_PendingPut] = []
         pages = 0
         while self._queue and (
@@ -480,6 +514,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
             item = self._queue.popleft()
             group.append(item)
             pages += len(item.request.pages)
+        self._queued_pages -= pages
         items = items_of(group)
         self._commit_pages.observe(len(items))
         loop = asyncio.get_running_loop()
@@ -489,7 +524,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
     def _committed(self, fut: asyncio.Future[Any], group: list[_PendingPut]) -> None:
         self._commit = None
         if self._queue:
-            self._start_commit()  # the writer syncs the next group while this one is answered
+            self._schedule_commit()  # the writer syncs the next group while this one is answered
         try:
             results: list[PutResult] = fut.result()
         except (TmdhtError, OSError) as exc:  # the store failed the whole transaction
@@ -500,7 +535,7 @@ class DataPlaneServer(asyncio.DatagramProtocol):
                 )
         else:
             self._answer_group(group, results)
-        if self._commit is None:
+        if self._commit is None and not self._queue:
             self._idle.set()
 
     def _answer_group(self, group: list[_PendingPut], results: list[PutResult]) -> None:

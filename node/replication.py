@@ -8,7 +8,14 @@ differ, and for the buckets that differ asks which pages the peer lacks (HAS) an
 (PUT) -- if it is the bucket's designated source for that peer, or if the bucket still differs
 ``max(interval, grace)`` later. Pages in buckets this node no longer owes, or whose replica set
 is not the same across the bucket, go through the per-page path below. A quiet cluster's sweep
-costs a datagram or two per peer.
+costs a datagram or two per peer. A bucket that differs while this node is writing to it (written
+since the sweep began, or holding pages still due their fresh check) differs because writes are
+in flight: it is left to the next sweep, once (the next sweep repairs it whatever it sees).
+
+Pages a client stored here are checked on their other replicas a second or more later (*fresh*
+checks, batched: one HAS per replica for up to FRESH_CHUNK pages); a page a replica lacks then is
+sent only if it still lacks it FRESH_RECHECK later, as the client writes every replica itself
+and its PUTs to the others may simply not have arrived yet.
 
 The per-page path (and the whole sweep with ``anti_entropy="full"``, the earlier behaviour) walks
 digests in order, a chunk at a time (short read transactions, no full scan held in memory). For
@@ -58,6 +65,7 @@ from tmdht.rangehash import (
     RangeComparison,
     bucket_of,
     bucket_prefix,
+    buckets_of,
     designated_source,
 )
 
@@ -72,10 +80,23 @@ PUSH_BATCH: Final = 256
 FRESH_DELAY: Final = 1.0
 """Seconds between a client's PUT and the check that its pages are on their replicas."""
 FRESH_MAX_DELAY: Final = 5.0
-"""Seconds a stored page may wait for that check while fewer than CHUNK pages are due: the
+"""Seconds a stored page may wait for that check while fewer than FRESH_CHUNK pages are due: the
 checks of many commits go out together, as one HAS per replica. Checked one commit at a time,
 a node asked every other replica about a handful of digests after each small group commit, so
 with 32 nodes the HAS traffic of a publish outgrew its PUT traffic (bench/publish_scale.py)."""
+FRESH_CHUNK: Final = 4096
+"""Due fresh pages that are checked at once instead of waiting for FRESH_MAX_DELAY, and the most
+one check round takes. A round asks every replica it shares pages with (with virtual IDs, about
+every other member), so its cost is one HAS per peer whatever the pages: counting *all* waiting
+pages against CHUNK (1024) let a busy node check every second, each round taking only the few
+hundred pages due by then (0.44 HAS per page published, 32 nodes, V=16). 4096 pages spread over
+31 peers is ~260 digests per HAS, well within one datagram."""
+FRESH_RECHECK: Final = 10.0
+"""Seconds before a fresh page a replica lacked at its check is checked again, and only then
+sent. A publish writes every replica itself, but not at the same moment: on a loaded ring (32
+nodes on 2 cores) one replica of a page may get it tens of seconds after another, so the first
+check found many pages "lacking" that were on their way, and the nodes sent them again beside
+the client (bench/publish_scale.py: copied pages per page published)."""
 
 
 @dataclass
@@ -95,6 +116,10 @@ class SweepReport:
     """(peer, bucket) pairs whose hashes differed."""
     deferred_buckets: int = 0
     """(peer, bucket) pairs left to their designated source this sweep."""
+    in_flight_buckets: int = 0
+    """(peer, bucket) pairs left to the next sweep because this node wrote the bucket since the
+    sweep began or holds pages there still due a fresh check: they differ because writes are in
+    flight (a pair is left so once; the next sweep repairs it if it still differs)."""
 
 
 def sweep_log_level(report: SweepReport, previous: SweepReport | None) -> int:
@@ -151,6 +176,12 @@ class Replicator:
         # client usually writes every replica itself; by then a HAS finds them all there).
         self._fresh: collections.deque[tuple[float, list[bytes]]] = collections.deque()
         self._fresh_pages = 0  # digests in self._fresh
+        # Fresh pages some replica lacked at their check: checked again (and only then sent)
+        # FRESH_RECHECK later, as (due, digests).
+        self._recheck: collections.deque[tuple[float, list[bytes]]] = collections.deque()
+        # (peer id, bucket) pairs the last complete range sweep left to this one because writes
+        # were in flight there: this sweep repairs them whatever it sees.
+        self._in_flight: set[tuple[bytes, int]] = set()
         self.sweeps = 0
         self._wake = asyncio.Event()
         self._changed = False
@@ -180,28 +211,52 @@ class Replicator:
 
     def _fresh_due(self) -> float:
         """When the fresh pages are checked (those stored FRESH_DELAY ago or earlier): as soon
-        as that is due with CHUNK pages waiting, else once the oldest has waited
-        FRESH_MAX_DELAY."""
+        as FRESH_CHUNK of them are due, else once the oldest has waited FRESH_MAX_DELAY."""
+        recheck = self._recheck[0][0] if self._recheck else float("inf")
         if not self._fresh:
-            return float("inf")
-        oldest = self._fresh[0][0]
-        return oldest if self._fresh_pages >= CHUNK else oldest - FRESH_DELAY + FRESH_MAX_DELAY
+            return recheck
+        latest = min(recheck, self._fresh[0][0] - FRESH_DELAY + FRESH_MAX_DELAY)
+        if self._fresh_pages < FRESH_CHUNK:
+            return latest
+        due = 0
+        for when, digests in self._fresh:  # ends within FRESH_CHUNK pages' commits
+            if when >= latest:
+                break
+            due += len(digests)
+            if due >= FRESH_CHUNK:
+                return when
+        return latest
 
     def _forget_fresh(self, stored_before: float) -> None:
         """A complete sweep checked every page stored before it began: no separate check."""
         while self._fresh and self._fresh[0][0] - FRESH_DELAY <= stored_before:
             self._fresh_pages -= len(self._fresh.popleft()[1])
+        while self._recheck and self._recheck[0][0] - FRESH_RECHECK <= stored_before:
+            self._recheck.popleft()
+
+    def _fresh_buckets(self) -> np.ndarray:
+        """The buckets of the pages still due a fresh check or a recheck."""
+        digests = [d for queue in (self._fresh, self._recheck) for _, ds in queue for d in ds]
+        return buckets_of(digests) if digests else np.zeros(0, np.intp)
 
     async def _push_fresh(self) -> None:
+        """Check the fresh pages that are due; send the lacking ones of those checked before."""
         if self._fresh_due() > self.clock():
             return
         batch: list[bytes] = []
+        while self._recheck and self._recheck[0][0] <= self.clock():
+            batch.extend(self._recheck.popleft()[1])
+            if len(batch) >= FRESH_CHUNK or not self._recheck or self._recheck[0][0] > self.clock():
+                await self._step(sorted(set(batch)), SweepReport())
+                batch = []
         while self._fresh and self._fresh[0][0] <= self.clock():
             digests = self._fresh.popleft()[1]
             self._fresh_pages -= len(digests)
             batch.extend(digests)
-            if len(batch) >= CHUNK or not self._fresh or self._fresh[0][0] > self.clock():
-                await self._step(sorted(set(batch)), SweepReport())
+            if len(batch) >= FRESH_CHUNK or not self._fresh or self._fresh[0][0] > self.clock():
+                lacking = await self._step(sorted(set(batch)), SweepReport(), push=False)
+                if lacking:
+                    self._recheck.append((self.clock() + FRESH_RECHECK, sorted(lacking)))
                 batch = []
 
     async def run(self) -> None:
@@ -245,7 +300,8 @@ class Replicator:
             finished = await self._sweep_ranges(report, total)
         if not finished:
             return report  # incomplete: the caller's loop sweeps again at once
-        self._forget_fresh(stored_before=started)
+        if not report.in_flight_buckets:  # else their fresh checks still cover those pages
+            self._forget_fresh(stored_before=started)
         report.complete = True
         report.seconds = self.clock() - started
         self.sweeps += 1
@@ -289,8 +345,10 @@ class Replicator:
             return False
         report.examined += int(table.counts[held & mine].sum())
         report.compared_buckets = int((held & mine).sum())
+        busy = self._written_since(table)
         now = self.clock()
         deferred: dict[tuple[bytes, int], float] = {}
+        in_flight: set[tuple[bytes, int]] = set()
         for p, (differing, unanswered) in zip(peers, compared, strict=True):
             if unanswered:
                 report.unanswered += unanswered
@@ -302,22 +360,38 @@ class Replicator:
             source = designated_source(owners.rows[differing], p)
             push: list[int] = []
             for bucket, first in zip(differing, source.tolist(), strict=True):
-                since = self._deferred.get((ids[p], bucket), now)
+                pair = (ids[p], bucket)
+                if busy[bucket] and pair not in self._in_flight:
+                    in_flight.add(pair)  # differs because writes are in flight: next sweep
+                    report.in_flight_buckets += 1
+                    continue
+                since = self._deferred.get(pair, now)
                 if first == me or now - since >= max(self.interval, self.grace):
                     push.append(bucket)
                 else:
-                    deferred[(ids[p], bucket)] = since
+                    deferred[pair] = since
+                    report.deferred_buckets += 1
                     report.under_replicated += int(table.counts[bucket])
-            report.deferred_buckets += len(differing) - len(push)
             if not await self._push_buckets(targets[p], push, table.counts, report):
                 return False
         self._deferred = deferred
+        self._in_flight = in_flight
         log.debug(
-            "range sweep: %d peers, %d buckets compared, %d differ, %d deferred, %d per page",
+            "range sweep: %d peers, %d buckets compared, %d differ, %d deferred, %d in flight, "
+            "%d per page",
             len(peers), report.compared_buckets, report.differing_buckets,
-            report.deferred_buckets, int((held & ~mine).sum()),
+            report.deferred_buckets, report.in_flight_buckets, int((held & ~mine).sum()),
         )
         return True
+
+    def _written_since(self, table: BucketTable) -> np.ndarray:
+        """Buckets where writes are in flight: written here since ``table`` was read (the
+        sweep's start), or holding pages still due a fresh check (stored in the last seconds:
+        their other replicas may not have them *yet*). A mask over the buckets."""
+        now = self.store.buckets.table()
+        busy: np.ndarray = (now.counts != table.counts) | (now.hashes != table.hashes).any(axis=1)
+        busy[self._fresh_buckets()] = True
+        return busy
 
     async def _compare(
         self, peer: Member, table: BucketTable, mask: np.ndarray
@@ -387,10 +461,14 @@ class Replicator:
             self._owners_ring = ring
         return self._owners
 
-    async def _step(self, digests: list[bytes], report: SweepReport) -> None:
+    async def _step(
+        self, digests: list[bytes], report: SweepReport, *, push: bool = True
+    ) -> set[bytes]:
+        """Check ``digests`` on their other replicas and send them what they lack (``push``),
+        or only find out: returns the digests some replica answered it lacks."""
         targets = list(self.members())
         if not any(t.node_id == self.self_id for t in targets):
-            return  # not a member (yet): nothing to decide
+            return set()  # not a member (yet): nothing to decide
         report.examined += len(digests)
         ids = [t.node_id for t in targets]
         self_index = ids.index(self.self_id)
@@ -406,8 +484,9 @@ class Replicator:
             if self_index in row:
                 confirmed[digest] = 1
         results = await asyncio.gather(
-            *(self._reconcile(targets[i].data_address, ds) for i, ds in ask.items())
+            *(self._reconcile(targets[i].data_address, ds, push=push) for i, ds in ask.items())
         )
+        lacking: set[bytes] = set()
         for index, (held, copied, unanswered) in zip(ask, results, strict=True):
             report.copied += copied
             report.unanswered += len(unanswered)
@@ -415,6 +494,8 @@ class Replicator:
                 await self.on_unanswered(targets[index].node_id)
             for digest in held:
                 confirmed[digest] += 1
+            if not push:
+                lacking.update(d for d in ask[index] if d not in held and d not in unanswered)
         now = self.clock()
         drop: list[bytes] = []
         for digest, row in zip(digests, placement.tolist(), strict=True):
@@ -431,6 +512,7 @@ class Replicator:
             self.metrics.surplus_dropped.inc(len(drop))
             for digest in drop:
                 self._surplus.pop(digest, None)
+        return lacking
 
     def _ring_of(self, targets: Sequence[Member]) -> Ring:
         """The placement ring of this membership view (kept while the view stays the same)."""
@@ -442,12 +524,13 @@ class Replicator:
         return self._ring
 
     async def _reconcile(
-        self, address: Address, digests: list[bytes]
+        self, address: Address, digests: list[bytes], *, push: bool = True
     ) -> tuple[set[bytes], int, set[bytes]]:
-        """Make one replica hold ``digests``: returns (held now, copied, unanswered)."""
+        """Make one replica hold ``digests`` (or, without ``push``, only ask which it holds):
+        returns (held now, copied, unanswered)."""
         has = await self.client.has(address, digests)
         held = set(has.held)
-        lacking = sorted(has.lacking)
+        lacking = sorted(has.lacking) if push else []
         copied = 0
         for start in range(0, len(lacking), PUSH_BATCH):
             batch = lacking[start : start + PUSH_BATCH]

@@ -45,6 +45,7 @@ from tmdht.net.membership import Member, MembershipEventKind
 from tmdht.net.operations import EngineStats
 from tmdht.net.overlay import OverlayConfig
 from tmdht.node.dataplane import DataPlaneServer
+from tmdht.node.groupcommit import CommitPacing
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.replication import Replicator
 from tmdht.node.storage import PageStore
@@ -152,6 +153,7 @@ class StoreNode:
                 rate_limit=RateLimitConfig(rate=cfg.rate_limit, burst=cfg.rate_limit_burst),
                 records=RecordStore(),
                 waves=self.waves,
+                commit_pacing=CommitPacing(max_delay=cfg.commit_delay),
             )
             self.http = HealthServer(
                 cfg.host, cfg.metrics_port, self.metrics.registry, self._health

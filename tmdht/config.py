@@ -242,6 +242,10 @@ class NodeConfig:
     """Data-plane datagrams one source IP may send back to back (the token bucket's size)."""
     surplus_grace: float = 600.0
     """Seconds a page this node no longer owes is kept before it is dropped."""
+    commit_delay: float = 0.0
+    """Seconds a group commit of PUTs may wait for more PUTs while they stream in (0, the
+    default: never; at most 1). Acknowledgements still follow the fsync
+    (:mod:`tmdht.node.groupcommit`, which says why it is off by default)."""
     log_format: str = "json"
     """``json`` (one object a line) or ``text``."""
     log_level: str = "info"
@@ -292,6 +296,8 @@ class NodeConfig:
         config = cls(**parsed)
         if not MIN_DATAGRAM <= config.max_datagram <= MAX_DATAGRAM:
             raise ConfigError(f"max_datagram must be between {MIN_DATAGRAM} and {MAX_DATAGRAM}")
+        if config.commit_delay > 1:
+            raise ConfigError(f"commit_delay must be at most 1 second, got {config.commit_delay}")
         return config
 
     def to_dict(self) -> dict[str, object]:
@@ -382,6 +388,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "rate_limit": _non_negative_float,
     "rate_limit_burst": _positive_int,
     "surplus_grace": _positive_float,
+    "commit_delay": _non_negative_float,
     "log_format": _choice("json", "text"),
     "log_level": _choice("debug", "info", "warning", "error"),
     "status_file": _optional_path,

@@ -14,7 +14,13 @@ from tmdht.net.address import Address
 from tmdht.net.membership import Member
 from tmdht.net.operations import HasResult
 from tmdht.node.metrics import NodeMetrics
-from tmdht.node.replication import CHUNK, FRESH_DELAY, FRESH_MAX_DELAY, Replicator
+from tmdht.node.replication import (
+    CHUNK,
+    FRESH_CHUNK,
+    FRESH_DELAY,
+    FRESH_MAX_DELAY,
+    Replicator,
+)
 from tmdht.node.storage import PageStore
 from tmdht.placement import FailureDomain
 
@@ -85,7 +91,7 @@ async def small_commits() -> None:
         clock.now += 0.01
     clock.now += FRESH_DELAY
     await job._push_fresh()
-    assert client.asked == []  # fewer than CHUNK pages: they wait for FRESH_MAX_DELAY
+    assert client.asked == []  # fewer than FRESH_CHUNK pages: they wait for FRESH_MAX_DELAY
     first = 1000.0
     assert job._fresh_due() == first + FRESH_MAX_DELAY
     clock.now = first + FRESH_MAX_DELAY
@@ -104,7 +110,7 @@ def test_a_full_chunk_is_checked_after_fresh_delay() -> None:
 async def full_chunk() -> None:
     clock, client = Clock(), HoldsEverything()
     job = replicator(8, clock, client)
-    groups = commits(2, CHUNK // 2 + 1)
+    groups = commits(2, FRESH_CHUNK // 2 + 1)
     for group in groups:
         job.pages_added(group)
     assert job._fresh_due() == 1000.0 + FRESH_DELAY
@@ -129,3 +135,30 @@ def test_a_complete_sweep_covers_the_pages_stored_before_it_began() -> None:
     clock.now = 1000.5 + FRESH_MAX_DELAY
     asyncio.run(job._push_fresh())
     assert {digest for _, digests in client.asked for digest in digests} == set(later)
+
+
+def test_a_busy_node_checks_full_rounds_not_whatever_is_due_each_second() -> None:
+    asyncio.run(busy_node())
+
+
+async def busy_node() -> None:
+    """Pages keep arriving faster than FRESH_CHUNK per FRESH_DELAY: rounds go out when
+    FRESH_CHUNK pages are due (or the oldest waited FRESH_MAX_DELAY), not every time the
+    waiting total passes a chunk while only a few hundred of them are due."""
+    clock, client = Clock(), HoldsEverything()
+    job = replicator(32, clock, client)
+    per_commit, step = 64, 0.05  # 1280 pages a second: FRESH_CHUNK is due ~3.2 s after start
+    rounds = 0
+    checked = 0
+    for _ in range(200):  # 10 s of commits
+        job.pages_added(commits(1, per_commit)[0])
+        before = len(client.asked)
+        await job._push_fresh()
+        if len(client.asked) > before:
+            rounds += 1
+            checked = sum(len(d) for _, d in client.asked)
+        clock.now += step
+    # Without the fix a round went out every wake-up once a chunk's worth waited (~100 rounds).
+    assert 1 <= rounds <= 10 * 1280 // FRESH_CHUNK + 1
+    assert checked >= FRESH_CHUNK * 2 * 2  # each round: FRESH_CHUNK pages x (R - 1) replicas
+    assert CHUNK < FRESH_CHUNK

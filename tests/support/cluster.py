@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,15 @@ def make_pages(n: int, tag: int) -> list[tuple[bytes, bytes]]:
     out = []
     for i in range(n):
         page = (tag.to_bytes(4, "big") + (i + 1).to_bytes(4, "big")) * 512
+        out.append((digest_page(page), page))
+    return out
+
+
+def random_pages(n: int) -> list[tuple[bytes, bytes]]:
+    """``n`` pages of random bytes with their digests."""
+    out = []
+    for _ in range(n):
+        page = os.urandom(4096)
         out.append((digest_page(page), page))
     return out
 

@@ -264,7 +264,7 @@ class ReverseDecoder(_Decoder):
         return Need(struct.unpack(f">{n}I", self._in.take(4 * n)))
 
     def _busy(self) -> object:
-        if not self._wave_busy:  # as without the flag (and in the native cores)
+        if not self._wave_busy:  # as before the record existed (the native cores never send it)
             raise DecodeError(f"unknown record type {RecordType.WAVE_BUSY:#04x}")
         if self._wave_busy_seen:
             raise DecodeError("a second WAVE_BUSY record")

@@ -346,9 +346,10 @@ class SenderRewriter:
         While they migrate, a page this VM sends whole is not claimed in the wave store, so
         a VM close behind fetches it from its own sender too; offered, it is claimed or found
         (bench/waves.py, 4 VMs at once: 0.583x tmdht's bytes in 3 runs with this record,
-        0.59-0.63x adaptive without it). It does not revert: the receiver cannot tell when the others
-        are done (it sees their claims only while it misses pages), and offering costs a
-        found-nothing VM bytes of OFFER records and some time, never pages."""
+        0.59-0.63x adaptive without it). It does not revert: the receiver cannot tell when
+        the others are done (it sees their claims only while it misses pages), and offering
+        costs a VM that finds nothing the bytes of OFFER records and some time, never
+        pages."""
         del record
         if not self.hello.flags & FLAG_WAVE_BUSY:
             raise DecodeError("WAVE_BUSY to a sender whose hello did not have FLAG_WAVE_BUSY")

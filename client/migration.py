@@ -53,6 +53,8 @@ from tmdht.migration_stream import (
     MigrationCounts,
     Need,
     ReverseDecoder,
+    SenderRewriter,
+    WaveBusy,
     encode,
 )
 from tmdht.native import (
@@ -255,6 +257,9 @@ class MigrationReport:
     """Missed pages another receiver had claimed, waited for (receiver)."""
     wave_waited_found: int = 0
     """... and then found in the wave store (the rest came from the sender after the wait)."""
+    wave_busy_seen: int = 0
+    """1 once other VMs of the wave were seen migrating at the same time (receiver: it said
+    WAVE_BUSY; sender: it got it and offered every page from then on), else 0."""
 
     @property
     def wan_bytes(self) -> int:
@@ -280,7 +285,8 @@ class MigrationReport:
                 f"; wave {self.wave}: offers {self.wave_offers}, found in the wave store "
                 f"{self.wave_hits}, bodies sent {self.wave_bodies}, sent whole (offer window "
                 f"full) {self.wave_window_full}, sent whole (offers not found) "
-                f"{self.wave_sent_whole}, stored {self.wave_stored}"
+                f"{self.wave_sent_whole}, stored {self.wave_stored}, others busy "
+                f"{self.wave_busy_seen}"
                 + ("" if self.role != "receive" else
                    f", claimed {self.wave_claimed}, waited for {self.wave_waited} (then found "
                    f"{self.wave_waited_found})"))
@@ -539,7 +545,7 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
 
         check_files(config.tls, server=False)  # ConfigError before anything is sent
     sock: socket.socket | None = None
-    decoder = ReverseDecoder()
+    decoder = ReverseDecoder(rewriter.hello.flags)  # WAVE_BUSY only if the hello offered it
     try:
         # The SYN travels while TLS's context is built (importing ssl, loading the certificates):
         # that work overlaps a round trip instead of preceding it.
@@ -576,6 +582,7 @@ def run_sender(config: SenderConfig, *, stdin_fd: int = 0,
             report.wave_bodies = wave.bodies
             report.wave_window_full = wave.window_full
             report.wave_sent_whole = wave.whole
+            report.wave_busy_seen = wave.busy_seen
         report.duration_s = time.monotonic() - started
         report.cpu_s = time.process_time()
         _finish_metrics(metrics, report)
@@ -795,6 +802,8 @@ def _pump_sender(config: SenderConfig, rewriter: MigrationSender, sock: socket.s
                             rewriter.acknowledge(record)
                         elif isinstance(record, Need):
                             queue(rewriter.fallback(record))
+                        elif isinstance(record, WaveBusy):  # only after FLAG_WAVE_BUSY: a wave
+                            cast("SenderRewriter", rewriter).wave_busy(record)
                         else:
                             verdict = record
                             break
@@ -1106,7 +1115,10 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
         nonlocal others_busy
         assert waves is not None and wave_core is not None
         statuses = await waves.claim([d for _, d in batch], claims.claim_ttl)
-        others_busy = others_busy or wire.WaveClaimStatus.PENDING in statuses
+        if not others_busy and wire.WaveClaimStatus.PENDING in statuses:
+            others_busy = True
+            report.wave_busy_seen = 1
+            wave_core.others_busy()  # WAVE_BUSY to the sender with the next requests()
         held = [item for item, s in zip(batch, statuses, strict=True)
                 if s is wire.WaveClaimStatus.HELD]
         pending = [i for (i, _), s in zip(batch, statuses, strict=True)

@@ -106,6 +106,7 @@ def test_the_second_guest_of_a_wave_sends_far_fewer_bodies(
     assert sent >= SHARED + OWN - 10
     assert send1["wave_bodies"] == send1["wave_offers"]
     assert recv1["wave_stored"] == sent
+    assert send1["wave_busy_seen"] == recv1["wave_busy_seen"] == 0  # no other VM migrates
     assert any("wave w1: offers" in line for line in lines), lines
     code, send2, recv2, lines = migrate(root, cluster, 2, *wave, tag="second")
     assert code == 0, lines
@@ -230,6 +231,8 @@ def test_a_claimer_that_never_stores_costs_the_waiter_only_the_bound(
     assert recv["wave_waited"] >= SHARED - 10  # it waited for the claimed pages ...
     assert recv["wave_waited_found"] == 0 and recv["wave_hits"] == 0  # ... in vain
     assert send["wave_bodies"] == send["wave_offers"]  # then every body crossed
+    # Another receiver's claims: other VMs migrate now, so the sender was told (WAVE_BUSY).
+    assert recv["wave_busy_seen"] == send["wave_busy_seen"] == 1
     assert recv["duration_s"] < 30  # the bound, not the claims' 30 s
 
 

@@ -15,6 +15,7 @@ from tmdht.catalog_file import TemplateDigests
 from tmdht.errors import ConfigError, DecodeError, DigestMismatchError
 from tmdht.migration_stream import (
     FLAG_WAVE,
+    FLAG_WAVE_BUSY,
     Ack,
     BackRef,
     CompressedPage,
@@ -28,6 +29,7 @@ from tmdht.migration_stream import (
     ReverseDecoder,
     SenderRewriter,
     Template,
+    WaveBusy,
     WaveHello,
     encode,
 )
@@ -89,16 +91,18 @@ def sender_for(wave: WaveCredentials | None, offer_window: int = 32 << 20, *,
 def migrate(stream: bytes, store: dict[bytes, bytes], wave: WaveCredentials = WAVE, *,
             receiver_wave: WaveCredentials | None = None, offer_window: int = 32 << 20,
             chunk: int = 5000, policy: OfferPolicy | None = POLICY,
+            busy_from: int | None = None,
             ) -> tuple[SenderRewriter, ReceiverRebuilder, bytes, int]:
     """One migration in memory: the receiver looks offers up in ``store`` (wave key -> page),
-    asks the sender for the rest, and stores what it learned. Returns the wire bytes sent."""
+    asks the sender for the rest, and stores what it learned. Returns the wire bytes sent.
+    ``busy_from``: the receiver sees other VMs of the wave busy from this stream offset on."""
     sender = sender_for(wave, offer_window, policy=policy)
     receiver_wave = wave if receiver_wave is None else receiver_wave
     rebuilder = ReceiverRebuilder(CATALOG.catalog_id, wave_tag=receiver_wave.tag)
     templates = {digest_page(p): p for p in POOL}
     out: list[bytes] = []
     wire = 0
-    reverse = ReverseDecoder()
+    reverse = ReverseDecoder(sender.hello.flags)
 
     def pump(data: bytes) -> None:
         nonlocal wire
@@ -121,11 +125,15 @@ def migrate(stream: bytes, store: dict[bytes, bytes], wave: WaveCredentials = WA
         for record in reverse.records():
             if isinstance(record, Need):
                 pump(sender.fallback(record))
+            elif isinstance(record, WaveBusy):
+                sender.wave_busy(record)
             else:
                 sender.acknowledge(record)  # type: ignore[arg-type]
 
     pump(sender.start())
     for i in range(0, len(stream), chunk):
+        if busy_from is not None and i >= busy_from:
+            rebuilder.others_busy()
         pump(sender.feed(stream[i : i + chunk]))
     pump(sender.finish())
     out.extend(rebuilder.output())
@@ -405,3 +413,87 @@ def test_claim_waits_are_bounded_by_count_and_asks() -> None:
         ClaimPolicy(first_ask=0)
     with pytest.raises(ConfigError):
         ClaimPolicy(backoff=0.5)
+
+
+def test_wave_busy_record_round_trip_and_strictness() -> None:
+    """WAVE_BUSY is one byte on the reverse stream, valid only after a hello with
+    FLAG_WAVE_BUSY (which needs FLAG_WAVE), and at most once."""
+    busy = encode(WaveBusy())
+    assert busy == b"\x14"
+    need = encode(Need((3, 4)))
+    decoder = ReverseDecoder(FLAG_WAVE | FLAG_WAVE_BUSY)
+    decoder.feed(need + busy + encode(Ack(5, 9)))
+    assert list(decoder.records()) == [Need((3, 4)), WaveBusy(), Ack(5, 9)]
+    decoder.close()
+    for flags in (0, FLAG_WAVE):  # without the flag: an unknown record, as before it existed
+        decoder = ReverseDecoder(flags)
+        decoder.feed(need + busy)
+        with pytest.raises(DecodeError, match="unknown record type 0x14"):
+            list(decoder.records())
+    decoder = ReverseDecoder(FLAG_WAVE | FLAG_WAVE_BUSY)
+    decoder.feed(busy + busy)
+    with pytest.raises(DecodeError, match="second WAVE_BUSY"):
+        list(decoder.records())
+    decoder = ReverseDecoder(FLAG_WAVE | FLAG_WAVE_BUSY)
+    decoder.feed(busy + b"\x15")  # a malformed stream after it: still a DecodeError
+    with pytest.raises(DecodeError, match="unknown record type 0x15"):
+        list(decoder.records())
+    # The flag without FLAG_WAVE is refused both ways.
+    lone = Hello(CATALOG.catalog_id, 16, 1 << 20, FLAG_WAVE_BUSY)
+    with pytest.raises(ValueError, match="FLAG_WAVE_BUSY without FLAG_WAVE"):
+        encode(lone)
+    raw = bytearray(encode(Hello(CATALOG.catalog_id, 16, 1 << 20, FLAG_WAVE | FLAG_WAVE_BUSY)))
+    raw[9] = FLAG_WAVE_BUSY
+    forward = ForwardDecoder()
+    forward.feed(bytes(raw))
+    with pytest.raises(DecodeError, match="wave-busy flag"):
+        list(forward.records())
+
+
+def test_only_a_wave_sender_offers_wave_busy_and_the_receiver_says_it_once() -> None:
+    assert sender_for(WAVE).hello.flags & FLAG_WAVE_BUSY
+    plain = sender_for(None)
+    assert plain.hello.flags & (FLAG_WAVE | FLAG_WAVE_BUSY) == 0
+    with pytest.raises(DecodeError, match="FLAG_WAVE_BUSY"):
+        plain.wave_busy(WaveBusy())
+    rebuilder = ReceiverRebuilder(CATALOG.catalog_id, wave_tag=WAVE.tag)
+    assert not rebuilder.others_busy()  # no hello yet: nothing to say it to
+    rebuilder.feed(sender_for(WAVE).start())
+    assert rebuilder.others_busy() and not rebuilder.others_busy()
+    assert rebuilder.requests() == encode(WaveBusy())
+    assert rebuilder.requests() == b""
+    # A wave sender without the flag (an older one) never gets the record.
+    old = ReceiverRebuilder(CATALOG.catalog_id, wave_tag=WAVE.tag)
+    old.feed(encode(Hello(CATALOG.catalog_id, 16, 1 << 20, FLAG_WAVE))
+             + encode(WaveHello(WAVE.tag)))
+    assert not old.others_busy() and old.requests() == b""
+
+
+def test_wave_busy_makes_the_sender_offer_every_page() -> None:
+    """A VM running ahead finds nothing and goes whole; once its receiver says WAVE_BUSY it
+    offers every page (as with offer_policy=None), so the others can claim them."""
+    stream = guest_stream(1, SHARED)
+    cold, _, _, _ = migrate(stream, {})
+    assert cold.wave.whole > 0 and cold.wave.busy_seen == 0
+    half = len(stream) // 2
+    busy, rebuilder, _, _ = migrate(stream, {}, busy_from=half)
+    assert busy.wave.busy_seen == 1
+    assert 0 < busy.wave.whole < cold.wave.whole  # whole before the record, none after
+    assert busy.wave.offers + busy.wave.whole == cold.wave.offers + cold.wave.whole
+    assert rebuilder.stats.offers == busy.wave.offers
+    # Sans-IO, step by step: pages go whole until the record, then every one is offered.
+    sender = sender_for(WAVE)
+    decoder = ForwardDecoder()
+    decoder.feed(sender.start() + sender.feed(stream[:half]))
+    offered = tuple(i for i, r in enumerate(
+        r for r in decoder.records() if isinstance(r, FullPage | Offer | Template | BackRef))
+        if isinstance(r, Offer))
+    sender.fallback(Need(offered))  # none found
+    sender.acknowledge(Ack(offered[-1] + 1, 0))
+    sender.feed(stream[half : half + 40 * PAGE_SIZE])
+    whole = sender.wave.whole
+    assert whole > 0
+    sender.wave_busy(WaveBusy())
+    offers = sender.wave.offers
+    sender.feed(stream[half + 40 * PAGE_SIZE :])
+    assert sender.wave.whole == whole and sender.wave.offers > offers

@@ -15,6 +15,7 @@ from tmdht.migration.decoders import ForwardDecoder, ReverseDecoder
 from tmdht.migration.format import (
     FLAG_COMPRESS,
     FLAG_WAVE,
+    FLAG_WAVE_BUSY,
     MAX_BACKREF_WINDOW,
     MAX_FLOW_WINDOW,
     MAX_HELD,
@@ -42,6 +43,7 @@ from tmdht.migration.format import (
     ReverseRecord,
     StreamDigest,
     Template,
+    WaveBusy,
     WaveHello,
     encode,
 )
@@ -51,6 +53,7 @@ from tmdht.migration.sender import OfferPolicy, SenderRewriter, WaveCounts
 __all__ = [
     "FLAG_COMPRESS",
     "FLAG_WAVE",
+    "FLAG_WAVE_BUSY",
     "MAX_BACKREF_WINDOW",
     "MAX_FLOW_WINDOW",
     "MAX_HELD",
@@ -84,6 +87,7 @@ __all__ = [
     "SenderRewriter",
     "StreamDigest",
     "Template",
+    "WaveBusy",
     "WaveCounts",
     "WaveHello",
     "encode",

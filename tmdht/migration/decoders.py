@@ -20,6 +20,7 @@ from tmdht.migration.format import (
     END_LAYOUT,
     FALLBACK_LAYOUT,
     FLAG_WAVE,
+    FLAG_WAVE_BUSY,
     HELLO_LAYOUT,
     MAX_BACKREF_WINDOW,
     MAX_FLOW_WINDOW,
@@ -45,6 +46,7 @@ from tmdht.migration.format import (
     RecordType,
     ReverseRecord,
     Template,
+    WaveBusy,
     WaveHello,
     check_prefix,
 )
@@ -161,6 +163,8 @@ class ForwardDecoder(_Decoder):
             raise LimitExceededError(f"back-reference window of {backref} pages")
         if not 0 < flow <= MAX_FLOW_WINDOW:
             raise LimitExceededError(f"flow window of {flow} bytes")
+        if flags & FLAG_WAVE_BUSY and not flags & FLAG_WAVE:
+            raise DecodeError("hello with the wave-busy flag but not the wave flag")
         self.hello = Hello(catalog_id, backref, flow, flags)
         return True
 
@@ -234,14 +238,19 @@ class ForwardDecoder(_Decoder):
 
 
 class ReverseDecoder(_Decoder):
-    """Decodes the receiver's NEED, ACK and DONE records."""
+    """Decodes the receiver's NEED, ACK and DONE records (and WAVE_BUSY, once, if the sender's
+    hello had FLAG_WAVE_BUSY)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hello_flags: int = 0) -> None:
+        """``hello_flags``: the flags of the hello the sender sent (what it understands)."""
         super().__init__()
+        self._wave_busy = bool(hello_flags & FLAG_WAVE_BUSY)
+        self._wave_busy_seen = False
         self._table: dict[int, _Handler] = {
             RecordType.NEED: self._need,
             RecordType.ACK: self._ack,
             RecordType.DONE: self._done,
+            RecordType.WAVE_BUSY: self._busy,
         }
 
     def records(self) -> Iterator[ReverseRecord]:
@@ -253,6 +262,14 @@ class ReverseDecoder(_Decoder):
         if not 0 < n <= MAX_NEED:
             raise LimitExceededError(f"NEED of {n} pages")
         return Need(struct.unpack(f">{n}I", self._in.take(4 * n)))
+
+    def _busy(self) -> object:
+        if not self._wave_busy:  # as before the record existed (the native cores never send it)
+            raise DecodeError(f"unknown record type {RecordType.WAVE_BUSY:#04x}")
+        if self._wave_busy_seen:
+            raise DecodeError("a second WAVE_BUSY record")
+        self._wave_busy_seen = True
+        return WaveBusy()
 
     def _ack(self) -> object:
         index, qemu_bytes = ACK_LAYOUT.unpack(self._in.take(ACK_LAYOUT.size))

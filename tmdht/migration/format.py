@@ -30,6 +30,8 @@ Reverse stream (receiver → sender), no hello::
     0x12 ACK        be32 body index, be64 QEMU bytes: every body record below the index is
                     rebuilt and this many QEMU bytes are written (or held)
     0x13 DONE       u8 status (0 verified, 1 failed), be16 n, n bytes UTF-8 message
+    0x14 WAVE_BUSY  (no payload) other VMs of the wave migrate now: only if the hello has
+                    FLAG_WAVE_BUSY, at most once
 
 Waves (only when the hello has FLAG_WAVE; without it no WAVE or OFFER record is valid and the
 stream is exactly the one above): an OFFER takes a body index like a TEMPLATE, the sender keeps
@@ -42,6 +44,13 @@ bytes, never a stall. Which pages it offers at all is its own choice too (its of
 pages go whole while offers are seldom found); the receiver stores every non-template page it
 receives, whole or as a body, offered or not. The END counts are unchanged: an offered page
 counts in ``pages`` only.
+
+A sender in a wave also sets FLAG_WAVE_BUSY (only with FLAG_WAVE): it understands WAVE_BUSY, which
+the receiver sends once when it first sees other VMs of the wave migrate at the same time (a page
+it missed is claimed by another receiver). The sender then offers every non-template page (its
+offer policy no longer sends pages whole), so a VM running ahead of the others does not send
+whole the pages a VM close behind fetches too. A receiver sends WAVE_BUSY only to a hello with
+that flag; a sender without it (or a stream without waves) never gets one.
 
 The *page prefix* is QEMU's own RAM record header, as QEMU wrote it: be64 ``offset | flags``
 with the PAGE flag, followed (unless CONTINUE is set) by u8 length and the block idstr. Every
@@ -75,6 +84,7 @@ from tmdht.qemu_stream import RamFlag
 __all__ = [
     "FLAG_COMPRESS",
     "FLAG_WAVE",
+    "FLAG_WAVE_BUSY",
     "MAX_BACKREF_WINDOW",
     "MAX_FLOW_WINDOW",
     "MAX_HELD",
@@ -102,6 +112,7 @@ __all__ = [
     "ReverseRecord",
     "StreamDigest",
     "Template",
+    "WaveBusy",
     "WaveHello",
     "check_prefix",
     "encode",
@@ -127,7 +138,9 @@ FLAG_COMPRESS: Final = 0x01
 """Hello flag: residual pages may come zstd-compressed."""
 FLAG_WAVE: Final = 0x02
 """Hello flag: the sender migrates in a wave (a WAVE record follows; OFFER records may)."""
-KNOWN_FLAGS: Final = FLAG_COMPRESS | FLAG_WAVE
+FLAG_WAVE_BUSY: Final = 0x04
+"""Hello flag, only with FLAG_WAVE: the sender understands WAVE_BUSY on the reverse stream."""
+KNOWN_FLAGS: Final = FLAG_COMPRESS | FLAG_WAVE | FLAG_WAVE_BUSY
 
 HELLO_LAYOUT = struct.Struct(">8sBB32sIQ")
 BE16 = struct.Struct(">H")
@@ -156,6 +169,7 @@ class RecordType(IntEnum):
     NEED = 0x11
     ACK = 0x12
     DONE = 0x13
+    WAVE_BUSY = 0x14
 
 
 # -- records -----------------------------------------------------------------------------------
@@ -319,11 +333,17 @@ class Done:
     """Why not, for logs."""
 
 
+@dataclass(frozen=True, slots=True)
+class WaveBusy:
+    """The receiver saw other VMs of the wave migrate at the same time (after a hello with
+    FLAG_WAVE_BUSY, at most once)."""
+
+
 ForwardRecord = (
     RawBytes | DeviceState | FullPage | CompressedPage | Template | BackRef | Fallback | End
     | WaveHello | Offer
 )
-ReverseRecord = Need | Ack | Done
+ReverseRecord = Need | Ack | Done | WaveBusy
 
 
 def check_prefix(prefix: bytes) -> None:
@@ -354,6 +374,8 @@ def encode(record: Hello | ForwardRecord | ReverseRecord) -> bytes:
 def _encode(record: Hello | ForwardRecord | ReverseRecord) -> bytes:
     match record:
         case Hello(catalog_id, backref, flow, flags):
+            if flags & FLAG_WAVE_BUSY and not flags & FLAG_WAVE:
+                raise DecodeError("FLAG_WAVE_BUSY without FLAG_WAVE")
             if (
                 len(catalog_id) != DIGEST_SIZE
                 or not 0 < backref <= MAX_BACKREF_WINDOW
@@ -424,6 +446,8 @@ def _encode(record: Hello | ForwardRecord | ReverseRecord) -> bytes:
             if len(text) > MAX_MESSAGE:
                 raise DecodeError("DONE message too long")
             return b"\x13" + bytes((0 if ok else 1,)) + BE16.pack(len(text)) + text
+        case WaveBusy():
+            return b"\x14"
     raise ValueError(f"not a record: {record!r}")
 
 

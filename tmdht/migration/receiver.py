@@ -19,6 +19,7 @@ import zstandard
 from tmdht.errors import DecodeError, DigestMismatchError, LimitExceededError
 from tmdht.migration.decoders import ForwardDecoder
 from tmdht.migration.format import (
+    FLAG_WAVE_BUSY,
     MAX_HELD,
     MAX_NEED,
     MAX_RAW,
@@ -37,6 +38,7 @@ from tmdht.migration.format import (
     RawBytes,
     StreamDigest,
     Template,
+    WaveBusy,
     WaveHello,
     encode,
 )
@@ -117,6 +119,8 @@ class ReceiverRebuilder:
         self._slots: dict[int, _Slot] = {}  # unfilled TEMPLATE slots by body index
         self._to_resolve: deque[_Slot] = deque()
         self._need: list[int] = []
+        self._busy = b""  # the WAVE_BUSY record, until requests() sends it
+        self._busy_said = False
         self._next_index = 0
         self._written_index = 0
         self._queued_bytes = 0
@@ -356,10 +360,23 @@ class ReceiverRebuilder:
         """The cluster could not serve these slots: ask the sender (see :meth:`requests`)."""
         self._need.extend(i for i in indices if i in self._slots)
 
+    def others_busy(self) -> bool:
+        """Other VMs of the wave migrate now (a page missed here is claimed by another
+        receiver): tell the sender once with WAVE_BUSY (sent by :meth:`requests`), if its hello
+        has FLAG_WAVE_BUSY. Returns True if this call queued the record."""
+        hello = self._decoder.hello
+        if self._busy_said or hello is None or not hello.flags & FLAG_WAVE_BUSY:
+            return False
+        self._busy_said = True
+        self._busy = encode(WaveBusy())
+        return True
+
     def requests(self) -> bytes:
-        """NEED records for the pages to take from the sender (empty if none)."""
+        """NEED records for the pages to take from the sender, and WAVE_BUSY once if
+        :meth:`others_busy` said so (empty if none)."""
         need, self._need = self._need, []
-        return b"".join(
+        busy, self._busy = self._busy, b""
+        return busy + b"".join(
             encode(Need(tuple(need[i : i + MAX_NEED]))) for i in range(0, len(need), MAX_NEED)
         )
 

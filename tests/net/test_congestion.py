@@ -16,7 +16,7 @@ from tmdht import wire
 from tmdht.errors import UsageError
 from tmdht.net.address import Address
 from tmdht.net.operations import EngineConfig, HasQuery, PutOutcome, Store
-from tmdht.net.window import CongestionWindow, RequestWindow
+from tmdht.net.window import CongestionWindow, RequestWindow, RttEstimator
 from tmdht.pages import digest_page
 
 SMALL = wire.MIN_DATAGRAM
@@ -191,3 +191,133 @@ def test_a_put_waits_at_least_its_own_timeout_floor() -> None:
     assert net.now == pytest.approx(0.05 + 0.1)
     with pytest.raises(UsageError):
         EngineConfig(put_timeout=0)
+
+
+def test_a_late_answer_holds_the_window_and_a_prompt_one_grows_it() -> None:
+    """Late: beyond half the request's timeout floor and twice the least round trip seen."""
+    rtt = RttEstimator(0.05, 4.0)
+    address = node_address(0)
+    assert not rtt.late(address, 0.025) and rtt.late(address, 0.03)  # nothing seen yet
+    rtt.observe(address, 0.1)
+    assert not rtt.late(address, 0.2) and rtt.late(address, 0.21)  # twice the least
+    assert not rtt.late(address, 0.5, floor=1.0) and rtt.late(address, 0.51, floor=1.0)
+    window = RequestWindow(4, congestion=CongestionWindow(8, limit=64))
+    window.answered(address, grow=False)
+    assert window.congestion.allowed == 8
+    window.answered(address)
+    assert window.congestion.allowed == 9
+
+
+def group_committing(service: float, groups: list[int]) -> object:
+    """A node that commits its PUTs in groups, as a store node does: a group takes ``service``
+    seconds and holds every PUT that arrived at once when it began, or while the one before it
+    ran; all of a group's answers go out when it ends. Appends each group's size to ``groups``."""
+    inner = serving(held=set())
+    commits: list[list[float]] = []  # [start, end, size]
+
+    def node(net: SimNet, address: Address, message: wire.Message) -> None:
+        last = commits[-1] if commits else None
+        if last is not None and last[0] >= net.now:  # not begun yet, or begins now: joins it
+            last[2] += 1
+        else:
+            start = net.now if last is None else max(net.now, last[1])
+            last = [start, start + service, 1.0]
+            commits.append(last)
+        saved = net.delay
+        net.delay = last[1] - net.now
+        try:
+            inner(net, address, message)
+        finally:
+            net.delay = saved
+
+    def sizes() -> None:
+        groups[:] = [int(c[2]) for c in commits]
+
+    node.sizes = sizes  # type: ignore[attr-defined]
+    return node
+
+
+def publish_to_committing_nodes(nodes: int, per_node: int) -> tuple[SimNet, list[int]]:
+    """``per_node`` one-page PUTs to each of ``nodes`` group-committing nodes, through a
+    congestion window held at 4 requests per node."""
+    groups: dict[int, list[int]] = {i: [] for i in range(nodes)}
+    scripts = {  # out of step, as real nodes are: each its own commit time
+        node_address(i): group_committing(SERVICE * (1 + 0.37 * i), groups[i])
+        for i in range(nodes)
+    }
+    config = EngineConfig(max_datagram=SMALL, timeout=5.0, put_timeout=5.0)
+    net = SimNet(scripts, config)  # type: ignore[arg-type]
+    net.engine.window.congestion = CongestionWindow(4 * nodes, floor=4 * nodes, limit=4 * nodes)
+    pages = many_pages(nodes * per_node)
+    ops = [
+        net.submit(Store(node_address(i), pages[i * per_node : (i + 1) * per_node]))
+        for i in range(nodes)
+    ]
+    net.run(*ops, limit=600.0, steps=1_000_000)
+    assert all(not net.results[op].unanswered for op in ops)  # type: ignore[union-attr]
+    sizes: list[int] = []
+    for script in scripts.values():
+        script.sizes()  # type: ignore[attr-defined]
+    for i in range(nodes):
+        sizes += groups[i]
+    return net, sizes
+
+
+def test_the_puts_a_node_answers_together_are_followed_by_puts_to_it_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node answers a group commit's PUTs at once; the slots they free go back to that node
+    (within its fair share of the window), so its next PUTs arrive together and form one group
+    again. Handed round-robin over all 8 nodes instead, each slot of a burst of answers went to
+    another node, and groups fell apart into single PUTs: ~4x the commits (fsyncs) for the same
+    pages (bench/publish_scale.py, 32 nodes)."""
+    _, inherited = publish_to_committing_nodes(8, 60)
+    import tmdht.net.engine as engine_module
+
+    real = engine_module.RequestEngine._pump
+    monkeypatch.setattr(
+        engine_module.RequestEngine, "_pump", lambda self, first=None: real(self)
+    )
+    _, round_robin = publish_to_committing_nodes(8, 60)
+    assert sum(inherited) == sum(round_robin) == 8 * 60
+    assert len(inherited) * 1.5 < len(round_robin)  # fewer, larger groups (93 vs 168 here)
+    assert sum(inherited) / len(inherited) >= 4.5  # the fair share: 4 per node, and more
+
+
+def test_a_node_holds_no_more_than_its_share_when_others_wait() -> None:
+    """Slots go back to the node that answered only up to its share of the window among the
+    nodes with work queued: a node that joins later gets slots as the others' requests end."""
+    config = EngineConfig(max_datagram=SMALL, timeout=5.0, put_timeout=5.0)
+    net = SimNet({node_address(i): serving(held=set()) for i in range(2)}, config, delay=0.01)
+    net.engine.window.congestion = CongestionWindow(8, floor=8, limit=8)
+    pages = many_pages(2 * 40)
+    first = net.submit(Store(node_address(0), pages[:40]))
+    net._drain()
+    assert net.engine.window.in_flight(node_address(0)) == 8  # alone: the whole window
+    second = net.submit(Store(node_address(1), pages[40:]))
+    net.run(first, second, limit=60.0)
+    shares = [r.address for r in net.received]
+    first_to_1 = shares.index(node_address(1))
+    assert first_to_1 <= 8 + 1  # the first slot freed goes to the node waiting with nothing
+    assert net.most_in_flight[node_address(1)] >= 3  # it got about half of the window
+
+
+def test_the_puts_queued_for_a_node_found_down_end_at_once() -> None:
+    """Once a node sent nothing through every attempt of a request, the PUTs still queued for it
+    end unanswered at once (the caller retries them elsewhere); before, each waited its turn in
+    the node's shrunken window and timed out through every attempt (a publish in
+    tests/faults/test_crashes.py waited ~60 s for one dead replica). Other nodes' work goes on."""
+    config = EngineConfig(max_datagram=SMALL, timeout=0.05, attempts=2, window=1)
+    net = SimNet({node_address(0): silent, node_address(1): serving(held=set())}, config)
+    pages = many_pages(40)
+    dead = net.submit(Store(node_address(0), pages[:20]))
+    alive = net.submit(Store(node_address(1), pages[20:]))
+    net.run(dead, alive)
+    result = net.results[dead]
+    assert isinstance(result, PutOutcome) and result.unanswered == {d for d, _ in pages[:20]}
+    assert set(net.failed) == {node_address(0)}
+    per_node = net.engine.window.small_per_node
+    assert len(net.asked(node_address(0))) == per_node * 2  # only those in flight, 2 attempts
+    assert net.now < 0.05 + 0.1 + 0.01  # ended with the first ones' attempts
+    other = net.results[alive]
+    assert isinstance(other, PutOutcome) and not other.unanswered

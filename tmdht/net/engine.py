@@ -159,6 +159,7 @@ class _Request:
         "address",
         "attempt",
         "datagrams",
+        "deadline",
         "done",
         "ids",
         "op",
@@ -181,6 +182,7 @@ class _Request:
         self.sent_at = 0.0
         self.sent: list[float] = []  # when each of ``ids`` went out
         self.timer = 0  # sequence number of its live timer entry (0: none)
+        self.deadline = 0.0  # of that timer
         self.done = False
 
     def message(self, request_id: int) -> wire.Message:
@@ -418,6 +420,11 @@ class RequestEngine:
         self._avoid: dict[Address, float] = {}  # address -> until when it is asked last
         self._silent: dict[Address, int] = {}
         self._heard: dict[Address, float] = {}  # address -> when it last answered anything
+        # address -> until when requests to a node that is behind wait for the one re-sent
+        self._backoff: dict[Address, float] = {}
+        # address -> the highest request id it answered: ids grow by one per datagram sent
+        # (from a random 63-bit start, so they do not wrap), so a higher one went out later
+        self._answered_id: dict[Address, int] = {}
         self._touched: set[_FetchOp] = set()
         self._closed = False
         self.get_batch = min(
@@ -780,6 +787,7 @@ class RequestEngine:
     def _arm(self, request: _Request, deadline: float) -> None:
         self._timer_seq += 1
         request.timer = self._timer_seq
+        request.deadline = deadline
         heapq.heappush(self._timers, (deadline, self._timer_seq, request))
 
     def _on_message(self, message: _Answer, address: Address) -> None:
@@ -793,6 +801,8 @@ class RequestEngine:
             # request still measures the node's real round trip, queueing included).
             attempt = request.ids.index(message.request_id)
             sample = self._now - request.sent[attempt]
+            if message.request_id > self._answered_id.get(address, -1):
+                self._answered_id[address] = message.request_id
             floor = self.config.put_timeout if isinstance(request, _Put) else None
             late = self.rtt.late(address, sample, floor=floor)
             self.rtt.observe(address, sample)
@@ -813,7 +823,7 @@ class RequestEngine:
         elif left <= 0 and request_id == request.ids[-1]:
             # The whole answer is in and some items were in no part (parts were lost): ask for
             # exactly those again now rather than at the timeout.
-            self._congested(request)
+            self._congested(request, lost_parts=True)
             self._retry_or_fail(request)
         self._settle()
 
@@ -837,16 +847,41 @@ class RequestEngine:
                 timeout = self.rtt.timeout(request.address, request.attempt)
                 self._arm(request, request.sent_at + max(timeout, self.config.hedge_after))
                 return
+        elif self._answered_id.get(request.address, -1) < request.ids[-1]:
+            # No request sent to the node after this one was answered: it is behind (or
+            # silent), not losing datagrams. If another request to it timed out and was sent
+            # again meanwhile, this one waits for that one's answer or timeout (as TCP keeps
+            # one retransmission timer per connection): when every node of a loaded host
+            # stalled for a second (32 nodes on 2 cores, a burst of other work), each request in
+            # flight timed out and was sent again, hundreds of duplicate PUTs queued behind the
+            # ones the nodes still held. Once that one failed for good, the rest end at once.
+            until = self._backoff.get(request.address)
+            if until is not None and until > self._now:
+                self._arm(request, until)
+                return
+            if until is not None and self.avoided(request.address):
+                request.give_up(self)
+                self._finish(request)
+                return
+            self.stats.timeouts += 1
+            self._congested(request)
+            self._retry_or_fail(request)
+            if not request.done:  # sent again: the others wait for its answer or timeout
+                self._backoff[request.address] = request.deadline
+            return
         self.stats.timeouts += 1
         self._congested(request)
         self._retry_or_fail(request)
 
-    def _congested(self, request: _Request) -> None:
+    def _congested(self, request: _Request, *, lost_parts: bool = False) -> None:
         """A loss (a timeout, or parts of an answer missing): the node's congestion window
-        halves, and the client-wide one too if the node answered anything since the request
-        went out (a loss while it talks is congestion; a node silent throughout is down or
-        drowning, its own problem)."""
-        shared = self._heard.get(request.address, -1.0) >= request.sent_at
+        halves, and the client-wide one too if datagrams were lost for sure -- parts of an
+        answer missing, or a request sent *after* this one to the same node already answered
+        (as TCP infers a loss from later segments acknowledged). A node that answers in order
+        but later than the timeout is slow (its queue is long, its process starved of CPU):
+        its own window shrinks, the others' requests are not slowed for it, and one silent
+        throughout is down or drowning, its own problem too."""
+        shared = lost_parts or self._answered_id.get(request.address, -1) > request.ids[-1]
         if self.window.lost(request.address, request.sent_at, self._now, shared=shared):
             self.stats.window_decreases += 1
 

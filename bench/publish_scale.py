@@ -126,6 +126,8 @@ async def run_publish(
         own0 = time.process_time()
         requests0 = node_requests(cluster)
         cpu1 = cpu_seconds(pids)
+        samples: list[tuple[float, int]] = []  # (congestion window, requests in flight)
+        sampler = asyncio.create_task(sample_window(store, samples))
         for start in range(0, pages, batch):
             chunk = random_pages(min(batch, pages - start))
             t = time.monotonic()
@@ -136,6 +138,7 @@ async def run_publish(
                 failed += len(exc.digests)
                 errors.append(str(exc))
             seconds += time.monotonic() - t
+        sampler.cancel()
         node_cpu = cpu_seconds(pids) - cpu1
         client_cpu = time.process_time() - own0
         settle0 = time.monotonic()
@@ -172,7 +175,22 @@ async def run_publish(
             "retries": stats.retries,
             "timeouts": stats.timeouts,
             "requests": stats.requests,
+            "window_decreases": stats.window_decreases,
+            "congestion_window_median": (
+                round(statistics.median(w for w, _ in samples), 1) if samples else None),
+            "in_flight_per_node_median": (
+                round(statistics.median(f for _, f in samples) / members, 2)
+                if samples and members else None),
         }
+
+
+async def sample_window(store: TemplateStoreClient, out: list[tuple[float, int]]) -> None:
+    """Every 0.1 s until cancelled (by its caller, at the publish's end): the client's congestion
+    window and the requests it has in flight (the engine's own view, read in the loop)."""
+    window = store._running().engine.window  # a bench reads the engine's state
+    for _ in range(36_000):  # bounded: an hour of samples
+        out.append((window.congestion.size, window.all_in_flight))
+        await asyncio.sleep(0.1)
 
 
 def one_ring(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -194,6 +212,12 @@ def one_ring(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
         result["idle_node_cpu_seconds"] / (cores * result["idle_seconds"]), 4
     )
     return result
+
+
+def _median(values: Any) -> float:
+    """Median of the values that are not None (0.0 if none is)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else 0.0
 
 
 def main() -> None:
@@ -224,7 +248,8 @@ def main() -> None:
     print(
         f"{'nodes':>5} {'pages/s':>9} {'vs ' + str(base):>7} {'failed':>7} {'under-R':>7} "
         f"{'idle CPU':>9} {'allowed':>8} {'retries':>8} {'timeouts':>8} {'node ms/pg':>10} {'-idle':>6} "
-        f"{'HAS/pg':>7} {'PUT/pg':>7} {'pg/commit':>9} {'copied/pg':>9} {'load':>5}"
+        f"{'HAS/pg':>7} {'PUT/pg':>7} {'pg/commit':>9} {'copied/pg':>9} {'cwnd':>6} {'flight/n':>8} "
+        f"{'load':>5}"
     )
     summary = []
     for n in args.nodes:
@@ -254,6 +279,8 @@ def main() -> None:
                 r.get("pages_per_group_commit", 0.0) for r in runs[n]),
             "replicated_per_page": statistics.median(
                 r.get("replicated_per_page", 0.0) for r in runs[n]),
+            "congestion_window": _median(r.get("congestion_window_median") for r in runs[n]),
+            "in_flight_per_node": _median(r.get("in_flight_per_node_median") for r in runs[n]),
             "load_average_1m": statistics.median(r["load_average_1m"] for r in runs[n]),
         }
         summary.append(row)
@@ -264,6 +291,7 @@ def main() -> None:
             f"{row['node_cpu_ms_per_page_above_idle']:>6.2f} "
             f"{row['node_has_per_page']:>7.3f} {row['node_put_per_page']:>7.3f} "
             f"{row['pages_per_group_commit']:>9.1f} {row['replicated_per_page']:>9.3f} "
+            f"{row['congestion_window']:>6.0f} {row['in_flight_per_node']:>8.2f} "
             f"{row['load_average_1m']:>5.1f}"
         )
     doc = {

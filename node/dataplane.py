@@ -488,13 +488,19 @@ class DataPlaneServer(asyncio.DatagramProtocol):
     # -- group commit ----------------------------------------------------------------------------
 
     def _schedule_commit(self) -> None:
-        """The writer is free and PUTs are queued: commit them now, or once the pacer says
-        (at most its ``max_delay`` after the oldest arrived)."""
+        """The writer is free and PUTs are queued: commit them as soon as the loop has read
+        the datagrams that arrived with them, or once the pacer says (at most its
+        ``max_delay`` after the oldest arrived). Not at once: uvloop delivers a burst of
+        datagrams one callback each within one wake-up, and a commit started at the first
+        took that PUT alone while the rest of the burst waited for the next commit and fsync
+        (32 nodes: 8.7 pages per commit; 21.6 once the burst is read first)."""
         now = time.perf_counter()
         at = self._pacer.start_at(self._queued_pages, self._queue[0].arrived, now)
+        if self._commit_timer is not None:
+            return
         if at <= now:
-            self._start_commit()
-        elif self._commit_timer is None:
+            self._commit_timer = asyncio.get_running_loop().call_soon(self._commit_due)
+        else:
             self._commit_timer = asyncio.get_running_loop().call_later(at - now, self._commit_due)
 
     def _commit_due(self) -> None:

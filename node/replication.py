@@ -43,6 +43,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,12 @@ FRESH_MAX_DELAY: Final = 5.0
 checks of many commits go out together, as one HAS per replica. Checked one commit at a time,
 a node asked every other replica about a handful of digests after each small group commit, so
 with 32 nodes the HAS traffic of a publish outgrew its PUT traffic (bench/publish_scale.py)."""
+FRESH_SPREAD: Final = 0.5
+"""Each round a node waits FRESH_MAX_DELAY times 1 to 1 + FRESH_SPREAD (drawn per round, from
+a generator seeded with its id): nodes that began storing together -- every node of a publish
+-- would otherwise check at the same moments, and 32 nodes on one host each checking ~1,000
+pages with ~31 HAS stalled the host for a second, long enough for every PUT in flight to time
+out (bench/publish_scale.py)."""
 FRESH_CHUNK: Final = 4096
 """Due fresh pages that are checked at once instead of waiting for FRESH_MAX_DELAY, and the most
 one check round takes. A round asks every replica it shares pages with (with virtual IDs, about
@@ -176,6 +183,9 @@ class Replicator:
         # client usually writes every replica itself; by then a HAS finds them all there).
         self._fresh: collections.deque[tuple[float, list[bytes]]] = collections.deque()
         self._fresh_pages = 0  # digests in self._fresh
+        self._random = random.Random(self_id)  # the rounds' spread: deterministic per node
+        self.fresh_wait = self._fresh_spread()
+        """Seconds the oldest fresh page waits for its check this round (FRESH_SPREAD)."""
         # Fresh pages some replica lacked at their check: checked again (and only then sent)
         # FRESH_RECHECK later, as (due, digests).
         self._recheck: collections.deque[tuple[float, list[bytes]]] = collections.deque()
@@ -215,7 +225,7 @@ class Replicator:
         recheck = self._recheck[0][0] if self._recheck else float("inf")
         if not self._fresh:
             return recheck
-        latest = min(recheck, self._fresh[0][0] - FRESH_DELAY + FRESH_MAX_DELAY)
+        latest = min(recheck, self._fresh[0][0] - FRESH_DELAY + self.fresh_wait)
         if self._fresh_pages < FRESH_CHUNK:
             return latest
         due = 0
@@ -226,6 +236,9 @@ class Replicator:
             if due >= FRESH_CHUNK:
                 return when
         return latest
+
+    def _fresh_spread(self) -> float:
+        return FRESH_MAX_DELAY * (1.0 + FRESH_SPREAD * self._random.random())
 
     def _forget_fresh(self, stored_before: float) -> None:
         """A complete sweep checked every page stored before it began: no separate check."""
@@ -243,6 +256,7 @@ class Replicator:
         """Check the fresh pages that are due; send the lacking ones of those checked before."""
         if self._fresh_due() > self.clock():
             return
+        self.fresh_wait = self._fresh_spread()  # the next round's
         batch: list[bytes] = []
         while self._recheck and self._recheck[0][0] <= self.clock():
             batch.extend(self._recheck.popleft()[1])

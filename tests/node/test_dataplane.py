@@ -330,6 +330,44 @@ def test_group_commit_batches_concurrent_puts(tmp_path: Path) -> None:
     run(main)
 
 
+def test_the_puts_of_one_burst_share_one_group_commit(tmp_path: Path) -> None:
+    """PUTs that reach the socket together (a client sends the PUTs a node's answers free in one
+    go) are read in one wake-up of the loop and committed in one group, one fsync; the commit
+    starts once the burst is read, not at its first datagram (then the first PUT of every burst
+    went alone and the rest waited for the next commit). Under uvloop, as nodes run."""
+
+    async def main() -> None:
+        async with node(tmp_path) as (server, metrics):
+            loop = asyncio.get_running_loop()
+            data = pages(8 * 7, seed=11)
+            auth = keyed()
+            burst = [
+                wire.encode(
+                    wire.PutPages(request_id=100 + i, pages=tuple(data[i * 7 : (i + 1) * 7])),  # type: ignore[arg-type]
+                    max_datagram=32768, auth=auth, now=time.time(),
+                )
+                for i in range(8)
+            ]  # fmt: skip
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                sock.bind(("127.0.0.1", 0))
+                for datagram in burst:  # all sent before the loop runs the server again
+                    sock.sendto(datagram, server.address)
+                answered = set()
+                for _ in range(len(burst)):
+                    reply = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+                    message = wire.decode(reply, max_datagram=wire.MAX_DATAGRAM, auth=auth,
+                                          now=time.time())
+                    assert isinstance(message, wire.PutResult)
+                    answered.add(message.request_id)
+            assert answered == {100 + i for i in range(8)}
+            assert server.store.page_count == 8 * 7
+            assert sample(metrics, "tmdht_group_commit_pages_count") == 1
+            assert sample(metrics, "tmdht_group_commit_pages_sum") == 8 * 7
+
+    run(main, "uvloop")
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_get_after_an_acknowledged_write_sees_it(tmp_path: Path, loop: str) -> None:
     """GETs share one long-lived read snapshot (here never released by age), yet a GET sent

@@ -19,6 +19,7 @@ from tmdht.node.replication import (
     FRESH_CHUNK,
     FRESH_DELAY,
     FRESH_MAX_DELAY,
+    FRESH_SPREAD,
     Replicator,
 )
 from tmdht.node.storage import PageStore
@@ -93,8 +94,9 @@ async def small_commits() -> None:
     await job._push_fresh()
     assert client.asked == []  # fewer than FRESH_CHUNK pages: they wait for FRESH_MAX_DELAY
     first = 1000.0
-    assert job._fresh_due() == first + FRESH_MAX_DELAY
-    clock.now = first + FRESH_MAX_DELAY
+    assert FRESH_MAX_DELAY <= job.fresh_wait <= FRESH_MAX_DELAY * (1 + FRESH_SPREAD)
+    assert job._fresh_due() == first + job.fresh_wait
+    clock.now = first + job.fresh_wait
     await job._push_fresh()
     addresses = [address for address, _ in client.asked]
     assert len(addresses) == len(set(addresses)) <= 31  # one HAS per replica, not per commit
@@ -131,8 +133,8 @@ def test_a_complete_sweep_covers_the_pages_stored_before_it_began() -> None:
     later = commits(1, 10)[0]
     job.pages_added(later)
     job._forget_fresh(stored_before=1000.2)  # a sweep that began between the two commits
-    assert job._fresh_due() == 1000.5 + FRESH_MAX_DELAY
-    clock.now = 1000.5 + FRESH_MAX_DELAY
+    assert job._fresh_due() == 1000.5 + job.fresh_wait
+    clock.now = 1000.5 + job.fresh_wait
     asyncio.run(job._push_fresh())
     assert {digest for _, digests in client.asked for digest in digests} == set(later)
 

@@ -18,7 +18,7 @@ from tmdht.net.address import Address
 from tmdht.net.membership import Member
 from tmdht.net.operations import HasResult, PutOutcome, RangeRead
 from tmdht.node.metrics import NodeMetrics
-from tmdht.node.replication import FRESH_MAX_DELAY, FRESH_RECHECK, Replicator
+from tmdht.node.replication import FRESH_RECHECK, Replicator
 from tmdht.node.storage import PageStore
 from tmdht.placement import FailureDomain
 from tmdht.rangehash import BucketTable, bucket_of, mask_from_bits
@@ -97,7 +97,7 @@ def test_a_fresh_page_the_replica_lacks_is_sent_only_if_it_still_lacks_it_later(
 ) -> None:
     clock, peer, job, digests = stored(store, 20)
     job.pages_added(digests)
-    clock.now += FRESH_MAX_DELAY
+    clock.now += job.fresh_wait
     asyncio.run(job._push_fresh())  # the check: the peer lacks all 20, on their way perhaps
     assert peer.sent == []
     arriving = set(digests[:15])

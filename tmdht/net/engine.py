@@ -159,6 +159,7 @@ class _Request:
         "address",
         "attempt",
         "datagrams",
+        "deadline",
         "done",
         "ids",
         "op",
@@ -181,6 +182,7 @@ class _Request:
         self.sent_at = 0.0
         self.sent: list[float] = []  # when each of ``ids`` went out
         self.timer = 0  # sequence number of its live timer entry (0: none)
+        self.deadline = 0.0  # of that timer
         self.done = False
 
     def message(self, request_id: int) -> wire.Message:
@@ -418,6 +420,11 @@ class RequestEngine:
         self._avoid: dict[Address, float] = {}  # address -> until when it is asked last
         self._silent: dict[Address, int] = {}
         self._heard: dict[Address, float] = {}  # address -> when it last answered anything
+        # address -> until when requests to a node that is behind wait for the one re-sent
+        self._backoff: dict[Address, float] = {}
+        # address -> the highest request id it answered: ids grow by one per datagram sent
+        # (from a random 63-bit start, so they do not wrap), so a higher one went out later
+        self._answered_id: dict[Address, int] = {}
         self._touched: set[_FetchOp] = set()
         self._closed = False
         self.get_batch = min(
@@ -780,6 +787,7 @@ class RequestEngine:
     def _arm(self, request: _Request, deadline: float) -> None:
         self._timer_seq += 1
         request.timer = self._timer_seq
+        request.deadline = deadline
         heapq.heappush(self._timers, (deadline, self._timer_seq, request))
 
     def _on_message(self, message: _Answer, address: Address) -> None:
@@ -792,9 +800,14 @@ class RequestEngine:
             # From the attempt this answers (ids tell attempts apart, so unlike TCP a retried
             # request still measures the node's real round trip, queueing included).
             attempt = request.ids.index(message.request_id)
-            self.rtt.observe(address, self._now - request.sent[attempt])
+            sample = self._now - request.sent[attempt]
+            if message.request_id > self._answered_id.get(address, -1):
+                self._answered_id[address] = message.request_id
+            floor = self.config.put_timeout if isinstance(request, _Put) else None
+            late = self.rtt.late(address, sample, floor=floor)
+            self.rtt.observe(address, sample)
             self._silent.pop(address, None)
-            self.window.answered(address)
+            self.window.answered(address, grow=not late)
         request.datagrams += 1
         request_id = message.request_id
         parts = getattr(message, "parts", 1)
@@ -810,7 +823,7 @@ class RequestEngine:
         elif left <= 0 and request_id == request.ids[-1]:
             # The whole answer is in and some items were in no part (parts were lost): ask for
             # exactly those again now rather than at the timeout.
-            self._congested(request)
+            self._congested(request, lost_parts=True)
             self._retry_or_fail(request)
         self._settle()
 
@@ -834,16 +847,41 @@ class RequestEngine:
                 timeout = self.rtt.timeout(request.address, request.attempt)
                 self._arm(request, request.sent_at + max(timeout, self.config.hedge_after))
                 return
+        elif self._answered_id.get(request.address, -1) < request.ids[-1]:
+            # No request sent to the node after this one was answered: it is behind (or
+            # silent), not losing datagrams. If another request to it timed out and was sent
+            # again meanwhile, this one waits for that one's answer or timeout (as TCP keeps
+            # one retransmission timer per connection): when every node of a loaded host
+            # stalled for a second (32 nodes on 2 cores, a burst of other work), each request in
+            # flight timed out and was sent again, hundreds of duplicate PUTs queued behind the
+            # ones the nodes still held. Once that one failed for good, the rest end at once.
+            until = self._backoff.get(request.address)
+            if until is not None and until > self._now:
+                self._arm(request, until)
+                return
+            if until is not None and self.avoided(request.address):
+                request.give_up(self)
+                self._finish(request)
+                return
+            self.stats.timeouts += 1
+            self._congested(request)
+            self._retry_or_fail(request)
+            if not request.done:  # sent again: the others wait for its answer or timeout
+                self._backoff[request.address] = request.deadline
+            return
         self.stats.timeouts += 1
         self._congested(request)
         self._retry_or_fail(request)
 
-    def _congested(self, request: _Request) -> None:
+    def _congested(self, request: _Request, *, lost_parts: bool = False) -> None:
         """A loss (a timeout, or parts of an answer missing): the node's congestion window
-        halves, and the client-wide one too if the node answered anything since the request
-        went out (a loss while it talks is congestion; a node silent throughout is down or
-        drowning, its own problem)."""
-        shared = self._heard.get(request.address, -1.0) >= request.sent_at
+        halves, and the client-wide one too if datagrams were lost for sure -- parts of an
+        answer missing, or a request sent *after* this one to the same node already answered
+        (as TCP infers a loss from later segments acknowledged). A node that answers in order
+        but later than the timeout is slow (its queue is long, its process starved of CPU):
+        its own window shrinks, the others' requests are not slowed for it, and one silent
+        throughout is down or drowning, its own problem too."""
+        shared = lost_parts or self._answered_id.get(request.address, -1) > request.ids[-1]
         if self.window.lost(request.address, request.sent_at, self._now, shared=shared):
             self.stats.window_decreases += 1
 
@@ -872,8 +910,31 @@ class RequestEngine:
         self._finish(request)
 
     def _node_failed(self, address: Address) -> None:
+        """The node at ``address`` sent nothing through every attempt of a request (or let
+        hedges win its batches too often): avoid it, report it, and end the HAS, PUT and other
+        single-node requests still queued for it as unanswered now. Each would otherwise wait
+        its turn in the node's window (one request, once its window has shrunk) and time out
+        through every attempt: a publish that lost a replica mid-way waited a minute for the
+        ~140 PUTs queued to it. Its queued GETs go to their next replicas when their turn
+        comes (``_skip``); requests in flight end at their own timeouts."""
         self.avoid(address, self._now)
         self._events.append(NodeFailed(address))
+        queue = self._queues.pop((address, True), None)
+        bulky = self._queues.pop((address, False), None)
+        kept: collections.deque[_Request] = collections.deque()
+        for request in [*(queue or ()), *(bulky or ())]:
+            if isinstance(request, _Get) or request.done:
+                if not request.done:
+                    kept.append(request)
+                continue
+            request.done = True
+            request.op.requests.discard(request)
+            request.give_up(self)
+            op = request.op
+            assert isinstance(op, _SingleOp)
+            self._check_single(op)
+        if kept:
+            self._queues[(address, False)] = kept
 
     def _finish(self, request: _Request) -> None:
         """The request is over: free its window slot and send what waited for it."""
@@ -900,18 +961,38 @@ class RequestEngine:
             self._pending.pop(request_id, None)
         if request.ids:  # it was sent: it held a slot
             self.window.closed(address, small=request.small, lost=not request.datagrams)
-            self._pump()
+            if request.small and request.datagrams:
+                self._pump(first=(address, True))
+            else:
+                self._pump()
 
-    def _pump(self) -> None:
+    def _pump(self, first: tuple[Address, bool] | None = None) -> None:
         """Send queued requests while the window allows, one per node in turn: a node whose
         request was sent goes to the back, so when the congestion window is what limits, its
         slots rotate over every node with work instead of staying with the nodes that held
         them. Only nodes with a queue are visited (``_queues`` holds no empty queue). Sending
         only fills windows, so a queue the window refused once is not asked again in this call
         (a publish pumps after every answer, and re-asking every refused node in a second pass
-        was most of the pump's cost)."""
+        was most of the pump's cost).
+
+        ``first``: the queue of a node whose small request (a PUT) was just answered gets the
+        slot back first, while the node holds less than its share of the window among the
+        nodes with work queued. A node answers a group commit's PUTs together; handing their
+        slots round-robin sent each to another node, so PUTs reached every node one at a time
+        and each group commit (one fsync) held one or two of them (32 nodes: 8.7 pages per
+        commit, 8 nodes: 37-73). Given back, a node's answers bring its next PUTs together."""
         queues = self._queues
         window = self.window
+        if (
+            first is not None
+            and first in queues
+            and window.in_flight(first[0]) * len(queues) < window.congestion.allowed
+            and window.admits(first[0], small=first[1])
+        ):
+            queue = queues[first]
+            self._send_queued(queue.popleft())
+            if not queue:
+                del queues[first]
         refused: set[tuple[Address, bool]] = set()
         for _ in range(sum(map(len, queues.values())) + 1):  # each pass sends one or ends
             if not queues or not window.has_room(small=True):

@@ -81,8 +81,11 @@ class CongestionWindow:
         """Whole requests the window admits."""
         return int(self.size)
 
-    def answered(self) -> None:
-        """A request got its first answer: grow (by 1 in slow start, else by 1/size)."""
+    def answered(self, *, grow: bool = True) -> None:
+        """A request got its first answer: grow (by 1 in slow start, else by 1/size), unless
+        ``grow`` is False (its answer came late: the window holds, see :class:`RequestWindow`)."""
+        if not grow:
+            return
         if self.size < self.threshold:
             self.size = min(self.limit, self.size + 1.0)
         else:
@@ -180,13 +183,15 @@ class RequestWindow:
         if not small:
             self.total_in_flight -= 1
 
-    def answered(self, address: Address) -> None:
-        """A request to ``address`` got the first datagram of its answer (the windows grow)."""
-        self.congestion.answered()
+    def answered(self, address: Address, *, grow: bool = True) -> None:
+        """A request to ``address`` got the first datagram of its answer: the windows grow,
+        unless ``grow`` is False -- the answer took so long that more in flight would only
+        queue at the nodes (see :meth:`RttEstimator.late`)."""
+        self.congestion.answered(grow=grow)
         if self._nodes:
             node = self._nodes.get(address)
             if node is not None:
-                node.answered()
+                node.answered(grow=grow)
                 if node.allowed >= node.limit:
                     del self._nodes[address]  # recovered: the fixed windows bound it again
 
@@ -216,17 +221,19 @@ class RequestWindow:
 
 
 class _Smoothed:
-    """Smoothed round-trip time of one node (RFC 6298)."""
+    """Smoothed round-trip time of one node (RFC 6298), and the least seen."""
 
-    __slots__ = ("rttvar", "srtt")
+    __slots__ = ("least", "rttvar", "srtt")
 
     def __init__(self, sample: float) -> None:
         self.srtt = sample
         self.rttvar = sample / 2
+        self.least = sample
 
     def observe(self, sample: float) -> None:
         self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - sample)
         self.srtt = 0.875 * self.srtt + 0.125 * sample
+        self.least = min(self.least, sample)
 
 
 class RttEstimator:
@@ -247,6 +254,17 @@ class RttEstimator:
             self._nodes[address] = _Smoothed(max(0.0, seconds))
         else:
             rtt.observe(max(0.0, seconds))
+
+    def late(self, address: Address, sample: float, *, floor: float | None = None) -> bool:
+        """True if an answer that took ``sample`` seconds came late: beyond half the request's
+        timeout floor (``floor``, else the estimator's) and beyond twice the least round trip
+        seen to ``address``. Such a round trip is mostly queueing at the node -- the window
+        grew past what the nodes get through -- so the engine's windows stop growing there
+        (delay-based, as TCP Vegas or LEDBAT: a lost request halves them, a late one holds them),
+        before the queue reaches the timeouts and every timed-out request is sent again."""
+        rtt = self._nodes.get(address)
+        least = 0.0 if rtt is None else rtt.least
+        return sample > max(0.5 * (self.floor if floor is None else floor), 2.0 * least)
 
     def timeout(self, address: Address, attempt: int = 0, *, floor: float | None = None) -> float:
         """How long to wait for an answer from ``address`` to attempt ``attempt`` (0 first);

@@ -859,8 +859,8 @@ class RequestEngine:
             if until is not None and until > self._now:
                 self._arm(request, until)
                 return
-            if until is not None and self.avoided(request.address):
-                request.give_up(self)
+            if until is not None and request.sent_at < until and self.avoided(request.address):
+                request.give_up(self)  # it waited for one that failed (not a later probe)
                 self._finish(request)
                 return
             self.stats.timeouts += 1

@@ -42,6 +42,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from tmdht import wire
 from tmdht.catalog_file import read_template_digests
 from tmdht.client.errors import MigrationFailed
 from tmdht.client.tls import TlsConfig, TlsError, require_tls_or_loopback
@@ -65,6 +66,7 @@ from tmdht.native import (
     make_sender,
     tune_allocator,
 )
+from tmdht.wave import ClaimPolicy, ClaimWaits
 
 if TYPE_CHECKING:
     import asyncio
@@ -1077,8 +1079,6 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
     offering: set[asyncio.Task[None]] = set()
     storing: set[asyncio.Task[None]] = set()
     wave_core = cast("ReferenceReceiver", rebuilder) if config.wave is not None else None
-    from tmdht import wire  # noqa: PLC0415 - receiver only
-    from tmdht.wave import ClaimPolicy, ClaimWaits  # noqa: PLC0415
 
     claims = ClaimPolicy(wait=config.wave_claim_wait)
     claiming = waves is not None and claims.enabled
@@ -1119,12 +1119,16 @@ async def _receive(config: ReceiverConfig, rebuilder: MigrationReceiver, wan: _W
             others_busy = True
             report.wave_busy_seen = 1
             wave_core.others_busy()  # WAVE_BUSY to the sender with the next requests()
-        held = [item for item, s in zip(batch, statuses, strict=True)
-                if s is wire.WaveClaimStatus.HELD]
-        pending = [i for (i, _), s in zip(batch, statuses, strict=True)
-                   if s is wire.WaveClaimStatus.PENDING]
-        need = [i for (i, _), s in zip(batch, statuses, strict=True)
-                if s is not wire.WaveClaimStatus.PENDING and s is not wire.WaveClaimStatus.HELD]
+        held: list[tuple[int, bytes]] = []
+        pending: list[int] = []
+        need: list[int] = []
+        for item, status in zip(batch, statuses, strict=True):
+            if status is wire.WaveClaimStatus.HELD:
+                held.append(item)
+            elif status is wire.WaveClaimStatus.PENDING:
+                pending.append(item[0])
+            else:
+                need.append(item[0])
         if held:  # stored since the first look: take it (gone again: as good as pending)
             missing, wrong = supply_found(held, await waves.fetch([d for _, d in held]))
             pending += [i for i, _ in missing]

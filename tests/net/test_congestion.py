@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from support.simnet import SimNet, node_address, serving, silent
+from support.simnet import Script, SimNet, node_address, serving, silent
 
 from tmdht import wire
 from tmdht.errors import UsageError
@@ -28,20 +28,26 @@ def many_pages(count: int) -> list[tuple[bytes, bytes]]:
     return [(digest_page(p), p) for p in pages]
 
 
+def answer_at(
+    net: SimNet, when: float, inner: Script, address: Address, message: wire.Message
+) -> None:
+    """``inner`` (a serving node) answers ``message``; the answer arrives at ``when``."""
+    saved = net.delay
+    net.delay = when - net.now
+    try:
+        inner(net, address, message)
+    finally:
+        net.delay = saved
+
+
 def queueing(service: float) -> object:
     """A node that answers its requests one after another, ``service`` seconds each."""
     inner = serving(held=set())
     busy_until = [0.0]
 
     def node(net: SimNet, address: Address, message: wire.Message) -> None:
-        start = max(net.now, busy_until[0])
-        busy_until[0] = start + service
-        saved = net.delay
-        net.delay = busy_until[0] - net.now
-        try:
-            inner(net, address, message)
-        finally:
-            net.delay = saved
+        busy_until[0] = max(net.now, busy_until[0]) + service
+        answer_at(net, busy_until[0], inner, address, message)
 
     return node
 
@@ -235,12 +241,12 @@ def test_a_late_answer_holds_the_window_and_a_prompt_one_grows_it() -> None:
     assert window.congestion.allowed == 9
 
 
-def group_committing(service: float, groups: list[int]) -> object:
+def group_committing(service: float, commits: list[list[float]]) -> object:
     """A node that commits its PUTs in groups, as a store node does: a group takes ``service``
     seconds and holds every PUT that arrived at once when it began, or while the one before it
-    ran; all of a group's answers go out when it ends. Appends each group's size to ``groups``."""
+    ran; all of a group's answers go out when it ends. Appends [start, end, PUTs] per group to
+    ``commits``."""
     inner = serving(held=set())
-    commits: list[list[float]] = []  # [start, end, size]
 
     def node(net: SimNet, address: Address, message: wire.Message) -> None:
         last = commits[-1] if commits else None
@@ -250,26 +256,17 @@ def group_committing(service: float, groups: list[int]) -> object:
             start = net.now if last is None else max(net.now, last[1])
             last = [start, start + service, 1.0]
             commits.append(last)
-        saved = net.delay
-        net.delay = last[1] - net.now
-        try:
-            inner(net, address, message)
-        finally:
-            net.delay = saved
+        answer_at(net, last[1], inner, address, message)
 
-    def sizes() -> None:
-        groups[:] = [int(c[2]) for c in commits]
-
-    node.sizes = sizes  # type: ignore[attr-defined]
     return node
 
 
 def publish_to_committing_nodes(nodes: int, per_node: int) -> tuple[SimNet, list[int]]:
     """``per_node`` one-page PUTs to each of ``nodes`` group-committing nodes, through a
     congestion window held at 4 requests per node."""
-    groups: dict[int, list[int]] = {i: [] for i in range(nodes)}
+    commits: dict[int, list[list[float]]] = {i: [] for i in range(nodes)}
     scripts = {  # out of step, as real nodes are: each its own commit time
-        node_address(i): group_committing(SERVICE * (1 + 0.37 * i), groups[i])
+        node_address(i): group_committing(SERVICE * (1 + 0.37 * i), commits[i])
         for i in range(nodes)
     }
     config = EngineConfig(max_datagram=SMALL, timeout=5.0, put_timeout=5.0)
@@ -282,12 +279,7 @@ def publish_to_committing_nodes(nodes: int, per_node: int) -> tuple[SimNet, list
     ]
     net.run(*ops, limit=600.0, steps=1_000_000)
     assert all(not net.results[op].unanswered for op in ops)  # type: ignore[union-attr]
-    sizes: list[int] = []
-    for script in scripts.values():
-        script.sizes()  # type: ignore[attr-defined]
-    for i in range(nodes):
-        sizes += groups[i]
-    return net, sizes
+    return net, [int(c[2]) for i in range(nodes) for c in commits[i]]
 
 
 def test_the_puts_a_node_answers_together_are_followed_by_puts_to_it_together(
@@ -359,12 +351,7 @@ def test_a_stalled_node_gets_one_request_again_not_every_one_in_flight() -> None
     inner = serving(held=set())
 
     def stalled(net: SimNet, address: Address, message: wire.Message) -> None:
-        saved = net.delay
-        net.delay = max(0.3, net.now) + 0.001 - net.now
-        try:
-            inner(net, address, message)
-        finally:
-            net.delay = saved
+        answer_at(net, max(0.3, net.now) + 0.001, inner, address, message)
 
     config = EngineConfig(max_datagram=SMALL, timeout=0.05, attempts=3)
     net = SimNet({node_address(0): stalled}, config)

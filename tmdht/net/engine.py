@@ -26,7 +26,9 @@ each. Per request:
   again at once; at the node's adaptive timeout (:class:`~tmdht.net.window.RttEstimator`,
   doubling per attempt: back-off) likewise, up to ``attempts`` times -- and ``alive_attempts``
   more for a HAS, PUT or NODE_INFO to a node that answered other requests meanwhile (it is
-  slow, not gone). Answers to earlier attempts still count.
+  slow, not gone). Answers to earlier attempts still count. While a node is behind (no request
+  sent to it after a timed-out one was answered), only one of its timed-out requests is sent
+  again at a time and the rest wait for that one (TCP's one retransmission timer).
 - **Verification.** A page counts only once its BLAKE3 digest matches (checked by the burst
   decoder, :mod:`tmdht.net.burst`); a wrong page is counted and treated as not served.
 

@@ -188,7 +188,8 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         self._commit: asyncio.Future[Any] | None = None
         self._pacer = CommitPacer(commit_pacing)
         self._queued_pages = 0  # pages of self._queue
-        self._commit_timer: asyncio.Handle | None = None  # a commit waiting for more PUTs
+        self._commit_timer: asyncio.Handle | None = None  # the next commit's start, scheduled
+        self._commit_at = 0.0  # when it is due (time.perf_counter)
         self._accepting = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -495,13 +496,17 @@ class DataPlaneServer(asyncio.DatagramProtocol):
         took that PUT alone while the rest of the burst waited for the next commit and fsync
         (32 nodes: 8.7 pages per commit; 21.6 once the burst is read first)."""
         now = time.perf_counter()
-        at = self._pacer.start_at(self._queued_pages, self._queue[0].arrived, now)
+        at = max(now, self._pacer.start_at(self._queued_pages, self._queue[0].arrived, now))
         if self._commit_timer is not None:
-            return
+            if at >= self._commit_at:
+                return  # due no later already
+            self._commit_timer.cancel()  # a waiting commit whose target a PUT just reached
+        loop = asyncio.get_running_loop()
+        self._commit_at = at
         if at <= now:
-            self._commit_timer = asyncio.get_running_loop().call_soon(self._commit_due)
+            self._commit_timer = loop.call_soon(self._commit_due)
         else:
-            self._commit_timer = asyncio.get_running_loop().call_later(at - now, self._commit_due)
+            self._commit_timer = loop.call_later(at - now, self._commit_due)
 
     def _commit_due(self) -> None:
         self._commit_timer = None

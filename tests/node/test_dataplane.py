@@ -21,6 +21,7 @@ from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.auth import Authenticator, ClusterKey, KeyRing
 from tmdht.errors import UsageError
 from tmdht.node.dataplane import DataPlaneServer
+from tmdht.node.groupcommit import CommitPacing
 from tmdht.node.metrics import NodeMetrics
 from tmdht.node.storage import PageStore
 from tmdht.pages import ZERO_PAGE, digest_page
@@ -363,6 +364,45 @@ def test_the_puts_of_one_burst_share_one_group_commit(tmp_path: Path) -> None:
             assert answered == {100 + i for i in range(8)}
             assert server.store.page_count == 8 * 7
             assert sample(metrics, "tmdht_group_commit_pages_count") == 1
+            assert sample(metrics, "tmdht_group_commit_pages_sum") == 8 * 7
+
+    run(main, "uvloop")
+
+
+def test_a_commit_waiting_for_more_puts_starts_once_they_reach_its_target(tmp_path: Path) -> None:
+    """With a commit delay, a PUT that arrives while PUTs stream in waits for more (here about
+    0.7 s: the pacer expects its target of 14 pages at the arrival rate); the PUT that brings the
+    queue to the target starts the commit at once instead of leaving it to that wait."""
+
+    async def main() -> None:
+        pacing = CommitPacing(max_delay=1.0, target_pages=14)
+        async with node(tmp_path, commit_pacing=pacing) as (server, metrics):
+            loop = asyncio.get_running_loop()
+            data = pages(8 * 7, seed=12)
+            auth = keyed()
+            puts = [
+                wire.encode(
+                    wire.PutPages(request_id=200 + i, pages=tuple(data[i * 7 : (i + 1) * 7])),  # type: ignore[arg-type]
+                    max_datagram=32768, auth=auth, now=time.time(),
+                )
+                for i in range(8)
+            ]  # fmt: skip
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                sock.bind(("127.0.0.1", 0))
+
+                async def exchange(burst: list[bytes]) -> float:
+                    started = time.monotonic()
+                    for datagram in burst:
+                        sock.sendto(datagram, server.address)
+                    for _ in burst:
+                        await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+                    return time.monotonic() - started
+
+                await exchange(puts[:6])  # 42 pages stream in: the pacer's rate rises
+                seconds = await exchange(puts[6:])  # 7 pages would wait ~0.7 s; 14 go now
+            assert seconds < 0.45, seconds
+            assert sample(metrics, "tmdht_group_commit_pages_count") == 2
             assert sample(metrics, "tmdht_group_commit_pages_sum") == 8 * 7
 
     run(main, "uvloop")

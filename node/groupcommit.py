@@ -40,9 +40,11 @@ DEFAULT_COMMIT_DELAY: Final = 0.0
 """Seconds a group commit may wait for more PUTs (after the oldest queued one arrived): off by
 default. Measured with bench/publish_scale.py (8 and 32 local nodes, 2 shared cores), 2 ms and
 5 ms changed nothing: at 8 nodes the commits already held 70-85 pages (PUTs queue during each
-fsync), at 32 nodes each node got too few PUTs (about one per commit, the client's congestion
-window spread over 32 nodes) for a wait to find another. It may pay where nodes get many small
-PUTs faster than one per fsync; the wait is then bounded and adaptive as described above."""
+fsync); at 32 nodes PUTs reach each node in bursts, one per round trip (the client sends a node
+its next PUTs as that node's answers come back), and a commit already holds the whole burst the
+node read together (:mod:`tmdht.node.dataplane`), so the next PUTs are a round trip away, beyond
+any wait worth making. It may pay where nodes get many small PUTs faster than one per fsync; the
+wait is then bounded and adaptive as described above."""
 DEFAULT_COMMIT_TARGET: Final = 256
 """Queued pages that start a commit at once (past a few hundred, a commit's CPU per page is
 close to its floor)."""

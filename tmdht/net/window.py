@@ -20,15 +20,14 @@ last loss, by one per window's worth of answers above it, holds while answers co
 (:meth:`RttEstimator.late`: the nodes queue what more would add), and halves when a request is
 lost -- its answer came with parts missing, or it timed out while a request sent after it to the
 same node was answered -- at most once per round trip (a loss of a request sent before the last
-decrease is the same congestion episode). So the work in flight no longer
-grows with the number of nodes: a ring of 32 nodes gets the same client-wide budget as a ring of
-4, and overloaded or slow nodes slow a client down instead of timing its requests out.
+decrease is the same congestion episode). So the work in flight no longer grows with the number
+of nodes: a ring of 32 nodes gets the same client-wide budget as a ring of 4, and overloaded or
+slow nodes slow a client down instead of timing its requests out.
 
 A node that loses requests or answers later than its timeouts also gets a congestion window of
-its own (the same AIMD, starting
-from what was in flight to it), so one slow node cannot take the whole client-wide window and
-drown in its own retries while the others idle; it is dropped once it has grown back to the
-node's fixed windows.
+its own (the same AIMD, starting from what was in flight to it), so one slow node cannot take
+the whole client-wide window and drown in its own retries while the others idle; it is dropped
+once it has grown back to the node's fixed windows.
 """
 
 from __future__ import annotations

@@ -753,7 +753,7 @@ class RequestEngine:
         request.ids.append(request_id)
         request.sent_at = now = self._now
         request.sent.append(now)
-        floor = self.config.put_timeout if isinstance(request, _Put) else None
+        floor = self._timeout_floor(request)
         delay = self.rtt.timeout(request.address, request.attempt, floor=floor)
         if (
             isinstance(request, _Get)
@@ -805,8 +805,7 @@ class RequestEngine:
             sample = self._now - request.sent[attempt]
             if message.request_id > self._answered_id.get(address, -1):
                 self._answered_id[address] = message.request_id
-            floor = self.config.put_timeout if isinstance(request, _Put) else None
-            late = self.rtt.late(address, sample, floor=floor)
+            late = self.rtt.late(address, sample, floor=self._timeout_floor(request))
             self.rtt.observe(address, sample)
             self._silent.pop(address, None)
             self.window.answered(address, grow=not late)
@@ -849,7 +848,8 @@ class RequestEngine:
                 timeout = self.rtt.timeout(request.address, request.attempt)
                 self._arm(request, request.sent_at + max(timeout, self.config.hedge_after))
                 return
-        elif self._answered_id.get(request.address, -1) < request.ids[-1]:
+        behind = not isinstance(request, _Get) and not self._later_answered(request)
+        if behind:
             # No request sent to the node after this one was answered: it is behind (or
             # silent), not losing datagrams. If another request to it timed out and was sent
             # again meanwhile, this one waits for that one's answer or timeout (as TCP keeps
@@ -865,15 +865,11 @@ class RequestEngine:
                 request.give_up(self)  # it waited for one that failed (not a later probe)
                 self._finish(request)
                 return
-            self.stats.timeouts += 1
-            self._congested(request)
-            self._retry_or_fail(request)
-            if not request.done:  # sent again: the others wait for its answer or timeout
-                self._backoff[request.address] = request.deadline
-            return
         self.stats.timeouts += 1
         self._congested(request)
         self._retry_or_fail(request)
+        if behind and not request.done:  # sent again: the others wait for its answer or timeout
+            self._backoff[request.address] = request.deadline
 
     def _congested(self, request: _Request, *, lost_parts: bool = False) -> None:
         """A loss (a timeout, or parts of an answer missing): the node's congestion window
@@ -883,9 +879,19 @@ class RequestEngine:
         but later than the timeout is slow (its queue is long, its process starved of CPU):
         its own window shrinks, the others' requests are not slowed for it, and one silent
         throughout is down or drowning, its own problem too."""
-        shared = lost_parts or self._answered_id.get(request.address, -1) > request.ids[-1]
+        shared = lost_parts or self._later_answered(request)
         if self.window.lost(request.address, request.sent_at, self._now, shared=shared):
             self.stats.window_decreases += 1
+
+    def _later_answered(self, request: _Request) -> bool:
+        """True if the node answered a request sent after the latest attempt of ``request``
+        (request ids grow with every datagram sent): evidence that this one was lost."""
+        return self._answered_id.get(request.address, -1) > request.ids[-1]
+
+    def _timeout_floor(self, request: _Request) -> float | None:
+        """The floor of ``request``'s timeout: a PUT's own (a node answers it after its group
+        commit's fsync), else the estimator's (None)."""
+        return self.config.put_timeout if isinstance(request, _Put) else None
 
     def _retry_or_fail(self, request: _Request) -> None:
         if isinstance(request, _Get):
@@ -925,15 +931,16 @@ class RequestEngine:
         bulky = self._queues.pop((address, False), None)
         kept: collections.deque[_Request] = collections.deque()
         for request in [*(queue or ()), *(bulky or ())]:
-            if isinstance(request, _Get) or request.done:
-                if not request.done:
-                    kept.append(request)
+            if request.done:
+                continue
+            if isinstance(request, _Get):
+                kept.append(request)
                 continue
             request.done = True
-            request.op.requests.discard(request)
             request.give_up(self)
             op = request.op
             assert isinstance(op, _SingleOp)
+            op.requests.discard(request)
             self._check_single(op)
         if kept:
             self._queues[(address, False)] = kept

@@ -257,21 +257,28 @@ class Replicator:
         if self._fresh_due() > self.clock():
             return
         self.fresh_wait = self._fresh_spread()  # the next round's
-        batch: list[bytes] = []
-        while self._recheck and self._recheck[0][0] <= self.clock():
-            batch.extend(self._recheck.popleft()[1])
-            if len(batch) >= FRESH_CHUNK or not self._recheck or self._recheck[0][0] > self.clock():
-                await self._step(sorted(set(batch)), SweepReport())
-                batch = []
-        while self._fresh and self._fresh[0][0] <= self.clock():
-            digests = self._fresh.popleft()[1]
-            self._fresh_pages -= len(digests)
+        for _, batch in self._due(self._recheck):
+            await self._step(batch, SweepReport())
+        for taken, batch in self._due(self._fresh):
+            self._fresh_pages -= taken
+            lacking = await self._step(batch, SweepReport(), push=False)
+            if lacking:
+                self._recheck.append((self.clock() + FRESH_RECHECK, sorted(lacking)))
+
+    def _due(
+        self, queue: collections.deque[tuple[float, list[bytes]]]
+    ) -> Iterator[tuple[int, list[bytes]]]:
+        """Take the entries of ``queue`` (due time, digests) that are due, oldest first, in
+        batches of FRESH_CHUNK digests or more (whole entries): (digests taken, the batch's
+        distinct digests sorted). Entries added while a batch is checked join if due by then."""
+        taken, batch = 0, []
+        while queue and queue[0][0] <= self.clock():
+            digests = queue.popleft()[1]
+            taken += len(digests)
             batch.extend(digests)
-            if len(batch) >= FRESH_CHUNK or not self._fresh or self._fresh[0][0] > self.clock():
-                lacking = await self._step(sorted(set(batch)), SweepReport(), push=False)
-                if lacking:
-                    self._recheck.append((self.clock() + FRESH_RECHECK, sorted(lacking)))
-                batch = []
+            if len(batch) >= FRESH_CHUNK or not queue or queue[0][0] > self.clock():
+                yield taken, sorted(set(batch))
+                taken, batch = 0, []
 
     async def run(self) -> None:
         """Push fresh pages as they come; sweep on membership changes and every ``interval``."""

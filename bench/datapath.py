@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from tmdht import wire
 from tmdht.auth import Authenticator, ClusterKey, KeyRing
@@ -61,6 +61,37 @@ def cpu_per_page(run: Callable[[], object], pages: int, repeat: int) -> float:
     return statistics.median(samples)
 
 
+Steps: TypeAlias = list[list[tuple[bytes, tuple[str, int]]]]
+"""The nodes' answers to an engine, one list per round of its requests."""
+
+
+def record_answers(
+    engine: Any, answer: Callable[[wire.Message, tuple[str, int]], list[bytes]]
+) -> Steps:
+    """Drive ``engine`` to the end, each request it sends answered by ``answer(request,
+    node)`` (its answer datagrams, sealed by the nodes' key): the answers, round by round."""
+    answer_auth = node_auth()
+    steps: Steps = []
+    while out := engine.datagrams_to_send(0.0):
+        step = []
+        for data, node in out:
+            request = wire.decode(data, max_datagram=wire.MAX_DATAGRAM, auth=answer_auth,
+                                  now=time.time())
+            step += [(datagram, node) for datagram in answer(request, node)]
+        steps.append(step)
+        engine.receive_datagrams(step, 0.0)
+    return steps
+
+
+def replay(engine: Any, steps: Steps, burst: int) -> None:
+    """Feed recorded answers to a fresh ``engine`` (request ids are predictable), ``burst``
+    datagrams per wake-up: only the client's work runs."""
+    for step in steps:
+        engine.datagrams_to_send(0.0)
+        for at in range(0, len(step), burst):
+            engine.receive_datagrams(step[at : at + burst], 0.0)
+
+
 def engine_cpu(count: int, repeat: int, burst: int) -> float:
     """This process's engine (whichever decoder it picked at import)."""
     from tmdht.net.engine import RequestEngine  # noqa: PLC0415
@@ -70,34 +101,23 @@ def engine_cpu(count: int, repeat: int, burst: int) -> float:
     by_digest = dict(zip(digests, pages, strict=True))
     answer_auth = node_auth()
 
-    def engine() -> RequestEngine:
-        return RequestEngine(node_auth(), EngineConfig(), first_request_id=1)
+    def start() -> RequestEngine:
+        eng = RequestEngine(node_auth(), EngineConfig(), first_request_id=1)
+        eng.submit(Fetch(digests, [[0]] * count, [NODE], False), 0.0)
+        return eng
 
-    # Record the node's answers once (request ids are predictable), then replay them.
-    steps: list[list[tuple[bytes, tuple[str, int]]]] = []
-    first = engine()
-    first.submit(Fetch(digests, [[0]] * count, [NODE], False), 0.0)
-    while out := first.datagrams_to_send(0.0):
-        answers = []
-        for data, _ in out:
-            request = wire.decode(data, max_datagram=wire.MAX_DATAGRAM, auth=answer_auth,
-                                  now=time.time())
-            assert isinstance(request, wire.GetPages)
-            answers += wire.encode_pages_response(
-                request.request_id, [(d, by_digest[d]) for d in request.digests], [],
-                max_datagram=32768, auth=answer_auth, now=time.time(),
-            )
-        step = [(a, NODE) for a in answers]
-        steps.append(step)
-        first.receive_datagrams(step, 0.0)
+    def serve(request: wire.Message, _: tuple[str, int]) -> list[bytes]:
+        assert isinstance(request, wire.GetPages)
+        return wire.encode_pages_response(
+            request.request_id, [(d, by_digest[d]) for d in request.digests], [],
+            max_datagram=32768, auth=answer_auth, now=time.time(),
+        )
+
+    steps = record_answers(start(), serve)  # once; then replayed
 
     def run() -> None:
-        eng = engine()
-        eng.submit(Fetch(digests, [[0]] * count, [NODE], False), 0.0)
-        for step in steps:
-            eng.datagrams_to_send(0.0)
-            for at in range(0, len(step), burst):
-                eng.receive_datagrams(step[at : at + burst], 0.0)
+        eng = start()
+        replay(eng, steps, burst)
         event = eng.next_event()
         assert event is not None and len(getattr(event.result, "pages", ())) == count
 
@@ -124,26 +144,17 @@ def put_engine_cpu(count: int, repeat: int, burst: int) -> float:
             eng.submit(Store(node, items), 0.0)
         return eng
 
-    steps: list[list[tuple[bytes, tuple[str, int]]]] = []
-    first = start()
-    while out := first.datagrams_to_send(0.0):
-        step = []
-        for data, node in out:
-            request = wire.decode(data, max_datagram=wire.MAX_DATAGRAM, auth=answer_auth,
-                                  now=time.time())
-            assert isinstance(request, wire.PutPages)
-            step += [(answer, node) for answer in wire.encode_put_response(
-                request.request_id, [(d, wire.PutStatus.STORED) for d, _ in request.pages],
-                max_datagram=32768, auth=answer_auth, now=time.time())]
-        steps.append(step)
-        first.receive_datagrams(step, 0.0)
+    def store(request: wire.Message, _: tuple[str, int]) -> list[bytes]:
+        assert isinstance(request, wire.PutPages)
+        return wire.encode_put_response(
+            request.request_id, [(d, wire.PutStatus.STORED) for d, _ in request.pages],
+            max_datagram=32768, auth=answer_auth, now=time.time())
+
+    steps = record_answers(start(), store)
 
     def run() -> None:
         eng = start()
-        for step in steps:
-            eng.datagrams_to_send(0.0)
-            for at in range(0, len(step), burst):
-                eng.receive_datagrams(step[at : at + burst], 0.0)
+        replay(eng, steps, burst)
         done = [eng.next_event() for _ in REPLICAS]
         assert all(len(getattr(e, "result").status) == count for e in done)  # noqa: B009
 

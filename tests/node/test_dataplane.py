@@ -20,6 +20,7 @@ from tmdht import wire
 from tmdht.aio.dataplane import DataPlaneClient
 from tmdht.auth import Authenticator, ClusterKey, KeyRing
 from tmdht.errors import UsageError
+from tmdht.net.address import Address
 from tmdht.node.dataplane import DataPlaneServer
 from tmdht.node.groupcommit import CommitPacing
 from tmdht.node.metrics import NodeMetrics
@@ -331,6 +332,44 @@ def test_group_commit_batches_concurrent_puts(tmp_path: Path) -> None:
     run(main)
 
 
+def put_datagrams(auth: Authenticator, first_id: int, count: int, seed: int) -> list[bytes]:
+    """``count`` sealed PUT_PAGES datagrams of 7 pages each, request ids from ``first_id``."""
+    data = pages(count * 7, seed=seed)
+    return [
+        wire.encode(
+            wire.PutPages(request_id=first_id + i, pages=tuple(data[i * 7 : (i + 1) * 7])),  # type: ignore[arg-type]
+            max_datagram=32768, auth=auth, now=time.time(),
+        )
+        for i in range(count)
+    ]  # fmt: skip
+
+
+async def exchange(
+    sock: socket.socket, address: Address, burst: list[bytes], auth: Authenticator
+) -> tuple[float, set[int]]:
+    """Send ``burst`` from a raw non-blocking socket, every datagram before the loop runs the
+    server again (so it reads them in one wake-up), and wait for one PUT_RESULT each: (seconds
+    taken, the request ids answered)."""
+    loop = asyncio.get_running_loop()
+    started = time.monotonic()
+    for datagram in burst:
+        sock.sendto(datagram, address)
+    answered = set()
+    for _ in burst:
+        reply = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+        message = wire.decode(reply, max_datagram=wire.MAX_DATAGRAM, auth=auth, now=time.time())
+        assert isinstance(message, wire.PutResult)
+        answered.add(message.request_id)
+    return time.monotonic() - started, answered
+
+
+def raw_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
 def test_the_puts_of_one_burst_share_one_group_commit(tmp_path: Path) -> None:
     """PUTs that reach the socket together (a client sends the PUTs a node's answers free in one
     go) are read in one wake-up of the loop and committed in one group, one fsync; the commit
@@ -339,28 +378,11 @@ def test_the_puts_of_one_burst_share_one_group_commit(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with node(tmp_path) as (server, metrics):
-            loop = asyncio.get_running_loop()
-            data = pages(8 * 7, seed=11)
             auth = keyed()
-            burst = [
-                wire.encode(
-                    wire.PutPages(request_id=100 + i, pages=tuple(data[i * 7 : (i + 1) * 7])),  # type: ignore[arg-type]
-                    max_datagram=32768, auth=auth, now=time.time(),
+            with raw_socket() as sock:
+                _, answered = await exchange(
+                    sock, server.address, put_datagrams(auth, 100, 8, seed=11), auth
                 )
-                for i in range(8)
-            ]  # fmt: skip
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                sock.setblocking(False)
-                sock.bind(("127.0.0.1", 0))
-                for datagram in burst:  # all sent before the loop runs the server again
-                    sock.sendto(datagram, server.address)
-                answered = set()
-                for _ in range(len(burst)):
-                    reply = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
-                    message = wire.decode(reply, max_datagram=wire.MAX_DATAGRAM, auth=auth,
-                                          now=time.time())
-                    assert isinstance(message, wire.PutResult)
-                    answered.add(message.request_id)
             assert answered == {100 + i for i in range(8)}
             assert server.store.page_count == 8 * 7
             assert sample(metrics, "tmdht_group_commit_pages_count") == 1
@@ -377,30 +399,14 @@ def test_a_commit_waiting_for_more_puts_starts_once_they_reach_its_target(tmp_pa
     async def main() -> None:
         pacing = CommitPacing(max_delay=1.0, target_pages=14)
         async with node(tmp_path, commit_pacing=pacing) as (server, metrics):
-            loop = asyncio.get_running_loop()
-            data = pages(8 * 7, seed=12)
             auth = keyed()
-            puts = [
-                wire.encode(
-                    wire.PutPages(request_id=200 + i, pages=tuple(data[i * 7 : (i + 1) * 7])),  # type: ignore[arg-type]
-                    max_datagram=32768, auth=auth, now=time.time(),
-                )
-                for i in range(8)
-            ]  # fmt: skip
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                sock.setblocking(False)
-                sock.bind(("127.0.0.1", 0))
-
-                async def exchange(burst: list[bytes]) -> float:
-                    started = time.monotonic()
-                    for datagram in burst:
-                        sock.sendto(datagram, server.address)
-                    for _ in burst:
-                        await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
-                    return time.monotonic() - started
-
-                await exchange(puts[:6])  # 42 pages stream in: the pacer's rate rises
-                seconds = await exchange(puts[6:])  # 7 pages would wait ~0.7 s; 14 go now
+            puts = put_datagrams(auth, 200, 8, seed=12)
+            with raw_socket() as sock:
+                # 42 pages stream in: the pacer's rate rises.
+                await exchange(sock, server.address, puts[:6], auth)
+                # 7 pages would wait ~0.7 s for more; the next 7 reach the target: both go now.
+                seconds, answered = await exchange(sock, server.address, puts[6:], auth)
+            assert answered == {206, 207}
             assert seconds < 0.45, seconds
             assert sample(metrics, "tmdht_group_commit_pages_count") == 2
             assert sample(metrics, "tmdht_group_commit_pages_sum") == 8 * 7
